@@ -1,0 +1,30 @@
+// csrc/cpu/parallel.h: the CPU backend's thread pool.
+//
+// parallel_for(n, grain, fn) calls fn(begin, end) on disjoint chunks covering [0, n). The chunking
+// depends only on n, grain and the thread count, never on timing, so results are deterministic as
+// long as fn writes disjoint outputs. Nested calls run inline on the calling thread.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace smoe::cpu {
+
+// Threads used by parallel_for (default: hardware threads, or SMOE_NUM_THREADS).
+int num_threads();
+void set_num_threads(int n);
+
+void parallel_for_impl(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+
+template <class F>
+inline void parallel_for(int64_t n, int64_t grain, F&& fn) {
+  if (n <= 0) return;
+  if (grain < 1) grain = 1;
+  if (n <= grain || num_threads() <= 1) {
+    fn(int64_t(0), n);
+    return;
+  }
+  parallel_for_impl(n, grain, std::function<void(int64_t, int64_t)>(std::forward<F>(fn)));
+}
+
+}  // namespace smoe::cpu

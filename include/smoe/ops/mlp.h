@@ -1,0 +1,49 @@
+// smoe/ops/mlp.h: the fused expert MLP (permute -> GEMM -> activation -> GEMM) and shared experts.
+#pragma once
+
+#include "smoe/ops/gemm.h"
+
+namespace smoe {
+
+struct ExpertMlpParams {
+  Activation activation = Activation::kSwiGLU;
+};
+
+// x [T, H]; token_of_row [R] i32; offsets [E+1] i64; w1 [E, F1, H]; w2 [E, H, F]   (F1 = 2F if gated)
+// outputs saved for backward: xs [R, H] (permuted x), pre [R, F1] (before activation), act [R, F]
+// ys [R, H] out: expert output per row (not yet weighted or combined). All float tensors one dtype.
+Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const TensorView& x,
+                          const TensorView& token_of_row, const TensorView& offsets, const TensorView& w1,
+                          const TensorView& w2, const TensorView& xs, const TensorView& pre,
+                          const TensorView& act, const TensorView& ys);
+
+// grad_ys [R, H]; row_of [T, K] i32 and the saved tensors; outputs grad_x [T, H], grad_w1 [E, F1, H],
+// grad_w2 [E, H, F]. workspace: bytes from expert_mlp_workspace_bytes.
+int64_t expert_mlp_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t R, int64_t H, int64_t F);
+Status expert_mlp_backward(const Exec& exec, const ExpertMlpParams& params, const TensorView& grad_ys,
+                           const TensorView& row_of, const TensorView& offsets, const TensorView& w1,
+                           const TensorView& w2, const TensorView& xs, const TensorView& pre,
+                           const TensorView& act, const TensorView& grad_x, const TensorView& grad_w1,
+                           const TensorView& grad_w2, const TensorView& workspace);
+
+// Shared experts (DeepSeekMoE arXiv:2401.06066; Qwen2-MoE): every token passes through one dense
+// MLP (several shared experts are one MLP of their summed width), optionally scaled by a sigmoid gate:
+//   y[t] += sigmoid(<x[t], gate_w>) * (act(x[t] @ w1^T) @ w2^T)       (gate_w absent: scale 1)
+// x [T, H]; w1 [F1, H]; w2 [H, F]; gate_w [H] or absent;
+// saved: pre [T, F1], act [T, F], out [T, H] (the MLP output before gating), gate [T] f32 (sigmoid);
+// y [T, H] is accumulated into (y += ...).
+Status shared_expert_forward(const Exec& exec, const ExpertMlpParams& params, const TensorView& x,
+                             const TensorView& w1, const TensorView& w2, const TensorView& gate_w,
+                             const TensorView& pre, const TensorView& act, const TensorView& out,
+                             const TensorView& gate, const TensorView& y);
+// grad_y [T, H] -> grad_x [T, H] (accumulated into: grad_x += ...), grad_w1, grad_w2, grad_gate_w [H] (if gated).
+// workspace: bytes from shared_expert_workspace_bytes.
+int64_t shared_expert_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t T, int64_t H, int64_t F);
+Status shared_expert_backward(const Exec& exec, const ExpertMlpParams& params, const TensorView& grad_y,
+                              const TensorView& x, const TensorView& w1, const TensorView& w2,
+                              const TensorView& gate_w, const TensorView& pre, const TensorView& act,
+                              const TensorView& out, const TensorView& gate, const TensorView& grad_x,
+                              const TensorView& grad_w1, const TensorView& grad_w2,
+                              const TensorView& grad_gate_w, const TensorView& workspace);
+
+}  // namespace smoe

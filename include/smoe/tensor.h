@@ -1,0 +1,108 @@
+// smoe/tensor.h: non-owning tensor views, the execution context, and argument checks.
+//
+// A TensorView is a pointer plus shape, strides (in elements), dtype and device. It owns nothing;
+// the caller allocates (ARCHITECTURE.md section 5). A default-constructed view is "absent"
+// (ndim == -1): optional arguments are passed that way.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <string>
+
+#include "smoe/dtype.h"
+#include "smoe/status.h"
+
+namespace smoe {
+
+enum class Device : int32_t { kCPU = 0, kCUDA = 1 };
+
+inline constexpr int kMaxDims = 4;
+
+struct TensorView {
+  void* data = nullptr;
+  DType dtype = DType::kF32;
+  Device device = Device::kCPU;
+  int32_t device_index = 0;
+  int32_t ndim = -1;  // -1: absent (an optional argument that was not given)
+  int64_t shape[kMaxDims] = {0, 0, 0, 0};
+  int64_t strides[kMaxDims] = {0, 0, 0, 0};  // in elements
+
+  bool defined() const { return ndim >= 0; }
+  int64_t size(int d) const { return shape[d]; }
+  int64_t stride(int d) const { return strides[d]; }
+  int64_t numel() const {
+    if (ndim < 0) return 0;
+    int64_t n = 1;
+    for (int i = 0; i < ndim; ++i) n *= shape[i];
+    return n;
+  }
+  bool is_contiguous() const {
+    int64_t expect = 1;
+    for (int i = ndim - 1; i >= 0; --i) {
+      if (shape[i] != 1 && strides[i] != expect) return false;
+      expect *= shape[i];
+    }
+    return true;
+  }
+  // Rows may be padded (stride(0) >= size(1)) but each row is dense: the "row-strided" 2-D case.
+  bool is_row_contiguous() const {
+    if (ndim != 2) return is_contiguous();
+    return (shape[1] <= 1 || strides[1] == 1) && (shape[0] <= 1 || strides[0] >= shape[1]);
+  }
+  template <class T> T* data_as() const { return static_cast<T*>(data); }
+};
+
+// A contiguous view over memory the caller owns.
+inline TensorView make_view(void* data, DType dtype, std::initializer_list<int64_t> shape,
+                            Device device = Device::kCPU) {
+  TensorView v;
+  v.data = data;
+  v.dtype = dtype;
+  v.device = device;
+  v.ndim = static_cast<int32_t>(shape.size());
+  int i = 0;
+  for (int64_t s : shape) v.shape[i++] = s;
+  int64_t st = 1;
+  for (int d = v.ndim - 1; d >= 0; --d) {
+    v.strides[d] = st;
+    st *= v.shape[d];
+  }
+  return v;
+}
+
+template <class T>
+inline TensorView make_view(T* data, std::initializer_list<int64_t> shape, Device device = Device::kCPU) {
+  return make_view(static_cast<void*>(data), DTypeOf<std::remove_const_t<T>>::value, shape, device);
+}
+
+// Where an op runs. kAuto picks kCuda for CUDA tensors and kCpu for CPU tensors; kSimt runs the CUDA
+// kernels through the SIMT emulator on CPU tensors.
+enum class Backend : int32_t { kAuto = 0, kCpu = 1, kCuda = 2, kSimt = 3 };
+
+struct Exec {
+  Backend backend = Backend::kAuto;
+  void* stream = nullptr;  // cudaStream_t for kCuda; ignored elsewhere
+  int num_threads = 0;     // CPU backend: 0 = all hardware threads
+};
+
+// ---- argument checks shared by every op's validation --------------------------------------------
+
+std::string shape_string(const TensorView& v);  // "[2, 3]" or "absent"
+
+// Each returns Ok or an invalid_argument naming op, arg, the expectation and what was found.
+Status expect_defined(const char* op, const char* arg, const TensorView& v);
+Status expect_dims(const char* op, const char* arg, const TensorView& v, int ndim, const char* layout);
+Status expect_dtype(const char* op, const char* arg, const TensorView& v, DType dtype);
+Status expect_float_dtype(const char* op, const char* arg, const TensorView& v);  // f32, bf16, f16, f64
+Status expect_same_dtype(const char* op, const char* arg, const TensorView& v, const char* ref_arg,
+                         const TensorView& ref);
+// v.size(dim) == value; `meaning` names the quantity, e.g. "H (= x.size(1))".
+Status expect_size(const char* op, const char* arg, const TensorView& v, int dim, int64_t value,
+                   const char* meaning);
+Status expect_contiguous(const char* op, const char* arg, const TensorView& v);
+Status expect_row_contiguous(const char* op, const char* arg, const TensorView& v);
+Status expect_device(const char* op, const char* arg, const TensorView& v, Device device, int32_t index);
+// Resolves kAuto from the device of `ref` and checks that the backend can run on it.
+Status resolve_backend(const char* op, const Exec& exec, const TensorView& ref, Backend* out);
+
+}  // namespace smoe
