@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs everything smoe's build, tests, demo and benchmarks need on a fresh machine, then builds
+# the C++ core + tests (build/cpp) and installs the Python package in editable mode.
+#
+#   bash scripts/setup.sh            # idempotent: a second run only rebuilds what changed
+#
+# Order matters: torch==2.13.0 (a CPU build that this workplace keeps on disk) is installed before
+# anything that depends on torch, so that no looser requirement pulls a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+log() { printf '\n== %s\n' "$*"; }
+
+# 1. System packages: GoogleTest, Google Benchmark, OpenBLAS (skipped when already present).
+need_apt=()
+[ -f /usr/include/gtest/gtest.h ] || need_apt+=(libgtest-dev libgmock-dev)
+[ -f /usr/include/benchmark/benchmark.h ] || need_apt+=(libbenchmark-dev)
+ls /usr/lib/*/libopenblas.so >/dev/null 2>&1 || ls /usr/lib/*/openblas*/libopenblas.so >/dev/null 2>&1 || need_apt+=(libopenblas-dev)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "apt: ${need_apt[*]}"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# 2. Python packages: the pinned torch first, then the rest.
+log "pip: torch==2.13.0, build tools, test and demo dependencies"
+$PY -m pip install -q --disable-pip-version-check "torch==2.13.0"
+$PY -m pip install -q --disable-pip-version-check \
+  "pybind11>=2.12" "scikit-build-core>=0.10" cmake ninja numpy pytest hypothesis \
+  "transformers>=4.57,<5" matplotlib tqdm rich
+
+# 3. The Python package (builds smoe._C with CMake; editable, so python/ is used in place).
+log "pip install -e . (builds smoe._C)"
+$PY -m pip install -q --disable-pip-version-check --no-build-isolation -e .
+
+# 4. The C++ core, its GoogleTest suites and the microbenchmarks.
+log "cmake: build/cpp"
+cmake -S . -B build/cpp -G Ninja -DCMAKE_BUILD_TYPE=Release -DSMOE_BUILD_TESTS=ON -DSMOE_BUILD_BENCH=ON >/dev/null
+cmake --build build/cpp -j "$(nproc)"
+log "setup done"
