@@ -1,0 +1,125 @@
+// Public entry points of the routing op family: validate every argument, then dispatch to a backend.
+// The sort lives in csrc/cpu/routing.cpp (and later csrc/cuda/).
+#include "smoe/ops/routing.h"
+
+#include <algorithm>
+#include <climits>
+#include <string>
+
+#include "cpu/routing.h"
+
+namespace smoe {
+namespace {
+
+constexpr const char* kOp = "routing_plan";
+constexpr const char* kCudaNotBuilt =
+    "backend 'cuda' is not part of this build yet (the CUDA backend lands with the CUDA issue)";
+
+bool needs_weights(const RoutingPlanParams& p) { return p.capacity >= 0 && p.drop_policy == DropPolicy::kByScore; }
+
+// A contiguous tensor of `dtype` with `ndim` dims on ref's device.
+Status expect_dense(const char* arg, const TensorView& v, int ndim, const char* layout, DType dtype,
+                    const TensorView& ref) {
+  SMOE_RETURN_IF_ERROR(expect_dims(kOp, arg, v, ndim, layout));
+  SMOE_RETURN_IF_ERROR(expect_dtype(kOp, arg, v, dtype));
+  SMOE_RETURN_IF_ERROR(expect_contiguous(kOp, arg, v));
+  return expect_device(kOp, arg, v, ref.device, ref.device_index);
+}
+
+Status check_params(const RoutingPlanParams& p) {
+  if (p.num_experts < 1) {
+    return invalid_argument(kOp, "params.num_experts", "E >= 1", std::to_string(p.num_experts));
+  }
+  if (p.pad_multiple < 1) {
+    return invalid_argument(kOp, "params.pad_multiple", ">= 1 (1 = no padding)", std::to_string(p.pad_multiple));
+  }
+  if (p.drop_policy != DropPolicy::kByTokenOrder && p.drop_policy != DropPolicy::kByScore) {
+    return invalid_argument(kOp, "params.drop_policy", "kByTokenOrder (0) or kByScore (1)",
+                            std::to_string(static_cast<int32_t>(p.drop_policy)));
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+int64_t routing_plan_max_rows(const RoutingPlanParams& params, int64_t T, int64_t K) {
+  if (params.num_experts < 1 || params.pad_multiple < 1 || T < 0 || K < 0) return 0;
+  const int64_t E = params.num_experts;
+  int64_t kept = T * K;  // dropless: every assignment gets a row
+  // With a capacity each expert keeps at most C rows (C clamped first so that E * C cannot overflow).
+  if (params.capacity >= 0) kept = std::min(kept, E * std::min<int64_t>(params.capacity, T * K));
+  // Padding adds at most pad - 1 rows per expert (none to an empty one).
+  return kept + E * (int64_t(params.pad_multiple) - 1);
+}
+
+int64_t routing_plan_workspace_bytes(const RoutingPlanParams& params, int64_t T, int64_t K) {
+  return cpu::routing_plan_workspace_bytes(params, T, K);
+}
+
+Status routing_plan(const Exec& exec, const RoutingPlanParams& params, const TensorView& experts,
+                    const TensorView& weights, const TensorView& counts, const TensorView& offsets,
+                    const TensorView& row_of, const TensorView& token_of_row, const TensorView& workspace) {
+  SMOE_RETURN_IF_ERROR(check_params(params));
+  SMOE_RETURN_IF_ERROR(expect_dims(kOp, "experts", experts, 2, "[T, K]"));
+  SMOE_RETURN_IF_ERROR(expect_dtype(kOp, "experts", experts, DType::kI32));
+  SMOE_RETURN_IF_ERROR(expect_contiguous(kOp, "experts", experts));
+  const int64_t T = experts.size(0), K = experts.size(1), E = params.num_experts;
+  const int64_t R_max = routing_plan_max_rows(params, T, K);
+  if (R_max > INT32_MAX || T * K > INT32_MAX) {
+    return invalid_argument(kOp, "experts",
+                            "T*K + E*(pad_multiple-1) <= 2^31 - 1 rows (rows are i32)",
+                            shape_string(experts) + " with E = " + std::to_string(E) +
+                                ", pad_multiple = " + std::to_string(params.pad_multiple));
+  }
+
+  if (needs_weights(params) || weights.defined()) {
+    if (!weights.defined()) {
+      return invalid_argument(kOp, "weights", "a [T, K] f32 tensor (drop_policy kByScore with a capacity)",
+                              "absent");
+    }
+    SMOE_RETURN_IF_ERROR(expect_dense("weights", weights, 2, "[T, K]", DType::kF32, experts));
+    SMOE_RETURN_IF_ERROR(expect_size(kOp, "weights", weights, 0, T, "T = experts.size(0)"));
+    SMOE_RETURN_IF_ERROR(expect_size(kOp, "weights", weights, 1, K, "K = experts.size(1)"));
+  }
+  SMOE_RETURN_IF_ERROR(expect_dense("counts", counts, 1, "[E]", DType::kI32, experts));
+  SMOE_RETURN_IF_ERROR(expect_size(kOp, "counts", counts, 0, E, "E = params.num_experts"));
+  SMOE_RETURN_IF_ERROR(expect_dense("offsets", offsets, 1, "[E+1]", DType::kI64, experts));
+  SMOE_RETURN_IF_ERROR(expect_size(kOp, "offsets", offsets, 0, E + 1, "E + 1 = params.num_experts + 1"));
+  SMOE_RETURN_IF_ERROR(expect_dense("row_of", row_of, 2, "[T, K]", DType::kI32, experts));
+  SMOE_RETURN_IF_ERROR(expect_size(kOp, "row_of", row_of, 0, T, "T = experts.size(0)"));
+  SMOE_RETURN_IF_ERROR(expect_size(kOp, "row_of", row_of, 1, K, "K = experts.size(1)"));
+  SMOE_RETURN_IF_ERROR(expect_dense("token_of_row", token_of_row, 1, "[R_max]", DType::kI32, experts));
+  if (token_of_row.size(0) < R_max) {
+    return invalid_argument(kOp, "token_of_row",
+                            "size(0) >= " + std::to_string(R_max) + " (routing_plan_max_rows)",
+                            shape_string(token_of_row));
+  }
+  const int64_t ws_bytes = routing_plan_workspace_bytes(params, T, K);
+  if (ws_bytes > 0 || workspace.defined()) {
+    SMOE_RETURN_IF_ERROR(expect_dense("workspace", workspace, 1, "[bytes]", DType::kU8, experts));
+    if (workspace.size(0) < ws_bytes) {
+      return invalid_argument(kOp, "workspace",
+                              "size(0) >= " + std::to_string(ws_bytes) + " bytes (routing_plan_workspace_bytes)",
+                              shape_string(workspace));
+    }
+    if (reinterpret_cast<uintptr_t>(workspace.data) % alignof(int32_t) != 0) {
+      return invalid_argument(kOp, "workspace", "data aligned to 4 bytes (it holds i32 counters)",
+                              "a misaligned pointer");
+    }
+  }
+
+  Backend backend;
+  SMOE_RETURN_IF_ERROR(resolve_backend(kOp, exec, experts, &backend));
+  switch (backend) {
+    case Backend::kCpu:
+      return cpu::routing_plan(params, experts, weights, counts, offsets, row_of, token_of_row, workspace);
+    case Backend::kCuda:
+    case Backend::kSimt:
+      return unsupported(kOp, kCudaNotBuilt);
+    case Backend::kAuto:
+      break;
+  }
+  return Status(Code::kInternal, std::string(kOp) + ": unresolved backend");
+}
+
+}  // namespace smoe
