@@ -1,0 +1,38 @@
+// csrc/cpu/gemm.h: CPU backend of the grouped GEMM and activation ops (include/smoe/ops/gemm.h).
+//
+// The entry points in csrc/core/gemm.cpp validate shapes, dtypes and devices before calling these;
+// the functions here check only what needs the data (the values of offsets).
+#pragma once
+
+#include <cstdint>
+
+#include "smoe/ops/gemm.h"
+
+namespace smoe::cpu {
+
+Status grouped_gemm(const GroupedGemmParams& params, const TensorView& a, const TensorView& b,
+                    const TensorView& offsets, const TensorView& c);
+Status grouped_gemm_wgrad(const TensorView& a, const TensorView& b, const TensorView& offsets,
+                          const TensorView& c);
+
+Status activation_forward(Activation act, const TensorView& in, const TensorView& out);
+Status activation_backward(Activation act, const TensorView& in, const TensorView& grad_out,
+                           const TensorView& grad_in);
+
+// Row-major c[M, N] = op(a)[M, K] @ op(b)[K, N] (overwrites c; K == 0 gives zeros), on the calling
+// thread. op(a) = a^T when trans_a (a is then [K, M]); op(b) = b^T when trans_b (b is then [N, K]).
+// gemm_serial calls the BLAS when the build has one, else gemm_blocked: smoe's own cache-blocked GEMM,
+// kept in the tree (and tested) as the fallback and the readable version.
+// Acc is float or double. Per output element the reduction order is fixed by K alone, so the result
+// does not depend on which rows or columns a caller asks for in one call.
+template <class Acc>
+void gemm_serial(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const Acc* a, int64_t lda,
+                 const Acc* b, int64_t ldb, Acc* c, int64_t ldc);
+template <class Acc>
+void gemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const Acc* a, int64_t lda,
+                  const Acc* b, int64_t ldb, Acc* c, int64_t ldc);
+
+// Reads offsets [E+1] i64 and checks 0 <= offsets[0] <= ... <= offsets[E] <= R.
+Status check_offsets(const char* op, const TensorView& offsets, int64_t R);
+
+}  // namespace smoe::cpu
