@@ -1,0 +1,174 @@
+"""Glue between torch tensors and the C++ core (the extension module smoe._C).
+
+How a tensor reaches C++: `view(t)` returns the descriptor tuple
+
+    (data_ptr, dtype_code, device_code, device_index, shape, strides)
+
+that csrc/bindings turns into a `smoe::TensorView` (strides in elements). The extension never sees a
+torch object and never links libtorch, so one build works with every torch version; docs/python.md
+explains why this is a plain tuple and not DLPack.
+
+This module also owns the backend names ("auto", "cpu", "reference", "cuda", "simt") and loads the
+extension with an error that says how to build it when it is missing.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+try:
+    from smoe import _C  # type: ignore[attr-defined]
+except ImportError as exc:  # pragma: no cover - exercised only on a broken install
+    _C = None
+    _IMPORT_ERROR: Optional[ImportError] = exc
+else:
+    _IMPORT_ERROR = None
+
+__all__ = [
+    "BACKENDS",
+    "BUILT_BACKENDS",
+    "lib",
+    "view",
+    "opt_view",
+    "backend_code",
+    "check_backend",
+    "resolve_backend",
+    "check_same_device",
+    "check_tensor",
+]
+
+# Codes of smoe::DType and smoe::Device (include/smoe/dtype.h, tensor.h); a test checks them
+# against smoe._C.CODES.
+DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float16: 1,
+    torch.bfloat16: 2,
+    torch.float64: 3,
+    torch.int32: 4,
+    torch.int64: 5,
+    torch.uint8: 6,
+}
+DEVICE_CODES = {"cpu": 0, "cuda": 1}
+
+# Backend names of the Python API -> smoe::Backend codes ("reference" never reaches C++).
+BACKENDS = ("auto", "cpu", "reference", "cuda", "simt")
+_BACKEND_CODES = {"auto": 0, "cpu": 1, "cuda": 2, "simt": 3}
+# The backends this build can run. "cuda" and "simt" join when their issues land.
+BUILT_BACKENDS = ("auto", "cpu", "reference")
+
+# Op family of each core entry point, to say which family is missing from a partial build.
+_FAMILY_OF = {
+    "topk_gating": "gating",
+    "expert_choice": "gating",
+    "load_balancing_loss": "gating",
+    "z_loss": "gating",
+    "balancing_bias_update": "gating",
+    "routing_plan": "routing",
+    "permute": "permute",
+    "combine": "permute",
+    "grouped_gemm": "gemm",
+    "activation": "gemm",
+    "expert_mlp": "mlp",
+    "shared_expert": "mlp",
+}
+
+
+def lib(op: str = ""):
+    """The extension module; raises a RuntimeError that says how to build it when it is missing."""
+    if _C is None:
+        raise RuntimeError(
+            "smoe's C++ extension smoe._C is not built or failed to load "
+            f"({_IMPORT_ERROR}). Build it with `pip install --no-build-isolation -e .` from the "
+            "repository root, or use backend='reference' (pure PyTorch)."
+        )
+    if op:
+        family = _FAMILY_OF.get(op)
+        if family is not None and family not in _C.FAMILIES:
+            raise RuntimeError(
+                f"smoe.{op}: the C++ op family '{family}' is not in this build of smoe._C "
+                f"(built families: {', '.join(_C.FAMILIES) or 'none'}); rebuild after it lands, "
+                "or use backend='reference'"
+            )
+    return _C
+
+
+def check_tensor(op: str, arg: str, t, *, optional: bool = False) -> None:
+    """TypeError naming the argument when `t` is not a tensor (or None where optional)."""
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"smoe.{op}: argument '{arg}': expected {expected}, got {type(t).__name__}")
+
+
+def view(t: torch.Tensor, arg: str = "tensor") -> tuple:
+    """The descriptor tuple of a tensor (see the module docstring)."""
+    code = DTYPE_CODES.get(t.dtype)
+    if code is None:
+        supported = ", ".join(str(d).replace("torch.", "") for d in DTYPE_CODES)
+        raise TypeError(f"argument '{arg}': expected dtype in {{{supported}}}, got {t.dtype}")
+    dev = DEVICE_CODES.get(t.device.type)
+    if dev is None:
+        raise ValueError(
+            f"argument '{arg}': expected a tensor on cpu or cuda for the C++ core, got one on {t.device.type}"
+        )
+    if t.dim() > 4:
+        raise ValueError(f"argument '{arg}': expected at most 4 dims, got {t.dim()} ({list(t.shape)})")
+    return (t.data_ptr(), code, dev, t.device.index or 0, tuple(t.shape), tuple(t.stride()))
+
+
+def opt_view(t: Optional[torch.Tensor], arg: str = "tensor") -> Optional[tuple]:
+    return None if t is None else view(t, arg)
+
+
+def check_backend(op: str, backend) -> str:
+    """Validates a backend name; returns it. ValueError for unknown names, RuntimeError for known
+    backends that this build does not contain."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(
+            f"smoe.{op}: argument 'backend': expected one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}"
+        )
+    if backend not in BUILT_BACKENDS:
+        raise RuntimeError(
+            f"smoe.{op}: backend {backend!r} is not in this build of smoe "
+            f"(available: {', '.join(repr(b) for b in BUILT_BACKENDS)})"
+        )
+    return backend
+
+
+def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+    """'auto' -> the backend for `device`; checks that the backend can run on it."""
+    check_backend(op, backend)
+    if backend == "auto":
+        if device.type == "cuda":
+            backend = "cuda"
+            check_backend(op, backend)
+        elif device.type in ("cpu", "meta"):
+            backend = "cpu"
+        else:
+            raise ValueError(
+                f"smoe.{op}: backend 'auto' has no backend for tensors on {device.type}; use backend='reference'"
+            )
+    return backend
+
+
+def backend_code(backend: str) -> int:
+    return _BACKEND_CODES[backend]
+
+
+def check_same_device(op: str, named: Sequence[tuple]) -> torch.device:
+    """All tensors given as (name, tensor-or-None) pairs on one device; returns it."""
+    first_name, first = None, None
+    for name, t in named:
+        if t is None:
+            continue
+        if first is None:
+            first_name, first = name, t
+        elif t.device != first.device:
+            raise ValueError(
+                f"smoe.{op}: argument '{name}': expected a tensor on {first.device} "
+                f"(the device of '{first_name}'), got one on {t.device}"
+            )
+    return first.device if first is not None else torch.device("cpu")
