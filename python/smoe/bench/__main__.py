@@ -1,0 +1,3 @@
+from smoe.bench.layer import main
+
+main()
