@@ -135,8 +135,6 @@ class MoE(nn.Module):
         if n_groups > 1 and top_k > topk_groups * per_group:
             raise ValueError(
                 f"top_k must be <= topk_groups * experts per group ({topk_groups * per_group}), got {top_k}")
-        if n_groups > 1 and group_score == "top2_sum" and per_group < 2:
-            raise ValueError(f"group_score='top2_sum' needs >= 2 experts per group, got {per_group}")
         if renormalize is None:
             renormalize = top_k > 1
         if not isinstance(renormalize, bool):

@@ -64,8 +64,14 @@ def _activation(h: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def expert_ffn(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, activation: str) -> torch.Tensor:
-    """One expert: w2 @ act(w1 @ x).  x [N,H], w1 [F1,H], w2 [H,F] -> [N,H]."""
-    return _activation(x @ w1.t(), activation) @ w2.t()
+    """One expert: w2 @ act(w1 @ x).  x [N,H], w1 [F1,H], w2 [H,F] -> [N,H].
+
+    Computed in fp32 and rounded to x's dtype where smoe's kernels store an intermediate (after each
+    GEMM and after the activation), so that bf16 results are comparable with the kernels'.
+    """
+    h = (x.float() @ w1.float().t()).to(x.dtype)  # [N,F1]
+    a = _activation(h.float(), activation).to(x.dtype)  # [N,F]
+    return (a.float() @ w2.float().t()).to(x.dtype)  # [N,H]
 
 
 def _stable_topk(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -90,7 +96,7 @@ def _token_choice(scores, *, top_k, bias, n_groups, topk_groups, group_score):
         if group_score == "max":
             per_group = grouped.max(dim=-1).values  # [T, n_groups]
         else:  # "top2_sum": DeepSeek-V3 scores a group by the sum of its two best experts
-            per_group = torch.sort(grouped, dim=-1, descending=True).values[..., :2].sum(dim=-1)
+            per_group = torch.sort(grouped, dim=-1, descending=True).values[..., :2].sum(dim=-1)  # [T, n_groups]
         best_groups = _stable_topk(per_group, topk_groups)  # [T, topk_groups]
         group_mask = torch.zeros(T, n_groups, dtype=torch.bool, device=scores.device)
         group_mask.scatter_(1, best_groups, True)
@@ -212,7 +218,7 @@ def moe_layer(
     if shared_w1 is not None:
         shared = expert_ffn(x, shared_w1, shared_w2, activation).float()
         if shared_gate_w is not None:
-            shared = torch.sigmoid((x @ shared_gate_w.to(x.dtype)).float())[:, None] * shared
+            shared = torch.sigmoid(x.float() @ shared_gate_w.float())[:, None] * shared
         y = y + shared
 
     # 7b. Router z-loss (Zoph et al. 2022, ST-MoE eq. 5): mean over tokens of logsumexp(logits)^2.
