@@ -1,0 +1,296 @@
+"""smoe.functional: the ops of a sparse MoE layer, for PyTorch tensors.
+
+Every function takes its tensors positionally and everything else by keyword, accepts
+backend="auto" (cpu for CPU tensors, cuda for CUDA tensors), "cpu", or "reference" (smoe.reference:
+plain PyTorch), and is differentiable w.r.t. its float tensor inputs. The C++ backends run through
+the torch custom ops of smoe.ops (torch.ops.smoe.<name>), so torch.compile(fullgraph=True) traces
+them. Shapes: T tokens, H hidden, F expert FFN size (F1 = 2F for gated activations), E experts,
+K experts per token, R rows of the expert-sorted buffer, C capacity per expert.
+
+Errors: bad arguments raise ValueError (TypeError for a non-tensor) naming the argument and what was
+expected; most checks happen in the C++ core, the few that Python needs to allocate outputs here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+import smoe.ops  # noqa: F401  (registers torch.ops.smoe.*)
+from smoe import _core
+from smoe import reference as _ref
+from smoe.ops import ACTIVATIONS, DROP_POLICIES, GATED_ACTIVATIONS, GROUP_SCORES, SCORE_FUNCS
+from smoe.reference.ops import RoutingPlan
+
+__all__ = [
+    "RoutingPlan",
+    "topk_gating",
+    "expert_choice",
+    "load_balancing_loss",
+    "z_loss",
+    "balancing_bias_update",
+    "routing_plan",
+    "routing_plan_max_rows",
+    "permute",
+    "combine",
+    "grouped_gemm",
+    "activation",
+    "expert_mlp",
+    "shared_expert",
+]
+
+_ops = torch.ops.smoe
+
+
+# ---- argument checks that Python needs before it can allocate ------------------------------------
+
+
+def _tensor(op: str, arg: str, t, ndim: int, layout: str, *, optional: bool = False) -> None:
+    _core.check_tensor(op, arg, t, optional=optional)
+    if t is not None and t.dim() != ndim:
+        raise ValueError(
+            f"smoe.{op}: argument '{arg}': expected a {ndim}-D tensor {layout}, got shape {list(t.shape)}"
+        )
+
+
+def _choice(op: str, arg: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(
+            f"smoe.{op}: argument '{arg}': expected one of {', '.join(repr(c) for c in choices)}, got {value!r}"
+        )
+
+
+def _int(op: str, arg: str, value, lo: int, hi: Optional[int] = None, what: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"smoe.{op}: argument '{arg}': expected an int, got {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"smoe.{op}: argument '{arg}': expected a value in {rng}{what}, got {value}")
+
+
+def _backend(op: str, backend: str, named) -> str:
+    device = _core.check_same_device(op, named)
+    return _core.resolve_backend(op, backend, device) if backend != "reference" else _core.check_backend(op, backend)
+
+
+# ---- gating --------------------------------------------------------------------------------------
+
+
+def topk_gating(
+    logits: Tensor,
+    *,
+    top_k: int,
+    score_func: str = "softmax",
+    bias: Optional[Tensor] = None,
+    n_groups: int = 1,
+    topk_groups: int = 1,
+    group_score: str = "max",
+    renormalize: bool = False,
+    renorm_eps: float = 0.0,
+    routed_scaling: float = 1.0,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Token-choice top-k gating.
+
+    logits [T, E] f32|bf16|f16|f64 -> (weights [T, K] f32, experts [T, K] i32, scores [T, E] f32)
+    (f64 outputs for f64 logits). scores = softmax or sigmoid of the logits; experts are the top_k
+    experts by score + bias (bias [E] f32 steers the selection only), in descending order, ties to the
+    lower expert index; with n_groups > 1 only experts of the topk_groups best groups (group score
+    "max" or "top2_sum") can be picked; weights = the picked scores, optionally renormalised
+    (s / (sum s + renorm_eps)), times routed_scaling. NaN logits raise ValueError on the CPU backend.
+    Gradient flows to logits from weights and from scores.
+    """
+    op = "topk_gating"
+    _tensor(op, "logits", logits, 2, "[T, E]")
+    _tensor(op, "bias", bias, 1, "[E]", optional=True)
+    _int(op, "top_k", top_k, 1, logits.shape[1], " (E = logits.size(1))")
+    _choice(op, "score_func", score_func, SCORE_FUNCS)
+    _choice(op, "group_score", group_score, GROUP_SCORES)
+    backend = _backend(op, backend, [("logits", logits), ("bias", bias)])
+    if backend == "reference":
+        return _ref.topk_gating(
+            logits, top_k=top_k, score_func=score_func, bias=bias, n_groups=n_groups, topk_groups=topk_groups,
+            group_score=group_score, renormalize=renormalize, renorm_eps=renorm_eps, routed_scaling=routed_scaling,
+        )
+    return _ops.topk_gating(
+        logits, bias, top_k, score_func, n_groups, topk_groups, group_score, bool(renormalize), float(renorm_eps),
+        float(routed_scaling), backend,
+    )
+
+
+def expert_choice(
+    logits: Tensor, *, capacity: int, score_func: str = "softmax", backend: str = "auto"
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Expert-choice routing (Zhou et al., 2022): each expert takes its `capacity` best tokens.
+
+    logits [T, E] -> (weights [T, E] f32: the score where (t, e) was chosen, 0 elsewhere;
+    tokens [E, C] i32: expert e's tokens by descending score, ties to the lower token;
+    row_of [T, E] i32: row e*C + c of the expert-sorted buffer, -1 where not chosen; scores [T, E] f32).
+    Gradient flows to logits from weights and from scores.
+    """
+    op = "expert_choice"
+    _tensor(op, "logits", logits, 2, "[T, E]")
+    _int(op, "capacity", capacity, 1, logits.shape[0], " (T = logits.size(0))")
+    _choice(op, "score_func", score_func, SCORE_FUNCS)
+    backend = _backend(op, backend, [("logits", logits)])
+    if backend == "reference":
+        return _ref.expert_choice(logits, capacity=capacity, score_func=score_func)
+    return _ops.expert_choice(logits, capacity, score_func, backend)
+
+
+def load_balancing_loss(probs: Tensor, experts: Tensor, *, backend: str = "auto") -> Tensor:
+    """Switch load-balancing loss, Hugging Face Mixtral's top-k form:
+    E * sum_e (count_e / T) * mean_t probs[t, e], count_e = #(t, k) with experts[t, k] == e.
+    probs [T, E] f32 (f64), experts [T, K] i32 -> 0-d loss. The counts are constants; probs carries
+    the gradient. T = 0 gives 0."""
+    op = "load_balancing_loss"
+    _tensor(op, "probs", probs, 2, "[T, E]")
+    _tensor(op, "experts", experts, 2, "[T, K]")
+    backend = _backend(op, backend, [("probs", probs), ("experts", experts)])
+    if backend == "reference":
+        return _ref.load_balancing_loss(probs, experts)
+    return _ops.load_balancing_loss(probs, experts, backend)
+
+
+def z_loss(logits: Tensor, *, backend: str = "auto") -> Tensor:
+    """Router z-loss (ST-MoE eq. 5): mean_t logsumexp(logits[t])^2, a 0-d f32 (f64) tensor; T = 0 gives 0."""
+    op = "z_loss"
+    _tensor(op, "logits", logits, 2, "[T, E]")
+    backend = _backend(op, backend, [("logits", logits)])
+    if backend == "reference":
+        return _ref.z_loss(logits)
+    return _ops.z_loss(logits, backend)
+
+
+def balancing_bias_update(counts: Tensor, bias: Tensor, *, rate: float, backend: str = "auto") -> None:
+    """Aux-loss-free balancing (DeepSeek-V3): bias[e] += rate * sign(mean(counts) - counts[e]), in place.
+    counts [E] i32 (tokens routed to each expert in a step), bias [E] f32. No gradient."""
+    op = "balancing_bias_update"
+    _tensor(op, "counts", counts, 1, "[E]")
+    _tensor(op, "bias", bias, 1, "[E]")
+    backend = _backend(op, backend, [("counts", counts), ("bias", bias)])
+    if backend == "reference":
+        return _ref.balancing_bias_update(counts, bias, rate=rate)
+    with torch.no_grad():
+        _ops.balancing_bias_update(counts, bias, float(rate), backend)
+
+
+# ---- routing -------------------------------------------------------------------------------------
+
+
+def routing_plan_max_rows(T: int, K: int, *, num_experts: int, capacity: Optional[int] = None, pad_multiple: int = 1) -> int:
+    """Rows R_max of RoutingPlan.token_of_row (and of the permuted buffers) for T tokens and K picks."""
+    return smoe.ops.routing_plan_max_rows(T, K, num_experts, -1 if capacity is None else capacity, pad_multiple)
+
+
+def routing_plan(
+    experts: Tensor,
+    *,
+    num_experts: int,
+    weights: Optional[Tensor] = None,
+    capacity: Optional[int] = None,
+    drop_policy: str = "token_order",
+    pad_multiple: int = 1,
+    backend: str = "auto",
+) -> RoutingPlan:
+    """The expert-sorted row layout of experts [T, K] i32 (not differentiable).
+
+    Returns RoutingPlan(counts [E] i32, offsets [E+1] i64, row_of [T, K] i32 (-1: dropped),
+    token_of_row [R_max] i32 (-1: padding, and rows past offsets[E])). Expert e owns rows
+    [offsets[e], offsets[e] + counts[e]) in token order, its segment padded to a multiple of
+    pad_multiple. capacity=None is dropless; with a capacity C an expert keeps its first C assignments
+    ("token_order") or its C highest weights ("score", needs weights [T, K] f32, ties to the lower
+    token). R_max = routing_plan_max_rows(T, K, ...) depends on shapes only, so no host sync is needed;
+    plan.num_rows (= offsets[-1]) is the number of rows in use.
+    """
+    op = "routing_plan"
+    _tensor(op, "experts", experts, 2, "[T, K]")
+    _tensor(op, "weights", weights, 2, "[T, K]", optional=True)
+    _int(op, "num_experts", num_experts, 1)
+    if capacity is not None:
+        _int(op, "capacity", capacity, 0)
+    _int(op, "pad_multiple", pad_multiple, 1)
+    _choice(op, "drop_policy", drop_policy, DROP_POLICIES)
+    backend = _backend(op, backend, [("experts", experts), ("weights", weights)])
+    w = None if weights is None else weights.detach()
+    if backend == "reference":
+        return _ref.routing_plan(
+            experts, num_experts=num_experts, weights=w, capacity=capacity, drop_policy=drop_policy, pad_multiple=pad_multiple
+        )
+    counts, offsets, row_of, token_of_row = _ops.routing_plan(
+        experts, w, num_experts, -1 if capacity is None else capacity, drop_policy, pad_multiple, backend
+    )
+    return RoutingPlan(counts, offsets, row_of, token_of_row)
+
+
+def _plan(op: str, plan) -> RoutingPlan:
+    if not (isinstance(plan, tuple) and len(plan) == 4):
+        raise TypeError(
+            f"smoe.{op}: argument 'plan': expected a RoutingPlan (counts, offsets, row_of, token_of_row), "
+            f"got {type(plan).__name__}"
+        )
+    return plan
+
+
+def permute(x: Tensor, plan: RoutingPlan, *, backend: str = "auto") -> Tensor:
+    """xs[r] = x[plan.token_of_row[r]] (zero rows for padding): x [T, H] -> xs [R, H]."""
+    op = "permute"
+    _tensor(op, "x", x, 2, "[T, H]")
+    plan = _plan(op, plan)
+    backend = _backend(op, backend, [("x", x), ("plan.token_of_row", plan.token_of_row), ("plan.row_of", plan.row_of)])
+    if backend == "reference":
+        return _ref.permute(x, plan)
+    return _ops.permute(x, plan.token_of_row, plan.row_of, backend)
+
+
+def combine(ys: Tensor, weights: Tensor, plan_or_row_of: Union[RoutingPlan, Tensor], *, backend: str = "auto") -> Tensor:
+    """y[t] = sum_k weights[t, k] * ys[row_of[t, k]] over kept k (row_of >= 0), accumulated in f32
+    in k order (deterministic): ys [R, H], weights [T, K] f32 -> y [T, H] in ys's dtype.
+    The third argument is a RoutingPlan or its row_of [T, K] i32 (e.g. expert choice's [T, E])."""
+    op = "combine"
+    _tensor(op, "ys", ys, 2, "[R, H]")
+    _tensor(op, "weights", weights, 2, "[T, K]")
+    if isinstance(plan_or_row_of, Tensor):
+        row_of = plan_or_row_of
+    else:
+        row_of = _plan(op, plan_or_row_of).row_of
+    _tensor(op, "row_of", row_of, 2, "[T, K]")
+    backend = _backend(op, backend, [("ys", ys), ("weights", weights), ("row_of", row_of)])
+    if backend == "reference":
+        return _ref.combine(ys, weights, row_of)
+    return _ops.combine(ys, weights, row_of, backend)
+
+
+# ---- experts -------------------------------------------------------------------------------------
+
+
+def grouped_gemm(a: Tensor, b: Tensor, offsets: Tensor, *, trans_b: bool = True, backend: str = "auto") -> Tensor:
+    """Per expert segment: c[seg_e] = a[seg_e] @ b[e]^T (trans_b, b [E, N, Kd]) or a[seg_e] @ b[e]
+    (b [E, Kd, N]); a [R, Kd], offsets [E+1] i64 -> c [R, N]; rows at or past offsets[E] are zero."""
+    op = "grouped_gemm"
+    _tensor(op, "a", a, 2, "[R, Kd]")
+    _tensor(op, "b", b, 3, "[E, N, Kd]" if trans_b else "[E, Kd, N]")
+    _tensor(op, "offsets", offsets, 1, "[E+1]")
+    backend = _backend(op, backend, [("a", a), ("b", b), ("offsets", offsets)])
+    if backend == "reference":
+        return _ref.grouped_gemm(a, b, offsets, trans_b=trans_b)
+    return _ops.grouped_gemm(a, b, offsets, bool(trans_b), backend)
+
+
+def activation(x: Tensor, *, kind: str = "swiglu", backend: str = "auto") -> Tensor:
+    """swiglu / geglu: x [R, 2F] = [gate | up] -> act(gate) * up [R, F]; gelu (exact erf form), relu:
+    elementwise on x [R, F]."""
+    op = "activation"
+    _tensor(op, "x", x, 2, "[R, 2F]" if kind in GATED_ACTIVATIONS else "[R, F]")
+    _choice(op, "kind", kind, ACTIVATIONS)
+    if kind in GATED_ACTIVATIONS and x.shape[1] % 2 != 0:
+        raise ValueError(
+            f"smoe.activation: argument 'x': expected an even size(1) = 2F ([gate | up]) for kind={kind!r}, "
+            f"got shape {list(x.shape)}"
+        )
+    backend = _backend(op, backend, [("x", x)])
+    if backend == "reference":
+        return _ref.activation(x, kind=kind)
+    return _ops.activation(x, kind, backend)

@@ -1,0 +1,653 @@
+"""smoe's torch custom ops: torch.ops.smoe.<name>.
+
+Each op is registered with torch.library.custom_op (so the dispatcher, torch.compile and autograd see
+one opaque op), with
+  * a real implementation that allocates the outputs with torch (caller-allocates contract of the core:
+    torch's caching allocator owns all memory) and calls smoe._C with tensor descriptors;
+  * a fake implementation (register_fake) that gives the exact output shapes and dtypes from the input
+    shapes alone, so torch.compile(fullgraph=True) traces through without running the op;
+  * an autograd formula (register_autograd) that calls the backward op, itself a custom op.
+
+The backend ("cpu", later "cuda"/"simt") is an argument of every op; "auto" and "reference" are
+resolved by smoe.functional before an op is called. Arguments are validated by the C++ core, which
+raises ValueError naming the argument; smoe.functional checks only what Python needs to allocate.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from smoe import _core
+
+__all__ = ["SCORE_FUNCS", "GROUP_SCORES", "ACTIVATIONS", "DROP_POLICIES", "acc_dtype"]
+
+# Enum codes of the core (include/smoe/ops/*.h).
+SCORE_FUNCS = {"softmax": 0, "sigmoid": 1}
+GROUP_SCORES = {"max": 0, "top2_sum": 1}
+ACTIVATIONS = {"swiglu": 0, "geglu": 1, "gelu": 2, "relu": 3}
+GATED_ACTIVATIONS = ("swiglu", "geglu")
+DROP_POLICIES = {"token_order": 0, "score": 1}
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores, routing weights, losses: f32, or f64 when the input is f64 (gradient checks)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _stream(t: Tensor) -> int:
+    if t.device.type == "cuda":
+        return torch.cuda.current_stream(t.device).cuda_stream
+    return 0
+
+
+def _exec(backend: str, ref: Tensor) -> dict:
+    return {"backend": _core.backend_code(backend), "stream": _stream(ref)}
+
+
+def _v(t: Optional[Tensor], name: str):
+    return _core.opt_view(t, name)
+
+
+def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
+    """Gradients from autograd may be expanded (stride 0) or otherwise strided; the core reads dense rows."""
+    return None if t is None else t.contiguous()
+
+
+# ---- topk_gating ---------------------------------------------------------------------------------
+
+
+def _topk_params(top_k, score_func, n_groups, topk_groups, group_score, renormalize, renorm_eps, routed_scaling):
+    return {
+        "top_k": top_k,
+        "score_func": SCORE_FUNCS[score_func],
+        "n_groups": n_groups,
+        "topk_groups": topk_groups,
+        "group_score": GROUP_SCORES[group_score],
+        "renormalize": renormalize,
+        "renorm_eps": renorm_eps,
+        "routed_scaling": routed_scaling,
+    }
+
+
+@torch.library.custom_op("smoe::topk_gating", mutates_args=())
+def topk_gating(
+    logits: Tensor,
+    bias: Optional[Tensor],
+    top_k: int,
+    score_func: str,
+    n_groups: int,
+    topk_groups: int,
+    group_score: str,
+    renormalize: bool,
+    renorm_eps: float,
+    routed_scaling: float,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    T, E = logits.shape
+    acc = acc_dtype(logits.dtype)
+    weights = logits.new_empty((T, top_k), dtype=acc)  # [T, K]
+    experts = logits.new_empty((T, top_k), dtype=torch.int32)  # [T, K]
+    scores = logits.new_empty((T, E), dtype=acc)  # [T, E]
+    _core.lib("topk_gating").topk_gating_forward(
+        **_exec(backend, logits),
+        **_topk_params(top_k, score_func, n_groups, topk_groups, group_score, renormalize, renorm_eps, routed_scaling),
+        logits=_v(logits, "logits"),
+        bias=_v(bias, "bias"),
+        weights=_v(weights, "weights"),
+        experts=_v(experts, "experts"),
+        scores=_v(scores, "scores"),
+    )
+    return weights, experts, scores
+
+
+@topk_gating.register_fake
+def _(logits, bias, top_k, score_func, n_groups, topk_groups, group_score, renormalize, renorm_eps, routed_scaling, backend):
+    T, E = logits.shape
+    acc = acc_dtype(logits.dtype)
+    return (
+        logits.new_empty((T, top_k), dtype=acc),
+        logits.new_empty((T, top_k), dtype=torch.int32),
+        logits.new_empty((T, E), dtype=acc),
+    )
+
+
+@torch.library.custom_op("smoe::topk_gating_backward", mutates_args=())
+def topk_gating_backward(
+    scores: Tensor,
+    experts: Tensor,
+    grad_weights: Optional[Tensor],
+    grad_scores: Optional[Tensor],
+    top_k: int,
+    score_func: str,
+    n_groups: int,
+    topk_groups: int,
+    group_score: str,
+    renormalize: bool,
+    renorm_eps: float,
+    routed_scaling: float,
+    backend: str,
+) -> Tensor:
+    grad_logits = torch.empty_like(scores)  # [T, E]
+    _core.lib("topk_gating").topk_gating_backward(
+        **_exec(backend, scores),
+        **_topk_params(top_k, score_func, n_groups, topk_groups, group_score, renormalize, renorm_eps, routed_scaling),
+        scores=_v(scores, "scores"),
+        experts=_v(experts, "experts"),
+        grad_weights=_v(grad_weights, "grad_weights"),
+        grad_scores=_v(grad_scores, "grad_scores"),
+        grad_logits=_v(grad_logits, "grad_logits"),
+    )
+    return grad_logits
+
+
+@topk_gating_backward.register_fake
+def _(scores, experts, grad_weights, grad_scores, *params):
+    return torch.empty_like(scores)
+
+
+def _topk_gating_setup(ctx, inputs, output):
+    logits, _bias, *params = inputs
+    _weights, experts, scores = output
+    ctx.save_for_backward(scores, experts)
+    ctx.params = params
+    ctx.logits_dtype = logits.dtype
+    ctx.mark_non_differentiable(experts)
+
+
+def _topk_gating_backward(ctx, grad_weights, _grad_experts, grad_scores):
+    scores, experts = ctx.saved_tensors
+    grad_logits = torch.ops.smoe.topk_gating_backward(
+        scores, experts, _contig(grad_weights), _contig(grad_scores), *ctx.params
+    )
+    return (grad_logits.to(ctx.logits_dtype), None) + (None,) * len(ctx.params)
+
+
+topk_gating.register_autograd(_topk_gating_backward, setup_context=_topk_gating_setup)
+
+
+# ---- expert_choice -------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("smoe::expert_choice", mutates_args=())
+def expert_choice(logits: Tensor, capacity: int, score_func: str, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    T, E = logits.shape
+    acc = acc_dtype(logits.dtype)
+    weights = logits.new_empty((T, E), dtype=acc)  # [T, E]
+    tokens = logits.new_empty((E, capacity), dtype=torch.int32)  # [E, C]
+    row_of = logits.new_empty((T, E), dtype=torch.int32)  # [T, E]
+    scores = logits.new_empty((T, E), dtype=acc)  # [T, E]
+    _core.lib("expert_choice").expert_choice_forward(
+        **_exec(backend, logits),
+        capacity=capacity,
+        score_func=SCORE_FUNCS[score_func],
+        logits=_v(logits, "logits"),
+        scores=_v(scores, "scores"),
+        tokens=_v(tokens, "tokens"),
+        row_of=_v(row_of, "row_of"),
+        weights=_v(weights, "weights"),
+    )
+    return weights, tokens, row_of, scores
+
+
+@expert_choice.register_fake
+def _(logits, capacity, score_func, backend):
+    T, E = logits.shape
+    acc = acc_dtype(logits.dtype)
+    return (
+        logits.new_empty((T, E), dtype=acc),
+        logits.new_empty((E, capacity), dtype=torch.int32),
+        logits.new_empty((T, E), dtype=torch.int32),
+        logits.new_empty((T, E), dtype=acc),
+    )
+
+
+@torch.library.custom_op("smoe::expert_choice_backward", mutates_args=())
+def expert_choice_backward(
+    scores: Tensor,
+    row_of: Tensor,
+    grad_weights: Optional[Tensor],
+    grad_scores: Optional[Tensor],
+    capacity: int,
+    score_func: str,
+    backend: str,
+) -> Tensor:
+    lib = _core.lib("expert_choice")
+    T, E = scores.shape
+    grad_logits = torch.zeros_like(scores)  # [T, E]
+    if grad_weights is not None:
+        lib.expert_choice_backward(
+            **_exec(backend, scores),
+            capacity=capacity,
+            score_func=SCORE_FUNCS[score_func],
+            scores=_v(scores, "scores"),
+            row_of=_v(row_of, "row_of"),
+            grad_weights=_v(grad_weights, "grad_weights"),
+            grad_logits=_v(grad_logits, "grad_logits"),
+        )
+    if grad_scores is not None and T > 0:
+        # The scores' own gradient is the backward of the score function alone: top-k gating's backward
+        # with no weight gradient computes exactly that (its K = 1 pick is not read without grad_weights).
+        from_scores = torch.empty_like(scores)
+        lib.topk_gating_backward(
+            **_exec(backend, scores),
+            **_topk_params(1, score_func, 1, 1, "max", False, 0.0, 1.0),
+            scores=_v(scores, "scores"),
+            experts=_v(torch.zeros((T, 1), dtype=torch.int32, device=scores.device), "experts"),
+            grad_weights=None,
+            grad_scores=_v(grad_scores, "grad_scores"),
+            grad_logits=_v(from_scores, "grad_logits"),
+        )
+        grad_logits = grad_logits + from_scores
+    return grad_logits
+
+
+@expert_choice_backward.register_fake
+def _(scores, row_of, grad_weights, grad_scores, capacity, score_func, backend):
+    return torch.empty_like(scores)
+
+
+def _expert_choice_setup(ctx, inputs, output):
+    logits, capacity, score_func, backend = inputs
+    _weights, tokens, row_of, scores = output
+    ctx.save_for_backward(scores, row_of)
+    ctx.params = (capacity, score_func, backend)
+    ctx.logits_dtype = logits.dtype
+    ctx.mark_non_differentiable(tokens, row_of)
+
+
+def _expert_choice_backward(ctx, grad_weights, _grad_tokens, _grad_row_of, grad_scores):
+    scores, row_of = ctx.saved_tensors
+    grad_logits = torch.ops.smoe.expert_choice_backward(
+        scores, row_of, _contig(grad_weights), _contig(grad_scores), *ctx.params
+    )
+    return grad_logits.to(ctx.logits_dtype), None, None, None
+
+
+expert_choice.register_autograd(_expert_choice_backward, setup_context=_expert_choice_setup)
+
+
+# ---- aux losses ----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("smoe::load_balancing_loss", mutates_args=())
+def load_balancing_loss(probs: Tensor, experts: Tensor, backend: str) -> Tensor:
+    loss = probs.new_empty((), dtype=probs.dtype)
+    _core.lib("load_balancing_loss").load_balancing_loss_forward(
+        **_exec(backend, probs), probs=_v(probs, "probs"), experts=_v(experts, "experts"), loss=_v(loss, "loss")
+    )
+    return loss
+
+
+@load_balancing_loss.register_fake
+def _(probs, experts, backend):
+    return probs.new_empty((), dtype=probs.dtype)
+
+
+@torch.library.custom_op("smoe::load_balancing_loss_backward", mutates_args=())
+def load_balancing_loss_backward(probs: Tensor, experts: Tensor, grad_loss: Tensor, backend: str) -> Tensor:
+    grad_probs = torch.empty_like(probs, memory_format=torch.contiguous_format)
+    _core.lib("load_balancing_loss").load_balancing_loss_backward(
+        **_exec(backend, probs),
+        probs=_v(probs, "probs"),
+        experts=_v(experts, "experts"),
+        grad_loss=_v(grad_loss, "grad_loss"),
+        grad_probs=_v(grad_probs, "grad_probs"),
+    )
+    return grad_probs
+
+
+@load_balancing_loss_backward.register_fake
+def _(probs, experts, grad_loss, backend):
+    return torch.empty_like(probs, memory_format=torch.contiguous_format)
+
+
+def _lb_setup(ctx, inputs, output):
+    probs, experts, backend = inputs
+    ctx.save_for_backward(probs, experts)
+    ctx.backend = backend
+
+
+def _lb_backward(ctx, grad_loss):
+    probs, experts = ctx.saved_tensors
+    g = grad_loss.reshape(()).to(probs.dtype).contiguous()
+    return torch.ops.smoe.load_balancing_loss_backward(probs, experts, g, ctx.backend), None, None
+
+
+load_balancing_loss.register_autograd(_lb_backward, setup_context=_lb_setup)
+
+
+@torch.library.custom_op("smoe::z_loss", mutates_args=())
+def z_loss(logits: Tensor, backend: str) -> Tensor:
+    loss = logits.new_empty((), dtype=acc_dtype(logits.dtype))
+    _core.lib("z_loss").z_loss_forward(**_exec(backend, logits), logits=_v(logits, "logits"), loss=_v(loss, "loss"))
+    return loss
+
+
+@z_loss.register_fake
+def _(logits, backend):
+    return logits.new_empty((), dtype=acc_dtype(logits.dtype))
+
+
+@torch.library.custom_op("smoe::z_loss_backward", mutates_args=())
+def z_loss_backward(logits: Tensor, grad_loss: Tensor, backend: str) -> Tensor:
+    grad_logits = logits.new_empty(logits.shape, dtype=acc_dtype(logits.dtype))
+    _core.lib("z_loss").z_loss_backward(
+        **_exec(backend, logits),
+        logits=_v(logits, "logits"),
+        grad_loss=_v(grad_loss, "grad_loss"),
+        grad_logits=_v(grad_logits, "grad_logits"),
+    )
+    return grad_logits
+
+
+@z_loss_backward.register_fake
+def _(logits, grad_loss, backend):
+    return logits.new_empty(logits.shape, dtype=acc_dtype(logits.dtype))
+
+
+def _z_setup(ctx, inputs, output):
+    logits, backend = inputs
+    ctx.save_for_backward(logits)
+    ctx.backend = backend
+
+
+def _z_backward(ctx, grad_loss):
+    (logits,) = ctx.saved_tensors
+    g = grad_loss.reshape(()).to(acc_dtype(logits.dtype)).contiguous()
+    return torch.ops.smoe.z_loss_backward(logits, g, ctx.backend).to(logits.dtype), None
+
+
+z_loss.register_autograd(_z_backward, setup_context=_z_setup)
+
+
+@torch.library.custom_op("smoe::balancing_bias_update", mutates_args=("bias",))
+def balancing_bias_update(counts: Tensor, bias: Tensor, rate: float, backend: str) -> None:
+    _core.lib("balancing_bias_update").balancing_bias_update(
+        **_exec(backend, counts), counts=_v(counts, "counts"), bias=_v(bias, "bias"), rate=rate
+    )
+
+
+@balancing_bias_update.register_fake
+def _(counts, bias, rate, backend):
+    return None
+
+
+# ---- routing_plan --------------------------------------------------------------------------------
+
+
+def routing_plan_max_rows(T: int, K: int, num_experts: int, capacity: int, pad_multiple: int):
+    """Rows of token_of_row, from the shapes alone (the formula of smoe::routing_plan_max_rows; a test
+    checks both agree). capacity < 0: dropless. Works on symbolic sizes under torch.compile."""
+    kept = T * K
+    if capacity >= 0:
+        kept = min(kept, num_experts * min(capacity, T * K))
+    return kept + num_experts * (pad_multiple - 1)
+
+
+@torch.library.custom_op("smoe::routing_plan", mutates_args=())
+def routing_plan(
+    experts: Tensor,
+    weights: Optional[Tensor],
+    num_experts: int,
+    capacity: int,
+    drop_policy: str,
+    pad_multiple: int,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    lib = _core.lib("routing_plan")
+    T, K = experts.shape
+    E = num_experts
+    policy = DROP_POLICIES[drop_policy]
+    R_max = lib.routing_plan_max_rows(num_experts=E, capacity=capacity, drop_policy=policy, pad_multiple=pad_multiple, T=T, K=K)
+    ws_bytes = lib.routing_plan_workspace_bytes(num_experts=E, capacity=capacity, drop_policy=policy, pad_multiple=pad_multiple, T=T, K=K)
+    dev = experts.device
+    counts = torch.empty((max(E, 0),), dtype=torch.int32, device=dev)  # [E]
+    offsets = torch.empty((max(E, 0) + 1,), dtype=torch.int64, device=dev)  # [E+1]
+    row_of = torch.empty((T, K), dtype=torch.int32, device=dev)  # [T, K]
+    token_of_row = torch.empty((max(R_max, 0),), dtype=torch.int32, device=dev)  # [R_max]
+    workspace = torch.empty((ws_bytes,), dtype=torch.uint8, device=dev) if ws_bytes > 0 else None
+    lib.routing_plan(
+        **_exec(backend, experts),
+        num_experts=E,
+        capacity=capacity,
+        drop_policy=policy,
+        pad_multiple=pad_multiple,
+        experts=_v(experts, "experts"),
+        weights=_v(weights, "weights"),
+        counts=_v(counts, "counts"),
+        offsets=_v(offsets, "offsets"),
+        row_of=_v(row_of, "row_of"),
+        token_of_row=_v(token_of_row, "token_of_row"),
+        workspace=_v(workspace, "workspace"),
+    )
+    return counts, offsets, row_of, token_of_row
+
+
+@routing_plan.register_fake
+def _(experts, weights, num_experts, capacity, drop_policy, pad_multiple, backend):
+    T, K = experts.shape
+    R_max = routing_plan_max_rows(T, K, num_experts, capacity, pad_multiple)
+    dev = experts.device
+    return (
+        torch.empty((num_experts,), dtype=torch.int32, device=dev),
+        torch.empty((num_experts + 1,), dtype=torch.int64, device=dev),
+        torch.empty((T, K), dtype=torch.int32, device=dev),
+        torch.empty((R_max,), dtype=torch.int32, device=dev),
+    )
+
+
+# ---- permute / combine ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("smoe::permute", mutates_args=())
+def permute(x: Tensor, token_of_row: Tensor, row_of: Tensor, backend: str) -> Tensor:
+    xs = x.new_empty((token_of_row.shape[0], x.shape[1]))  # [R, H]
+    _core.lib("permute").permute_forward(
+        **_exec(backend, x), x=_v(x, "x"), token_of_row=_v(token_of_row, "token_of_row"), xs=_v(xs, "xs")
+    )
+    return xs
+
+
+@permute.register_fake
+def _(x, token_of_row, row_of, backend):
+    return x.new_empty((token_of_row.shape[0], x.shape[1]))
+
+
+@torch.library.custom_op("smoe::permute_backward", mutates_args=())
+def permute_backward(grad_xs: Tensor, row_of: Tensor, backend: str) -> Tensor:
+    grad_x = grad_xs.new_empty((row_of.shape[0], grad_xs.shape[1]))  # [T, H]
+    _core.lib("permute").permute_backward(
+        **_exec(backend, grad_xs), grad_xs=_v(grad_xs, "grad_xs"), row_of=_v(row_of, "row_of"), grad_x=_v(grad_x, "grad_x")
+    )
+    return grad_x
+
+
+@permute_backward.register_fake
+def _(grad_xs, row_of, backend):
+    return grad_xs.new_empty((row_of.shape[0], grad_xs.shape[1]))
+
+
+def _permute_setup(ctx, inputs, output):
+    _x, _token_of_row, row_of, backend = inputs
+    ctx.save_for_backward(row_of)
+    ctx.backend = backend
+
+
+def _permute_backward(ctx, grad_xs):
+    (row_of,) = ctx.saved_tensors
+    return torch.ops.smoe.permute_backward(grad_xs.contiguous(), row_of, ctx.backend), None, None, None
+
+
+permute.register_autograd(_permute_backward, setup_context=_permute_setup)
+
+
+@torch.library.custom_op("smoe::combine", mutates_args=())
+def combine(ys: Tensor, weights: Tensor, row_of: Tensor, backend: str) -> Tensor:
+    y = ys.new_empty((row_of.shape[0], ys.shape[1]))  # [T, H]
+    _core.lib("combine").combine_forward(
+        **_exec(backend, ys), ys=_v(ys, "ys"), weights=_v(weights, "weights"), row_of=_v(row_of, "row_of"), y=_v(y, "y")
+    )
+    return y
+
+
+@combine.register_fake
+def _(ys, weights, row_of, backend):
+    return ys.new_empty((row_of.shape[0], ys.shape[1]))
+
+
+@torch.library.custom_op("smoe::combine_backward", mutates_args=())
+def combine_backward(
+    grad_y: Tensor, ys: Tensor, weights: Tensor, row_of: Tensor, need_ys: bool, need_weights: bool, backend: str
+) -> Tuple[Tensor, Tensor]:
+    # An output that is not needed is an empty tensor and is not computed.
+    grad_ys = torch.empty_like(ys, memory_format=torch.contiguous_format) if need_ys else ys.new_empty((0,))
+    grad_weights = (
+        torch.empty_like(weights, memory_format=torch.contiguous_format) if need_weights else weights.new_empty((0,))
+    )
+    _core.lib("combine").combine_backward(
+        **_exec(backend, ys),
+        grad_y=_v(grad_y, "grad_y"),
+        ys=_v(ys, "ys"),
+        weights=_v(weights, "weights"),
+        row_of=_v(row_of, "row_of"),
+        grad_ys=_v(grad_ys, "grad_ys") if need_ys else None,
+        grad_weights=_v(grad_weights, "grad_weights") if need_weights else None,
+    )
+    return grad_ys, grad_weights
+
+
+@combine_backward.register_fake
+def _(grad_y, ys, weights, row_of, need_ys, need_weights, backend):
+    return (
+        torch.empty_like(ys, memory_format=torch.contiguous_format) if need_ys else ys.new_empty((0,)),
+        torch.empty_like(weights, memory_format=torch.contiguous_format) if need_weights else weights.new_empty((0,)),
+    )
+
+
+def _combine_setup(ctx, inputs, output):
+    ys, weights, row_of, backend = inputs
+    ctx.save_for_backward(ys, weights, row_of)
+    ctx.backend = backend
+
+
+def _combine_backward(ctx, grad_y):
+    ys, weights, row_of = ctx.saved_tensors
+    need_ys, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_ys or need_weights):
+        return None, None, None, None
+    grad_ys, grad_weights = torch.ops.smoe.combine_backward(
+        grad_y.contiguous(), ys, weights, row_of, need_ys, need_weights, ctx.backend
+    )
+    return (grad_ys if need_ys else None), (grad_weights if need_weights else None), None, None
+
+
+combine.register_autograd(_combine_backward, setup_context=_combine_setup)
+
+
+# ---- grouped GEMM and activations ----------------------------------------------------------------
+
+
+@torch.library.custom_op("smoe::grouped_gemm", mutates_args=())
+def grouped_gemm(a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool, backend: str) -> Tensor:
+    N = b.shape[1] if trans_b else b.shape[2]
+    # Zeros: the core leaves rows at or past offsets[E] untouched, and reading offsets[E] would sync.
+    c = a.new_zeros((a.shape[0], N))  # [R, N]
+    _core.lib("grouped_gemm").grouped_gemm(
+        **_exec(backend, a), trans_b=trans_b, a=_v(a, "a"), b=_v(b, "b"), offsets=_v(offsets, "offsets"), c=_v(c, "c")
+    )
+    return c
+
+
+@grouped_gemm.register_fake
+def _(a, b, offsets, trans_b, backend):
+    N = b.shape[1] if trans_b else b.shape[2]
+    return a.new_empty((a.shape[0], N))
+
+
+@torch.library.custom_op("smoe::grouped_gemm_wgrad", mutates_args=())
+def grouped_gemm_wgrad(a: Tensor, b: Tensor, offsets: Tensor, backend: str) -> Tensor:
+    c = a.new_empty((offsets.shape[0] - 1, a.shape[1], b.shape[1]))  # [E, M, N]
+    _core.lib("grouped_gemm").grouped_gemm_wgrad(
+        **_exec(backend, a), a=_v(a, "a"), b=_v(b, "b"), offsets=_v(offsets, "offsets"), c=_v(c, "c")
+    )
+    return c
+
+
+@grouped_gemm_wgrad.register_fake
+def _(a, b, offsets, backend):
+    return a.new_empty((offsets.shape[0] - 1, a.shape[1], b.shape[1]))
+
+
+def _gg_setup(ctx, inputs, output):
+    a, b, offsets, trans_b, backend = inputs
+    ctx.save_for_backward(a, b, offsets)
+    ctx.trans_b = trans_b
+    ctx.backend = backend
+
+
+def _gg_backward(ctx, grad_c):
+    a, b, offsets = ctx.saved_tensors
+    grad_c = grad_c.contiguous()
+    grad_a = grad_b = None
+    if ctx.needs_input_grad[0]:
+        # c = a @ b[e]^T  ->  grad_a = grad_c @ b[e];   c = a @ b[e]  ->  grad_a = grad_c @ b[e]^T
+        grad_a = torch.ops.smoe.grouped_gemm(grad_c, b, offsets, not ctx.trans_b, ctx.backend)
+    if ctx.needs_input_grad[1]:
+        # b[e] [N, Kd]: grad = grad_c[seg]^T @ a[seg];   b[e] [Kd, N]: grad = a[seg]^T @ grad_c[seg]
+        if ctx.trans_b:
+            grad_b = torch.ops.smoe.grouped_gemm_wgrad(grad_c, a, offsets, ctx.backend)
+        else:
+            grad_b = torch.ops.smoe.grouped_gemm_wgrad(a, grad_c, offsets, ctx.backend)
+    return grad_a, grad_b, None, None, None
+
+
+grouped_gemm.register_autograd(_gg_backward, setup_context=_gg_setup)
+
+
+def _act_out_shape(x: Tensor, kind: str) -> List[int]:
+    F1 = x.shape[-1]
+    return [x.shape[0], F1 // 2 if kind in GATED_ACTIVATIONS else F1]
+
+
+@torch.library.custom_op("smoe::activation", mutates_args=())
+def activation(x: Tensor, kind: str, backend: str) -> Tensor:
+    out = x.new_empty(_act_out_shape(x, kind))  # [R, F]
+    _core.lib("activation").activation_forward(**_exec(backend, x), act=ACTIVATIONS[kind], **{"in": _v(x, "x")}, out=_v(out, "out"))
+    return out
+
+
+@activation.register_fake
+def _(x, kind, backend):
+    return x.new_empty(_act_out_shape(x, kind))
+
+
+@torch.library.custom_op("smoe::activation_backward", mutates_args=())
+def activation_backward(x: Tensor, grad_out: Tensor, kind: str, backend: str) -> Tensor:
+    grad_in = torch.empty_like(x, memory_format=torch.contiguous_format)  # [R, F1]
+    _core.lib("activation").activation_backward(
+        **_exec(backend, x), act=ACTIVATIONS[kind], **{"in": _v(x, "x")}, grad_out=_v(grad_out, "grad_out"), grad_in=_v(grad_in, "grad_in")
+    )
+    return grad_in
+
+
+@activation_backward.register_fake
+def _(x, grad_out, kind, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _act_setup(ctx, inputs, output):
+    x, kind, backend = inputs
+    ctx.save_for_backward(x)
+    ctx.kind = kind
+    ctx.backend = backend
+
+
+def _act_backward(ctx, grad_out):
+    (x,) = ctx.saved_tensors
+    return torch.ops.smoe.activation_backward(x, grad_out.contiguous(), ctx.kind, ctx.backend), None, None
+
+
+activation.register_autograd(_act_backward, setup_context=_act_setup)
