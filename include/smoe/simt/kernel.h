@@ -1,0 +1,34 @@
+// smoe kernel portability header: include it from every kernel source. It gives the same spelling
+// under nvcc (real GPU) and under the SIMT emulator (g++ with `-include smoe/simt/simt.h`, which
+// defines SMOE_SIMT to 1). Shared code tests SMOE_SIMT, never __CUDA_ARCH__.
+//
+//   SMOE_LAUNCH(kernel, grid, block, dynamic_smem_bytes, stream, args...)
+//       launches and evaluates to the launch's cudaError_t (cudaPeekAtLastError, so a later
+//       cudaGetLastError still sees it). A kernel name with template commas must be wrapped in
+//       a function-pointer variable first: `auto* k = &my_kernel<float, 4>; SMOE_LAUNCH(k, ...)`.
+//   SMOE_DYNAMIC_SMEM(T, name)
+//       declares the block's dynamic shared memory as `name`, usable as T name[].
+//   smoe::simt::mma_*, ldmatrix_*, cp_async_*   (smoe/simt/tensor_core.h)
+#pragma once
+
+#if defined(SMOE_SIMT) && SMOE_SIMT
+#include "smoe/simt/simt.h"
+
+#define SMOE_LAUNCH(kernel, grid, block, smem, stream, ...)                                    \
+  ::smoe::simt::detail::make_launcher(kernel, grid, block, smem, stream)(__VA_ARGS__)
+#define SMOE_DYNAMIC_SMEM(T, name)                                                             \
+  T* const name = static_cast<T*>(::smoe::simt::detail::tls_block->dynamic_smem)
+
+#else  // nvcc
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#define SMOE_LAUNCH(kernel, grid, block, smem, stream, ...)                                    \
+  ((kernel)<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__), cudaPeekAtLastError())
+#define SMOE_DYNAMIC_SMEM(T, name) extern __shared__ __align__(16) T name[]
+#endif
+
+#include "smoe/simt/tensor_core.h"

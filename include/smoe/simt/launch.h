@@ -1,0 +1,105 @@
+// smoe SIMT emulator: kernel launches and the emulator's options.
+//
+// make_launcher(kernel, grid, block, smem, stream)(args...) is what SMOE_LAUNCH and the rewritten
+// `kernel<<<grid, block, smem, stream>>>(args...)` expand to. The arguments are converted to the
+// kernel's parameter types once, as a CUDA launch does, and every thread receives copies.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+#include "smoe/simt/runtime_api.h"
+
+namespace smoe::simt {
+
+enum class Schedule { kForward, kReverse, kRandom };
+
+// Defaults come from the environment (read once):
+//   SMOE_SIMT_SCHEDULE = forward | reverse | random[:SEED]   order in which ready threads and
+//                                                             blocks run (default forward)
+//   SMOE_SIMT_PARALLEL = 0 | 1       1: blocks run concurrently on OS threads (default 0)
+//   SMOE_SIMT_THREADS  = N           OS threads in parallel mode (default: one per block, <= 256)
+//   SMOE_SIMT_STACK_KB = N           fiber stack size (default 64, 256 under AddressSanitizer)
+//   SMOE_SIMT_QUIET    = 0 | 1       1: do not print kernel errors to stderr when they happen
+struct Options {
+  Schedule schedule = Schedule::kForward;
+  uint64_t seed = 0;
+  bool parallel_blocks = false;
+  int max_os_threads = 256;
+  size_t stack_bytes = 0;  // 0: default
+  bool quiet = false;
+};
+
+Options options();
+void set_options(const Options& options);
+// Parses "forward", "reverse", "random" or "random:SEED"; returns false on anything else.
+bool parse_schedule(const char* text, Schedule* schedule, uint64_t* seed);
+
+namespace detail {
+
+struct LaunchDesc {
+  const void* kernel;      // identifies the kernel (attributes) and its module (shared memory)
+  dim3 grid;
+  dim3 block;
+  size_t dynamic_smem;
+  cudaStream_t stream;
+  void (*invoke)(void* pack);  // runs the kernel body for the current thread
+  void* pack;
+  void* (*tls_probe)();     // touches a thread_local of the caller's module (see scheduler.cpp)
+  const char* file;
+  int line;
+};
+
+cudaError_t launch(const LaunchDesc& desc);
+
+namespace {
+// One per translation unit, so its address lies in the module that holds the kernel.
+thread_local char tls_probe_byte;
+inline void* tls_probe() { return &tls_probe_byte; }
+}  // namespace
+
+template <class... P>
+struct Launcher {
+  void (*kernel)(P...);
+  dim3 grid, block;
+  size_t smem;
+  cudaStream_t stream;
+  const char* file;
+  int line;
+
+  template <class... A>
+  cudaError_t operator()(A&&... args) const {
+    static_assert(sizeof...(A) == sizeof...(P), "kernel launched with the wrong argument count");
+    struct Pack {
+      void (*kernel)(P...);
+      std::tuple<std::decay_t<P>...> args;
+    } pack{kernel, std::tuple<std::decay_t<P>...>(std::forward<A>(args)...)};
+    LaunchDesc d{reinterpret_cast<const void*>(kernel),
+                 grid,
+                 block,
+                 smem,
+                 stream,
+                 [](void* p) {
+                   auto* pk = static_cast<Pack*>(p);
+                   std::apply(pk->kernel, pk->args);
+                 },
+                 &pack,
+                 &tls_probe,
+                 file,
+                 line};
+    return launch(d);
+  }
+};
+
+template <class... P>
+Launcher<P...> make_launcher(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem = 0,
+                             cudaStream_t stream = nullptr, const char* file = __builtin_FILE(),
+                             int line = __builtin_LINE()) {
+  return Launcher<P...>{kernel, grid, block, smem, stream, file, line};
+}
+
+}  // namespace detail
+}  // namespace smoe::simt
