@@ -1,0 +1,275 @@
+// Public entry points of the expert MLP / shared-expert op family: validate every argument, then
+// dispatch. The composition lives in csrc/cpu/mlp.cpp.
+#include "smoe/ops/mlp.h"
+
+#include <string>
+
+#include "cpu/mlp.h"
+
+namespace smoe {
+namespace {
+
+constexpr const char* kCudaNotBuilt =
+    "backend 'cuda' is not part of this build yet (the CUDA backend lands with the CUDA issue)";
+
+// Checks of one op; `ref` is the first float tensor (its dtype and device are everyone's).
+struct Checker {
+  const char* op;
+  const TensorView& ref;
+  const char* ref_name;
+
+  Status float_tensor(const char* arg, const TensorView& v, int ndim, const char* layout, bool row_strided) const {
+    SMOE_RETURN_IF_ERROR(expect_dims(op, arg, v, ndim, layout));
+    if (&v == &ref) {
+      SMOE_RETURN_IF_ERROR(expect_float_dtype(op, arg, v));
+    } else {
+      SMOE_RETURN_IF_ERROR(expect_same_dtype(op, arg, v, ref_name, ref));
+    }
+    SMOE_RETURN_IF_ERROR(row_strided ? expect_row_contiguous(op, arg, v) : expect_contiguous(op, arg, v));
+    return expect_device(op, arg, v, ref.device, ref.device_index);
+  }
+  Status size(const char* arg, const TensorView& v, int dim, int64_t value, const char* meaning) const {
+    return expect_size(op, arg, v, dim, value, meaning);
+  }
+  Status index_tensor(const char* arg, const TensorView& v, int ndim, const char* layout, DType dt) const {
+    SMOE_RETURN_IF_ERROR(expect_dims(op, arg, v, ndim, layout));
+    SMOE_RETURN_IF_ERROR(expect_dtype(op, arg, v, dt));
+    SMOE_RETURN_IF_ERROR(expect_contiguous(op, arg, v));
+    return expect_device(op, arg, v, ref.device, ref.device_index);
+  }
+  Status workspace(const TensorView& ws, int64_t bytes) const {
+    SMOE_RETURN_IF_ERROR(expect_defined(op, "workspace", ws));
+    SMOE_RETURN_IF_ERROR(expect_contiguous(op, "workspace", ws));
+    SMOE_RETURN_IF_ERROR(expect_device(op, "workspace", ws, ref.device, ref.device_index));
+    const int64_t have = ws.numel() * dtype_size(ws.dtype);
+    if (have < bytes || (bytes > 0 && ws.data == nullptr)) {
+      return invalid_argument(op, "workspace", "at least " + std::to_string(bytes) + " bytes (see *_workspace_bytes)",
+                              std::to_string(have) + " bytes");
+    }
+    return Status::Ok();
+  }
+  Status backend() const {
+    Backend b;
+    SMOE_RETURN_IF_ERROR(resolve_backend(op, exec_, ref, &b));
+    if (b == Backend::kCuda || b == Backend::kSimt) return unsupported(op, kCudaNotBuilt);
+    return Status::Ok();
+  }
+  const Exec& exec_;
+};
+
+Status expect_activation(const char* op, Activation act) {
+  switch (act) {
+    case Activation::kSwiGLU:
+    case Activation::kGeGLU:
+    case Activation::kGELU:
+    case Activation::kReLU: return Status::Ok();
+  }
+  return invalid_argument(op, "params.activation", "kSwiGLU (0), kGeGLU (1), kGELU (2) or kReLU (3)",
+                          std::to_string(static_cast<int32_t>(act)));
+}
+
+const char* f1_meaning(const ExpertMlpParams& p) {
+  return is_gated(p.activation) ? "F1 = 2F (gated activation, F = w2's last size)" : "F1 = F (= w2's last size)";
+}
+
+DType gate_dtype(DType x) { return x == DType::kF64 ? DType::kF64 : DType::kF32; }
+
+int64_t nonneg(int64_t v) { return v < 0 ? 0 : v; }
+
+}  // namespace
+
+// ---- expert MLP ----------------------------------------------------------------------------------
+
+Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const TensorView& x,
+                          const TensorView& token_of_row, const TensorView& offsets, const TensorView& w1,
+                          const TensorView& w2, const TensorView& xs, const TensorView& pre,
+                          const TensorView& act, const TensorView& ys) {
+  const Checker c{"expert_mlp_forward", x, "x", exec};
+  SMOE_RETURN_IF_ERROR(expect_activation(c.op, params.activation));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("x", x, 2, "[T, H]", true));
+  const int64_t H = x.size(1);
+  SMOE_RETURN_IF_ERROR(c.index_tensor("token_of_row", token_of_row, 1, "[R]", DType::kI32));
+  const int64_t R = token_of_row.size(0);
+  SMOE_RETURN_IF_ERROR(c.index_tensor("offsets", offsets, 1, "[E+1]", DType::kI64));
+  if (offsets.size(0) < 1) return invalid_argument(c.op, "offsets", "E+1 >= 1 entries", shape_string(offsets));
+  const int64_t E = offsets.size(0) - 1;
+  SMOE_RETURN_IF_ERROR(c.float_tensor("w2", w2, 3, "[E, H, F]", false));
+  SMOE_RETURN_IF_ERROR(c.size("w2", w2, 0, E, "E (= offsets.size(0) - 1)"));
+  SMOE_RETURN_IF_ERROR(c.size("w2", w2, 1, H, "H (= x.size(1))"));
+  const int64_t F = w2.size(2), F1 = is_gated(params.activation) ? 2 * F : F;
+  SMOE_RETURN_IF_ERROR(c.float_tensor("w1", w1, 3, "[E, F1, H]", false));
+  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 0, E, "E (= offsets.size(0) - 1)"));
+  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 1, F1, f1_meaning(params)));
+  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 2, H, "H (= x.size(1))"));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("xs", xs, 2, "[R, H]", true));
+  SMOE_RETURN_IF_ERROR(c.size("xs", xs, 0, R, "R (= token_of_row.size(0))"));
+  SMOE_RETURN_IF_ERROR(c.size("xs", xs, 1, H, "H (= x.size(1))"));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("pre", pre, 2, "[R, F1]", true));
+  SMOE_RETURN_IF_ERROR(c.size("pre", pre, 0, R, "R (= token_of_row.size(0))"));
+  SMOE_RETURN_IF_ERROR(c.size("pre", pre, 1, F1, f1_meaning(params)));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("act", act, 2, "[R, F]", true));
+  SMOE_RETURN_IF_ERROR(c.size("act", act, 0, R, "R (= token_of_row.size(0))"));
+  SMOE_RETURN_IF_ERROR(c.size("act", act, 1, F, "F (= w2.size(2))"));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("ys", ys, 2, "[R, H]", true));
+  SMOE_RETURN_IF_ERROR(c.size("ys", ys, 0, R, "R (= token_of_row.size(0))"));
+  SMOE_RETURN_IF_ERROR(c.size("ys", ys, 1, H, "H (= x.size(1))"));
+  SMOE_RETURN_IF_ERROR(c.backend());
+  if (R == 0) return Status::Ok();
+  return cpu::expert_mlp_forward(params, x, token_of_row, offsets, w1, w2, xs, pre, act, ys);
+}
+
+int64_t expert_mlp_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t R, int64_t H, int64_t F) {
+  R = nonneg(R), H = nonneg(H), F = nonneg(F);
+  const int64_t F1 = is_gated(params.activation) ? 2 * F : F;
+  const int64_t es = dtype_size(dtype);
+  // grad_act [R, F], grad_pre [R, F1], grad_xs [R, H], plus room to align the base pointer.
+  return cpu::kWorkspaceAlign + cpu::workspace_piece(R * F * es) + cpu::workspace_piece(R * F1 * es) +
+         cpu::workspace_piece(R * H * es);
+}
+
+Status expert_mlp_backward(const Exec& exec, const ExpertMlpParams& params, const TensorView& grad_ys,
+                           const TensorView& row_of, const TensorView& offsets, const TensorView& w1,
+                           const TensorView& w2, const TensorView& xs, const TensorView& pre,
+                           const TensorView& act, const TensorView& grad_x, const TensorView& grad_w1,
+                           const TensorView& grad_w2, const TensorView& workspace) {
+  const Checker c{"expert_mlp_backward", grad_ys, "grad_ys", exec};
+  SMOE_RETURN_IF_ERROR(expect_activation(c.op, params.activation));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("grad_ys", grad_ys, 2, "[R, H]", true));
+  const int64_t R = grad_ys.size(0), H = grad_ys.size(1);
+  SMOE_RETURN_IF_ERROR(c.index_tensor("row_of", row_of, 2, "[T, K]", DType::kI32));
+  const int64_t T = row_of.size(0);
+  SMOE_RETURN_IF_ERROR(c.index_tensor("offsets", offsets, 1, "[E+1]", DType::kI64));
+  if (offsets.size(0) < 1) return invalid_argument(c.op, "offsets", "E+1 >= 1 entries", shape_string(offsets));
+  const int64_t E = offsets.size(0) - 1;
+  SMOE_RETURN_IF_ERROR(c.float_tensor("w2", w2, 3, "[E, H, F]", false));
+  SMOE_RETURN_IF_ERROR(c.size("w2", w2, 0, E, "E (= offsets.size(0) - 1)"));
+  SMOE_RETURN_IF_ERROR(c.size("w2", w2, 1, H, "H (= grad_ys.size(1))"));
+  const int64_t F = w2.size(2), F1 = is_gated(params.activation) ? 2 * F : F;
+  SMOE_RETURN_IF_ERROR(c.float_tensor("w1", w1, 3, "[E, F1, H]", false));
+  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 0, E, "E (= offsets.size(0) - 1)"));
+  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 1, F1, f1_meaning(params)));
+  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 2, H, "H (= grad_ys.size(1))"));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("xs", xs, 2, "[R, H]", true));
+  SMOE_RETURN_IF_ERROR(c.size("xs", xs, 0, R, "R (= grad_ys.size(0))"));
+  SMOE_RETURN_IF_ERROR(c.size("xs", xs, 1, H, "H (= grad_ys.size(1))"));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("pre", pre, 2, "[R, F1]", true));
+  SMOE_RETURN_IF_ERROR(c.size("pre", pre, 0, R, "R (= grad_ys.size(0))"));
+  SMOE_RETURN_IF_ERROR(c.size("pre", pre, 1, F1, f1_meaning(params)));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("act", act, 2, "[R, F]", true));
+  SMOE_RETURN_IF_ERROR(c.size("act", act, 0, R, "R (= grad_ys.size(0))"));
+  SMOE_RETURN_IF_ERROR(c.size("act", act, 1, F, "F (= w2.size(2))"));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("grad_x", grad_x, 2, "[T, H]", false));
+  SMOE_RETURN_IF_ERROR(c.size("grad_x", grad_x, 0, T, "T (= row_of.size(0))"));
+  SMOE_RETURN_IF_ERROR(c.size("grad_x", grad_x, 1, H, "H (= grad_ys.size(1))"));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("grad_w1", grad_w1, 3, "[E, F1, H]", false));
+  for (int d = 0; d < 3; ++d) SMOE_RETURN_IF_ERROR(c.size("grad_w1", grad_w1, d, w1.size(d), "w1's size"));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("grad_w2", grad_w2, 3, "[E, H, F]", false));
+  for (int d = 0; d < 3; ++d) SMOE_RETURN_IF_ERROR(c.size("grad_w2", grad_w2, d, w2.size(d), "w2's size"));
+  SMOE_RETURN_IF_ERROR(c.workspace(workspace, expert_mlp_workspace_bytes(params, grad_ys.dtype, R, H, F)));
+  SMOE_RETURN_IF_ERROR(c.backend());
+  // No early return for R == 0: the weight gradients must still become zeros and grad_x too.
+  return cpu::expert_mlp_backward(params, grad_ys, row_of, offsets, w1, w2, xs, pre, act, grad_x, grad_w1, grad_w2,
+                                  workspace);
+}
+
+// ---- shared experts ------------------------------------------------------------------------------
+
+namespace {
+
+// The arguments both directions share: x, w1, w2, gate_w, pre, act, out, gate.
+Status check_shared(const Checker& c, const ExpertMlpParams& params, const TensorView& x, const TensorView& w1,
+                    const TensorView& w2, const TensorView& gate_w, const TensorView& pre, const TensorView& act,
+                    const TensorView& out, const TensorView& gate) {
+  SMOE_RETURN_IF_ERROR(expect_activation(c.op, params.activation));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("x", x, 2, "[T, H]", true));
+  const int64_t T = x.size(0), H = x.size(1);
+  SMOE_RETURN_IF_ERROR(c.float_tensor("w2", w2, 2, "[H, F]", false));
+  SMOE_RETURN_IF_ERROR(c.size("w2", w2, 0, H, "H (= x.size(1))"));
+  const int64_t F = w2.size(1), F1 = is_gated(params.activation) ? 2 * F : F;
+  SMOE_RETURN_IF_ERROR(c.float_tensor("w1", w1, 2, "[F1, H]", false));
+  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 0, F1, f1_meaning(params)));
+  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 1, H, "H (= x.size(1))"));
+  if (gate_w.defined()) {
+    SMOE_RETURN_IF_ERROR(c.float_tensor("gate_w", gate_w, 1, "[H]", false));
+    SMOE_RETURN_IF_ERROR(c.size("gate_w", gate_w, 0, H, "H (= x.size(1))"));
+  }
+  SMOE_RETURN_IF_ERROR(c.float_tensor("pre", pre, 2, "[T, F1]", true));
+  SMOE_RETURN_IF_ERROR(c.size("pre", pre, 0, T, "T (= x.size(0))"));
+  SMOE_RETURN_IF_ERROR(c.size("pre", pre, 1, F1, f1_meaning(params)));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("act", act, 2, "[T, F]", true));
+  SMOE_RETURN_IF_ERROR(c.size("act", act, 0, T, "T (= x.size(0))"));
+  SMOE_RETURN_IF_ERROR(c.size("act", act, 1, F, "F (= w2.size(1))"));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("out", out, 2, "[T, H]", true));
+  SMOE_RETURN_IF_ERROR(c.size("out", out, 0, T, "T (= x.size(0))"));
+  SMOE_RETURN_IF_ERROR(c.size("out", out, 1, H, "H (= x.size(1))"));
+  // gate: required with gate_w; optional without it (then it is filled with ones).
+  if (gate_w.defined() || gate.defined()) {
+    SMOE_RETURN_IF_ERROR(expect_dims(c.op, "gate", gate, 1, "[T] (f32; f64 for f64 x)"));
+    SMOE_RETURN_IF_ERROR(expect_dtype(c.op, "gate", gate, gate_dtype(x.dtype)));
+    SMOE_RETURN_IF_ERROR(expect_contiguous(c.op, "gate", gate));
+    SMOE_RETURN_IF_ERROR(expect_device(c.op, "gate", gate, x.device, x.device_index));
+    SMOE_RETURN_IF_ERROR(c.size("gate", gate, 0, T, "T (= x.size(0))"));
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status shared_expert_forward(const Exec& exec, const ExpertMlpParams& params, const TensorView& x,
+                             const TensorView& w1, const TensorView& w2, const TensorView& gate_w,
+                             const TensorView& pre, const TensorView& act, const TensorView& out,
+                             const TensorView& gate, const TensorView& y) {
+  const Checker c{"shared_expert_forward", x, "x", exec};
+  SMOE_RETURN_IF_ERROR(check_shared(c, params, x, w1, w2, gate_w, pre, act, out, gate));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("y", y, 2, "[T, H]", true));
+  SMOE_RETURN_IF_ERROR(c.size("y", y, 0, x.size(0), "T (= x.size(0))"));
+  SMOE_RETURN_IF_ERROR(c.size("y", y, 1, x.size(1), "H (= x.size(1))"));
+  SMOE_RETURN_IF_ERROR(c.backend());
+  if (x.size(0) == 0) return Status::Ok();
+  return cpu::shared_expert_forward(params, x, w1, w2, gate_w, pre, act, out, gate, y);
+}
+
+int64_t shared_expert_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t T, int64_t H,
+                                      int64_t F) {
+  T = nonneg(T), H = nonneg(H), F = nonneg(F);
+  const int64_t F1 = is_gated(params.activation) ? 2 * F : F;
+  const int64_t es = dtype_size(dtype);
+  // grad_out [T, H], grad_act [T, F], grad_pre [T, F1], grad_xs [T, H], dlogit [T] (f32, f64 for f64).
+  return cpu::kWorkspaceAlign + 2 * cpu::workspace_piece(T * H * es) + cpu::workspace_piece(T * F * es) +
+         cpu::workspace_piece(T * F1 * es) + cpu::workspace_piece(T * dtype_size(gate_dtype(dtype)));
+}
+
+Status shared_expert_backward(const Exec& exec, const ExpertMlpParams& params, const TensorView& grad_y,
+                              const TensorView& x, const TensorView& w1, const TensorView& w2,
+                              const TensorView& gate_w, const TensorView& pre, const TensorView& act,
+                              const TensorView& out, const TensorView& gate, const TensorView& grad_x,
+                              const TensorView& grad_w1, const TensorView& grad_w2,
+                              const TensorView& grad_gate_w, const TensorView& workspace) {
+  const Checker c{"shared_expert_backward", x, "x", exec};
+  SMOE_RETURN_IF_ERROR(check_shared(c, params, x, w1, w2, gate_w, pre, act, out, gate));
+  const int64_t T = x.size(0), H = x.size(1);
+  SMOE_RETURN_IF_ERROR(c.float_tensor("grad_y", grad_y, 2, "[T, H]", true));
+  SMOE_RETURN_IF_ERROR(c.size("grad_y", grad_y, 0, T, "T (= x.size(0))"));
+  SMOE_RETURN_IF_ERROR(c.size("grad_y", grad_y, 1, H, "H (= x.size(1))"));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("grad_x", grad_x, 2, "[T, H]", true));
+  SMOE_RETURN_IF_ERROR(c.size("grad_x", grad_x, 0, T, "T (= x.size(0))"));
+  SMOE_RETURN_IF_ERROR(c.size("grad_x", grad_x, 1, H, "H (= x.size(1))"));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("grad_w1", grad_w1, 2, "[F1, H]", false));
+  for (int d = 0; d < 2; ++d) SMOE_RETURN_IF_ERROR(c.size("grad_w1", grad_w1, d, w1.size(d), "w1's size"));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("grad_w2", grad_w2, 2, "[H, F]", false));
+  for (int d = 0; d < 2; ++d) SMOE_RETURN_IF_ERROR(c.size("grad_w2", grad_w2, d, w2.size(d), "w2's size"));
+  if (gate_w.defined()) {
+    SMOE_RETURN_IF_ERROR(c.float_tensor("grad_gate_w", grad_gate_w, 1, "[H] (gate_w is given)", false));
+    SMOE_RETURN_IF_ERROR(c.size("grad_gate_w", grad_gate_w, 0, H, "H (= x.size(1))"));
+  } else if (grad_gate_w.defined()) {
+    return invalid_argument(c.op, "grad_gate_w", "absent (gate_w is absent)", shape_string(grad_gate_w));
+  }
+  SMOE_RETURN_IF_ERROR(
+      c.workspace(workspace, shared_expert_workspace_bytes(params, x.dtype, T, H, w2.size(1))));
+  SMOE_RETURN_IF_ERROR(c.backend());
+  // No early return for T == 0: the weight gradients must still become zeros.
+  return cpu::shared_expert_backward(params, grad_y, x, w1, w2, gate_w, pre, act, out, gate, grad_x, grad_w1,
+                                     grad_w2, grad_gate_w, workspace);
+}
+
+}  // namespace smoe

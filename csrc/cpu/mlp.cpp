@@ -1,0 +1,269 @@
+// CPU expert MLP and shared experts, composed from the public ops:
+//   forward   xs = permute(x); pre = xs @ w1[e]^T; act = act(pre); ys = act @ w2[e]^T
+//   backward  grad_act = grad_ys @ w2[e]; grad_w2 = wgrad(grad_ys, act); grad_pre = act'(pre, grad_act);
+//             grad_w1 = wgrad(grad_pre, xs); grad_xs = grad_pre @ w1[e]; grad_x = permute^T(grad_xs)
+// The shared expert is the same MLP with one segment covering every token, plus the sigmoid gate.
+#include "cpu/mlp.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "cpu/gemm.h"
+#include "cpu/parallel.h"
+#include "smoe/ops/permute.h"
+
+namespace smoe::cpu {
+namespace {
+
+Exec cpu_exec() {
+  Exec e;
+  e.backend = Backend::kCpu;
+  return e;
+}
+
+// Rows [r0, r1) of a 2-D view.
+TensorView rows(const TensorView& v, int64_t r0, int64_t r1) {
+  TensorView s = v;
+  s.data = static_cast<char*>(v.data) + r0 * v.stride(0) * dtype_size(v.dtype);
+  s.shape[0] = r1 - r0;
+  return s;
+}
+
+// Rows [r0, r1) of a 2-D view become +0.0 (all-zero bits in every float dtype).
+void zero_rows(const TensorView& v, int64_t r0, int64_t r1) {
+  const int64_t row_bytes = v.size(1) * dtype_size(v.dtype);
+  char* base = static_cast<char*>(v.data);
+  for (int64_t r = r0; r < r1; ++r) std::memset(base + r * v.stride(0) * dtype_size(v.dtype), 0, size_t(row_bytes));
+}
+
+// Rows outside [o0, oE) belong to no expert: they are given defined values (zeros).
+void zero_outside(const TensorView& v, int64_t o0, int64_t oE) {
+  zero_rows(v, 0, o0);
+  zero_rows(v, oE, v.size(0));
+}
+
+// Carves aligned intermediates out of a caller-provided workspace.
+class WorkspaceCarver {
+ public:
+  explicit WorkspaceCarver(const TensorView& ws) {
+    const auto p = reinterpret_cast<uintptr_t>(ws.data);
+    next_ = static_cast<char*>(ws.data) + (kWorkspaceAlign - p % kWorkspaceAlign) % kWorkspaceAlign;
+  }
+  TensorView take(DType dtype, int64_t r, int64_t c) {
+    TensorView v = make_view(static_cast<void*>(next_), dtype, {r, c});
+    next_ += workspace_piece(r * c * dtype_size(dtype));
+    return v;
+  }
+
+ private:
+  char* next_;
+};
+
+// A 2-D weight [N, Kd] seen as the single expert [1, N, Kd] of a grouped GEMM.
+TensorView as_one_expert(const TensorView& w) {
+  return make_view(w.data, w.dtype, {1, w.size(0), w.size(1)}, w.device);
+}
+
+template <class T> using Acc = typename AccOf<T>::type;
+
+// gate[t] = sigmoid(<x[t], gate_w>), in the accumulation type (f32; f64 for f64).
+template <class T>
+void gate_forward(const TensorView& x, const TensorView& gate_w, const TensorView& gate) {
+  const int64_t T_ = x.size(0), H = x.size(1);
+  const T* px = x.data_as<const T>();
+  const T* pw = gate_w.data_as<const T>();
+  Acc<T>* pg = gate.data_as<Acc<T>>();
+  parallel_for(T_, 256, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      Acc<T> s = 0;
+      for (int64_t h = 0; h < H; ++h) s += to_acc(px[t * x.stride(0) + h]) * to_acc(pw[h]);
+      pg[t] = Acc<T>(1) / (Acc<T>(1) + std::exp(-s));
+    }
+  });
+}
+
+// dst[t] += scale[t] * src[t] + coef[t] * vec   (scale, coef, vec optional), rounded once.
+template <class T>
+void accumulate_rows(const TensorView& dst, const TensorView& src, const Acc<T>* scale, const Acc<T>* coef,
+                     const T* vec) {
+  const int64_t T_ = dst.size(0), H = dst.size(1);
+  T* pd = dst.data_as<T>();
+  const T* ps = src.data_as<const T>();
+  parallel_for(T_, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      T* d = pd + t * dst.stride(0);
+      const T* s = ps + t * src.stride(0);
+      const Acc<T> g = scale ? scale[t] : Acc<T>(1);
+      const Acc<T> c = coef ? coef[t] : Acc<T>(0);
+      for (int64_t h = 0; h < H; ++h) {
+        Acc<T> v = to_acc(d[h]) + g * to_acc(s[h]);
+        if (vec) v += c * to_acc(vec[h]);
+        d[h] = from_acc<T>(v);
+      }
+    }
+  });
+}
+
+// Gate backward: grad_out[t] = gate[t] * grad_y[t];
+// dlogit[t] = <grad_y[t], out[t]> * gate[t] * (1 - gate[t]);  grad_gate_w[h] = sum_t dlogit[t] x[t, h].
+template <class T>
+void gate_backward(const TensorView& grad_y, const TensorView& out, const TensorView& gate, const TensorView& x,
+                   const TensorView& grad_out, Acc<T>* dlogit, const TensorView& grad_gate_w) {
+  const int64_t T_ = grad_y.size(0), H = grad_y.size(1);
+  const T* pgy = grad_y.data_as<const T>();
+  const T* po = out.data_as<const T>();
+  const Acc<T>* pg = gate.data_as<const Acc<T>>();
+  T* pgo = grad_out.data_as<T>();
+  parallel_for(T_, 256, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const T* gy = pgy + t * grad_y.stride(0);
+      const T* o = po + t * out.stride(0);
+      T* go = pgo + t * grad_out.stride(0);
+      Acc<T> dot = 0;
+      for (int64_t h = 0; h < H; ++h) {
+        dot += to_acc(gy[h]) * to_acc(o[h]);
+        go[h] = from_acc<T>(pg[t] * to_acc(gy[h]));
+      }
+      dlogit[t] = dot * pg[t] * (Acc<T>(1) - pg[t]);
+    }
+  });
+  // Columns in parallel, tokens in order: the sum order is fixed.
+  const T* px = x.data_as<const T>();
+  T* pgw = grad_gate_w.data_as<T>();
+  constexpr int64_t kCols = 64;
+  parallel_for((H + kCols - 1) / kCols, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t h0 = b * kCols, h1 = std::min(H, h0 + kCols);
+      Acc<T> acc[kCols] = {};
+      for (int64_t t = 0; t < T_; ++t) {
+        const T* xr = px + t * x.stride(0);
+        for (int64_t h = h0; h < h1; ++h) acc[h - h0] += dlogit[t] * to_acc(xr[h]);
+      }
+      for (int64_t h = h0; h < h1; ++h) pgw[h] = from_acc<T>(acc[h - h0]);
+    }
+  });
+}
+
+template <class Fn>
+void dispatch(DType dt, Fn&& fn) {
+  switch (dt) {
+    case DType::kF32: fn(float{}); break;
+    case DType::kF64: fn(double{}); break;
+    case DType::kBF16: fn(bf16_t{}); break;
+    case DType::kF16: fn(f16_t{}); break;
+    default: break;  // rejected by validation
+  }
+}
+
+}  // namespace
+
+Status expert_mlp_forward(const ExpertMlpParams& params, const TensorView& x, const TensorView& token_of_row,
+                          const TensorView& offsets, const TensorView& w1, const TensorView& w2,
+                          const TensorView& xs, const TensorView& pre, const TensorView& act, const TensorView& ys) {
+  const Exec ex = cpu_exec();
+  const int64_t R = xs.size(0);
+  SMOE_RETURN_IF_ERROR(check_offsets("expert_mlp_forward", offsets, R));
+  const int64_t E = offsets.size(0) - 1;
+  const int64_t o0 = offsets.data_as<const int64_t>()[0], oE = offsets.data_as<const int64_t>()[E];
+  SMOE_RETURN_IF_ERROR(permute_forward(ex, x, token_of_row, xs));
+  SMOE_RETURN_IF_ERROR(grouped_gemm(ex, GroupedGemmParams{true}, xs, w1, offsets, pre));
+  SMOE_RETURN_IF_ERROR(activation_forward(ex, params.activation, rows(pre, o0, oE), rows(act, o0, oE)));
+  SMOE_RETURN_IF_ERROR(grouped_gemm(ex, GroupedGemmParams{true}, act, w2, offsets, ys));
+  zero_outside(pre, o0, oE);
+  zero_outside(act, o0, oE);
+  zero_outside(ys, o0, oE);
+  return Status::Ok();
+}
+
+Status expert_mlp_backward(const ExpertMlpParams& params, const TensorView& grad_ys, const TensorView& row_of,
+                           const TensorView& offsets, const TensorView& w1, const TensorView& w2,
+                           const TensorView& xs, const TensorView& pre, const TensorView& act,
+                           const TensorView& grad_x, const TensorView& grad_w1, const TensorView& grad_w2,
+                           const TensorView& workspace) {
+  const Exec ex = cpu_exec();
+  const int64_t R = grad_ys.size(0), H = grad_ys.size(1), F = act.size(1), F1 = pre.size(1);
+  SMOE_RETURN_IF_ERROR(check_offsets("expert_mlp_backward", offsets, R));
+  const int64_t E = offsets.size(0) - 1;
+  const int64_t o0 = offsets.data_as<const int64_t>()[0], oE = offsets.data_as<const int64_t>()[E];
+  WorkspaceCarver ws(workspace);
+  const TensorView grad_act = ws.take(grad_ys.dtype, R, F);    // [R, F]
+  const TensorView grad_pre = ws.take(grad_ys.dtype, R, F1);   // [R, F1]
+  const TensorView grad_xs = ws.take(grad_ys.dtype, R, H);     // [R, H]
+  const GroupedGemmParams nn{false};
+  SMOE_RETURN_IF_ERROR(grouped_gemm(ex, nn, grad_ys, w2, offsets, grad_act));
+  SMOE_RETURN_IF_ERROR(grouped_gemm_wgrad(ex, grad_ys, act, offsets, grad_w2));
+  SMOE_RETURN_IF_ERROR(
+      activation_backward(ex, params.activation, rows(pre, o0, oE), rows(grad_act, o0, oE), rows(grad_pre, o0, oE)));
+  SMOE_RETURN_IF_ERROR(grouped_gemm_wgrad(ex, grad_pre, xs, offsets, grad_w1));
+  SMOE_RETURN_IF_ERROR(grouped_gemm(ex, nn, grad_pre, w1, offsets, grad_xs));
+  zero_outside(grad_xs, o0, oE);  // rows of no expert send no gradient back
+  return permute_backward(ex, grad_xs, row_of, grad_x);
+}
+
+Status shared_expert_forward(const ExpertMlpParams& params, const TensorView& x, const TensorView& w1,
+                             const TensorView& w2, const TensorView& gate_w, const TensorView& pre,
+                             const TensorView& act, const TensorView& out, const TensorView& gate,
+                             const TensorView& y) {
+  const Exec ex = cpu_exec();
+  const int64_t T_ = x.size(0);
+  int64_t seg[2] = {0, T_};
+  const TensorView offsets = make_view(seg, {2});
+  SMOE_RETURN_IF_ERROR(grouped_gemm(ex, GroupedGemmParams{true}, x, as_one_expert(w1), offsets, pre));
+  SMOE_RETURN_IF_ERROR(activation_forward(ex, params.activation, pre, act));
+  SMOE_RETURN_IF_ERROR(grouped_gemm(ex, GroupedGemmParams{true}, act, as_one_expert(w2), offsets, out));
+  dispatch(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const Acc<T>* scale = nullptr;
+    if (gate_w.defined()) {
+      gate_forward<T>(x, gate_w, gate);
+      scale = gate.data_as<const Acc<T>>();
+    } else if (gate.defined()) {
+      std::fill(gate.data_as<Acc<T>>(), gate.data_as<Acc<T>>() + T_, Acc<T>(1));
+    }
+    accumulate_rows<T>(y, out, scale, nullptr, nullptr);
+  });
+  return Status::Ok();
+}
+
+Status shared_expert_backward(const ExpertMlpParams& params, const TensorView& grad_y, const TensorView& x,
+                              const TensorView& w1, const TensorView& w2, const TensorView& gate_w,
+                              const TensorView& pre, const TensorView& act, const TensorView& out,
+                              const TensorView& gate, const TensorView& grad_x, const TensorView& grad_w1,
+                              const TensorView& grad_w2, const TensorView& grad_gate_w, const TensorView& workspace) {
+  const Exec ex = cpu_exec();
+  const int64_t T_ = x.size(0), H = x.size(1), F = act.size(1), F1 = pre.size(1);
+  const DType dt = x.dtype;
+  int64_t seg[2] = {0, T_};
+  const TensorView offsets = make_view(seg, {2});
+  WorkspaceCarver ws(workspace);
+  const TensorView grad_out = ws.take(dt, T_, H);    // [T, H] gate * grad_y
+  const TensorView grad_act = ws.take(dt, T_, F);    // [T, F]
+  const TensorView grad_pre = ws.take(dt, T_, F1);   // [T, F1]
+  const TensorView grad_xs = ws.take(dt, T_, H);     // [T, H]
+  const TensorView dlogit = ws.take(dt == DType::kF64 ? DType::kF64 : DType::kF32, T_, 1);  // [T]
+
+  const bool gated = gate_w.defined();
+  if (gated) {
+    dispatch(dt, [&](auto tag) {
+      using T = decltype(tag);
+      gate_backward<T>(grad_y, out, gate, x, grad_out, dlogit.data_as<Acc<T>>(), grad_gate_w);
+    });
+  }
+  const TensorView& g_out = gated ? grad_out : grad_y;
+  const GroupedGemmParams nn{false};
+  const TensorView gw1 = as_one_expert(grad_w1), gw2 = as_one_expert(grad_w2);
+  SMOE_RETURN_IF_ERROR(grouped_gemm(ex, nn, g_out, as_one_expert(w2), offsets, grad_act));
+  SMOE_RETURN_IF_ERROR(grouped_gemm_wgrad(ex, g_out, act, offsets, gw2));
+  SMOE_RETURN_IF_ERROR(activation_backward(ex, params.activation, pre, grad_act, grad_pre));
+  SMOE_RETURN_IF_ERROR(grouped_gemm_wgrad(ex, grad_pre, x, offsets, gw1));
+  SMOE_RETURN_IF_ERROR(grouped_gemm(ex, nn, grad_pre, as_one_expert(w1), offsets, grad_xs));
+  dispatch(dt, [&](auto tag) {
+    using T = decltype(tag);
+    accumulate_rows<T>(grad_x, grad_xs, nullptr, gated ? dlogit.data_as<const Acc<T>>() : nullptr,
+                       gated ? gate_w.data_as<const T>() : nullptr);
+  });
+  return Status::Ok();
+}
+
+}  // namespace smoe::cpu
