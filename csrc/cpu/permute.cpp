@@ -41,6 +41,21 @@ void dispatch_float(DType dtype, F&& f) {
 
 // ---- one row of H elements ---------------------------------------------------------------------
 
+// Rounds an accumulator to the storage type. bf16: the same bits as float_to_bf16 (round to nearest
+// even, NaN stays a quiet NaN) written without a branch, so that the store loops vectorize.
+template <class S>
+inline S round_to(Acc<S> v) {
+  return from_acc<S>(v);
+}
+template <>
+inline bf16_t round_to<bf16_t>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (u >> 16) | 0x0040u;
+  return bf16_t{uint16_t((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded)};
+}
+
 template <class S>
 void load_row(Acc<S>* __restrict dst, const S* __restrict src, int64_t H) {
   for (int64_t h = 0; h < H; ++h) dst[h] = to_acc<S>(src[h]);
@@ -58,12 +73,12 @@ void axpy_row(Acc<S>* __restrict acc, Acc<S> w, const S* __restrict src, int64_t
 
 template <class S>
 void store_row(S* __restrict dst, const Acc<S>* __restrict acc, int64_t H) {
-  for (int64_t h = 0; h < H; ++h) dst[h] = from_acc<S>(acc[h]);
+  for (int64_t h = 0; h < H; ++h) dst[h] = round_to<S>(acc[h]);
 }
 
 template <class S>
 void scale_store_row(S* __restrict dst, Acc<S> w, const Acc<S>* __restrict g, int64_t H) {
-  for (int64_t h = 0; h < H; ++h) dst[h] = from_acc<S>(w * g[h]);
+  for (int64_t h = 0; h < H; ++h) dst[h] = round_to<S>(w * g[h]);
 }
 
 // <g, y> with kLanes partial sums (lane j takes h = j mod kLanes) reduced by a fixed pairwise tree:

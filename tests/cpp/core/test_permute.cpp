@@ -182,10 +182,16 @@ S garbage() {
   return from_acc<S>(Acc<S>(123));
 }
 
-struct ThreadsGuard {
-  int saved = cpu::num_threads();
-  ~ThreadsGuard() { cpu::set_num_threads(saved); }
-};
+// Runs fn with every parallel_for on the calling thread: a parallel_for nested in a pool task runs
+// inline (csrc/cpu/parallel.h), which is exactly the 1-thread path. Used instead of
+// cpu::set_num_threads(1) because resizing the pool after it has run a job can hand a new worker the
+// finished job (csrc/cpu/parallel.cpp: a new worker starts with seen = 0 != generation_).
+template <class F>
+void run_on_one_thread(F&& fn) {
+  cpu::parallel_for(2, 1, [&](int64_t begin, int64_t) {
+    if (begin == 0) fn();
+  });
+}
 
 void expect_invalid(const Status& s, const std::string& needle) {
   EXPECT_EQ(s.code(), Code::kInvalidArgument) << needle << ": " << s.message();
@@ -293,7 +299,6 @@ TYPED_TEST(PermuteTyped, CombineBackwardMatchesReferenceAndZeroesUnreferencedRow
 
 TYPED_TEST(PermuteTyped, DeterministicAcrossRunsAndThreadCounts) {
   using S = TypeParam;
-  ThreadsGuard guard;
   const Layout l = random_layout(4097, 2, 0.9, 17, 5);
   const int64_t H = 64;
   const auto ys = testing::uniform<S>(l.R * H, 41);
@@ -319,11 +324,11 @@ TYPED_TEST(PermuteTyped, DeterministicAcrossRunsAndThreadCounts) {
                     .ok());
     return o;
   };
-  cpu::set_num_threads(2);
+  // a, b: on the pool (all hardware threads); c: on one thread.
   const Out a = run(), b = run();
-  cpu::set_num_threads(1);
-  const Out c = run();
-  for (const Out* o : {&b, &c}) {
+  Out c;
+  run_on_one_thread([&] { c = run(); });
+  for (const Out* o : {&b, static_cast<const Out*>(&c)}) {
     EXPECT_TRUE(testing::bitwise_equal(a.y, o->y));
     EXPECT_TRUE(testing::bitwise_equal(a.gx, o->gx));
     EXPECT_TRUE(testing::bitwise_equal(a.gys, o->gys));
@@ -363,6 +368,35 @@ TEST(CombineBackward, SmallIntegersAreExact) {
   EXPECT_TRUE(testing::bitwise_equal(gys, want_gys));
   EXPECT_TRUE(testing::bitwise_equal(gw, want_gw));
 }
+
+// ---- rounding: every 16-bit pattern -----------------------------------------------------------------
+
+// The stores round the f32 accumulator with the library's own rule (round to nearest even, NaN stays
+// NaN): pass all 65536 bit patterns through permute_backward (0 + v) and combine_backward (1 * v).
+template <class S>
+void expect_every_pattern_rounds_like_from_acc() {
+  const int64_t T = 256, H = 256;
+  std::vector<S> x(T * H);
+  for (int64_t i = 0; i < T * H; ++i) x[i].bits = uint16_t(i);
+  std::vector<int32_t> rof(T);
+  std::iota(rof.begin(), rof.end(), 0);
+  std::vector<float> ones(T, 1.f);
+  std::vector<S> sum(T * H), scaled(T * H);
+  ASSERT_TRUE(permute_backward({}, make_view(x.data(), {T, H}), make_view(rof.data(), {T, 1}), make_view(sum.data(), {T, H})).ok());
+  ASSERT_TRUE(combine_backward({}, make_view(x.data(), {T, H}), TensorView{}, make_view(ones.data(), {T, 1}),
+                               make_view(rof.data(), {T, 1}), make_view(scaled.data(), {T, H}), TensorView{})
+                  .ok());
+  int bad_sum = 0, bad_scaled = 0;
+  for (int64_t i = 0; i < T * H; ++i) {
+    bad_sum += sum[i].bits != from_acc<S>(0.f + to_acc(x[i])).bits;
+    bad_scaled += scaled[i].bits != from_acc<S>(1.f * to_acc(x[i])).bits;
+  }
+  EXPECT_EQ(bad_sum, 0);
+  EXPECT_EQ(bad_scaled, 0);
+}
+
+TEST(PermuteBackward, EveryBf16PatternRoundsLikeFromAcc) { expect_every_pattern_rounds_like_from_acc<bf16_t>(); }
+TEST(PermuteBackward, EveryF16PatternRoundsLikeFromAcc) { expect_every_pattern_rounds_like_from_acc<f16_t>(); }
 
 // ---- bad inputs -----------------------------------------------------------------------------------------
 

@@ -141,10 +141,16 @@ void expect_plan_eq(const Plan& got, const Plan& want, const std::string& what) 
   EXPECT_EQ(got.token_of_row, want.token_of_row) << what;
 }
 
-struct ThreadsGuard {
-  int saved = cpu::num_threads();
-  ~ThreadsGuard() { cpu::set_num_threads(saved); }
-};
+// Runs fn with every parallel_for on the calling thread: a parallel_for nested in a pool task runs
+// inline (csrc/cpu/parallel.h), which is exactly the 1-thread path. Used instead of
+// cpu::set_num_threads(1) because resizing the pool after it has run a job can hand a new worker the
+// finished job (csrc/cpu/parallel.cpp: a new worker starts with seen = 0 != generation_).
+template <class F>
+void run_on_one_thread(F&& fn) {
+  cpu::parallel_for(2, 1, [&](int64_t begin, int64_t) {
+    if (begin == 0) fn();
+  });
+}
 
 // ---- tests --------------------------------------------------------------------------------------
 
@@ -240,8 +246,7 @@ TEST(RoutingPlan, MaxRowsAndWorkspaceBounds) {
 }
 
 TEST(RoutingPlan, DeterministicAcrossRunsAndThreadCounts) {
-  ThreadsGuard guard;
-  const int64_t T = 4097, K = 6, E = 64;
+  const int64_t T = 3 * 4097, K = 6, E = 64;  // T*K spans several sort chunks
   const auto experts = make_experts(T, K, E, Routing::kSkewed, 11);
   const auto weights = make_tied_weights(T * K, 12);
   for (DropPolicy policy : {DropPolicy::kByTokenOrder, DropPolicy::kByScore}) {
@@ -250,13 +255,13 @@ TEST(RoutingPlan, DeterministicAcrossRunsAndThreadCounts) {
     p.capacity = T * K / E;
     p.drop_policy = policy;
     p.pad_multiple = 16;
-    cpu::set_num_threads(2);
+    // a, b: on the pool (all hardware threads); c: on one thread.
     const PlanRun a = run_plan(experts, weights, T, K, p);
     const PlanRun b = run_plan(experts, weights, T, K, p);
-    cpu::set_num_threads(1);
-    const PlanRun c = run_plan(experts, weights, T, K, p);
+    PlanRun c;
+    run_on_one_thread([&] { c = run_plan(experts, weights, T, K, p); });
     ASSERT_TRUE(a.status.ok() && b.status.ok() && c.status.ok());
-    for (const PlanRun* r : {&b, &c}) {
+    for (const PlanRun* r : {&b, static_cast<const PlanRun*>(&c)}) {
       EXPECT_TRUE(testing::bitwise_equal(a.plan.row_of, r->plan.row_of));
       EXPECT_TRUE(testing::bitwise_equal(a.plan.token_of_row, r->plan.token_of_row));
       EXPECT_TRUE(testing::bitwise_equal(a.plan.counts, r->plan.counts));
