@@ -1,0 +1,148 @@
+// csrc/cuda/common.cuh: what every kernel file of the CUDA backend shares — the namespace macro,
+// the checked-call macro, device storage types, conversions, warp reductions and launch helpers.
+//
+// The same source compiles under nvcc (namespace smoe::cuda) and under g++ through the SIMT
+// emulator (namespace smoe::cuda_simt; `-include smoe/simt/simt.h` defines SMOE_SIMT). Shared code
+// tests SMOE_SIMT, never __CUDA_ARCH__.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "smoe/simt/kernel.h"  // SMOE_LAUNCH, SMOE_DYNAMIC_SMEM, CUDA runtime (real or emulated)
+#include "smoe/smoe.h"
+
+#if defined(SMOE_SIMT) && SMOE_SIMT
+#define SMOE_CUDA_NS cuda_simt
+#else
+#define SMOE_CUDA_NS cuda
+#endif
+
+namespace smoe::SMOE_CUDA_NS {
+
+// Status{kDeviceError, "<expr> failed at <file>:<line>: <cudaGetErrorString>; <hint>"}; the hint
+// depends on the error code (out of memory, bad launch configuration, illegal address, no device).
+Status cuda_error(cudaError_t err, const char* expr, const char* file, int line);
+
+// Unsupported dtype f64 (the CPU backend keeps it for gradient checks) and E/T beyond a kernel's limit.
+Status f64_unsupported(const char* op);
+
+}  // namespace smoe::SMOE_CUDA_NS
+
+// Checks a CUDA runtime call or a launch (SMOE_LAUNCH evaluates to its cudaError_t) and returns the
+// Status from the enclosing launcher on failure.
+#define SMOE_CUDA_CHECK(expr)                                                                   \
+  do {                                                                                          \
+    const cudaError_t smoe_cuda_err_ = (expr);                                                  \
+    if (smoe_cuda_err_ != cudaSuccess)                                                          \
+      return ::smoe::SMOE_CUDA_NS::cuda_error(smoe_cuda_err_, #expr, __FILE__, __LINE__);        \
+  } while (0)
+
+namespace smoe::SMOE_CUDA_NS {
+
+inline constexpr unsigned kFullMask = 0xffffffffu;
+
+template <class T>
+struct Tag {
+  using type = T;
+};
+
+// Device storage type of a smoe dtype: the 16-bit types are CUDA's (same bits as smoe::bf16_t/f16_t).
+// Runs f(Tag<S>{}) for f32, bf16, f16; f64 is refused (see f64_unsupported).
+template <class F>
+Status dispatch_float(DType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case DType::kF32: return f(Tag<float>{});
+    case DType::kBF16: return f(Tag<__nv_bfloat16>{});
+    case DType::kF16: return f(Tag<__half>{});
+    case DType::kF64: return f64_unsupported(op);
+    default: return Status(Code::kInternal, std::string(op) + ": dtype passed validation but has no kernel");
+  }
+}
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <class S>
+__device__ __forceinline__ S from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+
+// N consecutive elements moved as one load/store: 16 bytes (LDG.128/STG.128) when N * sizeof(S) == 16.
+template <class S, int N>
+struct alignas(sizeof(S) * N) Pack {
+  S v[N];
+};
+
+// Butterfly reductions: after the xor steps every lane holds the same bits (each step adds the same
+// two operands on both sides), and the order depends on nothing but the lane layout: deterministic.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+// NaN-skipping max (fmaxf returns the other operand for one NaN).
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+__device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const unsigned long long w = __shfl_xor_sync(kFullMask, v, o);
+    v = w > v ? w : v;
+  }
+  return v;
+}
+
+// ---- selection keys: one unsigned compare ranks (score desc, index asc) -------------------------
+//
+// ordered_bits maps a float to uint32 so that unsigned order is float order (flip the sign bit of
+// positives, every bit of negatives). NaN maps like -inf (the CPU backend's rank_key): a NaN ranks
+// below every number. -0 is folded into +0 so that equal floats tie. 0 stays free for "excluded".
+__device__ __forceinline__ uint32_t ordered_bits(float v) {
+  if (v != v) v = -INFINITY;
+  if (v == 0.0f) v = 0.0f;
+  const uint32_t u = __float_as_uint(v);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+// High word: ordered score; low word: ~index, so among equal scores the lower index is larger.
+__device__ __forceinline__ unsigned long long pack_key(float v, uint32_t index) {
+  return (static_cast<unsigned long long>(ordered_bits(v)) << 32) | (0xffffffffu - index);
+}
+__device__ __forceinline__ uint32_t key_index(unsigned long long key) {
+  return 0xffffffffu - static_cast<uint32_t>(key);
+}
+inline constexpr unsigned long long kExcludedKey = 0;  // below every packed score, NaN included
+
+// ---- host-side launch helpers ---------------------------------------------------------------------
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks of a grid-stride loop over n items with `threads` per block: enough blocks to fill a large
+// GPU (132 SMs x 16 blocks of 256 threads), never more than the work needs.
+inline unsigned grid_for(int64_t n, int threads, int64_t max_blocks = 2048) {
+  const int64_t b = ceil_div(n, threads);
+  return static_cast<unsigned>(b < 1 ? 1 : (b > max_blocks ? max_blocks : b));
+}
+
+inline cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
+
+}  // namespace smoe::SMOE_CUDA_NS
