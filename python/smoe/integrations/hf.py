@@ -113,8 +113,9 @@ def from_hf(block: nn.Module, *, backend: str = "auto", **overrides) -> MoE:
     if kind == "qwen2_moe":
         shared = block.shared_expert
         kwargs.update(num_shared_experts=1, shared_ffn_size=shared.down_proj.weight.shape[1], shared_gate=True)
+    defined = set(kwargs) | {"hidden_size", "ffn_size", "num_experts", "top_k"}
     for key in overrides:
-        if key in kwargs and key not in ("backend", "device", "dtype"):
+        if key in defined and key not in ("device", "dtype"):
             raise ValueError(f"{key} is defined by the Hugging Face block and cannot be overridden")
     kwargs.update(overrides)
     moe = MoE(H, F, E, top_k, **kwargs)
@@ -235,35 +236,81 @@ class SmoeHFBlock(nn.Module):
     """Stands in for an HF sparse MoE block inside an HF model, with the block's call signature.
 
     transformers 4.x blocks return (y, router_logits), 5.x blocks return y; `returns_logits` keeps
-    whichever the replaced block did, so the model's code (and its aux loss) works unchanged.
+    whichever the replaced block did, so the model's code works unchanged. HF collects the router
+    logits for its own load-balancing loss (output_router_logits=True) with forward hooks on the block
+    class (4.x) or on the router class (5.x); replace_moe_blocks therefore makes the stand-in an
+    instance of the block's class and gives it a `gate` of the router's class (see `_stand_in`).
     """
 
-    def __init__(self, moe: MoE, returns_logits: bool):
-        super().__init__()
+    def __init__(self, moe: MoE, returns_logits: bool, router=None):
+        nn.Module.__init__(self)  # not the HF block's __init__ (it would build a second set of weights)
         self.moe = moe
         self.returns_logits = returns_logits
+        if router is not None:
+            self.gate = router
 
     def forward(self, hidden_states: torch.Tensor):
         y = self.moe(hidden_states)
-        if self.returns_logits:
-            # The router logits as HF returns them ([T,E], the block's dtype), recomputed from the
-            # same weights; they feed HF's own load-balancing loss when output_router_logits=True.
+        gate = self.__dict__["_modules"].get("gate")
+        if self.returns_logits or gate is not None:
             x2 = hidden_states.reshape(-1, self.moe.hidden_size)
-            return y, torch.nn.functional.linear(x2, self.moe.router.weight.to(x2.dtype))
+            # The router logits as HF computes them (the block's dtype); only HF's aux loss reads them.
+            logits = gate(x2)[0] if gate is not None else \
+                torch.nn.functional.linear(x2, self.moe.router.weight.to(x2.dtype))
+            if self.returns_logits:
+                return y, logits
         return y
 
 
+class _RouterLogits(nn.Module):
+    """A parameterless router stand-in returning (logits, None, None) from the MoE's router weight."""
+
+    def __init__(self, moe: MoE):
+        nn.Module.__init__(self)
+        self._moe = [moe]  # a plain list: the weight stays registered once, under .moe.router
+
+    def forward(self, hidden_states):
+        w = self._moe[0].router.weight
+        return torch.nn.functional.linear(hidden_states, w.to(hidden_states.dtype)), None, None
+
+
+def _stand_in(impl: type, base: type, *args) -> nn.Module:
+    """An instance of impl (whose __init__ calls nn.Module.__init__ directly) that is also a `base`."""
+    cls = type(f"Smoe{base.__name__}", (impl, base), {"forward": impl.forward})
+    obj = cls.__new__(cls)
+    impl.__init__(obj, *args)
+    return obj
+
+
+def _copy_hooks(src: nn.Module, dst: nn.Module) -> None:
+    for attr in ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                 "_forward_pre_hooks_with_kwargs"):
+        if hasattr(src, attr):
+            getattr(dst, attr).update(getattr(src, attr))
+
+
 def replace_moe_blocks(model: nn.Module, *, backend: str = "auto", **overrides) -> int:
-    """Replace every supported HF sparse MoE block in `model` by smoe (in place); returns the count."""
+    """Replace every supported HF sparse MoE block in `model` by smoe (in place); returns the count.
+
+    overrides go to smoe.nn.MoE (e.g. aux_loss_coef to train with smoe's load-balancing loss instead
+    of, or beside, HF's output_router_logits one)."""
     replaced = 0
     for name, child in list(model.named_children()):
         if not any(cls.__name__ in _KINDS for cls in type(child).__mro__):
             replaced += replace_moe_blocks(child, backend=backend, **overrides)
             continue
-        # 5.x blocks are the ones with fused experts; they return y only.
-        returns_logits = not _is_fused(child)
         moe = from_hf(child, backend=backend, **overrides)
         moe.train(child.training)
-        setattr(model, name, SmoeHFBlock(moe, returns_logits))
+        if _is_fused(child):  # 5.x: returns y; HF records the router module's output
+            router = _stand_in(_RouterLogits, type(child.gate), moe)
+            stand_in = _stand_in(SmoeHFBlock, type(child), moe, False, router)
+        else:  # 4.x: returns (y, router_logits); HF records the block's output
+            stand_in = _stand_in(SmoeHFBlock, type(child), moe, True, None)
+        # Keep hooks already registered on the replaced modules (HF's output-capturing hooks are
+        # installed once per model, on the first forward that records outputs).
+        _copy_hooks(child, stand_in)
+        if _is_fused(child):
+            _copy_hooks(child.gate, stand_in.gate)
+        setattr(model, name, stand_in)
         replaced += 1
     return replaced

@@ -1,0 +1,43 @@
+"""The Hugging Face tests under a transformers 5.x interpreter (fused expert layout).
+
+test_hf.py runs with whichever transformers this interpreter has. When that is 4.x, this test runs
+test_hf.py again in a side environment that has transformers 5.x and the same torch, named by
+$SMOE_TF5_PYTHON (default /tmp/tf5/bin/python; create it with
+`python -m venv /tmp/tf5 --system-site-packages && /tmp/tf5/bin/pip install 'transformers>=5,<6'`).
+It skips when no such interpreter exists.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TF5_PYTHON = os.environ.get("SMOE_TF5_PYTHON", "/tmp/tf5/bin/python")
+
+
+def _version(python):
+    out = subprocess.run([python, "-c", "import transformers, torch; print(transformers.__version__, torch.__version__)"],
+                         capture_output=True, text=True, timeout=120)
+    return out.stdout.split() if out.returncode == 0 else None
+
+
+def test_hf_blocks_in_transformers_5_layout():
+    transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        pytest.skip("this interpreter already has transformers 5.x: test_hf.py covers the 5.x layout directly")
+    if not os.path.exists(TF5_PYTHON):
+        pytest.skip(f"no transformers 5.x interpreter at {TF5_PYTHON} (set SMOE_TF5_PYTHON)")
+    versions = _version(TF5_PYTHON)
+    if versions is None or int(versions[0].split(".")[0]) < 5:
+        pytest.skip(f"{TF5_PYTHON} does not import transformers 5.x (got {versions})")
+    import torch
+
+    assert versions[1] == torch.__version__, "the 5.x environment must use this interpreter's torch"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.run([TF5_PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(HERE, "test_hf.py")],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=HERE)
+    tail = proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.split("\n")[-2], tail
