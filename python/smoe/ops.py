@@ -231,11 +231,12 @@ def expert_choice_backward(
         # The scores' own gradient is the backward of the score function alone: top-k gating's backward
         # with no weight gradient computes exactly that (its K = 1 pick is not read without grad_weights).
         from_scores = torch.empty_like(scores)
+        first = torch.zeros((T, 1), dtype=torch.int32, device=scores.device)  # held: the view does not own it
         lib.topk_gating_backward(
             **_exec(backend, scores),
             **_topk_params(1, score_func, 1, 1, "max", False, 0.0, 1.0),
             scores=_v(scores, "scores"),
-            experts=_v(torch.zeros((T, 1), dtype=torch.int32, device=scores.device), "experts"),
+            experts=_v(first, "experts"),
             grad_weights=None,
             grad_scores=_v(grad_scores, "grad_scores"),
             grad_logits=_v(from_scores, "grad_logits"),

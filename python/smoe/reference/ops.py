@@ -263,19 +263,23 @@ def _row_of(plan_or_row_of: Union[RoutingPlan, torch.Tensor]) -> torch.Tensor:
 
 def permute(x: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """xs[r] = x[token_of_row[r]]; zero rows for padding (token -1)."""
-    tok = plan.token_of_row.long()
-    xs = x[tok.clamp(min=0)]  # [R, H]
-    return torch.where((tok >= 0).unsqueeze(1), xs, torch.zeros_like(xs))
+    tok = plan.token_of_row.long()  # [R]
+    xs = x.new_zeros((tok.shape[0], x.shape[1]))  # [R, H]
+    real = tok >= 0
+    xs[real] = x[tok[real]]
+    return xs
 
 
 def combine(ys: torch.Tensor, weights: torch.Tensor, plan_or_row_of) -> torch.Tensor:
     """y[t] = sum_k weights[t, k] * ys[row_of[t, k]] over the kept k, in f32 (f64 for f64), rounded once."""
     row_of = _row_of(plan_or_row_of).long()  # [T, K]
     acc = _acc_dtype(ys.dtype)
-    kept = (row_of >= 0).unsqueeze(-1)  # [T, K, 1]
-    picked = ys[row_of.clamp(min=0)].to(acc)  # [T, K, H]
-    terms = torch.where(kept, weights.to(acc).unsqueeze(-1) * picked, torch.zeros_like(picked))
-    return terms.sum(dim=1).to(ys.dtype)
+    T, K = row_of.shape
+    kept = row_of >= 0
+    picked = ys.new_zeros((T, K, ys.shape[1]), dtype=acc)  # [T, K, H]
+    picked[kept] = ys[row_of[kept]].to(acc)
+    w = torch.where(kept, weights.to(acc), torch.zeros((), dtype=acc, device=weights.device))  # [T, K]
+    return (w.unsqueeze(-1) * picked).sum(dim=1).to(ys.dtype)
 
 
 # ---- experts -------------------------------------------------------------------------------------
