@@ -95,6 +95,7 @@ Options options_from_env() {
   if (const char* s = std::getenv("SMOE_SIMT_STACK_KB"))
     o.stack_bytes = static_cast<size_t>(std::max(16, std::atoi(s))) * 1024;
   if (const char* s = std::getenv("SMOE_SIMT_QUIET")) o.quiet = std::atoi(s) != 0;
+  if (const char* s = std::getenv("SMOE_SIMT_SPIN_TIMEOUT")) o.spin_timeout_s = std::atof(s);
   return o;
 }
 }  // namespace
@@ -521,11 +522,8 @@ void Worker::run_block(uint64_t linear) {
     // mode); in sequential mode, a spin that outlasts SMOE_SIMT_SPIN_TIMEOUT is reported.
     if (parallel) sched_yield();
     if (++yield_only_rounds == 1) spin_start = Clock::now();
-    if ((yield_only_rounds & 1023) == 0 && !parallel) {
-      static const double timeout = [] {
-        const char* s = std::getenv("SMOE_SIMT_SPIN_TIMEOUT");
-        return s ? std::atof(s) : 20.0;
-      }();
+    if ((yield_only_rounds & 255) == 0 && !parallel) {
+      const double timeout = launch->opt.spin_timeout_s;
       const double waited = std::chrono::duration<double>(Clock::now() - spin_start).count();
       if (waited > timeout) {
         fail_in_scheduler(format(

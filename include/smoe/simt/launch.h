@@ -24,6 +24,8 @@ enum class Schedule { kForward, kReverse, kRandom };
 //   SMOE_SIMT_THREADS  = N           OS threads in parallel mode (default: one per block, <= 256)
 //   SMOE_SIMT_STACK_KB = N           fiber stack size (default 64, 256 under AddressSanitizer)
 //   SMOE_SIMT_QUIET    = 0 | 1       1: do not print kernel errors to stderr when they happen
+//   SMOE_SIMT_SPIN_TIMEOUT = S       sequential mode: a block whose threads only spin (yield in
+//                                    atomics/fences) for S seconds is a livelock error (default 20)
 struct Options {
   Schedule schedule = Schedule::kForward;
   uint64_t seed = 0;
@@ -31,6 +33,7 @@ struct Options {
   int max_os_threads = 256;
   size_t stack_bytes = 0;  // 0: default
   bool quiet = false;
+  double spin_timeout_s = 20.0;
 };
 
 Options options();
