@@ -26,7 +26,9 @@ class Pool {
     stop();
     threads_ = std::max(1, n);
     quit_ = false;
-    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, i] { worker(i); });
+    // A new worker starts at the current generation: jobs that finished before it existed are not
+    // its to run.
+    for (int i = 1; i < threads_; ++i) workers_.emplace_back([this, i, g = generation_] { worker(i, g); });
   }
 
   void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
@@ -58,9 +60,8 @@ class Pool {
     if (begin < end) (*fn_)(begin, end);
   }
 
-  void worker(int index) {
+  void worker(int index, uint64_t seen) {
     t_inside_pool = true;
-    uint64_t seen = 0;
     for (;;) {
       {
         std::unique_lock<std::mutex> lk(mu_);

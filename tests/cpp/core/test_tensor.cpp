@@ -64,3 +64,26 @@ TEST(DType, F16RoundTripAllValues) {
 
 }  // namespace
 }  // namespace smoe
+
+#include "cpu/parallel.h"
+
+namespace smoe {
+namespace {
+
+// Resizing the pool after it has run jobs must not make new workers replay an old job.
+TEST(ThreadPool, ResizeAfterUseAndChunkCoverage) {
+  const int before = cpu::num_threads();
+  for (int threads : {2, 1, 3, 2}) {
+    cpu::set_num_threads(threads);
+    EXPECT_EQ(cpu::num_threads(), threads);
+    std::vector<int> hits(1000, 0);
+    cpu::parallel_for(1000, 7, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) hits[i] += 1;
+    });
+    for (int h : hits) ASSERT_EQ(h, 1);
+  }
+  cpu::set_num_threads(before);
+}
+
+}  // namespace
+}  // namespace smoe
