@@ -168,6 +168,29 @@ template void gemm_blocked<float>(bool, bool, int64_t, int64_t, int64_t, const f
 template void gemm_blocked<double>(bool, bool, int64_t, int64_t, int64_t, const double*, int64_t,
                                    const double*, int64_t, double*, int64_t);
 
+void dense_sgemm_roof(int threads, int64_t M, int64_t N, int64_t K, const float* a, const float* b, float* c) {
+#if SMOE_HAVE_BLAS
+  blas_single_threaded();
+  SMOE_BLAS_FN(openblas_set_num_threads)(threads);
+  SMOE_BLAS_FN(cblas_sgemm)(blas::kRowMajor, blas::kNoTrans, blas::kNoTrans, int(M), int(N), int(K), 1.f, a, int(K), b,
+                            int(N), 0.f, c, int(N));
+  SMOE_BLAS_FN(openblas_set_num_threads)(1);
+#else
+  (void)threads;
+  gemm_blocked<float>(false, false, M, N, K, a, K, b, N, c, N);
+#endif
+}
+
+const char* blas_name() {
+#if SMOE_HAVE_BLAS
+#define SMOE_STR_(x) #x
+#define SMOE_STR(x) SMOE_STR_(x)
+  return "OpenBLAS (symbol prefix '" SMOE_STR(SMOE_BLAS_PREFIX) "')";
+#else
+  return "none (smoe's own blocked GEMM)";
+#endif
+}
+
 Status check_offsets(const char* op, const TensorView& offsets, int64_t R) {
   const int64_t* o = offsets.data_as<const int64_t>();
   const int64_t E = offsets.size(0) - 1;

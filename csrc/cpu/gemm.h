@@ -32,6 +32,12 @@ template <class Acc>
 void gemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const Acc* a, int64_t lda,
                   const Acc* b, int64_t ldb, Acc* c, int64_t ldc);
 
+// The dense roof of the benchmarks: one plain f32 GEMM c[M, N] = a[M, K] @ b[K, N] (row-major), run
+// by the BLAS with its own `threads` threads (smoe's own blocked GEMM, single-threaded, without BLAS).
+// Leaves the BLAS single-threaded again afterwards. blas_name() says which BLAS the build uses.
+void dense_sgemm_roof(int threads, int64_t M, int64_t N, int64_t K, const float* a, const float* b, float* c);
+const char* blas_name();
+
 // Reads offsets [E+1] i64 and checks 0 <= offsets[0] <= ... <= offsets[E] <= R.
 Status check_offsets(const char* op, const TensorView& offsets, int64_t R);
 

@@ -85,7 +85,7 @@ std::vector<int64_t> offsets_of(const std::vector<int64_t>& counts) {
 // Counts for R rows over E experts: "even", "one" (all on expert E/2), "skewed" (geometric, with
 // empty experts), "gaps" (every other expert empty).
 std::vector<int64_t> make_counts(const std::string& kind, int64_t R, int64_t E) {
-  std::vector<int64_t> c(size_t(E), 0);
+  std::vector<int64_t> c(static_cast<size_t>(E), 0);
   if (kind == "even") {
     for (int64_t e = 0; e < E; ++e) c[e] = R / E + (e < R % E ? 1 : 0);
   } else if (kind == "one") {
