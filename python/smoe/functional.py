@@ -294,3 +294,48 @@ def activation(x: Tensor, *, kind: str = "swiglu", backend: str = "auto") -> Ten
     if backend == "reference":
         return _ref.activation(x, kind=kind)
     return _ops.activation(x, kind, backend)
+
+
+def expert_mlp(
+    x: Tensor, w1: Tensor, w2: Tensor, plan: RoutingPlan, *, activation: str = "swiglu", backend: str = "auto"
+) -> Tensor:
+    """The experts, fused: ys[r] = act(x[token_of_row[r]] @ w1[e]^T) @ w2[e]^T for the rows r of
+    expert e (permute -> grouped GEMM -> activation -> grouped GEMM), not yet weighted or combined.
+    x [T, H], w1 [E, F1, H] (F1 = 2F for gated activations, rows [gate | up]), w2 [E, H, F] -> ys [R, H];
+    padding rows and rows past offsets[E] are zero. Follow with combine(ys, weights, plan)."""
+    op = "expert_mlp"
+    _tensor(op, "x", x, 2, "[T, H]")
+    _tensor(op, "w1", w1, 3, "[E, F1, H]")
+    _tensor(op, "w2", w2, 3, "[E, H, F]")
+    plan = _plan(op, plan)
+    _choice(op, "activation", activation, ACTIVATIONS)
+    backend = _backend(
+        op, backend, [("x", x), ("w1", w1), ("w2", w2), ("plan.offsets", plan.offsets), ("plan.row_of", plan.row_of)]
+    )
+    if backend == "reference":
+        return _ref.expert_mlp(x, w1, w2, plan, activation=activation)
+    return _ops.expert_mlp(x, plan.token_of_row, plan.offsets, plan.row_of, w1, w2, activation, backend)[0]
+
+
+def shared_expert(
+    x: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    gate_w: Optional[Tensor] = None,
+    *,
+    activation: str = "swiglu",
+    backend: str = "auto",
+) -> Tensor:
+    """The shared expert every token passes through (DeepSeekMoE, Qwen2-MoE):
+    out = sigmoid(x @ gate_w) * (act(x @ w1^T) @ w2^T)   (no gate_w: scale 1).
+    x [T, H], w1 [F1, H], w2 [H, F], gate_w [H] -> out [T, H] in x's dtype; the layer adds it."""
+    op = "shared_expert"
+    _tensor(op, "x", x, 2, "[T, H]")
+    _tensor(op, "w1", w1, 2, "[F1, H]")
+    _tensor(op, "w2", w2, 2, "[H, F]")
+    _tensor(op, "gate_w", gate_w, 1, "[H]", optional=True)
+    _choice(op, "activation", activation, ACTIVATIONS)
+    backend = _backend(op, backend, [("x", x), ("w1", w1), ("w2", w2), ("gate_w", gate_w)])
+    if backend == "reference":
+        return _ref.shared_expert(x, w1, w2, gate_w, activation=activation)
+    return _ops.shared_expert(x, w1, w2, gate_w, activation, backend)[0]

@@ -652,3 +652,233 @@ def _act_backward(ctx, grad_out):
 
 
 activation.register_autograd(_act_backward, setup_context=_act_setup)
+
+
+# ---- expert MLP (fused entry point) and shared expert --------------------------------------------
+
+
+def _mlp_shapes(x: Tensor, R: int, w2_F: int, kind: str):
+    F1 = 2 * w2_F if kind in GATED_ACTIVATIONS else w2_F
+    return (R, x.shape[1]), (R, F1), (R, w2_F)  # xs / ys [R, H], pre [R, F1], act [R, F]
+
+
+@torch.library.custom_op("smoe::expert_mlp", mutates_args=())
+def expert_mlp(
+    x: Tensor, token_of_row: Tensor, offsets: Tensor, row_of: Tensor, w1: Tensor, w2: Tensor, activation: str, backend: str
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (ys, xs, pre, act): ys is the result, the rest are saved for backward."""
+    hs, ps, as_ = _mlp_shapes(x, token_of_row.shape[0], w2.shape[2], activation)
+    xs, pre, act, ys = x.new_empty(hs), x.new_empty(ps), x.new_empty(as_), x.new_empty(hs)
+    _core.lib("expert_mlp").expert_mlp_forward(
+        **_exec(backend, x),
+        act=ACTIVATIONS[activation],
+        x=_v(x, "x"),
+        token_of_row=_v(token_of_row, "token_of_row"),
+        offsets=_v(offsets, "offsets"),
+        w1=_v(w1, "w1"),
+        w2=_v(w2, "w2"),
+        xs=_v(xs, "xs"),
+        pre=_v(pre, "pre"),
+        act_out=_v(act, "act"),
+        ys=_v(ys, "ys"),
+    )
+    return ys, xs, pre, act
+
+
+@expert_mlp.register_fake
+def _(x, token_of_row, offsets, row_of, w1, w2, activation, backend):
+    hs, ps, as_ = _mlp_shapes(x, token_of_row.shape[0], w2.shape[2], activation)
+    return x.new_empty(hs), x.new_empty(hs), x.new_empty(ps), x.new_empty(as_)
+
+
+@torch.library.custom_op("smoe::expert_mlp_backward", mutates_args=())
+def expert_mlp_backward(
+    grad_ys: Tensor,
+    row_of: Tensor,
+    offsets: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    xs: Tensor,
+    pre: Tensor,
+    act: Tensor,
+    activation: str,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    lib = _core.lib("expert_mlp")
+    R, H = grad_ys.shape
+    grad_x = grad_ys.new_empty((row_of.shape[0], H))  # [T, H]
+    grad_w1 = torch.empty_like(w1, memory_format=torch.contiguous_format)  # [E, F1, H]
+    grad_w2 = torch.empty_like(w2, memory_format=torch.contiguous_format)  # [E, H, F]
+    ws_bytes = lib.expert_mlp_workspace_bytes(
+        act=ACTIVATIONS[activation], dtype=_core.DTYPE_CODES[grad_ys.dtype], R=R, H=H, F=w2.shape[2]
+    )
+    workspace = torch.empty((ws_bytes,), dtype=torch.uint8, device=grad_ys.device)
+    lib.expert_mlp_backward(
+        **_exec(backend, grad_ys),
+        act=ACTIVATIONS[activation],
+        grad_ys=_v(grad_ys, "grad_ys"),
+        row_of=_v(row_of, "row_of"),
+        offsets=_v(offsets, "offsets"),
+        w1=_v(w1, "w1"),
+        w2=_v(w2, "w2"),
+        xs=_v(xs, "xs"),
+        pre=_v(pre, "pre"),
+        act_out=_v(act, "act"),
+        grad_x=_v(grad_x, "grad_x"),
+        grad_w1=_v(grad_w1, "grad_w1"),
+        grad_w2=_v(grad_w2, "grad_w2"),
+        workspace=_v(workspace, "workspace"),
+    )
+    return grad_x, grad_w1, grad_w2
+
+
+@expert_mlp_backward.register_fake
+def _(grad_ys, row_of, offsets, w1, w2, xs, pre, act, activation, backend):
+    return (
+        grad_ys.new_empty((row_of.shape[0], grad_ys.shape[1])),
+        torch.empty_like(w1, memory_format=torch.contiguous_format),
+        torch.empty_like(w2, memory_format=torch.contiguous_format),
+    )
+
+
+def _expert_mlp_setup(ctx, inputs, output):
+    _x, _token_of_row, offsets, row_of, w1, w2, activation, backend = inputs
+    _ys, xs, pre, act = output
+    ctx.save_for_backward(row_of, offsets, w1, w2, xs, pre, act)
+    ctx.activation = activation
+    ctx.backend = backend
+    ctx.mark_non_differentiable(xs, pre, act)  # saved tensors, returned only so autograd can keep them
+
+
+def _expert_mlp_backward(ctx, grad_ys, _g_xs, _g_pre, _g_act):
+    row_of, offsets, w1, w2, xs, pre, act = ctx.saved_tensors
+    grad_x, grad_w1, grad_w2 = torch.ops.smoe.expert_mlp_backward(
+        grad_ys.contiguous(), row_of, offsets, w1, w2, xs, pre, act, ctx.activation, ctx.backend
+    )
+    need = ctx.needs_input_grad
+    return (
+        grad_x if need[0] else None, None, None, None,
+        grad_w1 if need[4] else None, grad_w2 if need[5] else None, None, None,
+    )
+
+
+expert_mlp.register_autograd(_expert_mlp_backward, setup_context=_expert_mlp_setup)
+
+
+@torch.library.custom_op("smoe::shared_expert", mutates_args=())
+def shared_expert(
+    x: Tensor, w1: Tensor, w2: Tensor, gate_w: Optional[Tensor], activation: str, backend: str
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, pre, act, out, gate): y = gate * out is the result, the rest are saved for backward.
+    gate [T] is empty ([0]) without gate_w."""
+    T = x.shape[0]
+    _, ps, as_ = _mlp_shapes(x, T, w2.shape[1], activation)
+    pre, act, out = x.new_empty(ps), x.new_empty(as_), x.new_empty(x.shape)
+    gate = x.new_empty((T,) if gate_w is not None else (0,), dtype=acc_dtype(x.dtype))
+    y = torch.zeros_like(x, memory_format=torch.contiguous_format)  # the core accumulates into y
+    _core.lib("shared_expert").shared_expert_forward(
+        **_exec(backend, x),
+        act=ACTIVATIONS[activation],
+        x=_v(x, "x"),
+        w1=_v(w1, "w1"),
+        w2=_v(w2, "w2"),
+        gate_w=_v(gate_w, "gate_w"),
+        pre=_v(pre, "pre"),
+        act_out=_v(act, "act"),
+        out=_v(out, "out"),
+        gate=_v(gate, "gate") if gate_w is not None else None,
+        y=_v(y, "y"),
+    )
+    return y, pre, act, out, gate
+
+
+@shared_expert.register_fake
+def _(x, w1, w2, gate_w, activation, backend):
+    T = x.shape[0]
+    _, ps, as_ = _mlp_shapes(x, T, w2.shape[1], activation)
+    gate = x.new_empty((T,) if gate_w is not None else (0,), dtype=acc_dtype(x.dtype))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(ps), x.new_empty(as_), x.new_empty(x.shape), gate
+
+
+@torch.library.custom_op("smoe::shared_expert_backward", mutates_args=())
+def shared_expert_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    gate_w: Optional[Tensor],
+    pre: Tensor,
+    act: Tensor,
+    out: Tensor,
+    gate: Tensor,
+    activation: str,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (grad_x, grad_w1, grad_w2, grad_gate_w); grad_gate_w is empty ([0]) without gate_w."""
+    lib = _core.lib("shared_expert")
+    T, H = x.shape
+    grad_x = torch.zeros_like(x, memory_format=torch.contiguous_format)  # the core accumulates into grad_x
+    grad_w1 = torch.empty_like(w1, memory_format=torch.contiguous_format)
+    grad_w2 = torch.empty_like(w2, memory_format=torch.contiguous_format)
+    grad_gate_w = x.new_empty((H,) if gate_w is not None else (0,))
+    ws_bytes = lib.shared_expert_workspace_bytes(
+        act=ACTIVATIONS[activation], dtype=_core.DTYPE_CODES[x.dtype], T=T, H=H, F=w2.shape[1]
+    )
+    workspace = torch.empty((ws_bytes,), dtype=torch.uint8, device=x.device)
+    lib.shared_expert_backward(
+        **_exec(backend, x),
+        act=ACTIVATIONS[activation],
+        grad_y=_v(grad_y, "grad_y"),
+        x=_v(x, "x"),
+        w1=_v(w1, "w1"),
+        w2=_v(w2, "w2"),
+        gate_w=_v(gate_w, "gate_w"),
+        pre=_v(pre, "pre"),
+        act_out=_v(act, "act"),
+        out=_v(out, "out"),
+        gate=_v(gate, "gate") if gate_w is not None else None,
+        grad_x=_v(grad_x, "grad_x"),
+        grad_w1=_v(grad_w1, "grad_w1"),
+        grad_w2=_v(grad_w2, "grad_w2"),
+        grad_gate_w=_v(grad_gate_w, "grad_gate_w") if gate_w is not None else None,
+        workspace=_v(workspace, "workspace"),
+    )
+    return grad_x, grad_w1, grad_w2, grad_gate_w
+
+
+@shared_expert_backward.register_fake
+def _(grad_y, x, w1, w2, gate_w, pre, act, out, gate, activation, backend):
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(w1, memory_format=torch.contiguous_format),
+        torch.empty_like(w2, memory_format=torch.contiguous_format),
+        x.new_empty((x.shape[1],) if gate_w is not None else (0,)),
+    )
+
+
+def _shared_setup(ctx, inputs, output):
+    x, w1, w2, gate_w, activation, backend = inputs
+    _y, pre, act, out, gate = output
+    ctx.save_for_backward(x, w1, w2, gate_w, pre, act, out, gate)
+    ctx.activation = activation
+    ctx.backend = backend
+    ctx.mark_non_differentiable(pre, act, out, gate)
+
+
+def _shared_backward(ctx, grad_y, _g_pre, _g_act, _g_out, _g_gate):
+    x, w1, w2, gate_w, pre, act, out, gate = ctx.saved_tensors
+    grad_x, grad_w1, grad_w2, grad_gate_w = torch.ops.smoe.shared_expert_backward(
+        grad_y.contiguous(), x, w1, w2, gate_w, pre, act, out, gate, ctx.activation, ctx.backend
+    )
+    need = ctx.needs_input_grad
+    return (
+        grad_x if need[0] else None,
+        grad_w1 if need[1] else None,
+        grad_w2 if need[2] else None,
+        grad_gate_w if (gate_w is not None and need[3]) else None,
+        None,
+        None,
+    )
+
+
+shared_expert.register_autograd(_shared_backward, setup_context=_shared_setup)
