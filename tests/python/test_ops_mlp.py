@@ -1,0 +1,183 @@
+"""expert_mlp (the fused entry point) and shared_expert: cpu backend vs smoe.reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import smoe.functional as F
+import smoe.reference as ref
+from smoe.testing import assert_close
+
+from conftest import FLOAT_DTYPES, distinct_logits
+
+GATED = ("swiglu", "geglu")
+
+
+def weights_for(E, H, Fd, activation, dtype=torch.float32, scale=0.3):
+    F1 = 2 * Fd if activation in GATED else Fd
+    w1 = (scale * torch.randn(E, F1, H)).to(dtype)
+    w2 = (scale * torch.randn(E, H, Fd)).to(dtype)
+    return w1, w2
+
+
+def plan_for(T, E, K, capacity=None, pad=1, skew=False):
+    logits = distinct_logits(T, E)
+    if skew:
+        logits[:, 0] += 100.0  # every token picks expert 0 first
+    _, experts, _ = F.topk_gating(logits, top_k=K, backend="cpu")
+    return F.routing_plan(experts, num_experts=E, capacity=capacity, pad_multiple=pad, backend="cpu")
+
+
+CASES = [  # T, E, K, capacity, pad, skew
+    (0, 4, 2, None, 1, False),
+    (1, 1, 1, None, 1, False),
+    (7, 7, 7, None, 4, False),  # K = E, padding
+    (7, 300, 2, None, 1, False),  # most experts empty
+    (33, 5, 2, 4, 2, True),  # capacity drops, every token on expert 0
+    (4097, 4, 1, None, 8, False),
+]
+
+
+@pytest.mark.parametrize("T,E,K,capacity,pad,skew", CASES)
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu"])
+def test_expert_mlp_matches_reference(T, E, K, capacity, pad, skew, activation):
+    H, Fd = (4, 3) if T > 1000 else (8, 6)
+    plan = plan_for(T, E, K, capacity, pad, skew)
+    x = torch.randn(T, H)
+    w1, w2 = weights_for(E, H, Fd, activation)
+    ys = F.expert_mlp(x, w1, w2, plan, activation=activation, backend="cpu")
+    assert ys.shape == (plan.token_of_row.shape[0], H)
+    assert_close(ys, ref.expert_mlp(x, w1, w2, plan, activation=activation))
+    assert torch.count_nonzero(ys[plan.token_of_row < 0]) == 0  # padding and unused rows are zero
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_expert_mlp_dtypes(dtype):
+    plan = plan_for(40, 6, 2, pad=4)
+    x = torch.randn(40, 16).to(dtype)
+    w1, w2 = weights_for(6, 16, 12, "swiglu", dtype)
+    ys = F.expert_mlp(x, w1, w2, plan, backend="cpu")
+    assert ys.dtype == dtype
+    # The reference rounds to dtype at the same points as the core (after each stored stage).
+    assert_close(ys, ref.expert_mlp(x, w1, w2, plan))
+
+
+def test_expert_mlp_gradcheck():
+    plan = plan_for(6, 3, 2, capacity=3, pad=2)
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    w1 = (0.5 * torch.randn(3, 10, 4, dtype=torch.float64)).requires_grad_()
+    w2 = (0.5 * torch.randn(3, 4, 5, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b, c: F.expert_mlp(a, b, c, plan, backend="cpu"), (x, w1, w2))
+    w1g = (0.5 * torch.randn(3, 5, 4, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: F.expert_mlp(a, b, c, plan, activation="gelu", backend="cpu"), (x, w1g, w2)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_mlp_backward_matches_reference(dtype):
+    plan = plan_for(50, 7, 2, capacity=18, pad=4)
+    x0 = torch.randn(50, 8).to(dtype)
+    w10, w20 = weights_for(7, 8, 6, "swiglu", dtype)
+    weights = torch.rand(50, 2)
+    grads = []
+    for backend in ("cpu", "reference"):
+        x, w1, w2 = (t.clone().requires_grad_() for t in (x0, w10, w20))
+        y = F.combine(F.expert_mlp(x, w1, w2, plan, backend=backend), weights, plan, backend=backend)
+        y.float().square().sum().backward()
+        grads.append((x.grad, w1.grad, w2.grad))
+    for got, want in zip(*grads):
+        assert got.dtype == dtype
+        # bf16: the gradients pass through several bf16 roundings in both paths; the bf16 row of the
+        # table holds for each, tested on the maximum magnitude to allow for cancellation.
+        if dtype == torch.bfloat16:
+            assert_close(got.float() / want.float().abs().max(), want.float() / want.float().abs().max(), dtype=dtype)
+        else:
+            assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda p, w1, w2: F.expert_mlp(torch.randn(9), w1, w2, p), ValueError, "'x'.*2-D"),
+        (lambda p, w1, w2: F.expert_mlp(torch.randn(9, 8), w1[:, :5], w2, p), ValueError, "'w1'"),
+        (lambda p, w1, w2: F.expert_mlp(torch.randn(9, 8), w1, w2.double(), p), ValueError, "'w2'"),
+        (lambda p, w1, w2: F.expert_mlp(torch.randn(9, 7), w1, w2, p), ValueError, "'w2'.*H|'w1'.*H"),
+        (lambda p, w1, w2: F.expert_mlp(torch.randn(9, 8), w1[:3], w2[:3], p), ValueError, "'w2'.*E"),
+        (lambda p, w1, w2: F.expert_mlp(torch.randn(9, 8), w1, w2, p, activation="silu"), ValueError, "'activation'"),
+        (lambda p, w1, w2: F.expert_mlp(torch.randn(9, 8), w1, w2, p.row_of), TypeError, "'plan'"),
+        (lambda p, w1, w2: F.expert_mlp(torch.randn(9, 8), w1.to("meta"), w2, p), ValueError, "'w1'.*meta"),
+    ],
+)
+def test_expert_mlp_bad_input(call, exc, match):
+    w1, w2 = weights_for(4, 8, 6, "swiglu")
+    with pytest.raises(exc, match=match):
+        call(plan_for(9, 4, 2), w1, w2)
+
+
+# ---- shared expert -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("T", [0, 1, 7, 4097])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("activation", ["swiglu", "relu"])
+def test_shared_expert_matches_reference(T, gated, activation):
+    H, Fd = (4, 3) if T > 1000 else (8, 5)
+    x = torch.randn(T, H)
+    w1, w2 = (t[0] for t in weights_for(1, H, Fd, activation))
+    gate_w = torch.randn(H) if gated else None
+    out = F.shared_expert(x, w1, w2, gate_w, activation=activation, backend="cpu")
+    assert out.shape == (T, H)
+    assert_close(out, ref.shared_expert(x, w1, w2, gate_w, activation=activation))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_shared_expert_dtypes(dtype):
+    x = torch.randn(30, 16).to(dtype)
+    w1, w2 = (t[0] for t in weights_for(1, 16, 8, "swiglu", dtype))
+    gate_w = torch.randn(16).to(dtype)
+    out = F.shared_expert(x, w1, w2, gate_w, backend="cpu")
+    assert out.dtype == dtype
+    assert_close(out, ref.shared_expert(x, w1, w2, gate_w))
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_shared_expert_gradcheck_and_backward(gated):
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w1 = (0.5 * torch.randn(6, 4, dtype=torch.float64)).requires_grad_()
+    w2 = (0.5 * torch.randn(4, 3, dtype=torch.float64)).requires_grad_()
+    inputs = (x, w1, w2) + ((torch.randn(4, dtype=torch.float64, requires_grad=True),) if gated else ())
+    assert torch.autograd.gradcheck(lambda *a: F.shared_expert(*a, backend="cpu"), inputs)
+    grads = []
+    for backend in ("cpu", "reference"):
+        leaves = [t.detach().float().requires_grad_() for t in inputs]
+        F.shared_expert(*leaves, backend=backend).square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for got, want in zip(*grads):
+        assert_close(got, want)
+
+
+def test_shared_expert_bad_input():
+    x = torch.randn(5, 4)
+    with pytest.raises(ValueError, match="'gate_w'"):
+        F.shared_expert(x, torch.randn(6, 4), torch.randn(4, 3), torch.randn(5))
+    with pytest.raises(ValueError, match="'w1'"):
+        F.shared_expert(x, torch.randn(6, 5), torch.randn(4, 3))
+    with pytest.raises(ValueError, match="'w2'.*2-D"):
+        F.shared_expert(x, torch.randn(6, 4), torch.randn(1, 4, 3))
+
+
+def test_mlp_deterministic():
+    plan = plan_for(1025, 8, 2, pad=16)
+    x0 = torch.randn(1025, 32)
+    w10, w20 = weights_for(8, 32, 24, "swiglu")
+    outs = []
+    for _ in range(2):
+        x, w1, w2 = (t.clone().requires_grad_() for t in (x0, w10, w20))
+        y = F.expert_mlp(x, w1, w2, plan) + 0  # [R, H]
+        z = F.shared_expert(x, w1[0], w2[0], x0[0])
+        (y.square().sum() + z.square().sum()).backward()
+        outs.append((y, z, x.grad, w1.grad, w2.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
