@@ -56,7 +56,7 @@ def _run(layer, x, grad_out):
     layer.zero_grad(set_to_none=True)
     y = layer(x)
     y.backward(grad_out)
-    grads = {name: p.grad for name, p in layer.named_parameters()}
+    grads = {name.removeprefix("_orig_mod."): p.grad for name, p in layer.named_parameters()}
     return y.detach(), x.grad, grads
 
 

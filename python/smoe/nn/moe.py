@@ -292,8 +292,13 @@ class MoE(nn.Module):
         logits = self._router_logits(x2)  # [T,E] fp32
         if self.expert_choice:
             C = self.capacity(T)
-            weights, tokens, row_of, scores = F.expert_choice(
-                logits, capacity=C, score_func=self.score_func, backend=backend)  # [T,E] [E,C] [T,E] [T,E]
+            if C > 0:
+                weights, tokens, row_of, scores = F.expert_choice(
+                    logits, capacity=C, score_func=self.score_func, backend=backend)  # [T,E] [E,C] [T,E] [T,E]
+            else:  # T = 0: nothing to choose (the op needs capacity >= 1)
+                weights = logits * 0.0
+                tokens = torch.zeros(E, 0, dtype=torch.int32, device=x2.device)
+                row_of = torch.zeros(0, E, dtype=torch.int32, device=x2.device)
             counts = torch.full((E,), C, dtype=torch.int32, device=x2.device)
             offsets = torch.arange(E + 1, dtype=torch.int64, device=x2.device) * C
             plan = F.RoutingPlan(counts, offsets, row_of, tokens.reshape(-1))
@@ -319,13 +324,11 @@ class MoE(nn.Module):
                 routed = torch.zeros(E, dtype=torch.int32, device=x2.device).scatter_add_(
                     0, experts.reshape(-1).long(), torch.ones(experts.numel(), dtype=torch.int32, device=x2.device))
             dropped = (routed.sum(dtype=torch.int64) - plan.counts.sum(dtype=torch.int64))
-            aux = F.load_balancing_loss(scores, experts, backend=backend) if self.aux_loss_coef > 0.0 \
-                else torch.zeros((), dtype=torch.float32, device=x2.device)
+            aux = F.load_balancing_loss(scores, experts, backend=backend)  # cheap: [T,E]; always reported
         if self.num_shared_experts > 0:
             y = y + F.shared_expert(x2, self.shared_w1, self.shared_w2, self.shared_gate_w,
                                     activation=self.activation, backend=backend)
-        z = F.z_loss(logits, backend=backend) if self.z_loss_coef > 0.0 \
-            else torch.zeros((), dtype=torch.float32, device=x2.device)
+        z = F.z_loss(logits, backend=backend)
         stats = {"tokens_per_expert": plan.counts.detach(), "routed_per_expert": routed.detach(),
                  "dropped": dropped.detach()}
         return y.to(x2.dtype), aux, z, stats
