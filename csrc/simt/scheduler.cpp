@@ -261,6 +261,7 @@ std::string Worker::thread_name(int linear) const {
 std::string Worker::where_threads_wait() const {
   std::string out;
   auto describe = [&](const Fiber& f) -> std::string {
+    if (&f == current) return "running (reports this error)";
     switch (f.wait) {
       case Wait::kReady: return "ready";
       case Wait::kExited: return "exited";
@@ -281,6 +282,8 @@ std::string Worker::where_threads_wait() const {
       if (t - 1 == start)
         out += format("    thread %d (warp %d, lane %d): %s\n", start, start / 32, start % 32,
                       cur.c_str());
+      else if (start / 32 == (t - 1) / 32)
+        out += format("    threads %d-%d (warp %d): %s\n", start, t - 1, start / 32, cur.c_str());
       else
         out += format("    threads %d-%d (warps %d-%d): %s\n", start, t - 1, start / 32,
                       (t - 1) / 32, cur.c_str());
