@@ -1,0 +1,295 @@
+// Gating kernels of the CUDA backend (csrc/cuda/gating.cu) through the SIMT emulator, against the
+// CPU backend: indices exactly, floats with tolerance_for(f32).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <set>
+
+#include "cpu/gating.h"
+#include "cuda_testing.h"
+
+namespace smoe::testing {
+namespace {
+
+// Logits whose values are pairwise far apart in every row (a shuffled ramp), so that the two
+// backends' last-bit differences in the scores cannot reorder a selection; ties=true draws small
+// integers instead, so that equal logits give exactly tied scores (the lower index must win).
+template <class In>
+std::vector<In> make_logits(int64_t T, int64_t E, int64_t stride, uint32_t seed, bool ties) {
+  std::mt19937 g(seed);
+  std::vector<In> v(static_cast<size_t>(T * stride), from_acc<In>(0.0f));
+  std::vector<int> perm(static_cast<size_t>(E));
+  for (int64_t t = 0; t < T; ++t) {
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), g);
+    for (int64_t e = 0; e < E; ++e) {
+      const float x = ties ? float(int(g() % 5) - 2) : 4.0f * float(perm[e]) / float(E) - 2.0f;
+      v[t * stride + e] = from_acc<In>(x);
+    }
+  }
+  return v;
+}
+
+TensorView strided(void* p, DType dt, int64_t rows, int64_t cols, int64_t stride) {
+  TensorView v = make_view(p, dt, {rows, cols});
+  v.strides[0] = stride;
+  return v;
+}
+
+struct TopkCase {
+  int64_t T, E;
+  TopkGatingParams p;
+  bool bias, ties;
+  DType dtype;
+};
+
+template <class In>
+void check_topk(const TopkCase& c) {
+  SCOPED_TRACE("T=" + std::to_string(c.T) + " E=" + std::to_string(c.E) + " K=" + std::to_string(c.p.top_k) +
+               " groups=" + std::to_string(c.p.n_groups) + "/" + std::to_string(c.p.topk_groups) + " " +
+               dtype_name(c.dtype));
+  const int64_t T = c.T, E = c.E, K = c.p.top_k, ls = E + 3;  // padded logits rows
+  std::vector<In> logits = make_logits<In>(T, E, ls, uint32_t(T * 31 + E), c.ties);
+  std::vector<float> bias = uniform<float>(size_t(E), 5, -0.05f, 0.05f);
+  const TensorView lv = strided(logits.data(), c.dtype, T, E, ls);
+  const TensorView bv = c.bias ? make_view(bias.data(), {E}) : TensorView{};
+
+  std::vector<float> w_cpu(size_t(T * K)), s_cpu(size_t(T * E));
+  std::vector<int32_t> e_cpu(size_t(T * K));
+  ASSERT_TRUE(cpu::topk_gating_forward(c.p, lv, bv, make_view(w_cpu.data(), {T, K}), make_view(e_cpu.data(), {T, K}),
+                                       make_view(s_cpu.data(), {T, E}))
+                  .ok());
+  std::vector<float> w(size_t(T * K)), s(size_t(T * E));
+  std::vector<int32_t> e(size_t(T * K));
+  run_all_schedules([&] {
+    poison(w), poison(s), poison(e);
+    EXPECT_OK(sim::topk_gating_forward(c.p, lv, bv, make_view(w.data(), {T, K}), make_view(e.data(), {T, K}),
+                                       make_view(s.data(), {T, E}), nullptr));
+    std::vector<unsigned char> out;
+    append_bytes(out, w), append_bytes(out, s), append_bytes(out, e);
+    return out;
+  });
+  EXPECT_EQ(e, e_cpu);
+  EXPECT_TRUE(all_close(w, w_cpu, DType::kF32));
+  EXPECT_TRUE(all_close(s, s_cpu, DType::kF32));
+
+  // Backward, from the CPU forward's outputs: grad_weights always, grad_scores on odd T.
+  std::vector<float> gw = uniform<float>(size_t(T * K), 11), gs = uniform<float>(size_t(T * E), 12);
+  const TensorView gsv = (T % 2) ? make_view(gs.data(), {T, E}) : TensorView{};
+  std::vector<float> gl_cpu(size_t(T * E)), gl(size_t(T * E));
+  ASSERT_TRUE(cpu::topk_gating_backward(c.p, make_view(s_cpu.data(), {T, E}), make_view(e_cpu.data(), {T, K}),
+                                        make_view(gw.data(), {T, K}), gsv, make_view(gl_cpu.data(), {T, E}))
+                  .ok());
+  run_all_schedules([&] {
+    poison(gl);
+    EXPECT_OK(sim::topk_gating_backward(c.p, make_view(s_cpu.data(), {T, E}), make_view(e_cpu.data(), {T, K}),
+                                        make_view(gw.data(), {T, K}), gsv, make_view(gl.data(), {T, E}), nullptr));
+    std::vector<unsigned char> out;
+    append_bytes(out, gl);
+    return out;
+  });
+  EXPECT_TRUE(all_close(gl, gl_cpu, DType::kF32));
+}
+
+TopkGatingParams topk(int K, ScoreFunc f = ScoreFunc::kSoftmax) {
+  TopkGatingParams p;
+  p.top_k = K;
+  p.score_func = f;
+  return p;
+}
+
+TEST(SimtGating, TopkMatchesCpu) {
+  std::vector<TopkCase> cases;
+  cases.push_back({0, 8, topk(2), false, false, DType::kF32});
+  cases.push_back({1, 1, topk(1), false, false, DType::kF32});       // E = 1
+  cases.push_back({7, 5, topk(5), true, false, DType::kF32});        // K = E, odd E
+  cases.push_back({7, 8, topk(2), false, true, DType::kF32});        // exact ties: lower index wins
+  cases.push_back({33, 8, topk(2, ScoreFunc::kSigmoid), true, true, DType::kF32});
+  cases.push_back({300, 64, topk(8), false, false, DType::kBF16});
+  cases.push_back({9, 300, topk(7, ScoreFunc::kSigmoid), true, false, DType::kF16});  // E > 256
+  cases.push_back({3, 512, topk(512), false, false, DType::kF32});   // E = K = 512: 16 items a lane
+  TopkGatingParams renorm = topk(6, ScoreFunc::kSigmoid);
+  renorm.renormalize = true;
+  renorm.renorm_eps = 1e-20f;
+  renorm.routed_scaling = 2.5f;
+  cases.push_back({21, 40, renorm, true, false, DType::kF32});
+  TopkGatingParams grouped = renorm;  // DeepSeek-V3 style: 8 groups, keep 4, top-2-sum group score
+  grouped.n_groups = 8;
+  grouped.topk_groups = 4;
+  grouped.group_score = GroupScore::kTop2Sum;
+  cases.push_back({37, 64, grouped, true, false, DType::kF32});
+  cases.push_back({11, 64, grouped, true, true, DType::kBF16});
+  TopkGatingParams gmax = topk(3);  // DeepSeek-V2 style: max group score; groups of one expert
+  gmax.n_groups = 20;
+  gmax.topk_groups = 3;
+  cases.push_back({13, 20, gmax, false, true, DType::kF32});
+  gmax.n_groups = 5;
+  gmax.topk_groups = 2;
+  gmax.group_score = GroupScore::kTop2Sum;
+  cases.push_back({13, 300, gmax, true, false, DType::kF32});
+  for (const TopkCase& c : cases) {
+    switch (c.dtype) {
+      case DType::kBF16: check_topk<bf16_t>(c); break;
+      case DType::kF16: check_topk<f16_t>(c); break;
+      default: check_topk<float>(c); break;
+    }
+  }
+}
+
+TEST(SimtGating, TopkNanLogitsGiveValidDistinctIndices) {
+  const int64_t T = 4, E = 40, K = 5;
+  std::vector<float> logits = make_logits<float>(T, E, E, 3, false);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t e = 0; e < E; e += 3) logits[e] = nan;  // row 0: some NaN
+  for (int64_t e = 0; e < E; ++e) logits[E + e] = nan;  // row 1: all NaN
+  logits[2 * E + 39] = nan;
+  std::vector<float> w(T * K), s(T * E);
+  std::vector<int32_t> ex(T * K);
+  TopkGatingParams p = topk(int(K), ScoreFunc::kSigmoid);
+  EXPECT_OK(sim::topk_gating_forward(p, make_view(logits.data(), {T, E}), TensorView{}, make_view(w.data(), {T, K}),
+                                     make_view(ex.data(), {T, K}), make_view(s.data(), {T, E}), nullptr));
+  for (int64_t t = 0; t < T; ++t) {
+    std::set<int32_t> seen;
+    for (int64_t k = 0; k < K; ++k) {
+      const int32_t e = ex[t * K + k];
+      EXPECT_TRUE(e >= 0 && e < E) << "row " << t << " pick " << k << " = " << e;
+      seen.insert(e);
+      if (t == 0) EXPECT_NE(e % 3, 0) << "a NaN score must rank below every number";
+    }
+    EXPECT_EQ(int64_t(seen.size()), K) << "row " << t;
+  }
+  for (int64_t k = 0; k < K; ++k) EXPECT_EQ(ex[K + k], k) << "all-NaN row: ties go to the lower index";
+}
+
+TEST(SimtGating, TopkLimitsAndF64AreUnsupported) {
+  std::vector<float> x(2 * 513), w(2), s(2 * 513);
+  std::vector<int32_t> e(2);
+  const Status big = sim::topk_gating_forward(topk(1), make_view(x.data(), {2, 513}), TensorView{},
+                                              make_view(w.data(), {2, 1}), make_view(e.data(), {2, 1}),
+                                              make_view(s.data(), {2, 513}), nullptr);
+  EXPECT_EQ(big.code(), Code::kUnsupported) << big.message();
+  std::vector<double> xd(8), wd(2), sd(8);
+  const Status f64 = sim::topk_gating_forward(topk(1), make_view(xd.data(), {2, 4}), TensorView{},
+                                              make_view(wd.data(), {2, 1}), make_view(e.data(), {2, 1}),
+                                              make_view(sd.data(), {2, 4}), nullptr);
+  EXPECT_EQ(f64.code(), Code::kUnsupported) << f64.message();
+}
+
+template <class In>
+void check_expert_choice(int64_t T, int64_t E, int32_t C, ScoreFunc f, bool ties, DType dt) {
+  SCOPED_TRACE("T=" + std::to_string(T) + " E=" + std::to_string(E) + " C=" + std::to_string(C));
+  ExpertChoiceParams p;
+  p.capacity = C;
+  p.score_func = f;
+  // Scores of different rows are compared here: softmax rows with the same values in another order
+  // differ in the last bit between backends (different sum orders), so softmax cases draw continuous
+  // random logits; exact ties are tested with the sigmoid, which is elementwise.
+  std::vector<In> logits = ties ? make_logits<In>(T, E, E, uint32_t(T + 7 * E), true)
+                                : uniform<In>(size_t(T * E), uint32_t(T + 7 * E), -2.f, 2.f);
+  const TensorView lv = make_view(logits.data(), dt, {T, E});
+  std::vector<float> s_cpu(T * E), w_cpu(T * E), s(T * E), w(T * E);
+  std::vector<int32_t> tk_cpu(E * C), ro_cpu(T * E), tk(E * C), ro(T * E);
+  ASSERT_TRUE(cpu::expert_choice_forward(p, lv, make_view(s_cpu.data(), {T, E}), make_view(tk_cpu.data(), {E, int64_t(C)}),
+                                         make_view(ro_cpu.data(), {T, E}), make_view(w_cpu.data(), {T, E}))
+                  .ok());
+  run_all_schedules([&] {
+    poison(s), poison(w), poison(tk), poison(ro);
+    EXPECT_OK(sim::expert_choice_forward(p, lv, make_view(s.data(), {T, E}), make_view(tk.data(), {E, int64_t(C)}),
+                                         make_view(ro.data(), {T, E}), make_view(w.data(), {T, E}), nullptr));
+    std::vector<unsigned char> out;
+    append_bytes(out, s), append_bytes(out, w), append_bytes(out, tk), append_bytes(out, ro);
+    return out;
+  });
+  EXPECT_EQ(tk, tk_cpu);
+  EXPECT_EQ(ro, ro_cpu);
+  EXPECT_TRUE(all_close(s, s_cpu, DType::kF32));
+  EXPECT_TRUE(all_close(w, w_cpu, DType::kF32));
+
+  std::vector<float> gw = uniform<float>(T * E, 9), gl_cpu(T * E), gl(T * E);
+  ASSERT_TRUE(cpu::expert_choice_backward(p, make_view(s_cpu.data(), {T, E}), make_view(ro_cpu.data(), {T, E}),
+                                          make_view(gw.data(), {T, E}), make_view(gl_cpu.data(), {T, E}))
+                  .ok());
+  run_all_schedules([&] {
+    poison(gl);
+    EXPECT_OK(sim::expert_choice_backward(p, make_view(s_cpu.data(), {T, E}), make_view(ro_cpu.data(), {T, E}),
+                                          make_view(gw.data(), {T, E}), make_view(gl.data(), {T, E}), nullptr));
+    std::vector<unsigned char> out;
+    append_bytes(out, gl);
+    return out;
+  });
+  EXPECT_TRUE(all_close(gl, gl_cpu, DType::kF32));
+}
+
+TEST(SimtGating, ExpertChoiceMatchesCpu) {
+  check_expert_choice<float>(1, 1, 1, ScoreFunc::kSoftmax, false, DType::kF32);
+  check_expert_choice<float>(7, 5, 7, ScoreFunc::kSigmoid, false, DType::kF32);  // C = T
+  check_expert_choice<float>(7, 3, 2, ScoreFunc::kSigmoid, true, DType::kF32);   // ties: lower token
+  check_expert_choice<float>(300, 3, 150, ScoreFunc::kSigmoid, true, DType::kF32);
+  check_expert_choice<bf16_t>(300, 6, 100, ScoreFunc::kSoftmax, false, DType::kBF16);
+  check_expert_choice<f16_t>(33, 40, 5, ScoreFunc::kSigmoid, true, DType::kF16);
+}
+
+TEST(SimtGating, AuxLossesMatchCpu) {
+  for (int64_t T : {0, 1, 7, 300}) {
+    for (int64_t E : {1, 5, 64}) {
+      SCOPED_TRACE("T=" + std::to_string(T) + " E=" + std::to_string(E));
+      const int64_t K = std::min<int64_t>(2, E);
+      std::vector<float> logits = uniform<float>(T * E, uint32_t(T + E), -3.f, 3.f);
+      std::vector<float> probs(T * E);
+      for (int64_t t = 0; t < T; ++t) {  // softmax rows
+        float sum = 0;
+        for (int64_t e = 0; e < E; ++e) sum += (probs[t * E + e] = std::exp(logits[t * E + e]));
+        for (int64_t e = 0; e < E; ++e) probs[t * E + e] /= sum;
+      }
+      std::vector<int32_t> experts(T * K);
+      for (int64_t i = 0; i < T * K; ++i) experts[i] = int32_t((i * 7 + i / 3) % E);  // skewed, some empty
+      const TensorView pv = make_view(probs.data(), {T, E}), ev = make_view(experts.data(), {T, K});
+      const TensorView lv = make_view(logits.data(), {T, E});
+      float g = 0.75f;
+      const TensorView gv = make_view(&g, {1});
+
+      float lb_cpu = 0, lb = 0, z_cpu = 0, z = 0;
+      ASSERT_TRUE(cpu::load_balancing_loss_forward(pv, ev, make_view(&lb_cpu, {1})).ok());
+      ASSERT_TRUE(cpu::z_loss_forward(lv, make_view(&z_cpu, {1})).ok());
+      std::vector<float> gp_cpu(T * E), gp(T * E), gz_cpu(T * E), gz(T * E);
+      ASSERT_TRUE(cpu::load_balancing_loss_backward(pv, ev, gv, make_view(gp_cpu.data(), {T, E})).ok());
+      ASSERT_TRUE(cpu::z_loss_backward(lv, gv, make_view(gz_cpu.data(), {T, E})).ok());
+      run_all_schedules([&] {
+        std::memset(&lb, kPoison, 4), std::memset(&z, kPoison, 4), poison(gp), poison(gz);
+        EXPECT_OK(sim::load_balancing_loss_forward(pv, ev, make_view(&lb, {1}), nullptr));
+        EXPECT_OK(sim::z_loss_forward(lv, make_view(&z, {1}), nullptr));
+        EXPECT_OK(sim::load_balancing_loss_backward(pv, ev, gv, make_view(gp.data(), {T, E}), nullptr));
+        EXPECT_OK(sim::z_loss_backward(lv, gv, make_view(gz.data(), {T, E}), nullptr));
+        std::vector<unsigned char> out;
+        append_bytes(out, std::vector<float>{lb, z}), append_bytes(out, gp), append_bytes(out, gz);
+        return out;
+      });
+      EXPECT_TRUE(all_close(std::vector<float>{lb, z}, std::vector<float>{lb_cpu, z_cpu}, DType::kF32));
+      EXPECT_TRUE(all_close(gp, gp_cpu, DType::kF32));
+      EXPECT_TRUE(all_close(gz, gz_cpu, DType::kF32));
+    }
+  }
+}
+
+TEST(SimtGating, BalancingBiasUpdateIsExact) {
+  for (int64_t E : {1, 7, 300}) {
+    std::vector<int32_t> counts(E);
+    for (int64_t e = 0; e < E; ++e) counts[e] = int32_t((e * 37) % 11);
+    std::vector<float> b_cpu = uniform<float>(E, 4), b = b_cpu;
+    ASSERT_TRUE(cpu::balancing_bias_update(make_view(counts.data(), {E}), make_view(b_cpu.data(), {E}), 0.01f).ok());
+    const std::vector<float> b0 = b;
+    run_all_schedules([&] {
+      b = b0;
+      EXPECT_OK(sim::balancing_bias_update(make_view(counts.data(), {E}), make_view(b.data(), {E}), 0.01f, nullptr));
+      std::vector<unsigned char> out;
+      append_bytes(out, b);
+      return out;
+    });
+    EXPECT_TRUE(bitwise_equal(b, b_cpu)) << "E=" << E;
+  }
+}
+
+}  // namespace
+}  // namespace smoe::testing
