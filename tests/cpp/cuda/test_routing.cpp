@@ -1,0 +1,109 @@
+// routing_plan of the CUDA backend (csrc/cuda/routing.cu) through the SIMT emulator: counts,
+// offsets, row_of and token_of_row must equal the CPU backend's exactly.
+#include <random>
+
+#include "cpu/routing.h"
+#include "cuda_testing.h"
+
+namespace smoe::testing {
+namespace {
+
+struct RoutingCase {
+  int64_t T, K;
+  int32_t E;
+  int64_t capacity;
+  int32_t pad;
+  int skew;  // 0 uniform, 1 every token on expert E-1, 2 half the experts empty
+};
+
+std::vector<int32_t> make_experts(const RoutingCase& c, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::vector<int32_t> ex(size_t(c.T * c.K));
+  for (int64_t t = 0; t < c.T; ++t) {
+    for (int64_t k = 0; k < c.K; ++k) {
+      int32_t e;
+      switch (c.skew) {
+        case 1: e = (c.E - 1 - int32_t(k) + c.E) % c.E; break;  // distinct per token when K <= E
+        case 2: e = int32_t(2 * ((t + 3 * k) % ((c.E + 1) / 2))) % c.E; break;
+        default: e = int32_t(g() % uint32_t(c.E)); break;
+      }
+      ex[size_t(t * c.K + k)] = e;
+    }
+  }
+  return ex;
+}
+
+void check(const RoutingCase& c) {
+  SCOPED_TRACE("T=" + std::to_string(c.T) + " K=" + std::to_string(c.K) + " E=" + std::to_string(c.E) +
+               " C=" + std::to_string(c.capacity) + " pad=" + std::to_string(c.pad) + " skew=" + std::to_string(c.skew));
+  RoutingPlanParams p;
+  p.num_experts = c.E;
+  p.capacity = c.capacity;
+  p.pad_multiple = c.pad;
+  const int64_t T = c.T, K = c.K, E = c.E;
+  std::vector<int32_t> ex = make_experts(c, uint32_t(T * 13 + K));
+  const int64_t R = routing_plan_max_rows(p, T, K);
+  const int64_t ws_cpu = cpu::routing_plan_workspace_bytes(p, T, K);
+  const int64_t ws_sim = sim::routing_plan_workspace_bytes(p, T, K);
+  // The public routing_plan_workspace_bytes is meant to be the max over the backends.
+  std::vector<uint8_t> ws(size_t(std::max<int64_t>({ws_cpu, ws_sim, 1})));
+  const TensorView wsv = make_view(ws.data(), {int64_t(ws.size())});
+  const TensorView ev = make_view(ex.data(), {T, K});
+
+  std::vector<int32_t> cnt_cpu(E), rof_cpu(T * K), tor_cpu(R), cnt(E), rof(T * K), tor(R);
+  std::vector<int64_t> off_cpu(E + 1), off(E + 1);
+  ASSERT_TRUE(cpu::routing_plan(p, ev, TensorView{}, make_view(cnt_cpu.data(), {E}), make_view(off_cpu.data(), {E + 1}),
+                                make_view(rof_cpu.data(), {T, K}), make_view(tor_cpu.data(), {R}), wsv)
+                  .ok());
+  run_all_schedules([&] {
+    poison(cnt), poison(off), poison(rof), poison(tor), poison(ws);
+    EXPECT_OK(sim::routing_plan(p, ev, TensorView{}, make_view(cnt.data(), {E}), make_view(off.data(), {E + 1}),
+                                make_view(rof.data(), {T, K}), make_view(tor.data(), {R}), wsv, nullptr));
+    std::vector<unsigned char> out;
+    append_bytes(out, cnt), append_bytes(out, off), append_bytes(out, rof), append_bytes(out, tor);
+    return out;
+  });
+  EXPECT_EQ(cnt, cnt_cpu);
+  EXPECT_EQ(off, off_cpu);
+  EXPECT_EQ(rof, rof_cpu);
+  EXPECT_EQ(tor, tor_cpu);
+}
+
+TEST(SimtRouting, PlanMatchesCpuExactly) {
+  const RoutingCase cases[] = {
+      {0, 2, 4, -1, 1, 0},      // no tokens
+      {1, 1, 1, -1, 1, 0},      // E = 1
+      {7, 2, 5, -1, 1, 0},      // odd E
+      {7, 5, 5, -1, 4, 1},      // K = E, padding
+      {300, 4, 7, -1, 8, 0},
+      {300, 2, 300, -1, 1, 0},  // E > 256, many empty experts
+      {300, 2, 9, -1, 16, 2},   // half the experts empty, padded
+      {300, 1, 4, -1, 1, 1},    // every token on one expert
+      {300, 2, 6, 37, 1, 0},    // capacity: drops in token order
+      {300, 1, 4, 5, 8, 1},     // capacity on the only used expert, padding
+      {300, 2, 6, 0, 1, 0},     // capacity 0: everything dropped
+      {5000, 4, 13, -1, 1, 0},  // 3 chunks of the scatter
+      {5000, 4, 13, 1000, 4, 0},
+  };
+  for (const RoutingCase& c : cases) check(c);
+}
+
+TEST(SimtRouting, DropByScoreIsUnsupported) {
+  RoutingPlanParams p;
+  p.num_experts = 4;
+  p.capacity = 2;
+  p.drop_policy = DropPolicy::kByScore;
+  std::vector<int32_t> ex(8, 0), cnt(4), rof(8), tor(8);
+  std::vector<float> w(8, 1.f);
+  std::vector<int64_t> off(5);
+  std::vector<uint8_t> ws(4096);
+  const Status st = sim::routing_plan(p, make_view(ex.data(), {4, 2}), make_view(w.data(), {4, 2}),
+                                      make_view(cnt.data(), {4}), make_view(off.data(), {5}),
+                                      make_view(rof.data(), {4, 2}), make_view(tor.data(), {8}),
+                                      make_view(ws.data(), {4096}), nullptr);
+  EXPECT_EQ(st.code(), Code::kUnsupported);
+  EXPECT_NE(st.message().find("kByScore"), std::string::npos) << st.message();
+}
+
+}  // namespace
+}  // namespace smoe::testing
