@@ -112,27 +112,9 @@ PYBIND11_MODULE(_C, m) {
   codes["backend_simt"] = static_cast<int>(Backend::kSimt);
   m.attr("CODES") = codes;
 
-  // The op families bound in this build (see CMakeLists.txt); smoe/_core.py reads FAMILIES.
-  py::list families;
-#if SMOE_BIND_GATING
   bindings::bind_gating(m);
-  families.append("gating");
-#endif
-#if SMOE_BIND_ROUTING
   bindings::bind_routing(m);
-  families.append("routing");
-#endif
-#if SMOE_BIND_PERMUTE
   bindings::bind_permute(m);
-  families.append("permute");
-#endif
-#if SMOE_BIND_GEMM
   bindings::bind_gemm(m);
-  families.append("gemm");
-#endif
-#if SMOE_BIND_MLP
   bindings::bind_mlp(m);
-  families.append("mlp");
-#endif
-  m.attr("FAMILIES") = families;
 }

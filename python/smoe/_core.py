@@ -58,24 +58,7 @@ _BACKEND_CODES = {"auto": 0, "cpu": 1, "cuda": 2, "simt": 3}
 # The backends this build can run. "cuda" and "simt" join when their issues land.
 BUILT_BACKENDS = ("auto", "cpu", "reference")
 
-# Op family of each core entry point, to say which family is missing from a partial build.
-_FAMILY_OF = {
-    "topk_gating": "gating",
-    "expert_choice": "gating",
-    "load_balancing_loss": "gating",
-    "z_loss": "gating",
-    "balancing_bias_update": "gating",
-    "routing_plan": "routing",
-    "permute": "permute",
-    "combine": "permute",
-    "grouped_gemm": "gemm",
-    "activation": "gemm",
-    "expert_mlp": "mlp",
-    "shared_expert": "mlp",
-}
-
-
-def lib(op: str = ""):
+def lib():
     """The extension module; raises a RuntimeError that says how to build it when it is missing."""
     if _C is None:
         raise RuntimeError(
@@ -83,14 +66,6 @@ def lib(op: str = ""):
             f"({_IMPORT_ERROR}). Build it with `pip install --no-build-isolation -e .` from the "
             "repository root, or use backend='reference' (pure PyTorch)."
         )
-    if op:
-        family = _FAMILY_OF.get(op)
-        if family is not None and family not in _C.FAMILIES:
-            raise RuntimeError(
-                f"smoe.{op}: the C++ op family '{family}' is not in this build of smoe._C "
-                f"(built families: {', '.join(_C.FAMILIES) or 'none'}); rebuild after it lands, "
-                "or use backend='reference'"
-            )
     return _C
 
 

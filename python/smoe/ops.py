@@ -91,7 +91,7 @@ def topk_gating(
     weights = logits.new_empty((T, top_k), dtype=acc)  # [T, K]
     experts = logits.new_empty((T, top_k), dtype=torch.int32)  # [T, K]
     scores = logits.new_empty((T, E), dtype=acc)  # [T, E]
-    _core.lib("topk_gating").topk_gating_forward(
+    _core.lib().topk_gating_forward(
         **_exec(backend, logits),
         **_topk_params(top_k, score_func, n_groups, topk_groups, group_score, renormalize, renorm_eps, routed_scaling),
         logits=_v(logits, "logits"),
@@ -131,7 +131,7 @@ def topk_gating_backward(
     backend: str,
 ) -> Tensor:
     grad_logits = torch.empty_like(scores)  # [T, E]
-    _core.lib("topk_gating").topk_gating_backward(
+    _core.lib().topk_gating_backward(
         **_exec(backend, scores),
         **_topk_params(top_k, score_func, n_groups, topk_groups, group_score, renormalize, renorm_eps, routed_scaling),
         scores=_v(scores, "scores"),
@@ -179,7 +179,7 @@ def expert_choice(logits: Tensor, capacity: int, score_func: str, backend: str) 
     tokens = logits.new_empty((E, capacity), dtype=torch.int32)  # [E, C]
     row_of = logits.new_empty((T, E), dtype=torch.int32)  # [T, E]
     scores = logits.new_empty((T, E), dtype=acc)  # [T, E]
-    _core.lib("expert_choice").expert_choice_forward(
+    _core.lib().expert_choice_forward(
         **_exec(backend, logits),
         capacity=capacity,
         score_func=SCORE_FUNCS[score_func],
@@ -214,7 +214,7 @@ def expert_choice_backward(
     score_func: str,
     backend: str,
 ) -> Tensor:
-    lib = _core.lib("expert_choice")
+    lib = _core.lib()
     T, E = scores.shape
     grad_logits = torch.zeros_like(scores)  # [T, E]
     if grad_weights is not None:
@@ -276,7 +276,7 @@ expert_choice.register_autograd(_expert_choice_backward, setup_context=_expert_c
 @torch.library.custom_op("smoe::load_balancing_loss", mutates_args=())
 def load_balancing_loss(probs: Tensor, experts: Tensor, backend: str) -> Tensor:
     loss = probs.new_empty((), dtype=probs.dtype)
-    _core.lib("load_balancing_loss").load_balancing_loss_forward(
+    _core.lib().load_balancing_loss_forward(
         **_exec(backend, probs), probs=_v(probs, "probs"), experts=_v(experts, "experts"), loss=_v(loss, "loss")
     )
     return loss
@@ -290,7 +290,7 @@ def _(probs, experts, backend):
 @torch.library.custom_op("smoe::load_balancing_loss_backward", mutates_args=())
 def load_balancing_loss_backward(probs: Tensor, experts: Tensor, grad_loss: Tensor, backend: str) -> Tensor:
     grad_probs = torch.empty_like(probs, memory_format=torch.contiguous_format)
-    _core.lib("load_balancing_loss").load_balancing_loss_backward(
+    _core.lib().load_balancing_loss_backward(
         **_exec(backend, probs),
         probs=_v(probs, "probs"),
         experts=_v(experts, "experts"),
@@ -323,7 +323,7 @@ load_balancing_loss.register_autograd(_lb_backward, setup_context=_lb_setup)
 @torch.library.custom_op("smoe::z_loss", mutates_args=())
 def z_loss(logits: Tensor, backend: str) -> Tensor:
     loss = logits.new_empty((), dtype=acc_dtype(logits.dtype))
-    _core.lib("z_loss").z_loss_forward(**_exec(backend, logits), logits=_v(logits, "logits"), loss=_v(loss, "loss"))
+    _core.lib().z_loss_forward(**_exec(backend, logits), logits=_v(logits, "logits"), loss=_v(loss, "loss"))
     return loss
 
 
@@ -335,7 +335,7 @@ def _(logits, backend):
 @torch.library.custom_op("smoe::z_loss_backward", mutates_args=())
 def z_loss_backward(logits: Tensor, grad_loss: Tensor, backend: str) -> Tensor:
     grad_logits = logits.new_empty(logits.shape, dtype=acc_dtype(logits.dtype))
-    _core.lib("z_loss").z_loss_backward(
+    _core.lib().z_loss_backward(
         **_exec(backend, logits),
         logits=_v(logits, "logits"),
         grad_loss=_v(grad_loss, "grad_loss"),
@@ -366,7 +366,7 @@ z_loss.register_autograd(_z_backward, setup_context=_z_setup)
 
 @torch.library.custom_op("smoe::balancing_bias_update", mutates_args=("bias",))
 def balancing_bias_update(counts: Tensor, bias: Tensor, rate: float, backend: str) -> None:
-    _core.lib("balancing_bias_update").balancing_bias_update(
+    _core.lib().balancing_bias_update(
         **_exec(backend, counts), counts=_v(counts, "counts"), bias=_v(bias, "bias"), rate=rate
     )
 
@@ -398,7 +398,7 @@ def routing_plan(
     pad_multiple: int,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    lib = _core.lib("routing_plan")
+    lib = _core.lib()
     T, K = experts.shape
     E = num_experts
     policy = DROP_POLICIES[drop_policy]
@@ -446,7 +446,7 @@ def _(experts, weights, num_experts, capacity, drop_policy, pad_multiple, backen
 @torch.library.custom_op("smoe::permute", mutates_args=())
 def permute(x: Tensor, token_of_row: Tensor, row_of: Tensor, backend: str) -> Tensor:
     xs = x.new_empty((token_of_row.shape[0], x.shape[1]))  # [R, H]
-    _core.lib("permute").permute_forward(
+    _core.lib().permute_forward(
         **_exec(backend, x), x=_v(x, "x"), token_of_row=_v(token_of_row, "token_of_row"), xs=_v(xs, "xs")
     )
     return xs
@@ -460,7 +460,7 @@ def _(x, token_of_row, row_of, backend):
 @torch.library.custom_op("smoe::permute_backward", mutates_args=())
 def permute_backward(grad_xs: Tensor, row_of: Tensor, backend: str) -> Tensor:
     grad_x = grad_xs.new_empty((row_of.shape[0], grad_xs.shape[1]))  # [T, H]
-    _core.lib("permute").permute_backward(
+    _core.lib().permute_backward(
         **_exec(backend, grad_xs), grad_xs=_v(grad_xs, "grad_xs"), row_of=_v(row_of, "row_of"), grad_x=_v(grad_x, "grad_x")
     )
     return grad_x
@@ -488,7 +488,7 @@ permute.register_autograd(_permute_backward, setup_context=_permute_setup)
 @torch.library.custom_op("smoe::combine", mutates_args=())
 def combine(ys: Tensor, weights: Tensor, row_of: Tensor, backend: str) -> Tensor:
     y = ys.new_empty((row_of.shape[0], ys.shape[1]))  # [T, H]
-    _core.lib("combine").combine_forward(
+    _core.lib().combine_forward(
         **_exec(backend, ys), ys=_v(ys, "ys"), weights=_v(weights, "weights"), row_of=_v(row_of, "row_of"), y=_v(y, "y")
     )
     return y
@@ -508,7 +508,7 @@ def combine_backward(
     grad_weights = (
         torch.empty_like(weights, memory_format=torch.contiguous_format) if need_weights else weights.new_empty((0,))
     )
-    _core.lib("combine").combine_backward(
+    _core.lib().combine_backward(
         **_exec(backend, ys),
         grad_y=_v(grad_y, "grad_y"),
         ys=_v(ys, "ys"),
@@ -556,7 +556,7 @@ def grouped_gemm(a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool, backend: 
     N = b.shape[1] if trans_b else b.shape[2]
     # Zeros: the core leaves rows at or past offsets[E] untouched, and reading offsets[E] would sync.
     c = a.new_zeros((a.shape[0], N))  # [R, N]
-    _core.lib("grouped_gemm").grouped_gemm(
+    _core.lib().grouped_gemm(
         **_exec(backend, a), trans_b=trans_b, a=_v(a, "a"), b=_v(b, "b"), offsets=_v(offsets, "offsets"), c=_v(c, "c")
     )
     return c
@@ -571,7 +571,7 @@ def _(a, b, offsets, trans_b, backend):
 @torch.library.custom_op("smoe::grouped_gemm_wgrad", mutates_args=())
 def grouped_gemm_wgrad(a: Tensor, b: Tensor, offsets: Tensor, backend: str) -> Tensor:
     c = a.new_empty((offsets.shape[0] - 1, a.shape[1], b.shape[1]))  # [E, M, N]
-    _core.lib("grouped_gemm").grouped_gemm_wgrad(
+    _core.lib().grouped_gemm_wgrad(
         **_exec(backend, a), a=_v(a, "a"), b=_v(b, "b"), offsets=_v(offsets, "offsets"), c=_v(c, "c")
     )
     return c
@@ -616,7 +616,7 @@ def _act_out_shape(x: Tensor, kind: str) -> List[int]:
 @torch.library.custom_op("smoe::activation", mutates_args=())
 def activation(x: Tensor, kind: str, backend: str) -> Tensor:
     out = x.new_empty(_act_out_shape(x, kind))  # [R, F]
-    _core.lib("activation").activation_forward(**_exec(backend, x), act=ACTIVATIONS[kind], **{"in": _v(x, "x")}, out=_v(out, "out"))
+    _core.lib().activation_forward(**_exec(backend, x), act=ACTIVATIONS[kind], **{"in": _v(x, "x")}, out=_v(out, "out"))
     return out
 
 
@@ -628,7 +628,7 @@ def _(x, kind, backend):
 @torch.library.custom_op("smoe::activation_backward", mutates_args=())
 def activation_backward(x: Tensor, grad_out: Tensor, kind: str, backend: str) -> Tensor:
     grad_in = torch.empty_like(x, memory_format=torch.contiguous_format)  # [R, F1]
-    _core.lib("activation").activation_backward(
+    _core.lib().activation_backward(
         **_exec(backend, x), act=ACTIVATIONS[kind], **{"in": _v(x, "x")}, grad_out=_v(grad_out, "grad_out"), grad_in=_v(grad_in, "grad_in")
     )
     return grad_in
@@ -669,7 +669,7 @@ def expert_mlp(
     """Returns (ys, xs, pre, act): ys is the result, the rest are saved for backward."""
     hs, ps, as_ = _mlp_shapes(x, token_of_row.shape[0], w2.shape[2], activation)
     xs, pre, act, ys = x.new_empty(hs), x.new_empty(ps), x.new_empty(as_), x.new_empty(hs)
-    _core.lib("expert_mlp").expert_mlp_forward(
+    _core.lib().expert_mlp_forward(
         **_exec(backend, x),
         act=ACTIVATIONS[activation],
         x=_v(x, "x"),
@@ -704,7 +704,7 @@ def expert_mlp_backward(
     activation: str,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    lib = _core.lib("expert_mlp")
+    lib = _core.lib()
     R, H = grad_ys.shape
     grad_x = grad_ys.new_empty((row_of.shape[0], H))  # [T, H]
     grad_w1 = torch.empty_like(w1, memory_format=torch.contiguous_format)  # [E, F1, H]
@@ -776,7 +776,7 @@ def shared_expert(
     pre, act, out = x.new_empty(ps), x.new_empty(as_), x.new_empty(x.shape)
     gate = x.new_empty((T,) if gate_w is not None else (0,), dtype=acc_dtype(x.dtype))
     y = torch.zeros_like(x, memory_format=torch.contiguous_format)  # the core accumulates into y
-    _core.lib("shared_expert").shared_expert_forward(
+    _core.lib().shared_expert_forward(
         **_exec(backend, x),
         act=ACTIVATIONS[activation],
         x=_v(x, "x"),
@@ -815,7 +815,7 @@ def shared_expert_backward(
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad_x, grad_w1, grad_w2, grad_gate_w); grad_gate_w is empty ([0]) without gate_w."""
-    lib = _core.lib("shared_expert")
+    lib = _core.lib()
     T, H = x.shape
     grad_x = torch.zeros_like(x, memory_format=torch.contiguous_format)  # the core accumulates into grad_x
     grad_w1 = torch.empty_like(w1, memory_format=torch.contiguous_format)

@@ -172,3 +172,12 @@ def test_set_num_threads_rejects_bad_values():
     with pytest.raises(ValueError, match="'n'"):
         smoe.set_num_threads(0)
     assert smoe.num_threads() >= 1
+
+
+def test_set_num_threads_after_use_gives_the_same_bits(threads):
+    want = run(moe_forward, make_inputs())
+    for n in (1, 2):
+        smoe.set_num_threads(n)
+        assert smoe.num_threads() == n
+        for a, b in zip(want, run(moe_forward, make_inputs())):
+            assert torch.equal(a, b)
