@@ -448,10 +448,12 @@ void Worker::run_block(uint64_t linear) {
                           static_cast<unsigned>(linear / (uint64_t{d.grid.x} * d.grid.y))};
   // Dynamic shared memory: a fresh heap block of exactly the requested size, so AddressSanitizer
   // reports accesses past its end; poisoned like the static part.
-  std::unique_ptr<char[]> smem;
+  std::unique_ptr<char, void (*)(void*)> smem(nullptr, &std::free);
   if (d.dynamic_smem > 0) {
-    smem.reset(new (std::align_val_t{128}) char[d.dynamic_smem]);
-    std::memset(smem.get(), 0xff, d.dynamic_smem);
+    void* p = nullptr;
+    if (posix_memalign(&p, 128, d.dynamic_smem) != 0) std::abort();
+    smem.reset(static_cast<char*>(p));
+    std::memset(p, 0xff, d.dynamic_smem);
   }
   b.pub.dynamic_smem = smem.get();
   b.pub.dynamic_smem_bytes = d.dynamic_smem;
@@ -490,6 +492,11 @@ void Worker::run_block(uint64_t linear) {
     f.copies.clear();
     f.group_ends.clear();
     f.ctx.fake_stack = nullptr;
+#if defined(SMOE_SIMT_ASAN)
+    // A fiber's last frames never return (they switch away for good), so their redzones stay
+    // poisoned in the shadow memory; clear the whole stack before it hosts a new thread.
+    ASAN_UNPOISON_MEMORY_REGION(stacks[t].lo, stacks[t].bytes);
+#endif
     make_context(f.ctx, stacks[t], &fiber_entry, &f);
   }
   rng.seed(launch->opt.seed * 0x9e3779b97f4a7c15ull + launch->launch_index * 1000003ull + linear);
@@ -539,12 +546,6 @@ void Worker::run_block(uint64_t linear) {
     }
   }
 
-#if defined(SMOE_SIMT_ASAN)
-  if (b.failed || launch->failed.load()) {
-    // Abandoned fibers leave poisoned stack frames behind; clear them before reuse.
-    for (int t = 0; t < n; ++t) ASAN_UNPOISON_MEMORY_REGION(stacks[t].lo, stacks[t].bytes);
-  }
-#endif
   for (int gi = 0; gi < static_cast<int>(b.groups.size()); ++gi) b.groups[gi].complete = false;
   tls_block = nullptr;
   tls_thread = nullptr;

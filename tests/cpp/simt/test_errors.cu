@@ -6,7 +6,7 @@
 #include "smoe/simt/kernel.h"
 
 // Each kConst names the line of the offending call in the kernel right below it.
-constexpr int kDivergentBarrierLine = __LINE__ + 3;
+[[maybe_unused]] constexpr int kDivergentBarrierLine = __LINE__ + 3;
 __global__ void divergent_barrier_kernel(int* out) {
   if (threadIdx.x < 16) {
     __syncthreads();
@@ -14,7 +14,7 @@ __global__ void divergent_barrier_kernel(int* out) {
   out[threadIdx.x] = 1;
 }
 
-constexpr int kBarrierAfterExitLine = __LINE__ + 4;
+[[maybe_unused]] constexpr int kBarrierAfterExitLine = __LINE__ + 4;
 __global__ void barrier_after_exit_kernel(int* out, int n) {
   const int i = static_cast<int>(threadIdx.x);
   if (i >= n) return;
@@ -22,7 +22,7 @@ __global__ void barrier_after_exit_kernel(int* out, int n) {
   out[i] = 1;
 }
 
-constexpr int kElseBarrierLine = __LINE__ + 6;
+[[maybe_unused]] constexpr int kElseBarrierLine = __LINE__ + 6;
 __global__ void two_barriers_kernel(int* out) {
   if (threadIdx.x % 2 == 0) {
     out[threadIdx.x] = 0;
@@ -32,15 +32,15 @@ __global__ void two_barriers_kernel(int* out) {
   }
 }
 
-constexpr int kExitedLaneShflLine = __LINE__ + 4;
+[[maybe_unused]] constexpr int kExitedLaneShflLine = __LINE__ + 4;
 __global__ void exited_lane_kernel(int* out) {
   const int lane = static_cast<int>(threadIdx.x);
   if (lane == 5) return;
   out[lane] = __shfl_sync(0xffffffffu, lane, 0);
 }
 
-constexpr int kShflLine = __LINE__ + 5;
-constexpr int kBallotLine = __LINE__ + 6;
+[[maybe_unused]] constexpr int kShflLine = __LINE__ + 5;
+[[maybe_unused]] constexpr int kBallotLine = __LINE__ + 6;
 __global__ void mixed_collectives_kernel(unsigned* out) {
   const unsigned lane = threadIdx.x;
   if (lane < 16) {
@@ -52,8 +52,8 @@ __global__ void mixed_collectives_kernel(unsigned* out) {
 
 // Lane 0 of the second warp skips the shuffle and waits at the barrier; its warp-mates wait at a
 // shuffle whose mask names it.
-constexpr int kDeadlockShflLine = __LINE__ + 3;
-constexpr int kDeadlockBarrierLine = __LINE__ + 3;
+[[maybe_unused]] constexpr int kDeadlockShflLine = __LINE__ + 3;
+[[maybe_unused]] constexpr int kDeadlockBarrierLine = __LINE__ + 3;
 __global__ void deadlock_kernel(int* out) {
   if (threadIdx.x != 32) out[threadIdx.x] = __shfl_sync(0xffffffffu, 1, 0);
   __syncthreads();

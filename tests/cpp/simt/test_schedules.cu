@@ -16,6 +16,9 @@ __global__ void neighbour_kernel(float* out) {
   out[t] = slot[(t + 1) % blockDim.x];
 }
 
+template __global__ void neighbour_kernel<true>(float*);
+template __global__ void neighbour_kernel<false>(float*);
+
 // One block reduces blockDim.x values: warp shuffles, then the warp sums through shared memory.
 __global__ void block_sum_kernel(const float* in, float* out) {
   __shared__ float warp_sums[32];

@@ -44,6 +44,12 @@ __global__ void mma_kernel(const T* a, const T* b, const float* c, float* d) {
   for (int i = 0; i < 4; ++i) d[c_row(lane, i) * 8 + c_col(lane, i)] = fd[i];
 }
 
+template __global__ void mma_kernel<__nv_bfloat16, true>(const __nv_bfloat16*,
+                                                          const __nv_bfloat16*, const float*,
+                                                          float*);
+template __global__ void mma_kernel<__half, false>(const __half*, const __half*, const float*,
+                                                   float*);
+
 // The same product with operands staged in shared memory and loaded with ldmatrix: A with .x4
 // (lane l points at row l % 16, column block l / 16), B (stored K x N, row-major) with .x2.trans.
 __global__ void ldmatrix_mma_kernel(const __nv_bfloat16* a, const __nv_bfloat16* b, float* d) {

@@ -17,6 +17,17 @@ __global__ void shuffle_kernel(const T* in, T* out, int width, int src_lane, uns
   out[96 + lane] = __shfl_xor_sync(0xffffffffu, v, lane_mask, width);
 }
 
+// Explicit instantiations, so that nvcc compiles every shuffle type too (simt_nvcc_check).
+#define SMOE_SHUFFLE_INSTANCE(T) \
+  template __global__ void shuffle_kernel<T>(const T*, T*, int, int, unsigned, int);
+SMOE_SHUFFLE_INSTANCE(int)
+SMOE_SHUFFLE_INSTANCE(float)
+SMOE_SHUFFLE_INSTANCE(double)
+SMOE_SHUFFLE_INSTANCE(long long)
+SMOE_SHUFFLE_INSTANCE(__half2)
+SMOE_SHUFFLE_INSTANCE(__nv_bfloat162)
+#undef SMOE_SHUFFLE_INSTANCE
+
 __global__ void vote_kernel(unsigned* out) {
   const unsigned lane = threadIdx.x % 32;
   unsigned* o = out + 16 * threadIdx.x;
