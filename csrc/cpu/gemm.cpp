@@ -16,6 +16,8 @@
 // same call with the same reduction order whatever thread computes it.
 #include "cpu/gemm.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <climits>
 #include <cstring>
@@ -229,6 +231,171 @@ void narrow(const float* src, f16_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = float_to_f16(src[i]);
 }
 
+// ---- bf16 x bf16 -> f32 with AVX512-BF16 dot products ------------------------------------------
+//
+// vdpbf16ps multiplies pairs of bf16 (exactly, in f32) and adds both products to an f32 lane, so a bf16
+// GEMM runs at twice the f32 FMA rate with the same f32 accumulation, and no f32 copy of the operands
+// is made. Operands are packed into pair-words: word(x, q) = X(x, 2q) | X(x, 2q + 1) << 16 (the
+// second half zero past an odd K); a micro-kernel keeps a kDpMr x kDpNr f32 tile in 24 registers,
+// broadcasting one A word per row and loading 32 B words (two vectors) per pair step.
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+constexpr int kDpMr = 12;           // rows of a register tile (one broadcast each)
+constexpr int kDpNr = 32;           // columns of a register tile (two 16-lane vectors)
+constexpr int64_t kDpKc = 1024;     // reduction block: an A panel of 12 rows (24 KB) stays in L1
+constexpr int64_t kDpNc = 256;      // column chunk: its packed B (512 KB) stays in L2
+
+// A 16-bit operand seen as X(x, k) for x in rows (A) or columns (B): x-major p[x * ld + k] or
+// k-major p[k * ld + x].
+struct Operand16 {
+  const uint16_t* p;
+  int64_t ld;
+  bool k_major;
+};
+
+// Packs X(x0 .. x0+nx, k0 .. k0+kc) into groups of G x-values: out[group][q][G] pair-words, zero-padded
+// past nx and past kc.
+template <int G>
+[[gnu::target("avx512f,avx512bw,avx512vl")]] void pack_pairs(const Operand16& s, int64_t x0, int64_t nx, int64_t k0,
+                                                            int64_t kc, uint32_t* out) {
+  const int64_t kp = (kc + 1) / 2;
+  for (int64_t g0 = 0; g0 < nx; g0 += G) {
+    uint32_t* o = out + (g0 / G) * kp * G;
+    const int64_t gx = std::min<int64_t>(G, nx - g0);
+    if (s.k_major) {  // two source rows interleave: contiguous, vectorisable
+      for (int64_t q = 0; q < kp; ++q) {
+        const uint16_t* r0 = s.p + (k0 + 2 * q) * s.ld + x0 + g0;
+        uint32_t* oq = o + q * G;
+        if (2 * q + 1 < kc) {
+          const uint16_t* r1 = r0 + s.ld;
+          for (int64_t x = 0; x < gx; ++x) oq[x] = uint32_t(r0[x]) | (uint32_t(r1[x]) << 16);
+        } else {
+          for (int64_t x = 0; x < gx; ++x) oq[x] = r0[x];
+        }
+        for (int64_t x = gx; x < G; ++x) oq[x] = 0;
+      }
+    } else {  // a pair is one 32-bit word of a source row: a 32-bit transpose
+      for (int64_t x = 0; x < G; ++x) {
+        if (x >= gx) {
+          for (int64_t q = 0; q < kp; ++q) o[q * G + x] = 0;
+          continue;
+        }
+        const uint16_t* src = s.p + (x0 + g0 + x) * s.ld + k0;
+        for (int64_t q = 0; q < kc / 2; ++q) {
+          uint32_t w;
+          std::memcpy(&w, src + 2 * q, 4);
+          o[q * G + x] = w;
+        }
+        if (kc % 2) o[(kp - 1) * G + x] = src[kc - 1];
+      }
+    }
+  }
+}
+
+// GCC 12's AVX-512 intrinsic headers trip -Wmaybe-uninitialized on their own undefined vectors.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// acc[12][32] = (load ? ct : 0) + sum_q A-words(ap[q][12]) . B-words(bp[q][32]); then either stored to
+// ct (f32, row stride ldct) or, when `last`, rounded to bf16 into c (row stride ldc), rows < mi and
+// columns < nj only.
+[[gnu::target("avx512f,avx512bw,avx512vl,avx512bf16")]] void dp_kernel(int64_t kp, const uint32_t* ap,
+                                                                      const uint32_t* bp, float* ct, int64_t ldct,
+                                                                      bool load, bool last, int64_t mi, int64_t nj,
+                                                                      uint16_t* c, int64_t ldc) {
+  __m512 acc[kDpMr][2];
+#pragma GCC unroll 12
+  for (int i = 0; i < kDpMr; ++i) {
+    acc[i][0] = load && i < mi ? _mm512_loadu_ps(ct + i * ldct) : _mm512_setzero_ps();
+    acc[i][1] = load && i < mi ? _mm512_loadu_ps(ct + i * ldct + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t q = 0; q < kp; ++q) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(bp + q * kDpNr);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(bp + q * kDpNr + 16);
+#pragma GCC unroll 12
+    for (int i = 0; i < kDpMr; ++i) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(int(ap[q * kDpMr + i]));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
+    }
+  }
+  if (!last) {
+    for (int i = 0; i < mi; ++i) {
+      _mm512_storeu_ps(ct + i * ldct, acc[i][0]);
+      _mm512_storeu_ps(ct + i * ldct + 16, acc[i][1]);
+    }
+    return;
+  }
+  // Round to nearest even like float_to_bf16 (NaN stays a quiet NaN), 16 lanes at a time.
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff), quiet = _mm512_set1_epi32(0x40);
+  for (int i = 0; i < mi; ++i) {
+    for (int h = 0; h < 2; ++h) {
+      const int64_t cols = std::min<int64_t>(16, nj - 16 * h);
+      if (cols <= 0) break;
+      const __m512i u = _mm512_castps_si512(acc[i][h]);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+      __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, lsb)), 16);
+      const __mmask16 nan = _mm512_cmp_ps_mask(acc[i][h], acc[i][h], _CMP_UNORD_Q);
+      r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), quiet));
+      const __mmask16 keep = __mmask16((1u << cols) - 1u);
+      _mm256_mask_storeu_epi16(c + i * ldc + 16 * h, keep, _mm512_cvtepi32_epi16(r));
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
+
+bool cpu_has_avx512_bf16() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+struct DpScratch {
+  std::vector<uint32_t> ap, bp;
+  std::vector<float> ct;
+};
+DpScratch& dp_scratch() {
+  thread_local DpScratch s;
+  return s;
+}
+
+// c[M, N] (bf16, row stride ldc) = sum_k A(m, k) B(n, k), on the calling thread. Per output element the
+// sum runs over K blocks of kDpKc in order, pairs in order within a block: fixed by K alone.
+void gemm_bf16_dp(const Operand16& A, const Operand16& B, int64_t M, int64_t N, int64_t K, uint16_t* c,
+                  int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    for (int64_t m = 0; m < M; ++m) std::fill(c + m * ldc, c + m * ldc + N, uint16_t(0));
+    return;
+  }
+  DpScratch& s = dp_scratch();
+  const int64_t kp_max = (std::min(K, kDpKc) + 1) / 2;
+  const int64_t m_pad = ceil_div(M, kDpMr) * kDpMr;
+  const int64_t nc_max = std::min(N, kDpNc), nc_pad = ceil_div(nc_max, kDpNr) * kDpNr;
+  if (int64_t(s.ap.size()) < m_pad * kp_max) s.ap.resize(size_t(m_pad * kp_max));
+  if (int64_t(s.bp.size()) < nc_pad * kp_max) s.bp.resize(size_t(nc_pad * kp_max));
+  const bool blocked_k = K > kDpKc;
+  if (blocked_k && int64_t(s.ct.size()) < m_pad * nc_pad) s.ct.resize(size_t(m_pad * nc_pad));
+  for (int64_t n0 = 0; n0 < N; n0 += kDpNc) {
+    const int64_t nc = std::min(kDpNc, N - n0), ldct = ceil_div(nc, kDpNr) * kDpNr;
+    for (int64_t k0 = 0; k0 < K; k0 += kDpKc) {
+      const int64_t kc = std::min(kDpKc, K - k0), kp = (kc + 1) / 2;
+      pack_pairs<kDpNr>(B, n0, nc, k0, kc, s.bp.data());
+      pack_pairs<kDpMr>(A, 0, M, k0, kc, s.ap.data());
+      const bool first = k0 == 0, last = k0 + kc >= K;
+      for (int64_t i0 = 0; i0 < M; i0 += kDpMr) {
+        const uint32_t* ap = s.ap.data() + (i0 / kDpMr) * kp * kDpMr;
+        for (int64_t j0 = 0; j0 < nc; j0 += kDpNr) {
+          dp_kernel(kp, ap, s.bp.data() + (j0 / kDpNr) * kp * kDpNr,
+                    blocked_k ? s.ct.data() + i0 * ldct + j0 : nullptr, ldct, !first, last,
+                    std::min<int64_t>(kDpMr, M - i0), std::min<int64_t>(kDpNr, nc - j0), c + i0 * ldc + n0 + j0, ldc);
+        }
+      }
+    }
+  }
+}
+
 // ---- tiles and their distribution over threads -------------------------------------------------
 
 // A tile: rows [r0, r1) of expert e's segment (or, for wgrad, rows [r0, r1) of c[e]) x columns [n0, n1).
@@ -240,11 +407,13 @@ struct Tile {
 // Rows per tile: big enough that one BLAS call amortises its packing of b, small enough that a few
 // experts still give every thread work.
 constexpr int64_t kTileRows = 256;
+// The bf16 dot-product path packs its own operands, so it takes a whole expert segment per tile (up
+// to this many rows): b[e] is then packed once per call.
+constexpr int64_t kDpTileRows = 1024;
 // With fewer row tiles than this, columns are split too (e.g. a decode step with a handful of rows).
 constexpr int64_t kMinTiles = 16;
 constexpr int64_t kMinTileCols = 128;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Column split for `row_tiles` row tiles over N columns; depends on the shapes only.
 int64_t tile_cols(int64_t row_tiles, int64_t N) {
@@ -300,15 +469,17 @@ void grouped_gemm_typed(bool trans_b, const TensorView& a, const TensorView& b, 
   const T* pb = b.data_as<const T>();
   T* pc = c.data_as<T>();
 
+  const bool dp = std::is_same_v<T, bf16_t> && cpu_has_avx512_bf16();
+  const int64_t tile_rows = dp ? kDpTileRows : kTileRows;
   int64_t row_tiles = 0;
-  for (int64_t e = 0; e < E; ++e) row_tiles += ceil_div(offsets[e + 1] - offsets[e], kTileRows);
+  for (int64_t e = 0; e < E; ++e) row_tiles += ceil_div(offsets[e + 1] - offsets[e], tile_rows);
   const int64_t nb = tile_cols(row_tiles, N);
   std::vector<Tile> tiles;
   tiles.reserve(size_t(row_tiles * ceil_div(N, nb)));
   for (int64_t e = 0; e < E; ++e)
-    for (int64_t r0 = offsets[e]; r0 < offsets[e + 1]; r0 += kTileRows)
+    for (int64_t r0 = offsets[e]; r0 < offsets[e + 1]; r0 += tile_rows)
       for (int64_t n0 = 0; n0 < N; n0 += nb) {
-        const int64_t r1 = std::min(r0 + kTileRows, offsets[e + 1]), n1 = std::min(n0 + nb, N);
+        const int64_t r1 = std::min(r0 + tile_rows, offsets[e + 1]), n1 = std::min(n0 + nb, N);
         tiles.push_back({e, r0, r1, n0, n1, double(r1 - r0) * double(n1 - n0) * double(Kd)});
       }
 
@@ -317,6 +488,14 @@ void grouped_gemm_typed(bool trans_b, const TensorView& a, const TensorView& b, 
     // Columns [n0, n1) of op(b[e]): rows n0.. of b[e] when transposed, else columns n0.. of each row.
     const T* bt = pb + t.e * expert_stride + (trans_b ? t.n0 * Kd : t.n0);
     const int64_t ldb = trans_b ? Kd : N;
+    if constexpr (std::is_same_v<T, bf16_t>) {
+      if (dp) {
+        const Operand16 A{reinterpret_cast<const uint16_t*>(pa + t.r0 * lda), lda, false};
+        const Operand16 B{reinterpret_cast<const uint16_t*>(bt), ldb, !trans_b};
+        gemm_bf16_dp(A, B, m, n, Kd, reinterpret_cast<uint16_t*>(pc + t.r0 * ldc + t.n0), ldc);
+        return;
+      }
+    }
     if constexpr (std::is_same_v<T, Acc>) {
       gemm_serial<Acc>(false, trans_b, m, n, Kd, pa + t.r0 * lda, lda, bt, ldb, pc + t.r0 * ldc + t.n0, ldc);
     } else {
@@ -350,13 +529,15 @@ void grouped_gemm_wgrad_typed(const TensorView& a, const TensorView& b, const in
 
   // Tiles cut c[e] into row blocks of M (never the reduction over the segment, which would make the
   // sum order depend on the tiling); an empty segment still gets tiles, which write zeros.
-  const int64_t row_tiles = E * ceil_div(M, kTileRows);
+  const bool dp = std::is_same_v<T, bf16_t> && cpu_has_avx512_bf16();
+  const int64_t tile_rows = dp ? kDpTileRows : kTileRows;
+  const int64_t row_tiles = E * ceil_div(M, tile_rows);
   const int64_t nb = tile_cols(row_tiles, N);
   std::vector<Tile> tiles;
   for (int64_t e = 0; e < E; ++e)
-    for (int64_t r0 = 0; r0 < M; r0 += kTileRows)
+    for (int64_t r0 = 0; r0 < M; r0 += tile_rows)
       for (int64_t n0 = 0; n0 < N; n0 += nb) {
-        const int64_t r1 = std::min(r0 + kTileRows, M), n1 = std::min(n0 + nb, N);
+        const int64_t r1 = std::min(r0 + tile_rows, M), n1 = std::min(n0 + nb, N);
         const double rows = double(offsets[e + 1] - offsets[e]);
         tiles.push_back({e, r0, r1, n0, n1, double(r1 - r0) * double(n1 - n0) * (rows + 1.0)});
       }
@@ -365,6 +546,14 @@ void grouped_gemm_wgrad_typed(const TensorView& a, const TensorView& b, const in
     const int64_t m = t.r1 - t.r0, n = t.n1 - t.n0;
     const int64_t s0 = offsets[t.e], rows = offsets[t.e + 1] - s0;
     T* ct = pc + t.e * M * N + t.r0 * N + t.n0;
+    if constexpr (std::is_same_v<T, bf16_t>) {
+      if (dp) {  // A(m, r) = a[s0 + r, r0 + m], B(n, r) = b[s0 + r, n0 + n]: both k-major
+        const Operand16 A{reinterpret_cast<const uint16_t*>(pa + s0 * lda + t.r0), lda, true};
+        const Operand16 B{reinterpret_cast<const uint16_t*>(pb + s0 * ldb + t.n0), ldb, true};
+        gemm_bf16_dp(A, B, m, n, rows, reinterpret_cast<uint16_t*>(ct), N);
+        return;
+      }
+    }
     if constexpr (std::is_same_v<T, Acc>) {
       gemm_serial<Acc>(true, false, m, n, rows, pa + s0 * lda + t.r0, lda, pb + s0 * ldb + t.n0, ldb, ct, N);
     } else {

@@ -137,6 +137,7 @@ TYPED_TEST(GemmTyped, GroupedGemmMatchesNaive) {
       {4097, 7, 8, 12, "skewed"}, {4097, 1, 5, 3, "even"}, {600, 300, 3, 2, "gaps"}, {300, 300, 2, 3, "even"},
       {65, 4, 0, 5, "even"},   // Kd = 0: c must be zeros
       {530, 3, 300, 150, "skewed"},  // several row tiles and a split of the columns
+      {40, 2, 1100, 40, "even"},     // a reduction longer than one K block of the bf16 path
   };
   for (const Case& cs : cases) {
     for (bool trans_b : {true, false}) {
