@@ -131,13 +131,25 @@ def test_copy_to_hf_overwrites_an_existing_block(kind, norm):
 
 @pytest.mark.parametrize("kind,norm", [("mixtral", True), ("qwen2_moe", True), ("qwen3_moe", False)])
 def test_from_hf_bf16_block(kind, norm):
-    """A bf16 block routes on bf16 logits (HF computes the router matmul in the block's dtype)."""
+    """bf16: smoe's error against an fp32 oracle is at most twice HF's own bf16 error (+ bf16 atol).
+
+    HF rounds more intermediates to bf16 than smoe (routing weights, weighted expert outputs, the
+    shared-expert gate), so the two bf16 results are compared through the fp32 oracle, the
+    FlashAttention rule of docs/testing.md. A bf16 block routes on bf16 logits in both.
+    """
+    from smoe.testing import tolerance
+
     block = _block(kind, norm, dtype=torch.bfloat16)
     moe = from_hf(block, backend=BACKENDS[-1])
     assert moe.router_dtype == torch.bfloat16 and moe.w1.dtype == torch.bfloat16
+    oracle = _block(kind, norm).float()
+    oracle.load_state_dict({k: v.float() for k, v in block.state_dict().items()})
     x = torch.randn(2, 6, H, dtype=torch.bfloat16)
     with torch.no_grad():
-        assert_close(moe(x), _out(block(x)))
+        want = _out(oracle(x.float()))
+        err_hf = (_out(block(x)).float() - want).abs().max()
+        err_smoe = (moe(x).float() - want).abs().max()
+    assert err_smoe <= 2 * err_hf + tolerance(torch.bfloat16)[0], (err_smoe, err_hf)
 
 
 def test_to_hf_rejects_what_hf_cannot_express():
