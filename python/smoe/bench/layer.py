@@ -162,8 +162,9 @@ class _TorchLoop(torch.nn.Module):
         super().__init__()
         self.moe = moe
 
-    def forward(self, x):
+    def forward(self, x3):
         m = self.moe
+        x = x3.reshape(-1, x3.shape[-1])  # [T,H]
         logits = x @ m.router.weight.t().to(x.dtype)
         weights, experts = torch.topk(torch.softmax(logits.float(), dim=-1), m.top_k, dim=-1)
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
@@ -173,7 +174,7 @@ class _TorchLoop(torch.nn.Module):
             g, u = (x[tok] @ m.w1[e].t()).chunk(2, dim=-1)
             out = (torch.nn.functional.silu(g) * u) @ m.w2[e].t()
             y = y.index_add(0, tok, out * weights[tok, slot, None])
-        return y
+        return y.view_as(x3)
 
 
 def _contenders(s: Shape, dtype: torch.dtype, backend: str, with_hf: bool):
