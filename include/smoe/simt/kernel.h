@@ -4,8 +4,8 @@
 //
 //   SMOE_LAUNCH(kernel, grid, block, dynamic_smem_bytes, stream, args...)
 //       launches and evaluates to the launch's cudaError_t (cudaPeekAtLastError, so a later
-//       cudaGetLastError still sees it). A kernel name with template commas must be wrapped in
-//       a function-pointer variable first: `auto* k = &my_kernel<float, 4>; SMOE_LAUNCH(k, ...)`.
+//       cudaGetLastError still sees it). A kernel name with template commas goes in
+//       parentheses: SMOE_LAUNCH((my_kernel<float, 4>), grid, block, 0, stream, ...).
 //   SMOE_DYNAMIC_SMEM(T, name)
 //       declares the block's dynamic shared memory as `name`, usable as T name[].
 //   smoe::simt::mma_*, ldmatrix_*, cp_async_*   (smoe/simt/tensor_core.h)
