@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -81,16 +80,14 @@ def test_compile_fullgraph_other_ops():
         assert torch.equal(p, q)
 
 
-@pytest.mark.slow
 def test_compile_inductor_matches_eager():
+    # The default inductor backend; about 10 s on two cores, most of it compiling.
     torch._dynamo.reset()
-    start = time.time()
     eager = run(moe_forward, make_inputs())
     compiled = run(torch.compile(moe_forward, fullgraph=True), make_inputs())
     for a, b in zip(eager, compiled):
         # inductor may fuse the surrounding torch ops (router matmul, adds) differently
         assert_close(a, b)
-    assert time.time() - start < 120
 
 
 def test_custom_ops_pass_opcheck():
