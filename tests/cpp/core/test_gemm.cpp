@@ -1,5 +1,6 @@
 // Tests of grouped_gemm, grouped_gemm_wgrad, the activations and smoe's own blocked GEMM, against
 // naive references written plainly below (double accumulation of the stored values).
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <string>
@@ -297,7 +298,7 @@ TYPED_TEST(GemmTyped, ActivationsMatchNaive) {
   for (Activation act : {Activation::kSwiGLU, Activation::kGeGLU, Activation::kGELU, Activation::kReLU}) {
     for (int64_t R : {0, 1, 7, 4097}) {
       SCOPED_TRACE("act=" + std::to_string(int(act)) + " R=" + std::to_string(R));
-      const int64_t F = 5, F1 = is_gated(act) ? 2 * F : F;
+      const int64_t F = 37, F1 = is_gated(act) ? 2 * F : F;  // 37: two 16-lane blocks and a tail
       auto in = uniform<T>(size_t(R * F1), 13, -4.f, 4.f);
       if (R > 0) in[0] = from_acc<T>(0);  // ReLU's kink: subgradient 0
       auto go = uniform<T>(size_t(R * F), 14);
@@ -322,6 +323,28 @@ TYPED_TEST(GemmTyped, ActivationsMatchNaive) {
       EXPECT_TRUE(all_close(out, want_out, dt));
       EXPECT_TRUE(all_close(gi, want_gi, dt));
     }
+  }
+}
+
+// The SwiGLU rows run 16 lanes at a time plus a scalar tail: the same input must give the same bits
+// in either, including at the clamps of the exponential.
+TEST(Activation, SwigluVectorLanesAndTailAgreeBitwise) {
+  const int64_t F = 17;
+  const float probe[] = {0.f, -0.f, 1e-3f, -2.5f, 3.75f, 20.f, -20.f, 90.f, -90.f, 1e30f, -1e30f, 0.3333f};
+  for (float v : probe) {
+    std::vector<float> in(static_cast<size_t>(2 * F), 1.5f), out(static_cast<size_t>(F)), go(static_cast<size_t>(F), -0.75f), gi(static_cast<size_t>(2 * F));
+    in[0] = in[16] = v;  // lane 0 of the vector block and the tail element
+    ASSERT_TRUE(activation_forward(Exec{}, Activation::kSwiGLU, make_view(in.data(), {1, 2 * F}),
+                                   make_view(out.data(), {1, F}))
+                    .ok());
+    ASSERT_TRUE(activation_backward(Exec{}, Activation::kSwiGLU, make_view(in.data(), {1, 2 * F}),
+                                    make_view(go.data(), {1, F}), make_view(gi.data(), {1, 2 * F}))
+                    .ok());
+    EXPECT_EQ(std::bit_cast<uint32_t>(out[0]), std::bit_cast<uint32_t>(out[16])) << v;
+    EXPECT_EQ(std::bit_cast<uint32_t>(gi[0]), std::bit_cast<uint32_t>(gi[16])) << v;
+    EXPECT_EQ(std::bit_cast<uint32_t>(gi[F]), std::bit_cast<uint32_t>(gi[F + 16])) << v;
+    const double want = double(v) / (1.0 + std::exp(-double(v))) * 1.5;
+    EXPECT_NEAR(out[0], want, 1e-5 + 1e-5 * std::fabs(want)) << v;
   }
 }
 
