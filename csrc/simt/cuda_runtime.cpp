@@ -120,6 +120,33 @@ cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int val
   return api_result(cudaErrorInvalidValue);
 }
 
+cudaError_t func_get_attributes(cudaFuncAttributes* attr, const void* func) {
+  if (attr == nullptr || func == nullptr) return api_result(cudaErrorInvalidValue);
+  std::memset(attr, 0, sizeof(*attr));
+  attr->maxThreadsPerBlock = kMaxThreadsPerBlock;
+  attr->numRegs = 32;
+  attr->ptxVersion = 90;
+  attr->binaryVersion = 90;
+  attr->maxDynamicSharedSizeBytes = static_cast<int>(max_dynamic_smem(func));
+  return api_result(cudaSuccess);
+}
+
+cudaError_t occupancy(int* blocks, const void* func, int block_size, size_t dynamic_smem) {
+  if (blocks == nullptr || func == nullptr || block_size <= 0)
+    return api_result(cudaErrorInvalidValue);
+  const int warps = (block_size + 31) / 32;
+  int n = std::min(32, 64 / warps);
+  const size_t per_block = dynamic_smem + 1024;
+  n = std::min<int>(n, static_cast<int>((228 * 1024) / per_block));
+  *blocks = std::max(0, n);
+  return api_result(cudaSuccess);
+}
+
+cudaError_t memcpy_symbol(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
+  if (dst == nullptr || src == nullptr) return api_result(cudaErrorInvalidValue);
+  return cudaMemcpy(dst, src, bytes, kind);
+}
+
 }  // namespace smoe::simt::detail
 
 using smoe::simt::detail::api_result;

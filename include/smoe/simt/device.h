@@ -557,11 +557,15 @@ inline int __mulhi(int a, int b) { return static_cast<int>((static_cast<int64_t>
 inline unsigned __umulhi(unsigned a, unsigned b) {
   return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32);
 }
+namespace smoe::simt::detail {
+__extension__ using int128 = __int128;
+__extension__ using uint128 = unsigned __int128;
+}  // namespace smoe::simt::detail
 inline long long __mul64hi(long long a, long long b) {
-  return static_cast<long long>((static_cast<__int128>(a) * b) >> 64);
+  return static_cast<long long>((static_cast<smoe::simt::detail::int128>(a) * b) >> 64);
 }
 inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
-  return static_cast<unsigned long long>((static_cast<unsigned __int128>(a) * b) >> 64);
+  return static_cast<unsigned long long>((static_cast<smoe::simt::detail::uint128>(a) * b) >> 64);
 }
 
 // min/max overloads that CUDA declares in the global namespace for device code.

@@ -161,9 +161,56 @@ cudaError_t cudaMallocAsync(T** ptr, size_t bytes, cudaStream_t stream) {
   return cudaMallocAsync(reinterpret_cast<void**>(ptr), bytes, stream);
 }
 
+struct cudaFuncAttributes {
+  size_t sharedSizeBytes;
+  size_t constSizeBytes;
+  size_t localSizeBytes;
+  int maxThreadsPerBlock;
+  int numRegs;
+  int ptxVersion;
+  int binaryVersion;
+  int maxDynamicSharedSizeBytes;
+};
+
 namespace smoe::simt::detail {
 cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int value);
+cudaError_t func_get_attributes(cudaFuncAttributes* attr, const void* func);
+cudaError_t occupancy(int* blocks, const void* func, int block_size, size_t dynamic_smem);
+cudaError_t memcpy_symbol(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind);
 }  // namespace smoe::simt::detail
+
+template <class F>
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F* func) {
+  return smoe::simt::detail::func_get_attributes(attr, reinterpret_cast<const void*>(func));
+}
+// Resident blocks per SM for the emulated sm_90 part: limited by 2048 threads, 32 blocks and
+// 228 KiB of shared memory (1 KiB reserved per block); registers are not modelled.
+template <class F>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, F* func, int block_size,
+                                                          size_t dynamic_smem) {
+  return smoe::simt::detail::occupancy(blocks, reinterpret_cast<const void*>(func), block_size,
+                                       dynamic_smem);
+}
+// __constant__ and __device__ variables are ordinary globals: the symbol is the variable itself.
+template <class T>
+cudaError_t cudaMemcpyToSymbol(T& symbol, const void* src, size_t bytes, size_t offset = 0,
+                               cudaMemcpyKind kind = cudaMemcpyHostToDevice) {
+  if (offset + bytes > sizeof(T)) return smoe::simt::detail::memcpy_symbol(nullptr, nullptr, 1, kind);
+  return smoe::simt::detail::memcpy_symbol(reinterpret_cast<char*>(&symbol) + offset, src, bytes,
+                                           kind);
+}
+template <class T>
+cudaError_t cudaMemcpyFromSymbol(void* dst, const T& symbol, size_t bytes, size_t offset = 0,
+                                 cudaMemcpyKind kind = cudaMemcpyDeviceToHost) {
+  if (offset + bytes > sizeof(T)) return smoe::simt::detail::memcpy_symbol(nullptr, nullptr, 1, kind);
+  return smoe::simt::detail::memcpy_symbol(
+      dst, reinterpret_cast<const char*>(&symbol) + offset, bytes, kind);
+}
+template <class T>
+cudaError_t cudaGetSymbolAddress(void** ptr, const T& symbol) {
+  *ptr = const_cast<void*>(static_cast<const void*>(&symbol));
+  return cudaSuccess;
+}
 
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes): the launch
 // check honours it (more than 48 KiB of dynamic shared memory needs it; at most 227 KiB).

@@ -102,6 +102,16 @@ __global__ void intrinsics_kernel(float* f, int* i) {
   i[7] = static_cast<int>(__umulhi(0x80000000u, 4u));
 }
 
+// __constant__ memory filled by cudaMemcpyToSymbol; a __device__ global read back by
+// cudaMemcpyFromSymbol.
+__constant__ float kScale[4];
+__device__ int g_visits;
+
+__global__ void constant_kernel(const float* in, float* out) {
+  out[threadIdx.x] = in[threadIdx.x] * kScale[threadIdx.x % 4];
+  atomicAdd(&g_visits, 1);
+}
+
 #if defined(SMOE_SIMT) && SMOE_SIMT
 #include <cmath>
 #include <vector>
@@ -218,6 +228,26 @@ TEST(SimtBasics, IntrinsicsMatchCudaDefinitions) {
   EXPECT_EQ(hi[5], 2);
   EXPECT_EQ(static_cast<unsigned>(hi[6]), 0x44332211u);
   EXPECT_EQ(hi[7], 2);
+}
+
+TEST(SimtBasics, ConstantAndDeviceSymbols) {
+  const float scale[4] = {1.0f, 2.0f, 3.0f, 4.0f};
+  SIMT_CHECK(cudaMemcpyToSymbol(kScale, scale, sizeof(scale)));
+  const int zero = 0;
+  SIMT_CHECK(cudaMemcpyToSymbol(g_visits, &zero, sizeof(zero)));
+  std::vector<float> in(8, 1.5f);
+  DeviceBuffer<float> d_in(in), d_out(8);
+  SIMT_CHECK(SMOE_LAUNCH(constant_kernel, 1, 8, 0, nullptr, d_in.ptr, d_out.ptr));
+  const auto out = d_out.to_host();
+  for (int t = 0; t < 8; ++t) EXPECT_EQ(out[t], 1.5f * scale[t % 4]);
+  int visits = 0;
+  SIMT_CHECK(cudaMemcpyFromSymbol(&visits, g_visits, sizeof(visits)));
+  EXPECT_EQ(visits, 8);
+  EXPECT_EQ(cudaMemcpyToSymbol(kScale, scale, sizeof(scale) + 4), cudaErrorInvalidValue);
+  cudaGetLastError();
+  int blocks = 0;
+  SIMT_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, constant_kernel, 256, 0));
+  EXPECT_EQ(blocks, 8);
 }
 
 TEST(SimtBasics, HalfAndBfloat16RoundToNearestEven) {
