@@ -124,7 +124,7 @@ def main(argv=None) -> int:
         steps, batch = 8, 4
     else:
         cfg = dict(d=128, layers=2, heads=4, context=128, ffn=128)
-        steps, batch = 300, 16
+        steps, batch = 150, 16
     steps = args.steps or steps
     batch = args.batch or batch
     if args.context:
