@@ -53,31 +53,71 @@ class FirstBadRow {
   std::atomic<int64_t> row_{kNone};
 };
 
+// Running top-k for k <= kInsertionMaxK: the k best keys seen so far, sorted descending. Keys must
+// be fed in ascending position order; then "strictly greater" alone keeps the lower position first
+// among equal keys. A pass over E keys is O(E) plus O(k) per insertion; on random keys about
+// k ln(E/k) insertions happen.
+template <class A>
+class SmallTopK {
+ public:
+  explicit SmallTopK(int64_t k) : k_(k) {}
+
+  void feed(const A* keys, int64_t n, int64_t base) {
+    int64_t j = 0;
+    for (; j < n && m_ < k_; ++j) push(keys[j], base + j);
+    if (j >= n) return;
+    // Once full: filter a chunk of keys against the current k-th best without branches (the
+    // filter is what mispredicts on random keys), then insert the few survivors in order.
+    A thr = top_[k_ - 1];
+    int32_t idx[kChunk];
+    while (j < n) {
+      const int64_t len = std::min<int64_t>(kChunk, n - j);
+      int c = 0;
+      for (int64_t u = 0; u < len; ++u) {
+        idx[c] = int32_t(u);
+        c += keys[j + u] > thr;
+      }
+      for (int i = 0; i < c; ++i) {
+        const A v = keys[j + idx[i]];
+        if (v > thr) {
+          push(v, base + j + idx[i]);
+          thr = top_[k_ - 1];
+        }
+      }
+      j += len;
+    }
+  }
+
+  int32_t pos(int64_t i) const { return pos_[i]; }
+
+ private:
+  static constexpr int kChunk = 32;
+
+  void push(A v, int64_t at) {
+    if (m_ < k_) ++m_;
+    int64_t p = m_ - 1;  // when full, the k-th best is dropped
+    while (p > 0 && v > top_[p - 1]) {
+      top_[p] = top_[p - 1];
+      pos_[p] = pos_[p - 1];
+      --p;
+    }
+    top_[p] = v;
+    pos_[p] = int32_t(at);
+  }
+
+  int64_t k_, m_ = 0;
+  A top_[kInsertionMaxK];
+  int32_t pos_[kInsertionMaxK];
+};
+
 // Writes to pos[0, k) the positions of the k largest keys[0, n), in descending key order, ties to
 // the lower position. keys hold no NaN. scratch is reused across calls (large-k path only).
 template <class A>
 void select_topk(const A* keys, int64_t n, int64_t k, int32_t* pos, std::vector<int32_t>& scratch) {
   if (k <= kInsertionMaxK) {
-    // Candidates arrive in ascending position, so "strictly greater" alone keeps the lower position
-    // first among equal keys.
-    A top[kInsertionMaxK];
-    int64_t m = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      const A v = keys[j];
-      if (m == k) {
-        if (!(v > top[k - 1])) continue;
-      } else {
-        ++m;
-      }
-      int64_t p = m - 1;
-      while (p > 0 && v > top[p - 1]) {
-        top[p] = top[p - 1];
-        pos[p] = pos[p - 1];
-        --p;
-      }
-      top[p] = v;
-      pos[p] = int32_t(j);
-    }
+    SmallTopK<A> sel(k);
+    sel.feed(keys, n, 0);
+    for (int64_t i = 0; i < k; ++i) pos[i] = sel.pos(i);
     return;
   }
   scratch.resize(static_cast<size_t>(n));
@@ -158,6 +198,23 @@ Status topk_gating_forward_impl(const TopkGatingParams& p, const TensorView& log
     std::vector<A> x(e_n), key(e_n), gkey(g_n);
     std::vector<int32_t> cand(e_n), pos(static_cast<size_t>(std::max<int64_t>(K, p.topk_groups))), scratch;
     std::vector<uint8_t> kept(g_n);
+    // weights[t] from the picked experts (descending selection order) and the unbiased scores.
+    auto write_weights = [&](int64_t t, const int32_t* picked) {
+      const A* s = sc + t * ss;
+      A* w = wt + t * ws;
+      int32_t* ei = ex + t * es;
+      for (int64_t k = 0; k < K; ++k) {
+        ei[k] = picked[k];
+        w[k] = s[picked[k]];
+      }
+      if (p.renormalize) {
+        A sum = 0;
+        for (int64_t k = 0; k < K; ++k) sum += w[k];
+        const A denom = sum + eps;
+        for (int64_t k = 0; k < K; ++k) w[k] = w[k] / denom;
+      }
+      for (int64_t k = 0; k < K; ++k) w[k] = w[k] * scale;
+    };
     for (int64_t t = t0; t < t1; ++t) {
       A* s = sc + t * ss;
       if (!load_row(lg + t * ls, E, x.data())) nan_row.note(t);  // still routed: indices stay valid
@@ -196,6 +253,15 @@ Status topk_gating_forward_impl(const TopkGatingParams& p, const TensorView& log
         select_topk(gkey.data(), p.n_groups, p.topk_groups, pos.data(), scratch);
         std::fill(kept.begin(), kept.end(), uint8_t(0));
         for (int32_t i = 0; i < p.topk_groups; ++i) kept[pos[i]] = 1;
+        if (K <= kInsertionMaxK) {  // stream the kept groups, in ascending expert order
+          SmallTopK<A> sel(K);
+          for (int64_t g = 0; g < p.n_groups; ++g) {
+            if (kept[g]) sel.feed(key.data() + g * G, G, g * G);
+          }
+          for (int64_t k = 0; k < K; ++k) pos[k] = sel.pos(k);
+          write_weights(t, pos.data());
+          continue;
+        }
         // Candidates in ascending expert order, as select_topk's tie rule requires.
         A* kk = x.data();  // x is free once the scores are written
         ncand = 0;
@@ -211,20 +277,10 @@ Status topk_gating_forward_impl(const TopkGatingParams& p, const TensorView& log
         cidx = cand.data();
       }
       select_topk(ckey, ncand, K, pos.data(), scratch);
-
-      A* w = wt + t * ws;
-      int32_t* ei = ex + t * es;
-      for (int64_t k = 0; k < K; ++k) {
-        ei[k] = cidx ? cidx[pos[k]] : pos[k];
-        w[k] = s[ei[k]];
+      if (cidx) {
+        for (int64_t k = 0; k < K; ++k) pos[k] = cidx[pos[k]];
       }
-      if (p.renormalize) {
-        A sum = 0;
-        for (int64_t k = 0; k < K; ++k) sum += w[k];
-        const A denom = sum + eps;
-        for (int64_t k = 0; k < K; ++k) w[k] = w[k] / denom;
-      }
-      for (int64_t k = 0; k < K; ++k) w[k] = w[k] * scale;
+      write_weights(t, pos.data());
     }
   });
   if (nan_row.any()) return nan_logits("topk_gating_forward", nan_row.row());
