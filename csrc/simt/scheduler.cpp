@@ -848,6 +848,10 @@ void cp_async_wait(int keep_pending, const char* file, int line) {
 
 // Launch -----------------------------------------------------------------------------------------
 cudaError_t launch(const LaunchDesc& d) {
+  if (tls_worker != nullptr && tls_worker->current != nullptr) {
+    fail_at(d.file, d.line, "kernel launch from device code (dynamic parallelism) is not "
+                            "supported by the emulator");
+  }
   if (cudaError_t e = sticky_error(); e != cudaSuccess) return e;
   const uint64_t threads = uint64_t{d.block.x} * d.block.y * d.block.z;
   if (d.block.x == 0 || d.block.y == 0 || d.block.z == 0 || d.grid.x == 0 || d.grid.y == 0 ||

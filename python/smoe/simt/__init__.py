@@ -151,9 +151,9 @@ def rewrite_source(src: str) -> str:
         args = src[k + 1 : args_end]
         original = src[start : args_end + 1]
         call = f"::smoe::simt::detail::make_launcher({kernel}, {config})({args})"
-        call = call.replace("\n", " ")
         out.append(src[last:start])
-        out.append(call + "\n" * _line_count(original))
+        # Same number of line breaks as the original, so every later line keeps its number.
+        out.append(call + "\n" * (_line_count(original) - _line_count(call)))
         i = last = args_end + 1
     out.append(src[last:])
     text = "".join(out)
