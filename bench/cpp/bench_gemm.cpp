@@ -113,6 +113,14 @@ void BM_Gemm(benchmark::State& state) {
   state.SetLabel(std::string(s.name) + (op == 0 ? " fwd" : op == 1 ? " dgrad" : " wgrad"));
 }
 
+// bf16 through the f32-panel + sgemm path (what CPUs without AVX512-BF16 run), for comparison.
+void BM_GemmBf16Panels(benchmark::State& state) {
+  const bool saved = cpu::set_bf16_dot_product(false);
+  BM_Gemm<bf16_t>(state);
+  cpu::set_bf16_dot_product(saved);
+  state.SetLabel(state.error_occurred() ? "" : std::string(kShapes[state.range(0)].name) + " fwd, f32 panels");
+}
+
 // The roof itself, for reading the ratio off the same table.
 void BM_GemmDenseRoof(benchmark::State& state) {
   const Shape& s = kShapes[state.range(0)];
@@ -183,5 +191,6 @@ void shapes_and_ops(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_GemmDenseRoof)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
 BENCHMARK(BM_Gemm<float>)->Name("BM_Gemm/f32")->Apply(shapes_and_ops)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
 BENCHMARK(BM_Gemm<bf16_t>)->Name("BM_Gemm/bf16")->Apply(shapes_and_ops)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
+BENCHMARK(BM_GemmBf16Panels)->Name("BM_Gemm/bf16_f32panels")->Args({0, 0})->Args({1, 0})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
 BENCHMARK(BM_MlpForwardBackward<float>)->Name("BM_Mlp/f32")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 BENCHMARK(BM_MlpForwardBackward<bf16_t>)->Name("BM_Mlp/bf16")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);

@@ -23,6 +23,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
+#include <bit>
 #include <climits>
 #include <cstring>
 #include <mutex>
@@ -220,13 +222,16 @@ namespace {
 // ---- conversions between the 16-bit storage types and f32 panels --------------------------------
 
 [[gnu::target_clones("avx512f", "avx2", "default")]] void widen(const bf16_t* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t u = uint32_t(src[i].bits) << 16;  // bf16 is the top half of an f32
-    std::memcpy(dst + i, &u, 4);
-  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = std::bit_cast<float>(uint32_t(src[i].bits) << 16);  // the top half
 }
+// float_to_bf16 without branches, so that the loop vectorises: round to nearest even, NaN stays quiet.
 [[gnu::target_clones("avx512f", "avx2", "default")]] void narrow(const float* src, bf16_t* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_bf16(src[i]);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = std::bit_cast<uint32_t>(src[i]);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const uint32_t quiet_nan = (u >> 16) | 0x40u;
+    dst[i].bits = uint16_t((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+  }
 }
 void widen(const f16_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_float(src[i]);
@@ -349,10 +354,12 @@ template <int G>
 
 #pragma GCC diagnostic pop
 
-bool cpu_has_avx512_bf16() {
+std::atomic<bool> g_bf16_dp_enabled{true};
+
+bool use_bf16_dp() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-  return has;
+  return has && g_bf16_dp_enabled.load(std::memory_order_relaxed);
 }
 
 struct DpScratch {
@@ -473,7 +480,7 @@ void grouped_gemm_typed(bool trans_b, const TensorView& a, const TensorView& b, 
   const T* pb = b.data_as<const T>();
   T* pc = c.data_as<T>();
 
-  const bool dp = std::is_same_v<T, bf16_t> && cpu_has_avx512_bf16();
+  const bool dp = std::is_same_v<T, bf16_t> && use_bf16_dp();
   const int64_t tile_rows = dp ? kDpTileRows : kTileRows;
   int64_t row_tiles = 0;
   for (int64_t e = 0; e < E; ++e) row_tiles += ceil_div(offsets[e + 1] - offsets[e], tile_rows);
@@ -533,7 +540,7 @@ void grouped_gemm_wgrad_typed(const TensorView& a, const TensorView& b, const in
 
   // Tiles cut c[e] into row blocks of M (never the reduction over the segment, which would make the
   // sum order depend on the tiling); an empty segment still gets tiles, which write zeros.
-  const bool dp = std::is_same_v<T, bf16_t> && cpu_has_avx512_bf16();
+  const bool dp = std::is_same_v<T, bf16_t> && use_bf16_dp();
   const int64_t tile_rows = dp ? kDpTileRows : kTileRows;
   const int64_t row_tiles = E * ceil_div(M, tile_rows);
   const int64_t nb = tile_cols(row_tiles, N);
@@ -599,6 +606,8 @@ template <class T> struct WgradFn {
 };
 
 }  // namespace
+
+bool set_bf16_dot_product(bool enabled) { return g_bf16_dp_enabled.exchange(enabled); }
 
 Status grouped_gemm(const GroupedGemmParams& params, const TensorView& a, const TensorView& b,
                     const TensorView& offsets, const TensorView& c) {

@@ -38,6 +38,10 @@ void gemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, c
 void dense_sgemm_roof(int threads, int64_t M, int64_t N, int64_t K, const float* a, const float* b, float* c);
 const char* blas_name();
 
+// Whether bf16 GEMMs may use the AVX512-BF16 dot-product kernel where the CPU has it (default true);
+// false forces the f32-panel path. For tests and benchmarks of both paths; returns the old setting.
+bool set_bf16_dot_product(bool enabled);
+
 // Reads offsets [E+1] i64 and checks 0 <= offsets[0] <= ... <= offsets[E] <= R.
 Status check_offsets(const char* op, const TensorView& offsets, int64_t R);
 

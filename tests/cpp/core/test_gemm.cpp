@@ -126,8 +126,8 @@ TYPED_TEST_SUITE(GemmTyped, FloatTypes);
 
 // ---- grouped_gemm ------------------------------------------------------------------------------
 
-TYPED_TEST(GemmTyped, GroupedGemmMatchesNaive) {
-  using T = TypeParam;
+template <class T>
+void check_grouped_gemm_against_naive() {
   const DType dt = DTypeOf<T>::value;
   struct Case {
     int64_t R, E, Kd, N;
@@ -191,8 +191,8 @@ TYPED_TEST(GemmTyped, GroupedGemmLeavesRowsPastSegmentsUntouched) {
 
 // ---- grouped_gemm_wgrad ------------------------------------------------------------------------
 
-TYPED_TEST(GemmTyped, WgradMatchesNaiveAndZeroesEmptyExperts) {
-  using T = TypeParam;
+template <class T>
+void check_wgrad_against_naive() {
   const DType dt = DTypeOf<T>::value;
   struct Case {
     int64_t R, E, M, N;
@@ -223,6 +223,18 @@ TYPED_TEST(GemmTyped, WgradMatchesNaiveAndZeroesEmptyExperts) {
       }
     }
   }
+}
+
+TYPED_TEST(GemmTyped, GroupedGemmMatchesNaive) { check_grouped_gemm_against_naive<TypeParam>(); }
+TYPED_TEST(GemmTyped, WgradMatchesNaiveAndZeroesEmptyExperts) { check_wgrad_against_naive<TypeParam>(); }
+
+// bf16 has two kernels (AVX512-BF16 dot products where the CPU has them, else f32 panels + sgemm):
+// the second must be right too, also on machines where the first is the default.
+TEST(GemmBf16, F32PanelPathMatchesNaive) {
+  const bool saved = cpu::set_bf16_dot_product(false);
+  check_grouped_gemm_against_naive<bf16_t>();
+  check_wgrad_against_naive<bf16_t>();
+  cpu::set_bf16_dot_product(saved);
 }
 
 // ---- determinism ---------------------------------------------------------------------------------
