@@ -5,9 +5,9 @@
 // row is independent, so results do not depend on the thread count. Reductions over tokens (losses)
 // use fixed blocks of kLossBlock tokens summed in block order, again independent of the thread count.
 //
-// Top-k selection (select_topk): for K <= kInsertionMaxK a single pass that keeps the K best in a
-// small sorted array (one compare per candidate once it is full: O(E) for small K); for larger K
-// nth_element + sort of the K winners (O(E + K log K)); never a full sort of E per token.
+// Top-k selection (select_topk): for K <= kInsertionMaxK a block-maxima bound, a branch-free filter
+// and an insertion into K sorted slots (O(E)); for larger K nth_element + sort of the K winners
+// (O(E + K log K)); never a full sort of E per token.
 #include "cpu/gating.h"
 
 #include <algorithm>
@@ -53,79 +53,59 @@ class FirstBadRow {
   std::atomic<int64_t> row_{kNone};
 };
 
-// Running top-k for k <= kInsertionMaxK: the k best keys seen so far, sorted descending. Keys must
-// be fed in ascending position order; then "strictly greater" alone keeps the lower position first
-// among equal keys. A pass over E keys is O(E) plus O(k) per insertion; on random keys about
-// k ln(E/k) insertions happen.
-template <class A>
-class SmallTopK {
- public:
-  explicit SmallTopK(int64_t k) : k_(k) {}
-
-  void feed(const A* keys, int64_t n, int64_t base) {
-    int64_t j = 0;
-    for (; j < n && m_ < k_; ++j) push(keys[j], base + j);
-    if (j >= n) return;
-    // Once full: filter a chunk of keys against the current k-th best without branches (the
-    // filter is what mispredicts on random keys), then insert the few survivors in order.
-    A thr = top_[k_ - 1];
-    int32_t idx[kChunk];
-    while (j < n) {
-      const int64_t len = std::min<int64_t>(kChunk, n - j);
-      int c = 0;
-      for (int64_t u = 0; u < len; ++u) {
-        idx[c] = int32_t(u);
-        c += keys[j + u] > thr;
-      }
-      for (int i = 0; i < c; ++i) {
-        const A v = keys[j + idx[i]];
-        if (v > thr) {
-          push(v, base + j + idx[i]);
-          thr = top_[k_ - 1];
-        }
-      }
-      j += len;
-    }
-  }
-
-  int32_t pos(int64_t i) const { return pos_[i]; }
-
- private:
-  static constexpr int kChunk = 32;
-
-  void push(A v, int64_t at) {
-    if (m_ < k_) ++m_;
-    int64_t p = m_ - 1;  // when full, the k-th best is dropped
-    while (p > 0 && v > top_[p - 1]) {
-      top_[p] = top_[p - 1];
-      pos_[p] = pos_[p - 1];
-      --p;
-    }
-    top_[p] = v;
-    pos_[p] = int32_t(at);
-  }
-
-  int64_t k_, m_ = 0;
-  A top_[kInsertionMaxK];
-  int32_t pos_[kInsertionMaxK];
-};
-
 // Writes to pos[0, k) the positions of the k largest keys[0, n), in descending key order, ties to
-// the lower position. keys hold no NaN. scratch is reused across calls (large-k path only).
+// the lower position. keys hold no NaN. scratch is reused across calls.
+//
+// k <= kInsertionMaxK (the routers' case): split the keys into k disjoint blocks; the smallest of
+// the k block maxima is a lower bound of the k-th best key (k keys reach it), so only keys >= that
+// bound can be picked. A branch-free pass keeps those (typically ~2k of E), in ascending position,
+// and an insertion into a sorted array of k picks the winners; "strictly greater" alone then keeps
+// the lower position first among equal keys. O(E) with few mispredicted branches, no sort of E.
+// Larger k: nth_element + sort of the k winners, O(E + k log k).
 template <class A>
 void select_topk(const A* keys, int64_t n, int64_t k, int32_t* pos, std::vector<int32_t>& scratch) {
+  scratch.resize(static_cast<size_t>(n));
+  int32_t* idx = scratch.data();
   if (k <= kInsertionMaxK) {
-    SmallTopK<A> sel(k);
-    sel.feed(keys, n, 0);
-    for (int64_t i = 0; i < k; ++i) pos[i] = sel.pos(i);
+    int64_t c = 0;
+    if (n >= 4 * k) {
+      A bound = 0;
+      for (int64_t b = 0; b < k; ++b) {
+        const int64_t lo = n * b / k, hi = n * (b + 1) / k;
+        A mx = keys[lo];
+        for (int64_t j = lo + 1; j < hi; ++j) mx = keys[j] > mx ? keys[j] : mx;
+        bound = (b == 0 || mx < bound) ? mx : bound;
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        idx[c] = int32_t(j);
+        c += keys[j] >= bound;
+      }
+    } else {
+      std::iota(idx, idx + n, 0);
+      c = n;
+    }
+    A top[kInsertionMaxK];
+    int64_t m = 0;
+    for (int64_t i = 0; i < c; ++i) {
+      const A v = keys[idx[i]];
+      if (m == k && !(v > top[k - 1])) continue;
+      if (m < k) ++m;
+      int64_t p = m - 1;  // when full, the k-th best is dropped
+      while (p > 0 && v > top[p - 1]) {
+        top[p] = top[p - 1];
+        pos[p] = pos[p - 1];
+        --p;
+      }
+      top[p] = v;
+      pos[p] = idx[i];
+    }
     return;
   }
-  scratch.resize(static_cast<size_t>(n));
-  std::iota(scratch.begin(), scratch.end(), 0);
+  std::iota(idx, idx + n, 0);
   auto better = [keys](int32_t a, int32_t b) { return keys[a] > keys[b] || (keys[a] == keys[b] && a < b); };
-  if (k < n) std::nth_element(scratch.begin(), scratch.begin() + k, scratch.end(), better);
-  std::sort(scratch.begin(), scratch.begin() + k, better);
-  std::copy(scratch.begin(), scratch.begin() + k, pos);
+  if (k < n) std::nth_element(idx, idx + k, idx + n, better);
+  std::sort(idx, idx + k, better);
+  std::copy(idx, idx + k, pos);
 }
 
 // ---- score functions (one row of E) -------------------------------------------------------------
@@ -253,15 +233,6 @@ Status topk_gating_forward_impl(const TopkGatingParams& p, const TensorView& log
         select_topk(gkey.data(), p.n_groups, p.topk_groups, pos.data(), scratch);
         std::fill(kept.begin(), kept.end(), uint8_t(0));
         for (int32_t i = 0; i < p.topk_groups; ++i) kept[pos[i]] = 1;
-        if (K <= kInsertionMaxK) {  // stream the kept groups, in ascending expert order
-          SmallTopK<A> sel(K);
-          for (int64_t g = 0; g < p.n_groups; ++g) {
-            if (kept[g]) sel.feed(key.data() + g * G, G, g * G);
-          }
-          for (int64_t k = 0; k < K; ++k) pos[k] = sel.pos(k);
-          write_weights(t, pos.data());
-          continue;
-        }
         // Candidates in ascending expert order, as select_topk's tie rule requires.
         A* kk = x.data();  // x is free once the scores are written
         ncand = 0;
