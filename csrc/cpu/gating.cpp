@@ -168,8 +168,8 @@ Status topk_gating_forward_impl(const TopkGatingParams& p, const TensorView& log
   A* sc = scores.data_as<A>();
   const int64_t ls = logits.stride(0), ws = weights.stride(0), es = experts.stride(0), ss = scores.stride(0);
 
-  const int64_t G = E / p.n_groups;                      // experts per group
-  const bool grouped = p.topk_groups < p.n_groups;       // else every group is kept: plain top-k
+  const int64_t G = E / p.n_groups;                 // experts per group
+  const bool grouped = p.topk_groups < p.n_groups;  // else every group is kept: plain top-k
   const A eps = A(p.renorm_eps), scale = A(p.routed_scaling);
   FirstBadRow nan_row;
 
@@ -178,23 +178,6 @@ Status topk_gating_forward_impl(const TopkGatingParams& p, const TensorView& log
     std::vector<A> x(e_n), key(e_n), gkey(g_n);
     std::vector<int32_t> cand(e_n), pos(static_cast<size_t>(std::max<int64_t>(K, p.topk_groups))), scratch;
     std::vector<uint8_t> kept(g_n);
-    // weights[t] from the picked experts (descending selection order) and the unbiased scores.
-    auto write_weights = [&](int64_t t, const int32_t* picked) {
-      const A* s = sc + t * ss;
-      A* w = wt + t * ws;
-      int32_t* ei = ex + t * es;
-      for (int64_t k = 0; k < K; ++k) {
-        ei[k] = picked[k];
-        w[k] = s[picked[k]];
-      }
-      if (p.renormalize) {
-        A sum = 0;
-        for (int64_t k = 0; k < K; ++k) sum += w[k];
-        const A denom = sum + eps;
-        for (int64_t k = 0; k < K; ++k) w[k] = w[k] / denom;
-      }
-      for (int64_t k = 0; k < K; ++k) w[k] = w[k] * scale;
-    };
     for (int64_t t = t0; t < t1; ++t) {
       A* s = sc + t * ss;
       if (!load_row(lg + t * ls, E, x.data())) nan_row.note(t);  // still routed: indices stay valid
@@ -248,10 +231,21 @@ Status topk_gating_forward_impl(const TopkGatingParams& p, const TensorView& log
         cidx = cand.data();
       }
       select_topk(ckey, ncand, K, pos.data(), scratch);
-      if (cidx) {
-        for (int64_t k = 0; k < K; ++k) pos[k] = cidx[pos[k]];
+
+      // Weights: the unbiased scores of the picked experts, renormalised over the K, then scaled.
+      A* w = wt + t * ws;
+      int32_t* ei = ex + t * es;
+      for (int64_t k = 0; k < K; ++k) {
+        ei[k] = cidx ? cidx[pos[k]] : pos[k];
+        w[k] = s[ei[k]];
       }
-      write_weights(t, pos.data());
+      if (p.renormalize) {
+        A sum = 0;
+        for (int64_t k = 0; k < K; ++k) sum += w[k];
+        const A denom = sum + eps;
+        for (int64_t k = 0; k < K; ++k) w[k] = w[k] / denom;
+      }
+      for (int64_t k = 0; k < K; ++k) w[k] = w[k] * scale;
     }
   });
   if (nan_row.any()) return nan_logits("topk_gating_forward", nan_row.row());
