@@ -257,6 +257,7 @@ std::vector<Case> forward_cases() {
       cs.push_back({65, 64, make_params(6, f, renorm, 1.0f, 8, 3, GroupScore::kTop2Sum), false, true});
       cs.push_back({65, 64, make_params(20, f, renorm, 1.0f, 16, 9, GroupScore::kTop2Sum), true, false});
       cs.push_back({17, 8, make_params(2, f, renorm, 1.0f, 8, 3, GroupScore::kTop2Sum), true, true});  // G = 1
+      cs.push_back({19, 512, make_params(8, f, renorm, 1.0f, 8, 4, GroupScore::kTop2Sum), true, false});
     }
   }
   return cs;
@@ -432,6 +433,30 @@ TEST(TopkGating, RowPaddedLogits) {
   EXPECT_EQ(a.experts, b.experts);
   EXPECT_TRUE(bitwise_equal(a.weights, b.weights));
   EXPECT_TRUE(bitwise_equal(a.scores, b.scores));
+}
+
+TEST(TopkGating, RowPaddedBackward) {
+  const int64_t T = 7, E = 9, K = 3, ld = 13;
+  TopkGatingParams p = make_params(int(K), ScoreFunc::kSoftmax, true);
+  Gate<float> fw = run_topk(uniform<float>(size_t(T * E), 52), T, E, p);
+  ASSERT_TRUE(fw.status.ok());
+  std::vector<float> gw = uniform<float>(size_t(T * K), 53), gs = uniform<float>(size_t(T * E), 54);
+  std::vector<float> dense = run_topk_backward(fw, T, E, p, gw, gs);
+  // the same data with every [T, E] tensor in rows of ld elements
+  auto pad = [&](const std::vector<float>& v) {
+    std::vector<float> out(size_t(T * ld), std::numeric_limits<float>::quiet_NaN());
+    for (int64_t t = 0; t < T; ++t) std::copy_n(&v[t * E], E, &out[t * ld]);
+    return out;
+  };
+  std::vector<float> sp = pad(fw.scores), gsp = pad(gs), gxp(size_t(T * ld), -7.f);
+  std::vector<int32_t> ex = fw.experts;
+  ASSERT_TRUE(topk_gating_backward(Exec{}, p, view2d(sp, T, E, ld), view2d(ex, T, K), view2d(gw, T, K),
+                                   view2d(gsp, T, E, ld), view2d(gxp, T, E, ld))
+                  .ok());
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t e = 0; e < E; ++e) ASSERT_EQ(gxp[t * ld + e], dense[t * E + e]);
+    for (int64_t e = E; e < ld; ++e) ASSERT_EQ(gxp[t * ld + e], -7.f);  // padding untouched
+  }
 }
 
 TEST(TopkGating, ZeroTokens) {
