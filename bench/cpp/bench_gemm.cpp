@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <map>
 #include <vector>
 
 #include "cpu/gemm.h"
@@ -41,24 +40,21 @@ template <class T> std::vector<T> filled(size_t n, uint32_t seed) {
   return v;
 }
 
-// Median seconds of a few runs of one dense sgemm [M, K] x [K, N] with the BLAS's own threads;
-// cached per shape so every benchmark of that shape divides by the same roof.
+// GFLOP/s of one dense sgemm [M, K] x [K, N] with the BLAS's own threads: the median of 3 runs after a
+// warm-up, measured right before each benchmark so that both see the same machine load.
 double roof_gflops(int64_t M, int64_t N, int64_t K) {
-  static std::map<std::vector<int64_t>, double> cache;
-  const std::vector<int64_t> key = {M, N, K};
-  if (auto it = cache.find(key); it != cache.end()) return it->second;
-  auto a = filled<float>(size_t(M * K), 1), b = filled<float>(size_t(K * N), 2);
-  std::vector<float> c(size_t(M * N));
+  static std::vector<float> a, b, c;
+  a.resize(size_t(M * K), 0.5f);
+  b.resize(size_t(K * N), 0.25f);
+  c.resize(size_t(M * N));
   std::vector<double> t;
-  for (int i = 0; i < 6; ++i) {
+  for (int i = 0; i < 4; ++i) {
     const auto t0 = std::chrono::steady_clock::now();
     cpu::dense_sgemm_roof(cpu::num_threads(), M, N, K, a.data(), b.data(), c.data());
     t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
-  std::sort(t.begin() + 1, t.end());  // the first run is warm-up
-  const double g = 2.0 * double(M) * double(N) * double(K) / t[3] * 1e-9;
-  cache[key] = g;
-  return g;
+  std::sort(t.begin() + 1, t.end());  // t[0] is the warm-up
+  return 2.0 * double(M) * double(N) * double(K) / t[2] * 1e-9;
 }
 
 // Runs the timed loop and sets the counters; `seconds` of the loop are timed here too, so that the
