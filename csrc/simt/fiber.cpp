@@ -15,7 +15,7 @@
 
 namespace smoe::simt::detail {
 
-FiberStack allocate_stack(size_t bytes) {
+FiberStack allocate_stack(size_t bytes, bool guard) {
   const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   bytes = (bytes + page - 1) / page * page;
   FiberStack s;
@@ -29,7 +29,7 @@ FiberStack allocate_stack(size_t bytes) {
   s.mapping = static_cast<char*>(m);
   // A guard page below the stack turns an overflow into a segmentation fault at the faulting
   // access instead of silent corruption of the neighbouring fiber (raise SMOE_SIMT_STACK_KB).
-  mprotect(s.mapping, page, PROT_NONE);
+  if (guard) mprotect(s.mapping, page, PROT_NONE);
   s.lo = s.mapping + page;
   s.bytes = bytes;
   return s;

@@ -33,7 +33,10 @@ struct FiberStack {
   size_t bytes = 0;
 };
 
-FiberStack allocate_stack(size_t bytes);
+// With `guard`, a PROT_NONE page below the stack turns an overflow into a segmentation fault.
+// Each guard splits the mapping in two (kernel VMAs are limited by vm.max_map_count, 65530 by
+// default), so callers skip guards when they need very many stacks at once.
+FiberStack allocate_stack(size_t bytes, bool guard);
 void free_stack(FiberStack& stack);
 
 struct Context {

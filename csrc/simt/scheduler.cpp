@@ -212,6 +212,7 @@ struct Worker {
   std::vector<Fiber> fibers;
   std::vector<FiberStack> stacks;
   size_t stack_bytes = 0;
+  bool guard_pages = true;
   Fiber* current = nullptr;
   Block block;
   LaunchState* launch = nullptr;
@@ -223,7 +224,7 @@ struct Worker {
     for (auto& s : stacks) free_stack(s);
   }
 
-  void run_launch(LaunchState& ls);
+  void run_launch(LaunchState& ls, uint64_t nworkers);
   void run_block(uint64_t linear);
   void poison_module_tls();
   void resume(Fiber& f);
@@ -476,7 +477,8 @@ void Worker::run_block(uint64_t linear) {
 
   if (stacks.size() < static_cast<size_t>(n)) {
     fibers.resize(static_cast<size_t>(n));
-    while (stacks.size() < static_cast<size_t>(n)) stacks.push_back(allocate_stack(stack_bytes));
+    while (stacks.size() < static_cast<size_t>(n))
+      stacks.push_back(allocate_stack(stack_bytes, guard_pages));
   }
   for (int t = 0; t < n; ++t) {
     Fiber& f = fibers[t];
@@ -551,9 +553,12 @@ void Worker::run_block(uint64_t linear) {
   tls_thread = nullptr;
 }
 
-void Worker::run_launch(LaunchState& ls) {
+void Worker::run_launch(LaunchState& ls, uint64_t nworkers) {
   launch = &ls;
   stack_bytes = ls.opt.stack_bytes ? ls.opt.stack_bytes : kDefaultStackBytes;
+  // Guard pages for every stack unless that would take tens of thousands of mappings.
+  const uint64_t threads = uint64_t{ls.desc->block.x} * ls.desc->block.y * ls.desc->block.z;
+  guard_pages = threads * nworkers <= 16384;
   if (!stacks.empty() && stacks.front().bytes < stack_bytes) {
     for (auto& s : stacks) free_stack(s);
     stacks.clear();
@@ -597,7 +602,7 @@ class SequentialRunner {
       if (stop_) return;
       LaunchState* ls = job_;
       lock.unlock();
-      worker.run_launch(*ls);
+      worker.run_launch(*ls, 1);
       lock.lock();
       job_ = nullptr;
       done_ = true;
@@ -885,9 +890,9 @@ cudaError_t launch(const LaunchDesc& d) {
     std::vector<std::thread> threads_;
     threads_.reserve(nworkers);
     for (uint64_t i = 0; i < nworkers; ++i) {
-      threads_.emplace_back([&ls] {
+      threads_.emplace_back([&ls, nworkers] {
         Worker worker;
-        worker.run_launch(ls);
+        worker.run_launch(ls, nworkers);
       });
     }
     for (auto& t : threads_) t.join();
