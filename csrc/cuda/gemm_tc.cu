@@ -1,0 +1,157 @@
+// Host launchers of the tensor-core grouped GEMM (csrc/cuda/gemm_tc.h; kernels in gemm_tc.cuh).
+//
+// Shapes are validated by the callers (the csrc/core entry points); the launchers check what only
+// this implementation needs: bf16/f16, 16-byte alignment of every row (cp.async.cg moves 16 bytes),
+// column counts that are multiples of 8 (a 16-byte chunk is all in or all out of the matrix), and
+// the grid limits. They dispatch on dtype, tile layout and epilogue once, and never synchronise.
+#include <string>
+
+#include "backend.h"
+#include "common.cuh"
+#include "gemm_tc.cuh"
+#include "gemm_tc.h"
+
+namespace smoe::SMOE_CUDA_NS {
+namespace {
+
+using gemm_tc::Epilogue;
+
+constexpr const char* kNaiveHint = "use grouped_gemm_naive / grouped_gemm_wgrad_naive (any dtype and shape)";
+
+// The 16-byte chunks of a row of `v` start 16-byte aligned: base pointer and row stride.
+bool rows_16b_aligned(const TensorView& v) {
+  return reinterpret_cast<uintptr_t>(v.data) % 16 == 0 && (v.ndim < 2 || v.stride(v.ndim - 2) % 8 == 0);
+}
+
+Status require(bool ok, const char* op, const std::string& what) {
+  return ok ? Status::Ok() : unsupported(op, what + "; " + kNaiveHint);
+}
+
+template <class S, bool kTransB, Epilogue kEpi>
+Status launch_forward(const gemm_tc::ForwardArgs<S>& args, int64_t slots, int64_t n_tiles, cudaStream_t stream) {
+  auto* kernel = &gemm_tc::grouped_gemm_tc_kernel<S, kTransB, kEpi>;
+  // 64 KiB of dynamic shared memory (4 stages of a 128x32 A and a 32x128 B tile) is above the 48 KiB
+  // default: opt in (A100 allows 163 KiB per block, H100 227 KiB).
+  SMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, gemm_tc::kSmemBytes));
+  // x: tile slots (the upper bound of sum_e ceil(rows_e / 128), m fastest so that co-resident CTAs
+  // share one expert's B tiles in L2), y: column tiles; 4 warps of 64x64 outputs each.
+  const dim3 grid(static_cast<unsigned>(slots), static_cast<unsigned>(n_tiles));
+  SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, grid, dim3(gemm_tc::kThreads), gemm_tc::kSmemBytes, stream, args));
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, const TensorView& b,
+                       const TensorView& offsets, const TensorView& token_of_row, const TensorView& row_weights,
+                       const TensorView& c, const TensorView& pre, void* stream) {
+  constexpr const char* op = "grouped_gemm_tc";
+  const bool gather = token_of_row.defined();
+  const int64_t R = gather ? token_of_row.size(0) : a.size(0);
+  const int64_t Kd = a.size(1);
+  const int64_t E = offsets.size(0) - 1;
+  const int64_t N = params.trans_b ? b.size(1) : b.size(2);
+  const bool has_act = params.activation.has_value();
+  const bool gated = has_act && is_gated(*params.activation);
+  const int64_t F = gated ? N / 2 : N;
+  SMOE_RETURN_IF_ERROR(require(a.dtype == DType::kBF16 || a.dtype == DType::kF16, op,
+                               std::string("dtype ") + dtype_name(a.dtype) + " (the tensor cores take bf16 or f16)"));
+  SMOE_RETURN_IF_ERROR(require(Kd % 8 == 0 && N % 8 == 0 && (!gated || F % 8 == 0), op,
+                               "Kd = " + std::to_string(Kd) + ", N = " + std::to_string(N) +
+                                   (gated ? ", F = " + std::to_string(F) : std::string()) +
+                                   " must be multiples of 8 (16-byte cp.async chunks)"));
+  SMOE_RETURN_IF_ERROR(require(rows_16b_aligned(a) && rows_16b_aligned(b) && rows_16b_aligned(c) &&
+                                   (!pre.defined() || rows_16b_aligned(pre)) &&
+                                   b.stride(0) % 8 == 0,
+                               op, "a, b, c, pre need 16-byte aligned data and row strides (multiples of 8)"));
+  if (pre.defined() && !has_act) return invalid_argument(op, "pre", "absent without an activation", "given");
+  if (R == 0 || N == 0 || E < 1) return Status::Ok();
+  const int64_t slots = ceil_div(R, gemm_tc::kBM) + E - 1;
+  const int64_t n_tiles = gated ? ceil_div(F, gemm_tc::kGatedBF) : ceil_div(N, gemm_tc::kBN);
+  SMOE_RETURN_IF_ERROR(require(slots <= INT32_MAX && n_tiles <= 65535, op, "grid beyond CUDA's limits"));
+
+  return dispatch_float(a.dtype, op, [&](auto tag) -> Status {
+    using S = typename decltype(tag)::type;
+    if constexpr (std::is_same_v<S, float>) {
+      return Status(Code::kInternal, "grouped_gemm_tc: f32 passed the dtype check");
+    } else {
+      gemm_tc::ForwardArgs<S> args{};
+      args.a = a.data_as<const S>();
+      args.lda = a.stride(0);
+      args.a_rows = a.size(0);
+      args.token_of_row = gather ? token_of_row.data_as<const int32_t>() : nullptr;
+      args.b = b.data_as<const S>();
+      args.b_expert_stride = b.stride(0);
+      args.ldb = b.stride(1);
+      args.offsets = offsets.data_as<const int64_t>();
+      args.E = static_cast<int32_t>(E);
+      args.R = R;
+      args.N = N;
+      args.Kd = Kd;
+      args.F = F;
+      args.c = c.data_as<S>();
+      args.ldc = c.stride(0);
+      args.pre = pre.defined() ? pre.data_as<S>() : nullptr;
+      args.ldpre = pre.defined() ? pre.stride(0) : 0;
+      args.row_weights = row_weights.defined() ? row_weights.data_as<const float>() : nullptr;
+      args.act = has_act ? static_cast<int32_t>(*params.activation) : 0;
+      const cudaStream_t s = as_stream(stream);
+      // One dispatch point: (trans_b, epilogue) become template parameters here.
+      auto go = [&](auto trans_b) -> Status {
+        constexpr bool kT = decltype(trans_b)::value;
+        if (gated) return launch_forward<S, kT, Epilogue::kGatedActivation>(args, slots, n_tiles, s);
+        if (has_act) return launch_forward<S, kT, Epilogue::kActivation>(args, slots, n_tiles, s);
+        return launch_forward<S, kT, Epilogue::kStore>(args, slots, n_tiles, s);
+      };
+      return params.trans_b ? go(std::true_type{}) : go(std::false_type{});
+    }
+  });
+}
+
+Status grouped_gemm_wgrad_tc(const TensorView& a, const TensorView& b, const TensorView& offsets,
+                             const TensorView& c, void* stream) {
+  constexpr const char* op = "grouped_gemm_wgrad_tc";
+  const int64_t R = a.size(0), M = a.size(1), N = b.size(1);
+  const int64_t E = offsets.size(0) - 1;
+  SMOE_RETURN_IF_ERROR(require(a.dtype == DType::kBF16 || a.dtype == DType::kF16, op,
+                               std::string("dtype ") + dtype_name(a.dtype) + " (the tensor cores take bf16 or f16)"));
+  SMOE_RETURN_IF_ERROR(require(M % 8 == 0 && N % 8 == 0, op,
+                               "M = " + std::to_string(M) + ", N = " + std::to_string(N) +
+                                   " must be multiples of 8 (16-byte cp.async chunks)"));
+  SMOE_RETURN_IF_ERROR(require(rows_16b_aligned(a) && rows_16b_aligned(b) && rows_16b_aligned(c), op,
+                               "a, b, c need 16-byte aligned data and row strides (multiples of 8)"));
+  if (M == 0 || N == 0 || E < 1) return Status::Ok();  // R == 0 is work: every c[e] becomes zeros
+  const int64_t m_tiles = ceil_div(M, gemm_tc::kBM), n_tiles = ceil_div(N, gemm_tc::kBN);
+  SMOE_RETURN_IF_ERROR(require(m_tiles * n_tiles <= INT32_MAX && E <= 65535, op, "grid beyond CUDA's limits"));
+
+  return dispatch_float(a.dtype, op, [&](auto tag) -> Status {
+    using S = typename decltype(tag)::type;
+    if constexpr (std::is_same_v<S, float>) {
+      return Status(Code::kInternal, "grouped_gemm_wgrad_tc: f32 passed the dtype check");
+    } else {
+      gemm_tc::WgradArgs<S> args{};
+      args.a = a.data_as<const S>();
+      args.lda = a.stride(0);
+      args.b = b.data_as<const S>();
+      args.ldb = b.stride(0);
+      args.offsets = offsets.data_as<const int64_t>();
+      args.R = R;
+      args.M = M;
+      args.N = N;
+      args.m_tiles = m_tiles;
+      args.c = c.data_as<S>();
+      auto* kernel = &gemm_tc::grouped_gemm_wgrad_tc_kernel<S>;
+      SMOE_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, gemm_tc::kSmemBytes));
+      // x: the 128x128 tiles of one c[e] (m fastest), y: experts. Each CTA reduces over its whole
+      // segment (no split-K: deterministic, and E * tiles CTAs fill the GPU for the shapes of
+      // docs/kernels/grouped_gemm.md).
+      const dim3 grid(static_cast<unsigned>(m_tiles * n_tiles), static_cast<unsigned>(E));
+      SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, grid, dim3(gemm_tc::kThreads), gemm_tc::kSmemBytes, as_stream(stream),
+                                  args));
+      return Status::Ok();
+    }
+  });
+}
+
+}  // namespace smoe::SMOE_CUDA_NS

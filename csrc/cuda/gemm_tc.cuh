@@ -1,0 +1,484 @@
+// csrc/cuda/gemm_tc.cuh: the tensor-core grouped GEMM kernels (sm_80+): mma.m16n8k16 (bf16/f16 in,
+// f32 accumulate), ldmatrix fragment loads from XOR-swizzled shared memory, a kStages-deep cp.async
+// pipeline, the expert of each CTA found from the device offsets, fused gather / activation /
+// routing-weight epilogues, and the variable-K weight-gradient form. Launchers: gemm_tc.cu.
+//
+// Versions (docs/kernels/grouped_gemm.md has the figures):
+//   v0 grouped_gemm_naive.cu  one thread per output, operands from L2: ~0.25 FLOP/byte, CUDA cores.
+//   v1 this file              128x128x32 CTA tiles staged in shared memory (each loaded element is
+//                             reused 128 times: 64 FLOP/byte of global traffic), tensor cores
+//                             (16x more math per SM than FFMA on A100), and a 4-stage cp.async
+//                             pipeline that overlaps the loads of tile k+3 with the math of tile k.
+//
+// Everything goes through smoe's wrappers (smoe/simt/tensor_core.h), so the SIMT emulator runs the
+// very same source on the CPU.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common.cuh"
+
+namespace smoe::SMOE_CUDA_NS::gemm_tc {
+
+// ---- tile configuration ---------------------------------------------------------------------------
+// CTA tile 128 x 128 x 32 with 4 warps in a 2 x 2 grid, each warp owning a 64 x 64 output tile:
+// - 64 x 64 per warp is the largest warp tile whose accumulators fit the register file with room
+//   to spare: 4 x 8 mma tiles x 4 f32 = 128 accumulator registers per thread, plus 32 for the A/B
+//   fragments of one k16 step. Per k16 step a warp loads 4 A + 8 B fragments (8 ldmatrix.x4) and
+//   issues 32 mma: 4 mma per ldmatrix, enough to keep shared-memory bandwidth below the tensor
+//   cores' demand (CUTLASS's sm80 default for 16-bit inputs uses the same warp tile).
+// - 128 x 128 per CTA: global traffic per FLOP is (128 + 128) * 32 * 2 bytes per 2*128*128*32 FLOPs
+//   = 1/64 byte per FLOP, below A100's 1.5 TB/s / 312 TFLOP/s = 1/200 only together with L2 reuse
+//   across CTAs (neighbouring CTAs share their B tile; see the raster order in gemm_tc.cu).
+// - BK = 32: a row of a K-major tile is 64 bytes (4 chunks of 16 bytes), one stage of A + B is
+//   16 KiB, so 4 stages take 64 KiB: two CTAs per SM fit A100's 164 KiB (the register file,
+//   ~128 x 230 registers per CTA, also allows two), and three tiles are in flight while one is
+//   multiplied, which hides global-memory latency at that occupancy.
+inline constexpr int kBM = 128, kBN = 128, kBK = 32;
+inline constexpr int kWarpsM = 2, kWarpsN = 2;
+inline constexpr int kThreads = 32 * kWarpsM * kWarpsN;  // 128
+inline constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN;  // 64 x 64
+inline constexpr int kMI = kWM / 16, kNI = kWN / 8;             // 4 x 8 mma.m16n8k16 tiles per warp
+inline constexpr int kStages = 4;
+inline constexpr int kChunk = 8;  // 16-bit elements per 16-byte cp.async / ldmatrix row
+inline constexpr int kTileElems = kBM * kBK;  // one operand tile (= kBK * kBN)
+static_assert(kBM == kBN && kBM * kBK == kBK * kBN, "A and B tiles share the two swizzled layouts");
+static_assert(kThreads * 4 * kChunk == kTileElems, "each thread copies 4 chunks of each operand per stage");
+inline constexpr int kSmemBytes = kStages * 2 * kTileElems * 2;  // 64 KiB (16-bit elements)
+// A gated activation pairs gate and up columns inside a warp: each warp's 64 accumulator columns
+// are 32 gate columns then the 32 matching up columns, so a CTA produces 64 outputs of [R, F].
+inline constexpr int kGatedBF = kBN / 2;
+
+enum class Epilogue : int { kStore = 0, kActivation = 1, kGatedActivation = 2 };
+
+// ---- shared-memory layouts --------------------------------------------------------------------------
+// Two tile shapes, both XOR-swizzled at 16-byte granularity so that ldmatrix (8 rows of 16 bytes per
+// matrix) and the cp.async stores touch 8 distinct 16-byte bank groups, i.e. all 32 banks once: the
+// same idea as CUTLASS's crosswise TensorOp layouts / CuTe's Swizzle<B,M,S>, written out here.
+//
+// K-major tile [128 rows][32 k] (A of the forward GEMM; B when trans_b): a row is 64 bytes = 4 chunks,
+// so two rows share a 128-byte bank line. Chunk c of row r goes to slot c ^ ((r >> 1) & 3): for 8
+// consecutive rows at one logical chunk the slots (r & 1) * 4 + (c ^ (r >> 1 & 3)) are all distinct.
+__device__ __forceinline__ int kmajor_offset(int row, int chunk) {
+  return row * kBK + ((chunk ^ ((row >> 1) & 3)) * kChunk);
+}
+// MN-major tile [32 k][128 columns] (B when !trans_b; both operands of wgrad): a row is 256 bytes =
+// 16 chunks, so every row starts at bank 0. Chunk c of row k goes to c ^ (k & 7): 8 consecutive k
+// rows at one logical chunk land in 8 distinct 16-byte slots of the 128-byte bank line.
+__device__ __forceinline__ int mnmajor_offset(int k, int chunk) {
+  return k * kBN + ((chunk ^ (k & 7)) * kChunk);
+}
+
+// ---- global -> shared loaders (cp.async, 16 bytes per copy, zero-filled outside the matrix) ---------
+// A chunk is either entirely inside or entirely outside the matrix because the launchers require
+// column counts that are multiples of 8. Masked copies pass src_bytes = 0 (PTX ISA 9.7.9.25.3.1,
+// cp.async with src-size: the remaining bytes of the 16 are zeros) and a valid dummy address.
+
+// K-major tile: thread t copies chunk t % 4 of rows t / 4 + 32 i (i = 0..3). The source row of each
+// of its tile rows is fixed for the whole K loop (gathered rows, expert rows), nullptr = zero row.
+template <class S>
+struct KMajorLoader {
+  const S* row[4];
+  const S* dummy;  // any valid global address (the masked copies read nothing)
+  int64_t k_len;   // columns of the source rows (the reduction length)
+
+  __device__ __forceinline__ void load(S* tile, int64_t k0) const {
+    const int chunk = threadIdx.x & 3;
+    const int64_t col = k0 + chunk * kChunk;
+    const bool in_k = col < k_len;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = (threadIdx.x >> 2) + 32 * i;
+      const bool ok = in_k && row[i] != nullptr;
+      smoe::simt::cp_async_16_zfill(tile + kmajor_offset(r, chunk), ok ? row[i] + col : dummy, ok ? 16 : 0);
+    }
+  }
+};
+
+// MN-major tile: thread t copies chunk t % 16 (8 columns) of k rows t / 16 + 8 i (i = 0..3).
+// base points at (k = 0, this thread's first column); consecutive k rows are ld elements apart.
+template <class S>
+struct MnMajorLoader {
+  const S* base;
+  const S* dummy;
+  int64_t ld;
+  int64_t k_len;  // k rows at or past k_len are zeros
+  bool col_ok;    // this thread's 8 columns lie inside the matrix
+
+  __device__ __forceinline__ void load(S* tile, int64_t k0) const {
+    const int chunk = threadIdx.x & 15;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int kr = (threadIdx.x >> 4) + 8 * i;
+      const int64_t k = k0 + kr;
+      const bool ok = col_ok && k < k_len;
+      smoe::simt::cp_async_16_zfill(tile + mnmajor_offset(kr, chunk), ok ? base + k * ld : dummy, ok ? 16 : 0);
+    }
+  }
+};
+
+// ---- shared -> register fragments (ldmatrix) ----------------------------------------------------------
+// mma.m16n8k16 fragments (PTX ISA 9.7.14.5.8): A 16x16 in 4 registers = the 8x8 matrices
+// (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15); B 16x8 (k x n) in 2
+// registers = (k 0-7), (k 8-15). ldmatrix.x4 (9.7.14.5.15) loads four 8x8 matrices, matrix j's row
+// addresses coming from lanes 8j..8j+7; without .trans lane l receives (row l/4, cols 2(l%4), +1) of
+// each, which is the A layout for a [row][k] tile and the B layout for an [n][k] tile; with .trans it
+// receives (rows 2(l%4), +1, col l/4): the A layout for a [k][row] tile, the B layout for [k][n].
+template <bool kKMajor, class S>
+__device__ __forceinline__ void load_a_frags(uint32_t (&af)[kMI][4], const S* tile, int warp_m, int lane, int kk) {
+#pragma unroll
+  for (int mi = 0; mi < kMI; ++mi) {
+    if constexpr (kKMajor) {
+      const int row = warp_m * kWM + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+      const int chunk = kk / kChunk + (lane >> 4);
+      smoe::simt::ldmatrix_x4(af[mi], tile + kmajor_offset(row, chunk));
+    } else {
+      const int k = kk + (lane >> 4) * 8 + (lane & 7);
+      const int chunk = (warp_m * kWM + mi * 16) / kChunk + ((lane >> 3) & 1);
+      smoe::simt::ldmatrix_x4_trans(af[mi], tile + mnmajor_offset(k, chunk));
+    }
+  }
+}
+
+template <bool kKMajor, class S>
+__device__ __forceinline__ void load_b_frags(uint32_t (&bf)[kNI][2], const S* tile, int warp_n, int lane, int kk) {
+#pragma unroll
+  for (int p = 0; p < kNI / 2; ++p) {  // two n8 tiles per ldmatrix.x4
+    uint32_t r[4];
+    if constexpr (kKMajor) {
+      const int n = warp_n * kWN + p * 16 + (lane & 7) + (lane >> 4) * 8;
+      const int chunk = kk / kChunk + ((lane >> 3) & 1);
+      smoe::simt::ldmatrix_x4(r, tile + kmajor_offset(n, chunk));
+    } else {
+      const int k = kk + ((lane >> 3) & 1) * 8 + (lane & 7);
+      const int chunk = (warp_n * kWN + p * 16) / kChunk + (lane >> 4);
+      smoe::simt::ldmatrix_x4_trans(r, tile + mnmajor_offset(k, chunk));
+    }
+    bf[2 * p][0] = r[0];
+    bf[2 * p][1] = r[1];
+    bf[2 * p + 1][0] = r[2];
+    bf[2 * p + 1][1] = r[3];
+  }
+}
+
+template <class S>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  if constexpr (std::is_same_v<S, __nv_bfloat16>) {
+    smoe::simt::mma_m16n8k16_bf16(d, a, b, d);
+  } else {
+    static_assert(std::is_same_v<S, __half>, "the tensor-core GEMM takes bf16 or f16");
+    smoe::simt::mma_m16n8k16_f16(d, a, b, d);
+  }
+}
+
+// ---- the pipelined main loop -------------------------------------------------------------------------
+// acc += A(128 x k_len) * B(k_len x 128) for this CTA, k_len split into ceil(k_len / 32) tiles.
+// Multistage schedule (as CUTLASS's sm80 "multistage" mainloop): the prologue issues tiles
+// 0..kStages-2, one commit group each; iteration kt waits until at most kStages-2 groups are pending
+// (tile kt has landed for this thread), barriers (tile kt visible to all threads, and every thread is
+// done reading the stage that tile kt+kStages-1 overwrites: it held tile kt-1), issues that tile,
+// and multiplies tile kt. Every iteration commits a group, empty at the tail, so the count stays exact.
+template <class S, bool kAKMajor, bool kBKMajor, class ALoader, class BLoader>
+__device__ __forceinline__ void mainloop(float (&acc)[kMI][kNI][4], S* smem, const ALoader& la, const BLoader& lb,
+                                         int64_t k_len) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int warp_m = warp % kWarpsM, warp_n = warp / kWarpsM;
+  const int64_t num_k = (k_len + kBK - 1) / kBK;
+  auto stage_a = [&](int64_t t) { return smem + (t % kStages) * (2 * kTileElems); };
+  auto stage_b = [&](int64_t t) { return smem + (t % kStages) * (2 * kTileElems) + kTileElems; };
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_k) {
+      la.load(stage_a(s), int64_t{s} * kBK);
+      lb.load(stage_b(s), int64_t{s} * kBK);
+    }
+    smoe::simt::cp_async_commit();
+  }
+  for (int64_t kt = 0; kt < num_k; ++kt) {
+    smoe::simt::cp_async_wait<kStages - 2>();
+    __syncthreads();
+    const int64_t next = kt + kStages - 1;
+    if (next < num_k) {
+      la.load(stage_a(next), next * kBK);
+      lb.load(stage_b(next), next * kBK);
+    }
+    smoe::simt::cp_async_commit();
+
+    const S* ta = stage_a(kt);
+    const S* tb = stage_b(kt);
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 16) {
+      uint32_t af[kMI][4], bf[kNI][2];
+      load_a_frags<kAKMajor>(af, ta, warp_m, lane, kk);
+      load_b_frags<kBKMajor>(bf, tb, warp_n, lane, kk);
+#pragma unroll
+      for (int mi = 0; mi < kMI; ++mi) {
+#pragma unroll
+        for (int ni = 0; ni < kNI; ++ni) mma16816<S>(acc[mi][ni], af[mi], bf[ni]);
+      }
+    }
+  }
+  smoe::simt::cp_async_wait_all();  // only empty groups remain; retire them before the CTA exits
+}
+
+// ---- epilogue helpers -----------------------------------------------------------------------------------
+// The activations with the formulas of activation.cu and the CPU backend (exact erf GELU; SwiGLU:
+// Shazeer 2020, arXiv:2002.05202), on f32 values.
+__device__ __forceinline__ float act_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float act_gelu(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752440f)); }
+__device__ __forceinline__ float apply_activation(int act, float g, float u) {
+  switch (act) {
+    case static_cast<int>(Activation::kSwiGLU): return g * act_sigmoid(g) * u;
+    case static_cast<int>(Activation::kGeGLU): return act_gelu(g) * u;
+    case static_cast<int>(Activation::kGELU): return act_gelu(g);
+    default: return g > 0.0f ? g : 0.0f;  // kReLU
+  }
+}
+// Values pass through the storage type before the activation, as in the unfused pre -> act path.
+template <class S>
+__device__ __forceinline__ float round_trip(float v) {
+  return to_float(from_float<S>(v));
+}
+template <class S>
+__device__ __forceinline__ void store_pair(S* p, float v0, float v1) {  // p is 4-byte aligned
+  Pack<S, 2> q;
+  q.v[0] = from_float<S>(v0);
+  q.v[1] = from_float<S>(v1);
+  *reinterpret_cast<Pack<S, 2>*>(p) = q;
+}
+
+// ---- forward kernel ----------------------------------------------------------------------------------------
+template <class S>
+struct ForwardArgs {
+  const S* a;                  // [T or R, Kd]
+  int64_t lda, a_rows;         // a_rows: rows of a (gathered indices outside [0, a_rows) read zeros)
+  const int32_t* token_of_row; // [R] or nullptr
+  const S* b;                  // [E, N, Kd] or [E, Kd, N]
+  int64_t b_expert_stride, ldb;
+  const int64_t* offsets;      // [E+1]
+  int32_t E;
+  int64_t R;                   // rows of c: segments are clamped to [0, R)
+  int64_t N, Kd, F;            // GEMM N; reduction length; F = N / 2 for a gated activation
+  S* c;                        // [R, N] or [R, F]
+  int64_t ldc;
+  S* pre;                      // [R, N] or nullptr
+  int64_t ldpre;
+  const float* row_weights;    // [R] or nullptr
+  int32_t act;
+};
+
+// Finds the (expert, m tile) of tile slot `slot`: experts take consecutive slots, ceil(rows_e / 128)
+// each, in expert order. Each thread sums the tiles of a contiguous run of ceil(E / 128) experts, a
+// block-wide exclusive scan gives every run its first slot, and the thread whose run holds `slot`
+// publishes it. Returns false (for the whole CTA) when the slot is past the last tile: the grid
+// covers the upper bound sum_e ceil(rows_e / 128) <= ceil(R / 128) + E - 1 without reading offsets
+// on the host.
+__device__ __forceinline__ bool find_tile(const int64_t* offsets, int E, int64_t R, int64_t slot, int* expert,
+                                          int64_t* m_tile) {
+  __shared__ int64_t s_warp_total[kThreads / 32];
+  __shared__ int s_expert;
+  __shared__ int64_t s_m_tile;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int per = (E + kThreads - 1) / kThreads;
+  const int e_begin = min(E, tid * per), e_end = min(E, e_begin + per);
+  auto tiles_of = [&](int e) -> int64_t {
+    const int64_t lo = max(int64_t{0}, min(offsets[e], R)), hi = max(lo, min(offsets[e + 1], R));
+    return (hi - lo + kBM - 1) / kBM;
+  };
+  int64_t local = 0;
+  for (int e = e_begin; e < e_end; ++e) local += tiles_of(e);
+  int64_t incl = local;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int64_t v = __shfl_up_sync(kFullMask, incl, o);
+    if (lane >= o) incl += v;
+  }
+  if (lane == 31) s_warp_total[warp] = incl;
+  if (tid == 0) s_expert = -1;
+  __syncthreads();
+  int64_t base = incl - local;
+  for (int w = 0; w < warp; ++w) base += s_warp_total[w];
+  for (int e = e_begin; e < e_end; ++e) {
+    const int64_t t = tiles_of(e);
+    if (slot >= base && slot < base + t) {
+      s_expert = e;
+      s_m_tile = slot - base;
+    }
+    base += t;
+  }
+  __syncthreads();
+  *expert = s_expert;
+  *m_tile = s_m_tile;
+  return *expert >= 0;
+}
+
+// Grid: x = tile slots (M, fastest: CTAs that run together share the B tile of one expert in L2),
+// y = N tiles (of 128 GEMM columns; of 64 outputs for a gated activation). 128 threads.
+template <class S, bool kTransB, Epilogue kEpi>
+__global__ void __launch_bounds__(kThreads) grouped_gemm_tc_kernel(const ForwardArgs<S> p) {
+  SMOE_DYNAMIC_SMEM(unsigned char, smem_bytes);  // one byte type for every S: extern __shared__ arrays alias
+  S* const smem = reinterpret_cast<S*>(smem_bytes);
+  int e;
+  int64_t m_tile;
+  if (!find_tile(p.offsets, p.E, p.R, blockIdx.x, &e, &m_tile)) return;  // uniform over the CTA
+  const int64_t seg_begin = max(int64_t{0}, min(p.offsets[e], p.R));
+  const int64_t seg_end = max(seg_begin, min(p.offsets[e + 1], p.R));
+  const int64_t m0 = seg_begin + m_tile * kBM;
+  constexpr bool kGated = kEpi == Epilogue::kGatedActivation;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * (kGated ? kGatedBF : kBN);  // column / output f
+  const S* be = p.b + e * p.b_expert_stride;
+
+  // A: K-major, rows gathered through token_of_row; rows past the segment or with token -1 are zeros.
+  KMajorLoader<S> la;
+  la.dummy = p.a;
+  la.k_len = p.Kd;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t r = m0 + (threadIdx.x >> 2) + 32 * i;
+    int64_t src = r < seg_end ? r : -1;
+    if (src >= 0 && p.token_of_row != nullptr) src = p.token_of_row[r];
+    la.row[i] = (src >= 0 && src < p.a_rows) ? p.a + src * p.lda : nullptr;
+  }
+  // GEMM column of tile column j: plain, or for a gated activation the gate / up column of output f.
+  auto b_column = [&](int j, bool* ok) -> int64_t {
+    if constexpr (kGated) {
+      const int w = j % kWN;
+      const int64_t f = n0 + (j / kWN) * (kWN / 2) + (w % (kWN / 2));
+      *ok = f < p.F;
+      return w < kWN / 2 ? f : p.F + f;
+    } else {
+      *ok = n0 + j < p.N;
+      return n0 + j;
+    }
+  };
+  float acc[kMI][kNI][4] = {};
+  if constexpr (kTransB) {  // b[e] [N, Kd]: K-major rows
+    KMajorLoader<S> lb;
+    lb.dummy = p.b;
+    lb.k_len = p.Kd;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      bool ok;
+      const int64_t n = b_column((threadIdx.x >> 2) + 32 * i, &ok);
+      lb.row[i] = ok ? be + n * p.ldb : nullptr;
+    }
+    mainloop<S, true, true>(acc, smem, la, lb, p.Kd);
+  } else {  // b[e] [Kd, N]: MN-major
+    MnMajorLoader<S> lb;
+    bool ok;
+    const int64_t n = b_column((threadIdx.x & 15) * kChunk, &ok);
+    lb.base = be + n;
+    lb.dummy = p.b;
+    lb.ld = p.ldb;
+    lb.k_len = p.Kd;
+    lb.col_ok = ok;
+    mainloop<S, true, false>(acc, smem, la, lb, p.Kd);
+  }
+
+  // Epilogue straight from the accumulators (C fragment, PTX ISA 9.7.14.5.8: lane holds rows
+  // lane/4 and lane/4 + 8, columns 2(lane%4) and +1 of each m16n8 tile): 4-byte stores of two
+  // adjacent columns.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int warp_m = warp % kWarpsM, warp_n = warp / kWarpsM;
+#pragma unroll
+  for (int mi = 0; mi < kMI; ++mi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t r = m0 + warp_m * kWM + mi * 16 + (lane >> 2) + h * 8;
+      if (r >= seg_end) continue;
+      const float w = p.row_weights != nullptr ? p.row_weights[r] : 1.0f;
+      if constexpr (kGated) {
+#pragma unroll
+        for (int ni = 0; ni < kNI / 2; ++ni) {
+          const int64_t f = n0 + warp_n * (kWN / 2) + ni * 8 + (lane & 3) * 2;
+          if (f >= p.F) continue;  // F % 8 == 0: f and f + 1 are both in or both out
+          const float g0 = round_trip<S>(acc[mi][ni][2 * h]), g1 = round_trip<S>(acc[mi][ni][2 * h + 1]);
+          const float u0 = round_trip<S>(acc[mi][ni + kNI / 2][2 * h]);
+          const float u1 = round_trip<S>(acc[mi][ni + kNI / 2][2 * h + 1]);
+          if (p.pre != nullptr) {
+            store_pair(p.pre + r * p.ldpre + f, g0, g1);
+            store_pair(p.pre + r * p.ldpre + p.F + f, u0, u1);
+          }
+          store_pair(p.c + r * p.ldc + f, w * apply_activation(p.act, g0, u0),
+                     w * apply_activation(p.act, g1, u1));
+        }
+      } else {
+#pragma unroll
+        for (int ni = 0; ni < kNI; ++ni) {
+          const int64_t n = n0 + warp_n * kWN + ni * 8 + (lane & 3) * 2;
+          if (n >= p.N) continue;  // N % 8 == 0
+          float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
+          if constexpr (kEpi == Epilogue::kActivation) {
+            v0 = round_trip<S>(v0);
+            v1 = round_trip<S>(v1);
+            if (p.pre != nullptr) store_pair(p.pre + r * p.ldpre + n, v0, v1);
+            v0 = apply_activation(p.act, v0, 1.0f);
+            v1 = apply_activation(p.act, v1, 1.0f);
+          }
+          store_pair(p.c + r * p.ldc + n, w * v0, w * v1);
+        }
+      }
+    }
+  }
+}
+
+// ---- weight-gradient kernel (variable K) ------------------------------------------------------------------
+template <class S>
+struct WgradArgs {
+  const S* a;  // [R, M]
+  int64_t lda;
+  const S* b;  // [R, N]
+  int64_t ldb;
+  const int64_t* offsets;  // [E+1]
+  int64_t R, M, N;
+  int64_t m_tiles;
+  S* c;  // [E, M, N]
+};
+
+// Grid: x = m_tiles * n_tiles (m fastest), y = E. The reduction runs over the segment's rows, so both
+// operands are MN-major tiles (a[seg]^T is read row by row); an empty segment skips the loop and
+// stores the zero accumulators.
+template <class S>
+__global__ void __launch_bounds__(kThreads) grouped_gemm_wgrad_tc_kernel(const WgradArgs<S> p) {
+  SMOE_DYNAMIC_SMEM(unsigned char, smem_bytes);  // one byte type for every S: extern __shared__ arrays alias
+  S* const smem = reinterpret_cast<S*>(smem_bytes);
+  const int64_t e = blockIdx.y;
+  const int64_t m0 = (blockIdx.x % p.m_tiles) * kBM, n0 = (blockIdx.x / p.m_tiles) * kBN;
+  const int64_t seg_begin = max(int64_t{0}, min(p.offsets[e], p.R));
+  const int64_t seg_end = max(seg_begin, min(p.offsets[e + 1], p.R));
+  const int64_t col = (threadIdx.x & 15) * kChunk;
+  MnMajorLoader<S> la, lb;
+  la.base = p.a + seg_begin * p.lda + m0 + col;
+  la.dummy = p.a;
+  la.ld = p.lda;
+  la.k_len = seg_end - seg_begin;
+  la.col_ok = m0 + col < p.M;
+  lb.base = p.b + seg_begin * p.ldb + n0 + col;
+  lb.dummy = p.b;
+  lb.ld = p.ldb;
+  lb.k_len = seg_end - seg_begin;
+  lb.col_ok = n0 + col < p.N;
+  float acc[kMI][kNI][4] = {};
+  mainloop<S, false, false>(acc, smem, la, lb, seg_end - seg_begin);
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int warp_m = warp % kWarpsM, warp_n = warp / kWarpsM;
+  S* ce = p.c + e * p.M * p.N;
+#pragma unroll
+  for (int mi = 0; mi < kMI; ++mi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t m = m0 + warp_m * kWM + mi * 16 + (lane >> 2) + h * 8;
+      if (m >= p.M) continue;
+#pragma unroll
+      for (int ni = 0; ni < kNI; ++ni) {
+        const int64_t n = n0 + warp_n * kWN + ni * 8 + (lane & 3) * 2;
+        if (n < p.N) store_pair(ce + m * p.N + n, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+      }
+    }
+  }
+}
+
+}  // namespace smoe::SMOE_CUDA_NS::gemm_tc

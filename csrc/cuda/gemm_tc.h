@@ -1,0 +1,61 @@
+// csrc/cuda/gemm_tc.h: the tensor-core grouped GEMM of the CUDA backend (sm_80+), with the fusions
+// of the expert MLP: a token gather in the A loads, the activation in the first GEMM's epilogue, the
+// per-row routing weight in the second GEMM's epilogue; and the variable-K weight-gradient form.
+// Kernels: csrc/cuda/gemm_tc.cuh; launchers: csrc/cuda/gemm_tc.cu; design: docs/kernels/grouped_gemm.md.
+//
+// Like backend.h, declared twice: smoe::cuda (nvcc) and smoe::cuda_simt (the same .cu through the
+// SIMT emulator, host pointers). Plain C++: no CUDA header. No launcher synchronises the host; the
+// expert segments are read from the device offsets inside the kernels, so a layer that calls them
+// can be captured in a CUDA graph.
+//
+// Supported: bf16 and f16 (mma.m16n8k16 with f32 accumulation). Anything else (f32, f64) returns
+// kUnsupported naming the fallback: grouped_gemm_naive / grouped_gemm_wgrad_naive (f32), the CPU
+// backend (f64). The 16-byte cp.async loads need every leading dimension and the column counts
+// (Kd, N, F, M, and the row strides) to be multiples of 8 elements and 16-byte aligned base
+// pointers; otherwise the launchers return kUnsupported ("... use grouped_gemm_naive").
+#pragma once
+
+#include <optional>
+
+#include "smoe/smoe.h"
+
+namespace smoe {
+
+struct GroupedGemmTcParams {
+  bool trans_b = true;  // true: b [E, N, Kd] (nn.Linear weights); false: b [E, Kd, N]
+  // Epilogue activation (absent: plain store). For a gated activation the GEMM's N is 2F with
+  // b's output rows ordered [gate | up] (the layout of w1 in include/smoe/ops/mlp.h); c is [R, F].
+  std::optional<Activation> activation;
+};
+
+}  // namespace smoe
+
+#define SMOE_DETAIL_GEMM_TC_DECLS                                                                         \
+  /* c[r] = epilogue(a[row r] @ op(b[e])) for every row r in expert e's segment [offsets[e], offsets[e+1]). \
+     a            [R, Kd], or [T, Kd] with token_of_row: row r reads a[token_of_row[r]] (-1: zeros)         \
+     b            [E, N, Kd] (trans_b) or [E, Kd, N]                                                       \
+     offsets      [E+1] i64, device; rows past offsets[E] are left untouched                               \
+     token_of_row [R] i32 or absent                                                                         \
+     row_weights  [R] f32 or absent: the stored value is multiplied by row_weights[r] before rounding       \
+     c            [R, N], or [R, F] (N = 2F) with a gated activation                                        \
+     pre          absent, or with an activation [R, N]: the pre-activation values (saved for backward);     \
+                  the activation is computed from pre rounded to the storage type, as the unfused path     \
+                  activation_forward(pre) does. */                                                          \
+  Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, const TensorView& b,       \
+                         const TensorView& offsets, const TensorView& token_of_row,                         \
+                         const TensorView& row_weights, const TensorView& c, const TensorView& pre,         \
+                         void* stream);                                                                     \
+  /* The variable-K form (weight gradients): c[e] = a[seg_e]^T @ b[seg_e], the reduction over the rows of   \
+     segment e. a [R, M], b [R, N], offsets [E+1] i64, c [E, M, N]; an empty segment writes exact zeros. */ \
+  Status grouped_gemm_wgrad_tc(const TensorView& a, const TensorView& b, const TensorView& offsets,        \
+                               const TensorView& c, void* stream);
+
+namespace smoe::cuda {
+SMOE_DETAIL_GEMM_TC_DECLS
+}  // namespace smoe::cuda
+
+namespace smoe::cuda_simt {
+SMOE_DETAIL_GEMM_TC_DECLS
+}  // namespace smoe::cuda_simt
+
+#undef SMOE_DETAIL_GEMM_TC_DECLS
