@@ -230,7 +230,12 @@ struct Worker {
   void resume(Fiber& f);
   void schedule_round_order();
   std::string where_threads_wait() const;
-  std::string thread_name(int linear) const;
+  // Fixed-size, so that a name passed to fail_at owns no heap memory (see abandon_current).
+  struct Name {
+    char text[64];
+    const char* c_str() const { return text; }
+  };
+  Name thread_name(int linear) const;
   void fail_in_scheduler(const std::string& message);
 };
 
@@ -252,10 +257,12 @@ std::string format(const char* fmt, ...) {
   return s;
 }
 
-std::string Worker::thread_name(int linear) const {
+Worker::Name Worker::thread_name(int linear) const {
   const dim3 d = block.pub.block_dim;
   const unsigned x = linear % d.x, y = (linear / d.x) % d.y, z = linear / (d.x * d.y);
-  return format("thread (%u,%u,%u)", x, y, z);
+  Name n;
+  std::snprintf(n.text, sizeof(n.text), "thread (%u,%u,%u)", x, y, z);
+  return n;
 }
 
 // One line per run of consecutive threads that wait at the same place.
@@ -302,7 +309,10 @@ void record_launch_failure(LaunchState& ls, const std::string& message) {
   ls.failed.store(true);
 }
 
-[[noreturn]] void fail_current(const std::string& what) {
+// Records a failure of the running fiber (first error of the launch wins) and fails its block.
+// Callers then call abandon_current() outside the scope of their strings: an abandoned fiber's
+// frames are never unwound, so anything they own on the heap would leak.
+void record_current_failure(const std::string& what) {
   Worker* w = tls_worker;
   if (w == nullptr || w->current == nullptr) {
     std::fprintf(stderr, "smoe-simt: error outside a kernel: %s\n", what.c_str());
@@ -315,6 +325,12 @@ void record_launch_failure(LaunchState& ls, const std::string& message) {
   msg += w->where_threads_wait();
   record_launch_failure(*w->launch, msg);
   w->block.failed = true;
+}
+
+// Leaves the running fiber for good after record_current_failure.
+[[noreturn]] void abandon_current() {
+  Worker* w = tls_worker;
+  Fiber& f = *w->current;
   f.wait = Wait::kExited;  // never resumed
   exit_to_context(f.ctx, w->main);
 }
@@ -362,17 +378,20 @@ void fiber_entry(void* arg) {
 
   Block& b = w.block;
   if (b.bar_count > 0) {
-    fail_current(format("%s exits while %d thread(s) wait at __syncthreads at %s:%d: every "
-                        "thread of the block must reach the barrier (undefined behaviour in CUDA)",
-                        w.thread_name(f.linear).c_str(), b.bar_count, b.bar_file, b.bar_line));
+    record_current_failure(
+        format("%s exits while %d thread(s) wait at __syncthreads at %s:%d: every thread of the "
+               "block must reach the barrier (undefined behaviour in CUDA)",
+               w.thread_name(f.linear).c_str(), b.bar_count, b.bar_file, b.bar_line));
+    abandon_current();
   }
   Warp& warp = b.warps[f.pub.warp];
   for (int gi : warp.groups) {
     const Group& g = b.groups[gi];
     if (!g.complete && (g.mask >> f.pub.lane & 1u) && !(g.arrived >> f.pub.lane & 1u)) {
-      fail_current(format("lane %u exits, but %s at %s:%d names it in its mask 0x%08x and waits "
-                          "for it",
-                          f.pub.lane, g.kind->name, g.file, g.line, g.mask));
+      record_current_failure(format("lane %u exits, but %s at %s:%d names it in its mask 0x%08x "
+                                    "and waits for it",
+                                    f.pub.lane, g.kind->name, g.file, g.line, g.mask));
+      abandon_current();
     }
   }
   warp.exited |= 1u << f.pub.lane;
@@ -624,11 +643,14 @@ std::atomic<uint64_t> g_launch_counter{0};
 
 // Device-side entry points --------------------------------------------------------------------
 void fail_at(const char* file, int line, const char* fmt, ...) {
-  va_list ap;
-  va_start(ap, fmt);
-  std::string what = format(fmt, ap);
-  va_end(ap);
-  fail_current(format("%s:%d: %s", file, line, what.c_str()));
+  {
+    va_list ap;
+    va_start(ap, fmt);
+    const std::string what = format(fmt, ap);
+    va_end(ap);
+    record_current_failure(format("%s:%d: %s", file, line, what.c_str()));
+  }
+  abandon_current();
 }
 
 void trap(const char* file, int line) { fail_at(file, line, "__trap() called"); }
