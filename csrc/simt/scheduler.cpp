@@ -15,6 +15,7 @@
 //   * Misuse of barriers and warp collectives is reported as soon as it is certain, with the
 //     file and line of each call involved and a listing of where every thread waits.
 #include <dlfcn.h>
+#include <errno.h>
 #include <link.h>
 #include <sched.h>
 
@@ -198,6 +199,7 @@ struct LaunchState {
   std::atomic<bool> failed{false};
   std::mutex mu;
   std::string message;
+  cudaError_t code = cudaErrorLaunchFailure;
 };
 
 struct TlsRange {
@@ -302,17 +304,19 @@ std::string Worker::where_threads_wait() const {
   return out;
 }
 
-void record_launch_failure(LaunchState& ls, const std::string& message) {
+void record_launch_failure(LaunchState& ls, const std::string& message,
+                           cudaError_t code = cudaErrorLaunchFailure) {
   std::lock_guard<std::mutex> lock(ls.mu);
   if (ls.failed.load()) return;
   ls.message = message;
+  ls.code = code;
   ls.failed.store(true);
 }
 
 // Records a failure of the running fiber (first error of the launch wins) and fails its block.
 // Callers then call abandon_current() outside the scope of their strings: an abandoned fiber's
 // frames are never unwound, so anything they own on the heap would leak.
-void record_current_failure(const std::string& what) {
+void record_current_failure(const std::string& what, cudaError_t code = cudaErrorLaunchFailure) {
   Worker* w = tls_worker;
   if (w == nullptr || w->current == nullptr) {
     std::fprintf(stderr, "smoe-simt: error outside a kernel: %s\n", what.c_str());
@@ -323,7 +327,7 @@ void record_current_failure(const std::string& what) {
   std::string msg = format("%s\n  in block (%u,%u,%u), %s\n  where the threads of the block are:\n",
                            what.c_str(), b.x, b.y, b.z, w->thread_name(f.linear).c_str());
   msg += w->where_threads_wait();
-  record_launch_failure(*w->launch, msg);
+  record_launch_failure(*w->launch, msg, code);
   w->block.failed = true;
 }
 
@@ -655,6 +659,18 @@ void fail_at(const char* file, int line, const char* fmt, ...) {
 
 void trap(const char* file, int line) { fail_at(file, line, "__trap() called"); }
 
+bool in_kernel() { return tls_worker != nullptr && tls_worker->current != nullptr; }
+
+[[noreturn]] void device_assert(const char* expr, const char* file, unsigned line,
+                                const char* function) {
+  {
+    const std::string what =
+        format("%s:%u: %s: device-side assertion `%s' failed", file, line, function, expr);
+    record_current_failure(what, cudaErrorAssert);
+  }
+  abandon_current();
+}
+
 void yield_point() {
   Worker* w = tls_worker;
   if (w == nullptr || w->current == nullptr) return;  // host code
@@ -924,13 +940,24 @@ cudaError_t launch(const LaunchDesc& d) {
     const std::string msg =
         format("kernel launched at %s:%d failed:\n%s", d.file, d.line, ls.message.c_str());
     if (!ls.opt.quiet) std::fprintf(stderr, "smoe-simt: %s", msg.c_str());
-    record_kernel_error(cudaErrorLaunchFailure, msg);
-    return cudaErrorLaunchFailure;
+    record_kernel_error(ls.code, msg);
+    return ls.code;
   }
   return cudaSuccess;
 }
 
 }  // namespace smoe::simt::detail
+
+// assert() in a kernel: glibc's assert macro calls __assert_fail, which this definition
+// interposes (when the runtime is linked into the executable). Inside a kernel the failure becomes
+// the sticky error cudaErrorAssert, as a device-side assert does; elsewhere it behaves like glibc's.
+extern "C" [[noreturn]] void __assert_fail(const char* expr, const char* file, unsigned int line,
+                                          const char* function) noexcept {
+  if (smoe::simt::detail::in_kernel()) smoe::simt::detail::device_assert(expr, file, line, function);
+  std::fprintf(stderr, "%s: %s:%u: %s: Assertion `%s' failed.\n",
+               program_invocation_short_name, file, line, function, expr);
+  std::abort();
+}
 
 long long clock64() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(

@@ -1,6 +1,9 @@
 // SIMT emulator: undefined behaviour is reported, not silently executed — barriers not reached by
 // every thread, warp collectives whose mask names a lane that cannot arrive, deadlocks — and launch
 // configurations the driver rejects return the driver's error codes.
+// assert() must stay active in Release builds of this file.
+#undef NDEBUG
+#include <cassert>
 #include <cstdint>
 
 #include "smoe/simt/kernel.h"
@@ -66,6 +69,12 @@ __global__ void shfl_outside_mask_kernel(int* out) {
 
 __global__ void trap_kernel(int* out) {
   if (threadIdx.x == 3) __trap();
+  out[threadIdx.x] = 1;
+}
+
+[[maybe_unused]] constexpr int kAssertLine = __LINE__ + 2;
+__global__ void assert_kernel(int* out) {
+  assert(threadIdx.x != 2);
   out[threadIdx.x] = 1;
 }
 
@@ -168,6 +177,16 @@ TEST(SimtErrors, TrapIsAStickyLaunchFailure) {
   EXPECT_CONTAINS(cudaGetErrorString(cudaErrorLaunchFailure), "__trap() called");
   EXPECT_EQ(cudaDeviceReset(), cudaSuccess);
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+}
+
+TEST(SimtErrors, DeviceAssertIsCudaErrorAssert) {
+  DeviceBuffer<int> out(8);
+  smoe::simt::test::ScopedOptions q(smoe::simt::test::quiet());
+  EXPECT_EQ(SMOE_LAUNCH(assert_kernel, 1, 8, 0, nullptr, out.ptr), cudaErrorAssert);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaErrorAssert);
+  EXPECT_CONTAINS(cudaGetErrorString(cudaErrorAssert), "device-side assertion `threadIdx.x != 2'");
+  EXPECT_CONTAINS(cudaGetErrorString(cudaErrorAssert), at(kAssertLine));
+  EXPECT_EQ(cudaDeviceReset(), cudaSuccess);
 }
 
 TEST(SimtErrors, LaunchConfigurationsTheDriverRejects) {
