@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "smoe/simt/simt.h"
+#include "smoe/simt/testing.h"
 
 namespace smoe::simt::test {
 
@@ -44,12 +45,7 @@ struct DeviceBuffer {
   }
 };
 
-// Sets the schedule for the lifetime of the object and restores the previous options after.
-struct ScopedOptions {
-  Options saved;
-  explicit ScopedOptions(const Options& o) : saved(options()) { set_options(o); }
-  ~ScopedOptions() { set_options(saved); }
-};
+using smoe::simt::ScopedOptions;
 inline Options with_schedule(Schedule s, uint64_t seed = 0) {
   Options o = options();
   o.schedule = s;

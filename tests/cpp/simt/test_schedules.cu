@@ -115,8 +115,20 @@ TEST(SimtSchedules, MissingBarrierMakesSchedulesDisagree) {
 TEST(SimtSchedules, CorrectKernelIsBitIdenticalUnderAllSchedules) {
   const auto ref = run_neighbour<true>(Schedule::kForward, 0);
   for (int t = 0; t < 128; ++t) ASSERT_EQ(ref[t], static_cast<float>((t + 1) % 128 + 1));
-  EXPECT_TRUE(same_bits(ref, run_neighbour<true>(Schedule::kReverse, 0)));
-  for (uint64_t seed : {1u, 2u, 3u}) EXPECT_TRUE(same_bits(ref, run_neighbour<true>(Schedule::kRandom, seed)));
+  for (const auto& s : smoe::simt::kStandardSchedules)
+    EXPECT_TRUE(same_bits(ref, run_neighbour<true>(s.schedule, s.seed))) << s.name;
+  for (uint64_t seed : {3u, 4u}) EXPECT_TRUE(same_bits(ref, run_neighbour<true>(Schedule::kRandom, seed)));
+}
+
+TEST(SimtSchedules, ScopedScheduleSetsAndRestores) {
+  const smoe::simt::Options before = smoe::simt::options();
+  {
+    smoe::simt::ScopedSchedule s(smoe::simt::kStandardSchedules[2]);
+    EXPECT_EQ(smoe::simt::options().schedule, Schedule::kRandom);
+    EXPECT_EQ(smoe::simt::options().seed, 1u);
+  }
+  EXPECT_EQ(smoe::simt::options().schedule, before.schedule);
+  EXPECT_EQ(smoe::simt::options().seed, before.seed);
 }
 
 TEST(SimtSchedules, BlockReduction64x256IsFastAndExact) {
