@@ -30,6 +30,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <random>
 #include <string>
 #include <thread>
@@ -194,7 +195,21 @@ struct LaunchState {
   Options opt;
   uint64_t launch_index = 0;
   uint64_t nblocks = 0;
-  std::vector<uint64_t> block_order;
+  std::vector<uint64_t> block_order;  // random schedule: the shuffled block order
+  uint64_t affine_a = 0, affine_b = 0;  // random schedule with more than 2^24 blocks
+
+  // The linear index of the i-th block to run.
+  uint64_t block_at(uint64_t i) const {
+    switch (opt.schedule) {
+      case Schedule::kForward: return i;
+      case Schedule::kReverse: return nblocks - 1 - i;
+      case Schedule::kRandom:
+        if (!block_order.empty()) return block_order[i];
+        return static_cast<uint64_t>(
+            (static_cast<unsigned __int128>(affine_a) * i + affine_b) % nblocks);
+    }
+    return i;
+  }
   std::atomic<uint64_t> next{0};
   std::atomic<bool> failed{false};
   std::mutex mu;
@@ -589,7 +604,7 @@ void Worker::run_launch(LaunchState& ls, uint64_t nworkers) {
   for (;;) {
     const uint64_t i = ls.next.fetch_add(1);
     if (i >= ls.nblocks || ls.failed.load()) break;
-    run_block(ls.block_order[i]);
+    run_block(ls.block_at(i));
   }
   tls_worker = nullptr;
   launch = nullptr;
@@ -910,13 +925,19 @@ cudaError_t launch(const LaunchDesc& d) {
   ls.opt = options();
   ls.launch_index = g_launch_counter.fetch_add(1);
   ls.nblocks = uint64_t{d.grid.x} * d.grid.y * d.grid.z;
-  ls.block_order.resize(ls.nblocks);
-  for (uint64_t i = 0; i < ls.nblocks; ++i) ls.block_order[i] = i;
-  if (ls.opt.schedule == Schedule::kReverse) {
-    std::reverse(ls.block_order.begin(), ls.block_order.end());
-  } else if (ls.opt.schedule == Schedule::kRandom) {
+  if (ls.opt.schedule == Schedule::kRandom) {
     std::mt19937_64 rng(ls.opt.seed ^ (ls.launch_index * 0x2545f4914f6cdd1dull));
-    std::shuffle(ls.block_order.begin(), ls.block_order.end(), rng);
+    if (ls.nblocks <= (uint64_t{1} << 24)) {
+      ls.block_order.resize(ls.nblocks);
+      for (uint64_t i = 0; i < ls.nblocks; ++i) ls.block_order[i] = i;
+      std::shuffle(ls.block_order.begin(), ls.block_order.end(), rng);
+    } else {
+      // Too many blocks to list: i -> (a*i + b) mod n with a coprime to n is a permutation.
+      uint64_t a = rng() % ls.nblocks | 1;
+      while (std::gcd(a, ls.nblocks) != 1) a += 2;
+      ls.affine_a = a;
+      ls.affine_b = rng() % ls.nblocks;
+    }
   }
 
   if (!ls.opt.parallel_blocks || ls.nblocks == 1) {
