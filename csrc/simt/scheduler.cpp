@@ -206,7 +206,7 @@ struct LaunchState {
       case Schedule::kRandom:
         if (!block_order.empty()) return block_order[i];
         return static_cast<uint64_t>(
-            (static_cast<unsigned __int128>(affine_a) * i + affine_b) % nblocks);
+            (static_cast<uint128>(affine_a) * i + affine_b) % nblocks);
     }
     return i;
   }
