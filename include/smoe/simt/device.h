@@ -85,7 +85,8 @@ inline T from_bits64(uint64_t u) {
   return v;
 }
 
-// Shuffles follow the PTX ISA's shfl.sync pseudo-code (section 9.7.9.6, "shfl.sync"), with the
+// Shuffles follow the pseudo-code of shfl.sync in the PTX ISA ("Parallel Synchronization and
+// Communication Instructions: shfl.sync"), with the
 // c operand CUDA derives from `width`: ((32 - width) << 8) | 0x1f, and 0 in c[4:0] for up.
 template <int kMode>  // 0 idx, 1 up, 2 down, 3 bfly
 void combine_shfl(uint32_t mask, LaneIO* lanes, const char* file, int line) {

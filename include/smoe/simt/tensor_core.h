@@ -260,7 +260,8 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(smem_row)));
 }
 
-// .ca allows 4, 8 and 16 bytes; .cg (bypass L1) only 16 (PTX ISA 9.7.9.25.3.1 "cp.async").
+// .ca allows 4, 8 and 16 bytes; .cg (bypass L1) only 16 (PTX ISA, "Data Movement and Conversion
+// Instructions: cp.async").
 __device__ __forceinline__ void cp_async_4(void* smem_dst, const void* gmem_src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem_dst)),
                "l"(gmem_src));
