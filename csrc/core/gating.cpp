@@ -6,13 +6,11 @@
 #include <cmath>
 #include <string>
 
+#include "core/dispatch.h"
 #include "cpu/gating.h"
 
 namespace smoe {
 namespace {
-
-constexpr const char* kCudaNotBuilt =
-    "backend 'cuda' is not part of this build yet (the CUDA backend lands with the CUDA issue)";
 
 // Scores, weights and gradients are f32, or f64 when the logits are f64 (gradient checks).
 DType acc_dtype(DType logits) { return logits == DType::kF64 ? DType::kF64 : DType::kF32; }
@@ -120,14 +118,6 @@ Status check_capacity(const char* op, const ExpertChoiceParams& p, const char* s
   return Status::Ok();
 }
 
-// Resolves the backend and runs `cpu` there; the CUDA backend is not part of this build yet.
-template <class F>
-Status dispatch(const char* op, const Exec& exec, const TensorView& ref, F&& cpu) {
-  Backend b;
-  SMOE_RETURN_IF_ERROR(resolve_backend(op, exec, ref, &b));
-  if (b == Backend::kCpu) return cpu();
-  return unsupported(op, kCudaNotBuilt);
-}
 
 }  // namespace
 
@@ -154,8 +144,7 @@ Status topk_gating_forward(const Exec& exec, const TopkGatingParams& params, con
   SMOE_RETURN_IF_ERROR(expect_matrix(op, "scores", scores, "[T, E]", acc, T, "T = logits.size(0)", E,
                                      "E = logits.size(1)", logits));
   if (T == 0) return Status::Ok();
-  return dispatch(op, exec, logits,
-                  [&] { return cpu::topk_gating_forward(params, logits, bias, weights, experts, scores); });
+  return SMOE_DISPATCH(op, exec, logits, topk_gating_forward, params, logits, bias, weights, experts, scores);
 }
 
 Status topk_gating_backward(const Exec& exec, const TopkGatingParams& params, const TensorView& scores,
@@ -179,9 +168,7 @@ Status topk_gating_backward(const Exec& exec, const TopkGatingParams& params, co
   SMOE_RETURN_IF_ERROR(expect_matrix(op, "grad_logits", grad_logits, "[T, E]", scores.dtype, T,
                                      "T = scores.size(0)", E, "E = scores.size(1)", scores));
   if (T == 0) return Status::Ok();
-  return dispatch(op, exec, scores, [&] {
-    return cpu::topk_gating_backward(params, scores, experts, grad_weights, grad_scores, grad_logits);
-  });
+  return SMOE_DISPATCH(op, exec, scores, topk_gating_backward, params, scores, experts, grad_weights, grad_scores, grad_logits);
 }
 
 Status expert_choice_forward(const Exec& exec, const ExpertChoiceParams& params, const TensorView& logits,
@@ -202,8 +189,7 @@ Status expert_choice_forward(const Exec& exec, const ExpertChoiceParams& params,
   SMOE_RETURN_IF_ERROR(expect_matrix(op, "weights", weights, "[T, E]", acc, T, "T = logits.size(0)", E,
                                      "E = logits.size(1)", logits));
   if (E == 0) return Status::Ok();
-  return dispatch(op, exec, logits,
-                  [&] { return cpu::expert_choice_forward(params, logits, scores, tokens, row_of, weights); });
+  return SMOE_DISPATCH(op, exec, logits, expert_choice_forward, params, logits, scores, tokens, row_of, weights);
 }
 
 Status expert_choice_backward(const Exec& exec, const ExpertChoiceParams& params, const TensorView& scores,
@@ -220,9 +206,7 @@ Status expert_choice_backward(const Exec& exec, const ExpertChoiceParams& params
   SMOE_RETURN_IF_ERROR(expect_matrix(op, "grad_logits", grad_logits, "[T, E]", scores.dtype, T,
                                      "T = scores.size(0)", E, "E = scores.size(1)", scores));
   if (E == 0) return Status::Ok();
-  return dispatch(op, exec, scores, [&] {
-    return cpu::expert_choice_backward(params, scores, row_of, grad_weights, grad_logits);
-  });
+  return SMOE_DISPATCH(op, exec, scores, expert_choice_backward, params, scores, row_of, grad_weights, grad_logits);
 }
 
 namespace {
@@ -245,7 +229,7 @@ Status load_balancing_loss_forward(const Exec& exec, const TensorView& probs, co
   SMOE_RETURN_IF_ERROR(check_lb_inputs(op, probs, experts));
   SMOE_RETURN_IF_ERROR(expect_scalar(op, "loss", loss, probs.dtype, probs));
   // T == 0 still writes the loss (0), so there is no early return here.
-  return dispatch(op, exec, probs, [&] { return cpu::load_balancing_loss_forward(probs, experts, loss); });
+  return SMOE_DISPATCH(op, exec, probs, load_balancing_loss_forward, probs, experts, loss);
 }
 
 Status load_balancing_loss_backward(const Exec& exec, const TensorView& probs, const TensorView& experts,
@@ -256,8 +240,7 @@ Status load_balancing_loss_backward(const Exec& exec, const TensorView& probs, c
   SMOE_RETURN_IF_ERROR(expect_matrix(op, "grad_probs", grad_probs, "[T, E]", probs.dtype, probs.size(0),
                                      "T = probs.size(0)", probs.size(1), "E = probs.size(1)", probs));
   if (probs.size(0) == 0) return Status::Ok();
-  return dispatch(op, exec, probs,
-                  [&] { return cpu::load_balancing_loss_backward(probs, experts, grad_loss, grad_probs); });
+  return SMOE_DISPATCH(op, exec, probs, load_balancing_loss_backward, probs, experts, grad_loss, grad_probs);
 }
 
 Status z_loss_forward(const Exec& exec, const TensorView& logits, const TensorView& loss) {
@@ -266,7 +249,7 @@ Status z_loss_forward(const Exec& exec, const TensorView& logits, const TensorVi
   if (logits.size(1) < 1) return invalid_argument(op, "logits", "E = size(1) >= 1", shape_string(logits));
   SMOE_RETURN_IF_ERROR(expect_scalar(op, "loss", loss, acc_dtype(logits.dtype), logits));
   // T == 0 still writes the loss (0), so there is no early return here.
-  return dispatch(op, exec, logits, [&] { return cpu::z_loss_forward(logits, loss); });
+  return SMOE_DISPATCH(op, exec, logits, z_loss_forward, logits, loss);
 }
 
 Status z_loss_backward(const Exec& exec, const TensorView& logits, const TensorView& grad_loss,
@@ -279,7 +262,7 @@ Status z_loss_backward(const Exec& exec, const TensorView& logits, const TensorV
   SMOE_RETURN_IF_ERROR(expect_matrix(op, "grad_logits", grad_logits, "[T, E]", acc, logits.size(0),
                                      "T = logits.size(0)", logits.size(1), "E = logits.size(1)", logits));
   if (logits.size(0) == 0) return Status::Ok();
-  return dispatch(op, exec, logits, [&] { return cpu::z_loss_backward(logits, grad_loss, grad_logits); });
+  return SMOE_DISPATCH(op, exec, logits, z_loss_backward, logits, grad_loss, grad_logits);
 }
 
 Status balancing_bias_update(const Exec& exec, const TensorView& counts, const TensorView& bias, float rate) {
@@ -294,7 +277,7 @@ Status balancing_bias_update(const Exec& exec, const TensorView& counts, const T
   SMOE_RETURN_IF_ERROR(expect_device(op, "bias", bias, counts.device, counts.device_index));
   if (!std::isfinite(rate)) return invalid_argument(op, "rate", "a finite value", std::to_string(rate));
   if (counts.size(0) == 0) return Status::Ok();
-  return dispatch(op, exec, counts, [&] { return cpu::balancing_bias_update(counts, bias, rate); });
+  return SMOE_DISPATCH(op, exec, counts, balancing_bias_update, counts, bias, rate);
 }
 
 }  // namespace smoe

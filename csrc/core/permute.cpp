@@ -4,13 +4,11 @@
 
 #include <string>
 
+#include "core/dispatch.h"
 #include "cpu/permute.h"
 
 namespace smoe {
 namespace {
-
-constexpr const char* kCudaNotBuilt =
-    "backend 'cuda' is not part of this build yet (the CUDA backend lands with the CUDA issue)";
 
 // Combine weights and their gradient: f32, or f64 when the data is f64 (gradient checks).
 DType weight_dtype(DType data) { return data == DType::kF64 ? DType::kF64 : DType::kF32; }
@@ -40,18 +38,6 @@ Status expect_row_of(const char* op, const TensorView& row_of, int64_t T, const 
   return expect_matrix(op, "row_of", row_of, "[T, K]", DType::kI32, T, t_meaning, -1, "", false, ref);
 }
 
-template <class F>
-Status dispatch(const char* op, const Exec& exec, const TensorView& ref, F&& cpu_fn) {
-  Backend backend;
-  SMOE_RETURN_IF_ERROR(resolve_backend(op, exec, ref, &backend));
-  switch (backend) {
-    case Backend::kCpu: return cpu_fn();
-    case Backend::kCuda:
-    case Backend::kSimt: return unsupported(op, kCudaNotBuilt);
-    case Backend::kAuto: break;
-  }
-  return Status(Code::kInternal, std::string(op) + ": unresolved backend");
-}
 
 }  // namespace
 
@@ -67,7 +53,7 @@ Status permute_forward(const Exec& exec, const TensorView& x, const TensorView& 
   SMOE_RETURN_IF_ERROR(
       expect_matrix(op, "xs", xs, "[R, H]", x.dtype, R, "R = token_of_row.size(0)", H, "H = x.size(1)", false, x));
   if (R == 0 || H == 0) return Status::Ok();
-  return dispatch(op, exec, x, [&] { return cpu::permute_forward(x, token_of_row, xs); });
+  return SMOE_DISPATCH(op, exec, x, permute_forward, x, token_of_row, xs);
 }
 
 Status permute_backward(const Exec& exec, const TensorView& grad_xs, const TensorView& row_of,
@@ -80,7 +66,7 @@ Status permute_backward(const Exec& exec, const TensorView& grad_xs, const Tenso
   SMOE_RETURN_IF_ERROR(expect_matrix(op, "grad_x", grad_x, "[T, H]", grad_xs.dtype, T, "T = row_of.size(0)", H,
                                      "H = grad_xs.size(1)", false, grad_xs));
   if (T == 0 || H == 0) return Status::Ok();
-  return dispatch(op, exec, grad_xs, [&] { return cpu::permute_backward(grad_xs, row_of, grad_x); });
+  return SMOE_DISPATCH(op, exec, grad_xs, permute_backward, grad_xs, row_of, grad_x);
 }
 
 Status combine_forward(const Exec& exec, const TensorView& ys, const TensorView& weights, const TensorView& row_of,
@@ -95,7 +81,7 @@ Status combine_forward(const Exec& exec, const TensorView& ys, const TensorView&
   SMOE_RETURN_IF_ERROR(
       expect_matrix(op, "y", y, "[T, H]", ys.dtype, T, "T = row_of.size(0)", H, "H = ys.size(1)", false, ys));
   if (T == 0 || H == 0) return Status::Ok();
-  return dispatch(op, exec, ys, [&] { return cpu::combine_forward(ys, weights, row_of, y); });
+  return SMOE_DISPATCH(op, exec, ys, combine_forward, ys, weights, row_of, y);
 }
 
 Status combine_backward(const Exec& exec, const TensorView& grad_y, const TensorView& ys, const TensorView& weights,
@@ -124,8 +110,7 @@ Status combine_backward(const Exec& exec, const TensorView& grad_y, const Tensor
                                        "K = row_of.size(1)", false, grad_y));
   }
   if (grad_ys.numel() == 0 && grad_weights.numel() == 0) return Status::Ok();
-  return dispatch(op, exec, grad_y,
-                  [&] { return cpu::combine_backward(grad_y, ys, weights, row_of, grad_ys, grad_weights); });
+  return SMOE_DISPATCH(op, exec, grad_y, combine_backward, grad_y, ys, weights, row_of, grad_ys, grad_weights);
 }
 
 }  // namespace smoe

@@ -6,15 +6,13 @@
 #include <climits>
 #include <string>
 
+#include "core/dispatch.h"
 #include "cpu/routing.h"
 
 namespace smoe {
 namespace {
 
 constexpr const char* kOp = "routing_plan";
-constexpr const char* kCudaNotBuilt =
-    "backend 'cuda' is not part of this build yet (the CUDA backend lands with the CUDA issue)";
-
 bool needs_weights(const RoutingPlanParams& p) { return p.capacity >= 0 && p.drop_policy == DropPolicy::kByScore; }
 
 // A contiguous tensor of `dtype` with `ndim` dims on ref's device.
@@ -52,8 +50,16 @@ int64_t routing_plan_max_rows(const RoutingPlanParams& params, int64_t T, int64_
   return kept + E * (int64_t(params.pad_multiple) - 1);
 }
 
+// One size serves every backend of the build: the largest of their needs.
 int64_t routing_plan_workspace_bytes(const RoutingPlanParams& params, int64_t T, int64_t K) {
-  return cpu::routing_plan_workspace_bytes(params, T, K);
+  int64_t bytes = cpu::routing_plan_workspace_bytes(params, T, K);
+#if defined(SMOE_HAVE_CUDA) && SMOE_HAVE_CUDA
+  bytes = std::max(bytes, cuda::routing_plan_workspace_bytes(params, T, K));
+#endif
+#if defined(SMOE_HAVE_CUDA_SIMT) && SMOE_HAVE_CUDA_SIMT
+  bytes = std::max(bytes, cuda_simt::routing_plan_workspace_bytes(params, T, K));
+#endif
+  return bytes;
 }
 
 Status routing_plan(const Exec& exec, const RoutingPlanParams& params, const TensorView& experts,
@@ -108,18 +114,8 @@ Status routing_plan(const Exec& exec, const RoutingPlanParams& params, const Ten
     }
   }
 
-  Backend backend;
-  SMOE_RETURN_IF_ERROR(resolve_backend(kOp, exec, experts, &backend));
-  switch (backend) {
-    case Backend::kCpu:
-      return cpu::routing_plan(params, experts, weights, counts, offsets, row_of, token_of_row, workspace);
-    case Backend::kCuda:
-    case Backend::kSimt:
-      return unsupported(kOp, kCudaNotBuilt);
-    case Backend::kAuto:
-      break;
-  }
-  return Status(Code::kInternal, std::string(kOp) + ": unresolved backend");
+  return SMOE_DISPATCH(kOp, exec, experts, routing_plan, params, experts, weights, counts, offsets, row_of,
+                       token_of_row, workspace);
 }
 
 }  // namespace smoe

@@ -498,12 +498,24 @@ TEST(TopkGating, DeterministicAcrossRunsAndThreads) {
   EXPECT_TRUE(bitwise_equal(ga, gc));
 }
 
-TEST(TopkGating, CudaBackendIsNotBuiltYet) {
-  std::vector<float> logits(16, 0.f);
-  Exec exec;
-  exec.backend = Backend::kSimt;
-  Gate<float> got = run_topk(logits, 2, 8, make_params(2, ScoreFunc::kSoftmax, false), {}, -1, exec);
-  EXPECT_EQ(got.status.code(), Code::kUnsupported);
+// The public entry point reaches the emulated CUDA kernels with backend kSimt (tests/cpp/cuda holds
+// their full suite) and rejects kCuda on CPU tensors.
+TEST(TopkGating, SimtBackendMatchesCpuThroughPublicEntry) {
+  const int64_t T = 7, E = 8;
+  std::vector<float> logits = uniform<float>(size_t(T * E), 11u, -2.f, 2.f);
+  const TopkGatingParams p = make_params(2, ScoreFunc::kSoftmax, true);
+  Exec simt;
+  simt.backend = Backend::kSimt;
+  Gate<float> want = run_topk(logits, T, E, p, {});
+  Gate<float> got = run_topk(logits, T, E, p, {}, -1, simt);
+  ASSERT_TRUE(got.status.ok()) << got.status.message();
+  EXPECT_EQ(got.experts, want.experts);
+  EXPECT_TRUE(all_close(got.weights, want.weights, DType::kF32));
+  Exec cuda;
+  cuda.backend = Backend::kCuda;
+  Gate<float> bad = run_topk(logits, T, E, p, {}, -1, cuda);
+  EXPECT_EQ(bad.status.code(), Code::kInvalidArgument);
+  EXPECT_NE(bad.status.message().find("argument 'backend'"), std::string::npos) << bad.status.message();
 }
 
 TEST(TopkGating, BadArgumentsAreRejected) {
