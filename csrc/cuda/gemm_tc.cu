@@ -154,4 +154,23 @@ Status grouped_gemm_wgrad_tc(const TensorView& a, const TensorView& b, const Ten
   });
 }
 
+// The backend's grouped_gemm / grouped_gemm_wgrad (backend_api.inc): the tensor-core kernels where
+// they apply; what they refuse (f32, unaligned shapes) runs on v0. The refusal happens before any
+// launch, so trying first costs nothing.
+Status grouped_gemm(const GroupedGemmParams& params, const TensorView& a, const TensorView& b,
+                    const TensorView& offsets, const TensorView& c, void* stream) {
+  GroupedGemmTcParams tc;
+  tc.trans_b = params.trans_b;
+  Status st = grouped_gemm_tc(tc, a, b, offsets, TensorView{}, TensorView{}, c, TensorView{}, stream);
+  if (st.code() == Code::kUnsupported) return grouped_gemm_naive(params, a, b, offsets, c, stream);
+  return st;
+}
+
+Status grouped_gemm_wgrad(const TensorView& a, const TensorView& b, const TensorView& offsets, const TensorView& c,
+                          void* stream) {
+  Status st = grouped_gemm_wgrad_tc(a, b, offsets, c, stream);
+  if (st.code() == Code::kUnsupported) return grouped_gemm_wgrad_naive(a, b, offsets, c, stream);
+  return st;
+}
+
 }  // namespace smoe::SMOE_CUDA_NS

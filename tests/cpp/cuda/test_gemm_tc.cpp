@@ -226,6 +226,39 @@ TEST(SimtGroupedGemmTc, Wgrad) {
   check_wgrad<bf16_t>({0, 0, 0}, 0, 8, 64);     // R = 0: every expert writes zeros
 }
 
+// The backend's grouped_gemm / grouped_gemm_wgrad: tensor cores where they apply, v0 otherwise
+// (f32; Kd = 12 and M = 12 are not multiples of 8) — the same results as the CPU backend either way.
+template <class S>
+void check_dispatch(DType dt, int64_t Kd) {
+  SCOPED_TRACE(std::string("dispatch ") + dtype_name(dt) + " Kd=" + std::to_string(Kd));
+  const std::vector<int64_t> off = {0, 13, 13, 40};
+  const int64_t R = 40, N = 16, E = 3;
+  std::vector<S> a = small_ints<S>(size_t(R * Kd), 7), b = small_ints<S>(size_t(E * N * Kd), 8);
+  std::vector<S> g = small_ints<S>(size_t(R * N), 9);
+  std::vector<int64_t> o = off;
+  const TensorView av = make_view(a.data(), dt, {R, Kd}), bv = make_view(b.data(), dt, {E, N, Kd});
+  const TensorView gv = make_view(g.data(), dt, {R, N}), ov = make_view(o.data(), {E + 1});
+  std::vector<S> c_cpu(size_t(R * N)), w_cpu(size_t(E * Kd * N)), c(c_cpu.size()), w(w_cpu.size());
+  ASSERT_TRUE(cpu::grouped_gemm({}, av, bv, ov, make_view(c_cpu.data(), dt, {R, N})).ok());
+  ASSERT_TRUE(cpu::grouped_gemm_wgrad(av, gv, ov, make_view(w_cpu.data(), dt, {E, Kd, N})).ok());
+  run_all_schedules([&] {
+    poison(c), poison(w);
+    EXPECT_OK(sim::grouped_gemm({}, av, bv, ov, make_view(c.data(), dt, {R, N}), nullptr));
+    EXPECT_OK(sim::grouped_gemm_wgrad(av, gv, ov, make_view(w.data(), dt, {E, Kd, N}), nullptr));
+    std::vector<unsigned char> bytes;
+    append_bytes(bytes, c), append_bytes(bytes, w);
+    return bytes;
+  });
+  EXPECT_TRUE(bitwise_equal(c, c_cpu)) << all_close(c, c_cpu, dt).message();
+  EXPECT_TRUE(bitwise_equal(w, w_cpu)) << all_close(w, w_cpu, dt).message();
+}
+
+TEST(SimtGroupedGemmTc, BackendDispatch) {
+  check_dispatch<bf16_t>(DType::kBF16, 24);  // tensor cores
+  check_dispatch<f16_t>(DType::kF16, 12);    // v0: Kd and M = 12
+  check_dispatch<float>(DType::kF32, 24);    // v0: f32
+}
+
 TEST(SimtGroupedGemmTc, RefusesWhatItDoesNotHandle) {
   std::vector<float> a(16 * 8), b(8 * 8), c(16 * 8);
   std::vector<int64_t> off = {0, 16};
