@@ -6,13 +6,11 @@
 #include <climits>
 #include <string>
 
+#include "core/dispatch.h"
 #include "cpu/gemm.h"
 
 namespace smoe {
 namespace {
-
-constexpr const char* kCudaNotBuilt =
-    "backend 'cuda' is not part of this build yet (the CUDA backend lands with the CUDA issue)";
 
 // The BLAS takes int sizes and leading dimensions.
 Status expect_blas_sized(const char* op, const char* arg, const TensorView& v) {
@@ -80,8 +78,8 @@ Status grouped_gemm(const Exec& exec, const GroupedGemmParams& params, const Ten
 
   Backend backend;
   SMOE_RETURN_IF_ERROR(resolve_backend(op, exec, a, &backend));
-  if (backend == Backend::kCuda || backend == Backend::kSimt) return unsupported(op, kCudaNotBuilt);
   if (R == 0 || N == 0) return Status::Ok();
+  if (backend != Backend::kCpu) return SMOE_DEVICE_DISPATCH(op, backend, exec, grouped_gemm, params, a, b, offsets, c);
   return cpu::grouped_gemm(params, a, b, offsets, c);
 }
 
@@ -105,9 +103,9 @@ Status grouped_gemm_wgrad(const Exec& exec, const TensorView& a, const TensorVie
 
   Backend backend;
   SMOE_RETURN_IF_ERROR(resolve_backend(op, exec, a, &backend));
-  if (backend == Backend::kCuda || backend == Backend::kSimt) return unsupported(op, kCudaNotBuilt);
   // R == 0 is still work: every c[e] must become zeros.
   if (c.numel() == 0) return Status::Ok();
+  if (backend != Backend::kCpu) return SMOE_DEVICE_DISPATCH(op, backend, exec, grouped_gemm_wgrad, a, b, offsets, c);
   return cpu::grouped_gemm_wgrad(a, b, offsets, c);
 }
 
@@ -123,8 +121,8 @@ Status activation_forward(const Exec& exec, Activation act, const TensorView& in
                                    is_gated(act) ? "2F (gated activation, F = out.size(1))" : "F (= out.size(1))"));
   Backend backend;
   SMOE_RETURN_IF_ERROR(resolve_backend(op, exec, in, &backend));
-  if (backend == Backend::kCuda || backend == Backend::kSimt) return unsupported(op, kCudaNotBuilt);
   if (R == 0 || F == 0) return Status::Ok();
+  if (backend != Backend::kCpu) return SMOE_DEVICE_DISPATCH(op, backend, exec, activation_forward, act, in, out);
   return cpu::activation_forward(act, in, out);
 }
 
@@ -145,8 +143,8 @@ Status activation_backward(const Exec& exec, Activation act, const TensorView& i
   SMOE_RETURN_IF_ERROR(expect_size(op, "grad_in", grad_in, 1, in.size(1), "F1 (= in.size(1))"));
   Backend backend;
   SMOE_RETURN_IF_ERROR(resolve_backend(op, exec, in, &backend));
-  if (backend == Backend::kCuda || backend == Backend::kSimt) return unsupported(op, kCudaNotBuilt);
   if (R == 0 || F == 0) return Status::Ok();
+  if (backend != Backend::kCpu) return SMOE_DEVICE_DISPATCH(op, backend, exec, activation_backward, act, in, grad_out, grad_in);
   return cpu::activation_backward(act, in, grad_out, grad_in);
 }
 
