@@ -469,7 +469,13 @@ void Worker::poison_module_tls() {
     dl_iterate_phdr(&tls_range_callback, &q);
     it = tls_cache.emplace(d.kernel, q.second).first;
   }
-  if (it->second.base != nullptr) std::memset(it->second.base, 0xff, it->second.size);
+  if (it->second.base == nullptr) return;
+#if defined(SMOE_SIMT_ASAN)
+  // glibc places a thread's TLS in its stack mapping, and reuses the mappings of finished
+  // threads; ASan may still hold stack redzones of the previous owner there.
+  ASAN_UNPOISON_MEMORY_REGION(it->second.base, it->second.size);
+#endif
+  std::memset(it->second.base, 0xff, it->second.size);
 }
 
 void Worker::run_block(uint64_t linear) {
