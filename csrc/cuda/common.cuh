@@ -146,3 +146,44 @@ inline unsigned grid_for(int64_t n, int threads, int64_t max_blocks = 2048) {
 inline cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
 
 }  // namespace smoe::SMOE_CUDA_NS
+
+namespace smoe::SMOE_CUDA_NS {
+
+// ---- block-wide radix select -------------------------------------------------------------------
+//
+// The k-th largest (1-based, 1 <= k <= n) of n distinct 64-bit keys, key_at(i) for i in [0, n):
+// an MSD radix select, 8 bits a pass (8 passes), as in the "radix select" of Alabi et al., "Fast
+// k-selection algorithms for graphics processing units" (JEA 2012), section 3. Each pass counts,
+// in a 256-bin shared-memory histogram, the keys that share the prefix found so far; integer
+// atomics give the same counts in any order, so the result is deterministic. Because the keys are
+// distinct, exactly k keys are >= the result. Every thread of the block must call it (it holds
+// block barriers) with the same n and k; every thread gets the same value. hist: [258] ints of
+// shared memory. Work: 8 reads of every key; no extra memory.
+template <class KeyAt>
+__device__ unsigned long long block_radix_select_desc(const KeyAt& key_at, int64_t n, int64_t k, int* hist) {
+  unsigned long long prefix = 0, mask = 0;
+  int remaining = static_cast<int>(k);  // rank still to find inside the current prefix (n < 2^31)
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int d = static_cast<int>(threadIdx.x); d < 256; d += static_cast<int>(blockDim.x)) hist[d] = 0;
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const unsigned long long key = key_at(i);
+      if ((key & mask) == prefix) atomicAdd(&hist[static_cast<int>((key >> shift) & 0xffu)], 1);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {  // 256 bins, from the largest digit down: the bin that holds rank `remaining`
+      int d = 255;
+      while (d > 0 && remaining > hist[d]) remaining -= hist[d--];
+      hist[256] = d;
+      hist[257] = remaining;
+    }
+    __syncthreads();
+    // hist[256..257] are rewritten only after the next pass's second barrier: no barrier needed here.
+    prefix |= static_cast<unsigned long long>(hist[256]) << shift;
+    mask |= 0xffull << shift;
+    remaining = hist[257];
+  }
+  return prefix;
+}
+
+}  // namespace smoe::SMOE_CUDA_NS

@@ -14,8 +14,16 @@
 //        __match_any_sync groups the lanes with the same expert, and a lane's rank is its chunk
 //        base plus the number of lower lanes in its group, so the order is stable whatever the
 //        schedule. Offsets and counts never leave the device.
-// Expert ids outside [0, E) (the CPU backend rejects them) get row_of = -1 and take no row.
-// Drop policy kByScore is not implemented here yet: the launcher returns kUnsupported.
+//  v2 (this file, drop_policy kByScore with a capacity): passes 1-2 as above (the scan also writes
+//     the dropless segment starts), then
+//     3'. group: the scatter of pass 3 writes each assignment's flat index a = t*K + k into its
+//        expert's dropless segment of a workspace list, in token order;
+//     4'. select: one block per expert; an expert over capacity finds the C-th best of its packed
+//        keys (weight desc, then a asc) by a block radix select (common.cuh), keeps the keys >= it
+//        (exactly C: keys are distinct), and a block scan of the kept flags in segment (= token)
+//        order gives the rows. The kept set is unique, so the result equals the CPU backend's.
+// Expert ids outside [0, E) (the CPU backend rejects them) get row_of = -1 and take no row; a NaN
+// weight (also rejected by the CPU backend) ranks like -inf, below every number.
 #include "backend.h"
 #include "common.cuh"
 
@@ -29,6 +37,7 @@ constexpr int64_t kAlign = 64;
 constexpr int kHistThreads = 256;
 constexpr int kScanThreads = 1024;
 constexpr int kMaxSmemHistogram = 12288;  // E ints in 48 KiB of shared memory
+constexpr int kSelectThreads = 256;        // drop by score: one block per expert
 
 int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
@@ -96,7 +105,7 @@ __device__ __forceinline__ long long block_exclusive_scan(long long v, long long
 // Pass 2: column scans of hist (-> rank bases), counts, padded offsets. One block.
 __global__ void __launch_bounds__(kScanThreads)
     routing_scan_kernel(int32_t* hist, int32_t n_chunks, int32_t E, int64_t capacity, int32_t pad_multiple,
-                        int32_t* counts, int64_t* offsets) {
+                        int32_t* counts, int64_t* offsets, int32_t* start) {
   __shared__ long long warp_totals[32];
   // Thread i owns the contiguous experts [e0, e1): the padded sizes of its range add to one value.
   const int per = static_cast<int>((E + blockDim.x - 1) / blockDim.x);
@@ -111,6 +120,7 @@ __global__ void __launch_bounds__(kScanThreads)
     }
     const int32_t kept = capacity < 0 ? run : static_cast<int32_t>(run < capacity ? run : capacity);
     counts[e] = kept;
+    if (start) start[e] = run;  // the expert's total for now; its dropless segment start below
     mine += (static_cast<long long>(kept) + pad_multiple - 1) / pad_multiple * pad_multiple;
   }
   long long total = 0;
@@ -120,12 +130,28 @@ __global__ void __launch_bounds__(kScanThreads)
     off += (static_cast<long long>(counts[e]) + pad_multiple - 1) / pad_multiple * pad_multiple;
   }
   if (threadIdx.x == 0) offsets[E] = total;
+  if (start) {  // drop by score: dropless, unpadded segment starts of the grouped list (T*K < 2^31)
+    long long mine_total = 0;
+    for (int e = e0; e < e1; ++e) mine_total += start[e];
+    __syncthreads();  // every thread has read warp_totals of the first scan
+    long long all = 0;
+    long long pos = block_exclusive_scan(mine_total, warp_totals, &all);
+    for (int e = e0; e < e1; ++e) {
+      const int32_t n = start[e];
+      start[e] = static_cast<int32_t>(pos);
+      pos += n;
+    }
+    if (threadIdx.x == 0) start[E] = static_cast<int32_t>(all);
+  }
 }
 
 // Pass 3: one warp per chunk; the warp owns row c of the base table and walks its assignments in order.
+// kGroup (drop by score, pass 3'): write a = t*K + k to grouped[start[e] + rank] instead of a row.
+template <bool kGroup>
 __global__ void __launch_bounds__(32)
     routing_scatter_kernel(const int32_t* experts, int64_t T, int32_t K, int32_t E, int32_t n_chunks, int32_t* hist,
-                           const int32_t* counts, const int64_t* offsets, int32_t* row_of, int32_t* token_of_row) {
+                           const int32_t* counts, const int64_t* offsets, int32_t* row_of, int32_t* token_of_row,
+                           const int32_t* start, int32_t* grouped) {
   const int lane = threadIdx.x;
   const int c = blockIdx.x;
   int32_t* base = hist + static_cast<int64_t>(c) * E;
@@ -142,7 +168,13 @@ __global__ void __launch_bounds__(32)
     if (routed && 31 - __clz(static_cast<int>(peers)) == lane) base[e] += __popc(peers);
     __syncwarp();
     if (!valid) continue;
-    if (routed && rank < counts[e]) {
+    if (kGroup) {
+      if (routed) {
+        grouped[start[e] + rank] = static_cast<int32_t>(a);  // row_of is written by the select pass
+      } else {
+        row_of[a] = -1;
+      }
+    } else if (routed && rank < counts[e]) {
       const int64_t r = offsets[e] + rank;
       row_of[a] = static_cast<int32_t>(r);
       token_of_row[r] = static_cast<int32_t>(a / K);
@@ -152,22 +184,68 @@ __global__ void __launch_bounds__(32)
   }
 }
 
+// Pass 4' (drop by score): one block per expert over its dropless segment of the grouped list.
+__global__ void __launch_bounds__(kSelectThreads)
+    routing_select_by_score_kernel(const int32_t* grouped, const int32_t* start, const float* weights, int32_t K,
+                                   const int32_t* counts, const int64_t* offsets, int32_t* row_of,
+                                   int32_t* token_of_row) {
+  __shared__ int hist[258];
+  __shared__ long long warp_totals[32];
+  const int e = blockIdx.x;
+  const int32_t* seg = grouped + start[e];
+  const int64_t n = start[e + 1] - start[e], keep = counts[e];
+  // (weight desc, a asc) as one unsigned compare: the CPU backend's strict order (csrc/cpu/routing.cpp).
+  const auto key_at = [&](int64_t i) {
+    const int32_t a = seg[i];
+    return pack_key(weights[a], static_cast<uint32_t>(a));
+  };
+  // n, keep are the same in every thread: the branch is uniform, so the barriers inside are reached by all.
+  const bool keep_all = keep >= n, keep_none = keep == 0;
+  const unsigned long long threshold =
+      keep_all || keep_none ? 0ull : block_radix_select_desc(key_at, n, keep, hist);
+  const int64_t row0 = offsets[e];
+  long long done = 0;  // kept rows of the earlier tiles
+  for (int64_t i0 = 0; i0 < n; i0 += blockDim.x) {
+    const int64_t i = i0 + threadIdx.x;
+    const bool in = i < n;
+    const bool kept = in && !keep_none && (keep_all || key_at(i) >= threshold);
+    long long tile_kept = 0;
+    const long long before = block_exclusive_scan(kept ? 1 : 0, warp_totals, &tile_kept);
+    if (in) {
+      const int32_t a = seg[i];
+      if (kept) {
+        const int64_t r = row0 + done + before;
+        row_of[a] = static_cast<int32_t>(r);
+        token_of_row[r] = a / K;
+      } else {
+        row_of[a] = -1;
+      }
+    }
+    done += tile_kept;
+    __syncthreads();  // warp_totals is reused by the next tile's scan
+  }
+}
+
+int64_t grouped_bytes(int64_t T, int64_t K) { return align_up(T * K * int64_t(sizeof(int32_t)), kAlign); }
+
+bool drops_by_score(const RoutingPlanParams& p) { return p.capacity >= 0 && p.drop_policy == DropPolicy::kByScore; }
+
 }  // namespace
 
 int64_t routing_plan_workspace_bytes(const RoutingPlanParams& params, int64_t T, int64_t K) {
   if (params.num_experts < 1 || T < 0 || K < 0) return 0;
   // hist [chunks, E] i32: per-chunk counts, then per-chunk rank bases (the CPU backend's first table)
-  return align_up(num_chunks(T, K) * params.num_experts * int64_t(sizeof(int32_t)), kAlign);
+  int64_t bytes = align_up(num_chunks(T, K) * params.num_experts * int64_t(sizeof(int32_t)), kAlign);
+  // by score: grouped [T*K] i32 (assignments by expert, token order) + start [E+1] i32
+  if (drops_by_score(params)) bytes += grouped_bytes(T, K) + align_up((params.num_experts + 1) * 4, kAlign);
+  return bytes;
 }
 
-Status routing_plan(const RoutingPlanParams& params, const TensorView& experts, const TensorView& /*weights*/,
+Status routing_plan(const RoutingPlanParams& params, const TensorView& experts, const TensorView& weights,
                     const TensorView& counts, const TensorView& offsets, const TensorView& row_of,
                     const TensorView& token_of_row, const TensorView& workspace, void* stream) {
   const char* op = "routing_plan";
-  if (params.capacity >= 0 && params.drop_policy == DropPolicy::kByScore) {
-    return unsupported(op, "params.drop_policy = kByScore with a capacity is not implemented on the CUDA backend yet; "
-                           "use kByTokenOrder, or backend 'cpu'");
-  }
+  const bool by_score = drops_by_score(params);
   const int64_t T = experts.size(0), K = experts.size(1);
   const int32_t E = params.num_experts;
   const int64_t rows = token_of_row.size(0);
@@ -179,6 +257,9 @@ Status routing_plan(const RoutingPlanParams& params, const TensorView& experts, 
                             std::to_string(workspace.numel() * dtype_size(workspace.dtype)) + " bytes");
   }
   int32_t* hist = workspace.data_as<int32_t>();
+  uint8_t* ws_tail = workspace.data_as<uint8_t>() + align_up(int64_t(n_chunks) * E * int64_t(sizeof(int32_t)), kAlign);
+  int32_t* grouped = by_score ? reinterpret_cast<int32_t*>(ws_tail) : nullptr;                    // [T*K]
+  int32_t* start = by_score ? reinterpret_cast<int32_t*>(ws_tail + grouped_bytes(T, K)) : nullptr;  // [E+1]
   const size_t smem = E <= kMaxSmemHistogram ? sizeof(int32_t) * static_cast<size_t>(E) : 0;
   // one block per chunk of ~8192 assignments (the CPU backend's chunks)
   SMOE_CUDA_CHECK(SMOE_LAUNCH(&routing_histogram_kernel, dim3(static_cast<unsigned>(n_chunks)), dim3(kHistThreads),
@@ -187,13 +268,24 @@ Status routing_plan(const RoutingPlanParams& params, const TensorView& experts, 
   // one block: E columns of at most 64 chunks, then one scan over E
   SMOE_CUDA_CHECK(SMOE_LAUNCH(&routing_scan_kernel, dim3(1), dim3(kScanThreads), 0, s, hist, n_chunks, E,
                               params.capacity, params.pad_multiple, counts.data_as<int32_t>(),
-                              offsets.data_as<int64_t>()));
+                              offsets.data_as<int64_t>(), start));
   if (T * K == 0) return Status::Ok();
   // one warp per chunk: the warp serialises its chunk in (t, k) order, 32 assignments a step
-  SMOE_CUDA_CHECK(SMOE_LAUNCH(&routing_scatter_kernel, dim3(static_cast<unsigned>(n_chunks)), dim3(32), 0, s,
+  auto* scatter = by_score ? &routing_scatter_kernel<true> : &routing_scatter_kernel<false>;
+  SMOE_CUDA_CHECK(SMOE_LAUNCH(scatter, dim3(static_cast<unsigned>(n_chunks)), dim3(32), 0, s,
                               experts.data_as<const int32_t>(), T, static_cast<int32_t>(K), E, n_chunks, hist,
                               counts.data_as<const int32_t>(), offsets.data_as<const int64_t>(),
-                              row_of.data_as<int32_t>(), token_of_row.data_as<int32_t>()));
+                              row_of.data_as<int32_t>(), token_of_row.data_as<int32_t>(),
+                              static_cast<const int32_t*>(start), grouped));
+  if (!by_score) return Status::Ok();
+  // one block per expert: a radix select over its segment (only experts over capacity), then a block
+  // scan of the kept flags in token order
+  SMOE_CUDA_CHECK(SMOE_LAUNCH(&routing_select_by_score_kernel, dim3(static_cast<unsigned>(E)),
+                              dim3(kSelectThreads), 0, s, static_cast<const int32_t*>(grouped),
+                              static_cast<const int32_t*>(start), weights.data_as<const float>(),
+                              static_cast<int32_t>(K), counts.data_as<const int32_t>(),
+                              offsets.data_as<const int64_t>(), row_of.data_as<int32_t>(),
+                              token_of_row.data_as<int32_t>()));
   return Status::Ok();
 }
 

@@ -1,5 +1,6 @@
 // routing_plan of the CUDA backend (csrc/cuda/routing.cu) through the SIMT emulator: counts,
-// offsets, row_of and token_of_row must equal the CPU backend's exactly.
+// offsets, row_of and token_of_row must equal the CPU backend's exactly, for both drop policies.
+#include <limits>
 #include <random>
 
 #include "cpu/routing.h"
@@ -14,7 +15,17 @@ struct RoutingCase {
   int64_t capacity;
   int32_t pad;
   int skew;  // 0 uniform, 1 every token on expert E-1, 2 half the experts empty
+  DropPolicy policy = DropPolicy::kByTokenOrder;
+  bool tied_weights = false;  // weights drawn from {0, 0.25, 0.5}: many exact ties (lower (t, k) wins)
 };
+
+std::vector<float> make_weights(const RoutingCase& c, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::uniform_real_distribution<float> u(0.f, 1.f);
+  std::vector<float> w(size_t(c.T * c.K));
+  for (float& x : w) x = c.tied_weights ? 0.25f * float(g() % 3) : u(g);
+  return w;
+}
 
 std::vector<int32_t> make_experts(const RoutingCase& c, uint32_t seed) {
   std::mt19937 g(seed);
@@ -35,11 +46,13 @@ std::vector<int32_t> make_experts(const RoutingCase& c, uint32_t seed) {
 
 void check(const RoutingCase& c) {
   SCOPED_TRACE("T=" + std::to_string(c.T) + " K=" + std::to_string(c.K) + " E=" + std::to_string(c.E) +
-               " C=" + std::to_string(c.capacity) + " pad=" + std::to_string(c.pad) + " skew=" + std::to_string(c.skew));
+               " C=" + std::to_string(c.capacity) + " pad=" + std::to_string(c.pad) + " skew=" + std::to_string(c.skew) +
+               (c.policy == DropPolicy::kByScore ? " by score" : "") + (c.tied_weights ? " tied" : ""));
   RoutingPlanParams p;
   p.num_experts = c.E;
   p.capacity = c.capacity;
   p.pad_multiple = c.pad;
+  p.drop_policy = c.policy;
   const int64_t T = c.T, K = c.K, E = c.E;
   std::vector<int32_t> ex = make_experts(c, uint32_t(T * 13 + K));
   const int64_t R = routing_plan_max_rows(p, T, K);
@@ -49,15 +62,17 @@ void check(const RoutingCase& c) {
   std::vector<uint8_t> ws(size_t(std::max<int64_t>({ws_cpu, ws_sim, 1})));
   const TensorView wsv = make_view(ws.data(), {int64_t(ws.size())});
   const TensorView ev = make_view(ex.data(), {T, K});
+  std::vector<float> w = make_weights(c, uint32_t(T * 7 + E));
+  const TensorView wv = c.policy == DropPolicy::kByScore ? make_view(w.data(), {T, K}) : TensorView{};
 
   std::vector<int32_t> cnt_cpu(E), rof_cpu(T * K), tor_cpu(R), cnt(E), rof(T * K), tor(R);
   std::vector<int64_t> off_cpu(E + 1), off(E + 1);
-  ASSERT_TRUE(cpu::routing_plan(p, ev, TensorView{}, make_view(cnt_cpu.data(), {E}), make_view(off_cpu.data(), {E + 1}),
+  ASSERT_TRUE(cpu::routing_plan(p, ev, wv, make_view(cnt_cpu.data(), {E}), make_view(off_cpu.data(), {E + 1}),
                                 make_view(rof_cpu.data(), {T, K}), make_view(tor_cpu.data(), {R}), wsv)
                   .ok());
   run_all_schedules([&] {
     poison(cnt), poison(off), poison(rof), poison(tor), poison(ws);
-    EXPECT_OK(sim::routing_plan(p, ev, TensorView{}, make_view(cnt.data(), {E}), make_view(off.data(), {E + 1}),
+    EXPECT_OK(sim::routing_plan(p, ev, wv, make_view(cnt.data(), {E}), make_view(off.data(), {E + 1}),
                                 make_view(rof.data(), {T, K}), make_view(tor.data(), {R}), wsv, nullptr));
     std::vector<unsigned char> out;
     append_bytes(out, cnt), append_bytes(out, off), append_bytes(out, rof), append_bytes(out, tor);
@@ -88,21 +103,45 @@ TEST(SimtRouting, PlanMatchesCpuExactly) {
   for (const RoutingCase& c : cases) check(c);
 }
 
-TEST(SimtRouting, DropByScoreIsUnsupported) {
+TEST(SimtRouting, DropByScoreMatchesCpuExactly) {
+  const DropPolicy S = DropPolicy::kByScore;
+  const RoutingCase cases[] = {
+      {0, 2, 4, 3, 1, 0, S, false},        // no tokens
+      {1, 1, 1, 0, 1, 0, S, false},        // capacity 0 on E = 1
+      {7, 2, 5, 1, 1, 0, S, true},         // ties: the lower (t, k) wins
+      {7, 5, 5, 2, 4, 1, S, false},        // K = E, padding
+      {300, 4, 7, 100, 8, 0, S, true},     // some experts over capacity, some not
+      {300, 2, 300, 1, 1, 0, S, true},     // E > 256, many empty experts
+      {300, 2, 9, 20, 16, 2, S, false},    // half the experts empty, padded
+      {300, 1, 4, 37, 1, 1, S, true},      // every token on one expert, heavy ties
+      {300, 2, 6, 0, 1, 0, S, false},      // capacity 0: everything dropped
+      {300, 2, 6, 1000, 1, 0, S, false},   // capacity above every count: nothing dropped
+      {5000, 4, 13, 1000, 4, 0, S, false}, // several chunks; segments of ~1500 > one select tile
+      {5000, 4, 13, 777, 1, 0, S, true},
+      {4097, 2, 3, 2049, 1, 0, S, true},   // one radix digit holds most keys: all 8 passes matter
+  };
+  for (const RoutingCase& c : cases) check(c);
+}
+
+// The CPU backend rejects NaN weights; the device backends rank a NaN like -inf (docs/kernels/routing.md).
+TEST(SimtRouting, DropByScoreRanksNanLowest) {
+  const int64_t T = 6, K = 1;
   RoutingPlanParams p;
-  p.num_experts = 4;
-  p.capacity = 2;
+  p.num_experts = 1;
+  p.capacity = 3;
   p.drop_policy = DropPolicy::kByScore;
-  std::vector<int32_t> ex(8, 0), cnt(4), rof(8), tor(8);
-  std::vector<float> w(8, 1.f);
-  std::vector<int64_t> off(5);
-  std::vector<uint8_t> ws(4096);
-  const Status st = sim::routing_plan(p, make_view(ex.data(), {4, 2}), make_view(w.data(), {4, 2}),
-                                      make_view(cnt.data(), {4}), make_view(off.data(), {5}),
-                                      make_view(rof.data(), {4, 2}), make_view(tor.data(), {8}),
-                                      make_view(ws.data(), {4096}), nullptr);
-  EXPECT_EQ(st.code(), Code::kUnsupported);
-  EXPECT_NE(st.message().find("kByScore"), std::string::npos) << st.message();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<int32_t> ex(T, 0), cnt(1), rof(T), tor(T);
+  std::vector<float> w = {nan, 0.5f, nan, -1.0f, 0.25f, nan};
+  std::vector<int64_t> off(2);
+  std::vector<uint8_t> ws(size_t(sim::routing_plan_workspace_bytes(p, T, K)));
+  EXPECT_OK(sim::routing_plan(p, make_view(ex.data(), {T, K}), make_view(w.data(), {T, K}), make_view(cnt.data(), {1}),
+                              make_view(off.data(), {2}), make_view(rof.data(), {T, K}), make_view(tor.data(), {T}),
+                              make_view(ws.data(), {int64_t(ws.size())}), nullptr));
+  EXPECT_EQ(cnt, std::vector<int32_t>({3}));
+  EXPECT_EQ(off, std::vector<int64_t>({0, 3}));
+  EXPECT_EQ(rof, std::vector<int32_t>({-1, 0, -1, 1, 2, -1}));  // kept: 0.5, -1, 0.25 in token order
+  EXPECT_EQ(tor, std::vector<int32_t>({1, 3, 4, -1, -1, -1}));
 }
 
 }  // namespace
