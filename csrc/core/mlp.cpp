@@ -1,19 +1,15 @@
 // Public entry points of the expert MLP / shared-expert op family: validate every argument, then
-// dispatch. The composition lives in csrc/cpu/mlp.cpp.
+// dispatch: the CPU composition (csrc/cpu/mlp.cpp, reads the segment bounds on the host) or the device
+// one (csrc/cuda/mlp.cu, reads them only on the device) for 'cuda' and 'simt'.
 #include "smoe/ops/mlp.h"
 
 #include <string>
 
+#include "core/dispatch.h"
 #include "cpu/mlp.h"
 
 namespace smoe {
 namespace {
-
-// The fused MLP entry points compose the CPU ops and read the segment bounds on the host; their
-// device form (tensor-core GEMMs with the gather and activation fused) is not wired yet.
-constexpr const char* kDeviceMlpMissing =
-    "the fused expert MLP and shared expert are not on the device backends yet; compose permute_forward, "
-    "grouped_gemm and activation_forward (each runs on 'cuda' and 'simt'), or use backend 'cpu'";
 
 // Checks of one op; `ref` is the first float tensor (its dtype and device are everyone's).
 struct Checker {
@@ -51,14 +47,13 @@ struct Checker {
     }
     return Status::Ok();
   }
-  Status backend() const {
-    Backend b;
-    SMOE_RETURN_IF_ERROR(resolve_backend(op, exec_, ref, &b));
-    if (b == Backend::kCuda || b == Backend::kSimt) return unsupported(op, kDeviceMlpMissing);
-    return Status::Ok();
-  }
-  const Exec& exec_;
 };
+
+// Zero work still checks that the backend can run on these tensors.
+Status resolve_backend_only(const char* op, const Exec& exec, const TensorView& ref) {
+  Backend b;
+  return resolve_backend(op, exec, ref, &b);
+}
 
 Status expect_activation(const char* op, Activation act) {
   switch (act) {
@@ -87,7 +82,7 @@ Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const
                           const TensorView& token_of_row, const TensorView& offsets, const TensorView& w1,
                           const TensorView& w2, const TensorView& xs, const TensorView& pre,
                           const TensorView& act, const TensorView& ys) {
-  const Checker c{"expert_mlp_forward", x, "x", exec};
+  const Checker c{"expert_mlp_forward", x, "x"};
   SMOE_RETURN_IF_ERROR(expect_activation(c.op, params.activation));
   SMOE_RETURN_IF_ERROR(c.float_tensor("x", x, 2, "[T, H]", true));
   const int64_t H = x.size(1);
@@ -116,9 +111,8 @@ Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const
   SMOE_RETURN_IF_ERROR(c.float_tensor("ys", ys, 2, "[R, H]", true));
   SMOE_RETURN_IF_ERROR(c.size("ys", ys, 0, R, "R (= token_of_row.size(0))"));
   SMOE_RETURN_IF_ERROR(c.size("ys", ys, 1, H, "H (= x.size(1))"));
-  SMOE_RETURN_IF_ERROR(c.backend());
-  if (R == 0) return Status::Ok();
-  return cpu::expert_mlp_forward(params, x, token_of_row, offsets, w1, w2, xs, pre, act, ys);
+  if (R == 0) return resolve_backend_only(c.op, exec, x);
+  return SMOE_DISPATCH(c.op, exec, x, expert_mlp_forward, params, x, token_of_row, offsets, w1, w2, xs, pre, act, ys);
 }
 
 int64_t expert_mlp_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t R, int64_t H, int64_t F) {
@@ -135,7 +129,7 @@ Status expert_mlp_backward(const Exec& exec, const ExpertMlpParams& params, cons
                            const TensorView& w2, const TensorView& xs, const TensorView& pre,
                            const TensorView& act, const TensorView& grad_x, const TensorView& grad_w1,
                            const TensorView& grad_w2, const TensorView& workspace) {
-  const Checker c{"expert_mlp_backward", grad_ys, "grad_ys", exec};
+  const Checker c{"expert_mlp_backward", grad_ys, "grad_ys"};
   SMOE_RETURN_IF_ERROR(expect_activation(c.op, params.activation));
   SMOE_RETURN_IF_ERROR(c.float_tensor("grad_ys", grad_ys, 2, "[R, H]", true));
   const int64_t R = grad_ys.size(0), H = grad_ys.size(1);
@@ -169,10 +163,9 @@ Status expert_mlp_backward(const Exec& exec, const ExpertMlpParams& params, cons
   SMOE_RETURN_IF_ERROR(c.float_tensor("grad_w2", grad_w2, 3, "[E, H, F]", false));
   for (int d = 0; d < 3; ++d) SMOE_RETURN_IF_ERROR(c.size("grad_w2", grad_w2, d, w2.size(d), "w2's size"));
   SMOE_RETURN_IF_ERROR(c.workspace(workspace, expert_mlp_workspace_bytes(params, grad_ys.dtype, R, H, F)));
-  SMOE_RETURN_IF_ERROR(c.backend());
   // No early return for R == 0: the weight gradients must still become zeros and grad_x too.
-  return cpu::expert_mlp_backward(params, grad_ys, row_of, offsets, w1, w2, xs, pre, act, grad_x, grad_w1, grad_w2,
-                                  workspace);
+  return SMOE_DISPATCH(c.op, exec, grad_ys, expert_mlp_backward, params, grad_ys, row_of, offsets, w1, w2, xs, pre,
+                       act, grad_x, grad_w1, grad_w2, workspace);
 }
 
 // ---- shared experts ------------------------------------------------------------------------------
@@ -222,14 +215,13 @@ Status shared_expert_forward(const Exec& exec, const ExpertMlpParams& params, co
                              const TensorView& w1, const TensorView& w2, const TensorView& gate_w,
                              const TensorView& pre, const TensorView& act, const TensorView& out,
                              const TensorView& gate, const TensorView& y) {
-  const Checker c{"shared_expert_forward", x, "x", exec};
+  const Checker c{"shared_expert_forward", x, "x"};
   SMOE_RETURN_IF_ERROR(check_shared(c, params, x, w1, w2, gate_w, pre, act, out, gate));
   SMOE_RETURN_IF_ERROR(c.float_tensor("y", y, 2, "[T, H]", true));
   SMOE_RETURN_IF_ERROR(c.size("y", y, 0, x.size(0), "T (= x.size(0))"));
   SMOE_RETURN_IF_ERROR(c.size("y", y, 1, x.size(1), "H (= x.size(1))"));
-  SMOE_RETURN_IF_ERROR(c.backend());
-  if (x.size(0) == 0) return Status::Ok();
-  return cpu::shared_expert_forward(params, x, w1, w2, gate_w, pre, act, out, gate, y);
+  if (x.size(0) == 0) return resolve_backend_only(c.op, exec, x);
+  return SMOE_DISPATCH(c.op, exec, x, shared_expert_forward, params, x, w1, w2, gate_w, pre, act, out, gate, y);
 }
 
 int64_t shared_expert_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t T, int64_t H,
@@ -248,7 +240,7 @@ Status shared_expert_backward(const Exec& exec, const ExpertMlpParams& params, c
                               const TensorView& out, const TensorView& gate, const TensorView& grad_x,
                               const TensorView& grad_w1, const TensorView& grad_w2,
                               const TensorView& grad_gate_w, const TensorView& workspace) {
-  const Checker c{"shared_expert_backward", x, "x", exec};
+  const Checker c{"shared_expert_backward", x, "x"};
   SMOE_RETURN_IF_ERROR(check_shared(c, params, x, w1, w2, gate_w, pre, act, out, gate));
   const int64_t T = x.size(0), H = x.size(1);
   SMOE_RETURN_IF_ERROR(c.float_tensor("grad_y", grad_y, 2, "[T, H]", true));
@@ -269,10 +261,9 @@ Status shared_expert_backward(const Exec& exec, const ExpertMlpParams& params, c
   }
   SMOE_RETURN_IF_ERROR(
       c.workspace(workspace, shared_expert_workspace_bytes(params, x.dtype, T, H, w2.size(1))));
-  SMOE_RETURN_IF_ERROR(c.backend());
   // No early return for T == 0: the weight gradients must still become zeros.
-  return cpu::shared_expert_backward(params, grad_y, x, w1, w2, gate_w, pre, act, out, gate, grad_x, grad_w1,
-                                     grad_w2, grad_gate_w, workspace);
+  return SMOE_DISPATCH(c.op, exec, x, shared_expert_backward, params, grad_y, x, w1, w2, gate_w, pre, act, out, gate,
+                       grad_x, grad_w1, grad_w2, grad_gate_w, workspace);
 }
 
 }  // namespace smoe
