@@ -10,8 +10,14 @@
 //     and breaks ties to the lower index, so the result does not depend on the reduction order.
 //     Group-limited routing stages the keys of a row in shared memory so each lane scores whole
 //     groups in the CPU's order (bit-identical group keys for identical scores).
+//  v1b topk_gating for 512 < E <= 8192: one block per token. The row's packed keys and scores live
+//     in shared memory (12 bytes an expert); the softmax, the group limit and the K argmax rounds are
+//     block reductions (warp butterflies, then the warp partials in a fixed order). Same bytes as v1;
+//     K block barriers a token instead of none, which is cheap next to E exps when E is large.
 //  expert_choice: a score pass (warp per token) then one block per expert that bitonic-sorts the
-//     packed keys of its column in shared memory (T <= 16384) and keeps the first C.
+//     packed keys of its column in shared memory (T <= 16384) and keeps the first C. For larger T
+//     the block first finds the C-th best key of the column by a radix select (common.cuh), gathers
+//     the C keys >= it, and sorts only those (C <= 16384).
 //  losses: deterministic two-pass reductions (per-block partials in a stream-ordered scratch buffer,
 //     then one block sums them in a fixed order); expert counts use integer atomics, whose result
 //     does not depend on their order. No float atomics anywhere.
@@ -26,6 +32,9 @@ constexpr int kRowThreads = 32 * kWarpsPerBlock;  // 128 threads: small blocks k
 constexpr int kMaxItems = 16;                     // register-resident top-k: E <= 32 * 16 = 512
 constexpr int kMaxExpertChoiceTokens = 16384;     // bitonic sort of T packed keys in <= 128 KiB of smem
 constexpr int kSortThreads = 512;
+constexpr int kRowBlockThreads = 256;             // block-per-token top-k (E > 512): 8 warps a token
+constexpr int kRowBlockWarps = kRowBlockThreads / 32;
+constexpr int kMaxBlockExperts = 8192;            // 12 B an expert of smem: 96 KiB (+ groups) fits sm_80's 163 KiB
 
 // ---- topk_gating forward --------------------------------------------------------------------------
 
@@ -208,6 +217,150 @@ __global__ void __launch_bounds__(kRowThreads) topk_gating_forward_kernel(TopkFo
   }
 }
 
+// ---- topk_gating forward, block per token (E > 512) ----------------------------------------------
+
+// Block reductions of the block-per-token kernels: a warp butterfly, then every thread combines the
+// kRowBlockWarps partials in warp order (a fixed order: deterministic). part is reused by the next
+// call only after the trailing barrier.
+__device__ __forceinline__ float row_block_sum(float v, float* part) {
+  v = warp_sum(v);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float r = part[0];
+  for (int w = 1; w < kRowBlockWarps; ++w) r += part[w];
+  __syncthreads();
+  return r;
+}
+__device__ __forceinline__ float row_block_max(float v, float* part) {
+  v = warp_max(v);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float r = part[0];
+  for (int w = 1; w < kRowBlockWarps; ++w) r = fmaxf(r, part[w]);
+  __syncthreads();
+  return r;
+}
+__device__ __forceinline__ unsigned long long row_block_max_u64(unsigned long long v, unsigned long long* part) {
+  v = warp_max_u64(v);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+  __syncthreads();
+  unsigned long long r = part[0];
+  for (int w = 1; w < kRowBlockWarps; ++w) r = part[w] > r ? part[w] : r;
+  __syncthreads();
+  return r;
+}
+
+// One block per token; thread i owns experts e = i + kRowBlockThreads * j. Same rules as the warp
+// kernel: packed keys, NaN like -inf, group scores in the CPU's order, picks summed in pick order.
+template <class In>
+__global__ void __launch_bounds__(kRowBlockThreads) topk_gating_forward_block_kernel(TopkForwardArgs a) {
+  SMOE_DYNAMIC_SMEM(unsigned long long, key);                // [E] selection keys (0 = excluded)
+  float* s = reinterpret_cast<float*>(key + a.E);             // [E] scores
+  float* gk = s + a.E;                                       // [n_groups] group keys (grouped only)
+  float* kept = gk + a.n_groups;                             // [n_groups] 1 = kept
+  __shared__ float fpart[kRowBlockWarps];
+  __shared__ unsigned long long kpart[kRowBlockWarps];
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t t = blockIdx.x;
+  const In* x = static_cast<const In*>(a.logits) + t * a.logits_stride;
+  if (a.softmax) {
+    float m = -INFINITY;
+    for (int e = tid; e < a.E; e += kRowBlockThreads) {
+      s[e] = to_float(x[e]);
+      m = fmaxf(m, s[e]);
+    }
+    m = row_block_max(m, fpart);
+    float sum = 0.0f;
+    for (int e = tid; e < a.E; e += kRowBlockThreads) {
+      s[e] = expf(s[e] - m);
+      sum += s[e];
+    }
+    sum = row_block_sum(sum, fpart);
+    for (int e = tid; e < a.E; e += kRowBlockThreads) s[e] = s[e] / sum;
+  } else {
+    for (int e = tid; e < a.E; e += kRowBlockThreads) s[e] = 1.0f / (1.0f + expf(-to_float(x[e])));
+  }
+  float* so = a.scores + t * a.scores_stride;
+  for (int e = tid; e < a.E; e += kRowBlockThreads) {
+    so[e] = s[e];
+    key[e] = pack_key(a.bias ? s[e] + a.bias[e] : s[e], static_cast<uint32_t>(e));
+  }
+  __syncthreads();
+
+  if (a.grouped) {  // as the warp kernel: DeepSeek-V2 section 2.1.3, V3 section 2.1.2
+    const int G = a.group_size;
+    for (int g = tid; g < a.n_groups; g += kRowBlockThreads) {
+      float b1 = -INFINITY, b2 = -INFINITY, mx = -INFINITY;
+      for (int j = 0; j < G; ++j) {
+        const int e = g * G + j;
+        float v = a.bias ? s[e] + a.bias[e] : s[e];
+        v = v == v ? v : -INFINITY;
+        if (j == 0 || v > mx) mx = v;
+        if (v > b1) {
+          b2 = b1;
+          b1 = v;
+        } else if (v > b2) {
+          b2 = v;
+        }
+      }
+      float score = mx;
+      if (a.top2sum) {
+        if (G >= 2) {
+          score = b1 + b2;
+          score = score == score ? score : -INFINITY;
+        } else {
+          score = b1;
+        }
+      }
+      gk[g] = score;
+      kept[g] = 0.0f;
+    }
+    // group g is read and marked only by thread g % kRowBlockThreads between the barriers
+    for (int r = 0; r < a.topk_groups; ++r) {
+      unsigned long long best = kExcludedKey;
+      for (int g = tid; g < a.n_groups; g += kRowBlockThreads) {
+        if (kept[g] == 0.0f) {
+          const unsigned long long k = pack_key(gk[g], static_cast<uint32_t>(g));
+          best = k > best ? k : best;
+        }
+      }
+      best = row_block_max_u64(best, kpart);
+      const int g = static_cast<int>(key_index(best));
+      if (g % kRowBlockThreads == tid) kept[g] = 1.0f;
+    }
+    __syncthreads();
+    for (int e = tid; e < a.E; e += kRowBlockThreads) {
+      if (kept[e / G] == 0.0f) key[e] = kExcludedKey;
+    }
+    __syncthreads();
+  }
+
+  float* wo = a.weights + t * a.weights_stride;
+  int32_t* eo = a.experts + t * a.experts_stride;
+  // K rounds of block argmax; thread 0 writes the picks and sums them in pick order (the CPU's order)
+  float sum = 0.0f;
+  for (int k = 0; k < a.K; ++k) {
+    unsigned long long best = kExcludedKey;
+    for (int e = tid; e < a.E; e += kRowBlockThreads) best = key[e] > best ? key[e] : best;
+    best = row_block_max_u64(best, kpart);
+    const int e = static_cast<int>(key_index(best));  // in [0, E): validation guarantees K candidates
+    if (e % kRowBlockThreads == tid) key[e] = kExcludedKey;  // only the owner reads key[e] again
+    if (tid == 0) {
+      sum += s[e];
+      wo[k] = s[e];
+      eo[k] = e;
+    }
+  }
+  if (tid == 0) {
+    const float denom = sum + a.renorm_eps;
+    for (int k = 0; k < a.K; ++k) {
+      float w = wo[k];
+      if (a.renormalize) w = w / denom;
+      wo[k] = w * a.routed_scaling;
+    }
+  }
+}
+
 // ---- topk_gating backward ---------------------------------------------------------------------------
 
 struct TopkBackwardArgs {
@@ -291,6 +444,52 @@ __global__ void __launch_bounds__(kRowThreads) topk_gating_backward_kernel(TopkB
   }
 }
 
+// Block per token (E > 512): grad_scores (or 0) into shared memory, thread 0 adds the picks' terms
+// in k order (the CPU's sums), then the softmax / sigmoid backward with a block dot product.
+__global__ void __launch_bounds__(kRowBlockThreads) topk_gating_backward_block_kernel(TopkBackwardArgs a) {
+  SMOE_DYNAMIC_SMEM(float, g);  // [E]
+  __shared__ float fpart[kRowBlockWarps];
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t t = blockIdx.x;
+  const float* sr = a.scores + t * a.scores_stride;
+  const float* gsr = a.grad_scores ? a.grad_scores + t * a.grad_scores_stride : nullptr;
+  for (int e = tid; e < a.E; e += kRowBlockThreads) g[e] = gsr ? gsr[e] : 0.0f;
+  __syncthreads();
+  if (a.grad_weights && tid == 0) {
+    const int32_t* ei = a.experts + t * a.experts_stride;
+    const float* dw = a.grad_weights + t * a.grad_weights_stride;
+    float denom = 1.0f, common = 0.0f;
+    if (a.renormalize) {  // as the warp kernel
+      float sum = 0.0f, dot = 0.0f;
+      for (int k = 0; k < a.K; ++k) {
+        const int32_t e = ei[k];
+        if (e >= 0 && e < a.E) sum += sr[e];
+      }
+      for (int k = 0; k < a.K; ++k) {
+        const int32_t e = ei[k];
+        if (e >= 0 && e < a.E) dot += dw[k] * sr[e];
+      }
+      denom = sum + a.renorm_eps;
+      common = dot / (denom * denom);
+    }
+    for (int k = 0; k < a.K; ++k) {
+      const int32_t e = ei[k];
+      if (e < 0 || e >= a.E) continue;
+      g[e] += a.renormalize ? a.routed_scaling * (dw[k] / denom - common) : a.routed_scaling * dw[k];
+    }
+  }
+  __syncthreads();
+  float* out = a.grad_logits + t * a.grad_logits_stride;
+  if (a.softmax) {  // dx = s * (g - <g, s>)
+    float dot = 0.0f;
+    for (int e = tid; e < a.E; e += kRowBlockThreads) dot += g[e] * sr[e];
+    dot = row_block_sum(dot, fpart);
+    for (int e = tid; e < a.E; e += kRowBlockThreads) out[e] = sr[e] * (g[e] - dot);
+  } else {  // dx = g * s * (1 - s)
+    for (int e = tid; e < a.E; e += kRowBlockThreads) out[e] = g[e] * sr[e] * (1.0f - sr[e]);
+  }
+}
+
 // ---- warp-per-row score pass for any E (expert choice, z-loss) ------------------------------------
 
 // Row max (NaN skipped) and sum of exp(x - max) of one row, every lane holding the results.
@@ -342,19 +541,9 @@ __global__ void __launch_bounds__(kRowThreads) expert_choice_scores_kernel(Score
   }
 }
 
-// one block per expert: bitonic sort (Batcher 1968) of the column's N = 2^ceil(log2 T) packed keys,
-// descending, in shared memory; the first C keys are the expert's tokens, best first, ties to the
-// lower token (packed keys are distinct, so the order is total).
-__global__ void __launch_bounds__(kSortThreads)
-    expert_choice_select_kernel(const float* scores, int64_t scores_stride, int64_t T, int32_t C, int32_t N,
-                                int32_t* tokens, int64_t tokens_stride, int32_t* row_of, int64_t row_of_stride,
-                                float* weights, int64_t weights_stride) {
-  SMOE_DYNAMIC_SMEM(unsigned long long, keys);  // [N]
-  const int64_t e = blockIdx.x;
-  for (int i = threadIdx.x; i < N; i += blockDim.x) {
-    keys[i] = i < T ? pack_key(scores[i * scores_stride + e], static_cast<uint32_t>(i)) : kExcludedKey;
-  }
-  __syncthreads();
+// Bitonic sort (Batcher 1968) of N = 2^n keys in shared memory, descending; log2(N)*(log2(N)+1)/2
+// stages of N/2 compare-exchanges, each followed by a block barrier.
+__device__ void block_bitonic_sort_desc(unsigned long long* keys, int32_t N) {
   for (int k = 2; k <= N; k <<= 1) {
     for (int j = k >> 1; j > 0; j >>= 1) {
       for (int i = threadIdx.x; i < N; i += blockDim.x) {
@@ -372,12 +561,64 @@ __global__ void __launch_bounds__(kSortThreads)
       __syncthreads();
     }
   }
+}
+
+// The first C sorted keys of expert e: tokens[e, :], row_of and weights of the chosen tokens.
+__device__ void write_expert_choice(const unsigned long long* keys, const float* scores, int64_t scores_stride,
+                                    int64_t e, int32_t C, int32_t* tokens, int64_t tokens_stride, int32_t* row_of,
+                                    int64_t row_of_stride, float* weights, int64_t weights_stride) {
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
     const int64_t t = key_index(keys[c]);
     tokens[e * tokens_stride + c] = static_cast<int32_t>(t);
     row_of[t * row_of_stride + e] = static_cast<int32_t>(e * C + c);
     weights[t * weights_stride + e] = scores[t * scores_stride + e];
   }
+}
+
+// one block per expert: bitonic sort (Batcher 1968) of the column's N = 2^ceil(log2 T) packed keys,
+// descending, in shared memory; the first C keys are the expert's tokens, best first, ties to the
+// lower token (packed keys are distinct, so the order is total).
+__global__ void __launch_bounds__(kSortThreads)
+    expert_choice_select_kernel(const float* scores, int64_t scores_stride, int64_t T, int32_t C, int32_t N,
+                                int32_t* tokens, int64_t tokens_stride, int32_t* row_of, int64_t row_of_stride,
+                                float* weights, int64_t weights_stride) {
+  SMOE_DYNAMIC_SMEM(unsigned long long, keys);  // [N]
+  const int64_t e = blockIdx.x;
+  for (int i = threadIdx.x; i < N; i += blockDim.x) {
+    keys[i] = i < T ? pack_key(scores[i * scores_stride + e], static_cast<uint32_t>(i)) : kExcludedKey;
+  }
+  __syncthreads();
+  block_bitonic_sort_desc(keys, N);
+  write_expert_choice(keys, scores, scores_stride, e, C, tokens, tokens_stride, row_of, row_of_stride, weights,
+                      weights_stride);
+}
+
+// T > kMaxExpertChoiceTokens: one block per expert; a radix select finds the C-th best key of the
+// column (8 strided passes over it), the C keys >= it are gathered into shared memory (slot order
+// varies with the schedule, the sorted result does not: the keys are distinct), and only they are
+// sorted. N = 2^ceil(log2 C).
+__global__ void __launch_bounds__(kSortThreads)
+    expert_choice_select_radix_kernel(const float* scores, int64_t scores_stride, int64_t T, int32_t C, int32_t N,
+                                      int32_t* tokens, int64_t tokens_stride, int32_t* row_of, int64_t row_of_stride,
+                                      float* weights, int64_t weights_stride) {
+  SMOE_DYNAMIC_SMEM(unsigned long long, keys);  // [N]
+  __shared__ int hist[258];
+  __shared__ int fill;
+  const int64_t e = blockIdx.x;
+  const auto key_at = [&](int64_t i) { return pack_key(scores[i * scores_stride + e], static_cast<uint32_t>(i)); };
+  // C < T here (C <= 16384 < T): the select is reached by every thread
+  const unsigned long long threshold = block_radix_select_desc(key_at, T, C, hist);
+  if (threadIdx.x == 0) fill = 0;
+  for (int i = threadIdx.x; i < N; i += blockDim.x) keys[i] = kExcludedKey;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < T; i += blockDim.x) {
+    const unsigned long long k = key_at(i);
+    if (k >= threshold) keys[atomicAdd(&fill, 1)] = k;  // exactly C keys pass
+  }
+  __syncthreads();
+  block_bitonic_sort_desc(keys, N);
+  write_expert_choice(keys, scores, scores_stride, e, C, tokens, tokens_stride, row_of, row_of_stride, weights,
+                      weights_stride);
 }
 
 struct ExpertChoiceBackwardArgs {
@@ -579,8 +820,34 @@ int items_for(int64_t E) {
 }
 
 Status too_many_experts(const char* op, int64_t E) {
-  return unsupported(op, "E = " + std::to_string(E) + " experts; the CUDA backend keeps a row in one warp's registers "
-                         "and supports E <= " + std::to_string(32 * kMaxItems) + " (use backend 'cpu')");
+  return unsupported(op, "E = " + std::to_string(E) + " experts; the CUDA backend keeps a row in one block's shared "
+                         "memory and supports E <= " + std::to_string(kMaxBlockExperts) + " (use backend 'cpu')");
+}
+
+// Dynamic shared memory above the 48 KiB default needs an opt-in per kernel (sm_70+).
+template <class Kernel>
+cudaError_t allow_smem(Kernel* kernel, size_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+}
+
+template <class In>
+Status launch_topk_forward_block(const TopkForwardArgs& a, cudaStream_t stream) {
+  auto* kernel = &topk_gating_forward_block_kernel<In>;
+  // keys [E] u64 + scores [E] f32 (+ 2 n_groups f32): <= 96 KiB + 64 KiB for E <= 8192
+  const size_t smem = 12 * static_cast<size_t>(a.E) + (a.grouped ? 8 * static_cast<size_t>(a.n_groups) : 0);
+  SMOE_CUDA_CHECK(allow_smem(kernel, smem));
+  // one block per token: E > 512 does not fit one warp's registers
+  SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, dim3(static_cast<unsigned>(a.T)), dim3(kRowBlockThreads), smem, stream, a));
+  return Status::Ok();
+}
+
+Status launch_topk_backward_block(const TopkBackwardArgs& a, cudaStream_t stream) {
+  const size_t smem = sizeof(float) * static_cast<size_t>(a.E);  // <= 32 KiB
+  // one block per token: E > 512
+  SMOE_CUDA_CHECK(SMOE_LAUNCH(&topk_gating_backward_block_kernel, dim3(static_cast<unsigned>(a.T)),
+                              dim3(kRowBlockThreads), smem, stream, a));
+  return Status::Ok();
 }
 
 template <class In, int kItems>
@@ -646,7 +913,7 @@ Status topk_gating_forward(const TopkGatingParams& p, const TensorView& logits, 
                            void* stream) {
   const char* op = "topk_gating_forward";
   const int64_t T = logits.size(0), E = logits.size(1);
-  if (E > 32 * kMaxItems) return too_many_experts(op, E);
+  if (E > kMaxBlockExperts) return too_many_experts(op, E);
   if (T == 0) return Status::Ok();
   TopkForwardArgs a{};
   a.logits = logits.data;
@@ -675,6 +942,7 @@ Status topk_gating_forward(const TopkGatingParams& p, const TensorView& logits, 
   const cudaStream_t s = as_stream(stream);
   return dispatch_float(logits.dtype, op, [&](auto tag) -> Status {
     using In = typename decltype(tag)::type;
+    if (E > 32 * kMaxItems) return launch_topk_forward_block<In>(a, s);
     switch (items_for(E)) {
       case 1: return launch_topk_forward<In, 1>(a, smem, s);
       case 2: return launch_topk_forward<In, 2>(a, smem, s);
@@ -691,7 +959,7 @@ Status topk_gating_backward(const TopkGatingParams& p, const TensorView& scores,
   const char* op = "topk_gating_backward";
   const int64_t T = scores.size(0), E = scores.size(1);
   if (scores.dtype == DType::kF64) return f64_unsupported(op);
-  if (E > 32 * kMaxItems) return too_many_experts(op, E);
+  if (E > kMaxBlockExperts) return too_many_experts(op, E);
   if (T == 0) return Status::Ok();
   TopkBackwardArgs a{};
   a.scores = scores.data_as<const float>();
@@ -712,6 +980,7 @@ Status topk_gating_backward(const TopkGatingParams& p, const TensorView& scores,
   a.renorm_eps = p.renorm_eps;
   a.routed_scaling = p.routed_scaling;
   const cudaStream_t s = as_stream(stream);
+  if (E > 32 * kMaxItems) return launch_topk_backward_block(a, s);
   switch (items_for(E)) {
     case 1: return launch_topk_backward<1>(a, s);
     case 2: return launch_topk_backward<2>(a, s);
@@ -726,9 +995,12 @@ Status expert_choice_forward(const ExpertChoiceParams& p, const TensorView& logi
                              void* stream) {
   const char* op = "expert_choice_forward";
   const int64_t T = logits.size(0), E = logits.size(1);
-  if (T > kMaxExpertChoiceTokens) {
-    return unsupported(op, "T = " + std::to_string(T) + " tokens; the CUDA backend sorts a column in shared memory "
-                           "and supports T <= " + std::to_string(kMaxExpertChoiceTokens) + " (use backend 'cpu')");
+  const bool radix = T > kMaxExpertChoiceTokens;  // select the C best first, then sort only those
+  if (radix && p.capacity > kMaxExpertChoiceTokens) {
+    return unsupported(op, "capacity = " + std::to_string(p.capacity) + " with T = " + std::to_string(T) +
+                           " tokens; the CUDA backend sorts an expert's chosen tokens in shared memory and supports "
+                           "T <= " + std::to_string(kMaxExpertChoiceTokens) + " or capacity <= " +
+                           std::to_string(kMaxExpertChoiceTokens) + " (use backend 'cpu')");
   }
   if (T == 0 || E == 0) return Status::Ok();
   const cudaStream_t s = as_stream(stream);
@@ -741,15 +1013,15 @@ Status expert_choice_forward(const ExpertChoiceParams& p, const TensorView& logi
     SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, grid, dim3(kRowThreads), 0, s, a));
     return Status::Ok();
   }));
+  if (radix && p.capacity == 0) return Status::Ok();  // nothing chosen: the score pass wrote row_of and weights
+  const int64_t sorted = radix ? p.capacity : T;       // keys sorted per expert
   int32_t N = 2;
-  while (N < T) N *= 2;
-  const size_t smem = sizeof(unsigned long long) * static_cast<size_t>(N);  // <= 128 KiB for T <= 16384
-  if (smem > 48 * 1024) {
-    SMOE_CUDA_CHECK(cudaFuncSetAttribute(&expert_choice_select_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem)));
-  }
-  // one block per expert: the whole column of T scores is sorted in shared memory
-  SMOE_CUDA_CHECK(SMOE_LAUNCH(&expert_choice_select_kernel, dim3(static_cast<unsigned>(E)), dim3(kSortThreads), smem,
+  while (N < sorted) N *= 2;
+  const size_t smem = sizeof(unsigned long long) * static_cast<size_t>(N);  // <= 128 KiB (<= 16384 keys)
+  auto* kernel = radix ? &expert_choice_select_radix_kernel : &expert_choice_select_kernel;
+  SMOE_CUDA_CHECK(allow_smem(kernel, smem));
+  // one block per expert: the column's T keys (or its C best) are sorted in shared memory
+  SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, dim3(static_cast<unsigned>(E)), dim3(kSortThreads), smem,
                               s, scores.data_as<const float>(), scores.stride(0), T, p.capacity, N,
                               tokens.data_as<int32_t>(), tokens.stride(0), row_of.data_as<int32_t>(),
                               row_of.stride(0), weights.data_as<float>(), weights.stride(0)));

@@ -129,6 +129,20 @@ TEST(SimtGating, TopkMatchesCpu) {
   gmax.topk_groups = 2;
   gmax.group_score = GroupScore::kTop2Sum;
   cases.push_back({13, 300, gmax, true, false, DType::kF32});
+  // E > 512: the block-per-token kernels
+  cases.push_back({5, 1000, topk(8), false, false, DType::kF32});
+  cases.push_back({6, 1000, topk(6, ScoreFunc::kSigmoid), true, true, DType::kBF16});  // ties, bias
+  cases.push_back({2, 513, topk(513), false, false, DType::kF32});                    // K = E
+  TopkGatingParams big_grouped = renorm;
+  big_grouped.top_k = 8;
+  big_grouped.n_groups = 8;
+  big_grouped.topk_groups = 3;
+  big_grouped.group_score = GroupScore::kTop2Sum;
+  cases.push_back({4, 1024, big_grouped, true, false, DType::kF32});
+  big_grouped.group_score = GroupScore::kMax;
+  big_grouped.n_groups = 600;  // groups of one expert, more groups than threads
+  big_grouped.topk_groups = 300;
+  cases.push_back({3, 600, big_grouped, true, true, DType::kF16});
   for (const TopkCase& c : cases) {
     switch (c.dtype) {
       case DType::kBF16: check_topk<bf16_t>(c); break;
@@ -164,11 +178,11 @@ TEST(SimtGating, TopkNanLogitsGiveValidDistinctIndices) {
 }
 
 TEST(SimtGating, TopkLimitsAndF64AreUnsupported) {
-  std::vector<float> x(2 * 513), w(2), s(2 * 513);
+  std::vector<float> x(2 * 8193), w(2), s(2 * 8193);
   std::vector<int32_t> e(2);
-  const Status big = sim::topk_gating_forward(topk(1), make_view(x.data(), {2, 513}), TensorView{},
+  const Status big = sim::topk_gating_forward(topk(1), make_view(x.data(), {2, 8193}), TensorView{},
                                               make_view(w.data(), {2, 1}), make_view(e.data(), {2, 1}),
-                                              make_view(s.data(), {2, 513}), nullptr);
+                                              make_view(s.data(), {2, 8193}), nullptr);
   EXPECT_EQ(big.code(), Code::kUnsupported) << big.message();
   std::vector<double> xd(8), wd(2), sd(8);
   const Status f64 = sim::topk_gating_forward(topk(1), make_view(xd.data(), {2, 4}), TensorView{},
@@ -229,6 +243,25 @@ TEST(SimtGating, ExpertChoiceMatchesCpu) {
   check_expert_choice<float>(300, 3, 150, ScoreFunc::kSigmoid, true, DType::kF32);
   check_expert_choice<bf16_t>(300, 6, 100, ScoreFunc::kSoftmax, false, DType::kBF16);
   check_expert_choice<f16_t>(33, 40, 5, ScoreFunc::kSigmoid, true, DType::kF16);
+}
+
+// T > 16384: radix select of each column's C best, then a sort of those only.
+TEST(SimtGating, ExpertChoiceLargeTMatchesCpu) {
+  check_expert_choice<float>(20000, 3, 3000, ScoreFunc::kSigmoid, true, DType::kF32);  // heavy ties
+  check_expert_choice<bf16_t>(16385, 2, 1, ScoreFunc::kSoftmax, false, DType::kBF16);  // C = 1
+}
+
+TEST(SimtGating, ExpertChoiceLargeTAndCapacityIsUnsupported) {
+  const int64_t T = 16385, E = 1, C = 16385;
+  ExpertChoiceParams p;
+  p.capacity = int32_t(C);
+  std::vector<float> x(T * E), s(T * E), w(T * E);
+  std::vector<int32_t> tk(E * C), ro(T * E);
+  const Status st = sim::expert_choice_forward(p, make_view(x.data(), {T, E}), make_view(s.data(), {T, E}),
+                                               make_view(tk.data(), {E, C}), make_view(ro.data(), {T, E}),
+                                               make_view(w.data(), {T, E}), nullptr);
+  EXPECT_EQ(st.code(), Code::kUnsupported) << st.message();
+  EXPECT_NE(st.message().find("capacity"), std::string::npos) << st.message();
 }
 
 TEST(SimtGating, AuxLossesMatchCpu) {
