@@ -32,6 +32,12 @@ $PY -m pip install -q --disable-pip-version-check \
   "pybind11>=2.12" "scikit-build-core>=0.10" cmake ninja numpy pytest hypothesis \
   "transformers>=4.57,<5" matplotlib tqdm rich
 
+# 2b. A side environment with transformers 5.x (same torch, through --system-site-packages), so the
+#     tests cover both the 4.57 and the 5.x layouts of the Hugging Face MoE blocks.
+log "side environment build/tf5: transformers 5.x"
+[ -x build/tf5/bin/python ] || $PY -m venv --system-site-packages build/tf5
+build/tf5/bin/python -m pip install -q --disable-pip-version-check "transformers>=5,<6"
+
 # 3. The Python package (builds smoe._C with CMake; editable, so python/ is used in place).
 log "pip install -e . (builds smoe._C)"
 $PY -m pip install -q --disable-pip-version-check --no-build-isolation -e .

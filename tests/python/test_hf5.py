@@ -2,8 +2,8 @@
 
 test_hf.py runs with whichever transformers this interpreter has. When that is 4.x, this test runs
 test_hf.py again in a side environment that has transformers 5.x and the same torch, named by
-$SMOE_TF5_PYTHON (default /tmp/tf5/bin/python; create it with
-`python -m venv /tmp/tf5 --system-site-packages && /tmp/tf5/bin/pip install 'transformers>=5,<6'`).
+$SMOE_TF5_PYTHON (default build/tf5/bin/python of the repository, which scripts/setup.sh creates with
+`python -m venv --system-site-packages build/tf5 && build/tf5/bin/pip install 'transformers>=5,<6'`).
 It skips when no such interpreter exists.
 """
 
@@ -14,7 +14,9 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TF5_PYTHON = os.environ.get("SMOE_TF5_PYTHON", "/tmp/tf5/bin/python")
+TF5_PYTHON = os.environ.get(
+    "SMOE_TF5_PYTHON", os.path.join(os.path.dirname(os.path.dirname(HERE)), "build", "tf5", "bin", "python")
+)
 
 
 def _version(python):
