@@ -95,6 +95,24 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("n"), "Resizes the CPU backend's thread pool.");
 
+  // The C++ backends of this build, from the definitions smoe_core was compiled with (csrc/cuda/CMakeLists.txt:
+  // smoe_cuda_dispatch carries SMOE_HAVE_CUDA when nvcc built the CUDA backend, SMOE_HAVE_CUDA_SIMT when
+  // the emulated one is linked). python/smoe/_core.py derives BUILT_BACKENDS from it.
+  m.def(
+      "built_backends",
+      [] {
+        py::list names;
+        names.append("cpu");
+#if defined(SMOE_HAVE_CUDA) && SMOE_HAVE_CUDA
+        names.append("cuda");
+#endif
+#if defined(SMOE_HAVE_CUDA_SIMT) && SMOE_HAVE_CUDA_SIMT
+        names.append("simt");
+#endif
+        return py::tuple(names);
+      },
+      "Names of the C++ backends this build contains: 'cpu', plus 'cuda' (nvcc) and 'simt' (the emulator).");
+
   // Codes shared with python/smoe/_core.py; tests check that both sides agree.
   py::dict codes;
   codes["f32"] = static_cast<int>(DType::kF32);

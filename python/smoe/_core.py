@@ -55,8 +55,11 @@ DEVICE_CODES = {"cpu": 0, "cuda": 1}
 # Backend names of the Python API -> smoe::Backend codes ("reference" never reaches C++).
 BACKENDS = ("auto", "cpu", "reference", "cuda", "simt")
 _BACKEND_CODES = {"auto": 0, "cpu": 1, "cuda": 2, "simt": 3}
-# The backends this build can run. "cuda" and "simt" join when their issues land.
-BUILT_BACKENDS = ("auto", "cpu", "reference")
+# The backends this build can run: "auto" and "reference" always, the C++ ones that smoe._C reports
+# ("cpu"; "simt" when the emulated CUDA backend is linked; "cuda" when nvcc built the CUDA backend).
+# Without the extension "cpu" stays listed, so that lib() raises its build instructions.
+_CPP_BACKENDS = tuple(_C.built_backends()) if hasattr(_C, "built_backends") else ("cpu",)
+BUILT_BACKENDS = tuple(b for b in BACKENDS if b in ("auto", "cpu", "reference") or b in _CPP_BACKENDS)
 
 def lib():
     """The extension module; raises a RuntimeError that says how to build it when it is missing."""

@@ -342,7 +342,8 @@ class MoE(nn.Module):
         else:
             import smoe.functional as F
 
-            F.balancing_bias_update(routed.to(torch.int32), self.expert_bias, rate=self.bias_update_rate)
+            F.balancing_bias_update(routed.to(torch.int32), self.expert_bias, rate=self.bias_update_rate,
+                                    backend=self.backend)
 
     # ------------------------------------------------------------ Hugging Face
     @classmethod
