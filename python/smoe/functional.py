@@ -1,8 +1,10 @@
 """smoe.functional: the ops of a sparse MoE layer, for PyTorch tensors.
 
 Every function takes its tensors positionally and everything else by keyword, accepts
-backend="auto" (cpu for CPU tensors, cuda for CUDA tensors), "cpu", or "reference" (smoe.reference:
-plain PyTorch), and is differentiable w.r.t. its float tensor inputs. The C++ backends run through
+backend="auto" (cpu for CPU tensors, cuda for CUDA tensors), "cpu", "cuda" (CUDA tensors, when the
+build has nvcc), "simt" (CPU tensors: the CUDA kernels run by the SIMT emulator, for tests and
+teaching), or "reference" (smoe.reference: plain PyTorch), and is differentiable w.r.t. its float
+tensor inputs. smoe.BACKENDS lists what this build contains. The C++ backends run through
 the torch custom ops of smoe.ops (torch.ops.smoe.<name>), so torch.compile(fullgraph=True) traces
 them. Shapes: T tokens, H hidden, F expert FFN size (F1 = 2F for gated activations), E experts,
 K experts per token, R rows of the expert-sorted buffer, C capacity per expert.

@@ -8,7 +8,7 @@ one opaque op), with
     shapes alone, so torch.compile(fullgraph=True) traces through without running the op;
   * an autograd formula (register_autograd) that calls the backward op, itself a custom op.
 
-The backend ("cpu", later "cuda"/"simt") is an argument of every op; "auto" and "reference" are
+The backend ("cpu", "cuda" or "simt") is an argument of every op; "auto" and "reference" are
 resolved by smoe.functional before an op is called. Arguments are validated by the C++ core, which
 raises ValueError naming the argument; smoe.functional checks only what Python needs to allocate.
 """
