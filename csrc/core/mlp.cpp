@@ -49,12 +49,6 @@ struct Checker {
   }
 };
 
-// Zero work still checks that the backend can run on these tensors.
-Status resolve_backend_only(const char* op, const Exec& exec, const TensorView& ref) {
-  Backend b;
-  return resolve_backend(op, exec, ref, &b);
-}
-
 Status expect_activation(const char* op, Activation act) {
   switch (act) {
     case Activation::kSwiGLU:
@@ -111,8 +105,18 @@ Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const
   SMOE_RETURN_IF_ERROR(c.float_tensor("ys", ys, 2, "[R, H]", true));
   SMOE_RETURN_IF_ERROR(c.size("ys", ys, 0, R, "R (= token_of_row.size(0))"));
   SMOE_RETURN_IF_ERROR(c.size("ys", ys, 1, H, "H (= x.size(1))"));
-  if (R == 0) return resolve_backend_only(c.op, exec, x);
-  return SMOE_DISPATCH(c.op, exec, x, expert_mlp_forward, params, x, token_of_row, offsets, w1, w2, xs, pre, act, ys);
+  // Zero rows: nothing to compute on the CPU; the device launchers return early themselves (and an
+  // unbuilt device backend still says so).
+  return detail::dispatch(
+      c.op, exec, x,
+      [&] {
+        if (R == 0) return Status::Ok();
+        return cpu::expert_mlp_forward(params, x, token_of_row, offsets, w1, w2, xs, pre, act, ys);
+      },
+      [&](Backend b) {
+        return SMOE_DEVICE_DISPATCH(c.op, b, exec, expert_mlp_forward, params, x, token_of_row, offsets, w1, w2, xs,
+                                    pre, act, ys);
+      });
 }
 
 int64_t expert_mlp_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t R, int64_t H, int64_t F) {
@@ -220,8 +224,17 @@ Status shared_expert_forward(const Exec& exec, const ExpertMlpParams& params, co
   SMOE_RETURN_IF_ERROR(c.float_tensor("y", y, 2, "[T, H]", true));
   SMOE_RETURN_IF_ERROR(c.size("y", y, 0, x.size(0), "T (= x.size(0))"));
   SMOE_RETURN_IF_ERROR(c.size("y", y, 1, x.size(1), "H (= x.size(1))"));
-  if (x.size(0) == 0) return resolve_backend_only(c.op, exec, x);
-  return SMOE_DISPATCH(c.op, exec, x, shared_expert_forward, params, x, w1, w2, gate_w, pre, act, out, gate, y);
+  // Zero tokens: as in expert_mlp_forward.
+  return detail::dispatch(
+      c.op, exec, x,
+      [&] {
+        if (x.size(0) == 0) return Status::Ok();
+        return cpu::shared_expert_forward(params, x, w1, w2, gate_w, pre, act, out, gate, y);
+      },
+      [&](Backend b) {
+        return SMOE_DEVICE_DISPATCH(c.op, b, exec, shared_expert_forward, params, x, w1, w2, gate_w, pre, act, out,
+                                    gate, y);
+      });
 }
 
 int64_t shared_expert_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t T, int64_t H,

@@ -201,7 +201,9 @@ void check_shared_expert(DType dt, Activation act, int64_t T, bool gated, bool s
   Out want = alloc();
   {
     const auto v = views(want);
-    if (T > 0) ASSERT_TRUE(cpu::shared_expert_forward(params, xv, w1v, w2v, gwv, v.pre, v.act, v.out, v.gate, v.y).ok());
+    if (T > 0) {
+      ASSERT_TRUE(cpu::shared_expert_forward(params, xv, w1v, w2v, gwv, v.pre, v.act, v.out, v.gate, v.y).ok());
+    }
     ASSERT_TRUE(cpu::shared_expert_backward(params, gyv, xv, w1v, w2v, gwv, v.pre, v.act, v.out, v.gate, v.gx, v.gw1,
                                             v.gw2, v.ggw, wsv)
                     .ok());
