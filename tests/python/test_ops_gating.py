@@ -313,7 +313,6 @@ def test_balancing_bias_update_direction():
         (lambda: F.topk_gating(torch.randn(4, 8), top_k=5, n_groups=4, topk_groups=2), ValueError, "top_k"),
         (lambda: F.topk_gating(torch.randn(4, 8), top_k=2, renorm_eps=-1.0, renormalize=True), ValueError, "renorm_eps"),
         (lambda: F.topk_gating(torch.randn(4, 8), top_k=2, backend="tpu"), ValueError, "'backend'"),
-        (lambda: F.topk_gating(torch.randn(4, 8), top_k=2, backend="simt"), RuntimeError, "'simt' is not in this build"),
         (lambda: F.topk_gating(torch.randn(4, 8), top_k=2, backend="cuda"), RuntimeError, "'cuda' is not in this build"),
         (lambda: F.expert_choice(torch.randn(4, 8), capacity=5), ValueError, "'capacity'"),
         (lambda: F.expert_choice(torch.randn(4, 8), capacity=0), ValueError, "'capacity'"),

@@ -384,20 +384,19 @@ TEST(RoutingPlan, BackendsOtherThanCpu) {
   Args a;
   a.exec.backend = Backend::kCuda;  // CPU tensors
   expect_invalid(a, "argument 'backend'");
-  // The emulated CUDA backend does not drop by score yet (docs/kernels/routing.md) and says so ...
-  a.exec.backend = Backend::kSimt;
-  EXPECT_EQ(a.call().code(), Code::kUnsupported);
-  // ... and gives the CPU backend's plan exactly when dropping by token order.
-  Args cpu_args, simt_args;
-  cpu_args.p.drop_policy = simt_args.p.drop_policy = DropPolicy::kByTokenOrder;
-  simt_args.exec.backend = Backend::kSimt;
-  ASSERT_TRUE(cpu_args.call().ok());
-  const Status s = simt_args.call();
-  ASSERT_TRUE(s.ok()) << s.message();
-  EXPECT_EQ(simt_args.counts, cpu_args.counts);
-  EXPECT_EQ(simt_args.offsets, cpu_args.offsets);
-  EXPECT_EQ(simt_args.row_of, cpu_args.row_of);
-  EXPECT_EQ(simt_args.token_of_row, cpu_args.token_of_row);
+  // The emulated CUDA backend gives the CPU backend's plan exactly, for both drop policies.
+  for (DropPolicy policy : {DropPolicy::kByScore, DropPolicy::kByTokenOrder}) {
+    Args cpu_args, simt_args;
+    cpu_args.p.drop_policy = simt_args.p.drop_policy = policy;
+    simt_args.exec.backend = Backend::kSimt;
+    ASSERT_TRUE(cpu_args.call().ok());
+    const Status s = simt_args.call();
+    ASSERT_TRUE(s.ok()) << s.message();
+    EXPECT_EQ(simt_args.counts, cpu_args.counts);
+    EXPECT_EQ(simt_args.offsets, cpu_args.offsets);
+    EXPECT_EQ(simt_args.row_of, cpu_args.row_of);
+    EXPECT_EQ(simt_args.token_of_row, cpu_args.token_of_row);
+  }
 }
 
 }  // namespace
