@@ -1,13 +1,16 @@
 """smoe: sparse mixture-of-experts kernels for PyTorch.
 
-    import smoe.functional as F          # the ops (torch custom ops over the C++ core)
-    import smoe.reference                # the same ops, and the whole layer, in readable PyTorch
-    from smoe.nn import MoE              # the drop-in layer
+    import smoe
+    smoe.functional                      # the ops (torch custom ops over the C++ core)
+    smoe.reference                       # the same ops, and the whole layer, in readable PyTorch
+    smoe.nn.MoE                          # the drop-in layer
 
-Backends: "auto" (cpu for CPU tensors, cuda for CUDA tensors), "cpu", "reference"; see docs/python.md.
+Backends: "auto" (cpu for CPU tensors, cuda for CUDA tensors), "cpu", "reference", "simt" (the CUDA
+kernels run by the SIMT emulator), "cuda" (builds with nvcc); see docs/python.md.
 """
 
 from smoe import _core
+from smoe import functional, nn, reference  # noqa: E402  (public submodules, available after `import smoe`)
 
 __version__ = "0.1.0"
 
@@ -24,4 +27,4 @@ def set_num_threads(n: int) -> None:
     _core.lib().set_num_threads(n)
 
 
-__all__ = ["BACKENDS", "num_threads", "set_num_threads", "__version__"]
+__all__ = ["BACKENDS", "functional", "nn", "reference", "num_threads", "set_num_threads", "__version__"]
