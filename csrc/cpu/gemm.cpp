@@ -418,8 +418,8 @@ struct Tile {
 // Rows per tile: big enough that one BLAS call amortises its packing of b, small enough that a few
 // experts still give every thread work.
 constexpr int64_t kTileRows = 256;
-// The bf16 dot-product path packs its own operands, so it takes a whole expert segment per tile (up
-// to this many rows): b[e] is then packed once per call.
+// The bf16 dot-product path and the AVX-512 f32 GEMM pack their own operands, so they take a whole
+// expert segment per tile (up to this many rows): b[e] is then packed once per call.
 constexpr int64_t kDpTileRows = 1024;
 // With fewer row tiles than this, columns are split too (e.g. a decode step with a handful of rows).
 constexpr int64_t kMinTiles = 16;
@@ -468,6 +468,23 @@ float* grow(std::vector<float>& v, int64_t n) {
   return v.data();
 }
 
+// One f32 tile: smoe's AVX-512 GEMM where the CPU has AVX-512F (and it is enabled), else the BLAS.
+void sgemm_tile(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
+                const float* b, int64_t ldb, float* c, int64_t ldc) {
+  if (use_sgemm_avx512()) {
+    sgemm_avx512(trans_a, trans_b, M, N, K, a, lda, b, ldb, c, ldc);
+  } else {
+    gemm_serial<float>(trans_a, trans_b, M, N, K, a, lda, b, ldb, c, ldc);
+  }
+}
+
+// Whether a tile of T goes to a kernel that packs its operands itself (and so wants big tiles).
+template <class T> bool packs_own_operands() {
+  if constexpr (std::is_same_v<T, bf16_t>) return use_bf16_dp();
+  if constexpr (std::is_same_v<T, float>) return use_sgemm_avx512();
+  return false;
+}
+
 // c[seg_e] = a[seg_e] @ op(b[e]).   a [R, Kd], b [E, N, Kd] (trans_b) or [E, Kd, N], c [R, N]
 template <class T>
 void grouped_gemm_typed(bool trans_b, const TensorView& a, const TensorView& b, const int64_t* offsets, int64_t E,
@@ -481,7 +498,7 @@ void grouped_gemm_typed(bool trans_b, const TensorView& a, const TensorView& b, 
   T* pc = c.data_as<T>();
 
   const bool dp = std::is_same_v<T, bf16_t> && use_bf16_dp();
-  const int64_t tile_rows = dp ? kDpTileRows : kTileRows;
+  const int64_t tile_rows = packs_own_operands<T>() ? kDpTileRows : kTileRows;
   int64_t row_tiles = 0;
   for (int64_t e = 0; e < E; ++e) row_tiles += ceil_div(offsets[e + 1] - offsets[e], tile_rows);
   const int64_t nb = tile_cols(row_tiles, N);
@@ -507,7 +524,9 @@ void grouped_gemm_typed(bool trans_b, const TensorView& a, const TensorView& b, 
         return;
       }
     }
-    if constexpr (std::is_same_v<T, Acc>) {
+    if constexpr (std::is_same_v<T, float>) {
+      sgemm_tile(false, trans_b, m, n, Kd, pa + t.r0 * lda, lda, bt, ldb, pc + t.r0 * ldc + t.n0, ldc);
+    } else if constexpr (std::is_same_v<T, Acc>) {
       gemm_serial<Acc>(false, trans_b, m, n, Kd, pa + t.r0 * lda, lda, bt, ldb, pc + t.r0 * ldc + t.n0, ldc);
     } else {
       // Widen the a rows and the b block to dense f32 panels, multiply, round once on store.
@@ -521,7 +540,7 @@ void grouped_gemm_typed(bool trans_b, const TensorView& a, const TensorView& b, 
       } else {
         for (int64_t k = 0; k < Kd; ++k) widen(bt + k * N, fb + k * n, n);
       }
-      gemm_serial<float>(false, trans_b, m, n, Kd, fa, Kd, fb, trans_b ? Kd : n, fc, n);
+      sgemm_tile(false, trans_b, m, n, Kd, fa, Kd, fb, trans_b ? Kd : n, fc, n);
       for (int64_t i = 0; i < m; ++i) narrow(fc + i * n, pc + (t.r0 + i) * ldc + t.n0, n);
     }
   });
@@ -541,7 +560,7 @@ void grouped_gemm_wgrad_typed(const TensorView& a, const TensorView& b, const in
   // Tiles cut c[e] into row blocks of M (never the reduction over the segment, which would make the
   // sum order depend on the tiling); an empty segment still gets tiles, which write zeros.
   const bool dp = std::is_same_v<T, bf16_t> && use_bf16_dp();
-  const int64_t tile_rows = dp ? kDpTileRows : kTileRows;
+  const int64_t tile_rows = packs_own_operands<T>() ? kDpTileRows : kTileRows;
   const int64_t row_tiles = E * ceil_div(M, tile_rows);
   const int64_t nb = tile_cols(row_tiles, N);
   std::vector<Tile> tiles;
@@ -565,7 +584,9 @@ void grouped_gemm_wgrad_typed(const TensorView& a, const TensorView& b, const in
         return;
       }
     }
-    if constexpr (std::is_same_v<T, Acc>) {
+    if constexpr (std::is_same_v<T, float>) {
+      sgemm_tile(true, false, m, n, rows, pa + s0 * lda + t.r0, lda, pb + s0 * ldb + t.n0, ldb, ct, N);
+    } else if constexpr (std::is_same_v<T, Acc>) {
       gemm_serial<Acc>(true, false, m, n, rows, pa + s0 * lda + t.r0, lda, pb + s0 * ldb + t.n0, ldb, ct, N);
     } else {
       Panels& s = thread_panels();
@@ -576,7 +597,7 @@ void grouped_gemm_wgrad_typed(const TensorView& a, const TensorView& b, const in
         widen(pa + (s0 + i) * lda + t.r0, fa + i * m, m);
         widen(pb + (s0 + i) * ldb + t.n0, fb + i * n, n);
       }
-      gemm_serial<float>(true, false, m, n, rows, fa, m, fb, n, fc, n);
+      sgemm_tile(true, false, m, n, rows, fa, m, fb, n, fc, n);
       for (int64_t i = 0; i < m; ++i) narrow(fc + i * n, ct + i * N, n);
     }
   });

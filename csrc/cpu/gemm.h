@@ -32,6 +32,17 @@ template <class Acc>
 void gemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const Acc* a, int64_t lda,
                   const Acc* b, int64_t ldb, Acc* c, int64_t ldc);
 
+// smoe's own f32 GEMM for AVX-512F CPUs (gemm_avx512.cpp; Goto/BLIS packed panels, 12 x 32 register
+// tile): the same contract as gemm_serial<float>, on the calling thread. Every output element is one
+// FMA chain over k = 0 .. K-1, so the result does not depend on the blocking or the thread. Call it only
+// when sgemm_avx512_supported(); use_sgemm_avx512() also honours set_sgemm_avx512 (default on), which
+// tests and benchmarks use to run the OpenBLAS path instead; it returns the old setting.
+void sgemm_avx512(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
+                  const float* b, int64_t ldb, float* c, int64_t ldc);
+bool sgemm_avx512_supported();
+bool use_sgemm_avx512();
+bool set_sgemm_avx512(bool enabled);
+
 // The dense roof of the benchmarks: one plain f32 GEMM c[M, N] = a[M, K] @ b[K, N] (row-major), run
 // by the BLAS with its own `threads` threads (smoe's own blocked GEMM, single-threaded, without BLAS).
 // Leaves the BLAS single-threaded again afterwards. blas_name() says which BLAS the build uses.
