@@ -6,6 +6,8 @@
 //
 // Counters: GFLOP/s, and roof_frac = GFLOP/s / (roof GFLOP/s of a dense sgemm with the same FLOPs).
 //   ./build/bench/cpp/smoe_bench --benchmark_filter='Gemm|Mlp'
+// f32 runs twice: through smoe's AVX-512 GEMM where the CPU has AVX-512F (BM_Gemm/f32, the default),
+// and through OpenBLAS tiles (BM_Gemm/f32_openblas), so that one run compares them under one load.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -77,6 +79,11 @@ std::vector<int64_t> even_offsets(int64_t R, int64_t E) {
   return o;
 }
 
+std::string gemm_label(const benchmark::State& state) {
+  const int op = int(state.range(1));
+  return std::string(kShapes[state.range(0)].name) + (op == 0 ? " fwd" : op == 1 ? " dgrad" : " wgrad");
+}
+
 // op: 0 forward  pre[R, 2F] = xs[R, H] @ w1[e]^T            (w1 [E, 2F, H])
 //     1 dgrad    grad_xs[R, H] = grad_pre[R, 2F] @ w1[e]     (trans_b = false)
 //     2 wgrad    grad_w1[e] = grad_pre[seg]^T @ xs[seg]      ([E, 2F, H])
@@ -106,7 +113,7 @@ void BM_Gemm(benchmark::State& state) {
   };
   run();  // warm-up: thread pool, BLAS buffers, page faults of out
   timed_loop(state, run, 2.0 * double(R) * double(H) * double(F1), R, F1, H);
-  state.SetLabel(std::string(s.name) + (op == 0 ? " fwd" : op == 1 ? " dgrad" : " wgrad"));
+  state.SetLabel(gemm_label(state));
 }
 
 // bf16 through the f32-panel + sgemm path (what CPUs without AVX512-BF16 run), for comparison.
@@ -115,6 +122,15 @@ void BM_GemmBf16Panels(benchmark::State& state) {
   BM_Gemm<bf16_t>(state);
   cpu::set_bf16_dot_product(saved);
   state.SetLabel(state.error_occurred() ? "" : std::string(kShapes[state.range(0)].name) + " fwd, f32 panels");
+}
+
+// f32 through OpenBLAS tiles instead of smoe's AVX-512 GEMM (where the CPU has AVX-512F the latter is
+// the default), measured in the same run so that both see the same machine load.
+void BM_GemmF32Blas(benchmark::State& state) {
+  const bool saved = cpu::set_sgemm_avx512(false);
+  BM_Gemm<float>(state);
+  cpu::set_sgemm_avx512(saved);
+  state.SetLabel(state.error_occurred() ? "" : gemm_label(state) + ", OpenBLAS tiles");
 }
 
 // The roof itself, for reading the ratio off the same table.
@@ -177,6 +193,13 @@ void BM_MlpForwardBackward(benchmark::State& state) {
   state.SetLabel(std::string(s.name) + " expert MLP fwd+bwd");
 }
 
+void BM_MlpF32Blas(benchmark::State& state) {
+  const bool saved = cpu::set_sgemm_avx512(false);
+  BM_MlpForwardBackward<float>(state);
+  cpu::set_sgemm_avx512(saved);
+  state.SetLabel(state.error_occurred() ? "" : std::string(kShapes[state.range(0)].name) + " expert MLP fwd+bwd, OpenBLAS tiles");
+}
+
 void shapes_and_ops(benchmark::internal::Benchmark* b) {
   for (int s = 0; s < 2; ++s)
     for (int op = 0; op < 3; ++op) b->Args({s, op});
@@ -186,7 +209,9 @@ void shapes_and_ops(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(BM_GemmDenseRoof)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
 BENCHMARK(BM_Gemm<float>)->Name("BM_Gemm/f32")->Apply(shapes_and_ops)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
+BENCHMARK(BM_GemmF32Blas)->Name("BM_Gemm/f32_openblas")->Apply(shapes_and_ops)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
 BENCHMARK(BM_Gemm<bf16_t>)->Name("BM_Gemm/bf16")->Apply(shapes_and_ops)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
 BENCHMARK(BM_GemmBf16Panels)->Name("BM_Gemm/bf16_f32panels")->Args({0, 0})->Args({1, 0})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
 BENCHMARK(BM_MlpForwardBackward<float>)->Name("BM_Mlp/f32")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_MlpF32Blas)->Name("BM_Mlp/f32_openblas")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
 BENCHMARK(BM_MlpForwardBackward<bf16_t>)->Name("BM_Mlp/bf16")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
