@@ -302,6 +302,181 @@ TEST(GemmBlocked, MatchesNaiveForAllTransposes) {
   EXPECT_TRUE(bitwise_equal(z, std::vector<double>(size_t(M * N), 0.0)));
 }
 
+// ---- smoe's AVX-512 f32 GEMM ---------------------------------------------------------------------
+
+// The three forms the grouped GEMM uses: forward c = a @ b^T, dgrad c = a @ b, wgrad c = a^T @ b.
+struct GemmForm {
+  bool trans_a, trans_b;
+  const char* name;
+};
+constexpr GemmForm kForms[] = {{false, true, "a @ b^T"}, {false, false, "a @ b"}, {true, false, "a^T @ b"}};
+
+// Runs sgemm_avx512 on row-major operands with padded leading dimensions (ld = cols + 3) into a
+// NaN-prefilled c, checks that the padding of c is untouched, and returns c without the padding.
+std::vector<float> run_sgemm_avx512(const GemmForm& f, int64_t M, int64_t N, int64_t K, const std::vector<float>& a,
+                                    const std::vector<float>& b) {
+  const int64_t a_rows = f.trans_a ? K : M, a_cols = f.trans_a ? M : K;
+  const int64_t b_rows = f.trans_b ? N : K, b_cols = f.trans_b ? K : N;
+  const int64_t lda = a_cols + 3, ldb = b_cols + 3, ldc = N + 3;
+  std::vector<float> ap(size_t(a_rows * lda), std::nanf("")), bp(size_t(b_rows * ldb), std::nanf(""));
+  for (int64_t i = 0; i < a_rows; ++i) std::copy_n(a.begin() + i * a_cols, a_cols, ap.begin() + i * lda);
+  for (int64_t i = 0; i < b_rows; ++i) std::copy_n(b.begin() + i * b_cols, b_cols, bp.begin() + i * ldb);
+  std::vector<float> cp(size_t(M * ldc), std::nanf("")), c(size_t(M * N));
+  cpu::sgemm_avx512(f.trans_a, f.trans_b, M, N, K, ap.data(), lda, bp.data(), ldb, cp.data(), ldc);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = N; n < ldc; ++n) EXPECT_TRUE(std::isnan(cp[m * ldc + n])) << "padding written at " << m << "," << n;
+    std::copy_n(cp.begin() + m * ldc, N, c.begin() + m * N);
+  }
+  return c;
+}
+
+std::vector<float> naive_gemm(const GemmForm& f, int64_t M, int64_t N, int64_t K, const std::vector<float>& a,
+                              const std::vector<float>& b) {
+  std::vector<float> c(size_t(M * N));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double s = 0;
+      for (int64_t k = 0; k < K; ++k)
+        s += double(f.trans_a ? a[k * M + m] : a[m * K + k]) * double(f.trans_b ? b[n * K + k] : b[k * N + n]);
+      c[m * N + n] = float(s);
+    }
+  return c;
+}
+
+#define SKIP_WITHOUT_AVX512F()                                                                  \
+  if (!cpu::sgemm_avx512_supported()) GTEST_SKIP() << "this CPU has no AVX-512F: OpenBLAS runs f32"
+
+TEST(GemmAvx512, SmallIntegersBitwiseOnAwkwardShapes) {
+  SKIP_WITHOUT_AVX512F();
+  // Sizes cross the register tile (12 x 32), the N block (512) and the K block (256). Small integers
+  // keep every partial sum exact in f32, so any order of summation must give the naive bits.
+  const int64_t sizes[] = {1, 7, 13, 31, 33, 100, 257, 1000};
+  for (const GemmForm& f : kForms)
+    for (int64_t M : sizes)
+      for (int64_t N : sizes)
+        for (int64_t K : sizes) {
+          if (M * N * K > 1'100'000) continue;  // the naive reference's budget; 1000 still appears in each role
+          SCOPED_TRACE(std::string(f.name) + " M=" + std::to_string(M) + " N=" + std::to_string(N) +
+                       " K=" + std::to_string(K));
+          const auto a = small_ints<float>(size_t(M * K), uint32_t(M + 3 * N + 7 * K));
+          const auto b = small_ints<float>(size_t(K * N), uint32_t(5 * M + N + K));
+          ASSERT_TRUE(bitwise_equal(run_sgemm_avx512(f, M, N, K, a, b), naive_gemm(f, M, N, K, a, b)));
+        }
+}
+
+// Real values: the rule of the tolerance table, against the f64-accumulated reference, with OpenBLAS
+// (or the blocked GEMM) as the baseline: the kernel's largest error is at most twice the baseline's.
+// A plain per-element f32 tolerance does not hold at K = 1000 for either (cancellation).
+TEST(GemmAvx512, RealValuesWithinTwiceTheBlasErrorOfAnF64Reference) {
+  SKIP_WITHOUT_AVX512F();
+  struct Shape {
+    int64_t M, N, K;
+  };
+  auto max_err = [](const std::vector<float>& x, const std::vector<float>& ref) {
+    double e = 0;
+    for (size_t i = 0; i < x.size(); ++i) e = std::max(e, std::abs(double(x[i]) - double(ref[i])));
+    return e;
+  };
+  for (const Shape sh : {Shape{257, 1000, 300}, Shape{100, 33, 1000}, Shape{13, 513, 257}})
+    for (const GemmForm& f : kForms) {
+      SCOPED_TRACE(std::string(f.name) + " M=" + std::to_string(sh.M) + " N=" + std::to_string(sh.N) +
+                   " K=" + std::to_string(sh.K));
+      const auto a = uniform<float>(size_t(sh.M * sh.K), 21);
+      const auto b = uniform<float>(size_t(sh.K * sh.N), 22);
+      const auto got = run_sgemm_avx512(f, sh.M, sh.N, sh.K, a, b);
+      const auto ref = naive_gemm(f, sh.M, sh.N, sh.K, a, b);
+      std::vector<float> blas(size_t(sh.M * sh.N));
+      cpu::gemm_serial<float>(f.trans_a, f.trans_b, sh.M, sh.N, sh.K, a.data(), f.trans_a ? sh.M : sh.K, b.data(),
+                              f.trans_b ? sh.K : sh.N, blas.data(), sh.N);
+      const double e_own = max_err(got, ref), e_blas = max_err(blas, ref);
+      EXPECT_LE(e_own, std::max(2 * e_blas, 1e-6)) << "baseline error " << e_blas;
+      if (sh.K <= 300) EXPECT_TRUE(all_close(got, ref, DType::kF32));
+    }
+}
+
+TEST(GemmAvx512, ZeroKGivesZerosAndRowsDoNotDependOnTheTile) {
+  SKIP_WITHOUT_AVX512F();
+  const GemmForm fwd = kForms[0];
+  const auto a = uniform<float>(size_t(40 * 7), 23), b = uniform<float>(size_t(7 * 50), 24);
+  const auto z = run_sgemm_avx512(fwd, 40, 50, 0, a, b);
+  EXPECT_TRUE(bitwise_equal(z, std::vector<float>(z.size(), 0.f)));
+  // The summation order depends on K alone: a sub-block computed alone equals that block of the whole.
+  const int64_t M = 300, N = 70, K = 600;
+  const auto a2 = uniform<float>(size_t(M * K), 25), b2 = uniform<float>(size_t(N * K), 26);
+  std::vector<float> whole(size_t(M * N)), part(size_t(30 * N));
+  cpu::sgemm_avx512(false, true, M, N, K, a2.data(), K, b2.data(), K, whole.data(), N);
+  cpu::sgemm_avx512(false, true, 30, N - 3, K, a2.data() + 5 * K, K, b2.data() + 3 * K, K, part.data(), N);
+  for (int64_t m = 0; m < 30; ++m)
+    for (int64_t n = 0; n < N - 3; ++n)
+      ASSERT_EQ(std::bit_cast<uint32_t>(part[m * N + n]), std::bit_cast<uint32_t>(whole[(m + 5) * N + n + 3]));
+}
+
+// The grouped ops with each f32 kernel: segments of awkward sizes (and empty ones), NaN-prefilled outputs.
+TEST(GemmF32, BothKernelsMatchNaiveInTheGroupedOps) {
+  for (bool own : {true, false}) {
+    if (own && !cpu::sgemm_avx512_supported()) continue;
+    SCOPED_TRACE(own ? "smoe's AVX-512 GEMM" : "OpenBLAS tiles");
+    const bool saved = cpu::set_sgemm_avx512(own);
+    check_grouped_gemm_against_naive<float>();
+    check_wgrad_against_naive<float>();
+    auto offsets = offsets_of({0, 1, 7, 13, 0, 31, 33, 100, 257, 1000, 0});
+    const int64_t E = int64_t(offsets.size()) - 1, R = offsets.back();
+    for (auto [Kd, N] : {std::pair<int64_t, int64_t>{33, 100}, {257, 13}}) {
+      auto a = small_ints<float>(size_t(R * Kd), 31);
+      auto b = small_ints<float>(size_t(E * N * Kd), 32);
+      for (bool trans_b : {true, false}) {
+        auto c = nan_filled<float>(size_t(R * N));
+        auto want = c;
+        naive_grouped_gemm(trans_b, a, b, offsets, Kd, N, want);
+        const auto bv = trans_b ? make_view(b.data(), {E, N, Kd}) : make_view(b.data(), {E, Kd, N});
+        ASSERT_TRUE(grouped_gemm(Exec{}, GroupedGemmParams{trans_b}, make_view(a.data(), {R, Kd}), bv,
+                                 make_view(offsets.data(), {E + 1}), make_view(c.data(), {R, N}))
+                        .ok());
+        EXPECT_TRUE(bitwise_equal(c, want)) << "Kd=" << Kd << " N=" << N << " trans_b=" << trans_b;
+      }
+      auto g = small_ints<float>(size_t(R * N), 33);
+      auto w = nan_filled<float>(size_t(E * Kd * N));
+      ASSERT_TRUE(grouped_gemm_wgrad(Exec{}, make_view(a.data(), {R, Kd}), make_view(g.data(), {R, N}),
+                                     make_view(offsets.data(), {E + 1}), make_view(w.data(), {E, Kd, N}))
+                      .ok());
+      EXPECT_TRUE(bitwise_equal(w, naive_wgrad(a, g, offsets, Kd, N)));  // empty experts: +0.0, bit for bit
+    }
+    cpu::set_sgemm_avx512(saved);
+  }
+}
+
+TEST(GemmAvx512, GroupedOpsBitwiseIdenticalAcrossThreadCounts) {
+  SKIP_WITHOUT_AVX512F();
+  // Real values (rounding matters), K past two K blocks, N past the N block, segments of several tiles.
+  const int64_t R = 2300, E = 3, Kd = 600, N = 530;
+  std::vector<int64_t> offsets = {0, 1500, 1500, 2300};
+  auto a = uniform<float>(size_t(R * Kd), 41);
+  auto b = uniform<float>(size_t(E * N * Kd), 42);
+  auto run = [&](int threads) {
+    set_threads(threads);
+    std::vector<float> c(size_t(R * N)), d(size_t(R * Kd)), w(size_t(E * Kd * N));
+    const auto O = make_view(offsets.data(), {E + 1});
+    EXPECT_TRUE(grouped_gemm(Exec{}, {}, make_view(a.data(), {R, Kd}), make_view(b.data(), {E, N, Kd}), O,
+                             make_view(c.data(), {R, N})).ok());
+    EXPECT_TRUE(grouped_gemm(Exec{}, GroupedGemmParams{false}, make_view(c.data(), {R, N}),
+                             make_view(b.data(), {E, N, Kd}), O, make_view(d.data(), {R, Kd})).ok());
+    EXPECT_TRUE(grouped_gemm_wgrad(Exec{}, make_view(a.data(), {R, Kd}), make_view(c.data(), {R, N}), O,
+                                   make_view(w.data(), {E, Kd, N})).ok());
+    c.insert(c.end(), d.begin(), d.end());
+    c.insert(c.end(), w.begin(), w.end());
+    return c;
+  };
+  const bool saved_own = cpu::set_sgemm_avx512(true);
+  const int saved = cpu::num_threads();
+  const auto two = run(2);
+  const auto one = run(1);
+  const auto two_again = run(2);
+  set_threads(saved);
+  cpu::set_sgemm_avx512(saved_own);
+  EXPECT_TRUE(bitwise_equal(two, one));
+  EXPECT_TRUE(bitwise_equal(two, two_again));
+}
+
 // ---- activations ---------------------------------------------------------------------------------
 
 TYPED_TEST(GemmTyped, ActivationsMatchNaive) {
