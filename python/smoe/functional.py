@@ -316,7 +316,11 @@ def expert_mlp(
     )
     if backend == "reference":
         return _ref.expert_mlp(x, w1, w2, plan, activation=activation)
-    return _ops.expert_mlp(x, plan.token_of_row, plan.offsets, plan.row_of, w1, w2, activation, backend)[0]
+    # Without a gradient to compute, the intermediates the backward would need are not kept.
+    need_saved = torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad)
+    return _ops.expert_mlp(
+        x, plan.token_of_row, plan.offsets, plan.row_of, w1, w2, activation, backend, need_saved
+    )[0]
 
 
 def shared_expert(

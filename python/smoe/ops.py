@@ -15,6 +15,8 @@ raises ValueError naming the argument; smoe.functional checks only what Python n
 
 from __future__ import annotations
 
+import math
+import threading
 from typing import List, Optional, Tuple
 
 import torch
@@ -22,7 +24,7 @@ from torch import Tensor
 
 from smoe import _core
 
-__all__ = ["SCORE_FUNCS", "GROUP_SCORES", "ACTIVATIONS", "DROP_POLICIES", "acc_dtype"]
+__all__ = ["SCORE_FUNCS", "GROUP_SCORES", "ACTIVATIONS", "DROP_POLICIES", "acc_dtype", "release_scratch"]
 
 # Enum codes of the core (include/smoe/ops/*.h).
 SCORE_FUNCS = {"softmax": 0, "sigmoid": 1}
@@ -54,6 +56,51 @@ def _v(t: Optional[Tensor], name: str):
 def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
     """Gradients from autograd may be expanded (stride 0) or otherwise strided; the core reads dense rows."""
     return None if t is None else t.contiguous()
+
+
+class _ScratchCache(threading.local):
+    buf: Optional[Tensor] = None
+
+
+_scratch_cache = _ScratchCache()
+_SCRATCH_ALIGN = 64  # bytes: every piece carved by _scratch_views starts on a cache line
+
+
+def _scratch(nbytes: int, device: torch.device) -> Tensor:
+    """uint8 [nbytes] for the duration of ONE op call: it must never be returned, saved or outlive the call.
+
+    On the CPU the buffer is cached per thread and reused by the next call: torch's CPU allocator hands
+    large blocks straight to mmap, so a fresh 100-250 MB workspace costs a page fault per 4 KiB page on
+    first touch (~0.6 ms/MB on the 2-core bench machine, as much as a third of the expert MLP's backward).
+    One live user per thread at a time; different threads get different buffers. Other devices use
+    torch's caching allocator, which already reuses memory (and orders it on the stream).
+    release_scratch() frees the cached buffer.
+    """
+    if device.type != "cpu":
+        return torch.empty((nbytes,), dtype=torch.uint8, device=device)
+    buf = _scratch_cache.buf
+    if buf is None or buf.numel() < nbytes:
+        _scratch_cache.buf = None  # free the smaller one first
+        buf = torch.empty((nbytes,), dtype=torch.uint8)
+        _scratch_cache.buf = buf
+    return buf[:nbytes]
+
+
+def release_scratch() -> None:
+    """Free this thread's cached CPU scratch buffer (workspaces and no-grad intermediates of smoe ops)."""
+    _scratch_cache.buf = None
+
+
+def _scratch_views(device: torch.device, dtype: torch.dtype, shapes) -> List[Tensor]:
+    """Disjoint dense tensors of `shapes` carved from one _scratch buffer (same lifetime rules)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    sizes = [math.prod(s) * elem for s in shapes]
+    starts, total = [], 0
+    for n in sizes:
+        starts.append(total)
+        total += -(-n // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
+    buf = _scratch(total, device)
+    return [buf[o:o + n].view(dtype).view(s) for o, n, s in zip(starts, sizes, shapes)]
 
 
 # ---- topk_gating ---------------------------------------------------------------------------------
@@ -155,9 +202,12 @@ def _topk_gating_setup(ctx, inputs, output):
     ctx.params = params
     ctx.logits_dtype = logits.dtype
     ctx.mark_non_differentiable(experts)
+    ctx.set_materialize_grads(False)  # the core takes None for a gradient that did not flow
 
 
 def _topk_gating_backward(ctx, grad_weights, _grad_experts, grad_scores):
+    if grad_weights is None and grad_scores is None:
+        return (None, None) + (None,) * len(ctx.params)
     scores, experts = ctx.saved_tensors
     grad_logits = torch.ops.smoe.topk_gating_backward(
         scores, experts, _contig(grad_weights), _contig(grad_scores), *ctx.params
@@ -257,9 +307,12 @@ def _expert_choice_setup(ctx, inputs, output):
     ctx.params = (capacity, score_func, backend)
     ctx.logits_dtype = logits.dtype
     ctx.mark_non_differentiable(tokens, row_of)
+    ctx.set_materialize_grads(False)  # the op takes None for a gradient that did not flow
 
 
 def _expert_choice_backward(ctx, grad_weights, _grad_tokens, _grad_row_of, grad_scores):
+    if grad_weights is None and grad_scores is None:
+        return None, None, None, None
     scores, row_of = ctx.saved_tensors
     grad_logits = torch.ops.smoe.expert_choice_backward(
         scores, row_of, _contig(grad_weights), _contig(grad_scores), *ctx.params
@@ -664,11 +717,24 @@ def _mlp_shapes(x: Tensor, R: int, w2_F: int, kind: str):
 
 @torch.library.custom_op("smoe::expert_mlp", mutates_args=())
 def expert_mlp(
-    x: Tensor, token_of_row: Tensor, offsets: Tensor, row_of: Tensor, w1: Tensor, w2: Tensor, activation: str, backend: str
+    x: Tensor,
+    token_of_row: Tensor,
+    offsets: Tensor,
+    row_of: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    activation: str,
+    backend: str,
+    need_saved: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (ys, xs, pre, act): ys is the result, the rest are saved for backward."""
+    """Returns (ys, xs, pre, act): ys is the result, the rest are saved for backward.
+    need_saved=False (no gradient wanted): xs, pre, act live in scratch and are returned empty ([0])."""
     hs, ps, as_ = _mlp_shapes(x, token_of_row.shape[0], w2.shape[2], activation)
-    xs, pre, act, ys = x.new_empty(hs), x.new_empty(ps), x.new_empty(as_), x.new_empty(hs)
+    ys = x.new_empty(hs)
+    if need_saved:
+        xs, pre, act = x.new_empty(hs), x.new_empty(ps), x.new_empty(as_)
+    else:
+        xs, pre, act = _scratch_views(x.device, x.dtype, (hs, ps, as_))
     _core.lib().expert_mlp_forward(
         **_exec(backend, x),
         act=ACTIVATIONS[activation],
@@ -682,12 +748,16 @@ def expert_mlp(
         act_out=_v(act, "act"),
         ys=_v(ys, "ys"),
     )
+    if not need_saved:
+        xs, pre, act = x.new_empty((0,)), x.new_empty((0,)), x.new_empty((0,))
     return ys, xs, pre, act
 
 
 @expert_mlp.register_fake
-def _(x, token_of_row, offsets, row_of, w1, w2, activation, backend):
+def _(x, token_of_row, offsets, row_of, w1, w2, activation, backend, need_saved=True):
     hs, ps, as_ = _mlp_shapes(x, token_of_row.shape[0], w2.shape[2], activation)
+    if not need_saved:
+        return x.new_empty(hs), x.new_empty((0,)), x.new_empty((0,)), x.new_empty((0,))
     return x.new_empty(hs), x.new_empty(hs), x.new_empty(ps), x.new_empty(as_)
 
 
@@ -712,7 +782,7 @@ def expert_mlp_backward(
     ws_bytes = lib.expert_mlp_workspace_bytes(
         act=ACTIVATIONS[activation], dtype=_core.DTYPE_CODES[grad_ys.dtype], R=R, H=H, F=w2.shape[2]
     )
-    workspace = torch.empty((ws_bytes,), dtype=torch.uint8, device=grad_ys.device)
+    workspace = _scratch(ws_bytes, grad_ys.device)
     lib.expert_mlp_backward(
         **_exec(backend, grad_ys),
         act=ACTIVATIONS[activation],
@@ -742,15 +812,25 @@ def _(grad_ys, row_of, offsets, w1, w2, xs, pre, act, activation, backend):
 
 
 def _expert_mlp_setup(ctx, inputs, output):
-    _x, _token_of_row, offsets, row_of, w1, w2, activation, backend = inputs
+    _x, _token_of_row, offsets, row_of, w1, w2, activation, backend, *need_saved = inputs
+    if need_saved and not need_saved[0]:
+        raise RuntimeError(
+            "smoe::expert_mlp: need_saved=False keeps nothing for backward; call it with need_saved=True when "
+            "x, w1 or w2 requires grad (smoe.functional.expert_mlp does)"
+        )
     _ys, xs, pre, act = output
     ctx.save_for_backward(row_of, offsets, w1, w2, xs, pre, act)
     ctx.activation = activation
     ctx.backend = backend
     ctx.mark_non_differentiable(xs, pre, act)  # saved tensors, returned only so autograd can keep them
+    # Their gradients are never defined: without this autograd would hand backward zero-filled
+    # [R, H] + [R, F1] + [R, F] tensors (a memset plus fresh pages on every step).
+    ctx.set_materialize_grads(False)
 
 
 def _expert_mlp_backward(ctx, grad_ys, _g_xs, _g_pre, _g_act):
+    if grad_ys is None:  # ys did not reach the loss
+        return (None,) * 9
     row_of, offsets, w1, w2, xs, pre, act = ctx.saved_tensors
     grad_x, grad_w1, grad_w2 = torch.ops.smoe.expert_mlp_backward(
         grad_ys.contiguous(), row_of, offsets, w1, w2, xs, pre, act, ctx.activation, ctx.backend
@@ -758,7 +838,7 @@ def _expert_mlp_backward(ctx, grad_ys, _g_xs, _g_pre, _g_act):
     need = ctx.needs_input_grad
     return (
         grad_x if need[0] else None, None, None, None,
-        grad_w1 if need[4] else None, grad_w2 if need[5] else None, None, None,
+        grad_w1 if need[4] else None, grad_w2 if need[5] else None, None, None, None,
     )
 
 
@@ -824,7 +904,7 @@ def shared_expert_backward(
     ws_bytes = lib.shared_expert_workspace_bytes(
         act=ACTIVATIONS[activation], dtype=_core.DTYPE_CODES[x.dtype], T=T, H=H, F=w2.shape[1]
     )
-    workspace = torch.empty((ws_bytes,), dtype=torch.uint8, device=x.device)
+    workspace = _scratch(ws_bytes, x.device)
     lib.shared_expert_backward(
         **_exec(backend, x),
         act=ACTIVATIONS[activation],
@@ -863,9 +943,12 @@ def _shared_setup(ctx, inputs, output):
     ctx.activation = activation
     ctx.backend = backend
     ctx.mark_non_differentiable(pre, act, out, gate)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the saved outputs
 
 
 def _shared_backward(ctx, grad_y, _g_pre, _g_act, _g_out, _g_gate):
+    if grad_y is None:  # y did not reach the loss
+        return (None,) * 6
     x, w1, w2, gate_w, pre, act, out, gate = ctx.saved_tensors
     grad_x, grad_w1, grad_w2, grad_gate_w = torch.ops.smoe.shared_expert_backward(
         grad_y.contiguous(), x, w1, w2, gate_w, pre, act, out, gate, ctx.activation, ctx.backend
