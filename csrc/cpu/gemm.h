@@ -34,7 +34,7 @@ void gemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, c
 
 // smoe's own f32 GEMM for AVX-512F CPUs (gemm_avx512.cpp; Goto/BLIS packed panels, 12 x 32 register
 // tile): the same contract as gemm_serial<float>, on the calling thread. Every output element is an FMA
-// chain per K block of 256 (block sums added in order): the result depends on K alone, not on M, N,
+// chain per K block of 384 (block sums added in order): the result depends on K alone, not on M, N,
 // the tile or the thread. Call it only
 // when sgemm_avx512_supported(); use_sgemm_avx512() also honours set_sgemm_avx512 (default on), which
 // tests and benchmarks use to run the OpenBLAS path instead; it returns the old setting.

@@ -10,10 +10,11 @@
 // instantiating BLAS functionality", ACM TOMS 41(3), 2015), with the loops (outer to inner):
 //   pc  K blocks of kKc       pack op(a)[0:M, pc:pc+kc] into kMr-row micro-panels  ap[M/kMr][kc][kMr]
 //   jc  N blocks of kNc       pack op(b)[pc:pc+kc, jc:jc+nc] into kNr-column panels bp[nc/kNr][kc][kNr]
-//   ir  kMr rows              one A micro-panel (kc x 12 x 4 B = 12 KB at kc = 256) stays in L1
+//   ir  kMr rows              one A micro-panel (kc x 12 x 4 B = 18 KB at kc = 384) stays in L1
 //   jr  kNr columns           B micro-panels stream from the packed block, which stays in L2
-//                             (kc x kNc x 4 B = 512 KB; Zen 5 has 1 MB of L2 per core)
-//   micro-kernel              a kMr x kNr = 12 x 32 tile of c in 24 zmm accumulators; per k: two
+//                             (kc x kNc x 4 B = 576 KB; Zen 5 has 1 MB of L2 per core)
+//   micro-kernel              prefetches the 12 x 32 tile of c it will add to, then keeps
+//                             a kMr x kNr = 12 x 32 tile of c in 24 zmm accumulators; per k: two
 //                             loads of b, twelve broadcasts of a (folded into the FMA as {1to16}), 24
 //                             vfmadd231ps. 24 FMAs per 2 loads keeps both FMA pipes busy.
 // Packing the whole M x kc block of a once per K block (rather than per (jc, ic) block as BLIS does)
@@ -45,8 +46,8 @@ namespace {
 
 constexpr int kMr = 12;          // rows of the register tile: one broadcast of a each
 constexpr int kNr = 32;          // columns of the register tile: two 16-lane vectors
-constexpr int64_t kKc = 256;     // K block: A micro-panel 12 KB (L1), see the file comment
-constexpr int64_t kNc = 512;     // N block: packed b 512 KB (L2)
+constexpr int64_t kKc = 384;     // K block: A micro-panel 18 KB (L1), see the file comment
+constexpr int64_t kNc = 384;     // N block: packed b 576 KB (L2)
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -91,17 +92,20 @@ __mmask16 lanes(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u 
 // b[n * ldb + k] when trans_b (then 16 x 16 blocks are transposed in registers).
 SMOE_AVX512 void pack_b(bool trans_b, const float* b, int64_t ldb, int64_t k0, int64_t kc, int64_t n0, int64_t nc,
                         float* bp) {
+  if (!trans_b) {  // k outer: each row of b is read once, front to back
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* src = b + (k0 + k) * ldb + n0;
+      for (int64_t j0 = 0; j0 < nc; j0 += kNr) {
+        const __mmask16 m0 = lanes(nc - j0), m1 = lanes(std::max<int64_t>(nc - j0 - 16, 0));
+        float* dst = bp + (j0 / kNr) * kc * kNr + k * kNr;
+        _mm512_storeu_ps(dst, _mm512_maskz_loadu_ps(m0, src + j0));
+        _mm512_storeu_ps(dst + 16, _mm512_maskz_loadu_ps(m1, src + j0 + 16));
+      }
+    }
+    return;
+  }
   for (int64_t j0 = 0; j0 < nc; j0 += kNr) {
     float* panel = bp + (j0 / kNr) * kc * kNr;
-    if (!trans_b) {
-      const __mmask16 m0 = lanes(nc - j0), m1 = lanes(std::max<int64_t>(nc - j0 - 16, 0));
-      for (int64_t k = 0; k < kc; ++k) {
-        const float* src = b + (k0 + k) * ldb + n0 + j0;
-        _mm512_storeu_ps(panel + k * kNr, _mm512_maskz_loadu_ps(m0, src));
-        _mm512_storeu_ps(panel + k * kNr + 16, _mm512_maskz_loadu_ps(m1, src + 16));
-      }
-      continue;
-    }
     for (int h = 0; h < 2; ++h) {
       const int64_t cols = std::min<int64_t>(16, nc - j0 - 16 * h);  // rows of b in this half
       for (int64_t kb = 0; kb < kc; kb += 16) {
@@ -120,15 +124,19 @@ SMOE_AVX512 void pack_b(bool trans_b, const float* b, int64_t ldb, int64_t k0, i
 // ap[panel][k][kMr] = A(m0 + panel * kMr + i, k0 + k), zero past M. A(m, k) = a[m * lda + k], or
 // a[k * lda + m] when trans_a (then a row of the panel is 12 contiguous floats).
 SMOE_AVX512 void pack_a(bool trans_a, const float* a, int64_t lda, int64_t M, int64_t k0, int64_t kc, float* ap) {
+  if (trans_a) {  // k outer: each row of a is read once, front to back
+    for (int64_t k = 0; k < kc; ++k) {
+      const float* src = a + (k0 + k) * lda;
+      for (int64_t i0 = 0; i0 < M; i0 += kMr) {
+        const __mmask16 m = lanes(std::min<int64_t>(kMr, M - i0));
+        _mm512_mask_storeu_ps(ap + (i0 / kMr) * kc * kMr + k * kMr, __mmask16(0x0fff), _mm512_maskz_loadu_ps(m, src + i0));
+      }
+    }
+    return;
+  }
   for (int64_t i0 = 0; i0 < M; i0 += kMr) {
     float* panel = ap + (i0 / kMr) * kc * kMr;
     const int64_t mi = std::min<int64_t>(kMr, M - i0);
-    if (trans_a) {
-      const __mmask16 m = lanes(mi) & __mmask16(0x0fff);
-      for (int64_t k = 0; k < kc; ++k)
-        _mm512_mask_storeu_ps(panel + k * kMr, __mmask16(0x0fff), _mm512_maskz_loadu_ps(m, a + (k0 + k) * lda + i0));
-      continue;
-    }
     // Rows of a are contiguous in k: transpose 16 k-values of the 12 rows at a time.
     for (int64_t kb = 0; kb < kc; kb += 16) {
       const int64_t kn = std::min<int64_t>(16, kc - kb);
@@ -150,6 +158,12 @@ SMOE_AVX512 void micro_kernel(int64_t kc, const float* __restrict ap, const floa
   __m512 acc[kMr][2];
 #pragma GCC unroll 12
   for (int i = 0; i < kMr; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  if (add) {  // c is read at the end: start fetching it now, behind kc steps of FMAs
+    for (int i = 0; i < mi; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(c + i * ldc + 16), _MM_HINT_T0);
+    }
+  }
 #pragma GCC unroll 2
   for (int64_t k = 0; k < kc; ++k) {
     const __m512 b0 = _mm512_loadu_ps(bp + k * kNr);

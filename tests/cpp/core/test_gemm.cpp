@@ -348,7 +348,7 @@ std::vector<float> naive_gemm(const GemmForm& f, int64_t M, int64_t N, int64_t K
 
 TEST(GemmAvx512, SmallIntegersBitwiseOnAwkwardShapes) {
   SKIP_WITHOUT_AVX512F();
-  // Sizes cross the register tile (12 x 32), the N block (512) and the K block (256). Small integers
+  // Sizes cross the register tile (12 x 32), the N block (384) and the K block (384). Small integers
   // keep every partial sum exact in f32, so any order of summation must give the naive bits.
   const int64_t sizes[] = {1, 7, 13, 31, 33, 100, 257, 1000};
   for (const GemmForm& f : kForms)
