@@ -10,6 +10,10 @@
 //                  (fine-grained MoE) and matches it for a few large ones (Mixtral), so there is one
 //                  path for both. f16 (and bf16 on CPUs without AVX512-BF16) tiles are widened to f32
 //                  panels, multiplied with sgemm and rounded once on store;
+//   sgemm_avx512   (gemm_avx512.cpp) f32 on CPUs with AVX-512F: 16-lane FMAs where OpenBLAS, pinned to
+//                  its AVX2 Haswell kernels by the workplace's OPENBLAS_CORETYPE, uses 8; measured
+//                  1.6-1.9x the OpenBLAS tiles at the benchmark shapes (docs/cpu.md). It packs its own
+//                  operands, so it takes whole segments per tile; f16 and bf16 f32 panels use it too;
 //   gemm_bf16_dp   bf16 on CPUs with AVX512-BF16: vdpbf16ps does two bf16 products per f32 lane, twice
 //                  the f32 FMA rate, on operands packed straight from bf16 (no f32 copies); measured
 //                  about 3x the f32 path above on the dev machine (whose OpenBLAS 0.3.21 runs its AVX2
@@ -17,7 +21,8 @@
 //
 // Determinism: the tiling depends on the shapes only, never on the thread count, and OpenBLAS runs
 // single-threaded (it never splits the reduction then), so every output element comes from the
-// same call with the same reduction order whatever thread computes it.
+// same call with the same reduction order whatever thread computes it (sgemm_avx512's order depends
+// on K alone).
 #include "cpu/gemm.h"
 
 #include <immintrin.h>
