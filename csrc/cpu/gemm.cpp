@@ -12,7 +12,7 @@
 //                  panels, multiplied with sgemm and rounded once on store;
 //   sgemm_avx512   (gemm_avx512.cpp) f32 on CPUs with AVX-512F: 16-lane FMAs where OpenBLAS, pinned to
 //                  its AVX2 Haswell kernels by the workplace's OPENBLAS_CORETYPE, uses 8; measured
-//                  1.6-1.9x the OpenBLAS tiles at the benchmark shapes (docs/cpu.md). It packs its own
+//                  1.7-2.0x the OpenBLAS tiles at the benchmark shapes (docs/cpu.md). It packs its own
 //                  operands, so it takes whole segments per tile; f16 and bf16 f32 panels use it too;
 //   gemm_bf16_dp   bf16 on CPUs with AVX512-BF16: vdpbf16ps does two bf16 products per f32 lane, twice
 //                  the f32 FMA rate, on operands packed straight from bf16 (no f32 copies); measured
