@@ -867,27 +867,6 @@ Status launch_topk_backward(const TopkBackwardArgs& a, cudaStream_t stream) {
   return Status::Ok();
 }
 
-// Stream-ordered scratch (cudaMallocAsync, CUDA 11.2+): no host sync, capturable in a CUDA graph.
-// Freed on the same stream once the kernels that use it are enqueued.
-class StreamScratch {
- public:
-  explicit StreamScratch(cudaStream_t stream) : stream_(stream) {}
-  StreamScratch(const StreamScratch&) = delete;
-  StreamScratch& operator=(const StreamScratch&) = delete;
-  ~StreamScratch() {
-    if (ptr_) (void)cudaFreeAsync(ptr_, stream_);
-  }
-  cudaError_t allocate(size_t bytes) { return cudaMallocAsync(&ptr_, bytes, stream_); }
-  template <class T>
-  T* at(size_t byte_offset) const {
-    return reinterpret_cast<T*>(static_cast<char*>(ptr_) + byte_offset);
-  }
-
- private:
-  cudaStream_t stream_;
-  void* ptr_ = nullptr;
-};
-
 size_t align256(size_t v) { return (v + 255) / 256 * 256; }
 
 // Counts of each expert over experts[T, K] into counts[E] (zeroed here).

@@ -113,27 +113,6 @@ class WorkspaceCarver {
   char* next_;
 };
 
-// Stream-ordered scratch (cudaMallocAsync): no host sync, capturable in a CUDA graph. Freed on the
-// same stream once the kernels that use it are enqueued.
-class StreamScratch {
- public:
-  explicit StreamScratch(cudaStream_t stream) : stream_(stream) {}
-  StreamScratch(const StreamScratch&) = delete;
-  StreamScratch& operator=(const StreamScratch&) = delete;
-  ~StreamScratch() {
-    if (ptr_) (void)cudaFreeAsync(ptr_, stream_);
-  }
-  cudaError_t allocate(size_t bytes) { return cudaMallocAsync(&ptr_, bytes, stream_); }
-  template <class T>
-  T* at(size_t byte_offset) const {
-    return reinterpret_cast<T*>(static_cast<char*>(ptr_) + byte_offset);
-  }
-
- private:
-  cudaStream_t stream_;
-  void* ptr_ = nullptr;
-};
-
 // offsets = {0, T}: the one segment of the shared expert, written on the device.
 __global__ void whole_segment_kernel(int64_t* offsets, int64_t T) {
   if (threadIdx.x == 0 && blockIdx.x == 0) {

@@ -3,8 +3,8 @@
 // Every entry point returns a Status. A failed Status carries a code and a message that names the
 // op, the argument and what was expected, e.g.
 //   "topk_gating: argument 'logits': expected dtype f32, bf16 or f16, got i32".
-// The Python binding turns kInvalidArgument into ValueError, kUnsupported into NotImplementedError's
-// sibling RuntimeError with the message, and the rest into RuntimeError.
+// The Python binding turns kInvalidArgument into ValueError and every other failure into
+// RuntimeError, each carrying the message.
 #pragma once
 
 #include <string>
