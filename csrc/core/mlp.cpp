@@ -72,6 +72,41 @@ int64_t nonneg(int64_t v) { return v < 0 ? 0 : v; }
 
 // ---- expert MLP ----------------------------------------------------------------------------------
 
+namespace {
+
+// The tensors the expert MLP's forward and backward share: offsets [E+1], w1 [E, F1, H], w2 [E, H, F]
+// and the saved xs [R, H], pre [R, F1], act [R, F]. `r_meaning` / `h_meaning` name where R and H
+// come from in the calling op; F is returned.
+Status check_expert_tensors(const Checker& c, const ExpertMlpParams& params, const TensorView& offsets,
+                            const TensorView& w1, const TensorView& w2, const TensorView& xs, const TensorView& pre,
+                            const TensorView& act, int64_t R, const char* r_meaning, int64_t H, const char* h_meaning,
+                            int64_t* F_out) {
+  SMOE_RETURN_IF_ERROR(c.index_tensor("offsets", offsets, 1, "[E+1]", DType::kI64));
+  if (offsets.size(0) < 1) return invalid_argument(c.op, "offsets", "E+1 >= 1 entries", shape_string(offsets));
+  const int64_t E = offsets.size(0) - 1;
+  SMOE_RETURN_IF_ERROR(c.float_tensor("w2", w2, 3, "[E, H, F]", false));
+  SMOE_RETURN_IF_ERROR(c.size("w2", w2, 0, E, "E (= offsets.size(0) - 1)"));
+  SMOE_RETURN_IF_ERROR(c.size("w2", w2, 1, H, h_meaning));
+  const int64_t F = w2.size(2), F1 = is_gated(params.activation) ? 2 * F : F;
+  SMOE_RETURN_IF_ERROR(c.float_tensor("w1", w1, 3, "[E, F1, H]", false));
+  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 0, E, "E (= offsets.size(0) - 1)"));
+  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 1, F1, f1_meaning(params)));
+  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 2, H, h_meaning));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("xs", xs, 2, "[R, H]", true));
+  SMOE_RETURN_IF_ERROR(c.size("xs", xs, 0, R, r_meaning));
+  SMOE_RETURN_IF_ERROR(c.size("xs", xs, 1, H, h_meaning));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("pre", pre, 2, "[R, F1]", true));
+  SMOE_RETURN_IF_ERROR(c.size("pre", pre, 0, R, r_meaning));
+  SMOE_RETURN_IF_ERROR(c.size("pre", pre, 1, F1, f1_meaning(params)));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("act", act, 2, "[R, F]", true));
+  SMOE_RETURN_IF_ERROR(c.size("act", act, 0, R, r_meaning));
+  SMOE_RETURN_IF_ERROR(c.size("act", act, 1, F, "F (= w2.size(2))"));
+  *F_out = F;
+  return Status::Ok();
+}
+
+}  // namespace
+
 Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const TensorView& x,
                           const TensorView& token_of_row, const TensorView& offsets, const TensorView& w1,
                           const TensorView& w2, const TensorView& xs, const TensorView& pre,
@@ -82,26 +117,9 @@ Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const
   const int64_t H = x.size(1);
   SMOE_RETURN_IF_ERROR(c.index_tensor("token_of_row", token_of_row, 1, "[R]", DType::kI32));
   const int64_t R = token_of_row.size(0);
-  SMOE_RETURN_IF_ERROR(c.index_tensor("offsets", offsets, 1, "[E+1]", DType::kI64));
-  if (offsets.size(0) < 1) return invalid_argument(c.op, "offsets", "E+1 >= 1 entries", shape_string(offsets));
-  const int64_t E = offsets.size(0) - 1;
-  SMOE_RETURN_IF_ERROR(c.float_tensor("w2", w2, 3, "[E, H, F]", false));
-  SMOE_RETURN_IF_ERROR(c.size("w2", w2, 0, E, "E (= offsets.size(0) - 1)"));
-  SMOE_RETURN_IF_ERROR(c.size("w2", w2, 1, H, "H (= x.size(1))"));
-  const int64_t F = w2.size(2), F1 = is_gated(params.activation) ? 2 * F : F;
-  SMOE_RETURN_IF_ERROR(c.float_tensor("w1", w1, 3, "[E, F1, H]", false));
-  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 0, E, "E (= offsets.size(0) - 1)"));
-  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 1, F1, f1_meaning(params)));
-  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 2, H, "H (= x.size(1))"));
-  SMOE_RETURN_IF_ERROR(c.float_tensor("xs", xs, 2, "[R, H]", true));
-  SMOE_RETURN_IF_ERROR(c.size("xs", xs, 0, R, "R (= token_of_row.size(0))"));
-  SMOE_RETURN_IF_ERROR(c.size("xs", xs, 1, H, "H (= x.size(1))"));
-  SMOE_RETURN_IF_ERROR(c.float_tensor("pre", pre, 2, "[R, F1]", true));
-  SMOE_RETURN_IF_ERROR(c.size("pre", pre, 0, R, "R (= token_of_row.size(0))"));
-  SMOE_RETURN_IF_ERROR(c.size("pre", pre, 1, F1, f1_meaning(params)));
-  SMOE_RETURN_IF_ERROR(c.float_tensor("act", act, 2, "[R, F]", true));
-  SMOE_RETURN_IF_ERROR(c.size("act", act, 0, R, "R (= token_of_row.size(0))"));
-  SMOE_RETURN_IF_ERROR(c.size("act", act, 1, F, "F (= w2.size(2))"));
+  int64_t F = 0;
+  SMOE_RETURN_IF_ERROR(check_expert_tensors(c, params, offsets, w1, w2, xs, pre, act, R, "R (= token_of_row.size(0))",
+                                            H, "H (= x.size(1))", &F));
   SMOE_RETURN_IF_ERROR(c.float_tensor("ys", ys, 2, "[R, H]", true));
   SMOE_RETURN_IF_ERROR(c.size("ys", ys, 0, R, "R (= token_of_row.size(0))"));
   SMOE_RETURN_IF_ERROR(c.size("ys", ys, 1, H, "H (= x.size(1))"));
@@ -139,26 +157,9 @@ Status expert_mlp_backward(const Exec& exec, const ExpertMlpParams& params, cons
   const int64_t R = grad_ys.size(0), H = grad_ys.size(1);
   SMOE_RETURN_IF_ERROR(c.index_tensor("row_of", row_of, 2, "[T, K]", DType::kI32));
   const int64_t T = row_of.size(0);
-  SMOE_RETURN_IF_ERROR(c.index_tensor("offsets", offsets, 1, "[E+1]", DType::kI64));
-  if (offsets.size(0) < 1) return invalid_argument(c.op, "offsets", "E+1 >= 1 entries", shape_string(offsets));
-  const int64_t E = offsets.size(0) - 1;
-  SMOE_RETURN_IF_ERROR(c.float_tensor("w2", w2, 3, "[E, H, F]", false));
-  SMOE_RETURN_IF_ERROR(c.size("w2", w2, 0, E, "E (= offsets.size(0) - 1)"));
-  SMOE_RETURN_IF_ERROR(c.size("w2", w2, 1, H, "H (= grad_ys.size(1))"));
-  const int64_t F = w2.size(2), F1 = is_gated(params.activation) ? 2 * F : F;
-  SMOE_RETURN_IF_ERROR(c.float_tensor("w1", w1, 3, "[E, F1, H]", false));
-  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 0, E, "E (= offsets.size(0) - 1)"));
-  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 1, F1, f1_meaning(params)));
-  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 2, H, "H (= grad_ys.size(1))"));
-  SMOE_RETURN_IF_ERROR(c.float_tensor("xs", xs, 2, "[R, H]", true));
-  SMOE_RETURN_IF_ERROR(c.size("xs", xs, 0, R, "R (= grad_ys.size(0))"));
-  SMOE_RETURN_IF_ERROR(c.size("xs", xs, 1, H, "H (= grad_ys.size(1))"));
-  SMOE_RETURN_IF_ERROR(c.float_tensor("pre", pre, 2, "[R, F1]", true));
-  SMOE_RETURN_IF_ERROR(c.size("pre", pre, 0, R, "R (= grad_ys.size(0))"));
-  SMOE_RETURN_IF_ERROR(c.size("pre", pre, 1, F1, f1_meaning(params)));
-  SMOE_RETURN_IF_ERROR(c.float_tensor("act", act, 2, "[R, F]", true));
-  SMOE_RETURN_IF_ERROR(c.size("act", act, 0, R, "R (= grad_ys.size(0))"));
-  SMOE_RETURN_IF_ERROR(c.size("act", act, 1, F, "F (= w2.size(2))"));
+  int64_t F = 0;
+  SMOE_RETURN_IF_ERROR(check_expert_tensors(c, params, offsets, w1, w2, xs, pre, act, R, "R (= grad_ys.size(0))", H,
+                                            "H (= grad_ys.size(1))", &F));
   SMOE_RETURN_IF_ERROR(c.float_tensor("grad_x", grad_x, 2, "[T, H]", false));
   SMOE_RETURN_IF_ERROR(c.size("grad_x", grad_x, 0, T, "T (= row_of.size(0))"));
   SMOE_RETURN_IF_ERROR(c.size("grad_x", grad_x, 1, H, "H (= grad_ys.size(1))"));
