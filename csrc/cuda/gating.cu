@@ -381,6 +381,24 @@ struct TopkBackwardArgs {
 };
 
 // one warp per token, lane l holds experts 32 i + l; picks outside [0, E) are skipped (device rule).
+// The renormalisation terms of the top-k backward, shared by the warp and block kernels:
+// w_k = c s_k / D, D = sum_j s_j + eps over the picks, so dL/ds_i = c (dw_i / D - <dw, s> / D^2).
+// The sums run sequentially in the CPU backend's order (every calling thread gets the same bits).
+__device__ __forceinline__ void renorm_backward_terms(const TopkBackwardArgs& a, const int32_t* ei, const float* dw,
+                                                      const float* sr, float* denom, float* common) {
+  float sum = 0.0f, dot = 0.0f;
+  for (int k = 0; k < a.K; ++k) {
+    const int32_t e = ei[k];
+    if (e >= 0 && e < a.E) sum += sr[e];
+  }
+  for (int k = 0; k < a.K; ++k) {
+    const int32_t e = ei[k];
+    if (e >= 0 && e < a.E) dot += dw[k] * sr[e];
+  }
+  *denom = sum + a.renorm_eps;
+  *common = dot / (*denom * *denom);
+}
+
 template <int kItems>
 __global__ void __launch_bounds__(kRowThreads) topk_gating_backward_kernel(TopkBackwardArgs a) {
   const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
@@ -399,21 +417,7 @@ __global__ void __launch_bounds__(kRowThreads) topk_gating_backward_kernel(TopkB
     const int32_t* ei = a.experts + t * a.experts_stride;
     const float* dw = a.grad_weights + t * a.grad_weights_stride;
     float denom = 1.0f, common = 0.0f;
-    if (a.renormalize) {
-      // w_k = c s_k / D, D = sum_j s_j + eps over the picks: dL/ds_i = c (dw_i / D - <dw, s> / D^2).
-      // Every lane runs the same sequential sums, in the CPU backend's order.
-      float sum = 0.0f, dot = 0.0f;
-      for (int k = 0; k < a.K; ++k) {
-        const int32_t e = ei[k];
-        if (e >= 0 && e < a.E) sum += sr[e];
-      }
-      for (int k = 0; k < a.K; ++k) {
-        const int32_t e = ei[k];
-        if (e >= 0 && e < a.E) dot += dw[k] * sr[e];
-      }
-      denom = sum + a.renorm_eps;
-      common = dot / (denom * denom);
-    }
+    if (a.renormalize) renorm_backward_terms(a, ei, dw, sr, &denom, &common);
     for (int k = 0; k < a.K; ++k) {
       const int32_t e = ei[k];
       if (e < 0 || e >= a.E) continue;
@@ -459,19 +463,7 @@ __global__ void __launch_bounds__(kRowBlockThreads) topk_gating_backward_block_k
     const int32_t* ei = a.experts + t * a.experts_stride;
     const float* dw = a.grad_weights + t * a.grad_weights_stride;
     float denom = 1.0f, common = 0.0f;
-    if (a.renormalize) {  // as the warp kernel
-      float sum = 0.0f, dot = 0.0f;
-      for (int k = 0; k < a.K; ++k) {
-        const int32_t e = ei[k];
-        if (e >= 0 && e < a.E) sum += sr[e];
-      }
-      for (int k = 0; k < a.K; ++k) {
-        const int32_t e = ei[k];
-        if (e >= 0 && e < a.E) dot += dw[k] * sr[e];
-      }
-      denom = sum + a.renorm_eps;
-      common = dot / (denom * denom);
-    }
+    if (a.renormalize) renorm_backward_terms(a, ei, dw, sr, &denom, &common);
     for (int k = 0; k < a.K; ++k) {
       const int32_t e = ei[k];
       if (e < 0 || e >= a.E) continue;
