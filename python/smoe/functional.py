@@ -26,22 +26,8 @@ from smoe import reference as _ref
 from smoe.ops import ACTIVATIONS, DROP_POLICIES, GATED_ACTIVATIONS, GROUP_SCORES, SCORE_FUNCS
 from smoe.reference.ops import RoutingPlan
 
-__all__ = [
-    "RoutingPlan",
-    "topk_gating",
-    "expert_choice",
-    "load_balancing_loss",
-    "z_loss",
-    "balancing_bias_update",
-    "routing_plan",
-    "routing_plan_max_rows",
-    "permute",
-    "combine",
-    "grouped_gemm",
-    "activation",
-    "expert_mlp",
-    "shared_expert",
-]
+# One op, one name in every layer: the public names are those of the readable reference.
+__all__ = list(_ref.ops.__all__)
 
 _ops = torch.ops.smoe
 

@@ -27,3 +27,16 @@ def test_readme_usage_runs():
     assert int(layer.last_stats["tokens_per_expert"].sum()) == 2 * 5 * 2
     assert layer.last_aux_loss is not None and layer.last_aux_loss.dim() == 0
     assert "cpu" in smoe.BACKENDS and "reference" in smoe.BACKENDS
+
+
+def test_functional_and_reference_have_the_same_ops():
+    import smoe.functional as F
+    import smoe.reference.ops as R
+
+    assert F.__all__ == R.__all__
+    for name in F.__all__:
+        if name == "RoutingPlan":  # one NamedTuple shared by both
+            assert F.RoutingPlan is R.RoutingPlan
+        else:
+            # functional's op is its own (custom-op backed), not the reference re-exported
+            assert getattr(F, name) is not getattr(R, name), name
