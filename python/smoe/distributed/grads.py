@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["is_expert_parameter", "expert_parameters", "all_reduce_gradients"]
+__all__ = ["is_expert_parameter", "expert_parameters", "all_reduce_gradients", "ddp_ignore_expert_parameters"]
 
 
 def is_expert_parameter(p: torch.Tensor) -> bool:
@@ -43,6 +43,16 @@ def _reduce(params, group, scale: float) -> None:
         n = g.numel()
         p.grad = flat[i:i + n].view_as(p).clone()
         i += n
+
+
+def ddp_ignore_expert_parameters(model: nn.Module) -> list:
+    """Tell DistributedDataParallel (before wrapping `model`) not to reduce the expert shards; returns their
+    names. DDP matches the names of the root module's own parameters as ".name", so both forms are listed."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    names = [n for n, _ in expert_parameters(model)]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, names + ["." + n for n in names if "." not in n])
+    return names
 
 
 @torch.no_grad()
