@@ -19,6 +19,9 @@ if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
   cmake -S . -B build/nvcc-simt -G Ninja -DSMOE_NVCC_CHECK=ON -DSMOE_ENABLE_CUDA=OFF \
     -DSMOE_BUILD_BENCH=OFF >/dev/null
   cmake --build build/nvcc-simt -j "$jobs" --target simt_nvcc_check
+
+  echo "== NCCL communicator (csrc/comm) and comm_bench, built against the nvidia-nccl wheel"
+  bash scripts/comm_nccl_check.sh build/nccl-check
 else
   echo "== nvcc not found: CUDA compile checks skipped"
 fi

@@ -38,6 +38,15 @@ log "side environment build/tf5: transformers 5.x"
 [ -x build/tf5/bin/python ] || $PY -m venv --system-site-packages build/tf5
 build/tf5/bin/python -m pip install -q --disable-pip-version-check "transformers>=5,<6"
 
+# 2c. NCCL headers + library for the compile check of csrc/comm's NCCL communicator
+#     (scripts/comm_nccl_check.sh), only where nvcc exists: the nvidia-nccl-cu13 wheel, in build/nccl.
+if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
+  if [ ! -f build/nccl/nvidia/nccl/include/nccl.h ]; then
+    log "pip: nvidia-nccl-cu13 (headers + libnccl) into build/nccl"
+    $PY -m pip install -q --disable-pip-version-check --no-deps --target build/nccl nvidia-nccl-cu13
+  fi
+fi
+
 # 3. The Python package (builds smoe._C with CMake; editable, so python/ is used in place).
 log "pip install -e . (builds smoe._C)"
 $PY -m pip install -q --disable-pip-version-check --no-build-isolation -e .
