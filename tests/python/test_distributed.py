@@ -154,11 +154,15 @@ def _bad_inputs(rank, world):
     # Only rank 1 passes a bad argument: rank 1 names it, the others name rank 1.
     expect(lambda: ExpertParallelMoE(H, F_, E, K if rank != 1 else 99), "top_k" if rank == 1 else "rank(s) [1]")
     expect(lambda: ExpertParallelMoE(H, F_, E, K, backend="reference"), "backend")
+    # Mixed devices: rank 1 builds its layer on another device.
+    expect(lambda: ExpertParallelMoE(H, F_, E, K, device="meta" if rank == 1 else "cpu"), "disagree on device type")
     layer = ExpertParallelMoE(H, F_, E, K)
     bad = torch.randn(3, H + 1) if rank == 1 else torch.randn(3, H)
     expect(lambda: layer(bad), "hidden_size" if rank == 1 else "rank(s) [1]")
     bad = torch.randn(3, H, dtype=torch.float64) if rank == 0 else torch.randn(3, H)
     expect(lambda: layer(bad), "dtype" if rank == 0 else "rank(s) [0]")
+    bad = torch.randn(3, H, device="meta") if rank == world - 1 else torch.randn(3, H)
+    expect(lambda: layer(bad), "device" if rank == world - 1 else f"rank(s) [{world - 1}]")
     # The layer still works after those errors (every rank made the same collectives).
     assert layer(torch.randn(2, H)).shape == (2, H)
 
@@ -227,6 +231,42 @@ def _a2a(rank, world):
         assert "x must have sum(input_split_sizes)" in str(e)
     else:
         raise AssertionError("no ValueError")
+
+
+def test_local_routing_plan_is_expert_major_in_source_order():
+    from smoe.distributed import local_routing_plan
+
+    # 3 sources x 2 local experts; received rank-major: src0 (e0:2, e1:1), src1 (e0:0, e1:2), src2 (e0:1, e1:0)
+    plan = local_routing_plan(torch.tensor([[2, 1], [0, 2], [1, 0]]))
+    assert plan.counts.tolist() == [3, 3] and plan.offsets.tolist() == [0, 3, 6]
+    # expert 0: received rows 0, 1 (src0), 5 (src2); expert 1: row 2 (src0), rows 3, 4 (src1)
+    assert plan.token_of_row.tolist() == [0, 1, 5, 2, 3, 4]
+    assert plan.row_of.view(-1).tolist() == [0, 1, 3, 4, 5, 2] and plan.row_of.shape == (6, 1)
+    empty = local_routing_plan(torch.zeros(2, 3, dtype=torch.int64))
+    assert empty.token_of_row.numel() == 0 and empty.offsets.tolist() == [0, 0, 0, 0]
+
+
+def _timeout(rank, world):
+    """Rank 1 never joins: rank 0's forward fails within the group's timeout instead of hanging."""
+    import time
+
+    from smoe.distributed import ExpertParallelMoE
+
+    layer = ExpertParallelMoE(H, F_, 2, 1)
+    if rank == 0:
+        t0 = time.monotonic()
+        try:
+            layer(torch.randn(3, H))
+        except RuntimeError:
+            assert time.monotonic() - t0 < 30
+        else:
+            raise AssertionError("no timeout error")
+    else:
+        time.sleep(8)
+
+
+def test_collectives_are_bounded_by_the_group_timeout():
+    run_ranks(_timeout, 2, collective_timeout=3, barrier=False, timeout=90)
 
 
 # One spawn per world size (process start-up dominates on a small machine); each runs several checks.

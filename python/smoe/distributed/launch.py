@@ -16,7 +16,7 @@ import time
 __all__ = ["run_local"]
 
 
-def _entry(rank, world, store, collective_timeout, threads, fn, args):
+def _entry(rank, world, store, collective_timeout, threads, barrier, fn, args):
     import torch
     import torch.distributed as dist
 
@@ -26,21 +26,23 @@ def _entry(rank, world, store, collective_timeout, threads, fn, args):
                             timeout=datetime.timedelta(seconds=collective_timeout))
     try:
         fn(rank, world, *args)
-        dist.barrier()
+        if barrier:
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def run_local(fn, world: int, *args, timeout: float = 120.0, collective_timeout: float = 60.0,
-              threads: int = 1) -> None:
-    """fn must be importable by the spawned processes (a module-level function)."""
+              threads: int = 1, barrier: bool = True) -> None:
+    """fn must be importable by the spawned processes (a module-level function). barrier=False skips the
+    final barrier (for a test whose ranks leave the group broken on purpose)."""
     import torch.multiprocessing as mp
 
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ValueError(f"world must be an integer >= 1, got {world!r}")
     with tempfile.TemporaryDirectory() as d:
         store = os.path.join(d, "store")
-        ctx = mp.start_processes(_entry, args=(world, store, collective_timeout, threads, fn, args), nprocs=world,
+        ctx = mp.start_processes(_entry, args=(world, store, collective_timeout, threads, barrier, fn, args), nprocs=world,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         try:
