@@ -485,15 +485,16 @@ class MoE(nn.Module):
         with torch.autocast(device_type, enabled=False):
             # Under autocast the experts run in its dtype, cast once per forward from the (fp32) master
             # weights; the router keeps router_dtype. Nothing inside is autocast again.
-            x2 = x.reshape(-1, self.hidden_size).to(dtype)  # [T,H]
+            x_in = x.reshape(-1, self.hidden_size)  # [T,H] in x's dtype: what the router sees
+            x2 = x_in.to(dtype)  # [T,H] what the experts see
             ws = {name: (None if w is None else w.to(dtype)) for name, w in
                   (("w1", self.w1), ("w2", self.w2), ("shared_w1", self.shared_w1),
                    ("shared_w2", self.shared_w2), ("shared_gate_w", self.shared_gate_w))}
             xr = x2 if index is None else x2.index_select(0, index)  # [T',H] the routed tokens
-            router_x = xr
+            router_x = x_in if index is None else x_in.index_select(0, index)
             if self.training and self.router_jitter_noise > 0.0:
                 eps = self.router_jitter_noise
-                router_x = xr.float() * torch.empty(xr.shape, dtype=torch.float32, device=xr.device).uniform_(
+                router_x = router_x.float() * torch.empty(xr.shape, dtype=torch.float32, device=xr.device).uniform_(
                     1.0 - eps, 1.0 + eps)
             if self.backend == "reference":
                 y, switch, z, stats, scores, experts = self._forward_reference(xr, router_x, ws)
