@@ -62,7 +62,8 @@ def _router_grad_case(case, backend, mode="loss", steps=1):
     N = 4 if case == "accumulate4" else 1
     xs = [torch.randn(10, H) for _ in range(N)]
     gs = [torch.randn(10, H) for _ in range(N)]
-    ours = _layer(backend, aux_loss_coef=AUX, z_loss_coef=ZC, aux_loss_mode=mode)
+    # mode "legacy" (the table only): attach without setting the scale, i.e. the former inject-1 design
+    ours = _layer(backend, aux_loss_coef=AUX, z_loss_coef=ZC, aux_loss_mode="attach" if mode == "legacy" else mode)
     oracle = _layer(backend)
     oracle.load_state_dict(ours.state_dict())
     opt_o = torch.optim.SGD(ours.parameters(), lr=0.5)
@@ -111,7 +112,7 @@ def _router_grad_case(case, backend, mode="loss", steps=1):
 def router_grad_errors(case, backend, mode="loss"):
     g_o, g_r, _, _ = _router_grad_case(case, backend, mode)
     err = (g_o - g_r).abs()
-    return float(err.max()), float((err / g_r.abs().clamp(min=1e-6)).max())
+    return float(err.max()), float((err / g_r.abs().clamp(min=1e-6)).max()), float(g_r.abs().max())
 
 
 @pytest.mark.parametrize("mode", ["loss", "attach"])
@@ -550,7 +551,7 @@ def test_train_loop_example_tiny():
 
 if __name__ == "__main__":  # the router-gradient error table of the note
     for backend in BACKENDS:
-        for mode in ("loss", "attach"):
+        for mode in ("loss", "attach", "legacy"):
             for case in SCALINGS:
-                a, r = router_grad_errors(case, backend, mode)
-                print(f"{backend:9s} {mode:6s} {case:16s} max abs {a:.3e}  max rel {r:.3e}")
+                a, r, m = router_grad_errors(case, backend, mode)
+                print(f"{backend:9s} {mode:6s} {case:16s} max abs {a:.3e}  max rel {r:.3e}  (max |grad| {m:.3e})")

@@ -353,7 +353,7 @@ class MoE(nn.Module):
                 "received no gradient, so the router was not trained against it. Add it to the loss before "
                 "any scaling: loss = task_loss + smoe.nn.aux_loss(model) (docs/layer.md, 'Training loops'), "
                 "or use aux_loss_mode='attach' with smoe.nn.set_aux_loss_scale.",
-                AuxLossUnusedWarning, stacklevel=3)
+                AuxLossUnusedWarning, stacklevel=5)  # the caller of layer(x)
 
     def _weighted_aux(self, balance: torch.Tensor, z: torch.Tensor) -> Optional[torch.Tensor]:
         term = None
