@@ -53,14 +53,14 @@ def _train(model, module, batches, rank=0, ranks=1):
     return torch.stack(losses), torch.stack(biases)
 
 
-def _worker(rank, world, init_file, out_dir):
+def _worker(rank, world, broadcast_buffers, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         moe = _model(dist.group.WORLD)
         # broadcast_buffers=False: the biases stay equal because the layer reduces its counts, not because
-        # DDP copies rank 0's buffers
-        ddp = torch.nn.parallel.DistributedDataParallel(moe, broadcast_buffers=False)
+        # DDP copies rank 0's buffers; True (DDP's default) must not disturb the step's counts
+        ddp = torch.nn.parallel.DistributedDataParallel(moe, broadcast_buffers=broadcast_buffers)
         losses, biases = _train(ddp, moe, _batches(world), rank, world)
         mean_loss = losses.clone()
         dist.all_reduce(mean_loss)
@@ -73,9 +73,9 @@ def _worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
-def _spawn(world, tmp_path):
+def _spawn(world, broadcast_buffers, tmp_path):
     init_file = tmp_path / "store"  # a file store: no port to pick, nothing left behind but tmp_path
-    ctx = mp.start_processes(_worker, args=(world, str(init_file), str(tmp_path)), nprocs=world, join=False,
+    ctx = mp.start_processes(_worker, args=(world, broadcast_buffers, str(init_file), str(tmp_path)), nprocs=world, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -90,9 +90,9 @@ def _spawn(world, tmp_path):
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ddp_identical_biases_and_global_loss(world, tmp_path):
-    results = _spawn(world, tmp_path)
+@pytest.mark.parametrize("world,broadcast_buffers", [(2, False), (3, False), (2, True)])
+def test_ddp_identical_biases_and_global_loss(world, broadcast_buffers, tmp_path):
+    results = _spawn(world, broadcast_buffers, tmp_path)
     single = _model()
     want_losses, want_biases = _train(single, single, _batches(world))
     assert want_biases[-1].abs().sum() > 0

@@ -256,10 +256,9 @@ class MoE(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
         else:
             self.expert_bias = None
-        # Assignments per expert routed by the training forwards since the last end_step() (int64: .to()
-        # never casts it). Not in the state_dict.
-        self.register_buffer("step_counts", torch.zeros(num_experts, dtype=torch.int64, device=device),
-                             persistent=False)
+        # Assignments per expert routed by the training forwards since the last end_step(): int64, a plain
+        # attribute, not a buffer (DDP's broadcast_buffers would copy rank 0's counts over the others').
+        self._step_counts = torch.zeros(num_experts, dtype=torch.int64, device=self.router.weight.device)
         if num_shared_experts > 0:
             fs = shared_ffn_size if shared_ffn_size is not None else num_shared_experts * ffn_size
             self.shared_ffn_size = fs
@@ -294,7 +293,12 @@ class MoE(nn.Module):
             self.shared_gate_w.uniform_(-bound, bound)
         if self.expert_bias is not None:
             self.expert_bias.zero_()
-        self.step_counts.zero_()
+        self._step_counts.zero_()
+
+    @property
+    def step_counts(self) -> torch.Tensor:
+        """[E] int64: assignments routed to each expert by the training forwards since the last end_step()."""
+        return self._step_counts
 
     def extra_repr(self) -> str:
         parts = [f"hidden_size={self.hidden_size}", f"ffn_size={self.ffn_size}",
@@ -327,6 +331,7 @@ class MoE(nn.Module):
         if bias is not None and self.expert_bias.dtype != torch.float32:
             self.expert_bias = bias.to(device=self.expert_bias.device, dtype=torch.float32)
         new = self.router.weight
+        self._step_counts = self._step_counts.to(new.device)
         if new.dtype != self.router_dtype:
             new.data = router_data.to(device=new.device, dtype=self.router_dtype)
             if router_grad is not None:
@@ -426,7 +431,7 @@ class MoE(nn.Module):
         it); then forget the step's counts (bias and global balance loss). Call it once per optimizer step,
         e.g. with smoe.nn.end_step_after(optimizer, model)."""
         if self.bias_balancing:
-            load = self._reduce_counts(self.step_counts.clone())
+            load = self._reduce_counts(self._step_counts.clone())
             if self.backend == "reference" or int(load.max()) >= 2**31:
                 load = load.to(torch.float64)
                 self.expert_bias.add_((self.bias_update_rate * torch.sign(load.mean() - load)).float())
@@ -435,7 +440,7 @@ class MoE(nn.Module):
 
                 F.balancing_bias_update(load.to(torch.int32), self.expert_bias, rate=self.bias_update_rate,
                                         backend=self.backend)
-        self.step_counts.zero_()
+        self._step_counts.zero_()
         self._global_acc = None
         self._global_f = None
         self._forwards_since_step = 0
@@ -522,7 +527,7 @@ class MoE(nn.Module):
             self.last_z_loss = z.detach()
             self.last_stats = stats
             if self.training:
-                self.step_counts.add_(stats["routed_per_expert"].to(torch.int64))
+                self._step_counts.add_(stats["routed_per_expert"].to(torch.int64))
                 self._forwards_since_step += 1
                 if self._forwards_since_step == _STALE_FORWARDS and (self.bias_balancing or
                                                                       self.aux_loss_type == "global"):
