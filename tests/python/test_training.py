@@ -54,7 +54,7 @@ def _task(y, g):
 SCALINGS = ["c*loss", "accumulate4", "gradscaler-fp16", "gradscaler-bf16"]
 
 
-def _router_grad_case(case, backend, mode="loss", steps=1):
+def _router_grad_case(case, backend, mode="loss", steps=1, ckpt=None):
     """Train one copy with the layer's aux loss (mode "loss": added to the loss; "attach": the scale hook) and
     one oracle copy (coefficients 0, the oracle's aux added to its loss before scaling) through `steps`
     optimizer steps of `case`; returns (ours, oracle) router gradients of the last step and router weights."""
@@ -76,7 +76,10 @@ def _router_grad_case(case, backend, mode="loss", steps=1):
         opt.zero_grad(set_to_none=True)
         for x, g in zip(xs, gs):
             with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
-                y = layer(x)
+                if ckpt is None or add_oracle:
+                    y = layer(x)
+                else:
+                    y = checkpoint(layer, x.clone().requires_grad_(True), use_reentrant=ckpt == "reentrant")
             loss = _task(y, g)
             if add_oracle:
                 bal, z = _oracle_aux(x, layer.router.weight)
@@ -125,6 +128,19 @@ def test_router_gradient_matches_add_to_loss_oracle(backend, case, mode):
     dtype = {"gradscaler-fp16": torch.float16, "gradscaler-bf16": torch.bfloat16}.get(case, torch.float32)
     assert_close(g_o, g_r, dtype=dtype, msg=f"router grad {case}")
     assert_close(w_o, w_r, dtype=dtype, msg=f"router weight after the optimizer steps {case}")
+
+
+@pytest.mark.parametrize("ckpt", ["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("case", SCALINGS)
+def test_router_gradient_oracle_under_checkpoint(case, ckpt):
+    """Mode "loss" under both checkpoint variants: the reentrant recompute injects the gradient the loss sent
+    into layer.aux_loss (c / N * GradScaler's scale), measured by its probe."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AuxLossUnusedWarning)
+        g_o, g_r, w_o, w_r = _router_grad_case(case, "cpu", "loss", steps=2, ckpt=ckpt)
+    dtype = {"gradscaler-fp16": torch.float16, "gradscaler-bf16": torch.bfloat16}.get(case, torch.float32)
+    assert_close(g_o, g_r, dtype=dtype, msg=f"router grad {case} {ckpt}")
+    assert_close(w_o, w_r, dtype=dtype, msg=f"router weight {case} {ckpt}")
 
 
 def test_aux_gradient_scales_with_the_loss():
@@ -218,7 +234,8 @@ def _train(model, batches, micro=2):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("ckpt,mode", [("non-reentrant", "loss"), ("reentrant", "attach"), ("reentrant", None)])
+@pytest.mark.parametrize("ckpt,mode", [("non-reentrant", "loss"), ("reentrant", "loss"), ("reentrant", "attach"),
+                                       ("reentrant", None)])
 def test_checkpoint_bitwise_equal_and_bias_once_per_step(backend, ckpt, mode):
     kw = {} if mode is None else dict(aux_loss_coef=AUX, z_loss_coef=ZC, aux_loss_mode=mode)
     torch.manual_seed(3)
@@ -241,7 +258,7 @@ def test_checkpoint_bitwise_equal_and_bias_once_per_step(backend, ckpt, mode):
     assert b0[-1].abs().sum() > 0
 
 
-def test_reentrant_checkpoint_with_loss_mode_warns():
+def test_reentrant_checkpoint_without_aux_in_the_loss_warns():
     block = _Block("cpu", ckpt="reentrant", aux_loss_coef=AUX)
     x = torch.randn(2, 5, H, requires_grad=True)
     with pytest.warns(AuxLossUnusedWarning, match="reentrant"):
@@ -261,6 +278,20 @@ def test_eval_and_no_step_leave_the_bias_alone():
     layer(x)
     assert not layer.expert_bias.any()
     assert int(layer.step_counts.sum()) == 2 * 30 * K
+
+
+def test_forgotten_end_step_warns(monkeypatch):
+    import smoe.nn.moe as moe_module
+
+    monkeypatch.setattr(moe_module, "_STALE_FORWARDS", 3)
+    layer = _layer("cpu", score_func="sigmoid", bias_balancing=True)
+    x = torch.randn(4, H)
+    layer(x)
+    layer(x)
+    with pytest.warns(UserWarning, match="without end_step"):
+        layer(x)
+    layer.end_step()
+    assert layer.expert_bias.abs().sum() > 0 and not layer.step_counts.any()
 
 
 @pytest.mark.parametrize("to", ["bf16", "half", "double", "to-dtype"])
@@ -557,3 +588,9 @@ if __name__ == "__main__":  # the router-gradient error table of the note
             for case in SCALINGS:
                 a, r, m = router_grad_errors(case, backend, mode)
                 print(f"{backend:9s} {mode:6s} {case:16s} max abs {a:.3e}  max rel {r:.3e}  (max |grad| {m:.3e})")
+    for ckpt in ("reentrant", "non-reentrant"):
+        for case in SCALINGS:
+            g_o, g_r, _, _ = _router_grad_case(case, "cpu", "loss", ckpt=ckpt)
+            err = (g_o - g_r).abs()
+            print(f"cpu loss ckpt={ckpt:13s} {case:16s} max abs {float(err.max()):.3e}  "
+                  f"max rel {float((err / g_r.abs().clamp(min=1e-6)).max()):.3e}")

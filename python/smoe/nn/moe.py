@@ -48,21 +48,47 @@ class AuxLossUnusedWarning(UserWarning):
 
 
 class _AttachAux(torch.autograd.Function):
-    """y -> y; backward also sends `layer.aux_loss_scale` (read at backward time) into the weighted aux term.
+    """y -> y; backward also sends a scale into the weighted aux term: `scale` when given, else
+    `layer.aux_loss_scale` read at backward time.
 
-    The opt-in aux_loss_mode="attach", after Megatron-Core's MoEAuxLossAutoScaler: the trainer must set
-    the scale to what its loss is multiplied by (c, 1/N for accumulation, GradScaler's scale).
+    aux_loss_mode="attach" (opt-in, after Megatron-Core's MoEAuxLossAutoScaler): the trainer sets the scale to
+    what its loss is multiplied by (c, 1/N for accumulation, GradScaler's scale). Mode "loss" uses it with the
+    scale its _ScaleProbe measured, for the recompute of a reentrant checkpoint.
     """
 
     @staticmethod
-    def forward(ctx, y, aux, layer):
-        ctx.layer = layer
+    def forward(ctx, y, aux, layer, scale=None):
+        ctx.layer, ctx.scale = layer, scale
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad_y):
-        scale = torch.full((), ctx.layer.aux_loss_scale, dtype=torch.float32, device=grad_y.device)
-        return grad_y, scale, None
+        scale = ctx.scale
+        if scale is None:
+            scale = torch.full((), ctx.layer.aux_loss_scale, dtype=torch.float32, device=grad_y.device)
+        return grad_y, scale, None, None
+
+
+class _ScaleProbe(torch.autograd.Function):
+    """`layer.aux_loss` of a training forward that ran without gradients (the first pass of a reentrant
+    torch.utils.checkpoint): the value, whose backward records the gradient the loss sends into it (c / N *
+    GradScaler's scale, whatever the trainer did) for the recompute to inject into the recomputed aux term.
+
+    The probe node is created when `aux_loss` is read, after the model's forward, so autograd (which runs
+    later-created nodes first) reaches it before the checkpoint's backward; a recompute that finds no
+    measured gradient warns instead."""
+
+    @staticmethod
+    def forward(ctx, anchor, value, layer):
+        ctx.layer = layer
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        layer = ctx.layer
+        grad = grad.detach().to(torch.float32)
+        layer._probe_grad = grad if layer._probe_grad is None else layer._probe_grad + grad
+        return torch.zeros_like(grad), None, None
 
 
 def _in_recompute() -> bool:
@@ -276,7 +302,8 @@ class MoE(nn.Module):
         self.last_stats: dict = {}
         self._aux_loss: Optional[torch.Tensor] = None
         self._pending_aux = None  # [seen flag] of the last training forward's aux loss (mode "loss")
-        self._nograd_train_forward = False  # a training forward ran without grad (reentrant checkpoint)
+        self._probe_pending = False  # the last training forward ran without grad (reentrant checkpoint)
+        self._probe_grad: Optional[torch.Tensor] = None  # what the loss sent into its aux_loss
         self._global_f: Optional[torch.Tensor] = None  # f of the last training forward, for recomputes
         self._forwards_since_step = 0
 
@@ -344,10 +371,15 @@ class MoE(nn.Module):
         """aux_loss_coef * balance loss + z_loss_coef * z-loss of the last forward, a 0-d fp32 tensor.
 
         Differentiable (mode "loss"): add it to the loss before any scaling (c * loss, / N for gradient
-        accumulation, GradScaler). A zero tensor before the first forward or when both coefficients are 0;
-        detached in aux_loss_mode="attach" (where the output already carries it)."""
+        accumulation, GradScaler). After a training forward without gradients (a reentrant checkpoint's first
+        pass) it is a _ScaleProbe, and the recompute brings the router its gradient. A zero tensor before the
+        first forward or when both coefficients are 0; detached in aux_loss_mode="attach" (where the output
+        already carries it)."""
         if self._aux_loss is None:
             return torch.zeros((), dtype=torch.float32, device=self.router.weight.device)
+        if self._probe_pending and torch.is_grad_enabled():
+            anchor = torch.zeros((), dtype=torch.float32, device=self._aux_loss.device, requires_grad=True)
+            return _ScaleProbe.apply(anchor, self._aux_loss, self)
         return self._aux_loss
 
     def _check_aux_used(self) -> None:
@@ -356,8 +388,7 @@ class MoE(nn.Module):
             warnings.warn(
                 "smoe.nn.MoE: the aux loss (aux_loss_coef/z_loss_coef > 0) of the previous training forward "
                 "received no gradient, so the router was not trained against it. Add it to the loss before "
-                "any scaling: loss = task_loss + smoe.nn.aux_loss(model) (docs/layer.md, 'Training loops'), "
-                "or use aux_loss_mode='attach' with smoe.nn.set_aux_loss_scale.",
+                "any scaling: loss = task_loss + smoe.nn.aux_loss(model) (docs/layer.md, 'Training loops').",
                 AuxLossUnusedWarning, stacklevel=5)  # the caller of layer(x)
 
     def _weighted_aux(self, balance: torch.Tensor, z: torch.Tensor) -> Optional[torch.Tensor]:
@@ -535,20 +566,25 @@ class MoE(nn.Module):
                                   "balancing bias is updated and the global balance counts reset only there "
                                   "(call smoe.nn.end_step(model) once per optimizer step)", stacklevel=2)
             self._aux_loss = None if term is None else (term if self.aux_loss_mode == "loss" else term.detach())
+            self._probe_pending, self._probe_grad = False, None
             if term is not None and self.training and self.aux_loss_mode == "loss":
                 if term.requires_grad:
                     seen = [False]
                     term.register_hook(lambda g, seen=seen: seen.__setitem__(0, True))
                     self._pending_aux = seen
                 elif not torch.is_grad_enabled():
-                    self._nograd_train_forward = True
-        elif recompute and term is not None and self.aux_loss_mode == "loss" and self._nograd_train_forward:
-            self._nograd_train_forward = False
-            warnings.warn(
-                "smoe.nn.MoE: a training forward ran without gradients (reentrant torch.utils.checkpoint) and "
-                "is being recomputed: its aux loss could not reach the router in aux_loss_mode='loss'. Use "
-                "torch.utils.checkpoint(..., use_reentrant=False), or aux_loss_mode='attach' with "
-                "smoe.nn.set_aux_loss_scale.", AuxLossUnusedWarning, stacklevel=2)
+                    self._probe_pending = True
+        elif recompute and term is not None and self.aux_loss_mode == "loss" and self._probe_pending:
+            # the recompute of a reentrant checkpoint: inject what the loss sent into the probe
+            scale, self._probe_pending, self._probe_grad = self._probe_grad, False, None
+            if scale is not None and term.requires_grad:
+                y = _AttachAux.apply(y, term, self, scale)
+            else:
+                warnings.warn(
+                    "smoe.nn.MoE: a training forward that ran without gradients (reentrant "
+                    "torch.utils.checkpoint) is being recomputed, and its aux loss received no gradient: add "
+                    "smoe.nn.aux_loss(model) to the loss after the forward and before any scaling.",
+                    AuxLossUnusedWarning, stacklevel=2)
         if (term is not None and self.aux_loss_mode == "attach" and torch.is_grad_enabled()
                 and term.requires_grad):
             y = _AttachAux.apply(y, term, self)
