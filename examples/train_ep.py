@@ -34,6 +34,7 @@ from train_char_lm import CharMoELM, load_text  # noqa: E402
 def train(rank: int, world: int, args) -> None:
     import torch.distributed as dist
 
+    import smoe.nn
     from smoe.distributed import ExpertParallelMoE, all_reduce_gradients
 
     if args.tiny:
@@ -65,9 +66,10 @@ def train(rank: int, world: int, args) -> None:
         y = torch.stack([data[s + 1: s + context + 1] for s in starts])
         loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + smoe.nn.aux_loss(model)).backward()  # this rank's shares of the aux losses
         all_reduce_gradients(model)  # EP only: replicated grads averaged, expert shards / world
         opt.step()
+        smoe.nn.end_step(model)  # once per optimizer step (bias balancing, if on, over stats_group)
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         mean /= world

@@ -41,12 +41,13 @@ def _check_parity(rank, world, E, sizes, **kw):
     ep = ExpertParallelMoE.from_dense(dense)
     x, g = _batch(sizes)
     xd = x.clone().requires_grad_()
-    (dense(xd) * g).sum().backward()
-    yd = dense(x.clone()).detach()  # a second forward (no backward) must give the same values
+    ((dense(xd) * g).sum() + dense.aux_loss).backward()
     lo, hi = _span(sizes, rank)
     xl = x[lo:hi].clone().requires_grad_()
     y = ep(xl)
-    (y * g[lo:hi]).sum().backward()
+    ((y * g[lo:hi]).sum() + ep.aux_loss).backward()  # the ranks' aux shares add up to the dense aux loss
+    with torch.no_grad():
+        yd = dense(x.clone())  # a second forward (no backward) must give the same values
     e = ep.local_experts
     assert torch.equal(y, yd[lo:hi]), f"rank {rank}: y"
     assert torch.equal(xl.grad, xd.grad[lo:hi]), f"rank {rank}: dx"
@@ -127,8 +128,10 @@ def _skew_and_capacity(rank, world):
     x, _ = _batch(sizes, seed=4)
     dense.train(), ep.train()
     dense(x)
+    dense.end_step()
     lo, hi = _span(sizes, rank)
     ep(x[lo:hi])
+    ep.end_step()  # the step's counts, summed over stats_group
     assert torch.equal(ep.expert_bias, dense.expert_bias) and torch.count_nonzero(ep.expert_bias) > 0
     assert isinstance(ep, MoE)
 
@@ -187,7 +190,7 @@ def _ep_x_dp(rank, world):
     # Reference loss: the mean over the 4 ranks of each rank's sum. Each rank attaches its share of the
     # global aux loss; averaging over 4 ranks divides it by 4, so the EP layer's coefficient is 4x.
     yd = dense(xd)
-    (yd * g).sum().div(4).backward()
+    ((yd * g).sum().div(4) + dense.aux_loss).backward()
     for use_ddp in (False, True):
         ep = ExpertParallelMoE.from_dense(dense, ep_group=ep_g, stats_group=dist.group.WORLD,
                                           aux_loss_coef=4 * dense.aux_loss_coef)
@@ -199,7 +202,7 @@ def _ep_x_dp(rank, world):
         else:
             model = ep
         y = model(x[lo:hi])
-        (y * g[lo:hi]).sum().backward()
+        ((y * g[lo:hi]).sum() + ep.aux_loss).backward()
         all_reduce_gradients(ep, dp_group=dp_g, experts_only=use_ddp)
         assert torch.equal(y, yd[lo:hi].detach())
         e = ep.local_experts

@@ -85,8 +85,9 @@ class ExpertParallelMoE(MoE):
     Args: those of smoe.nn.MoE (expert_choice and backend="reference" are not supported), plus
         ep_group: the expert-parallel process group (None: the default group).
         ep_size: if given, the group must have this size.
-        stats_group: the group over which routing statistics (last_stats, the balancing bias update,
-            the aux and z losses) are reduced; default ep_group. Pass the whole EP x DP group so that
+        stats_group: the group over which routing statistics (last_stats, the balancing bias update in
+            end_step, the aux and z losses) are reduced; default ep_group (process_group= is accepted as
+            its other name: it becomes smoe.nn.MoE's process_group). Pass the whole EP x DP group so that
             the balancing bias stays identical on every replica.
 
     Capacity (capacity_factor) is per rank: each rank applies C = ceil(cf * T_local * K / E) to its own
@@ -101,6 +102,10 @@ class ExpertParallelMoE(MoE):
         P, rank = dist.get_world_size(group), dist.get_rank(group)
         if rank < 0:
             raise ValueError("ep_group must be a process group that contains this rank")
+        # process_group (smoe.nn.MoE's count reductions: bias balancing in end_step, the "global" balance
+        # loss) is the statistics group.
+        stats = kwargs.pop("process_group", None) if stats_group is None else stats_group
+        stats = group if stats is None else stats
         err = None
         try:
             if kwargs.get("backend", "auto") == "reference":
@@ -108,9 +113,12 @@ class ExpertParallelMoE(MoE):
                                  "single-process), got 'reference'")
             if kwargs.get("expert_choice", False):
                 raise ValueError("expert_choice=True is not supported by ExpertParallelMoE, got True")
+            if kwargs.get("aux_loss_type", "switch") != "switch":
+                raise ValueError("aux_loss_type must be 'switch' for ExpertParallelMoE (its balance loss already "
+                                 f"uses the counts of stats_group), got {kwargs['aux_loss_type']!r}")
             if ep_size is not None and ep_size != P:
                 raise ValueError(f"ep_group must have ep_size={ep_size} ranks, got a group of {P} ranks")
-            super().__init__(hidden_size, ffn_size, num_experts, top_k, **kwargs)
+            super().__init__(hidden_size, ffn_size, num_experts, top_k, process_group=stats, **kwargs)
         except (ValueError, TypeError) as e:
             err = e
             nn.Module.__init__(self)
@@ -147,7 +155,7 @@ class ExpertParallelMoE(MoE):
                              f"{dev.type}, got {self.w1.device}")
 
         self.ep_group, self.ep_size, self.ep_rank = group, P, rank
-        self.stats_group = group if stats_group is None else stats_group
+        self.stats_group = self.process_group
         self.num_local_experts = num_experts // P
         lo = rank * self.num_local_experts
         with torch.no_grad():
@@ -177,6 +185,7 @@ class ExpertParallelMoE(MoE):
                    shared_ffn_size=layer.shared_ffn_size if layer.num_shared_experts else None,
                    shared_gate=layer.shared_gate_w is not None, capacity_factor=layer.capacity_factor,
                    drop_policy=layer.drop_policy, aux_loss_coef=layer.aux_loss_coef, z_loss_coef=layer.z_loss_coef,
+                   aux_loss_mode=layer.aux_loss_mode, router_jitter_noise=layer.router_jitter_noise,
                    router_dtype=layer.router_dtype, dtype=layer.w1.dtype, device=layer.w1.device,
                    backend=layer.backend if layer.backend != "reference" else "auto")
         cfg.update(kwargs)
@@ -200,21 +209,27 @@ class ExpertParallelMoE(MoE):
         return super().extra_repr() + f", ep_size={self.ep_size}, ep_rank={self.ep_rank}"
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        err = None
+    def forward(self, x: torch.Tensor, *, token_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """smoe.nn.MoE's forward; afterwards last_stats, last_aux_loss and last_z_loss are the values over
+        stats_group. Input that is bad on one rank makes every rank raise."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        err = None
         if x.dim() < 1 or x.shape[-1] != self.hidden_size:
             err = f"x must have shape [..., hidden_size={self.hidden_size}], got {tuple(x.shape)}"
-        elif x.dtype != self.w1.dtype:
-            err = f"x must have the dtype of the expert weights ({self.w1.dtype}), got {x.dtype}"
         elif x.device != self.w1.device:
             err = f"x must be on the device of the layer's parameters ({self.w1.device}), got {x.device}"
+        elif x.dtype != self.w1.dtype and not (x.dtype.is_floating_point and
+                                               torch.is_autocast_enabled(x.device.type)):
+            err = f"x must have the dtype of the expert weights ({self.w1.dtype}), got {x.dtype}"
         if err is not None:
             # Take part in the count exchange with an error flag: the other ranks raise too.
             self._exchange_counts(torch.zeros(self.ep_size, self.num_local_experts, dtype=torch.int64), err)
-        y = super().forward(x)
-        self.last_aux_loss, self.last_z_loss = self._global_losses
+        self._global = None
+        y = super().forward(x, token_mask=token_mask)
+        if self._global is not None and self.last_stats is self._global[0]["local"]:
+            self.last_stats = self._global[0]["global"]
+            self.last_aux_loss, self.last_z_loss = self._global[1]
         return y
 
     def _exchange_counts(self, send: torch.Tensor, err: Optional[str] = None) -> torch.Tensor:
@@ -234,65 +249,51 @@ class ExpertParallelMoE(MoE):
                              "(see the error raised there)")
         return out[:, :-1]
 
-    def _forward_smoe(self, x2):
+    def _routed_experts(self, x2, weights, experts, w1, w2):
+        """Dispatch to the experts' owners, run the local experts, return (see the module docstring)."""
         import smoe.functional as F
 
         backend = self.backend
         T, E, P, El = x2.shape[0], self.num_experts, self.ep_size, self.num_local_experts
-        dev = x2.device
-        logits = self._router_logits(x2)  # [T,E] fp32
-        weights, experts, scores = F.topk_gating(
-            logits, top_k=self.top_k, score_func=self.score_func, bias=self.expert_bias,
-            n_groups=self.n_groups, topk_groups=self.topk_groups, group_score=self.group_score,
-            renormalize=self.renormalize, renorm_eps=self.renorm_eps, routed_scaling=self.routed_scaling,
-            backend=backend)  # [T,K] f32, [T,K] i32, [T,E] f32
-        capacity = self.capacity(T)  # per rank
-        plan = F.routing_plan(experts, num_experts=E, weights=weights.detach(), capacity=capacity,
-                              drop_policy=self.drop_policy, backend=backend)
+        plan = F.routing_plan(experts, num_experts=E, weights=weights.detach(), capacity=self.capacity(T),
+                              drop_policy=self.drop_policy, backend=backend)  # capacity per rank
         send = plan.counts.view(P, El)
         recv = self._exchange_counts(send)  # [P, El] CPU
-        send_splits = send.sum(1).tolist()
-        recv_splits = recv.sum(1).tolist()
+        send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
         r_send = sum(send_splits)
-
-        # Dispatch: rows of the local plan are expert-sorted, hence rank-major.
+        # Dispatch: rows of the plan are expert-sorted, hence rank-major.
         xs = F.permute(x2, plan, backend=backend)  # [R_max, H]
         if xs.shape[0] != r_send:
             xs = xs[:r_send]
         xr = all_to_all_single(xs, recv_splits, send_splits, self.ep_group)  # [N, H] rank-major
-        lplan = local_routing_plan(recv, device=dev)
-        ys = F.expert_mlp(xr, self.w1, self.w2, lplan, activation=self.activation, backend=backend)  # [N, H]
+        lplan = local_routing_plan(recv, device=x2.device)
+        ys = F.expert_mlp(xr, w1, w2, lplan, activation=self.activation, backend=backend)  # [N, H]
         yr = ys.index_select(0, lplan.row_of.view(-1).long())  # back to received order
-        yb = all_to_all_single(yr, send_splits, recv_splits, self.ep_group)  # [R_send, H] = local plan rows
+        yb = all_to_all_single(yr, send_splits, recv_splits, self.ep_group)  # [R_send, H]: the plan's rows
         y = F.combine(yb, weights, plan, backend=backend)  # [T, H]
         if T == 0:
             y = _DenseRowsGrad.apply(y)
+        return y, plan.counts
 
-        if capacity is None:
-            routed = plan.counts
-        else:
-            routed = torch.zeros(E, dtype=torch.int32, device=dev).scatter_add_(
-                0, experts.reshape(-1).long(), torch.ones(experts.numel(), dtype=torch.int32, device=dev))
+    def _forward_smoe(self, x2, router_x, ws):
+        y, _switch, z, stats, scores, experts = super()._forward_smoe(x2, router_x, ws)
+        T, E, dev = x2.shape[0], self.num_experts, x2.device
         # Statistics over stats_group: [routed E | kept E | T] in one all_reduce.
-        sdev = comm_device(self.stats_group)
-        packed = torch.cat([routed.to(torch.int64), plan.counts.to(torch.int64),
+        sdev = comm_device(self.process_group)
+        packed = torch.cat([stats["routed_per_expert"].to(torch.int64), stats["tokens_per_expert"].to(torch.int64),
                             torch.tensor([T], dtype=torch.int64, device=dev)]).to(sdev)
-        dist.all_reduce(packed, group=self.stats_group)
+        dist.all_reduce(packed, group=self.process_group)
         packed = packed.to(dev)
         routed_g, kept_g, t_g = packed[:E], packed[E:2 * E], packed[2 * E]
         denom = torch.clamp(t_g, min=1).to(torch.float32)
-        # This rank's shares of the global losses: summed over the ranks they are the single-process
-        # losses on the concatenated batch, and so are their gradients.
+        # This rank's shares of the losses of the whole group's batch: summed over the ranks they are the
+        # single-process losses on the concatenated batch, and so are their gradients (docs/distributed.md).
         aux = E * (routed_g.to(torch.float32) * scores.sum(0)).sum() / (denom * denom)
-        z = torch.logsumexp(logits, dim=-1).square().sum() / denom
+        z = z * (T / denom)
         shares = torch.stack([aux.detach(), z.detach()]).to(sdev)
-        dist.all_reduce(shares, group=self.stats_group)
+        dist.all_reduce(shares, group=self.process_group)
         shares = shares.to(dev)
-        self._global_losses = (shares[0], shares[1])
-
-        if self.num_shared_experts > 0:
-            y = y + F.shared_expert(x2, self.shared_w1, self.shared_w2, self.shared_gate_w,
-                                    activation=self.activation, backend=backend)
-        stats = {"tokens_per_expert": kept_g.to(torch.int32), "routed_per_expert": routed_g.to(torch.int32),
-                 "dropped": (routed_g.sum() - kept_g.sum())}
-        return y.to(x2.dtype), aux, z, stats
+        glob = {"tokens_per_expert": kept_g.to(torch.int32), "routed_per_expert": routed_g.to(torch.int32),
+                "dropped": routed_g.sum() - kept_g.sum()}
+        self._global = ({"local": stats, "global": glob}, (shares[0], shares[1]))
+        return y, aux, z, stats, scores, experts
