@@ -121,6 +121,15 @@ def _skew_and_capacity(rank, world):
     dist.all_reduce(dropped_here)
     assert int(ep.last_stats["dropped"]) == int(dropped_here) > 0
 
+    # token_mask: masked tokens stay out of routing and of the counts, as in the dense layer.
+    dense = _dense(E)
+    ep = ExpertParallelMoE.from_dense(dense)
+    x, _ = _batch(sizes, seed=5)
+    mask = torch.arange(x.shape[0]) % 3 != 1
+    lo, hi = _span(sizes, rank)
+    assert torch.equal(ep(x[lo:hi], token_mask=mask[lo:hi]), dense(x, token_mask=mask)[lo:hi])
+    assert torch.equal(ep.last_stats["routed_per_expert"], dense.last_stats["routed_per_expert"])
+
     # Bias balancing sees global counts: the bias after one training step equals the dense layer's
     # after the concatenated batch (sign updates of integer counts: exact).
     dense = _dense(E, bias_balancing=True, bias_update_rate=0.1)
