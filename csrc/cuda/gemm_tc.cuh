@@ -198,13 +198,25 @@ __device__ __forceinline__ void mainloop(float (&acc)[kMI][kNI][4], S* smem, con
   }
   for (int64_t kt = 0; kt < num_k; ++kt) {
     smoe::simt::cp_async_wait<kStages - 2>();
-    __syncthreads();
     const int64_t next = kt + kStages - 1;
+#if defined(SMOE_TEST_MUTATION) && SMOE_TEST_MUTATION == 1
+    // The race the emulator's cp.async landing modes must catch (tests/cpp/cuda/mutation): the
+    // refill goes out before the barrier, while slower warps may still read tile kt-1 from the stage
+    // it overwrites. Never defined in a real build.
     if (next < num_k) {
       la.load(stage_a(next), next * kBK);
       lb.load(stage_b(next), next * kBK);
     }
     smoe::simt::cp_async_commit();
+    __syncthreads();
+#else
+    __syncthreads();
+    if (next < num_k) {
+      la.load(stage_a(next), next * kBK);
+      lb.load(stage_b(next), next * kBK);
+    }
+    smoe::simt::cp_async_commit();
+#endif
 
     const S* ta = stage_a(kt);
     const S* tb = stage_b(kt);

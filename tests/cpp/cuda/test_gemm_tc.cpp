@@ -219,6 +219,14 @@ void check_wgrad(const std::vector<int64_t>& off, int64_t R, int64_t M, int64_t 
   EXPECT_TRUE(bitwise_equal(c, c_cpu)) << all_close(c, c_cpu, dt).message();
 }
 
+// K long enough to wrap the 4-stage cp.async ring several times: a stage refilled too early (before
+// every warp has read it) shows up under the sweep's warps / cp.async=issue|random entries.
+TEST(SimtGroupedGemmTc, LongKWrapsTheRingSeveralTimes) {
+  check_forward<bf16_t>({0, 70, 140}, 140, 64, 544, true, true, true);  // 17 k tiles: 4 wraps
+  check_forward<f16_t>({0, 140}, 140, 16, 520, false, false, false);     // 17 k tiles, the last partial
+  check_wgrad<bf16_t>({0, 600, 610}, 610, 16, 8);                        // 19 k tiles of segment rows
+}
+
 TEST(SimtGroupedGemmTc, Wgrad) {
   // E = 5 with two empty experts; a 170-row segment: 6 k tiles wrap the 4-stage ring, the last partial
   check_wgrad<bf16_t>({0, 0, 170, 170, 180, 200}, 200, 72, 24);
