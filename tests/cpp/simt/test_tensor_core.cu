@@ -278,4 +278,48 @@ TEST(SimtTensorCore, CpAsyncLandsOnlyAtTheWait) {
     EXPECT_EQ(h[3 * 256 + t], src[4 * t]) << "zfill keeps 4 source bytes, zeros the other 12";
   }
 }
+
+TEST(SimtTensorCore, CpAsyncLandingModes) {
+  using smoe::simt::CpAsyncLanding;
+  CpAsyncLanding l = CpAsyncLanding::kWait;
+  uint64_t seed = 0;
+  EXPECT_TRUE(smoe::simt::parse_cp_async_landing("issue", &l, &seed));
+  EXPECT_EQ(l, CpAsyncLanding::kIssue);
+  EXPECT_TRUE(smoe::simt::parse_cp_async_landing("random:9", &l, &seed));
+  EXPECT_EQ(l, CpAsyncLanding::kRandom);
+  EXPECT_EQ(seed, 9u);
+  EXPECT_TRUE(smoe::simt::parse_cp_async_landing("wait", &l, &seed));
+  EXPECT_EQ(l, CpAsyncLanding::kWait);
+  EXPECT_FALSE(smoe::simt::parse_cp_async_landing("early", &l, &seed));
+
+  std::vector<float> src(256);
+  for (int i = 0; i < 256; ++i) src[i] = static_cast<float>(i + 1);
+  using smoe::simt::test::is_poison;
+  auto run = [&](CpAsyncLanding landing, uint64_t s) -> std::vector<float> {
+    smoe::simt::Options o = smoe::simt::options();
+    o.cp_async_landing = landing;
+    o.cp_async_seed = s;
+    smoe::simt::test::ScopedOptions scope(o);
+    DeviceBuffer<float> dsrc(src), snap(4 * 256);
+    EXPECT_EQ(SMOE_LAUNCH(cp_async_kernel, 1, 32, 0, nullptr, dsrc.ptr, snap.ptr), cudaSuccess);
+    return snap.to_host();
+  };
+  // At issue: group 0 is in shared memory before any wait.
+  const auto at_issue = run(CpAsyncLanding::kIssue, 0);
+  for (int t = 0; t < 32; ++t) EXPECT_EQ(at_issue[t], src[4 * t]) << "issue mode: lane " << t;
+  // Random: before the wait each copy has landed or not (never anything else); after it, always.
+  int early = 0, late = 0;
+  for (uint64_t s = 0; s < 8; ++s) {
+    const auto h = run(CpAsyncLanding::kRandom, s);
+    for (int t = 0; t < 32; ++t) {
+      ASSERT_TRUE(is_poison(h[t]) || h[t] == src[4 * t]) << "seed " << s << " lane " << t;
+      (is_poison(h[t]) ? late : early) += 1;
+      EXPECT_EQ(h[1 * 256 + t], src[4 * t]) << "wait_group 1 retires group 0 whatever the landing";
+      EXPECT_EQ(h[2 * 256 + t], src[128 + 4 * t + 2]);
+      EXPECT_EQ(h[3 * 256 + t], src[4 * t]);
+    }
+  }
+  EXPECT_GT(early, 0) << "random landing never landed a copy before its wait";
+  EXPECT_GT(late, 0) << "random landing always landed before the wait";
+}
 #endif  // SMOE_SIMT
