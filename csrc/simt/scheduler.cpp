@@ -123,6 +123,7 @@ Options options_from_env() {
     o.stack_bytes = static_cast<size_t>(std::max(16, std::atoi(s))) * 1024;
   if (const char* s = std::getenv("SMOE_SIMT_QUIET")) o.quiet = std::atoi(s) != 0;
   if (const char* s = std::getenv("SMOE_SIMT_SPIN_TIMEOUT")) o.spin_timeout_s = std::atof(s);
+  if (const char* s = std::getenv("SMOE_SIMT_DEVICES")) o.devices = std::max(1, std::atoi(s));
   if (const char* s = std::getenv("SMOE_SIMT_CP_ASYNC")) {
     if (!parse_cp_async_landing(s, &o.cp_async_landing, &o.cp_async_seed)) {
       std::fprintf(stderr,
@@ -1030,6 +1031,25 @@ cudaError_t launch(const LaunchDesc& d) {
     return record_error(cudaErrorInvalidConfiguration);
   }
   if (d.dynamic_smem > max_dynamic_smem(d.kernel)) return record_error(cudaErrorInvalidValue);
+  // Devices: the launch runs on the current device, into a stream of that device, and every pointer
+  // among its arguments (each aligned 8-byte word of the argument pack, struct members included)
+  // that lies in a cudaMalloc allocation must belong to it.
+  const int device = current_device();
+  if (stream_device(d.stream) != device) return record_error(cudaErrorInvalidResourceHandle);
+  for (size_t off = 0; off + sizeof(void*) <= d.pack_bytes; off += sizeof(void*)) {
+    const void* p = nullptr;
+    std::memcpy(&p, static_cast<const char*>(d.pack) + off, sizeof(p));
+    const int owner = p == nullptr ? -1 : device_of_pointer(p);
+    if (owner >= 0 && owner != device) {
+      const std::string msg = format(
+          "kernel launched at %s:%d on device %d is passed %p, which points into memory allocated on "
+          "device %d: make the tensors' device current (cudaSetDevice) before launching",
+          d.file, d.line, device, p, owner);
+      if (!options().quiet) std::fprintf(stderr, "smoe-simt: %s\n", msg.c_str());
+      record_kernel_error(cudaErrorIllegalAddress, msg);
+      return cudaErrorIllegalAddress;
+    }
+  }
 
   LaunchState ls;
   ls.desc = &d;

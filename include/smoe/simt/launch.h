@@ -39,6 +39,11 @@ enum class CpAsyncLanding { kWait, kIssue, kRandom };
 //                                    atomics/fences) for S seconds is a livelock error (default 20)
 //   SMOE_SIMT_CP_ASYNC = wait | issue | random[:SEED]  when cp.async copies land (CpAsyncLanding;
 //                                    default wait)
+//   SMOE_SIMT_DEVICES  = N           emulated devices (default 1). cudaMalloc and cudaStreamCreate
+//                                    remember the current device; a launch into a stream of another
+//                                    device fails (cudaErrorInvalidResourceHandle), and a launch whose
+//                                    arguments hold a pointer into another device's allocation is an
+//                                    illegal address (sticky), as on GPUs without peer access
 struct Options {
   Schedule schedule = Schedule::kForward;
   uint64_t seed = 0;
@@ -49,6 +54,7 @@ struct Options {
   double spin_timeout_s = 20.0;
   CpAsyncLanding cp_async_landing = CpAsyncLanding::kWait;
   uint64_t cp_async_seed = 0;
+  int devices = 1;
 };
 
 Options options();
@@ -71,6 +77,7 @@ struct LaunchDesc {
   void* (*tls_probe)();     // touches a thread_local of the caller's module (see scheduler.cpp)
   const char* file;
   int line;
+  size_t pack_bytes;        // size of *pack: the launch scans it for pointers (device check)
 };
 
 cudaError_t launch(const LaunchDesc& desc);
@@ -109,7 +116,8 @@ struct Launcher {
                  &pack,
                  &tls_probe,
                  file,
-                 line};
+                 line,
+                 sizeof(Pack)};
     return launch(d);
   }
 };
