@@ -42,12 +42,12 @@ DeviceGuard::DeviceGuard(int device) {
   if (device < 0) return;
   int current = 0;
   if (const cudaError_t e = cudaGetDevice(&current); e != cudaSuccess) {
-    status_ = cuda_error(e, "cudaGetDevice(&current)", __FILE__, __LINE__);
+    static_cast<void>(status_ = cuda_error(e, "cudaGetDevice(&current)", __FILE__, __LINE__));
     return;
   }
   if (current == device) return;
   if (const cudaError_t e = cudaSetDevice(device); e != cudaSuccess) {
-    status_ = cuda_error(e, "cudaSetDevice(device)", __FILE__, __LINE__);
+    static_cast<void>(status_ = cuda_error(e, "cudaSetDevice(device)", __FILE__, __LINE__));
     return;
   }
   previous_ = current;
