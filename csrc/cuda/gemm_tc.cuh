@@ -71,27 +71,54 @@ __device__ __forceinline__ int mnmajor_offset(int k, int chunk) {
 }
 
 // ---- global -> shared loaders (cp.async, 16 bytes per copy, zero-filled outside the matrix) ---------
-// A chunk is either entirely inside or entirely outside the matrix because the launchers require
-// column counts that are multiples of 8. Masked copies pass src_bytes = 0 (PTX ISA 9.7.9.25.3.1,
-// cp.async with src-size: the remaining bytes of the 16 are zeros) and a valid dummy address.
+// Any shape and stride: a 16-byte chunk of 8 elements may be partly outside the matrix (a column count
+// that is not a multiple of 8). With 16-byte aligned rows (`vec`: base and leading dimension) a chunk is
+// one cp.async whose src-size is the bytes inside the matrix (PTX ISA 9.7.9.25.3.1, cp.async with
+// src-size: the remaining bytes of the 16 are zeros); otherwise the thread loads the elements inside
+// one by one and stores the chunk to shared memory itself. A chunk wholly outside is a plain 16-byte
+// store of zeros. Both kinds of store happen at the refill point and are read after the next barriers,
+// so the pipeline's schedule is the same.
+template <class S>
+__device__ __forceinline__ void store_zero_chunk(S* dst) {
+  Pack<S, kChunk> z;
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) z.v[j] = from_float<S>(0.0f);
+  *reinterpret_cast<Pack<S, kChunk>*>(dst) = z;
+}
+// The first `n` (1..8) elements of src into a shared-memory chunk, zeros after them.
+template <class S>
+__device__ __forceinline__ void load_chunk(S* dst, const S* src, int64_t n, bool vec) {
+  if (vec) {
+    smoe::simt::cp_async_16_zfill(dst, src, n >= kChunk ? 16 : static_cast<int>(n * sizeof(S)));
+    return;
+  }
+  Pack<S, kChunk> q;
+#pragma unroll
+  for (int j = 0; j < kChunk; ++j) q.v[j] = j < n ? src[j] : from_float<S>(0.0f);
+  *reinterpret_cast<Pack<S, kChunk>*>(dst) = q;
+}
 
 // K-major tile: thread t copies chunk t % 4 of rows t / 4 + 32 i (i = 0..3). The source row of each
 // of its tile rows is fixed for the whole K loop (gathered rows, expert rows), nullptr = zero row.
 template <class S>
 struct KMajorLoader {
   const S* row[4];
-  const S* dummy;  // any valid global address (the masked copies read nothing)
-  int64_t k_len;   // columns of the source rows (the reduction length)
+  int64_t k_len;  // columns of the source rows (the reduction length)
+  bool vec;       // every row starts 16-byte aligned
 
   __device__ __forceinline__ void load(S* tile, int64_t k0) const {
     const int chunk = threadIdx.x & 3;
     const int64_t col = k0 + chunk * kChunk;
-    const bool in_k = col < k_len;
+    const int64_t left = k_len - col;  // elements of this chunk inside the rows
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int r = (threadIdx.x >> 2) + 32 * i;
-      const bool ok = in_k && row[i] != nullptr;
-      smoe::simt::cp_async_16_zfill(tile + kmajor_offset(r, chunk), ok ? row[i] + col : dummy, ok ? 16 : 0);
+      S* dst = tile + kmajor_offset(r, chunk);
+      if (left > 0 && row[i] != nullptr) {
+        load_chunk(dst, row[i] + col, left, vec);
+      } else {
+        store_zero_chunk(dst);
+      }
     }
   }
 };
@@ -101,10 +128,10 @@ struct KMajorLoader {
 template <class S>
 struct MnMajorLoader {
   const S* base;
-  const S* dummy;
   int64_t ld;
-  int64_t k_len;  // k rows at or past k_len are zeros
-  bool col_ok;    // this thread's 8 columns lie inside the matrix
+  int64_t k_len;      // k rows at or past k_len are zeros
+  int64_t cols_left;  // columns of the matrix from this thread's first one on (<= 0: none)
+  bool vec;           // base and ld keep every row's chunk 16-byte aligned
 
   __device__ __forceinline__ void load(S* tile, int64_t k0) const {
     const int chunk = threadIdx.x & 15;
@@ -112,8 +139,12 @@ struct MnMajorLoader {
     for (int i = 0; i < 4; ++i) {
       const int kr = (threadIdx.x >> 4) + 8 * i;
       const int64_t k = k0 + kr;
-      const bool ok = col_ok && k < k_len;
-      smoe::simt::cp_async_16_zfill(tile + mnmajor_offset(kr, chunk), ok ? base + k * ld : dummy, ok ? 16 : 0);
+      S* dst = tile + mnmajor_offset(kr, chunk);
+      if (cols_left > 0 && k < k_len) {
+        load_chunk(dst, base + k * ld, cols_left, vec);
+      } else {
+        store_zero_chunk(dst);
+      }
     }
   }
 };
@@ -260,6 +291,17 @@ __device__ __forceinline__ void store_pair(S* p, float v0, float v1) {  // p is 
   q.v[1] = from_float<S>(v1);
   *reinterpret_cast<Pack<S, 2>*>(p) = q;
 }
+// Columns n and n + 1 (n even) of a row, those below `limit`: one 4-byte store when both are inside
+// and `pair` (the row base and the column pair are 4-byte aligned), else element by element.
+template <class S>
+__device__ __forceinline__ void store_two(S* row, int64_t n, int64_t limit, bool pair, float v0, float v1) {
+  if (pair && n + 1 < limit) {
+    store_pair(row + n, v0, v1);
+    return;
+  }
+  if (n < limit) row[n] = from_float<S>(v0);
+  if (n + 1 < limit) row[n + 1] = from_float<S>(v1);
+}
 
 // ---- forward kernel ----------------------------------------------------------------------------------------
 template <class S>
@@ -279,6 +321,8 @@ struct ForwardArgs {
   int64_t ldpre;
   const float* row_weights;    // [R] or nullptr
   int32_t act;
+  bool vec_a, vec_b;           // 16-byte aligned rows of a / of b's columns (cp.async), else element loads
+  bool pair_c, pair_pre;       // 4-byte aligned column pairs of c / pre (paired stores)
 };
 
 // Finds the (expert, m tile) of tile slot `slot`: experts take consecutive slots, ceil(rows_e / 128)
@@ -344,8 +388,8 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_tc_kernel(const Forward
 
   // A: K-major, rows gathered through token_of_row; rows past the segment or with token -1 are zeros.
   KMajorLoader<S> la;
-  la.dummy = p.a;
   la.k_len = p.Kd;
+  la.vec = p.vec_a;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int64_t r = m0 + (threadIdx.x >> 2) + 32 * i;
@@ -368,8 +412,8 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_tc_kernel(const Forward
   float acc[kMI][kNI][4] = {};
   if constexpr (kTransB) {  // b[e] [N, Kd]: K-major rows
     KMajorLoader<S> lb;
-    lb.dummy = p.b;
     lb.k_len = p.Kd;
+    lb.vec = p.vec_b;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       bool ok;
@@ -380,12 +424,16 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_tc_kernel(const Forward
   } else {  // b[e] [Kd, N]: MN-major
     MnMajorLoader<S> lb;
     bool ok;
-    const int64_t n = b_column((threadIdx.x & 15) * kChunk, &ok);
+    const int j0 = (threadIdx.x & 15) * kChunk;
+    const int64_t n = b_column(j0, &ok);
+    // the chunk's 8 columns are contiguous in b (one half of a gated pair): valid up to N, or F per half
+    int64_t left = p.N - n;
+    if constexpr (kGated) left = p.F - (n0 + (j0 / kWN) * (kWN / 2) + (j0 % kWN) % (kWN / 2));
     lb.base = be + n;
-    lb.dummy = p.b;
     lb.ld = p.ldb;
     lb.k_len = p.Kd;
-    lb.col_ok = ok;
+    lb.cols_left = ok ? left : 0;
+    lb.vec = p.vec_b;
     mainloop<S, true, false>(acc, smem, la, lb, p.Kd);
   }
 
@@ -405,31 +453,31 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_tc_kernel(const Forward
 #pragma unroll
         for (int ni = 0; ni < kNI / 2; ++ni) {
           const int64_t f = n0 + warp_n * (kWN / 2) + ni * 8 + (lane & 3) * 2;
-          if (f >= p.F) continue;  // F % 8 == 0: f and f + 1 are both in or both out
+          if (f >= p.F) continue;
           const float g0 = round_trip<S>(acc[mi][ni][2 * h]), g1 = round_trip<S>(acc[mi][ni][2 * h + 1]);
           const float u0 = round_trip<S>(acc[mi][ni + kNI / 2][2 * h]);
           const float u1 = round_trip<S>(acc[mi][ni + kNI / 2][2 * h + 1]);
           if (p.pre != nullptr) {
-            store_pair(p.pre + r * p.ldpre + f, g0, g1);
-            store_pair(p.pre + r * p.ldpre + p.F + f, u0, u1);
+            store_two(p.pre + r * p.ldpre, f, p.F, p.pair_pre, g0, g1);
+            store_two(p.pre + r * p.ldpre + p.F, f, p.F, p.pair_pre, u0, u1);
           }
-          store_pair(p.c + r * p.ldc + f, w * apply_activation(p.act, g0, u0),
-                     w * apply_activation(p.act, g1, u1));
+          store_two(p.c + r * p.ldc, f, p.F, p.pair_c, w * apply_activation(p.act, g0, u0),
+                    w * apply_activation(p.act, g1, u1));
         }
       } else {
 #pragma unroll
         for (int ni = 0; ni < kNI; ++ni) {
           const int64_t n = n0 + warp_n * kWN + ni * 8 + (lane & 3) * 2;
-          if (n >= p.N) continue;  // N % 8 == 0
+          if (n >= p.N) continue;
           float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
           if constexpr (kEpi == Epilogue::kActivation) {
             v0 = round_trip<S>(v0);
             v1 = round_trip<S>(v1);
-            if (p.pre != nullptr) store_pair(p.pre + r * p.ldpre + n, v0, v1);
+            if (p.pre != nullptr) store_two(p.pre + r * p.ldpre, n, p.N, p.pair_pre, v0, v1);
             v0 = apply_activation(p.act, v0, 1.0f);
             v1 = apply_activation(p.act, v1, 1.0f);
           }
-          store_pair(p.c + r * p.ldc + n, w * v0, w * v1);
+          store_two(p.c + r * p.ldc, n, p.N, p.pair_c, w * v0, w * v1);
         }
       }
     }
@@ -447,6 +495,8 @@ struct WgradArgs {
   int64_t R, M, N;
   int64_t m_tiles;
   S* c;  // [E, M, N]
+  bool vec_a, vec_b;  // 16-byte aligned rows (cp.async), else element loads
+  bool pair_c;        // N even and c 4-byte aligned: paired stores
 };
 
 // Grid: x = m_tiles * n_tiles (m fastest), y = E. The reduction runs over the segment's rows, so both
@@ -463,15 +513,15 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_wgrad_tc_kernel(const W
   const int64_t col = (threadIdx.x & 15) * kChunk;
   MnMajorLoader<S> la, lb;
   la.base = p.a + seg_begin * p.lda + m0 + col;
-  la.dummy = p.a;
   la.ld = p.lda;
   la.k_len = seg_end - seg_begin;
-  la.col_ok = m0 + col < p.M;
+  la.cols_left = p.M - (m0 + col);
+  la.vec = p.vec_a;
   lb.base = p.b + seg_begin * p.ldb + n0 + col;
-  lb.dummy = p.b;
   lb.ld = p.ldb;
   lb.k_len = seg_end - seg_begin;
-  lb.col_ok = n0 + col < p.N;
+  lb.cols_left = p.N - (n0 + col);
+  lb.vec = p.vec_b;
   float acc[kMI][kNI][4] = {};
   mainloop<S, false, false>(acc, smem, la, lb, seg_end - seg_begin);
 
@@ -487,7 +537,7 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_wgrad_tc_kernel(const W
 #pragma unroll
       for (int ni = 0; ni < kNI; ++ni) {
         const int64_t n = n0 + warp_n * kWN + ni * 8 + (lane & 3) * 2;
-        if (n < p.N) store_pair(ce + m * p.N + n, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+        store_two(ce + m * p.N, n, p.N, p.pair_c, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
       }
     }
   }

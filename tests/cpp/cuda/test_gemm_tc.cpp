@@ -275,13 +275,45 @@ TEST(SimtGroupedGemmTc, RefusesWhatItDoesNotHandle) {
                                           {}, make_view(c.data(), {16, 8}), {}, nullptr);
   EXPECT_EQ(f32.code(), Code::kUnsupported);
   EXPECT_NE(f32.message().find("grouped_gemm_naive"), std::string::npos) << f32.message();
-  std::vector<bf16_t> a16(16 * 12), b16(12 * 8), c16(16 * 8);
-  const Status odd = sim::grouped_gemm_tc({}, make_view(a16.data(), {16, 12}), make_view(b16.data(), {1, 8, 12}), ov,
-                                          {}, {}, make_view(c16.data(), {16, 8}), {}, nullptr);
-  EXPECT_EQ(odd.code(), Code::kUnsupported) << "Kd = 12 is not a multiple of 8";
-  const Status wg = sim::grouped_gemm_wgrad_tc(make_view(a16.data(), {16, 12}), make_view(c16.data(), {16, 8}), ov,
-                                               make_view(b16.data(), {1, 12, 8}), nullptr);
-  EXPECT_EQ(wg.code(), Code::kUnsupported) << "M = 12 is not a multiple of 8";
+}
+
+// Any size: column counts that are not multiples of 8 (partial 16-byte chunks), rows that are not
+// 16-byte aligned (element loads instead of cp.async), odd column counts (unpaired stores), gated
+// F not a multiple of 8 — all on the tensor cores, predicated and zero-filled at the edges.
+TEST(SimtGroupedGemmTc, AnySizeRunsOnTheTensorCores) {
+  check_forward<bf16_t>({0, 20, 37}, 37, 13, 12, true, false, false);   // Kd = 12, N = 13
+  check_forward<f16_t>({0, 20, 37}, 37, 13, 12, false, false, false);
+  check_forward<bf16_t>({0, 11, 11, 40, 61}, 61, 19, 37, true, true, true);  // gather + weights, odd sizes
+  check_forward<f16_t>({0, 150, 150, 190}, 200, 130, 203, false, true, false);  // two column tiles, 7 k tiles
+  check_forward<bf16_t>({0, 1}, 1, 1, 1, true, false, false);  // 1 x 1 x 1
+  const std::vector<int64_t> off = {0, 9, 9, 37};
+  check_activation_epilogue<bf16_t>(Activation::kSwiGLU, off, 37, 13, 20, true, false);  // F = 13
+  check_activation_epilogue<f16_t>(Activation::kSwiGLU, off, 37, 13, 20, false, true);   // MN-major, up half at F
+  check_activation_epilogue<bf16_t>(Activation::kGELU, off, 37, 27, 9, false, true);
+  check_wgrad<bf16_t>({0, 0, 170, 170, 180, 200}, 200, 12, 13);  // M = 12, N = 13
+  check_wgrad<f16_t>({0, 37, 37}, 37, 131, 5);
+}
+
+// 16-byte aligned rows (cp.async) whose column count is not a multiple of 8: the last chunk of a row
+// is a cp.async with src-size < 16 (zero fill). Row-strided a (stride 24, Kd 20) against the CPU.
+TEST(SimtGroupedGemmTc, AlignedRowsWithPartialChunks) {
+  const DType dt = DType::kBF16;
+  const int64_t R = 40, Kd = 20, lda = 24, N = 16, E = 2;
+  std::vector<bf16_t> a = eighths<bf16_t>(size_t(R * lda), 11), b = eighths<bf16_t>(size_t(E * N * Kd), 12);
+  std::vector<int64_t> off = {0, 17, 40};
+  TensorView av = make_view(a.data(), dt, {R, Kd});
+  av.strides[0] = lda;
+  const TensorView bv = make_view(b.data(), dt, {E, N, Kd}), ov = make_view(off.data(), {E + 1});
+  std::vector<bf16_t> want(size_t(R * N)), c(size_t(R * N));
+  ASSERT_TRUE(cpu::grouped_gemm({}, av, bv, ov, make_view(want.data(), dt, {R, N})).ok());
+  run_all_schedules([&] {
+    poison(c);
+    EXPECT_OK(sim::grouped_gemm_tc({}, av, bv, ov, {}, {}, make_view(c.data(), dt, {R, N}), {}, nullptr));
+    std::vector<unsigned char> bytes;
+    append_bytes(bytes, c);
+    return bytes;
+  });
+  EXPECT_TRUE(bitwise_equal(c, want)) << all_close(c, want, dt).message();
 }
 
 }  // namespace
