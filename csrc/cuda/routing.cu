@@ -17,8 +17,8 @@
 //        schedule. Offsets and counts never leave the device.
 //  v2 (this file, drop_policy kByScore with a capacity): passes 1-2 as above (the scan also writes
 //     the dropless segment starts), then
-//     3'. group: the scatter of pass 3 writes each assignment's flat index a = t*K + k into its
-//        expert's dropless segment of a workspace list, in token order;
+//     3'. group: the scatter of pass 3 writes each assignment's flat index a = t*K + k and its weight
+//        into its expert's dropless segment of two workspace lists, in token order;
 //     4'. select: one block per expert; an expert over capacity finds the C-th best of its packed
 //        keys (weight desc, then a asc) by a block radix select (common.cuh), keeps the keys >= it
 //        (exactly C: keys are distinct), and a block scan of the kept flags in segment (= token)
@@ -171,7 +171,7 @@ template <bool kGroup>
 __global__ void __launch_bounds__(32)
     routing_scatter_kernel(const int32_t* experts, int64_t T, int32_t K, int32_t E, int32_t n_chunks, int32_t* hist,
                            const int32_t* counts, const int64_t* offsets, int32_t* row_of, int32_t* token_of_row,
-                           const int32_t* start, int32_t* grouped) {
+                           const int32_t* start, int32_t* grouped, const float* weights, float* grouped_w) {
   const int lane = threadIdx.x;
   const int c = blockIdx.x;
   int32_t* base = hist + static_cast<int64_t>(c) * E;
@@ -191,6 +191,7 @@ __global__ void __launch_bounds__(32)
     if (kGroup) {
       if (routed) {
         grouped[start[e] + rank] = static_cast<int32_t>(a);  // row_of is written by the select pass
+        grouped_w[start[e] + rank] = weights[a];             // the select reads its keys contiguously
       } else {
         row_of[a] = -1;
       }
@@ -206,18 +207,19 @@ __global__ void __launch_bounds__(32)
 
 // Pass 4' (drop by score): one block per expert over its dropless segment of the grouped list.
 __global__ void __launch_bounds__(kSelectThreads)
-    routing_select_by_score_kernel(const int32_t* grouped, const int32_t* start, const float* weights, int32_t K,
+    routing_select_by_score_kernel(const int32_t* grouped, const float* grouped_w, const int32_t* start, int32_t K,
                                    const int32_t* counts, const int64_t* offsets, int32_t* row_of,
                                    int32_t* token_of_row) {
   __shared__ int hist[258];
   __shared__ long long warp_totals[32];
   const int e = blockIdx.x;
   const int32_t* seg = grouped + start[e];
+  const float* seg_w = grouped_w + start[e];
   const int64_t n = start[e + 1] - start[e], keep = counts[e];
   // (weight desc, a asc) as one unsigned compare: the CPU backend's strict order (csrc/cpu/routing.cpp).
   const auto key_at = [&](int64_t i) {
     const int32_t a = seg[i];
-    return pack_key(weights[a], static_cast<uint32_t>(a));
+    return pack_key(seg_w[i], static_cast<uint32_t>(a));
   };
   // n, keep are the same in every thread: the branch is uniform, so the barriers inside are reached by all.
   const bool keep_all = keep >= n, keep_none = keep == 0;
@@ -261,8 +263,9 @@ int64_t routing_plan_workspace_bytes_chunked(const RoutingPlanParams& params, in
   if (params.num_experts < 1 || T < 0 || K < 0 || per_chunk < 1) return 0;
   // hist [chunks, E] i32: per-chunk counts, then per-chunk rank bases
   int64_t bytes = align_up(num_chunks(T, K, per_chunk) * params.num_experts * int64_t(sizeof(int32_t)), kAlign);
-  // by score: grouped [T*K] i32 (assignments by expert, token order) + start [E+1] i32
-  if (drops_by_score(params)) bytes += grouped_bytes(T, K) + align_up((params.num_experts + 1) * 4, kAlign);
+  // by score: grouped [T*K] i32 (assignments by expert, token order), their weights [T*K] f32 (the
+  // select's keys, read contiguously 8 times), start [E+1] i32
+  if (drops_by_score(params)) bytes += 2 * grouped_bytes(T, K) + align_up((params.num_experts + 1) * 4, kAlign);
   return bytes;
 }
 
@@ -292,8 +295,9 @@ Status routing_plan_chunked(const RoutingPlanParams& params, const TensorView& e
   }
   int32_t* hist = workspace.data_as<int32_t>();
   uint8_t* ws_tail = workspace.data_as<uint8_t>() + align_up(int64_t(n_chunks) * E * int64_t(sizeof(int32_t)), kAlign);
-  int32_t* grouped = by_score ? reinterpret_cast<int32_t*>(ws_tail) : nullptr;                    // [T*K]
-  int32_t* start = by_score ? reinterpret_cast<int32_t*>(ws_tail + grouped_bytes(T, K)) : nullptr;  // [E+1]
+  int32_t* grouped = by_score ? reinterpret_cast<int32_t*>(ws_tail) : nullptr;                          // [T*K]
+  float* grouped_w = by_score ? reinterpret_cast<float*>(ws_tail + grouped_bytes(T, K)) : nullptr;        // [T*K]
+  int32_t* start = by_score ? reinterpret_cast<int32_t*>(ws_tail + 2 * grouped_bytes(T, K)) : nullptr;  // [E+1]
   const size_t smem = E <= kMaxSmemHistogram ? sizeof(int32_t) * static_cast<size_t>(E) : 0;
   // one block per chunk of ~per_chunk assignments
   SMOE_CUDA_CHECK(SMOE_LAUNCH(&routing_histogram_kernel, dim3(static_cast<unsigned>(n_chunks)), dim3(kHistThreads),
@@ -312,13 +316,14 @@ Status routing_plan_chunked(const RoutingPlanParams& params, const TensorView& e
                               experts.data_as<const int32_t>(), T, static_cast<int32_t>(K), E, n_chunks, hist,
                               counts.data_as<const int32_t>(), offsets.data_as<const int64_t>(),
                               row_of.data_as<int32_t>(), token_of_row.data_as<int32_t>(),
-                              static_cast<const int32_t*>(start), grouped));
+                              static_cast<const int32_t*>(start), grouped,
+                              by_score ? weights.data_as<const float>() : nullptr, grouped_w));
   if (!by_score) return Status::Ok();
   // one block per expert: a radix select over its segment (only experts over capacity), then a block
   // scan of the kept flags in token order
   SMOE_CUDA_CHECK(SMOE_LAUNCH(&routing_select_by_score_kernel, dim3(static_cast<unsigned>(E)),
                               dim3(kSelectThreads), 0, s, static_cast<const int32_t*>(grouped),
-                              static_cast<const int32_t*>(start), weights.data_as<const float>(),
+                              static_cast<const float*>(grouped_w), static_cast<const int32_t*>(start),
                               static_cast<int32_t>(K), counts.data_as<const int32_t>(),
                               offsets.data_as<const int64_t>(), row_of.data_as<int32_t>(),
                               token_of_row.data_as<int32_t>()));
