@@ -10,7 +10,7 @@
 //        [chunks, E] table per block; the blocks also fill token_of_row with -1 (padding, unused rows);
 //     2a. column scan: one block per expert turns its column of the table into per-chunk rank bases
 //        (block scans in chunk order) and writes its total;
-//     2b. scan: one block applies the capacity and the padding, then a block scan writes offsets (i64);
+//     2b. scan: one block (512 threads) applies the capacity and the padding, then a block scan writes offsets (i64);
 //     3. scatter: one warp per chunk walks its assignments in (t, k) order, 32 at a time;
 //        __match_any_sync groups the lanes with the same expert, and a lane's rank is its chunk
 //        base plus the number of lower lanes in its group, so the order is stable whatever the
@@ -40,7 +40,7 @@ constexpr int64_t kMaxChunks = 4096;
 constexpr int kColumnScanThreads = 128;    // pass 2a: one block per expert
 constexpr int64_t kAlign = 64;
 constexpr int kHistThreads = 256;
-constexpr int kScanThreads = 1024;
+constexpr int kScanThreads = 512;  // pass 2b: one block (512: no register spills at the launch bound)
 constexpr int kMaxSmemHistogram = 12288;  // E ints in 48 KiB of shared memory
 constexpr int kSelectThreads = 256;        // drop by score: one block per expert
 
