@@ -21,14 +21,15 @@ constexpr const char* kNaiveHint = "use grouped_gemm_naive / grouped_gemm_wgrad_
 // Every row of `v` starts 16-byte aligned: base pointer and the strides of the leading dimensions
 // (16-bit elements: multiples of 8). Then the loaders use cp.async; otherwise element loads.
 bool rows_16b_aligned(const TensorView& v) {
+  const int64_t per16 = 16 / static_cast<int64_t>(dtype_size(v.dtype));
   if (reinterpret_cast<uintptr_t>(v.data) % 16 != 0) return false;
   for (int d = 0; d + 1 < v.ndim; ++d)
-    if (v.stride(d) % 8 != 0) return false;
+    if (v.stride(d) % per16 != 0) return false;
   return true;
 }
-// Column pairs (n, n + 1), n even, of every row of the 2-D `v` are 4-byte aligned (paired stores).
-bool pairs_4b_aligned(const TensorView& v) {
-  return reinterpret_cast<uintptr_t>(v.data) % 4 == 0 && v.stride(0) % 2 == 0;
+// Column pairs (n, n + 1), n even, of every row of the 2-D `v` are aligned to two elements (paired stores).
+bool pairs_aligned(const TensorView& v) {
+  return reinterpret_cast<uintptr_t>(v.data) % (2 * dtype_size(v.dtype)) == 0 && v.stride(0) % 2 == 0;
 }
 
 Status require(bool ok, const char* op, const std::string& what) {
@@ -62,8 +63,12 @@ Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, c
   const bool has_act = params.activation.has_value();
   const bool gated = has_act && is_gated(*params.activation);
   const int64_t F = gated ? N / 2 : N;
-  SMOE_RETURN_IF_ERROR(require(a.dtype == DType::kBF16 || a.dtype == DType::kF16, op,
-                               std::string("dtype ") + dtype_name(a.dtype) + " (the tensor cores take bf16 or f16)"));
+  SMOE_RETURN_IF_ERROR(require(a.dtype == DType::kBF16 || a.dtype == DType::kF16 ||
+                                   (a.dtype == DType::kF32 && params.trans_b),
+                               op, std::string("dtype ") + dtype_name(a.dtype) +
+                                       (a.dtype == DType::kF32 ? " with b [E, Kd, N] (f32 runs on the tensor cores "
+                                                                 "as 3xTF32 for b [E, N, Kd] only)"
+                                                               : " (the tensor cores take bf16, f16, or f32 as 3xTF32)")));
   if (pre.defined() && !has_act) return invalid_argument(op, "pre", "absent without an activation", "given");
   if (R == 0 || N == 0 || E < 1) return Status::Ok();
   const int64_t slots = ceil_div(R, gemm_tc::kBM) + E - 1;
@@ -72,9 +77,7 @@ Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, c
 
   return dispatch_float(a.dtype, op, [&](auto tag) -> Status {
     using S = typename decltype(tag)::type;
-    if constexpr (std::is_same_v<S, float>) {
-      return Status(Code::kInternal, "grouped_gemm_tc: f32 passed the dtype check");
-    } else {
+    {
       gemm_tc::ForwardArgs<S> args{};
       args.a = a.data_as<const S>();
       args.lda = a.stride(0);
@@ -98,15 +101,19 @@ Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, c
       args.vec_a = rows_16b_aligned(a);
       // MN-major gated: the up half starts F columns after the gate half
       args.vec_b = rows_16b_aligned(b) && (params.trans_b || !gated || F % 8 == 0);
-      args.pair_c = pairs_4b_aligned(c);
-      args.pair_pre = pre.defined() && pairs_4b_aligned(pre) && (!gated || F % 2 == 0);
+      args.pair_c = pairs_aligned(c);
+      args.pair_pre = pre.defined() && pairs_aligned(pre) && (!gated || F % 2 == 0);
       const cudaStream_t s = as_stream(stream);
       // One dispatch point: (trans_b, epilogue) become template parameters here.
       auto go = [&](auto trans_b) -> Status {
         constexpr bool kT = decltype(trans_b)::value;
-        if (gated) return launch_forward<S, kT, Epilogue::kGatedActivation>(args, slots, n_tiles, s);
-        if (has_act) return launch_forward<S, kT, Epilogue::kActivation>(args, slots, n_tiles, s);
-        return launch_forward<S, kT, Epilogue::kStore>(args, slots, n_tiles, s);
+        if constexpr (std::is_same_v<S, float> && !kT) {
+          return Status(Code::kInternal, "grouped_gemm_tc: f32 with b [E, Kd, N] passed the dtype check");
+        } else {
+          if (gated) return launch_forward<S, kT, Epilogue::kGatedActivation>(args, slots, n_tiles, s);
+          if (has_act) return launch_forward<S, kT, Epilogue::kActivation>(args, slots, n_tiles, s);
+          return launch_forward<S, kT, Epilogue::kStore>(args, slots, n_tiles, s);
+        }
       };
       return params.trans_b ? go(std::true_type{}) : go(std::false_type{});
     }

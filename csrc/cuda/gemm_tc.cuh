@@ -46,6 +46,19 @@ inline constexpr int kTileElems = kBM * kBK;  // one operand tile (= kBK * kBN)
 static_assert(kBM == kBN && kBM * kBK == kBK * kBN, "A and B tiles share the two swizzled layouts");
 static_assert(kThreads * 4 * kChunk == kTileElems, "each thread copies 4 chunks of each operand per stage");
 inline constexpr int kSmemBytes = kStages * 2 * kTileElems * 2;  // 64 KiB (16-bit elements)
+// f32 (3xTF32, mma.m16n8k8): the same 64-byte tile rows, so the same bytes, swizzle and ldmatrix
+// addresses: a 16-byte chunk is 4 floats, a tile row 16 k values, one mma step 8 k values. ldmatrix
+// of 16-bit pairs hands each lane whole floats in exactly the A / B fragment layout of m16n8k8.tf32
+// (lane l: row l/4, 32-bit column l%4 of each 8x4-float matrix). K-major operands only.
+template <class S>
+inline constexpr int kChunkOf = 16 / static_cast<int>(sizeof(S));
+template <class S>
+inline constexpr int kBKOf = 64 / static_cast<int>(sizeof(S));
+template <class S>
+inline constexpr int kTileElemsOf = kBM * kBKOf<S>;
+template <class S>
+inline constexpr int kMmaK = sizeof(S) == 4 ? 8 : 16;
+static_assert(kTileElemsOf<float> * 4 * 2 * kStages == kSmemBytes, "f32 stages take the same bytes");
 // A gated activation pairs gate and up columns inside a warp: each warp's 64 accumulator columns
 // are 32 gate columns then the 32 matching up columns, so a CTA produces 64 outputs of [R, F].
 inline constexpr int kGatedBF = kBN / 2;
@@ -60,8 +73,9 @@ enum class Epilogue : int { kStore = 0, kActivation = 1, kGatedActivation = 2 };
 // K-major tile [128 rows][32 k] (A of the forward GEMM; B when trans_b): a row is 64 bytes = 4 chunks,
 // so two rows share a 128-byte bank line. Chunk c of row r goes to slot c ^ ((r >> 1) & 3): for 8
 // consecutive rows at one logical chunk the slots (r & 1) * 4 + (c ^ (r >> 1 & 3)) are all distinct.
+template <class S>
 __device__ __forceinline__ int kmajor_offset(int row, int chunk) {
-  return row * kBK + ((chunk ^ ((row >> 1) & 3)) * kChunk);
+  return row * kBKOf<S> + ((chunk ^ ((row >> 1) & 3)) * kChunkOf<S>);
 }
 // MN-major tile [32 k][128 columns] (B when !trans_b; both operands of wgrad): a row is 256 bytes =
 // 16 chunks, so every row starts at bank 0. Chunk c of row k goes to c ^ (k & 7): 8 consecutive k
@@ -80,22 +94,22 @@ __device__ __forceinline__ int mnmajor_offset(int k, int chunk) {
 // so the pipeline's schedule is the same.
 template <class S>
 __device__ __forceinline__ void store_zero_chunk(S* dst) {
-  Pack<S, kChunk> z;
+  Pack<S, kChunkOf<S>> z;
 #pragma unroll
-  for (int j = 0; j < kChunk; ++j) z.v[j] = from_float<S>(0.0f);
-  *reinterpret_cast<Pack<S, kChunk>*>(dst) = z;
+  for (int j = 0; j < kChunkOf<S>; ++j) z.v[j] = from_float<S>(0.0f);
+  *reinterpret_cast<Pack<S, kChunkOf<S>>*>(dst) = z;
 }
 // The first `n` (1..8) elements of src into a shared-memory chunk, zeros after them.
 template <class S>
 __device__ __forceinline__ void load_chunk(S* dst, const S* src, int64_t n, bool vec) {
   if (vec) {
-    smoe::simt::cp_async_16_zfill(dst, src, n >= kChunk ? 16 : static_cast<int>(n * sizeof(S)));
+    smoe::simt::cp_async_16_zfill(dst, src, n >= kChunkOf<S> ? 16 : static_cast<int>(n * sizeof(S)));
     return;
   }
-  Pack<S, kChunk> q;
+  Pack<S, kChunkOf<S>> q;
 #pragma unroll
-  for (int j = 0; j < kChunk; ++j) q.v[j] = j < n ? src[j] : from_float<S>(0.0f);
-  *reinterpret_cast<Pack<S, kChunk>*>(dst) = q;
+  for (int j = 0; j < kChunkOf<S>; ++j) q.v[j] = j < n ? src[j] : from_float<S>(0.0f);
+  *reinterpret_cast<Pack<S, kChunkOf<S>>*>(dst) = q;
 }
 
 // K-major tile: thread t copies chunk t % 4 of rows t / 4 + 32 i (i = 0..3). The source row of each
@@ -108,12 +122,12 @@ struct KMajorLoader {
 
   __device__ __forceinline__ void load(S* tile, int64_t k0) const {
     const int chunk = threadIdx.x & 3;
-    const int64_t col = k0 + chunk * kChunk;
+    const int64_t col = k0 + chunk * kChunkOf<S>;
     const int64_t left = k_len - col;  // elements of this chunk inside the rows
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int r = (threadIdx.x >> 2) + 32 * i;
-      S* dst = tile + kmajor_offset(r, chunk);
+      S* dst = tile + kmajor_offset<S>(r, chunk);
       if (left > 0 && row[i] != nullptr) {
         load_chunk(dst, row[i] + col, left, vec);
       } else {
@@ -134,6 +148,7 @@ struct MnMajorLoader {
   bool vec;           // base and ld keep every row's chunk 16-byte aligned
 
   __device__ __forceinline__ void load(S* tile, int64_t k0) const {
+    static_assert(sizeof(S) == 2, "MN-major tiles hold 16-bit elements");
     const int chunk = threadIdx.x & 15;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -162,8 +177,8 @@ __device__ __forceinline__ void load_a_frags(uint32_t (&af)[kMI][4], const S* ti
   for (int mi = 0; mi < kMI; ++mi) {
     if constexpr (kKMajor) {
       const int row = warp_m * kWM + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-      const int chunk = kk / kChunk + (lane >> 4);
-      smoe::simt::ldmatrix_x4(af[mi], tile + kmajor_offset(row, chunk));
+      const int chunk = kk / kChunkOf<S> + (lane >> 4);
+      smoe::simt::ldmatrix_x4(af[mi], tile + kmajor_offset<S>(row, chunk));
     } else {
       const int k = kk + (lane >> 4) * 8 + (lane & 7);
       const int chunk = (warp_m * kWM + mi * 16) / kChunk + ((lane >> 3) & 1);
@@ -179,8 +194,8 @@ __device__ __forceinline__ void load_b_frags(uint32_t (&bf)[kNI][2], const S* ti
     uint32_t r[4];
     if constexpr (kKMajor) {
       const int n = warp_n * kWN + p * 16 + (lane & 7) + (lane >> 4) * 8;
-      const int chunk = kk / kChunk + ((lane >> 3) & 1);
-      smoe::simt::ldmatrix_x4(r, tile + kmajor_offset(n, chunk));
+      const int chunk = kk / kChunkOf<S> + ((lane >> 3) & 1);
+      smoe::simt::ldmatrix_x4(r, tile + kmajor_offset<S>(n, chunk));
     } else {
       const int k = kk + ((lane >> 3) & 1) * 8 + (lane & 7);
       const int chunk = (warp_n * kWN + p * 16) / kChunk + (lane >> 4);
@@ -193,9 +208,27 @@ __device__ __forceinline__ void load_b_frags(uint32_t (&bf)[kNI][2], const S* ti
   }
 }
 
+// 3xTF32 (f32 inputs): x = hi + lo with hi = tf32(x), lo = tf32(x - hi); d += lo_a hi_b + hi_a lo_b +
+// hi_a hi_b (the small terms first; lo_a lo_b, below 2^-22 relative, is left out). Error close to an
+// f32 FFMA loop's instead of TF32's 2^-11 (docs/kernels/grouped_gemm.md has the measured figures).
+__device__ __forceinline__ void split_tf32(uint32_t x, uint32_t* hi, uint32_t* lo) {
+  const float v = __uint_as_float(x);
+  *hi = smoe::simt::cvt_rna_tf32(v);
+  *lo = smoe::simt::cvt_rna_tf32(v - __uint_as_float(*hi));
+}
+
 template <class S>
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  if constexpr (std::is_same_v<S, __nv_bfloat16>) {
+  if constexpr (std::is_same_v<S, float>) {
+    uint32_t ah[4], al[4], bh[2], bl[2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) split_tf32(a[i], &ah[i], &al[i]);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) split_tf32(b[i], &bh[i], &bl[i]);
+    smoe::simt::mma_m16n8k8_tf32(d, al, bh, d);
+    smoe::simt::mma_m16n8k8_tf32(d, ah, bl, d);
+    smoe::simt::mma_m16n8k8_tf32(d, ah, bh, d);
+  } else if constexpr (std::is_same_v<S, __nv_bfloat16>) {
     smoe::simt::mma_m16n8k16_bf16(d, a, b, d);
   } else {
     static_assert(std::is_same_v<S, __half>, "the tensor-core GEMM takes bf16 or f16");
@@ -215,15 +248,17 @@ __device__ __forceinline__ void mainloop(float (&acc)[kMI][kNI][4], S* smem, con
                                          int64_t k_len) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int warp_m = warp % kWarpsM, warp_n = warp / kWarpsM;
-  const int64_t num_k = (k_len + kBK - 1) / kBK;
-  auto stage_a = [&](int64_t t) { return smem + (t % kStages) * (2 * kTileElems); };
-  auto stage_b = [&](int64_t t) { return smem + (t % kStages) * (2 * kTileElems) + kTileElems; };
+  static_assert(sizeof(S) == 2 || (kAKMajor && kBKMajor), "f32 tiles are K-major");
+  constexpr int kBKs = kBKOf<S>, kTile = kTileElemsOf<S>;
+  const int64_t num_k = (k_len + kBKs - 1) / kBKs;
+  auto stage_a = [&](int64_t t) { return smem + (t % kStages) * (2 * kTile); };
+  auto stage_b = [&](int64_t t) { return smem + (t % kStages) * (2 * kTile) + kTile; };
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < num_k) {
-      la.load(stage_a(s), int64_t{s} * kBK);
-      lb.load(stage_b(s), int64_t{s} * kBK);
+      la.load(stage_a(s), int64_t{s} * kBKs);
+      lb.load(stage_b(s), int64_t{s} * kBKs);
     }
     smoe::simt::cp_async_commit();
   }
@@ -235,16 +270,16 @@ __device__ __forceinline__ void mainloop(float (&acc)[kMI][kNI][4], S* smem, con
     // refill goes out before the barrier, while slower warps may still read tile kt-1 from the stage
     // it overwrites. Never defined in a real build.
     if (next < num_k) {
-      la.load(stage_a(next), next * kBK);
-      lb.load(stage_b(next), next * kBK);
+      la.load(stage_a(next), next * kBKs);
+      lb.load(stage_b(next), next * kBKs);
     }
     smoe::simt::cp_async_commit();
     __syncthreads();
 #else
     __syncthreads();
     if (next < num_k) {
-      la.load(stage_a(next), next * kBK);
-      lb.load(stage_b(next), next * kBK);
+      la.load(stage_a(next), next * kBKs);
+      lb.load(stage_b(next), next * kBKs);
     }
     smoe::simt::cp_async_commit();
 #endif
@@ -252,7 +287,7 @@ __device__ __forceinline__ void mainloop(float (&acc)[kMI][kNI][4], S* smem, con
     const S* ta = stage_a(kt);
     const S* tb = stage_b(kt);
 #pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
+    for (int kk = 0; kk < kBKs; kk += kMmaK<S>) {
       uint32_t af[kMI][4], bf[kNI][2];
       load_a_frags<kAKMajor>(af, ta, warp_m, lane, kk);
       load_b_frags<kBKMajor>(bf, tb, warp_n, lane, kk);

@@ -271,10 +271,72 @@ TEST(SimtGroupedGemmTc, RefusesWhatItDoesNotHandle) {
   std::vector<float> a(16 * 8), b(8 * 8), c(16 * 8);
   std::vector<int64_t> off = {0, 16};
   const TensorView ov = make_view(off.data(), {2});
-  const Status f32 = sim::grouped_gemm_tc({}, make_view(a.data(), {16, 8}), make_view(b.data(), {1, 8, 8}), ov, {},
+  GroupedGemmTcParams nn;
+  nn.trans_b = false;  // f32 runs on the tensor cores (3xTF32) only with K-major b
+  const Status f32 = sim::grouped_gemm_tc(nn, make_view(a.data(), {16, 8}), make_view(b.data(), {1, 8, 8}), ov, {},
                                           {}, make_view(c.data(), {16, 8}), {}, nullptr);
   EXPECT_EQ(f32.code(), Code::kUnsupported);
   EXPECT_NE(f32.message().find("grouped_gemm_naive"), std::string::npos) << f32.message();
+  const Status wg = sim::grouped_gemm_wgrad_tc(make_view(a.data(), {16, 8}), make_view(c.data(), {16, 8}), ov,
+                                               make_view(b.data(), {1, 8, 8}), nullptr);
+  EXPECT_EQ(wg.code(), Code::kUnsupported);
+}
+
+// f32 with b [E, N, Kd] on the tensor cores as 3xTF32 (mma.m16n8k8.tf32): eighths are exact in tf32,
+// so the results equal the CPU backend bit for bit; uniform inputs stay within the f32 tolerance, and
+// the largest error against a double reference is printed (docs/kernels/grouped_gemm.md).
+TEST(SimtGroupedGemmTc, F32As3xTf32) {
+  const DType dt = DType::kF32;
+  for (int trial = 0; trial < 2; ++trial) {
+    const bool exact = trial == 0;
+    const int64_t R = 150, N = 72, Kd = 200, E = 3;  // 13 k tiles of 16: the ring wraps three times
+    std::vector<int64_t> off = {0, 60, 60, 150};
+    std::vector<float> a(size_t(R * Kd)), b(size_t(E * N * Kd));
+    if (exact) {
+      a = eighths<float>(a.size(), 21), b = eighths<float>(b.size(), 22);
+    } else {
+      a = uniform<float>(a.size(), 23), b = uniform<float>(b.size(), 24);
+    }
+    const TensorView av = make_view(a.data(), {R, Kd}), bv = make_view(b.data(), {E, N, Kd});
+    const TensorView ov = make_view(off.data(), {E + 1});
+    std::vector<float> want(size_t(R * N)), c(size_t(R * N));
+    ASSERT_TRUE(cpu::grouped_gemm({}, av, bv, ov, make_view(want.data(), {R, N})).ok());
+    run_all_schedules([&] {
+      poison(c);
+      EXPECT_OK(sim::grouped_gemm_tc({}, av, bv, ov, {}, {}, make_view(c.data(), {R, N}), {}, nullptr));
+      std::vector<unsigned char> bytes;
+      append_bytes(bytes, c);
+      return bytes;
+    });
+    if (exact) {
+      EXPECT_TRUE(bitwise_equal(c, want)) << all_close(c, want, dt).message();
+      continue;
+    }
+    EXPECT_TRUE(all_close(c, want, dt));
+    double max_abs = 0, max_rel = 0;
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t r = off[size_t(e)]; r < off[size_t(e + 1)]; ++r)
+        for (int64_t n = 0; n < N; ++n) {
+          double ref = 0;
+          for (int64_t k = 0; k < Kd; ++k) ref += double(a[size_t(r * Kd + k)]) * b[size_t((e * N + n) * Kd + k)];
+          const double err = std::fabs(double(c[size_t(r * N + n)]) - ref);
+          max_abs = std::max(max_abs, err);
+          max_rel = std::max(max_rel, err / std::max(1e-30, std::fabs(ref)));
+        }
+    std::printf("3xTF32 vs double, uniform [-1, 1], Kd = 200: max abs error %.3g (f32 CPU backend: same "
+                "check below)\n", max_abs);
+    double cpu_abs = 0;
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t r = off[size_t(e)]; r < off[size_t(e + 1)]; ++r)
+        for (int64_t n = 0; n < N; ++n) {
+          double ref = 0;
+          for (int64_t k = 0; k < Kd; ++k) ref += double(a[size_t(r * Kd + k)]) * b[size_t((e * N + n) * Kd + k)];
+          cpu_abs = std::max(cpu_abs, std::fabs(double(want[size_t(r * N + n)]) - ref));
+        }
+    std::printf("f32 CPU backend vs double: max abs error %.3g\n", cpu_abs);
+    EXPECT_LT(max_abs, 1e-4);
+    (void)max_rel;
+  }
 }
 
 // Any size: column counts that are not multiples of 8 (partial 16-byte chunks), rows that are not
