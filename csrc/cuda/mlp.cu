@@ -11,7 +11,7 @@
 //     ys  = act @ w2[e]^T                               the backend's grouped_gemm (tensor cores or v0)
 //     rows outside [offsets[0], offsets[E]) of pre, act, ys become zeros (zero_rows_outside_kernel,
 //     which reads offsets[0] and offsets[E] on the device).
-//     Where the tensor cores do not apply (f32, sizes not multiples of 8, unaligned rows) the first GEMM
+//     Where the tensor cores do not apply (f64 aside: none for the forward's trans_b GEMMs) the first GEMM
 //     is grouped_gemm(xs, w1) -> pre, zeros outside, then activation_forward over all R rows (act(0) = 0
 //     for every activation, so the outside rows of act come out zero too).
 //  backward: grad_act = grad_ys @ w2[e]; grad_w2 = wgrad(grad_ys, act); grad_pre = act'(pre, grad_act)
@@ -237,7 +237,7 @@ Status mlp_forward(const ExpertMlpParams& params, const TensorView& x, const Ten
   tc.activation = params.activation;
   Status st = grouped_gemm_tc(tc, x, w1, offsets, token_of_row, TensorView{}, act, pre, stream);
   if (st.code() == Code::kUnsupported) {
-    // f32 or unaligned sizes: v0 GEMM on the permuted rows, then the activation kernel.
+    // refused by the tensor-core launcher: v0 GEMM on the permuted rows, then the activation kernel.
     SMOE_RETURN_IF_ERROR(grouped_gemm(GroupedGemmParams{true}, xs, w1, offsets, pre, stream));
     SMOE_RETURN_IF_ERROR(zero_rows_outside(offsets, R, stream, pre));
     SMOE_RETURN_IF_ERROR(activation_forward(params.activation, pre, act, stream));
