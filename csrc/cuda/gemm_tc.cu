@@ -64,10 +64,10 @@ Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, c
   const bool gated = has_act && is_gated(*params.activation);
   const int64_t F = gated ? N / 2 : N;
   SMOE_RETURN_IF_ERROR(require(a.dtype == DType::kBF16 || a.dtype == DType::kF16 ||
-                                   (a.dtype == DType::kF32 && params.trans_b),
+                                   (a.dtype == DType::kF32 && (params.trans_b || !gated)),
                                op, std::string("dtype ") + dtype_name(a.dtype) +
-                                       (a.dtype == DType::kF32 ? " with b [E, Kd, N] (f32 runs on the tensor cores "
-                                                                 "as 3xTF32 for b [E, N, Kd] only)"
+                                       (a.dtype == DType::kF32 ? " with b [E, Kd, N] and a gated activation (f32 "
+                                                                 "runs on the tensor cores as 3xTF32 otherwise)"
                                                                : " (the tensor cores take bf16, f16, or f32 as 3xTF32)")));
   if (pre.defined() && !has_act) return invalid_argument(op, "pre", "absent without an activation", "given");
   if (R == 0 || N == 0 || E < 1) return Status::Ok();
@@ -107,13 +107,13 @@ Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, c
       // One dispatch point: (trans_b, epilogue) become template parameters here.
       auto go = [&](auto trans_b) -> Status {
         constexpr bool kT = decltype(trans_b)::value;
-        if constexpr (std::is_same_v<S, float> && !kT) {
-          return Status(Code::kInternal, "grouped_gemm_tc: f32 with b [E, Kd, N] passed the dtype check");
+        if constexpr (std::is_same_v<S, float> && !kT) {  // no gated f32 MN-major kernel (refused above)
+          if (gated) return Status(Code::kInternal, "grouped_gemm_tc: gated f32 with b [E, Kd, N] passed the check");
         } else {
           if (gated) return launch_forward<S, kT, Epilogue::kGatedActivation>(args, slots, n_tiles, s);
-          if (has_act) return launch_forward<S, kT, Epilogue::kActivation>(args, slots, n_tiles, s);
-          return launch_forward<S, kT, Epilogue::kStore>(args, slots, n_tiles, s);
         }
+        if (has_act) return launch_forward<S, kT, Epilogue::kActivation>(args, slots, n_tiles, s);
+        return launch_forward<S, kT, Epilogue::kStore>(args, slots, n_tiles, s);
       };
       return params.trans_b ? go(std::true_type{}) : go(std::false_type{});
     }
@@ -125,17 +125,16 @@ Status grouped_gemm_wgrad_tc(const TensorView& a, const TensorView& b, const Ten
   constexpr const char* op = "grouped_gemm_wgrad_tc";
   const int64_t R = a.size(0), M = a.size(1), N = b.size(1);
   const int64_t E = offsets.size(0) - 1;
-  SMOE_RETURN_IF_ERROR(require(a.dtype == DType::kBF16 || a.dtype == DType::kF16, op,
-                               std::string("dtype ") + dtype_name(a.dtype) + " (the tensor cores take bf16 or f16)"));
+  SMOE_RETURN_IF_ERROR(require(a.dtype == DType::kBF16 || a.dtype == DType::kF16 || a.dtype == DType::kF32, op,
+                               std::string("dtype ") + dtype_name(a.dtype) +
+                                   " (the tensor cores take bf16, f16, or f32 as 3xTF32)"));
   if (M == 0 || N == 0 || E < 1) return Status::Ok();  // R == 0 is work: every c[e] becomes zeros
   const int64_t m_tiles = ceil_div(M, gemm_tc::kBM), n_tiles = ceil_div(N, gemm_tc::kBN);
   SMOE_RETURN_IF_ERROR(require(m_tiles * n_tiles <= INT32_MAX && E <= 65535, op, "grid beyond CUDA's limits"));
 
   return dispatch_float(a.dtype, op, [&](auto tag) -> Status {
     using S = typename decltype(tag)::type;
-    if constexpr (std::is_same_v<S, float>) {
-      return Status(Code::kInternal, "grouped_gemm_wgrad_tc: f32 passed the dtype check");
-    } else {
+    {
       gemm_tc::WgradArgs<S> args{};
       args.a = a.data_as<const S>();
       args.lda = a.stride(0);

@@ -164,6 +164,34 @@ struct MnMajorLoader {
   }
 };
 
+// K-major tile filled from an MN-major matrix (f32 wgrad): tile row r is column `first + r` of the
+// [k_len, cols] matrix at base (rows ld apart), tile column k its row k. Thread t fills chunk t % 4
+// (4 consecutive k) of tile rows t / 4 + 32 i with element loads (f32 tiles must be K-major for
+// ldmatrix to hand out whole floats; the transpose happens here instead).
+template <class S>
+struct TransposingKMajorLoader {
+  const S* base;      // element (k = 0, column first)
+  int64_t ld;
+  int64_t k_len;
+  int64_t cols_left;  // columns from `first` on (<= 0: none)
+
+  __device__ __forceinline__ void load(S* tile, int64_t k0) const {
+    const int chunk = threadIdx.x & 3;
+    const int64_t kc = k0 + chunk * kChunkOf<S>;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = (threadIdx.x >> 2) + 32 * i;
+      Pack<S, kChunkOf<S>> q;
+#pragma unroll
+      for (int j = 0; j < kChunkOf<S>; ++j) {
+        const int64_t k = kc + j;
+        q.v[j] = (r < cols_left && k < k_len) ? base[k * ld + r] : from_float<S>(0.0f);
+      }
+      *reinterpret_cast<Pack<S, kChunkOf<S>>*>(tile + kmajor_offset<S>(r, chunk)) = q;
+    }
+  }
+};
+
 // ---- shared -> register fragments (ldmatrix) ----------------------------------------------------------
 // mma.m16n8k16 fragments (PTX ISA 9.7.14.5.8): A 16x16 in 4 registers = the 8x8 matrices
 // (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15); B 16x8 (k x n) in 2
@@ -456,6 +484,10 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_tc_kernel(const Forward
       lb.row[i] = ok ? be + n * p.ldb : nullptr;
     }
     mainloop<S, true, true>(acc, smem, la, lb, p.Kd);
+  } else if constexpr (sizeof(S) == 4) {  // f32, b[e] [Kd, N], no gated pairs: transposed into K-major tiles
+    static_assert(!kGated, "f32 with b [E, Kd, N] takes no gated epilogue");
+    const TransposingKMajorLoader<S> lb{be + n0, p.ldb, p.Kd, p.N - n0};
+    mainloop<S, true, true>(acc, smem, la, lb, p.Kd);
   } else {  // b[e] [Kd, N]: MN-major
     MnMajorLoader<S> lb;
     bool ok;
@@ -545,20 +577,26 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_wgrad_tc_kernel(const W
   const int64_t m0 = (blockIdx.x % p.m_tiles) * kBM, n0 = (blockIdx.x / p.m_tiles) * kBN;
   const int64_t seg_begin = max(int64_t{0}, min(p.offsets[e], p.R));
   const int64_t seg_end = max(seg_begin, min(p.offsets[e + 1], p.R));
-  const int64_t col = (threadIdx.x & 15) * kChunk;
-  MnMajorLoader<S> la, lb;
-  la.base = p.a + seg_begin * p.lda + m0 + col;
-  la.ld = p.lda;
-  la.k_len = seg_end - seg_begin;
-  la.cols_left = p.M - (m0 + col);
-  la.vec = p.vec_a;
-  lb.base = p.b + seg_begin * p.ldb + n0 + col;
-  lb.ld = p.ldb;
-  lb.k_len = seg_end - seg_begin;
-  lb.cols_left = p.N - (n0 + col);
-  lb.vec = p.vec_b;
   float acc[kMI][kNI][4] = {};
-  mainloop<S, false, false>(acc, smem, la, lb, seg_end - seg_begin);
+  if constexpr (sizeof(S) == 4) {  // f32 (3xTF32): K-major tiles, transposed by the loaders
+    const TransposingKMajorLoader<S> la{p.a + seg_begin * p.lda + m0, p.lda, seg_end - seg_begin, p.M - m0};
+    const TransposingKMajorLoader<S> lb{p.b + seg_begin * p.ldb + n0, p.ldb, seg_end - seg_begin, p.N - n0};
+    mainloop<S, true, true>(acc, smem, la, lb, seg_end - seg_begin);
+  } else {
+    const int64_t col = (threadIdx.x & 15) * kChunk;
+    MnMajorLoader<S> la, lb;
+    la.base = p.a + seg_begin * p.lda + m0 + col;
+    la.ld = p.lda;
+    la.k_len = seg_end - seg_begin;
+    la.cols_left = p.M - (m0 + col);
+    la.vec = p.vec_a;
+    lb.base = p.b + seg_begin * p.ldb + n0 + col;
+    lb.ld = p.ldb;
+    lb.k_len = seg_end - seg_begin;
+    lb.cols_left = p.N - (n0 + col);
+    lb.vec = p.vec_b;
+    mainloop<S, false, false>(acc, smem, la, lb, seg_end - seg_begin);
+  }
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int warp_m = warp % kWarpsM, warp_n = warp / kWarpsM;

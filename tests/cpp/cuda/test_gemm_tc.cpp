@@ -25,6 +25,7 @@ std::vector<S> eighths(size_t n, uint32_t seed) {
 
 template <class S>
 DType dtype_of() {
+  if constexpr (std::is_same_v<S, float>) return DType::kF32;
   return std::is_same_v<S, bf16_t> ? DType::kBF16 : DType::kF16;
 }
 
@@ -272,19 +273,33 @@ TEST(SimtGroupedGemmTc, RefusesWhatItDoesNotHandle) {
   std::vector<int64_t> off = {0, 16};
   const TensorView ov = make_view(off.data(), {2});
   GroupedGemmTcParams nn;
-  nn.trans_b = false;  // f32 runs on the tensor cores (3xTF32) only with K-major b
+  nn.trans_b = false;  // f32 with b [E, Kd, N] takes no gated epilogue on the tensor cores
+  nn.activation = Activation::kSwiGLU;
   const Status f32 = sim::grouped_gemm_tc(nn, make_view(a.data(), {16, 8}), make_view(b.data(), {1, 8, 8}), ov, {},
-                                          {}, make_view(c.data(), {16, 8}), {}, nullptr);
+                                          {}, make_view(c.data(), {16, 4}), {}, nullptr);
   EXPECT_EQ(f32.code(), Code::kUnsupported);
   EXPECT_NE(f32.message().find("grouped_gemm_naive"), std::string::npos) << f32.message();
-  const Status wg = sim::grouped_gemm_wgrad_tc(make_view(a.data(), {16, 8}), make_view(c.data(), {16, 8}), ov,
-                                               make_view(b.data(), {1, 8, 8}), nullptr);
-  EXPECT_EQ(wg.code(), Code::kUnsupported);
 }
 
 // f32 with b [E, N, Kd] on the tensor cores as 3xTF32 (mma.m16n8k8.tf32): eighths are exact in tf32,
 // so the results equal the CPU backend bit for bit; uniform inputs stay within the f32 tolerance, and
 // the largest error against a double reference is printed (docs/kernels/grouped_gemm.md).
+// The f32 wgrad (3xTF32 on K-major tiles that the loaders transpose): bit-equal to the CPU for exact
+// inputs, within the f32 tolerance for uniform ones.
+TEST(SimtGroupedGemmTc, F32WgradAs3xTf32) {
+  check_wgrad<float>({0, 0, 170, 170, 180, 200}, 200, 72, 24);  // empty experts, 11 k tiles of 16 rows
+  check_wgrad<float>({0, 37, 37}, 37, 136, 13);                  // two m tiles, odd N
+  const int64_t R = 300, M = 40, N = 24, E = 2;
+  std::vector<float> a = uniform<float>(size_t(R * M), 31), b = uniform<float>(size_t(R * N), 32);
+  std::vector<int64_t> off = {0, 123, 300};
+  const TensorView av = make_view(a.data(), {R, M}), bv = make_view(b.data(), {R, N});
+  const TensorView ov = make_view(off.data(), {E + 1});
+  std::vector<float> want(size_t(E * M * N)), c(want.size());
+  ASSERT_TRUE(cpu::grouped_gemm_wgrad(av, bv, ov, make_view(want.data(), {E, M, N})).ok());
+  EXPECT_OK(sim::grouped_gemm_wgrad_tc(av, bv, ov, make_view(c.data(), {E, M, N}), nullptr));
+  EXPECT_TRUE(all_close(c, want, DType::kF32));
+}
+
 TEST(SimtGroupedGemmTc, F32As3xTf32) {
   const DType dt = DType::kF32;
   for (int trial = 0; trial < 2; ++trial) {
@@ -308,6 +323,16 @@ TEST(SimtGroupedGemmTc, F32As3xTf32) {
       append_bytes(bytes, c);
       return bytes;
     });
+    // b [E, Kd, N] (the backward's grad_ys @ w2[e]): the same product through the transposing loader.
+    std::vector<float> bt(b.size()), c_nn(c.size());
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < Kd; ++k) bt[size_t((e * Kd + k) * N + n)] = b[size_t((e * N + n) * Kd + k)];
+    GroupedGemmTcParams nn;
+    nn.trans_b = false;
+    EXPECT_OK(sim::grouped_gemm_tc(nn, av, make_view(bt.data(), {E, Kd, N}), ov, {}, {},
+                                   make_view(c_nn.data(), {R, N}), {}, nullptr));
+    EXPECT_TRUE(bitwise_equal(c_nn, c)) << "b [E, Kd, N] differs from b [E, N, Kd]";
     if (exact) {
       EXPECT_TRUE(bitwise_equal(c, want)) << all_close(c, want, dt).message();
       continue;
