@@ -19,8 +19,8 @@ warm-up (the median of --repeats runs):
                   weights (hf_mixtral), and the dense roof: x[T*K, H] @ W[H, 3F] (same expert FLOPs)
 Columns: time, TFLOP/s or GB/s, % of the device peak (PEAKS), x dense (dense time / time: the
 fraction of the machine's own dense GEMM), x HF (HF time / time), x cuBLAS (torch_per_expert time / time),
-and the design targets beside the rows they concern. Without a GPU (or without the CUDA backend in
-smoe._C) it prints why and exits 0. Results go to a table on stdout and, with --json, to a file.
+and the design targets beside the rows they concern. Without a GPU it prints why and exits 0; with a
+GPU but no CUDA backend in smoe._C it exits 1. Results go to a table on stdout and, with --json, to a file.
 """
 
 from __future__ import annotations
@@ -445,9 +445,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from smoe import _core
 
     if "cuda" not in getattr(_core, "BUILT_BACKENDS", ()):
-        print("bench_layer: this build of smoe has no CUDA backend (smoe._core.BUILT_BACKENDS = "
-              f"{getattr(_core, 'BUILT_BACKENDS', ())}); rebuild with -DSMOE_ENABLE_CUDA=ON (docs/gpu.md).")
-        return 0
+        # A GPU without the backend is a broken build, not "nothing to do": fail.
+        print("bench_layer: a CUDA device is visible but this build of smoe has no CUDA backend "
+              f"(smoe._core.BUILT_BACKENDS = {getattr(_core, 'BUILT_BACKENDS', ())}); rebuild with "
+              "-DSMOE_ENABLE_CUDA=ON (docs/gpu.md).", file=sys.stderr)
+        return 1
 
     device = torch.cuda.get_device_name()
     peak = device_peak(device, tflops=args.peak_tflops, gbs=args.peak_gbs)

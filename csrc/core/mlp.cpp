@@ -3,6 +3,7 @@
 // one (csrc/cuda/mlp.cu, reads them only on the device) for 'cuda' and 'simt'.
 #include "smoe/ops/mlp.h"
 
+#include <algorithm>
 #include <string>
 
 #include "core/dispatch.h"
@@ -244,8 +245,17 @@ int64_t shared_expert_workspace_bytes(const ExpertMlpParams& params, DType dtype
   const int64_t F1 = is_gated(params.activation) ? 2 * F : F;
   const int64_t es = dtype_size(dtype);
   // grad_out [T, H], grad_act [T, F], grad_pre [T, F1], grad_xs [T, H], dlogit [T] (f32, f64 for f64).
-  return cpu::kWorkspaceAlign + 2 * cpu::workspace_piece(T * H * es) + cpu::workspace_piece(T * F * es) +
-         cpu::workspace_piece(T * F1 * es) + cpu::workspace_piece(T * dtype_size(gate_dtype(dtype)));
+  int64_t bytes = cpu::kWorkspaceAlign + 2 * cpu::workspace_piece(T * H * es) + cpu::workspace_piece(T * F * es) +
+                  cpu::workspace_piece(T * F1 * es) + cpu::workspace_piece(T * dtype_size(gate_dtype(dtype)));
+  // The device backends carve their gate partials after those pieces (one size serves every backend).
+  int64_t extra = 0;
+#if defined(SMOE_HAVE_CUDA) && SMOE_HAVE_CUDA
+  extra = std::max(extra, cuda::shared_expert_workspace_extra_bytes(T, H));
+#endif
+#if defined(SMOE_HAVE_CUDA_SIMT) && SMOE_HAVE_CUDA_SIMT
+  extra = std::max(extra, cuda_simt::shared_expert_workspace_extra_bytes(T, H));
+#endif
+  return bytes + extra;
 }
 
 Status shared_expert_backward(const Exec& exec, const ExpertMlpParams& params, const TensorView& grad_y,

@@ -1,4 +1,5 @@
 // Host helpers of the CUDA backend shared by every launcher file (csrc/cuda/common.cuh).
+#include "backend.h"
 #include "common.cuh"
 
 namespace smoe::SMOE_CUDA_NS {
@@ -35,6 +36,25 @@ Status cuda_error(cudaError_t err, const char* expr, const char* file, int line)
   m.append(" failed at ").append(file).append(":").append(std::to_string(line)).append(": ");
   m.append(cudaGetErrorString(err)).append("; ").append(hint_for(err));
   return Status(Code::kDeviceError, std::move(m));
+}
+
+DeviceGuard::DeviceGuard(int device) {
+  if (device < 0) return;
+  int current = 0;
+  if (const cudaError_t e = cudaGetDevice(&current); e != cudaSuccess) {
+    static_cast<void>(status_ = cuda_error(e, "cudaGetDevice(&current)", __FILE__, __LINE__));
+    return;
+  }
+  if (current == device) return;
+  if (const cudaError_t e = cudaSetDevice(device); e != cudaSuccess) {
+    static_cast<void>(status_ = cuda_error(e, "cudaSetDevice(device)", __FILE__, __LINE__));
+    return;
+  }
+  previous_ = current;
+}
+
+DeviceGuard::~DeviceGuard() {
+  if (previous_ >= 0) (void)cudaSetDevice(previous_);
 }
 
 Status f64_unsupported(const char* op) {

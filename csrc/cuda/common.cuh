@@ -12,10 +12,14 @@
 #include "smoe/simt/kernel.h"  // SMOE_LAUNCH, SMOE_DYNAMIC_SMEM, CUDA runtime (real or emulated)
 #include "smoe/smoe.h"
 
+// A test may compile a kernel header into a namespace of its own by defining SMOE_CUDA_NS first
+// (tests/cpp/cuda/mutation: a mutated copy that must not collide with the real kernels).
+#if !defined(SMOE_CUDA_NS)
 #if defined(SMOE_SIMT) && SMOE_SIMT
 #define SMOE_CUDA_NS cuda_simt
 #else
 #define SMOE_CUDA_NS cuda
+#endif
 #endif
 
 namespace smoe::SMOE_CUDA_NS {

@@ -1,9 +1,9 @@
 // Host launchers of the tensor-core grouped GEMM (csrc/cuda/gemm_tc.h; kernels in gemm_tc.cuh).
 //
 // Shapes are validated by the callers (the csrc/core entry points); the launchers check what only
-// this implementation needs: bf16/f16, 16-byte alignment of every row (cp.async.cg moves 16 bytes),
-// column counts that are multiples of 8 (a 16-byte chunk is all in or all out of the matrix), and
-// the grid limits. They dispatch on dtype, tile layout and epilogue once, and never synchronise.
+// this implementation needs: bf16/f16 and the grid limits. Any size and stride runs on the tensor
+// cores: 16-byte aligned rows load with cp.async (partial chunks through src-size), others element
+// by element; edges are predicated and zero-filled, stores paired where aligned. They dispatch on dtype, tile layout and epilogue once, and never synchronise.
 #include <string>
 
 #include "backend.h"
@@ -18,9 +18,18 @@ using gemm_tc::Epilogue;
 
 constexpr const char* kNaiveHint = "use grouped_gemm_naive / grouped_gemm_wgrad_naive (any dtype and shape)";
 
-// The 16-byte chunks of a row of `v` start 16-byte aligned: base pointer and row stride.
+// Every row of `v` starts 16-byte aligned: base pointer and the strides of the leading dimensions
+// (16-bit elements: multiples of 8). Then the loaders use cp.async; otherwise element loads.
 bool rows_16b_aligned(const TensorView& v) {
-  return reinterpret_cast<uintptr_t>(v.data) % 16 == 0 && (v.ndim < 2 || v.stride(v.ndim - 2) % 8 == 0);
+  const int64_t per16 = 16 / static_cast<int64_t>(dtype_size(v.dtype));
+  if (reinterpret_cast<uintptr_t>(v.data) % 16 != 0) return false;
+  for (int d = 0; d + 1 < v.ndim; ++d)
+    if (v.stride(d) % per16 != 0) return false;
+  return true;
+}
+// Column pairs (n, n + 1), n even, of every row of the 2-D `v` are aligned to two elements (paired stores).
+bool pairs_aligned(const TensorView& v) {
+  return reinterpret_cast<uintptr_t>(v.data) % (2 * dtype_size(v.dtype)) == 0 && v.stride(0) % 2 == 0;
 }
 
 Status require(bool ok, const char* op, const std::string& what) {
@@ -54,16 +63,12 @@ Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, c
   const bool has_act = params.activation.has_value();
   const bool gated = has_act && is_gated(*params.activation);
   const int64_t F = gated ? N / 2 : N;
-  SMOE_RETURN_IF_ERROR(require(a.dtype == DType::kBF16 || a.dtype == DType::kF16, op,
-                               std::string("dtype ") + dtype_name(a.dtype) + " (the tensor cores take bf16 or f16)"));
-  SMOE_RETURN_IF_ERROR(require(Kd % 8 == 0 && N % 8 == 0 && (!gated || F % 8 == 0), op,
-                               "Kd = " + std::to_string(Kd) + ", N = " + std::to_string(N) +
-                                   (gated ? ", F = " + std::to_string(F) : std::string()) +
-                                   " must be multiples of 8 (16-byte cp.async chunks)"));
-  SMOE_RETURN_IF_ERROR(require(rows_16b_aligned(a) && rows_16b_aligned(b) && rows_16b_aligned(c) &&
-                                   (!pre.defined() || rows_16b_aligned(pre)) &&
-                                   b.stride(0) % 8 == 0,
-                               op, "a, b, c, pre need 16-byte aligned data and row strides (multiples of 8)"));
+  SMOE_RETURN_IF_ERROR(require(a.dtype == DType::kBF16 || a.dtype == DType::kF16 ||
+                                   (a.dtype == DType::kF32 && (params.trans_b || !gated)),
+                               op, std::string("dtype ") + dtype_name(a.dtype) +
+                                       (a.dtype == DType::kF32 ? " with b [E, Kd, N] and a gated activation (f32 "
+                                                                 "runs on the tensor cores as 3xTF32 otherwise)"
+                                                               : " (the tensor cores take bf16, f16, or f32 as 3xTF32)")));
   if (pre.defined() && !has_act) return invalid_argument(op, "pre", "absent without an activation", "given");
   if (R == 0 || N == 0 || E < 1) return Status::Ok();
   const int64_t slots = ceil_div(R, gemm_tc::kBM) + E - 1;
@@ -72,9 +77,7 @@ Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, c
 
   return dispatch_float(a.dtype, op, [&](auto tag) -> Status {
     using S = typename decltype(tag)::type;
-    if constexpr (std::is_same_v<S, float>) {
-      return Status(Code::kInternal, "grouped_gemm_tc: f32 passed the dtype check");
-    } else {
+    {
       gemm_tc::ForwardArgs<S> args{};
       args.a = a.data_as<const S>();
       args.lda = a.stride(0);
@@ -95,11 +98,20 @@ Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, c
       args.ldpre = pre.defined() ? pre.stride(0) : 0;
       args.row_weights = row_weights.defined() ? row_weights.data_as<const float>() : nullptr;
       args.act = has_act ? static_cast<int32_t>(*params.activation) : 0;
+      args.vec_a = rows_16b_aligned(a);
+      // MN-major gated: the up half starts F columns after the gate half
+      args.vec_b = rows_16b_aligned(b) && (params.trans_b || !gated || F % 8 == 0);
+      args.pair_c = pairs_aligned(c);
+      args.pair_pre = pre.defined() && pairs_aligned(pre) && (!gated || F % 2 == 0);
       const cudaStream_t s = as_stream(stream);
       // One dispatch point: (trans_b, epilogue) become template parameters here.
       auto go = [&](auto trans_b) -> Status {
         constexpr bool kT = decltype(trans_b)::value;
-        if (gated) return launch_forward<S, kT, Epilogue::kGatedActivation>(args, slots, n_tiles, s);
+        if constexpr (std::is_same_v<S, float> && !kT) {  // no gated f32 MN-major kernel (refused above)
+          if (gated) return Status(Code::kInternal, "grouped_gemm_tc: gated f32 with b [E, Kd, N] passed the check");
+        } else {
+          if (gated) return launch_forward<S, kT, Epilogue::kGatedActivation>(args, slots, n_tiles, s);
+        }
         if (has_act) return launch_forward<S, kT, Epilogue::kActivation>(args, slots, n_tiles, s);
         return launch_forward<S, kT, Epilogue::kStore>(args, slots, n_tiles, s);
       };
@@ -113,22 +125,16 @@ Status grouped_gemm_wgrad_tc(const TensorView& a, const TensorView& b, const Ten
   constexpr const char* op = "grouped_gemm_wgrad_tc";
   const int64_t R = a.size(0), M = a.size(1), N = b.size(1);
   const int64_t E = offsets.size(0) - 1;
-  SMOE_RETURN_IF_ERROR(require(a.dtype == DType::kBF16 || a.dtype == DType::kF16, op,
-                               std::string("dtype ") + dtype_name(a.dtype) + " (the tensor cores take bf16 or f16)"));
-  SMOE_RETURN_IF_ERROR(require(M % 8 == 0 && N % 8 == 0, op,
-                               "M = " + std::to_string(M) + ", N = " + std::to_string(N) +
-                                   " must be multiples of 8 (16-byte cp.async chunks)"));
-  SMOE_RETURN_IF_ERROR(require(rows_16b_aligned(a) && rows_16b_aligned(b) && rows_16b_aligned(c), op,
-                               "a, b, c need 16-byte aligned data and row strides (multiples of 8)"));
+  SMOE_RETURN_IF_ERROR(require(a.dtype == DType::kBF16 || a.dtype == DType::kF16 || a.dtype == DType::kF32, op,
+                               std::string("dtype ") + dtype_name(a.dtype) +
+                                   " (the tensor cores take bf16, f16, or f32 as 3xTF32)"));
   if (M == 0 || N == 0 || E < 1) return Status::Ok();  // R == 0 is work: every c[e] becomes zeros
   const int64_t m_tiles = ceil_div(M, gemm_tc::kBM), n_tiles = ceil_div(N, gemm_tc::kBN);
   SMOE_RETURN_IF_ERROR(require(m_tiles * n_tiles <= INT32_MAX && E <= 65535, op, "grid beyond CUDA's limits"));
 
   return dispatch_float(a.dtype, op, [&](auto tag) -> Status {
     using S = typename decltype(tag)::type;
-    if constexpr (std::is_same_v<S, float>) {
-      return Status(Code::kInternal, "grouped_gemm_wgrad_tc: f32 passed the dtype check");
-    } else {
+    {
       gemm_tc::WgradArgs<S> args{};
       args.a = a.data_as<const S>();
       args.lda = a.stride(0);
@@ -140,6 +146,9 @@ Status grouped_gemm_wgrad_tc(const TensorView& a, const TensorView& b, const Ten
       args.N = N;
       args.m_tiles = m_tiles;
       args.c = c.data_as<S>();
+      args.vec_a = rows_16b_aligned(a);
+      args.vec_b = rows_16b_aligned(b);
+      args.pair_c = reinterpret_cast<uintptr_t>(c.data) % 4 == 0 && N % 2 == 0;
       auto* kernel = &gemm_tc::grouped_gemm_wgrad_tc_kernel<S>;
       SMOE_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, gemm_tc::kSmemBytes));
@@ -155,7 +164,7 @@ Status grouped_gemm_wgrad_tc(const TensorView& a, const TensorView& b, const Ten
 }
 
 // The backend's grouped_gemm / grouped_gemm_wgrad (backend_api.inc): the tensor-core kernels where
-// they apply; what they refuse (f32, unaligned shapes) runs on v0. The refusal happens before any
+// they apply; what they refuse (f32) runs on v0. The refusal happens before any
 // launch, so trying first costs nothing.
 Status grouped_gemm(const GroupedGemmParams& params, const TensorView& a, const TensorView& b,
                     const TensorView& offsets, const TensorView& c, void* stream) {

@@ -46,6 +46,19 @@ inline constexpr int kTileElems = kBM * kBK;  // one operand tile (= kBK * kBN)
 static_assert(kBM == kBN && kBM * kBK == kBK * kBN, "A and B tiles share the two swizzled layouts");
 static_assert(kThreads * 4 * kChunk == kTileElems, "each thread copies 4 chunks of each operand per stage");
 inline constexpr int kSmemBytes = kStages * 2 * kTileElems * 2;  // 64 KiB (16-bit elements)
+// f32 (3xTF32, mma.m16n8k8): the same 64-byte tile rows, so the same bytes, swizzle and ldmatrix
+// addresses: a 16-byte chunk is 4 floats, a tile row 16 k values, one mma step 8 k values. ldmatrix
+// of 16-bit pairs hands each lane whole floats in exactly the A / B fragment layout of m16n8k8.tf32
+// (lane l: row l/4, 32-bit column l%4 of each 8x4-float matrix). K-major operands only.
+template <class S>
+inline constexpr int kChunkOf = 16 / static_cast<int>(sizeof(S));
+template <class S>
+inline constexpr int kBKOf = 64 / static_cast<int>(sizeof(S));
+template <class S>
+inline constexpr int kTileElemsOf = kBM * kBKOf<S>;
+template <class S>
+inline constexpr int kMmaK = sizeof(S) == 4 ? 8 : 16;
+static_assert(kTileElemsOf<float> * 4 * 2 * kStages == kSmemBytes, "f32 stages take the same bytes");
 // A gated activation pairs gate and up columns inside a warp: each warp's 64 accumulator columns
 // are 32 gate columns then the 32 matching up columns, so a CTA produces 64 outputs of [R, F].
 inline constexpr int kGatedBF = kBN / 2;
@@ -60,8 +73,9 @@ enum class Epilogue : int { kStore = 0, kActivation = 1, kGatedActivation = 2 };
 // K-major tile [128 rows][32 k] (A of the forward GEMM; B when trans_b): a row is 64 bytes = 4 chunks,
 // so two rows share a 128-byte bank line. Chunk c of row r goes to slot c ^ ((r >> 1) & 3): for 8
 // consecutive rows at one logical chunk the slots (r & 1) * 4 + (c ^ (r >> 1 & 3)) are all distinct.
+template <class S>
 __device__ __forceinline__ int kmajor_offset(int row, int chunk) {
-  return row * kBK + ((chunk ^ ((row >> 1) & 3)) * kChunk);
+  return row * kBKOf<S> + ((chunk ^ ((row >> 1) & 3)) * kChunkOf<S>);
 }
 // MN-major tile [32 k][128 columns] (B when !trans_b; both operands of wgrad): a row is 256 bytes =
 // 16 chunks, so every row starts at bank 0. Chunk c of row k goes to c ^ (k & 7): 8 consecutive k
@@ -71,27 +85,54 @@ __device__ __forceinline__ int mnmajor_offset(int k, int chunk) {
 }
 
 // ---- global -> shared loaders (cp.async, 16 bytes per copy, zero-filled outside the matrix) ---------
-// A chunk is either entirely inside or entirely outside the matrix because the launchers require
-// column counts that are multiples of 8. Masked copies pass src_bytes = 0 (PTX ISA 9.7.9.25.3.1,
-// cp.async with src-size: the remaining bytes of the 16 are zeros) and a valid dummy address.
+// Any shape and stride: a 16-byte chunk of 8 elements may be partly outside the matrix (a column count
+// that is not a multiple of 8). With 16-byte aligned rows (`vec`: base and leading dimension) a chunk is
+// one cp.async whose src-size is the bytes inside the matrix (PTX ISA 9.7.9.25.3.1, cp.async with
+// src-size: the remaining bytes of the 16 are zeros); otherwise the thread loads the elements inside
+// one by one and stores the chunk to shared memory itself. A chunk wholly outside is a plain 16-byte
+// store of zeros. Both kinds of store happen at the refill point and are read after the next barriers,
+// so the pipeline's schedule is the same.
+template <class S>
+__device__ __forceinline__ void store_zero_chunk(S* dst) {
+  Pack<S, kChunkOf<S>> z;
+#pragma unroll
+  for (int j = 0; j < kChunkOf<S>; ++j) z.v[j] = from_float<S>(0.0f);
+  *reinterpret_cast<Pack<S, kChunkOf<S>>*>(dst) = z;
+}
+// The first `n` (1..8) elements of src into a shared-memory chunk, zeros after them.
+template <class S>
+__device__ __forceinline__ void load_chunk(S* dst, const S* src, int64_t n, bool vec) {
+  if (vec) {
+    smoe::simt::cp_async_16_zfill(dst, src, n >= kChunkOf<S> ? 16 : static_cast<int>(n * sizeof(S)));
+    return;
+  }
+  Pack<S, kChunkOf<S>> q;
+#pragma unroll
+  for (int j = 0; j < kChunkOf<S>; ++j) q.v[j] = j < n ? src[j] : from_float<S>(0.0f);
+  *reinterpret_cast<Pack<S, kChunkOf<S>>*>(dst) = q;
+}
 
 // K-major tile: thread t copies chunk t % 4 of rows t / 4 + 32 i (i = 0..3). The source row of each
 // of its tile rows is fixed for the whole K loop (gathered rows, expert rows), nullptr = zero row.
 template <class S>
 struct KMajorLoader {
   const S* row[4];
-  const S* dummy;  // any valid global address (the masked copies read nothing)
-  int64_t k_len;   // columns of the source rows (the reduction length)
+  int64_t k_len;  // columns of the source rows (the reduction length)
+  bool vec;       // every row starts 16-byte aligned
 
   __device__ __forceinline__ void load(S* tile, int64_t k0) const {
     const int chunk = threadIdx.x & 3;
-    const int64_t col = k0 + chunk * kChunk;
-    const bool in_k = col < k_len;
+    const int64_t col = k0 + chunk * kChunkOf<S>;
+    const int64_t left = k_len - col;  // elements of this chunk inside the rows
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int r = (threadIdx.x >> 2) + 32 * i;
-      const bool ok = in_k && row[i] != nullptr;
-      smoe::simt::cp_async_16_zfill(tile + kmajor_offset(r, chunk), ok ? row[i] + col : dummy, ok ? 16 : 0);
+      S* dst = tile + kmajor_offset<S>(r, chunk);
+      if (left > 0 && row[i] != nullptr) {
+        load_chunk(dst, row[i] + col, left, vec);
+      } else {
+        store_zero_chunk(dst);
+      }
     }
   }
 };
@@ -101,19 +142,52 @@ struct KMajorLoader {
 template <class S>
 struct MnMajorLoader {
   const S* base;
-  const S* dummy;
   int64_t ld;
-  int64_t k_len;  // k rows at or past k_len are zeros
-  bool col_ok;    // this thread's 8 columns lie inside the matrix
+  int64_t k_len;      // k rows at or past k_len are zeros
+  int64_t cols_left;  // columns of the matrix from this thread's first one on (<= 0: none)
+  bool vec;           // base and ld keep every row's chunk 16-byte aligned
 
   __device__ __forceinline__ void load(S* tile, int64_t k0) const {
+    static_assert(sizeof(S) == 2, "MN-major tiles hold 16-bit elements");
     const int chunk = threadIdx.x & 15;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int kr = (threadIdx.x >> 4) + 8 * i;
       const int64_t k = k0 + kr;
-      const bool ok = col_ok && k < k_len;
-      smoe::simt::cp_async_16_zfill(tile + mnmajor_offset(kr, chunk), ok ? base + k * ld : dummy, ok ? 16 : 0);
+      S* dst = tile + mnmajor_offset(kr, chunk);
+      if (cols_left > 0 && k < k_len) {
+        load_chunk(dst, base + k * ld, cols_left, vec);
+      } else {
+        store_zero_chunk(dst);
+      }
+    }
+  }
+};
+
+// K-major tile filled from an MN-major matrix (f32 wgrad): tile row r is column `first + r` of the
+// [k_len, cols] matrix at base (rows ld apart), tile column k its row k. Thread t fills chunk t % 4
+// (4 consecutive k) of tile rows t / 4 + 32 i with element loads (f32 tiles must be K-major for
+// ldmatrix to hand out whole floats; the transpose happens here instead).
+template <class S>
+struct TransposingKMajorLoader {
+  const S* base;      // element (k = 0, column first)
+  int64_t ld;
+  int64_t k_len;
+  int64_t cols_left;  // columns from `first` on (<= 0: none)
+
+  __device__ __forceinline__ void load(S* tile, int64_t k0) const {
+    const int chunk = threadIdx.x & 3;
+    const int64_t kc = k0 + chunk * kChunkOf<S>;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = (threadIdx.x >> 2) + 32 * i;
+      Pack<S, kChunkOf<S>> q;
+#pragma unroll
+      for (int j = 0; j < kChunkOf<S>; ++j) {
+        const int64_t k = kc + j;
+        q.v[j] = (r < cols_left && k < k_len) ? base[k * ld + r] : from_float<S>(0.0f);
+      }
+      *reinterpret_cast<Pack<S, kChunkOf<S>>*>(tile + kmajor_offset<S>(r, chunk)) = q;
     }
   }
 };
@@ -131,8 +205,8 @@ __device__ __forceinline__ void load_a_frags(uint32_t (&af)[kMI][4], const S* ti
   for (int mi = 0; mi < kMI; ++mi) {
     if constexpr (kKMajor) {
       const int row = warp_m * kWM + mi * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-      const int chunk = kk / kChunk + (lane >> 4);
-      smoe::simt::ldmatrix_x4(af[mi], tile + kmajor_offset(row, chunk));
+      const int chunk = kk / kChunkOf<S> + (lane >> 4);
+      smoe::simt::ldmatrix_x4(af[mi], tile + kmajor_offset<S>(row, chunk));
     } else {
       const int k = kk + (lane >> 4) * 8 + (lane & 7);
       const int chunk = (warp_m * kWM + mi * 16) / kChunk + ((lane >> 3) & 1);
@@ -148,8 +222,8 @@ __device__ __forceinline__ void load_b_frags(uint32_t (&bf)[kNI][2], const S* ti
     uint32_t r[4];
     if constexpr (kKMajor) {
       const int n = warp_n * kWN + p * 16 + (lane & 7) + (lane >> 4) * 8;
-      const int chunk = kk / kChunk + ((lane >> 3) & 1);
-      smoe::simt::ldmatrix_x4(r, tile + kmajor_offset(n, chunk));
+      const int chunk = kk / kChunkOf<S> + ((lane >> 3) & 1);
+      smoe::simt::ldmatrix_x4(r, tile + kmajor_offset<S>(n, chunk));
     } else {
       const int k = kk + ((lane >> 3) & 1) * 8 + (lane & 7);
       const int chunk = (warp_n * kWN + p * 16) / kChunk + (lane >> 4);
@@ -162,9 +236,27 @@ __device__ __forceinline__ void load_b_frags(uint32_t (&bf)[kNI][2], const S* ti
   }
 }
 
+// 3xTF32 (f32 inputs): x = hi + lo with hi = tf32(x), lo = tf32(x - hi); d += lo_a hi_b + hi_a lo_b +
+// hi_a hi_b (the small terms first; lo_a lo_b, below 2^-22 relative, is left out). Error close to an
+// f32 FFMA loop's instead of TF32's 2^-11 (docs/kernels/grouped_gemm.md has the measured figures).
+__device__ __forceinline__ void split_tf32(uint32_t x, uint32_t* hi, uint32_t* lo) {
+  const float v = __uint_as_float(x);
+  *hi = smoe::simt::cvt_rna_tf32(v);
+  *lo = smoe::simt::cvt_rna_tf32(v - __uint_as_float(*hi));
+}
+
 template <class S>
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  if constexpr (std::is_same_v<S, __nv_bfloat16>) {
+  if constexpr (std::is_same_v<S, float>) {
+    uint32_t ah[4], al[4], bh[2], bl[2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) split_tf32(a[i], &ah[i], &al[i]);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) split_tf32(b[i], &bh[i], &bl[i]);
+    smoe::simt::mma_m16n8k8_tf32(d, al, bh, d);
+    smoe::simt::mma_m16n8k8_tf32(d, ah, bl, d);
+    smoe::simt::mma_m16n8k8_tf32(d, ah, bh, d);
+  } else if constexpr (std::is_same_v<S, __nv_bfloat16>) {
     smoe::simt::mma_m16n8k16_bf16(d, a, b, d);
   } else {
     static_assert(std::is_same_v<S, __half>, "the tensor-core GEMM takes bf16 or f16");
@@ -184,32 +276,46 @@ __device__ __forceinline__ void mainloop(float (&acc)[kMI][kNI][4], S* smem, con
                                          int64_t k_len) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int warp_m = warp % kWarpsM, warp_n = warp / kWarpsM;
-  const int64_t num_k = (k_len + kBK - 1) / kBK;
-  auto stage_a = [&](int64_t t) { return smem + (t % kStages) * (2 * kTileElems); };
-  auto stage_b = [&](int64_t t) { return smem + (t % kStages) * (2 * kTileElems) + kTileElems; };
+  static_assert(sizeof(S) == 2 || (kAKMajor && kBKMajor), "f32 tiles are K-major");
+  constexpr int kBKs = kBKOf<S>, kTile = kTileElemsOf<S>;
+  const int64_t num_k = (k_len + kBKs - 1) / kBKs;
+  auto stage_a = [&](int64_t t) { return smem + (t % kStages) * (2 * kTile); };
+  auto stage_b = [&](int64_t t) { return smem + (t % kStages) * (2 * kTile) + kTile; };
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < num_k) {
-      la.load(stage_a(s), int64_t{s} * kBK);
-      lb.load(stage_b(s), int64_t{s} * kBK);
+      la.load(stage_a(s), int64_t{s} * kBKs);
+      lb.load(stage_b(s), int64_t{s} * kBKs);
     }
     smoe::simt::cp_async_commit();
   }
   for (int64_t kt = 0; kt < num_k; ++kt) {
     smoe::simt::cp_async_wait<kStages - 2>();
-    __syncthreads();
     const int64_t next = kt + kStages - 1;
+#if defined(SMOE_TEST_MUTATION) && SMOE_TEST_MUTATION == 1
+    // The race the emulator's cp.async landing modes must catch (tests/cpp/cuda/mutation): the
+    // refill goes out before the barrier, while slower warps may still read tile kt-1 from the stage
+    // it overwrites. Never defined in a real build.
     if (next < num_k) {
-      la.load(stage_a(next), next * kBK);
-      lb.load(stage_b(next), next * kBK);
+      la.load(stage_a(next), next * kBKs);
+      lb.load(stage_b(next), next * kBKs);
     }
     smoe::simt::cp_async_commit();
+    __syncthreads();
+#else
+    __syncthreads();
+    if (next < num_k) {
+      la.load(stage_a(next), next * kBKs);
+      lb.load(stage_b(next), next * kBKs);
+    }
+    smoe::simt::cp_async_commit();
+#endif
 
     const S* ta = stage_a(kt);
     const S* tb = stage_b(kt);
 #pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
+    for (int kk = 0; kk < kBKs; kk += kMmaK<S>) {
       uint32_t af[kMI][4], bf[kNI][2];
       load_a_frags<kAKMajor>(af, ta, warp_m, lane, kk);
       load_b_frags<kBKMajor>(bf, tb, warp_n, lane, kk);
@@ -248,6 +354,17 @@ __device__ __forceinline__ void store_pair(S* p, float v0, float v1) {  // p is 
   q.v[1] = from_float<S>(v1);
   *reinterpret_cast<Pack<S, 2>*>(p) = q;
 }
+// Columns n and n + 1 (n even) of a row, those below `limit`: one 4-byte store when both are inside
+// and `pair` (the row base and the column pair are 4-byte aligned), else element by element.
+template <class S>
+__device__ __forceinline__ void store_two(S* row, int64_t n, int64_t limit, bool pair, float v0, float v1) {
+  if (pair && n + 1 < limit) {
+    store_pair(row + n, v0, v1);
+    return;
+  }
+  if (n < limit) row[n] = from_float<S>(v0);
+  if (n + 1 < limit) row[n + 1] = from_float<S>(v1);
+}
 
 // ---- forward kernel ----------------------------------------------------------------------------------------
 template <class S>
@@ -267,6 +384,8 @@ struct ForwardArgs {
   int64_t ldpre;
   const float* row_weights;    // [R] or nullptr
   int32_t act;
+  bool vec_a, vec_b;           // 16-byte aligned rows of a / of b's columns (cp.async), else element loads
+  bool pair_c, pair_pre;       // 4-byte aligned column pairs of c / pre (paired stores)
 };
 
 // Finds the (expert, m tile) of tile slot `slot`: experts take consecutive slots, ceil(rows_e / 128)
@@ -332,8 +451,8 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_tc_kernel(const Forward
 
   // A: K-major, rows gathered through token_of_row; rows past the segment or with token -1 are zeros.
   KMajorLoader<S> la;
-  la.dummy = p.a;
   la.k_len = p.Kd;
+  la.vec = p.vec_a;
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int64_t r = m0 + (threadIdx.x >> 2) + 32 * i;
@@ -356,8 +475,8 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_tc_kernel(const Forward
   float acc[kMI][kNI][4] = {};
   if constexpr (kTransB) {  // b[e] [N, Kd]: K-major rows
     KMajorLoader<S> lb;
-    lb.dummy = p.b;
     lb.k_len = p.Kd;
+    lb.vec = p.vec_b;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       bool ok;
@@ -365,15 +484,23 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_tc_kernel(const Forward
       lb.row[i] = ok ? be + n * p.ldb : nullptr;
     }
     mainloop<S, true, true>(acc, smem, la, lb, p.Kd);
+  } else if constexpr (sizeof(S) == 4) {  // f32, b[e] [Kd, N], no gated pairs: transposed into K-major tiles
+    static_assert(!kGated, "f32 with b [E, Kd, N] takes no gated epilogue");
+    const TransposingKMajorLoader<S> lb{be + n0, p.ldb, p.Kd, p.N - n0};
+    mainloop<S, true, true>(acc, smem, la, lb, p.Kd);
   } else {  // b[e] [Kd, N]: MN-major
     MnMajorLoader<S> lb;
     bool ok;
-    const int64_t n = b_column((threadIdx.x & 15) * kChunk, &ok);
+    const int j0 = (threadIdx.x & 15) * kChunk;
+    const int64_t n = b_column(j0, &ok);
+    // the chunk's 8 columns are contiguous in b (one half of a gated pair): valid up to N, or F per half
+    int64_t left = p.N - n;
+    if constexpr (kGated) left = p.F - (n0 + (j0 / kWN) * (kWN / 2) + (j0 % kWN) % (kWN / 2));
     lb.base = be + n;
-    lb.dummy = p.b;
     lb.ld = p.ldb;
     lb.k_len = p.Kd;
-    lb.col_ok = ok;
+    lb.cols_left = ok ? left : 0;
+    lb.vec = p.vec_b;
     mainloop<S, true, false>(acc, smem, la, lb, p.Kd);
   }
 
@@ -393,31 +520,31 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_tc_kernel(const Forward
 #pragma unroll
         for (int ni = 0; ni < kNI / 2; ++ni) {
           const int64_t f = n0 + warp_n * (kWN / 2) + ni * 8 + (lane & 3) * 2;
-          if (f >= p.F) continue;  // F % 8 == 0: f and f + 1 are both in or both out
+          if (f >= p.F) continue;
           const float g0 = round_trip<S>(acc[mi][ni][2 * h]), g1 = round_trip<S>(acc[mi][ni][2 * h + 1]);
           const float u0 = round_trip<S>(acc[mi][ni + kNI / 2][2 * h]);
           const float u1 = round_trip<S>(acc[mi][ni + kNI / 2][2 * h + 1]);
           if (p.pre != nullptr) {
-            store_pair(p.pre + r * p.ldpre + f, g0, g1);
-            store_pair(p.pre + r * p.ldpre + p.F + f, u0, u1);
+            store_two(p.pre + r * p.ldpre, f, p.F, p.pair_pre, g0, g1);
+            store_two(p.pre + r * p.ldpre + p.F, f, p.F, p.pair_pre, u0, u1);
           }
-          store_pair(p.c + r * p.ldc + f, w * apply_activation(p.act, g0, u0),
-                     w * apply_activation(p.act, g1, u1));
+          store_two(p.c + r * p.ldc, f, p.F, p.pair_c, w * apply_activation(p.act, g0, u0),
+                    w * apply_activation(p.act, g1, u1));
         }
       } else {
 #pragma unroll
         for (int ni = 0; ni < kNI; ++ni) {
           const int64_t n = n0 + warp_n * kWN + ni * 8 + (lane & 3) * 2;
-          if (n >= p.N) continue;  // N % 8 == 0
+          if (n >= p.N) continue;
           float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
           if constexpr (kEpi == Epilogue::kActivation) {
             v0 = round_trip<S>(v0);
             v1 = round_trip<S>(v1);
-            if (p.pre != nullptr) store_pair(p.pre + r * p.ldpre + n, v0, v1);
+            if (p.pre != nullptr) store_two(p.pre + r * p.ldpre, n, p.N, p.pair_pre, v0, v1);
             v0 = apply_activation(p.act, v0, 1.0f);
             v1 = apply_activation(p.act, v1, 1.0f);
           }
-          store_pair(p.c + r * p.ldc + n, w * v0, w * v1);
+          store_two(p.c + r * p.ldc, n, p.N, p.pair_c, w * v0, w * v1);
         }
       }
     }
@@ -435,6 +562,8 @@ struct WgradArgs {
   int64_t R, M, N;
   int64_t m_tiles;
   S* c;  // [E, M, N]
+  bool vec_a, vec_b;  // 16-byte aligned rows (cp.async), else element loads
+  bool pair_c;        // N even and c 4-byte aligned: paired stores
 };
 
 // Grid: x = m_tiles * n_tiles (m fastest), y = E. The reduction runs over the segment's rows, so both
@@ -448,20 +577,26 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_wgrad_tc_kernel(const W
   const int64_t m0 = (blockIdx.x % p.m_tiles) * kBM, n0 = (blockIdx.x / p.m_tiles) * kBN;
   const int64_t seg_begin = max(int64_t{0}, min(p.offsets[e], p.R));
   const int64_t seg_end = max(seg_begin, min(p.offsets[e + 1], p.R));
-  const int64_t col = (threadIdx.x & 15) * kChunk;
-  MnMajorLoader<S> la, lb;
-  la.base = p.a + seg_begin * p.lda + m0 + col;
-  la.dummy = p.a;
-  la.ld = p.lda;
-  la.k_len = seg_end - seg_begin;
-  la.col_ok = m0 + col < p.M;
-  lb.base = p.b + seg_begin * p.ldb + n0 + col;
-  lb.dummy = p.b;
-  lb.ld = p.ldb;
-  lb.k_len = seg_end - seg_begin;
-  lb.col_ok = n0 + col < p.N;
   float acc[kMI][kNI][4] = {};
-  mainloop<S, false, false>(acc, smem, la, lb, seg_end - seg_begin);
+  if constexpr (sizeof(S) == 4) {  // f32 (3xTF32): K-major tiles, transposed by the loaders
+    const TransposingKMajorLoader<S> la{p.a + seg_begin * p.lda + m0, p.lda, seg_end - seg_begin, p.M - m0};
+    const TransposingKMajorLoader<S> lb{p.b + seg_begin * p.ldb + n0, p.ldb, seg_end - seg_begin, p.N - n0};
+    mainloop<S, true, true>(acc, smem, la, lb, seg_end - seg_begin);
+  } else {
+    const int64_t col = (threadIdx.x & 15) * kChunk;
+    MnMajorLoader<S> la, lb;
+    la.base = p.a + seg_begin * p.lda + m0 + col;
+    la.ld = p.lda;
+    la.k_len = seg_end - seg_begin;
+    la.cols_left = p.M - (m0 + col);
+    la.vec = p.vec_a;
+    lb.base = p.b + seg_begin * p.ldb + n0 + col;
+    lb.ld = p.ldb;
+    lb.k_len = seg_end - seg_begin;
+    lb.cols_left = p.N - (n0 + col);
+    lb.vec = p.vec_b;
+    mainloop<S, false, false>(acc, smem, la, lb, seg_end - seg_begin);
+  }
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int warp_m = warp % kWarpsM, warp_n = warp / kWarpsM;
@@ -475,7 +610,7 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_wgrad_tc_kernel(const W
 #pragma unroll
       for (int ni = 0; ni < kNI; ++ni) {
         const int64_t n = n0 + warp_n * kWN + ni * 8 + (lane & 3) * 2;
-        if (n < p.N) store_pair(ce + m * p.N + n, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
+        store_two(ce + m * p.N, n, p.N, p.pair_c, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1]);
       }
     }
   }

@@ -8,11 +8,11 @@
 // expert segments are read from the device offsets inside the kernels, so a layer that calls them
 // can be captured in a CUDA graph.
 //
-// Supported: bf16 and f16 (mma.m16n8k16 with f32 accumulation). Anything else (f32, f64) returns
+// Supported: bf16 and f16 (mma.m16n8k16 with f32 accumulation), and f32 as 3xTF32 (mma.m16n8k8.tf32).
+// Anything else (f32 with b [E, Kd, N] and a gated activation, f64) returns
 // kUnsupported naming the fallback: grouped_gemm_naive / grouped_gemm_wgrad_naive (f32), the CPU
-// backend (f64). The 16-byte cp.async loads need every leading dimension and the column counts
-// (Kd, N, F, M, and the row strides) to be multiples of 8 elements and 16-byte aligned base
-// pointers; otherwise the launchers return kUnsupported ("... use grouped_gemm_naive").
+// backend (f64). Any size and stride: 16-byte aligned rows load with cp.async (a partial last chunk
+// through src-size), other rows element by element; edges are predicated and zero-filled.
 #pragma once
 
 #include <optional>

@@ -56,13 +56,15 @@ __global__ void __launch_bounds__(kTile* kTile)
 template <class S>
 __global__ void __launch_bounds__(kTile* kTile)
     grouped_gemm_wgrad_naive_kernel(const S* a, int64_t lda, const S* b, int64_t ldb, const int64_t* offsets,
-                                    int64_t M, int64_t N, S* c) {
+                                    int64_t R, int64_t M, int64_t N, S* c) {
   const int64_t n = static_cast<int64_t>(blockIdx.x) * kTile + threadIdx.x;
   const int64_t m = static_cast<int64_t>(blockIdx.y) * kTile + threadIdx.y;
   const int64_t e = blockIdx.z;
   if (n >= N || m >= M) return;
   float acc = 0.0f;
-  for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) acc += to_float(a[r * lda + m]) * to_float(b[r * ldb + n]);
+  // segments clamped to [0, R), as the tensor-core kernels clamp them
+  const int64_t lo = max(int64_t{0}, min(offsets[e], R)), hi = max(lo, min(offsets[e + 1], R));
+  for (int64_t r = lo; r < hi; ++r) acc += to_float(a[r * lda + m]) * to_float(b[r * ldb + n]);
   c[(e * M + m) * N + n] = from_float<S>(acc);
 }
 
@@ -104,8 +106,8 @@ Status grouped_gemm_wgrad_naive(const TensorView& a, const TensorView& b, const 
     const dim3 grid(static_cast<unsigned>(ceil_div(N, kTile)), static_cast<unsigned>(ceil_div(M, kTile)),
                     static_cast<unsigned>(E));
     SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, grid, dim3(kTile, kTile), 0, as_stream(stream), a.data_as<const S>(),
-                                a.stride(0), b.data_as<const S>(), b.stride(0), offsets.data_as<const int64_t>(), M,
-                                N, c.data_as<S>()));
+                                a.stride(0), b.data_as<const S>(), b.stride(0), offsets.data_as<const int64_t>(),
+                                a.size(0), M, N, c.data_as<S>()));
     return Status::Ok();
   });
 }

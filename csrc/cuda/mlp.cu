@@ -11,16 +11,17 @@
 //     ys  = act @ w2[e]^T                               the backend's grouped_gemm (tensor cores or v0)
 //     rows outside [offsets[0], offsets[E]) of pre, act, ys become zeros (zero_rows_outside_kernel,
 //     which reads offsets[0] and offsets[E] on the device).
-//     Where the tensor cores do not apply (f32, sizes not multiples of 8, unaligned rows) the first GEMM
+//     Where the tensor cores do not apply (f64 aside: none for the forward's trans_b GEMMs) the first GEMM
 //     is grouped_gemm(xs, w1) -> pre, zeros outside, then activation_forward over all R rows (act(0) = 0
 //     for every activation, so the outside rows of act come out zero too).
 //  backward: grad_act = grad_ys @ w2[e]; grad_w2 = wgrad(grad_ys, act); grad_pre = act'(pre, grad_act)
 //     over all R rows (grad_act zeroed outside first, so every value is defined); grad_w1 = wgrad(grad_pre,
 //     xs); grad_xs = grad_pre @ w1[e], zeros outside; grad_x = permute_backward(grad_xs). Intermediates
 //     are carved from the caller's workspace exactly as the CPU backend carves them.
-//  Shared expert: the same MLP over one segment [0, T]. Its offsets {0, T} must be in device memory for
-//     the GEMM kernels: a one-thread kernel writes them into a 16-byte stream-ordered scratch
-//     (cudaMallocAsync, as csrc/cuda/gating.cu's loss partials; no host sync, capturable). The sigmoid
+//  Shared expert: the same MLP over one segment [0, T]. Its offsets live in device memory for the GEMM
+//     kernels: the constant {0, INT64_MAX} (g_whole_segment), which the kernels clamp to [0, R = T), so
+//     nothing is written or allocated per call. The gate reduction's partials are carved from the
+//     caller's workspace (shared_expert_workspace_extra_bytes; torch allocates it in Python). The sigmoid
 //     gate is one warp per token (fixed butterfly sum); grad_gate_w[h] = sum_t dlogit[t] x[t, h] is a
 //     two-pass reduction (per-chunk partials over kGateChunk tokens in token order, then the partials
 //     in chunk order): deterministic, no float atomics.
@@ -113,18 +114,9 @@ class WorkspaceCarver {
   char* next_;
 };
 
-// offsets = {0, T}: the one segment of the shared expert, written on the device.
-__global__ void whole_segment_kernel(int64_t* offsets, int64_t T) {
-  if (threadIdx.x == 0 && blockIdx.x == 0) {
-    offsets[0] = 0;
-    offsets[1] = T;
-  }
-}
-
-Status write_whole_segment(int64_t* offsets, int64_t T, cudaStream_t stream) {
-  SMOE_CUDA_CHECK(SMOE_LAUNCH(&whole_segment_kernel, dim3(1), dim3(32), 0, stream, offsets, T));
-  return Status::Ok();
-}
+// The shared expert's one segment: {0, INT64_MAX} in device memory, which every GEMM and zero-rows
+// kernel clamps to [0, R) (docs/cuda.md, data rules), so no per-call write and no allocation.
+__device__ int64_t g_whole_segment[2] = {0, INT64_MAX};
 
 // A 2-D weight [N, Kd] seen as the single expert [1, N, Kd] of a grouped GEMM.
 TensorView as_one_expert(const TensorView& w) {
@@ -133,11 +125,14 @@ TensorView as_one_expert(const TensorView& w) {
   return v;
 }
 
-// The device segment {0, T} as an offsets view [2] i64 on x's device.
-TensorView segment_view(int64_t* seg, const TensorView& x) {
-  TensorView v = make_view(static_cast<void*>(seg), DType::kI64, {2}, x.device);
+// g_whole_segment of the current device (the tensors' device: DeviceGuard) as an offsets view [2] i64.
+Status whole_segment(const TensorView& x, TensorView* offsets) {
+  void* seg = nullptr;
+  SMOE_CUDA_CHECK(cudaGetSymbolAddress(&seg, g_whole_segment));
+  TensorView v = make_view(seg, DType::kI64, {2}, x.device);
   v.device_index = x.device_index;
-  return v;
+  *offsets = v;
+  return Status::Ok();
 }
 
 // ---- the sigmoid gate -----------------------------------------------------------------------------
@@ -242,7 +237,7 @@ Status mlp_forward(const ExpertMlpParams& params, const TensorView& x, const Ten
   tc.activation = params.activation;
   Status st = grouped_gemm_tc(tc, x, w1, offsets, token_of_row, TensorView{}, act, pre, stream);
   if (st.code() == Code::kUnsupported) {
-    // f32 or unaligned sizes: v0 GEMM on the permuted rows, then the activation kernel.
+    // refused by the tensor-core launcher: v0 GEMM on the permuted rows, then the activation kernel.
     SMOE_RETURN_IF_ERROR(grouped_gemm(GroupedGemmParams{true}, xs, w1, offsets, pre, stream));
     SMOE_RETURN_IF_ERROR(zero_rows_outside(offsets, R, stream, pre));
     SMOE_RETURN_IF_ERROR(activation_forward(params.activation, pre, act, stream));
@@ -310,11 +305,8 @@ Status shared_expert_forward(const ExpertMlpParams& params, const TensorView& x,
   const int64_t T = x.size(0), H = x.size(1);
   if (T == 0) return Status::Ok();
   const cudaStream_t s = as_stream(stream);
-  StreamScratch scratch(s);
-  SMOE_CUDA_CHECK(scratch.allocate(2 * sizeof(int64_t)));
-  int64_t* seg = scratch.at<int64_t>(0);
-  SMOE_RETURN_IF_ERROR(write_whole_segment(seg, T, s));
-  const TensorView offsets = segment_view(seg, x);
+  TensorView offsets;
+  SMOE_RETURN_IF_ERROR(whole_segment(x, &offsets));
   // No gather: x is its own permuted input (token_of_row absent, xs = x).
   SMOE_RETURN_IF_ERROR(
       mlp_forward(params, x, TensorView{}, x, offsets, as_one_expert(w1), as_one_expert(w2), pre, act, out, s));
@@ -328,6 +320,12 @@ Status shared_expert_forward(const ExpertMlpParams& params, const TensorView& x,
                                 y.data_as<S>(), y.stride(0)));
     return Status::Ok();
   });
+}
+
+int64_t shared_expert_workspace_extra_bytes(int64_t T, int64_t H) {
+  if (T < 0 || H < 0) return 0;
+  return static_cast<int64_t>((sizeof(float) * static_cast<size_t>(ceil_div(T, kGateChunk) * H) + kWorkspaceAlign - 1) /
+                              kWorkspaceAlign * kWorkspaceAlign);
 }
 
 Status shared_expert_backward(const ExpertMlpParams& params, const TensorView& grad_y, const TensorView& x,
@@ -353,12 +351,10 @@ Status shared_expert_backward(const ExpertMlpParams& params, const TensorView& g
     return unsupported(op, "T = " + std::to_string(T) + " exceeds the gate reduction's grid (65535 chunks of " +
                                std::to_string(kGateChunk) + " tokens); split the batch");
   }
-  StreamScratch scratch(s);
-  const size_t partial_at = 64;  // the segment {0, T} first, then partial [P, H] f32
-  SMOE_CUDA_CHECK(scratch.allocate(partial_at + (gated ? sizeof(float) * static_cast<size_t>(P * H) : 0)));
-  int64_t* seg = scratch.at<int64_t>(0);
-  SMOE_RETURN_IF_ERROR(write_whole_segment(seg, T, s));
-  const TensorView offsets = segment_view(seg, x);
+  // After the CPU backend's pieces: the gate reduction's partials [P, H] f32 (shared_expert_workspace_extra_bytes).
+  const TensorView partial = ws.take(DType::kF32, P, H);
+  TensorView offsets;
+  SMOE_RETURN_IF_ERROR(whole_segment(x, &offsets));
 
   SMOE_RETURN_IF_ERROR(dispatch_float(dt, op, [&](auto tag) -> Status {
     using S = typename decltype(tag)::type;
@@ -373,11 +369,11 @@ Status shared_expert_backward(const ExpertMlpParams& params, const TensorView& g
       SMOE_CUDA_CHECK(SMOE_LAUNCH(&gate_w_partial_kernel<S>,
                                   dim3(static_cast<unsigned>(ceil_div(H, kThreads)), static_cast<unsigned>(P)),
                                   dim3(kThreads), 0, s, dlogit.data_as<const float>(), x.data_as<const S>(),
-                                  x.stride(0), T, H, scratch.at<float>(partial_at)));
+                                  x.stride(0), T, H, partial.data_as<float>()));
     }
     // thread per column, partials in chunk order
     SMOE_CUDA_CHECK(SMOE_LAUNCH(&gate_w_reduce_kernel<S>, dim3(grid_for(H, kThreads)), dim3(kThreads), 0, s,
-                                scratch.at<const float>(partial_at), P, H, grad_gate_w.data_as<S>()));
+                                partial.data_as<const float>(), P, H, grad_gate_w.data_as<S>()));
     return Status::Ok();
   }));
 

@@ -95,11 +95,19 @@ __global__ void __launch_bounds__(kRowThreads)
 
 // inverse[row_of[a]] = a. A row referenced twice (the CPU backend rejects it) keeps the largest a:
 // atomicMax on integers gives the same answer in every order.
-__global__ void invert_rows_kernel(const int32_t* row_of, int64_t n, int64_t R, int32_t* inverse) {
+// inverse[r * istride] = -1 for every row (istride: ints between two rows' slots).
+__global__ void clear_inverse_kernel(int64_t R, int64_t istride, int32_t* inverse) {
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < R;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    inverse[r * istride] = -1;
+  }
+}
+
+__global__ void invert_rows_kernel(const int32_t* row_of, int64_t n, int64_t R, int64_t istride, int32_t* inverse) {
   for (int64_t a = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; a < n;
        a += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int32_t r = row_of[a];
-    if (r >= 0 && r < R) atomicMax(&inverse[r], static_cast<int32_t>(a));
+    if (r >= 0 && r < R) atomicMax(&inverse[r * istride], static_cast<int32_t>(a));
   }
 }
 
@@ -107,10 +115,11 @@ __global__ void invert_rows_kernel(const int32_t* row_of, int64_t n, int64_t R, 
 template <class S, int V>
 __global__ void __launch_bounds__(kRowThreads)
     scatter_grad_rows_kernel(const S* grad_y, int64_t gy_stride, const float* weights, const int32_t* inverse,
-                             int64_t R, int32_t K, int64_t H, S* grad_ys) {
+                             int64_t istride, int64_t R, int32_t K, int64_t H, S* grad_ys) {
   const int64_t chunks = H / V;
   for (int64_t r = first_row(); r < R; r += row_step()) {
-    const int32_t a = inverse[r];
+    const int32_t a = inverse[r * istride];
+    __syncwarp();  // the slot may live in this very row of grad_ys: every lane has read it before any store
     S* dst = grad_ys + r * H;
     if (a < 0) {
       float z[V];
@@ -267,27 +276,37 @@ Status combine_backward(const TensorView& grad_y, const TensorView& ys, const Te
     constexpr int kV = 16 / sizeof(S);
     const int64_t gy_stride = grad_y.stride(0);
     if (grad_ys.defined() && R > 0 && H > 0) {
-      // Inverse map row -> (t, k) in stream-ordered scratch (R ints; no host sync, graph-capturable).
-      int32_t* inverse = nullptr;
-      SMOE_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&inverse), sizeof(int32_t) * size_t(R), s));
+      // Inverse map row -> (t, k). It lives in the first 4 bytes of each row of grad_ys itself (the row's
+      // warp reads it before overwriting the row), so nothing is allocated; only rows narrower than 4
+      // bytes or not 4-byte aligned (never a layer's shapes) use stream-ordered scratch (R ints).
+      const size_t row_bytes = sizeof(S) * static_cast<size_t>(H);
+      const bool in_rows = row_bytes >= 4 && row_bytes % 4 == 0 && reinterpret_cast<uintptr_t>(grad_ys.data) % 4 == 0;
+      int32_t* inverse = in_rows ? grad_ys.data_as<int32_t>() : nullptr;
+      const int64_t istride = in_rows ? static_cast<int64_t>(row_bytes / 4) : 1;
+      if (!in_rows) SMOE_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&inverse), sizeof(int32_t) * size_t(R), s));
       Status st = [&]() -> Status {
-        SMOE_CUDA_CHECK(cudaMemsetAsync(inverse, 0xff, sizeof(int32_t) * size_t(R), s));  // -1
+        // thread per row
+        SMOE_CUDA_CHECK(SMOE_LAUNCH(&clear_inverse_kernel, dim3(grid_for(R, 256)), dim3(256), 0, s, R, istride,
+                                    inverse));
         if (T * K > 0) {
           // grid-stride over the T*K assignments
           SMOE_CUDA_CHECK(SMOE_LAUNCH(&invert_rows_kernel, dim3(grid_for(T * K, 256)), dim3(256), 0, s,
-                                      row_of.data_as<const int32_t>(), T * K, R, inverse));
+                                      row_of.data_as<const int32_t>(), T * K, R, istride, inverse));
         }
         const bool vec = vector_width(sizeof(S), H, {grad_y.data, grad_ys.data}, {gy_stride}) == kV;
         auto* kernel = vec ? &scatter_grad_rows_kernel<S, kV> : &scatter_grad_rows_kernel<S, 1>;
         // one warp per row of grad_ys: every row written once, zeros included
         SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, dim3(row_grid(R)), dim3(kRowThreads), 0, s, grad_y.data_as<const S>(),
                                     gy_stride, weights.data_as<const float>(), static_cast<const int32_t*>(inverse),
-                                    R, static_cast<int32_t>(K), H, grad_ys.data_as<S>()));
+                                    istride, R, static_cast<int32_t>(K), H, grad_ys.data_as<S>()));
         return Status::Ok();
       }();
-      const cudaError_t freed = cudaFreeAsync(inverse, s);
+      if (!in_rows) {
+        const cudaError_t freed = cudaFreeAsync(inverse, s);
+        SMOE_RETURN_IF_ERROR(st);
+        SMOE_CUDA_CHECK(freed);
+      }
       SMOE_RETURN_IF_ERROR(st);
-      SMOE_CUDA_CHECK(freed);
     }
     if (grad_weights.defined() && T * K > 0) {
       const bool vec = vector_width(sizeof(S), H, {grad_y.data, ys.data}, {gy_stride}) == kV;

@@ -4,20 +4,21 @@
 // Versions (docs/kernels/routing.md):
 //  v0 (CPU, csrc/cpu/routing.cpp): per-chunk histograms, a serial scan over (expert, chunk), a
 //     stable scatter per chunk.
-//  v1 (this file): the same three passes as three kernels, with the CPU's chunking (so the
-//     workspace is the same [chunks, E] i32 table and the result is the same permutation):
+//  v1 (this file): the same passes as kernels over finer chunks (~1024 assignments, up to 4096
+//     chunks; the stable order is the same whatever the chunking, so the result equals the CPU's):
 //     1. histogram: one block per chunk, shared-memory integer atomics (order-free), one row of the
-//        table per block; the blocks also fill token_of_row with -1 (padding, unused rows);
-//     2. scan: one block; thread-owned expert ranges turn each column of the table into per-chunk
-//        rank bases, apply the capacity and the padding, then a block scan writes offsets (i64);
+//        [chunks, E] table per block; the blocks also fill token_of_row with -1 (padding, unused rows);
+//     2a. column scan: one block per expert turns its column of the table into per-chunk rank bases
+//        (block scans in chunk order) and writes its total;
+//     2b. scan: one block (512 threads) applies the capacity and the padding, then a block scan writes offsets (i64);
 //     3. scatter: one warp per chunk walks its assignments in (t, k) order, 32 at a time;
 //        __match_any_sync groups the lanes with the same expert, and a lane's rank is its chunk
 //        base plus the number of lower lanes in its group, so the order is stable whatever the
 //        schedule. Offsets and counts never leave the device.
 //  v2 (this file, drop_policy kByScore with a capacity): passes 1-2 as above (the scan also writes
 //     the dropless segment starts), then
-//     3'. group: the scatter of pass 3 writes each assignment's flat index a = t*K + k into its
-//        expert's dropless segment of a workspace list, in token order;
+//     3'. group: the scatter of pass 3 writes each assignment's flat index a = t*K + k and its weight
+//        into its expert's dropless segment of two workspace lists, in token order;
 //     4'. select: one block per expert; an expert over capacity finds the C-th best of its packed
 //        keys (weight desc, then a asc) by a block radix select (common.cuh), keeps the keys >= it
 //        (exactly C: keys are distinct), and a block scan of the kept flags in segment (= token)
@@ -30,19 +31,23 @@
 namespace smoe::SMOE_CUDA_NS {
 namespace {
 
-// The CPU backend's chunking (csrc/cpu/routing.cpp): a function of T and K only.
-constexpr int64_t kAssignmentsPerChunk = 8192;
-constexpr int64_t kMaxChunks = 64;
+// Chunking: ~1024 assignments per chunk (one warp walks a chunk in 32 steps of 32), up to kMaxChunks
+// chunks, whole tokens per chunk. Finer than the CPU backend's (8192 per chunk, at most 64): a stable
+// counting sort has one answer whatever the chunking (tests/cpp/cuda/test_routing.cpp checks several),
+// and many short chunks spread the scatter over the SMs instead of 64 warps of 256 dependent steps.
+constexpr int64_t kAssignmentsPerChunk = 1024;
+constexpr int64_t kMaxChunks = 4096;
+constexpr int kColumnScanThreads = 128;    // pass 2a: one block per expert
 constexpr int64_t kAlign = 64;
 constexpr int kHistThreads = 256;
-constexpr int kScanThreads = 1024;
+constexpr int kScanThreads = 512;  // pass 2b: one block (512: no register spills at the launch bound)
 constexpr int kMaxSmemHistogram = 12288;  // E ints in 48 KiB of shared memory
 constexpr int kSelectThreads = 256;        // drop by score: one block per expert
 
 int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
-int64_t num_chunks(int64_t T, int64_t K) {
-  const int64_t by_size = (T * K + kAssignmentsPerChunk - 1) / kAssignmentsPerChunk;
+int64_t num_chunks(int64_t T, int64_t K, int64_t per_chunk) {
+  const int64_t by_size = (T * K + per_chunk - 1) / per_chunk;
   const int64_t hi = kMaxChunks < (T > 1 ? T : 1) ? kMaxChunks : (T > 1 ? T : 1);
   return by_size < 1 ? 1 : (by_size > hi ? hi : by_size);
 }
@@ -102,22 +107,37 @@ __device__ __forceinline__ long long block_exclusive_scan(long long v, long long
   return before;
 }
 
-// Pass 2: column scans of hist (-> rank bases), counts, padded offsets. One block.
+// Pass 2a: one block per expert e turns column e of hist into exclusive rank bases (a block scan over
+// the chunks, tile by tile in chunk order) and writes the expert's total to totals[e].
+__global__ void __launch_bounds__(kColumnScanThreads)
+    routing_column_scan_kernel(int32_t* hist, int32_t n_chunks, int32_t E, int32_t* totals) {
+  __shared__ long long warp_totals[32];
+  const int e = blockIdx.x;
+  long long carry = 0;  // assignments of expert e in the chunks of the earlier tiles
+  for (int c0 = 0; c0 < n_chunks; c0 += blockDim.x) {
+    const int c = c0 + static_cast<int>(threadIdx.x);
+    int32_t* cell = hist + static_cast<int64_t>(c) * E + e;
+    const int32_t n = c < n_chunks ? *cell : 0;
+    long long tile = 0;
+    const long long before = block_exclusive_scan(n, warp_totals, &tile);
+    if (c < n_chunks) *cell = static_cast<int32_t>(carry + before);
+    carry += tile;
+    __syncthreads();  // warp_totals is reused by the next tile's scan
+  }
+  if (threadIdx.x == 0) totals[e] = static_cast<int32_t>(carry);
+}
+
+// Pass 2b: counts (capacity), padded offsets, from the totals of pass 2a (in counts). One block.
 __global__ void __launch_bounds__(kScanThreads)
-    routing_scan_kernel(int32_t* hist, int32_t n_chunks, int32_t E, int64_t capacity, int32_t pad_multiple,
-                        int32_t* counts, int64_t* offsets, int32_t* start) {
+    routing_scan_kernel(int32_t E, int64_t capacity, int32_t pad_multiple, int32_t* counts, int64_t* offsets,
+                        int32_t* start) {
   __shared__ long long warp_totals[32];
   // Thread i owns the contiguous experts [e0, e1): the padded sizes of its range add to one value.
   const int per = static_cast<int>((E + blockDim.x - 1) / blockDim.x);
   const int e0 = min(E, static_cast<int>(threadIdx.x) * per), e1 = min(E, e0 + per);
   long long mine = 0;
   for (int e = e0; e < e1; ++e) {
-    int32_t run = 0;
-    for (int c = 0; c < n_chunks; ++c) {
-      const int32_t n = hist[static_cast<int64_t>(c) * E + e];
-      hist[static_cast<int64_t>(c) * E + e] = run;
-      run += n;
-    }
+    const int32_t run = counts[e];  // the expert's total (pass 2a)
     const int32_t kept = capacity < 0 ? run : static_cast<int32_t>(run < capacity ? run : capacity);
     counts[e] = kept;
     if (start) start[e] = run;  // the expert's total for now; its dropless segment start below
@@ -151,7 +171,7 @@ template <bool kGroup>
 __global__ void __launch_bounds__(32)
     routing_scatter_kernel(const int32_t* experts, int64_t T, int32_t K, int32_t E, int32_t n_chunks, int32_t* hist,
                            const int32_t* counts, const int64_t* offsets, int32_t* row_of, int32_t* token_of_row,
-                           const int32_t* start, int32_t* grouped) {
+                           const int32_t* start, int32_t* grouped, const float* weights, float* grouped_w) {
   const int lane = threadIdx.x;
   const int c = blockIdx.x;
   int32_t* base = hist + static_cast<int64_t>(c) * E;
@@ -171,6 +191,7 @@ __global__ void __launch_bounds__(32)
     if (kGroup) {
       if (routed) {
         grouped[start[e] + rank] = static_cast<int32_t>(a);  // row_of is written by the select pass
+        grouped_w[start[e] + rank] = weights[a];             // the select reads its keys contiguously
       } else {
         row_of[a] = -1;
       }
@@ -186,18 +207,19 @@ __global__ void __launch_bounds__(32)
 
 // Pass 4' (drop by score): one block per expert over its dropless segment of the grouped list.
 __global__ void __launch_bounds__(kSelectThreads)
-    routing_select_by_score_kernel(const int32_t* grouped, const int32_t* start, const float* weights, int32_t K,
+    routing_select_by_score_kernel(const int32_t* grouped, const float* grouped_w, const int32_t* start, int32_t K,
                                    const int32_t* counts, const int64_t* offsets, int32_t* row_of,
                                    int32_t* token_of_row) {
   __shared__ int hist[258];
   __shared__ long long warp_totals[32];
   const int e = blockIdx.x;
   const int32_t* seg = grouped + start[e];
+  const float* seg_w = grouped_w + start[e];
   const int64_t n = start[e + 1] - start[e], keep = counts[e];
   // (weight desc, a asc) as one unsigned compare: the CPU backend's strict order (csrc/cpu/routing.cpp).
   const auto key_at = [&](int64_t i) {
     const int32_t a = seg[i];
-    return pack_key(weights[a], static_cast<uint32_t>(a));
+    return pack_key(seg_w[i], static_cast<uint32_t>(a));
   };
   // n, keep are the same in every thread: the branch is uniform, so the barriers inside are reached by all.
   const bool keep_all = keep >= n, keep_none = keep == 0;
@@ -233,56 +255,75 @@ bool drops_by_score(const RoutingPlanParams& p) { return p.capacity >= 0 && p.dr
 }  // namespace
 
 int64_t routing_plan_workspace_bytes(const RoutingPlanParams& params, int64_t T, int64_t K) {
-  if (params.num_experts < 1 || T < 0 || K < 0) return 0;
-  // hist [chunks, E] i32: per-chunk counts, then per-chunk rank bases (the CPU backend's first table)
-  int64_t bytes = align_up(num_chunks(T, K) * params.num_experts * int64_t(sizeof(int32_t)), kAlign);
-  // by score: grouped [T*K] i32 (assignments by expert, token order) + start [E+1] i32
-  if (drops_by_score(params)) bytes += grouped_bytes(T, K) + align_up((params.num_experts + 1) * 4, kAlign);
+  return routing_plan_workspace_bytes_chunked(params, T, K, kAssignmentsPerChunk);
+}
+
+int64_t routing_plan_workspace_bytes_chunked(const RoutingPlanParams& params, int64_t T, int64_t K,
+                                             int64_t per_chunk) {
+  if (params.num_experts < 1 || T < 0 || K < 0 || per_chunk < 1) return 0;
+  // hist [chunks, E] i32: per-chunk counts, then per-chunk rank bases
+  int64_t bytes = align_up(num_chunks(T, K, per_chunk) * params.num_experts * int64_t(sizeof(int32_t)), kAlign);
+  // by score: grouped [T*K] i32 (assignments by expert, token order), their weights [T*K] f32 (the
+  // select's keys, read contiguously 8 times), start [E+1] i32
+  if (drops_by_score(params)) bytes += 2 * grouped_bytes(T, K) + align_up((params.num_experts + 1) * 4, kAlign);
   return bytes;
 }
 
 Status routing_plan(const RoutingPlanParams& params, const TensorView& experts, const TensorView& weights,
                     const TensorView& counts, const TensorView& offsets, const TensorView& row_of,
                     const TensorView& token_of_row, const TensorView& workspace, void* stream) {
+  return routing_plan_chunked(params, experts, weights, counts, offsets, row_of, token_of_row, workspace,
+                              kAssignmentsPerChunk, stream);
+}
+
+Status routing_plan_chunked(const RoutingPlanParams& params, const TensorView& experts, const TensorView& weights,
+                            const TensorView& counts, const TensorView& offsets, const TensorView& row_of,
+                            const TensorView& token_of_row, const TensorView& workspace, int64_t per_chunk,
+                            void* stream) {
   const char* op = "routing_plan";
+  if (per_chunk < 1) return invalid_argument(op, "per_chunk", "at least 1", std::to_string(per_chunk));
   const bool by_score = drops_by_score(params);
   const int64_t T = experts.size(0), K = experts.size(1);
   const int32_t E = params.num_experts;
   const int64_t rows = token_of_row.size(0);
   const cudaStream_t s = as_stream(stream);
-  const int32_t n_chunks = static_cast<int32_t>(num_chunks(T, K));
-  const int64_t ws_bytes = ::smoe::SMOE_CUDA_NS::routing_plan_workspace_bytes(params, T, K);
+  const int32_t n_chunks = static_cast<int32_t>(num_chunks(T, K, per_chunk));
+  const int64_t ws_bytes = routing_plan_workspace_bytes_chunked(params, T, K, per_chunk);
   if (workspace.numel() * dtype_size(workspace.dtype) < ws_bytes) {
     return invalid_argument(op, "workspace", std::to_string(ws_bytes) + " bytes (CUDA backend)",
                             std::to_string(workspace.numel() * dtype_size(workspace.dtype)) + " bytes");
   }
   int32_t* hist = workspace.data_as<int32_t>();
   uint8_t* ws_tail = workspace.data_as<uint8_t>() + align_up(int64_t(n_chunks) * E * int64_t(sizeof(int32_t)), kAlign);
-  int32_t* grouped = by_score ? reinterpret_cast<int32_t*>(ws_tail) : nullptr;                    // [T*K]
-  int32_t* start = by_score ? reinterpret_cast<int32_t*>(ws_tail + grouped_bytes(T, K)) : nullptr;  // [E+1]
+  int32_t* grouped = by_score ? reinterpret_cast<int32_t*>(ws_tail) : nullptr;                          // [T*K]
+  float* grouped_w = by_score ? reinterpret_cast<float*>(ws_tail + grouped_bytes(T, K)) : nullptr;        // [T*K]
+  int32_t* start = by_score ? reinterpret_cast<int32_t*>(ws_tail + 2 * grouped_bytes(T, K)) : nullptr;  // [E+1]
   const size_t smem = E <= kMaxSmemHistogram ? sizeof(int32_t) * static_cast<size_t>(E) : 0;
-  // one block per chunk of ~8192 assignments (the CPU backend's chunks)
+  // one block per chunk of ~per_chunk assignments
   SMOE_CUDA_CHECK(SMOE_LAUNCH(&routing_histogram_kernel, dim3(static_cast<unsigned>(n_chunks)), dim3(kHistThreads),
                               smem, s, experts.data_as<const int32_t>(), T, static_cast<int32_t>(K), E, n_chunks,
                               hist, token_of_row.data_as<int32_t>(), rows));
-  // one block: E columns of at most 64 chunks, then one scan over E
-  SMOE_CUDA_CHECK(SMOE_LAUNCH(&routing_scan_kernel, dim3(1), dim3(kScanThreads), 0, s, hist, n_chunks, E,
-                              params.capacity, params.pad_multiple, counts.data_as<int32_t>(),
-                              offsets.data_as<int64_t>(), start));
+  // one block per expert: its column of chunk counts -> rank bases, its total into counts
+  SMOE_CUDA_CHECK(SMOE_LAUNCH(&routing_column_scan_kernel, dim3(static_cast<unsigned>(E)), dim3(kColumnScanThreads),
+                              0, s, hist, n_chunks, E, counts.data_as<int32_t>()));
+  // one block: capacity, padding and one scan over E
+  SMOE_CUDA_CHECK(SMOE_LAUNCH(&routing_scan_kernel, dim3(1), dim3(kScanThreads), 0, s, E, params.capacity,
+                              params.pad_multiple, counts.data_as<int32_t>(), offsets.data_as<int64_t>(), start));
   if (T * K == 0) return Status::Ok();
-  // one warp per chunk: the warp serialises its chunk in (t, k) order, 32 assignments a step
+  // one warp per chunk: the warp serialises its chunk in (t, k) order, 32 assignments a step (~32 steps)
   auto* scatter = by_score ? &routing_scatter_kernel<true> : &routing_scatter_kernel<false>;
   SMOE_CUDA_CHECK(SMOE_LAUNCH(scatter, dim3(static_cast<unsigned>(n_chunks)), dim3(32), 0, s,
                               experts.data_as<const int32_t>(), T, static_cast<int32_t>(K), E, n_chunks, hist,
                               counts.data_as<const int32_t>(), offsets.data_as<const int64_t>(),
                               row_of.data_as<int32_t>(), token_of_row.data_as<int32_t>(),
-                              static_cast<const int32_t*>(start), grouped));
+                              static_cast<const int32_t*>(start), grouped,
+                              by_score ? weights.data_as<const float>() : nullptr, grouped_w));
   if (!by_score) return Status::Ok();
   // one block per expert: a radix select over its segment (only experts over capacity), then a block
   // scan of the kept flags in token order
   SMOE_CUDA_CHECK(SMOE_LAUNCH(&routing_select_by_score_kernel, dim3(static_cast<unsigned>(E)),
                               dim3(kSelectThreads), 0, s, static_cast<const int32_t*>(grouped),
-                              static_cast<const int32_t*>(start), weights.data_as<const float>(),
+                              static_cast<const float*>(grouped_w), static_cast<const int32_t*>(start),
                               static_cast<int32_t>(K), counts.data_as<const int32_t>(),
                               offsets.data_as<const int64_t>(), row_of.data_as<int32_t>(),
                               token_of_row.data_as<int32_t>()));

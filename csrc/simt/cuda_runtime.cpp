@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -15,6 +16,7 @@
 
 struct CUstream_st {
   unsigned flags;
+  int device;  // the device current when the stream was created
 };
 struct CUevent_st {
   std::chrono::steady_clock::time_point when;
@@ -29,7 +31,11 @@ struct State {
   cudaError_t last = cudaSuccess;
   cudaError_t sticky = cudaSuccess;
   std::string sticky_text;
-  std::unordered_map<void*, size_t> device_allocs;
+  struct Alloc {
+    size_t bytes;
+    int device;  // the device current at cudaMalloc
+  };
+  std::map<uintptr_t, Alloc> device_allocs;  // by address, for the launch's pointer check
   std::unordered_set<void*> host_allocs;
   std::unordered_map<const void*, size_t> max_dyn_smem;
   size_t bytes_in_use = 0;
@@ -39,6 +45,9 @@ State& state() {
   static State* s = new State();  // never destroyed: launches may outlive static destructors
   return *s;
 }
+
+// The current device is per host thread, as in CUDA.
+thread_local int tls_current_device = 0;
 
 constexpr size_t kTotalMem = size_t{80} << 30;
 
@@ -92,6 +101,22 @@ void record_kernel_error(cudaError_t error, const std::string& message) {
   state().sticky_text = std::string(base_error_string(error)) + " [smoe-simt] " + message;
   while (!state().sticky_text.empty() && state().sticky_text.back() == '\n')
     state().sticky_text.pop_back();
+}
+
+int current_device() { return tls_current_device; }
+
+int stream_device(cudaStream_t stream) {
+  if (stream == nullptr || stream == cudaStreamLegacy || stream == cudaStreamPerThread) return tls_current_device;
+  return stream->device;
+}
+
+int device_of_pointer(const void* p) {
+  const uintptr_t u = reinterpret_cast<uintptr_t>(p);
+  std::lock_guard<std::mutex> lock(state().mu);
+  auto it = state().device_allocs.upper_bound(u);
+  if (it == state().device_allocs.begin()) return -1;
+  --it;
+  return u < it->first + it->second.bytes ? it->second.device : -1;
 }
 
 cudaError_t sticky_error() {
@@ -152,6 +177,8 @@ cudaError_t memcpy_symbol(void* dst, const void* src, size_t bytes, cudaMemcpyKi
 using smoe::simt::detail::api_result;
 using smoe::simt::detail::record_error;
 using smoe::simt::detail::state;
+using smoe::simt::detail::tls_current_device;
+using State = decltype(smoe::simt::detail::state());
 
 // Errors -----------------------------------------------------------------------------------------
 cudaError_t cudaGetLastError() {
@@ -203,23 +230,27 @@ const char* cudaGetErrorName(cudaError_t error) {
 }
 
 // Device -----------------------------------------------------------------------------------------
+// SMOE_SIMT_DEVICES (Options::devices) emulated devices share the host's memory; each allocation
+// and stream remembers the device that was current when it was made, and a launch checks them.
 cudaError_t cudaGetDeviceCount(int* count) {
   if (!count) return api_result(cudaErrorInvalidValue);
-  *count = 1;
+  *count = smoe::simt::options().devices;
   return cudaSuccess;
 }
 cudaError_t cudaGetDevice(int* device) {
   if (!device) return api_result(cudaErrorInvalidValue);
-  *device = 0;
+  *device = tls_current_device;
   return cudaSuccess;
 }
 cudaError_t cudaSetDevice(int device) {
-  return api_result(device == 0 ? cudaSuccess : cudaErrorInvalidDevice);
+  if (device < 0 || device >= smoe::simt::options().devices) return api_result(cudaErrorInvalidDevice);
+  tls_current_device = device;
+  return api_result(cudaSuccess);
 }
 
 cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int device) {
   if (!p) return api_result(cudaErrorInvalidValue);
-  if (device != 0) return api_result(cudaErrorInvalidDevice);
+  if (device < 0 || device >= smoe::simt::options().devices) return api_result(cudaErrorInvalidDevice);
   std::memset(p, 0, sizeof(*p));
   std::snprintf(p->name, sizeof(p->name), "smoe SIMT emulator (sm_90 limits)");
   p->totalGlobalMem = smoe::simt::detail::kTotalMem;
@@ -247,7 +278,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int device) {
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
   if (!value) return api_result(cudaErrorInvalidValue);
-  if (device != 0) return api_result(cudaErrorInvalidDevice);
+  if (device < 0 || device >= smoe::simt::options().devices) return api_result(cudaErrorInvalidDevice);
   cudaDeviceProp p;
   cudaGetDeviceProperties(&p, 0);
   switch (attr) {
@@ -279,7 +310,7 @@ cudaError_t cudaDeviceSynchronize() { return api_result(cudaSuccess); }
 // Frees every allocation and clears the sticky error, like destroying the primary context.
 cudaError_t cudaDeviceReset() {
   std::lock_guard<std::mutex> lock(state().mu);
-  for (auto& [p, n] : state().device_allocs) std::free(p);
+  for (auto& [p, a] : state().device_allocs) std::free(reinterpret_cast<void*>(p));
   state().device_allocs.clear();
   state().bytes_in_use = 0;
   state().max_dyn_smem.clear();
@@ -303,7 +334,7 @@ cudaError_t cudaMalloc(void** ptr, size_t bytes) {
     return record_error(cudaErrorMemoryAllocation);
   std::memset(p, 0xff, bytes);
   std::lock_guard<std::mutex> lock(state().mu);
-  state().device_allocs[p] = bytes;
+  state().device_allocs[reinterpret_cast<uintptr_t>(p)] = std::remove_reference_t<State>::Alloc{bytes, tls_current_device};
   state().bytes_in_use += bytes;
   *ptr = p;
   return cudaSuccess;
@@ -328,12 +359,12 @@ cudaError_t cudaFree(void* ptr) {
   if (ptr == nullptr) return api_result(cudaSuccess);
   {
     std::lock_guard<std::mutex> lock(state().mu);
-    auto it = state().device_allocs.find(ptr);
+    auto it = state().device_allocs.find(reinterpret_cast<uintptr_t>(ptr));
     if (it == state().device_allocs.end()) {
       state().last = cudaErrorInvalidValue;
       return state().sticky != cudaSuccess ? state().sticky : cudaErrorInvalidValue;
     }
-    state().bytes_in_use -= it->second;
+    state().bytes_in_use -= it->second.bytes;
     state().device_allocs.erase(it);
   }
   std::free(ptr);
@@ -394,7 +425,7 @@ cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
 cudaError_t cudaStreamCreate(cudaStream_t* stream) { return cudaStreamCreateWithFlags(stream, 0); }
 cudaError_t cudaStreamCreateWithFlags(cudaStream_t* stream, unsigned int flags) {
   if (!stream) return api_result(cudaErrorInvalidValue);
-  *stream = new CUstream_st{flags};
+  *stream = new CUstream_st{flags, tls_current_device};
   return cudaSuccess;
 }
 cudaError_t cudaStreamDestroy(cudaStream_t stream) {

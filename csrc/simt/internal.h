@@ -23,5 +23,11 @@ cudaError_t record_error(cudaError_t error);
 void record_kernel_error(cudaError_t error, const std::string& message);
 cudaError_t sticky_error();
 size_t max_dynamic_smem(const void* kernel);
+// The calling host thread's current device (cudaSetDevice), the device a stream belongs to (the
+// legacy and per-thread streams: the current one), and the device of the cudaMalloc allocation that
+// contains p (-1: none; host memory, for instance).
+int current_device();
+int stream_device(cudaStream_t stream);
+int device_of_pointer(const void* p);
 
 }  // namespace smoe::simt::detail

@@ -31,6 +31,7 @@
 #include <memory>
 #include <mutex>
 #include <numeric>
+#include <queue>
 #include <random>
 #include <string>
 #include <thread>
@@ -59,6 +60,11 @@ bool parse_schedule(const char* text, Schedule* schedule, uint64_t* seed) {
     *schedule = Schedule::kReverse;
     return true;
   }
+  if (std::strcmp(text, "warps") == 0) {
+    *schedule = Schedule::kWarps;
+    *seed = 0;
+    return true;
+  }
   if (std::strncmp(text, "random", 6) == 0) {
     if (text[6] == '\0') {
       *schedule = Schedule::kRandom;
@@ -73,6 +79,25 @@ bool parse_schedule(const char* text, Schedule* schedule, uint64_t* seed) {
       *seed = s;
       return true;
     }
+  }
+  return false;
+}
+
+bool parse_cp_async_landing(const char* text, CpAsyncLanding* landing, uint64_t* seed) {
+  if (text == nullptr) return false;
+  if (std::strcmp(text, "wait") == 0) {
+    *landing = CpAsyncLanding::kWait;
+    return true;
+  }
+  if (std::strcmp(text, "issue") == 0) {
+    *landing = CpAsyncLanding::kIssue;
+    return true;
+  }
+  // "random" and "random:SEED" are spelled as for the schedule.
+  Schedule s;
+  if (parse_schedule(text, &s, seed) && s == Schedule::kRandom) {
+    *landing = CpAsyncLanding::kRandom;
+    return true;
   }
   return false;
 }
@@ -98,6 +123,15 @@ Options options_from_env() {
     o.stack_bytes = static_cast<size_t>(std::max(16, std::atoi(s))) * 1024;
   if (const char* s = std::getenv("SMOE_SIMT_QUIET")) o.quiet = std::atoi(s) != 0;
   if (const char* s = std::getenv("SMOE_SIMT_SPIN_TIMEOUT")) o.spin_timeout_s = std::atof(s);
+  if (const char* s = std::getenv("SMOE_SIMT_DEVICES")) o.devices = std::max(1, std::atoi(s));
+  if (const char* s = std::getenv("SMOE_SIMT_CP_ASYNC")) {
+    if (!parse_cp_async_landing(s, &o.cp_async_landing, &o.cp_async_seed)) {
+      std::fprintf(stderr,
+                   "smoe-simt: SMOE_SIMT_CP_ASYNC=%s is not wait, issue, random or random:SEED; "
+                   "using wait\n",
+                   s);
+    }
+  }
   return o;
 }
 }  // namespace
@@ -138,6 +172,24 @@ struct Copy {
   const void* src;
   int bytes;
   int src_bytes;
+  bool landed;
+};
+
+// Reads the source and writes the destination of a copy, once.
+void land(Copy& c) {
+  if (c.landed) return;
+  if (c.src_bytes > 0) std::memcpy(c.dst, c.src, static_cast<size_t>(c.src_bytes));
+  if (c.bytes > c.src_bytes)
+    std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, static_cast<size_t>(c.bytes - c.src_bytes));
+  c.landed = true;
+}
+
+// A copy that lands at scheduling point `due` of its block (CpAsyncLanding::kRandom).
+struct DueCopy {
+  uint64_t due;
+  int fiber;
+  uint64_t seq;  // the copy's sequence number in its fiber
+  bool operator>(const DueCopy& o) const { return due > o.due; }
 };
 
 struct Fiber {
@@ -154,6 +206,7 @@ struct Fiber {
   int group = -1;                   // the warp group this fiber waits in
   std::vector<Copy> copies;         // cp.async, oldest first
   std::vector<size_t> group_ends;   // end index in `copies` of each committed group
+  uint64_t first_seq = 0;           // sequence number of copies[0]
 };
 
 struct Group {
@@ -188,6 +241,8 @@ struct Block {
   std::vector<int> free_groups;
   bool failed = false;
   bool progress = false;
+  uint64_t tick = 0;  // scheduling points so far (resumes of a fiber)
+  std::priority_queue<DueCopy, std::vector<DueCopy>, std::greater<DueCopy>> due;  // kRandom landing
 };
 
 struct LaunchState {
@@ -201,7 +256,8 @@ struct LaunchState {
   // The linear index of the i-th block to run.
   uint64_t block_at(uint64_t i) const {
     switch (opt.schedule) {
-      case Schedule::kForward: return i;
+      case Schedule::kForward:
+      case Schedule::kWarps: return i;
       case Schedule::kReverse: return nblocks - 1 - i;
       case Schedule::kRandom:
         if (!block_order.empty()) return block_order[i];
@@ -235,6 +291,7 @@ struct Worker {
   LaunchState* launch = nullptr;
   std::vector<int> order;
   std::mt19937_64 rng;
+  std::mt19937_64 landing_rng;  // CpAsyncLanding::kRandom
   std::unordered_map<const void*, TlsRange> tls_cache;
 
   ~Worker() {
@@ -245,6 +302,7 @@ struct Worker {
   void run_block(uint64_t linear);
   void poison_module_tls();
   void resume(Fiber& f);
+  void land_due_copies();
   void schedule_round_order();
   std::string where_threads_wait() const;
   // Fixed-size, so that a name passed to fail_at owns no heap memory (see abandon_current).
@@ -386,12 +444,8 @@ void fiber_entry(void* arg) {
   w.launch->desc->invoke(w.launch->desc->pack);
 
   // Thread exit: pending cp.async copies still land (as on the device).
-  for (const Copy& c : f.copies) {
-    if (c.src_bytes > 0) std::memcpy(c.dst, c.src, static_cast<size_t>(c.src_bytes));
-    if (c.bytes > c.src_bytes)
-      std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0,
-                  static_cast<size_t>(c.bytes - c.src_bytes));
-  }
+  for (Copy& c : f.copies) land(c);
+  f.first_seq += f.copies.size();
   f.copies.clear();
   f.group_ends.clear();
 
@@ -421,7 +475,22 @@ void fiber_entry(void* arg) {
   exit_to_context(f.ctx, w.main);
 }
 
+// CpAsyncLanding::kRandom: the copies whose scheduling point has come land before the next fiber
+// runs. A copy already retired by its thread's wait (seq below first_seq) is gone.
+void Worker::land_due_copies() {
+  Block& b = block;
+  while (!b.due.empty() && b.due.top().due <= b.tick) {
+    const DueCopy d = b.due.top();
+    b.due.pop();
+    Fiber& f = fibers[static_cast<size_t>(d.fiber)];
+    if (d.seq < f.first_seq || d.seq - f.first_seq >= f.copies.size()) continue;
+    land(f.copies[static_cast<size_t>(d.seq - f.first_seq)]);
+  }
+}
+
 void Worker::resume(Fiber& f) {
+  ++block.tick;
+  if (!block.due.empty()) land_due_copies();
   current = &f;
   tls_thread = &f.pub;
   switch_context(main, f.ctx);
@@ -433,7 +502,8 @@ void Worker::schedule_round_order() {
   order.resize(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) order[i] = i;
   switch (launch->opt.schedule) {
-    case Schedule::kForward: break;
+    case Schedule::kForward:
+    case Schedule::kWarps: break;
     case Schedule::kReverse: std::reverse(order.begin(), order.end()); break;
     case Schedule::kRandom: std::shuffle(order.begin(), order.end(), rng); break;
   }
@@ -537,6 +607,7 @@ void Worker::run_block(uint64_t linear) {
     f.group = -1;
     f.copies.clear();
     f.group_ends.clear();
+    f.first_seq = 0;
     f.ctx.fake_stack = nullptr;
 #if defined(SMOE_SIMT_ASAN)
     // A fiber's last frames never return (they switch away for good), so their redzones stay
@@ -546,6 +617,10 @@ void Worker::run_block(uint64_t linear) {
     make_context(f.ctx, stacks[t], &fiber_entry, &f);
   }
   rng.seed(launch->opt.seed * 0x9e3779b97f4a7c15ull + launch->launch_index * 1000003ull + linear);
+  landing_rng.seed(launch->opt.cp_async_seed * 0xbf58476d1ce4e5b9ull + launch->launch_index * 1000033ull +
+                   linear);
+  b.tick = 0;
+  while (!b.due.empty()) b.due.pop();
 
   using Clock = std::chrono::steady_clock;
   int yield_only_rounds = 0;
@@ -556,12 +631,29 @@ void Worker::run_block(uint64_t linear) {
     schedule_round_order();
     bool ran = false;
     b.progress = false;
-    for (int idx : order) {
-      Fiber& f = fibers[idx];
-      if (f.wait != Wait::kReady) continue;
-      resume(f);
-      ran = true;
-      if (b.failed) break;
+    if (launch->opt.schedule == Schedule::kWarps) {
+      // Each warp in turn runs until none of its lanes is ready (or 256 passes: a spinning warp).
+      for (int w0 = 0; w0 < n && !b.failed; w0 += 32) {
+        const int w1 = std::min(n, w0 + 32);
+        for (int pass = 0; pass < 256 && !b.failed; ++pass) {
+          bool any = false;
+          for (int t = w0; t < w1; ++t) {
+            if (fibers[t].wait != Wait::kReady) continue;
+            resume(fibers[t]);
+            any = ran = true;
+            if (b.failed) break;
+          }
+          if (!any) break;
+        }
+      }
+    } else {
+      for (int idx : order) {
+        Fiber& f = fibers[idx];
+        if (f.wait != Wait::kReady) continue;
+        resume(f);
+        ran = true;
+        if (b.failed) break;
+      }
     }
     if (b.failed) break;
     if (!ran) {
@@ -880,7 +972,26 @@ void cp_async(void* dst, const void* src, int bytes, int src_bytes, const char* 
     fail_at(file, line, "cp.async: shared destination %p is not %d-byte aligned", dst, bytes);
   if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % static_cast<uintptr_t>(bytes) != 0)
     fail_at(file, line, "cp.async: global source %p is not %d-byte aligned", src, bytes);
-  f.copies.push_back(Copy{dst, src, bytes, src_bytes});
+  f.copies.push_back(Copy{dst, src, bytes, src_bytes, false});
+  Worker& w = *f.worker;
+  switch (w.launch->opt.cp_async_landing) {
+    case CpAsyncLanding::kWait: break;
+    case CpAsyncLanding::kIssue: land(f.copies.back()); break;
+    case CpAsyncLanding::kRandom: {
+      // A quarter land at issue, a quarter at the wait, the rest after 1..2^k scheduling points
+      // (k uniform in 0..11: from the next thread switch to thousands of them later).
+      const uint64_t r = w.landing_rng();
+      const uint64_t kind = r & 3;
+      if (kind == 0) {
+        land(f.copies.back());
+      } else if (kind != 1) {
+        const uint64_t span = uint64_t{1} << ((r >> 2) % 12);
+        const uint64_t delay = 1 + (r >> 8) % span;
+        w.block.due.push(DueCopy{w.block.tick + delay, f.linear, f.first_seq + f.copies.size() - 1});
+      }
+      break;
+    }
+  }
 }
 
 void cp_async_commit() {
@@ -898,14 +1009,9 @@ void cp_async_wait(int keep_pending, const char* file, int line) {
   const int retire = groups - keep_pending;
   if (retire <= 0) return;
   const size_t end = f.group_ends[static_cast<size_t>(retire - 1)];
-  for (size_t i = 0; i < end; ++i) {
-    const Copy& c = f.copies[i];
-    if (c.src_bytes > 0) std::memcpy(c.dst, c.src, static_cast<size_t>(c.src_bytes));
-    if (c.bytes > c.src_bytes)
-      std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0,
-                  static_cast<size_t>(c.bytes - c.src_bytes));
-  }
+  for (size_t i = 0; i < end; ++i) land(f.copies[i]);
   f.copies.erase(f.copies.begin(), f.copies.begin() + static_cast<std::ptrdiff_t>(end));
+  f.first_seq += end;
   f.group_ends.erase(f.group_ends.begin(), f.group_ends.begin() + retire);
   for (size_t& e : f.group_ends) e -= end;
 }
@@ -925,6 +1031,25 @@ cudaError_t launch(const LaunchDesc& d) {
     return record_error(cudaErrorInvalidConfiguration);
   }
   if (d.dynamic_smem > max_dynamic_smem(d.kernel)) return record_error(cudaErrorInvalidValue);
+  // Devices: the launch runs on the current device, into a stream of that device, and every pointer
+  // among its arguments (each aligned 8-byte word of the argument pack, struct members included)
+  // that lies in a cudaMalloc allocation must belong to it.
+  const int device = current_device();
+  if (stream_device(d.stream) != device) return record_error(cudaErrorInvalidResourceHandle);
+  for (size_t off = 0; off + sizeof(void*) <= d.pack_bytes; off += sizeof(void*)) {
+    const void* p = nullptr;
+    std::memcpy(&p, static_cast<const char*>(d.pack) + off, sizeof(p));
+    const int owner = p == nullptr ? -1 : device_of_pointer(p);
+    if (owner >= 0 && owner != device) {
+      const std::string msg = format(
+          "kernel launched at %s:%d on device %d is passed %p, which points into memory allocated on "
+          "device %d: make the tensors' device current (cudaSetDevice) before launching",
+          d.file, d.line, device, p, owner);
+      if (!options().quiet) std::fprintf(stderr, "smoe-simt: %s\n", msg.c_str());
+      record_kernel_error(cudaErrorIllegalAddress, msg);
+      return cudaErrorIllegalAddress;
+    }
+  }
 
   LaunchState ls;
   ls.desc = &d;

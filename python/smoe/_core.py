@@ -14,6 +14,7 @@ extension with an error that says how to build it when it is missing.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -25,6 +26,39 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     _IMPORT_ERROR: Optional[ImportError] = exc
 else:
     _IMPORT_ERROR = None
+
+
+def _require_cuda_requested() -> bool:
+    return os.environ.get("SMOE_REQUIRE_CUDA", "").strip() not in ("", "0")
+
+
+def _extension_absent() -> bool:
+    """True when there is no smoe._C file at all (as opposed to one that fails to load)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("smoe._C") is None
+    except (ImportError, ValueError):
+        return True
+
+
+def _check_extension_loads(error: Optional[ImportError], require_cuda: bool, absent: bool) -> None:
+    """Raises ImportError when smoe._C exists but cannot be loaded (a broken build: missing libcudart,
+    an ABI mismatch), or when SMOE_REQUIRE_CUDA=1 and it is missing: such a build must not look like
+    one without the extension, where every GPU test would be skipped."""
+    if error is None:
+        return
+    if not absent or require_cuda:
+        raise ImportError(
+            f"smoe: the C++ extension smoe._C failed to load ({error}). "
+            + ("SMOE_REQUIRE_CUDA=1 asks for the CUDA backend. " if require_cuda else "")
+            + "Rebuild it (docs/gpu.md: pip install --no-build-isolation --no-deps -e .) or remove the "
+            "stale extension file; backend='reference' needs no extension."
+        ) from error
+
+
+_check_extension_loads(_IMPORT_ERROR, _require_cuda_requested(),
+                       _IMPORT_ERROR is not None and _extension_absent())
 
 __all__ = [
     "BACKENDS",
@@ -60,6 +94,18 @@ _BACKEND_CODES = {"auto": 0, "cpu": 1, "cuda": 2, "simt": 3}
 # Without the extension "cpu" stays listed, so that lib() raises its build instructions.
 _CPP_BACKENDS = tuple(_C.built_backends()) if hasattr(_C, "built_backends") else ("cpu",)
 BUILT_BACKENDS = tuple(b for b in BACKENDS if b in ("auto", "cpu", "reference") or b in _CPP_BACKENDS)
+
+
+def _check_cuda_built(cpp_backends: Sequence[str], require_cuda: bool) -> None:
+    """SMOE_REQUIRE_CUDA=1 (scripts/gpu_check.sh sets it): ImportError unless smoe._C has the CUDA backend."""
+    if require_cuda and "cuda" not in cpp_backends:
+        raise ImportError(
+            "smoe: SMOE_REQUIRE_CUDA=1 but this smoe._C has no CUDA backend (built backends: "
+            f"{', '.join(cpp_backends)}); rebuild with SMOE_ENABLE_CUDA=ON (docs/gpu.md)"
+        )
+
+
+_check_cuda_built(_CPP_BACKENDS, _require_cuda_requested())
 
 def lib():
     """The extension module; raises a RuntimeError that says how to build it when it is missing."""

@@ -3,8 +3,9 @@
 // defines SMOE_SIMT to 1). Shared code tests SMOE_SIMT, never __CUDA_ARCH__.
 //
 //   SMOE_LAUNCH(kernel, grid, block, dynamic_smem_bytes, stream, args...)
-//       launches and evaluates to the launch's cudaError_t (cudaPeekAtLastError, so a later
-//       cudaGetLastError still sees it). A kernel name with template commas goes in
+//       launches and evaluates to the launch's cudaError_t (cudaGetLastError: the error is taken
+//       and reported by this launch, not left pending for whichever library checks next). A kernel
+//       name with template commas goes in
 //       parentheses: SMOE_LAUNCH((my_kernel<float, 4>), grid, block, 0, stream, ...).
 //   SMOE_DYNAMIC_SMEM(T, name)
 //       declares the block's dynamic shared memory as `name`, usable as T name[].
@@ -14,8 +15,16 @@
 #if defined(SMOE_SIMT) && SMOE_SIMT
 #include "smoe/simt/simt.h"
 
+namespace smoe::simt::detail {
+// As the nvcc spelling's cudaGetLastError: the launch's error is returned and no longer pending.
+inline cudaError_t take_launch_error(cudaError_t launched) {
+  const cudaError_t last = cudaGetLastError();
+  return launched != cudaSuccess ? launched : last;
+}
+}  // namespace smoe::simt::detail
 #define SMOE_LAUNCH(kernel, grid, block, smem, stream, ...)                                    \
-  ::smoe::simt::detail::make_launcher(kernel, grid, block, smem, stream)(__VA_ARGS__)
+  ::smoe::simt::detail::take_launch_error(                                                     \
+      ::smoe::simt::detail::make_launcher(kernel, grid, block, smem, stream)(__VA_ARGS__))
 #define SMOE_DYNAMIC_SMEM(T, name)                                                             \
   T* const name = static_cast<T*>(::smoe::simt::detail::tls_block->dynamic_smem)
 
@@ -27,7 +36,7 @@
 #include <cstdint>
 
 #define SMOE_LAUNCH(kernel, grid, block, smem, stream, ...)                                    \
-  ((kernel)<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__), cudaPeekAtLastError())
+  ((kernel)<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__), cudaGetLastError())
 #define SMOE_DYNAMIC_SMEM(T, name) extern __shared__ __align__(16) T name[]
 #endif
 

@@ -15,17 +15,35 @@
 
 namespace smoe::simt {
 
-enum class Schedule { kForward, kReverse, kRandom };
+// kWarps: warp by warp (forward order), each warp runs until all its lanes wait at a barrier or have
+// exited (at most 256 passes over its lanes, so a warp that spins on another one lets it run): the
+// largest drift between warps, as when one warp is scheduled far ahead of the others on an SM.
+enum class Schedule { kForward, kReverse, kRandom, kWarps };
+// When an emulated cp.async copy lands (reads global memory and writes shared memory):
+//   kWait    when the issuing thread's cp.async.wait_group / wait_all retires its group (the
+//            latest moment the PTX ISA allows);
+//   kIssue   at once, inside the cp.async call (the earliest);
+//   kRandom  per copy, seeded: at issue, at the wait, or at a scheduling point of any thread of
+//            the block in between (before the worker resumes a fiber). A stage refilled while
+//            other warps still read it then shows up as wrong data in some schedule.
+enum class CpAsyncLanding { kWait, kIssue, kRandom };
 
 // Defaults come from the environment (read once):
-//   SMOE_SIMT_SCHEDULE = forward | reverse | random[:SEED]   order in which ready threads and
-//                                                             blocks run (default forward)
+//   SMOE_SIMT_SCHEDULE = forward | reverse | random[:SEED] | warps   order in which ready
+//                                    threads and blocks run (default forward)
 //   SMOE_SIMT_PARALLEL = 0 | 1       1: blocks run concurrently on OS threads (default 0)
 //   SMOE_SIMT_THREADS  = N           OS threads in parallel mode (default: one per block, <= 256)
 //   SMOE_SIMT_STACK_KB = N           fiber stack size (default 64, 256 under AddressSanitizer)
 //   SMOE_SIMT_QUIET    = 0 | 1       1: do not print kernel errors to stderr when they happen
 //   SMOE_SIMT_SPIN_TIMEOUT = S       sequential mode: a block whose threads only spin (yield in
 //                                    atomics/fences) for S seconds is a livelock error (default 20)
+//   SMOE_SIMT_CP_ASYNC = wait | issue | random[:SEED]  when cp.async copies land (CpAsyncLanding;
+//                                    default wait)
+//   SMOE_SIMT_DEVICES  = N           emulated devices (default 1). cudaMalloc and cudaStreamCreate
+//                                    remember the current device; a launch into a stream of another
+//                                    device fails (cudaErrorInvalidResourceHandle), and a launch whose
+//                                    arguments hold a pointer into another device's allocation is an
+//                                    illegal address (sticky), as on GPUs without peer access
 struct Options {
   Schedule schedule = Schedule::kForward;
   uint64_t seed = 0;
@@ -34,12 +52,17 @@ struct Options {
   size_t stack_bytes = 0;  // 0: default
   bool quiet = false;
   double spin_timeout_s = 20.0;
+  CpAsyncLanding cp_async_landing = CpAsyncLanding::kWait;
+  uint64_t cp_async_seed = 0;
+  int devices = 1;
 };
 
 Options options();
 void set_options(const Options& options);
-// Parses "forward", "reverse", "random" or "random:SEED"; returns false on anything else.
+// Parses "forward", "reverse", "random", "random:SEED" or "warps"; returns false on anything else.
 bool parse_schedule(const char* text, Schedule* schedule, uint64_t* seed);
+// Parses "wait", "issue", "random" or "random:SEED"; returns false on anything else.
+bool parse_cp_async_landing(const char* text, CpAsyncLanding* landing, uint64_t* seed);
 
 namespace detail {
 
@@ -54,6 +77,7 @@ struct LaunchDesc {
   void* (*tls_probe)();     // touches a thread_local of the caller's module (see scheduler.cpp)
   const char* file;
   int line;
+  size_t pack_bytes;        // size of *pack: the launch scans it for pointers (device check)
 };
 
 cudaError_t launch(const LaunchDesc& desc);
@@ -92,7 +116,8 @@ struct Launcher {
                  &pack,
                  &tls_probe,
                  file,
-                 line};
+                 line,
+                 sizeof(Pack)};
     return launch(d);
   }
 };

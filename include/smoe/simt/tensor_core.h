@@ -3,6 +3,8 @@
 //
 //   mma_m16n8k16_bf16(d, a, b, c)   d = A(16x16, row) * B(16x8, col) + c, bf16 in, f32 accumulate
 //   mma_m16n8k16_f16(d, a, b, c)    same with f16 inputs
+//   mma_m16n8k8_tf32(d, a, b, c)    d = A(16x8) * B(8x8) + c, tf32 in (f32 registers), f32 accumulate
+//   cvt_rna_tf32(x)                 f32 -> tf32 bits, round to nearest, ties away (cvt.rna.tf32.f32)
 //   ldmatrix_x1/x2/x4(r, row_ptr)   and *_trans: load 1, 2 or 4 8x8 b16 matrices from shared
 //   cp_async_4/8/16(dst, src)       asynchronous global -> shared copies; cp_async_16_zfill copies
 //                                   src_bytes (0..16) and zero-fills the rest
@@ -124,6 +126,40 @@ void combine_ldmatrix(uint32_t, LaneIO* lanes, const char* file, int line) {
   }
 }
 
+// mma.m16n8k8 with .tf32 inputs (PTX ISA 9.7.14.5.x, "Matrix Fragments for mma.m16n8k8", .tf32):
+// A 16x8 in 4 registers a0 (g, t), a1 (g + 8, t), a2 (g, t + 4), a3 (g + 8, t + 4); B 8x8 (k x n) in 2,
+// b0 (t, g), b1 (t + 4, g); C/D as for m16n8k16 (g = groupID, t = threadID_in_group). A .tf32 operand
+// is an f32 register of which the multiplier uses sign, exponent and the top 10 mantissa bits: the
+// twin drops the low 13 bits (kernels round with cvt.rna.tf32.f32 first, so nothing is dropped).
+inline void combine_mma_m16n8k8_tf32(uint32_t, LaneIO* lanes, const char*, int) {
+  float a[16][8], b[8][8], c[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const LaneIO& io = lanes[lane];
+    const int g = lane >> 2, t = lane & 3;
+    const int ar[4] = {g, g + 8, g, g + 8}, ac[4] = {t, t, t + 4, t + 4};
+    for (int i = 0; i < 4; ++i) a[ar[i]][ac[i]] = bits_float(io.in[i] & 0xffffe000u);
+    b[t][g] = bits_float(io.in[4] & 0xffffe000u);
+    b[t + 4][g] = bits_float(io.in[5] & 0xffffe000u);
+    for (int i = 0; i < 4; ++i) c[frag::c_row(lane, i)][frag::c_col(lane, i)] = bits_float(io.in[6 + i]);
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    for (int i = 0; i < 4; ++i) {
+      const int row = frag::c_row(lane, i), col = frag::c_col(lane, i);
+      double acc = c[row][col];
+      for (int k = 0; k < 8; ++k) acc += static_cast<double>(a[row][k]) * b[k][col];
+      lanes[lane].out[i] = float_bits(static_cast<float>(acc));
+    }
+  }
+}
+
+// cvt.rna.tf32.f32 (PTX ISA, "cvt": .rna = round to nearest, ties away from zero; tf32 keeps 10
+// mantissa bits): the f32 bits with the low 13 mantissa bits rounded away. NaN and inf pass through.
+inline uint32_t tf32_rna(uint32_t u) {
+  if ((u & 0x7f800000u) == 0x7f800000u) return u;
+  return (u + 0x1000u) & 0xffffe000u;
+}
+
+inline constexpr CollectiveKind kMmaTf32{"mma.m16n8k8.tf32", &combine_mma_m16n8k8_tf32, true};
 inline constexpr CollectiveKind kMmaBf16{"mma.m16n8k16.bf16", &combine_mma_m16n8k16<true>, true};
 inline constexpr CollectiveKind kMmaF16{"mma.m16n8k16.f16", &combine_mma_m16n8k16<false>, true};
 inline constexpr CollectiveKind kLdm1{"ldmatrix.x1", &combine_ldmatrix<1, false>, true};
@@ -167,6 +203,11 @@ inline void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], const uint32
                              const float (&c)[4] SMOE_SIMT_SITE) {
   detail::mma(detail::kMmaF16, d, a, b, c, file, line);
 }
+inline void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                             const float (&c)[4] SMOE_SIMT_SITE) {
+  detail::mma(detail::kMmaTf32, d, a, b, c, file, line);
+}
+inline uint32_t cvt_rna_tf32(float x) { return detail::tf32_rna(detail::float_bits(x)); }
 inline void ldmatrix_x1(uint32_t (&r)[1], const void* smem_row SMOE_SIMT_SITE) {
   detail::ldmatrix<1>(detail::kLdm1, r, smem_row, file, line);
 }
@@ -230,6 +271,21 @@ __device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const uint32_t (
       : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
         "f"(c[2]), "f"(c[3]));
+}
+
+__device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4],
+                                                 const uint32_t (&b)[2], const float (&c)[4]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+      "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
+        "f"(c[2]), "f"(c[3]));
+}
+__device__ __forceinline__ uint32_t cvt_rna_tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+  return r;
 }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {

@@ -1,6 +1,7 @@
 // tests/cpp/cuda/cuda_testing.h: helpers of the emulated CUDA-backend tests.
 //
-// Every kernel runs under the emulator's three thread schedules (forward, reverse, random); the
+// Every kernel runs under the emulator's thread schedules (forward, reverse, random, warps) and cp.async
+// landings (at the wait, at issue, at random points between); the
 // outputs must be bitwise identical across schedules, and are then compared with the CPU backend
 // (integers exactly, floats with tolerance_for(dtype)). Output buffers are filled with a poison
 // pattern before each run, so an output the kernels forget to write shows up.
@@ -29,13 +30,17 @@ void poison(std::vector<T>& v) {
   if (!v.empty()) std::memset(static_cast<void*>(v.data()), kPoison, v.size() * sizeof(T));
 }
 
-// Sets an emulator schedule for the scope of the object.
+// Sets an emulator schedule and cp.async landing for the scope of the object.
 class ScheduleScope {
  public:
-  explicit ScheduleScope(simt::Schedule s, uint64_t seed = 0) : saved_(simt::options()) {
+  explicit ScheduleScope(simt::Schedule s, uint64_t seed = 0,
+                         simt::CpAsyncLanding landing = simt::CpAsyncLanding::kWait, uint64_t landing_seed = 0)
+      : saved_(simt::options()) {
     simt::Options o = saved_;
     o.schedule = s;
     o.seed = seed;
+    o.cp_async_landing = landing;
+    o.cp_async_seed = landing_seed;
     simt::set_options(o);
   }
   ~ScheduleScope() { simt::set_options(saved_); }
@@ -48,11 +53,15 @@ struct NamedSchedule {
   const char* name;
   simt::Schedule schedule;
   uint64_t seed;
+  simt::CpAsyncLanding landing;  // when cp.async copies land (smoe/simt/launch.h)
+  uint64_t landing_seed;
 };
+// cp.async copies land at the wait, at issue, and at random points between issue and wait.
 inline const NamedSchedule kSchedules[] = {
-    {"forward", simt::Schedule::kForward, 0},
-    {"reverse", simt::Schedule::kReverse, 0},
-    {"random:7", simt::Schedule::kRandom, 7},
+    {"forward", simt::Schedule::kForward, 0, simt::CpAsyncLanding::kWait, 0},
+    {"reverse cp.async=issue", simt::Schedule::kReverse, 0, simt::CpAsyncLanding::kIssue, 0},
+    {"random:7 cp.async=random:7", simt::Schedule::kRandom, 7, simt::CpAsyncLanding::kRandom, 7},
+    {"warps cp.async=random:3", simt::Schedule::kWarps, 0, simt::CpAsyncLanding::kRandom, 3},
 };
 
 // Runs `run` (which poisons its outputs, launches, and returns the outputs as bytes) under every
@@ -60,7 +69,7 @@ inline const NamedSchedule kSchedules[] = {
 inline std::vector<unsigned char> run_all_schedules(const std::function<std::vector<unsigned char>()>& run) {
   std::vector<unsigned char> first;
   for (const NamedSchedule& s : kSchedules) {
-    ScheduleScope scope(s.schedule, s.seed);
+    ScheduleScope scope(s.schedule, s.seed, s.landing, s.landing_seed);
     std::vector<unsigned char> got = run();
     if (&s == &kSchedules[0]) {
       first = std::move(got);

@@ -25,6 +25,7 @@ std::vector<S> eighths(size_t n, uint32_t seed) {
 
 template <class S>
 DType dtype_of() {
+  if constexpr (std::is_same_v<S, float>) return DType::kF32;
   return std::is_same_v<S, bf16_t> ? DType::kBF16 : DType::kF16;
 }
 
@@ -219,6 +220,14 @@ void check_wgrad(const std::vector<int64_t>& off, int64_t R, int64_t M, int64_t 
   EXPECT_TRUE(bitwise_equal(c, c_cpu)) << all_close(c, c_cpu, dt).message();
 }
 
+// K long enough to wrap the 4-stage cp.async ring several times: a stage refilled too early (before
+// every warp has read it) shows up under the sweep's warps / cp.async=issue|random entries.
+TEST(SimtGroupedGemmTc, LongKWrapsTheRingSeveralTimes) {
+  check_forward<bf16_t>({0, 70, 140}, 140, 64, 544, true, true, true);  // 17 k tiles: 4 wraps
+  check_forward<f16_t>({0, 140}, 140, 16, 520, false, false, false);     // 17 k tiles, the last partial
+  check_wgrad<bf16_t>({0, 600, 610}, 610, 16, 8);                        // 19 k tiles of segment rows
+}
+
 TEST(SimtGroupedGemmTc, Wgrad) {
   // E = 5 with two empty experts; a 170-row segment: 6 k tiles wrap the 4-stage ring, the last partial
   check_wgrad<bf16_t>({0, 0, 170, 170, 180, 200}, 200, 72, 24);
@@ -263,17 +272,135 @@ TEST(SimtGroupedGemmTc, RefusesWhatItDoesNotHandle) {
   std::vector<float> a(16 * 8), b(8 * 8), c(16 * 8);
   std::vector<int64_t> off = {0, 16};
   const TensorView ov = make_view(off.data(), {2});
-  const Status f32 = sim::grouped_gemm_tc({}, make_view(a.data(), {16, 8}), make_view(b.data(), {1, 8, 8}), ov, {},
-                                          {}, make_view(c.data(), {16, 8}), {}, nullptr);
+  GroupedGemmTcParams nn;
+  nn.trans_b = false;  // f32 with b [E, Kd, N] takes no gated epilogue on the tensor cores
+  nn.activation = Activation::kSwiGLU;
+  const Status f32 = sim::grouped_gemm_tc(nn, make_view(a.data(), {16, 8}), make_view(b.data(), {1, 8, 8}), ov, {},
+                                          {}, make_view(c.data(), {16, 4}), {}, nullptr);
   EXPECT_EQ(f32.code(), Code::kUnsupported);
   EXPECT_NE(f32.message().find("grouped_gemm_naive"), std::string::npos) << f32.message();
-  std::vector<bf16_t> a16(16 * 12), b16(12 * 8), c16(16 * 8);
-  const Status odd = sim::grouped_gemm_tc({}, make_view(a16.data(), {16, 12}), make_view(b16.data(), {1, 8, 12}), ov,
-                                          {}, {}, make_view(c16.data(), {16, 8}), {}, nullptr);
-  EXPECT_EQ(odd.code(), Code::kUnsupported) << "Kd = 12 is not a multiple of 8";
-  const Status wg = sim::grouped_gemm_wgrad_tc(make_view(a16.data(), {16, 12}), make_view(c16.data(), {16, 8}), ov,
-                                               make_view(b16.data(), {1, 12, 8}), nullptr);
-  EXPECT_EQ(wg.code(), Code::kUnsupported) << "M = 12 is not a multiple of 8";
+}
+
+// f32 with b [E, N, Kd] on the tensor cores as 3xTF32 (mma.m16n8k8.tf32): eighths are exact in tf32,
+// so the results equal the CPU backend bit for bit; uniform inputs stay within the f32 tolerance, and
+// the largest error against a double reference is printed (docs/kernels/grouped_gemm.md).
+// The f32 wgrad (3xTF32 on K-major tiles that the loaders transpose): bit-equal to the CPU for exact
+// inputs, within the f32 tolerance for uniform ones.
+TEST(SimtGroupedGemmTc, F32WgradAs3xTf32) {
+  check_wgrad<float>({0, 0, 170, 170, 180, 200}, 200, 72, 24);  // empty experts, 11 k tiles of 16 rows
+  check_wgrad<float>({0, 37, 37}, 37, 136, 13);                  // two m tiles, odd N
+  const int64_t R = 300, M = 40, N = 24, E = 2;
+  std::vector<float> a = uniform<float>(size_t(R * M), 31), b = uniform<float>(size_t(R * N), 32);
+  std::vector<int64_t> off = {0, 123, 300};
+  const TensorView av = make_view(a.data(), {R, M}), bv = make_view(b.data(), {R, N});
+  const TensorView ov = make_view(off.data(), {E + 1});
+  std::vector<float> want(size_t(E * M * N)), c(want.size());
+  ASSERT_TRUE(cpu::grouped_gemm_wgrad(av, bv, ov, make_view(want.data(), {E, M, N})).ok());
+  EXPECT_OK(sim::grouped_gemm_wgrad_tc(av, bv, ov, make_view(c.data(), {E, M, N}), nullptr));
+  EXPECT_TRUE(all_close(c, want, DType::kF32));
+}
+
+TEST(SimtGroupedGemmTc, F32As3xTf32) {
+  const DType dt = DType::kF32;
+  for (int trial = 0; trial < 2; ++trial) {
+    const bool exact = trial == 0;
+    const int64_t R = 150, N = 72, Kd = 200, E = 3;  // 13 k tiles of 16: the ring wraps three times
+    std::vector<int64_t> off = {0, 60, 60, 150};
+    std::vector<float> a(size_t(R * Kd)), b(size_t(E * N * Kd));
+    if (exact) {
+      a = eighths<float>(a.size(), 21), b = eighths<float>(b.size(), 22);
+    } else {
+      a = uniform<float>(a.size(), 23), b = uniform<float>(b.size(), 24);
+    }
+    const TensorView av = make_view(a.data(), {R, Kd}), bv = make_view(b.data(), {E, N, Kd});
+    const TensorView ov = make_view(off.data(), {E + 1});
+    std::vector<float> want(size_t(R * N)), c(size_t(R * N));
+    ASSERT_TRUE(cpu::grouped_gemm({}, av, bv, ov, make_view(want.data(), {R, N})).ok());
+    run_all_schedules([&] {
+      poison(c);
+      EXPECT_OK(sim::grouped_gemm_tc({}, av, bv, ov, {}, {}, make_view(c.data(), {R, N}), {}, nullptr));
+      std::vector<unsigned char> bytes;
+      append_bytes(bytes, c);
+      return bytes;
+    });
+    // b [E, Kd, N] (the backward's grad_ys @ w2[e]): the same product through the transposing loader.
+    std::vector<float> bt(b.size()), c_nn(c.size());
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t k = 0; k < Kd; ++k) bt[size_t((e * Kd + k) * N + n)] = b[size_t((e * N + n) * Kd + k)];
+    GroupedGemmTcParams nn;
+    nn.trans_b = false;
+    EXPECT_OK(sim::grouped_gemm_tc(nn, av, make_view(bt.data(), {E, Kd, N}), ov, {}, {},
+                                   make_view(c_nn.data(), {R, N}), {}, nullptr));
+    EXPECT_TRUE(bitwise_equal(c_nn, c)) << "b [E, Kd, N] differs from b [E, N, Kd]";
+    if (exact) {
+      EXPECT_TRUE(bitwise_equal(c, want)) << all_close(c, want, dt).message();
+      continue;
+    }
+    EXPECT_TRUE(all_close(c, want, dt));
+    double max_abs = 0, max_rel = 0;
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t r = off[size_t(e)]; r < off[size_t(e + 1)]; ++r)
+        for (int64_t n = 0; n < N; ++n) {
+          double ref = 0;
+          for (int64_t k = 0; k < Kd; ++k) ref += double(a[size_t(r * Kd + k)]) * b[size_t((e * N + n) * Kd + k)];
+          const double err = std::fabs(double(c[size_t(r * N + n)]) - ref);
+          max_abs = std::max(max_abs, err);
+          max_rel = std::max(max_rel, err / std::max(1e-30, std::fabs(ref)));
+        }
+    std::printf("3xTF32 vs double, uniform [-1, 1], Kd = 200: max abs error %.3g (f32 CPU backend: same "
+                "check below)\n", max_abs);
+    double cpu_abs = 0;
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t r = off[size_t(e)]; r < off[size_t(e + 1)]; ++r)
+        for (int64_t n = 0; n < N; ++n) {
+          double ref = 0;
+          for (int64_t k = 0; k < Kd; ++k) ref += double(a[size_t(r * Kd + k)]) * b[size_t((e * N + n) * Kd + k)];
+          cpu_abs = std::max(cpu_abs, std::fabs(double(want[size_t(r * N + n)]) - ref));
+        }
+    std::printf("f32 CPU backend vs double: max abs error %.3g\n", cpu_abs);
+    EXPECT_LT(max_abs, 1e-4);
+    (void)max_rel;
+  }
+}
+
+// Any size: column counts that are not multiples of 8 (partial 16-byte chunks), rows that are not
+// 16-byte aligned (element loads instead of cp.async), odd column counts (unpaired stores), gated
+// F not a multiple of 8 — all on the tensor cores, predicated and zero-filled at the edges.
+TEST(SimtGroupedGemmTc, AnySizeRunsOnTheTensorCores) {
+  check_forward<bf16_t>({0, 20, 37}, 37, 13, 12, true, false, false);   // Kd = 12, N = 13
+  check_forward<f16_t>({0, 20, 37}, 37, 13, 12, false, false, false);
+  check_forward<bf16_t>({0, 11, 11, 40, 61}, 61, 19, 37, true, true, true);  // gather + weights, odd sizes
+  check_forward<f16_t>({0, 150, 150, 190}, 200, 130, 203, false, true, false);  // two column tiles, 7 k tiles
+  check_forward<bf16_t>({0, 1}, 1, 1, 1, true, false, false);  // 1 x 1 x 1
+  const std::vector<int64_t> off = {0, 9, 9, 37};
+  check_activation_epilogue<bf16_t>(Activation::kSwiGLU, off, 37, 13, 20, true, false);  // F = 13
+  check_activation_epilogue<f16_t>(Activation::kSwiGLU, off, 37, 13, 20, false, true);   // MN-major, up half at F
+  check_activation_epilogue<bf16_t>(Activation::kGELU, off, 37, 27, 9, false, true);
+  check_wgrad<bf16_t>({0, 0, 170, 170, 180, 200}, 200, 12, 13);  // M = 12, N = 13
+  check_wgrad<f16_t>({0, 37, 37}, 37, 131, 5);
+}
+
+// 16-byte aligned rows (cp.async) whose column count is not a multiple of 8: the last chunk of a row
+// is a cp.async with src-size < 16 (zero fill). Row-strided a (stride 24, Kd 20) against the CPU.
+TEST(SimtGroupedGemmTc, AlignedRowsWithPartialChunks) {
+  const DType dt = DType::kBF16;
+  const int64_t R = 40, Kd = 20, lda = 24, N = 16, E = 2;
+  std::vector<bf16_t> a = eighths<bf16_t>(size_t(R * lda), 11), b = eighths<bf16_t>(size_t(E * N * Kd), 12);
+  std::vector<int64_t> off = {0, 17, 40};
+  TensorView av = make_view(a.data(), dt, {R, Kd});
+  av.strides[0] = lda;
+  const TensorView bv = make_view(b.data(), dt, {E, N, Kd}), ov = make_view(off.data(), {E + 1});
+  std::vector<bf16_t> want(size_t(R * N)), c(size_t(R * N));
+  ASSERT_TRUE(cpu::grouped_gemm({}, av, bv, ov, make_view(want.data(), dt, {R, N})).ok());
+  run_all_schedules([&] {
+    poison(c);
+    EXPECT_OK(sim::grouped_gemm_tc({}, av, bv, ov, {}, {}, make_view(c.data(), dt, {R, N}), {}, nullptr));
+    std::vector<unsigned char> bytes;
+    append_bytes(bytes, c);
+    return bytes;
+  });
+  EXPECT_TRUE(bitwise_equal(c, want)) << all_close(c, want, dt).message();
 }
 
 }  // namespace

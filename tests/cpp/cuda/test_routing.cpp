@@ -44,10 +44,11 @@ std::vector<int32_t> make_experts(const RoutingCase& c, uint32_t seed) {
   return ex;
 }
 
-void check(const RoutingCase& c) {
+void check(const RoutingCase& c, int64_t per_chunk = 0) {
   SCOPED_TRACE("T=" + std::to_string(c.T) + " K=" + std::to_string(c.K) + " E=" + std::to_string(c.E) +
                " C=" + std::to_string(c.capacity) + " pad=" + std::to_string(c.pad) + " skew=" + std::to_string(c.skew) +
-               (c.policy == DropPolicy::kByScore ? " by score" : "") + (c.tied_weights ? " tied" : ""));
+               (c.policy == DropPolicy::kByScore ? " by score" : "") + (c.tied_weights ? " tied" : "") +
+               " per_chunk=" + std::to_string(per_chunk));
   RoutingPlanParams p;
   p.num_experts = c.E;
   p.capacity = c.capacity;
@@ -57,7 +58,8 @@ void check(const RoutingCase& c) {
   std::vector<int32_t> ex = make_experts(c, uint32_t(T * 13 + K));
   const int64_t R = routing_plan_max_rows(p, T, K);
   const int64_t ws_cpu = cpu::routing_plan_workspace_bytes(p, T, K);
-  const int64_t ws_sim = sim::routing_plan_workspace_bytes(p, T, K);
+  const int64_t ws_sim = per_chunk > 0 ? sim::routing_plan_workspace_bytes_chunked(p, T, K, per_chunk)
+                                       : sim::routing_plan_workspace_bytes(p, T, K);
   // The public routing_plan_workspace_bytes is meant to be the max over the backends.
   std::vector<uint8_t> ws(size_t(std::max<int64_t>({ws_cpu, ws_sim, 1})));
   const TensorView wsv = make_view(ws.data(), {int64_t(ws.size())});
@@ -72,8 +74,14 @@ void check(const RoutingCase& c) {
                   .ok());
   run_all_schedules([&] {
     poison(cnt), poison(off), poison(rof), poison(tor), poison(ws);
-    EXPECT_OK(sim::routing_plan(p, ev, wv, make_view(cnt.data(), {E}), make_view(off.data(), {E + 1}),
-                                make_view(rof.data(), {T, K}), make_view(tor.data(), {R}), wsv, nullptr));
+    if (per_chunk > 0) {
+      EXPECT_OK(sim::routing_plan_chunked(p, ev, wv, make_view(cnt.data(), {E}), make_view(off.data(), {E + 1}),
+                                          make_view(rof.data(), {T, K}), make_view(tor.data(), {R}), wsv, per_chunk,
+                                          nullptr));
+    } else {
+      EXPECT_OK(sim::routing_plan(p, ev, wv, make_view(cnt.data(), {E}), make_view(off.data(), {E + 1}),
+                                  make_view(rof.data(), {T, K}), make_view(tor.data(), {R}), wsv, nullptr));
+    }
     std::vector<unsigned char> out;
     append_bytes(out, cnt), append_bytes(out, off), append_bytes(out, rof), append_bytes(out, tor);
     return out;
@@ -101,6 +109,20 @@ TEST(SimtRouting, PlanMatchesCpuExactly) {
       {5000, 4, 13, 1000, 4, 0},
   };
   for (const RoutingCase& c : cases) check(c);
+}
+
+// The stable order has one answer: any chunking (one token per chunk, odd sizes, one chunk for all,
+// more chunks than a column-scan tile) gives the CPU backend's plan exactly.
+TEST(SimtRouting, ResultDoesNotDependOnTheChunking) {
+  const DropPolicy S = DropPolicy::kByScore;
+  const RoutingCase cases[] = {
+      {300, 4, 7, -1, 8, 0},
+      {300, 2, 6, 37, 1, 0},
+      {300, 2, 300, -1, 1, 0},
+      {300, 4, 7, 100, 8, 0, S, true},
+  };
+  for (const RoutingCase& c : cases)
+    for (int64_t per_chunk : {1, 3, 7, 32, 100, 1 << 20}) check(c, per_chunk);
 }
 
 TEST(SimtRouting, DropByScoreMatchesCpuExactly) {

@@ -115,6 +115,19 @@ __global__ void cp_async_kernel(const float* src, float* snap) {
   snap[3 * 256 + t] = s[4 * t] + s[4 * t + 1] + s[4 * t + 2] + s[4 * t + 3];
 }
 
+// mma.m16n8k8.tf32: lane (g, t) = (lane / 4, lane % 4) holds A (g, t), (g+8, t), (g, t+4), (g+8, t+4)
+// and B (t, g), (t+4, g) of row-major A [16][8], B [8][8]; D is stored back through the C layout.
+__global__ void mma_tf32_kernel(const float* a, const float* b, float* d) {
+  const int lane = static_cast<int>(threadIdx.x), g = lane >> 2, t = lane & 3;
+  const uint32_t af[4] = {__float_as_uint(a[g * 8 + t]), __float_as_uint(a[(g + 8) * 8 + t]),
+                          __float_as_uint(a[g * 8 + t + 4]), __float_as_uint(a[(g + 8) * 8 + t + 4])};
+  const uint32_t bf[2] = {__float_as_uint(b[t * 8 + g]), __float_as_uint(b[(t + 4) * 8 + g])};
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  smoe::simt::mma_m16n8k8_tf32(acc, af, bf, acc);
+  for (int i = 0; i < 4; ++i)
+    d[smoe::simt::frag::c_row(lane, i) * 8 + smoe::simt::frag::c_col(lane, i)] = acc[i];
+}
+
 #if defined(SMOE_SIMT) && SMOE_SIMT
 #include <cmath>
 #include <cstring>
@@ -276,6 +289,80 @@ TEST(SimtTensorCore, CpAsyncLandsOnlyAtTheWait) {
     EXPECT_TRUE(is_poison(h[1 * 256 + 128 + t])) << "group 1 still pending";
     EXPECT_EQ(h[2 * 256 + t], src[128 + 4 * t + 2]);
     EXPECT_EQ(h[3 * 256 + t], src[4 * t]) << "zfill keeps 4 source bytes, zeros the other 12";
+  }
+}
+
+TEST(SimtTensorCore, CpAsyncLandingModes) {
+  using smoe::simt::CpAsyncLanding;
+  CpAsyncLanding l = CpAsyncLanding::kWait;
+  uint64_t seed = 0;
+  EXPECT_TRUE(smoe::simt::parse_cp_async_landing("issue", &l, &seed));
+  EXPECT_EQ(l, CpAsyncLanding::kIssue);
+  EXPECT_TRUE(smoe::simt::parse_cp_async_landing("random:9", &l, &seed));
+  EXPECT_EQ(l, CpAsyncLanding::kRandom);
+  EXPECT_EQ(seed, 9u);
+  EXPECT_TRUE(smoe::simt::parse_cp_async_landing("wait", &l, &seed));
+  EXPECT_EQ(l, CpAsyncLanding::kWait);
+  EXPECT_FALSE(smoe::simt::parse_cp_async_landing("early", &l, &seed));
+
+  std::vector<float> src(256);
+  for (int i = 0; i < 256; ++i) src[i] = static_cast<float>(i + 1);
+  using smoe::simt::test::is_poison;
+  auto run = [&](CpAsyncLanding landing, uint64_t s) -> std::vector<float> {
+    smoe::simt::Options o = smoe::simt::options();
+    o.cp_async_landing = landing;
+    o.cp_async_seed = s;
+    smoe::simt::test::ScopedOptions scope(o);
+    DeviceBuffer<float> dsrc(src), snap(4 * 256);
+    EXPECT_EQ(SMOE_LAUNCH(cp_async_kernel, 1, 32, 0, nullptr, dsrc.ptr, snap.ptr), cudaSuccess);
+    return snap.to_host();
+  };
+  // At issue: group 0 is in shared memory before any wait.
+  const auto at_issue = run(CpAsyncLanding::kIssue, 0);
+  for (int t = 0; t < 32; ++t) EXPECT_EQ(at_issue[t], src[4 * t]) << "issue mode: lane " << t;
+  // Random: before the wait each copy has landed or not (never anything else); after it, always.
+  int early = 0, late = 0;
+  for (uint64_t s = 0; s < 8; ++s) {
+    const auto h = run(CpAsyncLanding::kRandom, s);
+    for (int t = 0; t < 32; ++t) {
+      ASSERT_TRUE(is_poison(h[t]) || h[t] == src[4 * t]) << "seed " << s << " lane " << t;
+      (is_poison(h[t]) ? late : early) += 1;
+      EXPECT_EQ(h[1 * 256 + t], src[4 * t]) << "wait_group 1 retires group 0 whatever the landing";
+      EXPECT_EQ(h[2 * 256 + t], src[128 + 4 * t + 2]);
+      EXPECT_EQ(h[3 * 256 + t], src[4 * t]);
+    }
+  }
+  EXPECT_GT(early, 0) << "random landing never landed a copy before its wait";
+  EXPECT_GT(late, 0) << "random landing always landed before the wait";
+}
+
+TEST(SimtTensorCore, Tf32RoundingAndMma) {
+  using smoe::simt::cvt_rna_tf32;
+  auto f = [](uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; };
+  // cvt.rna.tf32.f32: 10 mantissa bits kept, round to nearest, ties away from zero.
+  EXPECT_EQ(cvt_rna_tf32(1.0f), 0x3f800000u);
+  EXPECT_EQ(cvt_rna_tf32(f(0x3f800fffu)), 0x3f800000u);  // below half an ulp: down
+  EXPECT_EQ(cvt_rna_tf32(f(0x3f801000u)), 0x3f802000u);  // exactly half: away from zero
+  EXPECT_EQ(cvt_rna_tf32(f(0xbf801000u)), 0xbf802000u);  // negative tie: away from zero too
+  EXPECT_EQ(cvt_rna_tf32(f(0x3f803000u)), 0x3f804000u);
+  EXPECT_EQ(cvt_rna_tf32(f(0x7f800000u)), 0x7f800000u);  // inf stays
+  // mma: the product of tf32 values (the low 13 bits of each operand are not used).
+  std::vector<float> a(16 * 8), b(8 * 8);
+  for (int i = 0; i < 128; ++i) a[i] = f(0x3f800000u + (uint32_t(i % 7) << 13) + (i % 3 == 0 ? 0x7ffu : 0u));
+  for (int i = 0; i < 64; ++i) b[i] = (i % 5) * 0.25f - 0.5f;
+  DeviceBuffer<float> da(a), db(b), dd(16 * 8);
+  SIMT_CHECK(SMOE_LAUNCH(mma_tf32_kernel, 1, 32, 0, nullptr, da.ptr, db.ptr, dd.ptr));
+  const auto d = dd.to_host();
+  for (int r = 0; r < 16; ++r) {
+    for (int c = 0; c < 8; ++c) {
+      double want = 0;
+      for (int k = 0; k < 8; ++k) {
+        uint32_t u;
+        std::memcpy(&u, &a[r * 8 + k], 4);
+        want += double(f(u & 0xffffe000u)) * b[k * 8 + c];
+      }
+      EXPECT_EQ(d[r * 8 + c], static_cast<float>(want)) << r << "," << c;
+    }
   }
 }
 #endif  // SMOE_SIMT
