@@ -43,6 +43,11 @@ class _AttachAux(torch.autograd.Function):
         return grad_y, torch.ones((), dtype=torch.float32, device=grad_y.device)
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The routing weights combine takes for outputs of `dtype`: f32, f64 for f64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _check_int(name: str, value, lo: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
@@ -147,6 +152,11 @@ class MoE(nn.Module):
             raise ValueError(f"bias_update_rate must be >= 0, got {bias_update_rate!r}")
         if capacity_factor is not None and not (capacity_factor > 0.0 and math.isfinite(capacity_factor)):
             raise ValueError(f"capacity_factor must be None (dropless) or a finite number > 0, got {capacity_factor!r}")
+        # C = ceil(capacity_factor * T * K / E) rows per expert must fit the core's int32 rows even for T = 1.
+        max_factor = (2**31 - 1) * num_experts / top_k
+        if capacity_factor is not None and capacity_factor > max_factor:
+            raise ValueError(f"capacity_factor must be <= {max_factor:g} (C = ceil(capacity_factor*T*K/E) rows per "
+                             f"expert must fit in int32; None is dropless), got {capacity_factor!r}")
         for name, coef in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
             if not (coef >= 0.0 and math.isfinite(coef)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {coef!r}")
@@ -248,6 +258,8 @@ class MoE(nn.Module):
             raise ValueError(f"x must have the dtype of the expert weights ({self.w1.dtype}), got {x.dtype}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.hidden_size)  # [T,H]
+        if x2.shape[0] > 1 and (x2.stride(1) != 1 or x2.stride(0) < self.hidden_size):
+            x2 = x2.contiguous()  # strided or expanded x (x.t(), x.expand(...)): the kernels read dense rows
         if self.backend == "reference":
             y, aux, z, stats = self._forward_reference(x2)
         else:
@@ -269,7 +281,9 @@ class MoE(nn.Module):
         return y.reshape(*lead, self.hidden_size)
 
     def _router_logits(self, x2: torch.Tensor) -> torch.Tensor:
-        return torch_F.linear(x2.to(self.router_dtype), self.router.weight.to(self.router_dtype)).float()
+        # fp32 logits, fp64 for an fp64 router (f64 routing end to end, as the core supports it).
+        acc = torch.float64 if self.router_dtype == torch.float64 else torch.float32
+        return torch_F.linear(x2.to(self.router_dtype), self.router.weight.to(self.router_dtype)).to(acc)
 
     def _forward_reference(self, x2):
         out = moe_layer(
@@ -303,7 +317,7 @@ class MoE(nn.Module):
             offsets = torch.arange(E + 1, dtype=torch.int64, device=x2.device) * C
             plan = F.RoutingPlan(counts, offsets, row_of, tokens.reshape(-1))
             ys = F.expert_mlp(x2, self.w1, self.w2, plan, activation=self.activation, backend=backend)  # [R,H]
-            y = F.combine(ys, weights, plan, backend=backend)
+            y = F.combine(ys, weights.to(_acc_dtype(x2.dtype)), plan, backend=backend)
             routed = counts
             dropped = torch.zeros((), dtype=torch.int64, device=x2.device)
             aux = torch.zeros((), dtype=torch.float32, device=x2.device)
@@ -314,10 +328,10 @@ class MoE(nn.Module):
                 renormalize=self.renormalize, renorm_eps=self.renorm_eps, routed_scaling=self.routed_scaling,
                 backend=backend)  # [T,K] f32, [T,K] i32, [T,E] f32
             capacity = self.capacity(T)
-            plan = F.routing_plan(experts, num_experts=E, weights=weights.detach(), capacity=capacity,
+            plan = F.routing_plan(experts, num_experts=E, weights=weights.detach().float(), capacity=capacity,
                                   drop_policy=self.drop_policy, backend=backend)
             ys = F.expert_mlp(x2, self.w1, self.w2, plan, activation=self.activation, backend=backend)  # [R,H]
-            y = F.combine(ys, weights, plan, backend=backend)  # [T,H]
+            y = F.combine(ys, weights.to(_acc_dtype(x2.dtype)), plan, backend=backend)  # [T,H]
             if capacity is None:
                 routed = plan.counts
             else:
