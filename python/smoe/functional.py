@@ -224,6 +224,7 @@ def permute(x: Tensor, plan: RoutingPlan, *, backend: str = "auto") -> Tensor:
     op = "permute"
     _tensor(op, "x", x, 2, "[T, H]")
     plan = _plan(op, plan)
+    smoe.ops.check_permute_x(op, x, plan.token_of_row, plan.row_of)
     backend = _backend(op, backend, [("x", x), ("plan.token_of_row", plan.token_of_row), ("plan.row_of", plan.row_of)])
     if backend == "reference":
         return _ref.permute(x, plan)

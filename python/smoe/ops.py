@@ -554,9 +554,17 @@ def _(experts, weights, num_experts, capacity, drop_policy, pad_multiple, backen
 # ---- permute / combine ---------------------------------------------------------------------------
 
 
+def check_permute_x(op: str, x, token_of_row, row_of) -> None:
+    """x [T, H] with T = row_of.size(0): the backward scatters into T rows."""
+    _dims(op, [("x", x, 2, "[T, H]"), ("token_of_row", token_of_row, 1, "[R]"), ("row_of", row_of, 2, "[T, K]")])
+    if x.shape[0] != row_of.shape[0]:
+        raise ValueError(f"smoe.{op}: argument 'x': expected size(0) == T = {row_of.shape[0]} (row_of.size(0)), "
+                         f"got shape {list(x.shape)}")
+
+
 @torch.library.custom_op("smoe::permute", mutates_args=())
 def permute(x: Tensor, token_of_row: Tensor, row_of: Tensor, backend: str) -> Tensor:
-    _dims("permute", [("x", x, 2, "[T, H]"), ("token_of_row", token_of_row, 1, "[R]")])
+    check_permute_x("permute", x, token_of_row, row_of)
     xs = x.new_empty((token_of_row.shape[0], x.shape[1]))  # [R, H]
     _core.lib().permute_forward(
         **_exec(backend, x), x=_v(x, "x"), token_of_row=_v(token_of_row, "token_of_row"), xs=_v(xs, "xs")
@@ -566,7 +574,7 @@ def permute(x: Tensor, token_of_row: Tensor, row_of: Tensor, backend: str) -> Te
 
 @permute.register_fake
 def _(x, token_of_row, row_of, backend):
-    _dims("permute", [("x", x, 2, "[T, H]"), ("token_of_row", token_of_row, 1, "[R]")])
+    check_permute_x("permute", x, token_of_row, row_of)
     return x.new_empty((token_of_row.shape[0], x.shape[1]))
 
 
