@@ -137,16 +137,18 @@ def _check_with_grads(backend, fn, inputs):
         _compare(g, w)
 
 
-backend_param = pytest.mark.parametrize("backend", BACKENDS)
 dtypes = st.sampled_from(FLOATS)
+
+
+def fuzz_op(test):
+    """test(backend, data) on every C++ backend, FUZZ examples each."""
+    return pytest.mark.parametrize("backend", BACKENDS)(FUZZ(given(data=st.data())(test)))
 
 
 # ---- gating and losses ------------------------------------------------------------------------------
 
 
-@backend_param
-@FUZZ
-@given(data=st.data())
+@fuzz_op
 def test_fuzz_topk_gating(backend, data):
     draw = data.draw
     T, E = draw(st.integers(0, 9)), draw(st.integers(1, 9))
@@ -164,9 +166,7 @@ def test_fuzz_topk_gating(backend, data):
     _check_with_grads(backend, lambda x, backend: F.topk_gating(x, backend=backend, **kwargs), [logits])
 
 
-@backend_param
-@FUZZ
-@given(data=st.data())
+@fuzz_op
 def test_fuzz_expert_choice(backend, data):
     draw = data.draw
     T, E = draw(st.integers(0, 9)), draw(st.integers(1, 6))
@@ -177,9 +177,7 @@ def test_fuzz_expert_choice(backend, data):
                                                                   backend=backend), [logits])
 
 
-@backend_param
-@FUZZ
-@given(data=st.data())
+@fuzz_op
 def test_fuzz_losses(backend, data):
     draw = data.draw
     T, E, K = draw(st.integers(0, 9)), draw(st.integers(1, 6)), draw(st.integers(1, 3))
@@ -196,9 +194,7 @@ def test_fuzz_losses(backend, data):
         _check_with_grads(backend, lambda x, backend: F.z_loss(x, backend=backend), [logits])
 
 
-@backend_param
-@FUZZ
-@given(data=st.data())
+@fuzz_op
 def test_fuzz_balancing_bias_update(backend, data):
     draw = data.draw
     E = draw(st.integers(0, 9))
@@ -242,9 +238,7 @@ def _plan_inputs(draw, T, K, E):
     return experts.reshape(T, K)
 
 
-@backend_param
-@FUZZ
-@given(data=st.data())
+@fuzz_op
 def test_fuzz_routing_plan(backend, data):
     draw = data.draw
     T, E = draw(st.integers(0, 9)), draw(st.integers(1, 6))
@@ -269,9 +263,7 @@ def _plan(T, K, E, pad=1):
     return F.routing_plan(experts, num_experts=E, pad_multiple=pad, backend="reference")
 
 
-@backend_param
-@FUZZ
-@given(data=st.data())
+@fuzz_op
 def test_fuzz_permute_combine(backend, data):
     draw = data.draw
     T, E, H = draw(st.integers(0, 7)), draw(st.integers(1, 5)), draw(st.integers(0, 6))
@@ -297,9 +289,7 @@ def _offsets(draw, R, E):
     return torch.tensor([0, *cuts, R][: E + 1] if E > 0 else [0], dtype=torch.int64)
 
 
-@backend_param
-@FUZZ
-@given(data=st.data())
+@fuzz_op
 def test_fuzz_grouped_gemm(backend, data):
     draw = data.draw
     R, Kd, N, E = draw(st.integers(0, 7)), draw(st.integers(0, 5)), draw(st.integers(0, 5)), draw(st.integers(1, 4))
@@ -312,9 +302,7 @@ def test_fuzz_grouped_gemm(backend, data):
                       [a, b])
 
 
-@backend_param
-@FUZZ
-@given(data=st.data())
+@fuzz_op
 def test_fuzz_activation(backend, data):
     draw = data.draw
     kind = _mostly(draw, st.sampled_from(["swiglu", "geglu", "gelu", "relu"]), "bad")
@@ -322,9 +310,7 @@ def test_fuzz_activation(backend, data):
     _check_with_grads(backend, lambda x, backend: F.activation(x, kind=kind, backend=backend), [x])
 
 
-@backend_param
-@FUZZ
-@given(data=st.data())
+@fuzz_op
 def test_fuzz_expert_mlp(backend, data):
     draw = data.draw
     T, E, H, Fs = draw(st.integers(0, 6)), draw(st.integers(1, 4)), draw(st.integers(1, 5)), draw(st.integers(1, 4))
@@ -340,9 +326,7 @@ def test_fuzz_expert_mlp(backend, data):
                       [x, w1, w2])
 
 
-@backend_param
-@FUZZ
-@given(data=st.data())
+@fuzz_op
 def test_fuzz_shared_expert(backend, data):
     draw = data.draw
     T, H, Fs = draw(st.integers(0, 6)), draw(st.integers(1, 5)), draw(st.integers(1, 4))
