@@ -7,9 +7,9 @@
 //   * fork(): the child has the pool's memory but none of its threads. A pthread_atfork child
 //     handler abandons the inherited pool (its mutexes may even be held by a thread that no longer
 //     exists) and the child's next parallel_for builds a fresh one with the same thread count.
-//   * The pool is never destroyed by static destructors: at process exit a worker may still be
-//     blocked, and a forked child must never join threads of its parent. The threads end with the
-//     process.
+//   * The pool object is never destroyed. At exit, the process that started the workers stops and
+//     joins them (unless a job is still running); a forked child never touches the threads of its
+//     parent, which do not exist there.
 #include "parallel.h"
 
 #include <pthread.h>
@@ -43,6 +43,8 @@ class Pool {
 
   int size() const { return threads_.load(std::memory_order_relaxed); }
   pid_t owner() const { return owner_; }
+  // The pool this one replaced after a fork, kept reachable (leak checkers stay quiet).
+  Pool* abandoned = nullptr;
 
   // Throws std::runtime_error when a worker cannot be started; the pool then has the workers that
   // did start (size() says how many) and stays usable.
@@ -89,6 +91,12 @@ class Pool {
     fn_ = nullptr;
   }
 
+  // At exit, in the owner: join the idle workers; skipped while a job runs on another thread.
+  void shutdown() {
+    std::unique_lock<std::mutex> run_lock(run_mu_, std::try_to_lock);
+    if (run_lock.owns_lock()) stop();
+  }
+
  private:
   void chunk(int part) {
     if (part >= parts_) return;
@@ -123,6 +131,7 @@ class Pool {
     cv_.notify_all();
     for (auto& t : workers_) t.join();
     workers_.clear();
+    threads_.store(1, std::memory_order_relaxed);  // a job after shutdown runs on the caller alone
   }
 
   const pid_t owner_;
@@ -151,6 +160,7 @@ int default_threads() {
 // of a parent process is leaked in the child on purpose (its std::thread objects would terminate()
 // if destroyed without a join, and joining them is impossible there).
 std::atomic<Pool*> g_pool{nullptr};
+Pool* g_abandoned_pool = nullptr;  // the parent's pool in a forked child, until the child's own exists
 std::mutex g_pool_mu;
 int g_requested_threads = 0;  // the last set_num_threads (0: default), kept across fork
 
@@ -158,7 +168,7 @@ void forget_pool_in_child() {
   // Runs in the child right after fork, single-threaded: no lock needed (g_pool_mu itself may have
   // been held by another thread of the parent; start the child with a fresh one).
   new (&g_pool_mu) std::mutex();
-  g_pool.store(nullptr, std::memory_order_relaxed);
+  g_abandoned_pool = g_pool.exchange(nullptr, std::memory_order_relaxed);
 }
 
 Pool& pool() {
@@ -170,10 +180,19 @@ Pool& pool() {
     static std::once_flag atfork_once;
     std::call_once(atfork_once, [] { pthread_atfork(nullptr, nullptr, &forget_pool_in_child); });
     p = new Pool(g_requested_threads > 0 ? g_requested_threads : default_threads());
+    p->abandoned = g_abandoned_pool != nullptr ? g_abandoned_pool : g_pool.load(std::memory_order_relaxed);
+    g_abandoned_pool = nullptr;
     g_pool.store(p, std::memory_order_release);
   }
   return *p;
 }
+
+struct JoinAtExit {
+  ~JoinAtExit() {
+    Pool* p = g_pool.load(std::memory_order_acquire);
+    if (p != nullptr && p->owner() == getpid()) p->shutdown();
+  }
+} g_join_at_exit;
 
 }  // namespace
 

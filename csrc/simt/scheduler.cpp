@@ -642,27 +642,43 @@ void Worker::run_launch(LaunchState& ls, uint64_t nworkers) {
 }
 
 // The persistent worker of sequential mode: keeps its fiber stacks between launches. Never destroyed
-// (see sequential_runner): at exit its thread may still wait for work, and a forked child must not
-// join a thread of its parent.
+// (see sequential_runner): at exit the process that started its thread stops and joins it, unless a
+// launch is running; a forked child must never join a thread of its parent.
 class SequentialRunner {
  public:
   const pid_t owner = getpid();
+  SequentialRunner* abandoned = nullptr;  // the one this replaced after a fork, kept reachable
 
   void run(LaunchState& ls) {
     std::lock_guard<std::mutex> one_launch_at_a_time(run_mu_);
     std::unique_lock<std::mutex> lock(mu_);
-    if (!thread_.joinable()) thread_ = std::thread([this] { loop(); });
+    if (!thread_.joinable()) {
+      stop_ = false;  // (a launch after shutdown, from a late static destructor, gets a new thread)
+      thread_ = std::thread([this] { loop(); });
+    }
     job_ = &ls;
     done_ = false;
     cv_.notify_all();
     cv_.wait(lock, [this] { return done_; });
+  }
+
+  void shutdown() {
+    std::unique_lock<std::mutex> one_launch(run_mu_, std::try_to_lock);
+    if (!one_launch.owns_lock()) return;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      cv_.notify_all();
+    }
+    if (thread_.joinable()) thread_.join();
   }
  private:
   void loop() {
     Worker worker;
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
-      cv_.wait(lock, [this] { return job_ != nullptr; });
+      cv_.wait(lock, [this] { return stop_ || job_ != nullptr; });
+      if (stop_) return;
       LaunchState* ls = job_;
       lock.unlock();
       worker.run_launch(*ls, 1);
@@ -678,16 +694,18 @@ class SequentialRunner {
   std::thread thread_;
   LaunchState* job_ = nullptr;
   bool done_ = false;
+  bool stop_ = false;
 };
 
 // fork(): the child inherits the runner's memory but not its thread (and maybe a mutex held by a
 // thread of the parent). Its first launch builds a fresh runner; the inherited one is leaked.
 std::atomic<SequentialRunner*> g_runner{nullptr};
+SequentialRunner* g_abandoned_runner = nullptr;
 std::mutex g_runner_mu;
 
 void forget_runner_in_child() {
   new (&g_runner_mu) std::mutex();  // the child is single-threaded here
-  g_runner.store(nullptr, std::memory_order_relaxed);
+  g_abandoned_runner = g_runner.exchange(nullptr, std::memory_order_relaxed);
 }
 
 SequentialRunner& sequential_runner() {
@@ -699,10 +717,19 @@ SequentialRunner& sequential_runner() {
     static std::once_flag atfork_once;
     std::call_once(atfork_once, [] { pthread_atfork(nullptr, nullptr, &forget_runner_in_child); });
     r = new SequentialRunner();
+    r->abandoned = g_abandoned_runner != nullptr ? g_abandoned_runner : g_runner.load(std::memory_order_relaxed);
+    g_abandoned_runner = nullptr;
     g_runner.store(r, std::memory_order_release);
   }
   return *r;
 }
+
+struct JoinRunnerAtExit {
+  ~JoinRunnerAtExit() {
+    SequentialRunner* r = g_runner.load(std::memory_order_acquire);
+    if (r != nullptr && r->owner == getpid()) r->shutdown();
+  }
+} g_join_runner_at_exit;
 
 // ---- fiber stack overflow guard -----------------------------------------------------------------
 // A fiber that runs off the low end of its stack touches the PROT_NONE guard page below it
