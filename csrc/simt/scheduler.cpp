@@ -809,7 +809,7 @@ void on_segv(int sig, siginfo_t* info, void* uctx) {
       name = demangled;
     }
   }
-  if (name == nullptr) name = "(unnamed: link with -rdynamic to see it)";
+  if (name == nullptr) name = "(name not exported: link with -rdynamic)";
   const uint3 b = w->block.pub.block_idx;
   write_err("smoe-simt: stack overflow in kernel ");
   write_err(name);

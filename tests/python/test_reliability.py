@@ -305,6 +305,8 @@ def test_strided_and_expanded_layer_inputs(backend):
     assert torch.equal(layer(xt), layer(xt.contiguous()))
     row = torch.randn(1, 8)
     assert torch.equal(layer(row.expand(6, 8)), layer(row.expand(6, 8).contiguous()))
+    one = torch.randn(1, 1).expand(1, 8)  # a single token with stride(1) == 0
+    assert torch.equal(layer(one), layer(one.contiguous()))
     x3 = torch.randn(2, 8, 3).transpose(1, 2)  # [2, 3, 8], strided
     xg = x3.clone().requires_grad_()
     xc = x3.contiguous().requires_grad_()

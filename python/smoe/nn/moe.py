@@ -258,7 +258,7 @@ class MoE(nn.Module):
             raise ValueError(f"x must have the dtype of the expert weights ({self.w1.dtype}), got {x.dtype}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.hidden_size)  # [T,H]
-        if x2.shape[0] > 1 and (x2.stride(1) != 1 or x2.stride(0) < self.hidden_size):
+        if (self.hidden_size > 1 and x2.stride(1) != 1) or (x2.shape[0] > 1 and x2.stride(0) < self.hidden_size):
             x2 = x2.contiguous()  # strided or expanded x (x.t(), x.expand(...)): the kernels read dense rows
         if self.backend == "reference":
             y, aux, z, stats = self._forward_reference(x2)
