@@ -132,7 +132,7 @@ def test_capacity_drops_and_counts():
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_aux_losses_reach_router_gradient(backend):
-    """grad(router) with coefficients = grad without + d(coef_a * aux + coef_z * z)/d(router)."""
+    """grad(router) of y.sum() + layer.aux_loss = grad without + d(coef_a * aux + coef_z * z)/d(router)."""
     from smoe.reference import moe_layer
 
     torch.manual_seed(0)
@@ -140,8 +140,8 @@ def test_aux_losses_reach_router_gradient(backend):
     base = MoE(H, F, E, K, backend=backend)
     with_aux = MoE(H, F, E, K, backend=backend, aux_loss_coef=0.3, z_loss_coef=0.05)
     with_aux.load_state_dict(base.state_dict())
-    for layer in (base, with_aux):
-        layer(x).sum().backward()
+    base(x).sum().backward()
+    (with_aux(x).sum() + with_aux.aux_loss).backward()
     router = base.router.weight.detach().clone().requires_grad_(True)
     out = moe_layer(x, router, base.w1.detach(), base.w2.detach(), top_k=K, renormalize=True)
     (extra,) = torch.autograd.grad(0.3 * out.aux_loss + 0.05 * out.z_loss, router)
@@ -163,6 +163,8 @@ def test_bias_balancing_update(backend):
     assert not layer.expert_bias.any()  # no update outside training
     layer.train()
     layer(x)
+    assert not layer.expert_bias.any()  # updated by end_step() only, once per optimizer step
+    layer.end_step()
     load = layer.last_stats["routed_per_expert"].double()
     want = 0.01 * torch.sign(load.mean() - load)
     assert_close(layer.expert_bias, want.float())

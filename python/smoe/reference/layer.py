@@ -147,18 +147,21 @@ def moe_layer(
     shared_w2: Optional[torch.Tensor] = None,
     shared_gate_w: Optional[torch.Tensor] = None,
     router_dtype: torch.dtype = torch.float32,
+    router_x: Optional[torch.Tensor] = None,
 ) -> MoELayerOutput:
     """The MoE layer, step by step.
 
     x [T,H]; router_weight [E,H]; w1 [E,F1,H]; w2 [E,H,F]; bias [E] (selection only);
     shared_w1 [F1s,H], shared_w2 [H,Fs], shared_gate_w [H].
     capacity: None is dropless (token choice); expert choice needs it (tokens per expert).
+    router_x [T,H]: what the router sees (default x); smoe.nn.MoE passes x times its jitter noise.
     """
     T, H = x.shape
     E = router_weight.shape[0]
 
     # 1. Router logits, accumulated and kept in fp32.
-    logits = (x.to(router_dtype) @ router_weight.to(router_dtype).t()).float()  # [T,E]
+    rx = x if router_x is None else router_x
+    logits = (rx.to(router_dtype) @ router_weight.to(router_dtype).t()).float()  # [T,E]
 
     # 2. Scores.
     if score_func == "softmax":
