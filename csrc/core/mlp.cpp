@@ -69,6 +69,14 @@ DType gate_dtype(DType x) { return x == DType::kF64 ? DType::kF64 : DType::kF32;
 
 int64_t nonneg(int64_t v) { return v < 0 ? 0 : v; }
 
+// kWorkspaceAlign + the aligned pieces, saturated at INT64_MAX (kSizeOverflow) instead of overflowing.
+int64_t workspace_total(std::initializer_list<int64_t> piece_bytes) {
+  int64_t total = cpu::kWorkspaceAlign;
+  for (int64_t b : piece_bytes)
+    total = sat_add(total, b >= kSizeOverflow - cpu::kWorkspaceAlign ? kSizeOverflow : cpu::workspace_piece(b));
+  return total;
+}
+
 }  // namespace
 
 // ---- expert MLP ----------------------------------------------------------------------------------
@@ -140,11 +148,10 @@ Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const
 
 int64_t expert_mlp_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t R, int64_t H, int64_t F) {
   R = nonneg(R), H = nonneg(H), F = nonneg(F);
-  const int64_t F1 = is_gated(params.activation) ? 2 * F : F;
+  const int64_t F1 = is_gated(params.activation) ? sat_mul(2, F) : F;
   const int64_t es = dtype_size(dtype);
   // grad_act [R, F], grad_pre [R, F1], grad_xs [R, H], plus room to align the base pointer.
-  return cpu::kWorkspaceAlign + cpu::workspace_piece(R * F * es) + cpu::workspace_piece(R * F1 * es) +
-         cpu::workspace_piece(R * H * es);
+  return workspace_total({sat_mul(sat_mul(R, F), es), sat_mul(sat_mul(R, F1), es), sat_mul(sat_mul(R, H), es)});
 }
 
 Status expert_mlp_backward(const Exec& exec, const ExpertMlpParams& params, const TensorView& grad_ys,
@@ -242,11 +249,12 @@ Status shared_expert_forward(const Exec& exec, const ExpertMlpParams& params, co
 int64_t shared_expert_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t T, int64_t H,
                                       int64_t F) {
   T = nonneg(T), H = nonneg(H), F = nonneg(F);
-  const int64_t F1 = is_gated(params.activation) ? 2 * F : F;
+  const int64_t F1 = is_gated(params.activation) ? sat_mul(2, F) : F;
   const int64_t es = dtype_size(dtype);
   // grad_out [T, H], grad_act [T, F], grad_pre [T, F1], grad_xs [T, H], dlogit [T] (f32, f64 for f64).
-  int64_t bytes = cpu::kWorkspaceAlign + 2 * cpu::workspace_piece(T * H * es) + cpu::workspace_piece(T * F * es) +
-                  cpu::workspace_piece(T * F1 * es) + cpu::workspace_piece(T * dtype_size(gate_dtype(dtype)));
+  const int64_t th = sat_mul(sat_mul(T, H), es);
+  const int64_t bytes = workspace_total({th, th, sat_mul(sat_mul(T, F), es), sat_mul(sat_mul(T, F1), es),
+                                         sat_mul(T, dtype_size(gate_dtype(dtype)))});
   // The device backends carve their gate partials after those pieces (one size serves every backend).
   int64_t extra = 0;
 #if defined(SMOE_HAVE_CUDA) && SMOE_HAVE_CUDA
@@ -255,7 +263,7 @@ int64_t shared_expert_workspace_bytes(const ExpertMlpParams& params, DType dtype
 #if defined(SMOE_HAVE_CUDA_SIMT) && SMOE_HAVE_CUDA_SIMT
   extra = std::max(extra, cuda_simt::shared_expert_workspace_extra_bytes(T, H));
 #endif
-  return bytes + extra;
+  return sat_add(bytes, extra);
 }
 
 Status shared_expert_backward(const Exec& exec, const ExpertMlpParams& params, const TensorView& grad_y,

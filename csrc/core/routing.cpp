@@ -43,15 +43,18 @@ Status check_params(const RoutingPlanParams& p) {
 int64_t routing_plan_max_rows(const RoutingPlanParams& params, int64_t T, int64_t K) {
   if (params.num_experts < 1 || params.pad_multiple < 1 || T < 0 || K < 0) return 0;
   const int64_t E = params.num_experts;
-  int64_t kept = T * K;  // dropless: every assignment gets a row
+  int64_t kept = sat_mul(T, K);  // dropless: every assignment gets a row
   // With a capacity each expert keeps at most C rows (C clamped first so that E * C cannot overflow).
-  if (params.capacity >= 0) kept = std::min(kept, E * std::min<int64_t>(params.capacity, T * K));
-  // Padding adds at most pad - 1 rows per expert (none to an empty one).
-  return kept + E * (int64_t(params.pad_multiple) - 1);
+  if (params.capacity >= 0) kept = std::min(kept, sat_mul(E, std::min<int64_t>(params.capacity, kept)));
+  // Padding adds at most pad - 1 rows per expert (none to an empty one). Saturates at INT64_MAX.
+  return sat_add(kept, sat_mul(E, int64_t(params.pad_multiple) - 1));
 }
 
 // One size serves every backend of the build: the largest of their needs.
 int64_t routing_plan_workspace_bytes(const RoutingPlanParams& params, int64_t T, int64_t K) {
+  // Sizes routing_plan rejects (more than 2^31 - 1 assignments) need no workspace; this also keeps
+  // the backends' T*K products far from overflow.
+  if (sat_mul(T, K) > INT32_MAX || routing_plan_max_rows(params, T, K) > INT32_MAX) return 0;
   int64_t bytes = cpu::routing_plan_workspace_bytes(params, T, K);
 #if defined(SMOE_HAVE_CUDA) && SMOE_HAVE_CUDA
   bytes = std::max(bytes, cuda::routing_plan_workspace_bytes(params, T, K));
@@ -71,7 +74,7 @@ Status routing_plan(const Exec& exec, const RoutingPlanParams& params, const Ten
   SMOE_RETURN_IF_ERROR(expect_contiguous(kOp, "experts", experts));
   const int64_t T = experts.size(0), K = experts.size(1), E = params.num_experts;
   const int64_t R_max = routing_plan_max_rows(params, T, K);
-  if (R_max > INT32_MAX || T * K > INT32_MAX) {
+  if (R_max > INT32_MAX || sat_mul(T, K) > INT32_MAX) {
     return invalid_argument(kOp, "experts",
                             "T*K + E*(pad_multiple-1) <= 2^31 - 1 rows (rows are i32)",
                             shape_string(experts) + " with E = " + std::to_string(E) +

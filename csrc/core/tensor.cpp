@@ -30,6 +30,9 @@ Status expect_dims(const char* op, const char* arg, const TensorView& v, int ndi
     for (int i = 0; i < ndim; ++i) {
       if (v.shape[i] < 0) return invalid_argument(op, arg, "non-negative sizes", shape_string(v));
     }
+    if (v.numel() == kSizeOverflow) {
+      return invalid_argument(op, arg, "sizes whose product fits in int64", shape_string(v));
+    }
     if (v.numel() > 0 && v.data == nullptr) return invalid_argument(op, arg, "a non-null data pointer", "null");
     return Status::Ok();
   }

@@ -502,7 +502,8 @@ A logsumexp_row(const A* x, int64_t E, A* max_out, A* sum_out) {
   for (int64_t e = 0; e < E; ++e) sum += std::exp(x[e] - m);
   *max_out = m;
   *sum_out = sum;
-  return m + std::log(sum);
+  // A row whose max is +inf or -inf (all -inf) has logsumexp = max, as torch.logsumexp gives.
+  return std::isinf(m) ? m : m + std::log(sum);
 }
 
 template <class In>

@@ -625,9 +625,10 @@ struct ExpertChoiceBackwardArgs {
   int64_t T;
   int32_t E;
   bool softmax;
+  int64_t R;  // E * C rows: a row_of entry outside [-1, R) counts as -1 (docs/cuda.md, data rules)
 };
 
-// one warp per token: g = grad_weights where chosen (row_of >= 0), then the score function's backward.
+// one warp per token: g = grad_weights where chosen (row_of in [0, R)), then the score function's backward.
 __global__ void __launch_bounds__(kRowThreads) expert_choice_backward_kernel(ExpertChoiceBackwardArgs a) {
   const int warp = static_cast<int>(threadIdx.x) >> 5, lane = static_cast<int>(threadIdx.x) & 31;
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
@@ -636,13 +637,14 @@ __global__ void __launch_bounds__(kRowThreads) expert_choice_backward_kernel(Exp
   const int32_t* r = a.row_of + t * a.row_of_stride;
   const float* dw = a.grad_weights + t * a.grad_weights_stride;
   float* out = a.grad_logits + t * a.grad_logits_stride;
+  auto g = [&](int e) { return r[e] >= 0 && r[e] < a.R ? dw[e] : 0.0f; };
   if (a.softmax) {
     float dot = 0.0f;
-    for (int e = lane; e < a.E; e += 32) dot += (r[e] >= 0 ? dw[e] : 0.0f) * s[e];
+    for (int e = lane; e < a.E; e += 32) dot += g(e) * s[e];
     dot = warp_sum(dot);
-    for (int e = lane; e < a.E; e += 32) out[e] = s[e] * ((r[e] >= 0 ? dw[e] : 0.0f) - dot);
+    for (int e = lane; e < a.E; e += 32) out[e] = s[e] * (g(e) - dot);
   } else {
-    for (int e = lane; e < a.E; e += 32) out[e] = (r[e] >= 0 ? dw[e] : 0.0f) * s[e] * (1.0f - s[e]);
+    for (int e = lane; e < a.E; e += 32) out[e] = g(e) * s[e] * (1.0f - s[e]);
   }
 }
 
@@ -756,7 +758,9 @@ __global__ void __launch_bounds__(kRowThreads)
   if (t >= T) return;
   float m, sum;
   row_max_sumexp(logits + t * logits_stride, E, lane, &m, &sum);
-  const double z = static_cast<double>(m + logf(sum));
+  // A row whose max is +inf or -inf (all -inf) has logsumexp = max, as torch.logsumexp gives: z^2 = inf.
+  const bool inf_max = m == INFINITY || m == -INFINITY;
+  const double z = static_cast<double>(inf_max ? m : m + logf(sum));
   if (lane == 0) zsq[t] = z * z;
 }
 
@@ -1008,7 +1012,7 @@ Status expert_choice_backward(const ExpertChoiceParams& p, const TensorView& sco
   ExpertChoiceBackwardArgs a{scores.data_as<const float>(), scores.stride(0), row_of.data_as<const int32_t>(),
                              row_of.stride(0), grad_weights.data_as<const float>(), grad_weights.stride(0),
                              grad_logits.data_as<float>(), grad_logits.stride(0), T, static_cast<int32_t>(E),
-                             p.score_func == ScoreFunc::kSoftmax};
+                             p.score_func == ScoreFunc::kSoftmax, E * int64_t{p.capacity}};
   const dim3 grid(static_cast<unsigned>(ceil_div(T, kWarpsPerBlock)));  // one warp per token
   SMOE_CUDA_CHECK(SMOE_LAUNCH(&expert_choice_backward_kernel, grid, dim3(kRowThreads), 0, as_stream(stream), a));
   return Status::Ok();

@@ -19,8 +19,17 @@
 #include <link.h>
 #include <sched.h>
 
+#include <pthread.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
+#include <cxxabi.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <chrono>
 #include <condition_variable>
 #include <cstdarg>
@@ -122,7 +131,21 @@ Options options_from_env() {
   if (const char* s = std::getenv("SMOE_SIMT_STACK_KB"))
     o.stack_bytes = static_cast<size_t>(std::max(16, std::atoi(s))) * 1024;
   if (const char* s = std::getenv("SMOE_SIMT_QUIET")) o.quiet = std::atoi(s) != 0;
-  if (const char* s = std::getenv("SMOE_SIMT_SPIN_TIMEOUT")) o.spin_timeout_s = std::atof(s);
+  if (const char* s = std::getenv("SMOE_SIMT_SPIN_TIMEOUT")) {
+    // A number of seconds >= 0 (strtod's syntax, nothing after it). Anything else (nan, inf, junk,
+    // empty) would switch livelock detection off or make it fire at once: warn, keep the default.
+    char* end = nullptr;
+    errno = 0;
+    const double v = std::strtod(s, &end);
+    if (end != s && *end == '\0' && errno == 0 && std::isfinite(v) && v >= 0.0) {
+      o.spin_timeout_s = v;
+    } else {
+      std::fprintf(stderr,
+                   "smoe-simt: SMOE_SIMT_SPIN_TIMEOUT=%s is not a finite number of seconds >= 0; "
+                   "using the default %g s\n",
+                   s, o.spin_timeout_s);
+    }
+  }
   if (const char* s = std::getenv("SMOE_SIMT_DEVICES")) o.devices = std::max(1, std::atoi(s));
   if (const char* s = std::getenv("SMOE_SIMT_CP_ASYNC")) {
     if (!parse_cp_async_landing(s, &o.cp_async_landing, &o.cp_async_seed)) {
@@ -148,6 +171,8 @@ Options options() {
 void set_options(const Options& o) {
   std::lock_guard<std::mutex> lock(g_options_mutex);
   g_options = o;
+  // The livelock check compares `waited > spin_timeout_s`: NaN would disable it silently.
+  if (!(o.spin_timeout_s >= 0.0)) g_options.spin_timeout_s = Options{}.spin_timeout_s;
   g_options_loaded = true;
 }
 
@@ -294,9 +319,9 @@ struct Worker {
   std::mt19937_64 landing_rng;  // CpAsyncLanding::kRandom
   std::unordered_map<const void*, TlsRange> tls_cache;
 
-  ~Worker() {
-    for (auto& s : stacks) free_stack(s);
-  }
+  Worker();
+  ~Worker();
+  char* alt_stack = nullptr;  // this OS thread's alternate signal stack (see the overflow guard)
 
   void run_launch(LaunchState& ls, uint64_t nworkers);
   void run_block(uint64_t linear);
@@ -708,19 +733,30 @@ void Worker::run_launch(LaunchState& ls, uint64_t nworkers) {
   launch = nullptr;
 }
 
-// The persistent worker of sequential mode: keeps its fiber stacks between launches.
+// The persistent worker of sequential mode: keeps its fiber stacks between launches. Never destroyed
+// (see sequential_runner): at exit the process that started its thread stops and joins it, unless a
+// launch is running; a forked child must never join a thread of its parent.
 class SequentialRunner {
  public:
+  const pid_t owner = getpid();
+  SequentialRunner* abandoned = nullptr;  // the one this replaced after a fork, kept reachable
+
   void run(LaunchState& ls) {
     std::lock_guard<std::mutex> one_launch_at_a_time(run_mu_);
     std::unique_lock<std::mutex> lock(mu_);
-    if (!thread_.joinable()) thread_ = std::thread([this] { loop(); });
+    if (!thread_.joinable()) {
+      stop_ = false;  // (a launch after shutdown, from a late static destructor, gets a new thread)
+      thread_ = std::thread([this] { loop(); });
+    }
     job_ = &ls;
     done_ = false;
     cv_.notify_all();
     cv_.wait(lock, [this] { return done_; });
   }
-  ~SequentialRunner() {
+
+  void shutdown() {
+    std::unique_lock<std::mutex> one_launch(run_mu_, std::try_to_lock);
+    if (!one_launch.owns_lock()) return;
     {
       std::lock_guard<std::mutex> lock(mu_);
       stop_ = true;
@@ -728,7 +764,6 @@ class SequentialRunner {
     }
     if (thread_.joinable()) thread_.join();
   }
-
  private:
   void loop() {
     Worker worker;
@@ -753,6 +788,181 @@ class SequentialRunner {
   bool done_ = false;
   bool stop_ = false;
 };
+
+// fork(): the child inherits the runner's memory but not its thread (and maybe a mutex held by a
+// thread of the parent). Its first launch builds a fresh runner; the inherited one is leaked.
+std::atomic<SequentialRunner*> g_runner{nullptr};
+SequentialRunner* g_abandoned_runner = nullptr;
+std::mutex g_runner_mu;
+
+void forget_runner_in_child() {
+  new (&g_runner_mu) std::mutex();  // the child is single-threaded here
+  g_abandoned_runner = g_runner.exchange(nullptr, std::memory_order_relaxed);
+}
+
+SequentialRunner& sequential_runner() {
+  SequentialRunner* r = g_runner.load(std::memory_order_acquire);
+  if (r != nullptr && r->owner == getpid()) return *r;
+  std::lock_guard<std::mutex> lock(g_runner_mu);
+  r = g_runner.load(std::memory_order_relaxed);
+  if (r == nullptr || r->owner != getpid()) {  // first launch, or a child forked without atfork handlers
+    static std::once_flag atfork_once;
+    std::call_once(atfork_once, [] { pthread_atfork(nullptr, nullptr, &forget_runner_in_child); });
+    r = new SequentialRunner();
+    r->abandoned = g_abandoned_runner != nullptr ? g_abandoned_runner : g_runner.load(std::memory_order_relaxed);
+    g_abandoned_runner = nullptr;
+    g_runner.store(r, std::memory_order_release);
+  }
+  return *r;
+}
+
+struct JoinRunnerAtExit {
+  ~JoinRunnerAtExit() {
+    SequentialRunner* r = g_runner.load(std::memory_order_acquire);
+    if (r != nullptr && r->owner == getpid()) r->shutdown();
+  }
+} g_join_runner_at_exit;
+
+// ---- fiber stack overflow guard -----------------------------------------------------------------
+// A fiber that runs off the low end of its stack touches the PROT_NONE guard page below it
+// (allocate_stack). The SIGSEGV handler runs on the worker thread's alternate signal stack (the
+// fiber's own stack is exhausted), recognises an overflow of the running fiber (the fault in its
+// guard page, or its stack pointer below its stack) and writes a report naming the kernel, its
+// launch site, the block and the thread, using only async-signal-safe calls. The fiber cannot be
+// resumed, so the process then ends with SIGSEGV as before. Any other fault goes to the handler
+// that was installed before. Under AddressSanitizer, ASan's own stack-overflow report is used.
+constexpr size_t kAltStackBytes = 64 * 1024;
+struct sigaction g_prev_segv;
+// Room for the demangled kernel name, allocated before any fault (__cxa_demangle reallocates it only
+// for a longer name).
+char* g_name_buf = nullptr;
+size_t g_name_len = 0;
+
+void write_err(const char* text) {
+  size_t n = std::strlen(text);
+  while (n > 0) {
+    const ssize_t w = write(2, text, n);
+    if (w <= 0) return;
+    text += w;
+    n -= static_cast<size_t>(w);
+  }
+}
+
+void write_num(uint64_t v) {
+  char buf[24];
+  int i = sizeof(buf) - 1;
+  buf[i] = '\0';
+  do {
+    buf[--i] = static_cast<char>('0' + v % 10);
+    v /= 10;
+  } while (v != 0 && i > 0);
+  write_err(buf + i);
+}
+
+uintptr_t fault_stack_pointer(void* uctx) {
+#if defined(__x86_64__)
+  return static_cast<uintptr_t>(static_cast<ucontext_t*>(uctx)->uc_mcontext.gregs[REG_RSP]);
+#elif defined(__aarch64__)
+  return static_cast<uintptr_t>(static_cast<ucontext_t*>(uctx)->uc_mcontext.sp);
+#else
+  (void)uctx;
+  return 0;
+#endif
+}
+
+void on_segv(int sig, siginfo_t* info, void* uctx) {
+  Worker* w = tls_worker;
+  bool overflow = false;
+  if (w != nullptr && w->current != nullptr && w->launch != nullptr) {
+    const size_t index = static_cast<size_t>(w->current - w->fibers.data());
+    if (index < w->stacks.size()) {
+      const FiberStack& st = w->stacks[index];
+      const auto addr = reinterpret_cast<uintptr_t>(info->si_addr);
+      const auto sp = fault_stack_pointer(uctx);
+      const auto map_lo = reinterpret_cast<uintptr_t>(st.mapping);
+      const auto lo = reinterpret_cast<uintptr_t>(st.lo);
+      overflow = (addr >= map_lo && addr < lo) ||            // the guard page
+                 (sp != 0 && sp < lo && sp + (1u << 20) >= lo);  // sp ran below the stack (no guard)
+    }
+  }
+  if (!overflow) {
+    sigaction(SIGSEGV, &g_prev_segv, nullptr);  // the fault is not ours: the previous handler
+    return;                                     // (or the default action) sees it again
+  }
+  const LaunchDesc& d = *w->launch->desc;
+  Dl_info dl{};
+  const char* name = dladdr(d.kernel, &dl) != 0 && dl.dli_sname != nullptr ? dl.dli_sname : nullptr;
+  if (name != nullptr && g_name_buf != nullptr) {
+    int status = -1;
+    size_t len = g_name_len;
+    char* demangled = abi::__cxa_demangle(name, g_name_buf, &len, &status);
+    if (status == 0 && demangled != nullptr) {
+      g_name_buf = demangled;
+      name = demangled;
+    }
+  }
+  if (name == nullptr) name = "(name not exported: link with -rdynamic)";
+  const uint3 b = w->block.pub.block_idx;
+  write_err("smoe-simt: stack overflow in kernel ");
+  write_err(name);
+  write_err(" launched at ");
+  write_err(d.file != nullptr ? d.file : "?");
+  write_err(":");
+  write_num(static_cast<uint64_t>(d.line));
+  write_err(", block (");
+  write_num(b.x);
+  write_err(",");
+  write_num(b.y);
+  write_err(",");
+  write_num(b.z);
+  write_err("), thread ");
+  write_num(static_cast<uint64_t>(w->current->linear));
+  write_err(": its fiber stack of ");
+  write_num(w->stack_bytes / 1024);
+  write_err(" KiB is exhausted (large local arrays or deep recursion). Raise SMOE_SIMT_STACK_KB.\n");
+  signal(sig, SIG_DFL);  // returning re-runs the faulting access: the process ends with SIGSEGV
+}
+
+void install_overflow_guard() {
+#if !defined(SMOE_SIMT_ASAN)
+  static std::once_flag once;
+  std::call_once(once, [] {
+    g_name_len = 1024;
+    g_name_buf = static_cast<char*>(std::malloc(g_name_len));
+    struct sigaction sa {};
+    sa.sa_sigaction = &on_segv;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_prev_segv);
+  });
+#endif
+}
+
+Worker::Worker() {
+#if !defined(SMOE_SIMT_ASAN)
+  void* m = mmap(nullptr, kAltStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m != MAP_FAILED) {
+    stack_t ss{};
+    ss.ss_sp = m;
+    ss.ss_size = kAltStackBytes;
+    if (sigaltstack(&ss, nullptr) == 0) {
+      alt_stack = static_cast<char*>(m);
+    } else {
+      munmap(m, kAltStackBytes);
+    }
+  }
+#endif
+}
+
+Worker::~Worker() {
+  for (auto& s : stacks) free_stack(s);
+  if (alt_stack != nullptr) {
+    stack_t ss{};
+    ss.ss_flags = SS_DISABLE;
+    sigaltstack(&ss, nullptr);
+    munmap(alt_stack, kAltStackBytes);
+  }
+}
 
 std::atomic<uint64_t> g_launch_counter{0};
 
@@ -1071,9 +1281,9 @@ cudaError_t launch(const LaunchDesc& d) {
     }
   }
 
+  install_overflow_guard();
   if (!ls.opt.parallel_blocks || ls.nblocks == 1) {
-    static SequentialRunner runner;
-    runner.run(ls);
+    sequential_runner().run(ls);
   } else {
     const uint64_t nworkers =
         std::min<uint64_t>(ls.nblocks, static_cast<uint64_t>(std::max(1, ls.opt.max_os_threads)));

@@ -14,6 +14,20 @@
 
 namespace smoe {
 
+// Size arithmetic that cannot overflow: a product or sum of non-negative sizes past INT64_MAX
+// saturates at INT64_MAX, which every size check then rejects as too large (no wrap-around to a
+// small or negative size that would pass a check and size a buffer too small).
+inline constexpr int64_t kSizeOverflow = INT64_MAX;
+inline int64_t sat_mul(int64_t a, int64_t b) {
+  int64_t r;
+  if (a < 0 || b < 0) return a < 0 ? a : b;  // negative sizes are reported by the callers' checks
+  return __builtin_mul_overflow(a, b, &r) ? kSizeOverflow : r;
+}
+inline int64_t sat_add(int64_t a, int64_t b) {
+  int64_t r;
+  return __builtin_add_overflow(a, b, &r) ? kSizeOverflow : r;
+}
+
 enum class Device : int32_t { kCPU = 0, kCUDA = 1 };
 
 inline constexpr int kMaxDims = 4;
@@ -30,13 +44,22 @@ struct TensorView {
   bool defined() const { return ndim >= 0; }
   int64_t size(int d) const { return shape[d]; }
   int64_t stride(int d) const { return strides[d]; }
+  // The product of the sizes, saturated at INT64_MAX when it overflows (expect_dims rejects that).
   int64_t numel() const {
     if (ndim < 0) return 0;
     int64_t n = 1;
-    for (int i = 0; i < ndim; ++i) n *= shape[i];
+    for (int i = 0; i < ndim; ++i) n = sat_mul(n, shape[i]);
     return n;
   }
+  // One rule for empty tensors: any zero size makes a tensor empty, and an empty tensor is dense
+  // whatever its strides (autograd hands out empty gradients with strides (0, 0)).
+  bool is_empty() const {
+    for (int i = 0; i < ndim; ++i)
+      if (shape[i] == 0) return true;
+    return false;
+  }
   bool is_contiguous() const {
+    if (is_empty()) return true;
     int64_t expect = 1;
     for (int i = ndim - 1; i >= 0; --i) {
       if (shape[i] != 1 && strides[i] != expect) return false;
@@ -47,6 +70,7 @@ struct TensorView {
   // Rows may be padded (stride(0) >= size(1)) but each row is dense: the "row-strided" 2-D case.
   bool is_row_contiguous() const {
     if (ndim != 2) return is_contiguous();
+    if (is_empty()) return true;
     return (shape[1] <= 1 || strides[1] == 1) && (shape[0] <= 1 || strides[0] >= shape[1]);
   }
   template <class T> T* data_as() const { return static_cast<T*>(data); }

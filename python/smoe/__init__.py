@@ -23,7 +23,12 @@ def num_threads() -> int:
 
 
 def set_num_threads(n: int) -> None:
-    """Resizes the CPU backend's pool. Results do not depend on the thread count."""
+    """Resizes the CPU backend's pool. Results do not depend on the thread count.
+
+    RuntimeError when the system cannot start that many threads: the pool then keeps the threads it
+    got (num_threads() says how many) and stays usable. After fork() a child gets a fresh pool of
+    the same size on its first op."""
+    _core.check_int("set_num_threads", "n", n, 1)
     _core.lib().set_num_threads(n)
 
 

@@ -71,7 +71,17 @@ __all__ = [
     "resolve_backend",
     "check_same_device",
     "check_tensor",
+    "check_dims",
+    "check_int",
+    "check_choice",
+    "INT32_MAX",
+    "INT64_MAX",
 ]
+
+# The C core's integer types: an int beyond them is rejected here, naming the argument, before pybind11
+# or the torch schema see it.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 
 # Codes of smoe::DType and smoe::Device (include/smoe/dtype.h, tensor.h); a test checks them
 # against smoe._C.CODES.
@@ -125,6 +135,39 @@ def check_tensor(op: str, arg: str, t, *, optional: bool = False) -> None:
     if not isinstance(t, torch.Tensor):
         expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
         raise TypeError(f"smoe.{op}: argument '{arg}': expected {expected}, got {type(t).__name__}")
+
+
+def check_dims(op: str, arg: str, t, ndim: int, layout: str, *, optional: bool = False) -> None:
+    """check_tensor, then ValueError naming the argument unless `t` has `ndim` dims."""
+    check_tensor(op, arg, t, optional=optional)
+    if t is not None and t.dim() != ndim:
+        raise ValueError(f"smoe.{op}: argument '{arg}': expected a {ndim}-D tensor {layout}, got shape {list(t.shape)}")
+
+
+def check_int(op: str, arg: str, value, lo: int, hi: Optional[int] = None, what: str = "", *, c_max: int = INT32_MAX) -> None:
+    """TypeError unless `value` is an int (not a bool, not a float such as 2.0); ValueError unless
+    lo <= value <= hi, and value <= c_max (the C type the core holds it in: int32, or INT64_MAX)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"smoe.{op}: argument '{arg}': expected an int, got {type(value).__name__} {value!r}")
+    if hi is not None and lo <= value <= hi <= c_max:
+        return
+    if hi is None and lo <= value <= c_max:
+        return
+    if hi is not None and hi <= c_max:
+        rng = f"in [{lo}, {hi}]"
+    elif value < lo:
+        rng = f"in >= {lo}"
+    else:
+        rng = f"<= {c_max} (the {'int32' if c_max == INT32_MAX else 'int64'} range of the C core)"
+    raise ValueError(f"smoe.{op}: argument '{arg}': expected a value {rng}{what}, got {value}")
+
+
+def check_choice(op: str, arg: str, value, choices) -> None:
+    """ValueError naming the argument unless `value` is one of `choices` (a dict's keys or a sequence)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(
+            f"smoe.{op}: argument '{arg}': expected one of {', '.join(repr(c) for c in choices)}, got {value!r}"
+        )
 
 
 def view(t: torch.Tensor, arg: str = "tensor") -> tuple:

@@ -35,29 +35,11 @@ _ops = torch.ops.smoe
 # ---- argument checks that Python needs before it can allocate ------------------------------------
 
 
-def _tensor(op: str, arg: str, t, ndim: int, layout: str, *, optional: bool = False) -> None:
-    _core.check_tensor(op, arg, t, optional=optional)
-    if t is not None and t.dim() != ndim:
-        raise ValueError(
-            f"smoe.{op}: argument '{arg}': expected a {ndim}-D tensor {layout}, got shape {list(t.shape)}"
-        )
+_tensor = _core.check_dims
+_choice = _core.check_choice
 
 
-def _choice(op: str, arg: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(
-            f"smoe.{op}: argument '{arg}': expected one of {', '.join(repr(c) for c in choices)}, got {value!r}"
-        )
-
-
-def _int(op: str, arg: str, value, lo: int, hi: Optional[int] = None, what: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"smoe.{op}: argument '{arg}': expected an int, got {type(value).__name__}")
-    if value < lo or (hi is not None and value > hi):
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"smoe.{op}: argument '{arg}': expected a value in {rng}{what}, got {value}")
-
-
+_int = _core.check_int
 def _backend(op: str, backend: str, named) -> str:
     device = _core.check_same_device(op, named)
     return _core.resolve_backend(op, backend, device) if backend != "reference" else _core.check_backend(op, backend)
@@ -94,6 +76,8 @@ def topk_gating(
     _tensor(op, "logits", logits, 2, "[T, E]")
     _tensor(op, "bias", bias, 1, "[E]", optional=True)
     _int(op, "top_k", top_k, 1, logits.shape[1], " (E = logits.size(1))")
+    _int(op, "n_groups", n_groups, 1)
+    _int(op, "topk_groups", topk_groups, 1)
     _choice(op, "score_func", score_func, SCORE_FUNCS)
     _choice(op, "group_score", group_score, GROUP_SCORES)
     backend = _backend(op, backend, [("logits", logits), ("bias", bias)])
@@ -169,7 +153,15 @@ def balancing_bias_update(counts: Tensor, bias: Tensor, *, rate: float, backend:
 
 
 def routing_plan_max_rows(T: int, K: int, *, num_experts: int, capacity: Optional[int] = None, pad_multiple: int = 1) -> int:
-    """Rows R_max of RoutingPlan.token_of_row (and of the permuted buffers) for T tokens and K picks."""
+    """Rows R_max of RoutingPlan.token_of_row (and of the permuted buffers) for T tokens and K picks.
+    Equal to the C++ query smoe::routing_plan_max_rows; ValueError/TypeError naming a bad argument."""
+    op = "routing_plan_max_rows"
+    _int(op, "T", T, 0, c_max=_core.INT64_MAX)
+    _int(op, "K", K, 0, c_max=_core.INT64_MAX)
+    _int(op, "num_experts", num_experts, 1)
+    if capacity is not None:
+        _int(op, "capacity", capacity, 0, c_max=_core.INT64_MAX)
+    _int(op, "pad_multiple", pad_multiple, 1)
     return smoe.ops.routing_plan_max_rows(T, K, num_experts, -1 if capacity is None else capacity, pad_multiple)
 
 
@@ -198,7 +190,7 @@ def routing_plan(
     _tensor(op, "weights", weights, 2, "[T, K]", optional=True)
     _int(op, "num_experts", num_experts, 1)
     if capacity is not None:
-        _int(op, "capacity", capacity, 0)
+        _int(op, "capacity", capacity, 0, c_max=_core.INT64_MAX)
     _int(op, "pad_multiple", pad_multiple, 1)
     _choice(op, "drop_policy", drop_policy, DROP_POLICIES)
     backend = _backend(op, backend, [("experts", experts), ("weights", weights)])
@@ -214,11 +206,16 @@ def routing_plan(
 
 
 def _plan(op: str, plan) -> RoutingPlan:
+    """A RoutingPlan, or any 4-tuple of tensors (counts, offsets, row_of, token_of_row) made into one."""
     if not (isinstance(plan, tuple) and len(plan) == 4):
         raise TypeError(
             f"smoe.{op}: argument 'plan': expected a RoutingPlan (counts, offsets, row_of, token_of_row), "
             f"got {type(plan).__name__}"
         )
+    plan = plan if isinstance(plan, RoutingPlan) else RoutingPlan(*plan)
+    for field, ndim, layout in (("counts", 1, "[E]"), ("offsets", 1, "[E+1]"), ("row_of", 2, "[T, K]"),
+                                ("token_of_row", 1, "[R]")):
+        _tensor(op, f"plan.{field}", getattr(plan, field), ndim, layout)
     return plan
 
 
@@ -227,6 +224,7 @@ def permute(x: Tensor, plan: RoutingPlan, *, backend: str = "auto") -> Tensor:
     op = "permute"
     _tensor(op, "x", x, 2, "[T, H]")
     plan = _plan(op, plan)
+    smoe.ops.check_permute_x(op, x, plan.token_of_row, plan.row_of)
     backend = _backend(op, backend, [("x", x), ("plan.token_of_row", plan.token_of_row), ("plan.row_of", plan.row_of)])
     if backend == "reference":
         return _ref.permute(x, plan)

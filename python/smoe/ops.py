@@ -49,6 +49,31 @@ def _exec(backend: str, ref: Tensor) -> dict:
     return {"backend": _core.backend_code(backend), "stream": _stream(ref)}
 
 
+# ---- argument checks of the ops themselves --------------------------------------------------------
+# torch.ops.smoe.* can be called directly, so each op checks what it needs before it allocates: enum
+# strings, the dims it unpacks, and integer ranges (the C core holds them in int32/int64).
+
+
+def _code(op: str, arg: str, table: dict, value) -> int:
+    _core.check_choice(op, arg, value, table)
+    return table[value]
+
+
+def _dims(op: str, named, *, optional: bool = False) -> None:
+    """Each (arg, tensor, ndim, layout) is a tensor with ndim dims (None allowed where optional)."""
+    for arg, t, ndim, layout in named:
+        _core.check_dims(op, arg, t, ndim, layout, optional=optional)
+
+
+def _check_topk(op, scores, top_k, score_func, n_groups, topk_groups, group_score) -> None:
+    _dims(op, [("logits" if op == "topk_gating" else "scores", scores, 2, "[T, E]")])
+    _core.check_int(op, "top_k", top_k, 1, scores.shape[1], " (E = size(1))")
+    _code(op, "score_func", SCORE_FUNCS, score_func)
+    _core.check_int(op, "n_groups", n_groups, 1)
+    _core.check_int(op, "topk_groups", topk_groups, 1)
+    _code(op, "group_score", GROUP_SCORES, group_score)
+
+
 def _v(t: Optional[Tensor], name: str):
     return _core.opt_view(t, name)
 
@@ -133,6 +158,7 @@ def topk_gating(
     routed_scaling: float,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_topk("topk_gating", logits, top_k, score_func, n_groups, topk_groups, group_score)
     T, E = logits.shape
     acc = acc_dtype(logits.dtype)
     weights = logits.new_empty((T, top_k), dtype=acc)  # [T, K]
@@ -152,6 +178,7 @@ def topk_gating(
 
 @topk_gating.register_fake
 def _(logits, bias, top_k, score_func, n_groups, topk_groups, group_score, renormalize, renorm_eps, routed_scaling, backend):
+    _check_topk("topk_gating", logits, top_k, score_func, n_groups, topk_groups, group_score)
     T, E = logits.shape
     acc = acc_dtype(logits.dtype)
     return (
@@ -177,6 +204,7 @@ def topk_gating_backward(
     routed_scaling: float,
     backend: str,
 ) -> Tensor:
+    _check_topk("topk_gating_backward", scores, top_k, score_func, n_groups, topk_groups, group_score)
     grad_logits = torch.empty_like(scores)  # [T, E]
     _core.lib().topk_gating_backward(
         **_exec(backend, scores),
@@ -221,8 +249,15 @@ topk_gating.register_autograd(_topk_gating_backward, setup_context=_topk_gating_
 # ---- expert_choice -------------------------------------------------------------------------------
 
 
+def _check_expert_choice(op, scores, capacity, score_func) -> None:
+    _dims(op, [("logits" if op == "expert_choice" else "scores", scores, 2, "[T, E]")])
+    _core.check_int(op, "capacity", capacity, 1, scores.shape[0], " (T = size(0))")
+    _code(op, "score_func", SCORE_FUNCS, score_func)
+
+
 @torch.library.custom_op("smoe::expert_choice", mutates_args=())
 def expert_choice(logits: Tensor, capacity: int, score_func: str, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    _check_expert_choice("expert_choice", logits, capacity, score_func)
     T, E = logits.shape
     acc = acc_dtype(logits.dtype)
     weights = logits.new_empty((T, E), dtype=acc)  # [T, E]
@@ -244,6 +279,7 @@ def expert_choice(logits: Tensor, capacity: int, score_func: str, backend: str) 
 
 @expert_choice.register_fake
 def _(logits, capacity, score_func, backend):
+    _check_expert_choice("expert_choice", logits, capacity, score_func)
     T, E = logits.shape
     acc = acc_dtype(logits.dtype)
     return (
@@ -264,6 +300,8 @@ def expert_choice_backward(
     score_func: str,
     backend: str,
 ) -> Tensor:
+    _check_expert_choice("expert_choice_backward", scores, capacity, score_func)
+    _dims("expert_choice_backward", [("row_of", row_of, 2, "[T, E]")])
     lib = _core.lib()
     T, E = scores.shape
     grad_logits = torch.zeros_like(scores)  # [T, E]
@@ -434,11 +472,30 @@ def _(counts, bias, rate, backend):
 
 def routing_plan_max_rows(T: int, K: int, num_experts: int, capacity: int, pad_multiple: int):
     """Rows of token_of_row, from the shapes alone (the formula of smoe::routing_plan_max_rows; a test
-    checks both agree). capacity < 0: dropless. Works on symbolic sizes under torch.compile."""
+    checks both agree). capacity < 0: dropless. Works on symbolic sizes under torch.compile; the
+    arguments must be valid (T, K >= 0, num_experts, pad_multiple >= 1): _check_plan checks them."""
     kept = T * K
     if capacity >= 0:
         kept = min(kept, num_experts * min(capacity, T * K))
     return kept + num_experts * (pad_multiple - 1)
+
+
+def _check_plan(op, experts, num_experts, capacity, drop_policy, pad_multiple) -> int:
+    """Checks the routing plan's arguments and returns its DROP_POLICIES code."""
+    _dims(op, [("experts", experts, 2, "[T, K]")])
+    _core.check_int(op, "num_experts", num_experts, 1)
+    _core.check_int(op, "capacity", capacity, -1, what=" (-1: dropless)", c_max=_core.INT64_MAX)
+    _core.check_int(op, "pad_multiple", pad_multiple, 1)
+    policy = _code(op, "drop_policy", DROP_POLICIES, drop_policy)
+    T, K = experts.shape
+    if isinstance(T, int) and isinstance(K, int):  # concrete sizes: rows are i32 (R <= 2^31 - 1)
+        rows = max(T * K, routing_plan_max_rows(T, K, num_experts, capacity, pad_multiple))
+        if rows > _core.INT32_MAX:
+            raise ValueError(
+                f"smoe.{op}: argument 'experts': expected T*K + E*(pad_multiple-1) <= 2^31 - 1 rows (rows are i32), "
+                f"got T={T}, K={K}, E={num_experts}, pad_multiple={pad_multiple} ({rows} rows)"
+            )
+    return policy
 
 
 @torch.library.custom_op("smoe::routing_plan", mutates_args=())
@@ -451,10 +508,10 @@ def routing_plan(
     pad_multiple: int,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    policy = _check_plan("routing_plan", experts, num_experts, capacity, drop_policy, pad_multiple)
     lib = _core.lib()
     T, K = experts.shape
     E = num_experts
-    policy = DROP_POLICIES[drop_policy]
     R_max = lib.routing_plan_max_rows(num_experts=E, capacity=capacity, drop_policy=policy, pad_multiple=pad_multiple, T=T, K=K)
     ws_bytes = lib.routing_plan_workspace_bytes(num_experts=E, capacity=capacity, drop_policy=policy, pad_multiple=pad_multiple, T=T, K=K)
     dev = experts.device
@@ -482,6 +539,7 @@ def routing_plan(
 
 @routing_plan.register_fake
 def _(experts, weights, num_experts, capacity, drop_policy, pad_multiple, backend):
+    _check_plan("routing_plan", experts, num_experts, capacity, drop_policy, pad_multiple)
     T, K = experts.shape
     R_max = routing_plan_max_rows(T, K, num_experts, capacity, pad_multiple)
     dev = experts.device
@@ -496,8 +554,17 @@ def _(experts, weights, num_experts, capacity, drop_policy, pad_multiple, backen
 # ---- permute / combine ---------------------------------------------------------------------------
 
 
+def check_permute_x(op: str, x, token_of_row, row_of) -> None:
+    """x [T, H] with T = row_of.size(0): the backward scatters into T rows."""
+    _dims(op, [("x", x, 2, "[T, H]"), ("token_of_row", token_of_row, 1, "[R]"), ("row_of", row_of, 2, "[T, K]")])
+    if x.shape[0] != row_of.shape[0]:
+        raise ValueError(f"smoe.{op}: argument 'x': expected size(0) == T = {row_of.shape[0]} (row_of.size(0)), "
+                         f"got shape {list(x.shape)}")
+
+
 @torch.library.custom_op("smoe::permute", mutates_args=())
 def permute(x: Tensor, token_of_row: Tensor, row_of: Tensor, backend: str) -> Tensor:
+    check_permute_x("permute", x, token_of_row, row_of)
     xs = x.new_empty((token_of_row.shape[0], x.shape[1]))  # [R, H]
     _core.lib().permute_forward(
         **_exec(backend, x), x=_v(x, "x"), token_of_row=_v(token_of_row, "token_of_row"), xs=_v(xs, "xs")
@@ -507,11 +574,13 @@ def permute(x: Tensor, token_of_row: Tensor, row_of: Tensor, backend: str) -> Te
 
 @permute.register_fake
 def _(x, token_of_row, row_of, backend):
+    check_permute_x("permute", x, token_of_row, row_of)
     return x.new_empty((token_of_row.shape[0], x.shape[1]))
 
 
 @torch.library.custom_op("smoe::permute_backward", mutates_args=())
 def permute_backward(grad_xs: Tensor, row_of: Tensor, backend: str) -> Tensor:
+    _dims("permute_backward", [("grad_xs", grad_xs, 2, "[R, H]"), ("row_of", row_of, 2, "[T, K]")])
     grad_x = grad_xs.new_empty((row_of.shape[0], grad_xs.shape[1]))  # [T, H]
     _core.lib().permute_backward(
         **_exec(backend, grad_xs), grad_xs=_v(grad_xs, "grad_xs"), row_of=_v(row_of, "row_of"), grad_x=_v(grad_x, "grad_x")
@@ -540,6 +609,7 @@ permute.register_autograd(_permute_backward, setup_context=_permute_setup)
 
 @torch.library.custom_op("smoe::combine", mutates_args=())
 def combine(ys: Tensor, weights: Tensor, row_of: Tensor, backend: str) -> Tensor:
+    _dims("combine", [("ys", ys, 2, "[R, H]"), ("row_of", row_of, 2, "[T, K]")])
     y = ys.new_empty((row_of.shape[0], ys.shape[1]))  # [T, H]
     _core.lib().combine_forward(
         **_exec(backend, ys), ys=_v(ys, "ys"), weights=_v(weights, "weights"), row_of=_v(row_of, "row_of"), y=_v(y, "y")
@@ -606,6 +676,7 @@ combine.register_autograd(_combine_backward, setup_context=_combine_setup)
 
 @torch.library.custom_op("smoe::grouped_gemm", mutates_args=())
 def grouped_gemm(a: Tensor, b: Tensor, offsets: Tensor, trans_b: bool, backend: str) -> Tensor:
+    _dims("grouped_gemm", [("a", a, 2, "[R, Kd]"), ("b", b, 3, "[E, N, Kd]" if trans_b else "[E, Kd, N]")])
     N = b.shape[1] if trans_b else b.shape[2]
     # Zeros: the core leaves rows at or past offsets[E] untouched, and reading offsets[E] would sync.
     c = a.new_zeros((a.shape[0], N))  # [R, N]
@@ -623,6 +694,9 @@ def _(a, b, offsets, trans_b, backend):
 
 @torch.library.custom_op("smoe::grouped_gemm_wgrad", mutates_args=())
 def grouped_gemm_wgrad(a: Tensor, b: Tensor, offsets: Tensor, backend: str) -> Tensor:
+    _dims("grouped_gemm_wgrad", [("a", a, 2, "[R, M]"), ("b", b, 2, "[R, N]"), ("offsets", offsets, 1, "[E+1]")])
+    if offsets.shape[0] < 1:
+        raise ValueError("smoe.grouped_gemm_wgrad: argument 'offsets': expected [E+1] with E >= 0, got shape [0]")
     c = a.new_empty((offsets.shape[0] - 1, a.shape[1], b.shape[1]))  # [E, M, N]
     _core.lib().grouped_gemm_wgrad(
         **_exec(backend, a), a=_v(a, "a"), b=_v(b, "b"), offsets=_v(offsets, "offsets"), c=_v(c, "c")
@@ -661,7 +735,9 @@ def _gg_backward(ctx, grad_c):
 grouped_gemm.register_autograd(_gg_backward, setup_context=_gg_setup)
 
 
-def _act_out_shape(x: Tensor, kind: str) -> List[int]:
+def _act_out_shape(x: Tensor, kind: str, op: str = "activation") -> List[int]:
+    _code(op, "kind", ACTIVATIONS, kind)
+    _dims(op, [("x", x, 2, "[R, F1]")])
     F1 = x.shape[-1]
     return [x.shape[0], F1 // 2 if kind in GATED_ACTIVATIONS else F1]
 
@@ -681,6 +757,7 @@ def _(x, kind, backend):
 @torch.library.custom_op("smoe::activation_backward", mutates_args=())
 def activation_backward(x: Tensor, grad_out: Tensor, kind: str, backend: str) -> Tensor:
     grad_in = torch.empty_like(x, memory_format=torch.contiguous_format)  # [R, F1]
+    _act_out_shape(x, kind, "activation_backward")
     _core.lib().activation_backward(
         **_exec(backend, x), act=ACTIVATIONS[kind], **{"in": _v(x, "x")}, grad_out=_v(grad_out, "grad_out"), grad_in=_v(grad_in, "grad_in")
     )
@@ -710,9 +787,18 @@ activation.register_autograd(_act_backward, setup_context=_act_setup)
 # ---- expert MLP (fused entry point) and shared expert --------------------------------------------
 
 
+def _check_mlp(op: str, kind: str, named) -> None:
+    _code(op, "activation", ACTIVATIONS, kind)
+    _dims(op, named)
+
+
 def _mlp_shapes(x: Tensor, R: int, w2_F: int, kind: str):
     F1 = 2 * w2_F if kind in GATED_ACTIVATIONS else w2_F
     return (R, x.shape[1]), (R, F1), (R, w2_F)  # xs / ys [R, H], pre [R, F1], act [R, F]
+
+
+def _expert_mlp_dims(x, token_of_row, w2):
+    return [("x", x, 2, "[T, H]"), ("token_of_row", token_of_row, 1, "[R]"), ("w2", w2, 3, "[E, H, F]")]
 
 
 @torch.library.custom_op("smoe::expert_mlp", mutates_args=())
@@ -729,6 +815,7 @@ def expert_mlp(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (ys, xs, pre, act): ys is the result, the rest are saved for backward.
     need_saved=False (no gradient wanted): xs, pre, act live in scratch and are returned empty ([0])."""
+    _check_mlp("expert_mlp", activation, _expert_mlp_dims(x, token_of_row, w2))
     hs, ps, as_ = _mlp_shapes(x, token_of_row.shape[0], w2.shape[2], activation)
     ys = x.new_empty(hs)
     if need_saved:
@@ -755,6 +842,7 @@ def expert_mlp(
 
 @expert_mlp.register_fake
 def _(x, token_of_row, offsets, row_of, w1, w2, activation, backend, need_saved=True):
+    _check_mlp("expert_mlp", activation, _expert_mlp_dims(x, token_of_row, w2))
     hs, ps, as_ = _mlp_shapes(x, token_of_row.shape[0], w2.shape[2], activation)
     if not need_saved:
         return x.new_empty(hs), x.new_empty((0,)), x.new_empty((0,)), x.new_empty((0,))
@@ -774,6 +862,8 @@ def expert_mlp_backward(
     activation: str,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_mlp("expert_mlp_backward", activation,
+               [("grad_ys", grad_ys, 2, "[R, H]"), ("row_of", row_of, 2, "[T, K]"), ("w2", w2, 3, "[E, H, F]")])
     lib = _core.lib()
     R, H = grad_ys.shape
     grad_x = grad_ys.new_empty((row_of.shape[0], H))  # [T, H]
@@ -851,6 +941,7 @@ def shared_expert(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (y, pre, act, out, gate): y = gate * out is the result, the rest are saved for backward.
     gate [T] is empty ([0]) without gate_w."""
+    _check_mlp("shared_expert", activation, [("x", x, 2, "[T, H]"), ("w2", w2, 2, "[H, F]")])
     T = x.shape[0]
     _, ps, as_ = _mlp_shapes(x, T, w2.shape[1], activation)
     pre, act, out = x.new_empty(ps), x.new_empty(as_), x.new_empty(x.shape)
@@ -874,6 +965,7 @@ def shared_expert(
 
 @shared_expert.register_fake
 def _(x, w1, w2, gate_w, activation, backend):
+    _check_mlp("shared_expert", activation, [("x", x, 2, "[T, H]"), ("w2", w2, 2, "[H, F]")])
     T = x.shape[0]
     _, ps, as_ = _mlp_shapes(x, T, w2.shape[1], activation)
     gate = x.new_empty((T,) if gate_w is not None else (0,), dtype=acc_dtype(x.dtype))
@@ -895,6 +987,7 @@ def shared_expert_backward(
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad_x, grad_w1, grad_w2, grad_gate_w); grad_gate_w is empty ([0]) without gate_w."""
+    _check_mlp("shared_expert_backward", activation, [("x", x, 2, "[T, H]"), ("w2", w2, 2, "[H, F]")])
     lib = _core.lib()
     T, H = x.shape
     grad_x = torch.zeros_like(x, memory_format=torch.contiguous_format)  # the core accumulates into grad_x

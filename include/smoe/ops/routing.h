@@ -25,6 +25,8 @@ struct RoutingPlanParams {
 
 // Upper bound of R (rows of the expert-sorted buffer) for T tokens and K picks: size the
 // token_of_row output and the permuted buffers with it (no host sync needed on a GPU).
+// 0 for parameters routing_plan rejects (E < 1, pad_multiple < 1, T < 0, K < 0); saturates at
+// INT64_MAX instead of overflowing (routing_plan accepts at most 2^31 - 1 rows).
 int64_t routing_plan_max_rows(const RoutingPlanParams& params, int64_t T, int64_t K);
 // Bytes of workspace routing_plan needs.
 int64_t routing_plan_workspace_bytes(const RoutingPlanParams& params, int64_t T, int64_t K);

@@ -98,6 +98,11 @@ def _in_recompute() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The routing weights combine takes for outputs of `dtype`: f32, f64 for f64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _check_int(name: str, value, lo: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
         raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
@@ -228,6 +233,11 @@ class MoE(nn.Module):
             raise ValueError(f"bias_update_rate must be a finite number >= 0, got {bias_update_rate!r}")
         if capacity_factor is not None and not (capacity_factor > 0.0 and math.isfinite(capacity_factor)):
             raise ValueError(f"capacity_factor must be None (dropless) or a finite number > 0, got {capacity_factor!r}")
+        # C = ceil(capacity_factor * T * K / E) rows per expert must fit the core's int32 rows even for T = 1.
+        max_factor = (2**31 - 1) * num_experts / top_k
+        if capacity_factor is not None and capacity_factor > max_factor:
+            raise ValueError(f"capacity_factor must be <= {max_factor:g} (C = ceil(capacity_factor*T*K/E) rows per "
+                             f"expert must fit in int32; None is dropless), got {capacity_factor!r}")
         for name, coef in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
             if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not (coef >= 0.0 and math.isfinite(coef)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {coef!r}")
@@ -523,6 +533,8 @@ class MoE(nn.Module):
             # weights; the router keeps router_dtype. Nothing inside is autocast again.
             x_in = x.reshape(-1, self.hidden_size)  # [T,H] in x's dtype: what the router sees
             x2 = x_in.to(dtype)  # [T,H] what the experts see
+            if (self.hidden_size > 1 and x2.stride(1) != 1) or (x2.shape[0] > 1 and x2.stride(0) < self.hidden_size):
+                x2 = x2.contiguous()  # strided or expanded x (x.t(), x.expand(...)): the kernels read dense rows
             ws = {name: (None if w is None else w.to(dtype)) for name, w in
                   (("w1", self.w1), ("w2", self.w2), ("shared_w1", self.shared_w1),
                    ("shared_w2", self.shared_w2), ("shared_gate_w", self.shared_gate_w))}
@@ -591,7 +603,9 @@ class MoE(nn.Module):
         return y.reshape(*lead, self.hidden_size)
 
     def _router_logits(self, router_x: torch.Tensor) -> torch.Tensor:
-        return torch_F.linear(router_x.to(self.router_dtype), self.router.weight.to(self.router_dtype)).float()
+        # fp32 logits, fp64 for an fp64 router (f64 routing end to end, as the core supports it).
+        acc = torch.float64 if self.router_dtype == torch.float64 else torch.float32
+        return torch_F.linear(router_x.to(self.router_dtype), self.router.weight.to(self.router_dtype)).to(acc)
 
     def _shared(self, x2: torch.Tensor, ws: dict) -> torch.Tensor:
         """The shared expert on every token (masked ones included), in x2's dtype."""
@@ -629,10 +643,10 @@ class MoE(nn.Module):
         import smoe.functional as F
 
         backend = self.backend
-        plan = F.routing_plan(experts, num_experts=self.num_experts, weights=weights.detach(),
+        plan = F.routing_plan(experts, num_experts=self.num_experts, weights=weights.detach().float(),
                               capacity=self.capacity(x2.shape[0]), drop_policy=self.drop_policy, backend=backend)
         ys = F.expert_mlp(x2, w1, w2, plan, activation=self.activation, backend=backend)  # [R,H]
-        return F.combine(ys, weights, plan, backend=backend), plan.counts
+        return F.combine(ys, weights.to(_acc_dtype(x2.dtype)), plan, backend=backend), plan.counts
 
     def _forward_smoe(self, x2, router_x, ws):
         import smoe.functional as F
@@ -654,7 +668,7 @@ class MoE(nn.Module):
             offsets = torch.arange(E + 1, dtype=torch.int64, device=x2.device) * C
             plan = F.RoutingPlan(counts, offsets, row_of, tokens.reshape(-1))
             ys = F.expert_mlp(x2, ws["w1"], ws["w2"], plan, activation=self.activation, backend=backend)  # [R,H]
-            y = F.combine(ys, weights, plan, backend=backend)
+            y = F.combine(ys, weights.to(_acc_dtype(x2.dtype)), plan, backend=backend)
             routed = computed = counts
             dropped = torch.zeros((), dtype=torch.int64, device=x2.device)
             aux = torch.zeros((), dtype=torch.float32, device=x2.device)

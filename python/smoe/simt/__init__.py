@@ -50,19 +50,71 @@ def find_root() -> Path:
 
 
 # --------------------------------------------------------------------------------- source rewrite
+# A small tokenizer of C++ source, enough to find `<<<` launches outside comments and literals:
+# comments, string and char literals (with u8/u/U/L prefixes), raw strings R"delim(...)delim",
+# preprocessing numbers with digit separators (1'000, 0x1'FF), and identifiers, each skipped whole.
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
+_PP_NUMBER = re.compile(r"\.?[0-9](?:[eEpP][+-]|'[0-9A-Za-z_]|[0-9A-Za-z_.])*")
+_STRING_PREFIXES = ("u8", "u", "U", "L")
+_RAW_PREFIXES = ("R", "u8R", "uR", "UR", "LR")
+_RAW_DELIMITER = re.compile(r'([^\s()\\]{0,16})\(')
+
+
+def _line_of(src: str, i: int) -> int:
+    return src.count("\n", 0, i) + 1
+
+
+def _skip_quoted(src: str, i: int) -> int:
+    """src[i] is ' or \"; the index just past the matching close quote on the same line (escapes honoured)."""
+    quote, j = src[i], i + 1
+    while j < len(src) and src[j] != quote:
+        if src[j] == "\n":
+            break
+        j += 2 if src[j] == "\\" else 1
+    if j >= len(src) or src[j] != quote:
+        # Unterminated on its line (an apostrophe in an #error text or an #if 0 block): the compiler
+        # reports it if it matters; here the quote is one character.
+        return i + 1
+    return j + 1
+
+
+def _skip_raw_string(src: str, i: int) -> int:
+    """src[i] is the \" of R\"delim( ... )delim\"; the index just past the closing quote."""
+    m = _RAW_DELIMITER.match(src, i + 1)
+    if m is None:
+        raise SyntaxError(f"invalid raw string delimiter on line {_line_of(src, i)}")
+    close = ")" + m.group(1) + '"'
+    j = src.find(close, m.end())
+    if j < 0:
+        raise SyntaxError(f"unterminated raw string literal on line {_line_of(src, i)}")
+    return j + len(close)
+
+
 def _skip_literal_or_comment(src: str, i: int) -> int:
-    """If a comment, string or char literal starts at i, return the index just past it."""
+    """If a comment, literal or identifier starts at i, return the index just past it; else i."""
+    c = src[i]
     if src.startswith("//", i):
         j = src.find("\n", i)
         return len(src) if j < 0 else j
     if src.startswith("/*", i):
         j = src.find("*/", i + 2)
-        return len(src) if j < 0 else j + 2
-    if src[i] in "\"'":
-        quote, j = src[i], i + 1
-        while j < len(src) and src[j] != quote:
-            j += 2 if src[j] == "\\" else 1
-        return j + 1
+        if j < 0:
+            raise SyntaxError(f"unterminated comment on line {_line_of(src, i)}")
+        return j + 2
+    if c.isdigit() or (c == "." and src[i + 1 : i + 2].isdigit()):
+        return _PP_NUMBER.match(src, i).end()
+    if c == "_" or c.isalpha():
+        m = _IDENT.match(src, i)
+        if m is None:  # a non-ASCII letter: one character
+            return i + 1
+        j, word = m.end(), m.group()
+        if src.startswith('"', j) and word in _RAW_PREFIXES:
+            return _skip_raw_string(src, j)
+        if j < len(src) and src[j] in "\"'" and word in _STRING_PREFIXES:
+            return _skip_quoted(src, j)
+        return j
+    if c in "\"'":
+        return _skip_quoted(src, i)
     return i
 
 
@@ -81,20 +133,39 @@ def _match_forward(src: str, i: int, open_ch: str, close_ch: str) -> int:
             if depth == 0:
                 return i
         i += 1
-    raise SyntaxError(f"unbalanced {open_ch!r}")
+    raise SyntaxError(f"unbalanced {open_ch!r} from line {_line_of(src, i)}")
+
+
+def _find_forward(src: str, i: int, token: str) -> int:
+    """Index of the first `token` at or after i outside comments and literals, or -1."""
+    while i < len(src):
+        j = _skip_literal_or_comment(src, i)
+        if j != i:
+            i = j
+        elif src.startswith(token, i):
+            return i
+        else:
+            i += 1
+    return -1
+
+
+_CLOSERS = {">": "<", ")": "(", "]": "["}
 
 
 def _kernel_expression_start(src: str, end: int) -> int:
-    """Start of the kernel expression that ends just before `end` (the `<<<`)."""
+    """Start of the kernel expression that ends just before `end` (the `<<<`): a name, qualified
+    (ns::k), templated (k<T, 4>), a member (s.k, p->k), indexed (kp[0]) or parenthesised ((*fp))."""
     i = end - 1
     while i >= 0 and src[i].isspace():
         i -= 1
     while i >= 0:
         c = src[i]
-        if c == ">" or c == ")":
-            open_ch, close_ch, depth = ("<", ">", 0) if c == ">" else ("(", ")", 0)
+        if c == ">" and i > 0 and src[i - 1] == "-":  # p->kernel
+            i -= 2
+        elif c in _CLOSERS:
+            open_ch, depth = _CLOSERS[c], 0
             while i >= 0:
-                if src[i] == close_ch:
+                if src[i] == c:
                     depth += 1
                 elif src[i] == open_ch:
                     depth -= 1
@@ -102,7 +173,7 @@ def _kernel_expression_start(src: str, end: int) -> int:
                         break
                 i -= 1
             i -= 1
-        elif c.isalnum() or c in "_:&":
+        elif c.isalnum() or c in "_:&.*":
             i -= 1
         else:
             break
@@ -138,15 +209,15 @@ def rewrite_source(src: str) -> str:
             continue
         start = _kernel_expression_start(src, i)
         kernel = src[start:i].strip()
-        close = src.find(">>>", i + 3)
+        close = _find_forward(src, i + 3, ">>>")
         if not kernel or close < 0:
-            raise SyntaxError(f"cannot parse the launch at offset {i}")
+            raise SyntaxError(f"cannot parse the kernel launch on line {_line_of(src, i)}")
         config = src[i + 3 : close]
         k = close + 3
         while k < len(src) and src[k].isspace():
             k += 1
         if k >= len(src) or src[k] != "(":
-            raise SyntaxError(f"launch of {kernel} without an argument list")
+            raise SyntaxError(f"launch of {kernel} on line {_line_of(src, i)} without an argument list")
         args_end = _match_forward(src, k, "(", ")")
         args = src[k + 1 : args_end]
         original = src[start : args_end + 1]
@@ -208,6 +279,25 @@ def _runtime_objects(root: Path, cxx: str, flags: Sequence[str], verbose: bool) 
     return objects
 
 
+def _read_source(source: Path) -> str:
+    """The text of a .cu file; RuntimeError (reported as `smoe.simt: ...`, exit 2) for a directory,
+    a missing or unreadable file, or bytes that are not UTF-8."""
+    if source.is_dir():
+        raise RuntimeError(f"{source} is a directory, not a CUDA source file")
+    try:
+        data = source.read_bytes()
+    except OSError as e:
+        raise RuntimeError(f"cannot read {source}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise RuntimeError(
+            f"{source} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}, line {line}); "
+            "save it as UTF-8"
+        ) from None
+
+
 def compile_program(
     source: str | os.PathLike,
     output: str | os.PathLike,
@@ -229,7 +319,7 @@ def compile_program(
     objects = _runtime_objects(root, cxx, flags, verbose)
     with tempfile.TemporaryDirectory(prefix="smoe-simt-") as tmp:
         rewritten = Path(tmp) / (source.stem + ".simt.cu")
-        text = rewrite_source(source.read_text())
+        text = rewrite_source(_read_source(source))
         rewritten.write_text(f'#line 1 "{source}"\n' + text)
         _run_compiler(
             [cxx, *flags, "-x", "c++", "-include", "smoe/simt/simt.h",
@@ -238,7 +328,8 @@ def compile_program(
             verbose,
         )
         _run_compiler(
-            [cxx, *flags, str(Path(tmp) / "main.o"), *map(str, objects), "-lpthread", "-ldl",
+            # -rdynamic: kernel names stay visible to dladdr for the emulator's error reports.
+            [cxx, *flags, "-rdynamic", str(Path(tmp) / "main.o"), *map(str, objects), "-lpthread", "-ldl",
              "-o", str(output)],
             verbose,
         )
@@ -273,7 +364,12 @@ def run(
         if gdb:
             cmd = ["gdb", "--args", *cmd]
         status = subprocess.call(cmd, env=env)
-    if status < 0:  # killed by a signal: report it the way a shell does
+    if status < 0:  # killed by a signal: say so, and report it the way a shell does
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        print(f"smoe.simt: {Path(source).name} was killed by {name}", file=sys.stderr)
         status = 128 - status
     return status
 
@@ -312,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
         return run(ns.file, args, schedule=ns.schedule, parallel=ns.parallel or None,
                    keep=ns.keep, gdb=ns.gdb, **common)
-    except (RuntimeError, FileNotFoundError, SyntaxError) as e:
+    except (RuntimeError, OSError, SyntaxError, ValueError) as e:
         print(f"smoe.simt: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
