@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from smoe.nn.moe import MoE
 
-__all__ = ["from_hf", "to_hf", "copy_to_hf", "block_kind", "SmoeHFBlock", "replace_moe_blocks"]
+__all__ = ["from_hf", "to_hf", "copy_to_hf", "block_kind", "SmoeHFBlock", "replace_moe_blocks", "register", "unregister"]
 
 _KINDS = {
     "MixtralSparseMoeBlock": "mixtral",
@@ -314,3 +314,23 @@ def replace_moe_blocks(model: nn.Module, *, backend: str = "auto", **overrides) 
         setattr(model, name, stand_in)
         replaced += 1
     return replaced
+
+
+def register(backend: str = "auto") -> None:
+    """Make "smoe" a transformers 5.x experts implementation (see smoe.integrations.hf_experts).
+
+    After it, `from_pretrained(..., experts_implementation="smoe")`, `from_config(config,
+    experts_implementation="smoe")`, `model.set_experts_implementation("smoe")` or
+    `config._experts_implementation = "smoe"` run the model's experts through smoe's routing plan,
+    expert MLP and combine on `backend` ("auto", "cpu", "simt", "reference", "cuda"). Nothing changes in
+    transformers until this is called; calling it again changes the backend."""
+    from smoe.integrations import hf_experts
+
+    hf_experts.register(backend)
+
+
+def unregister() -> None:
+    """Undo register()."""
+    from smoe.integrations import hf_experts
+
+    hf_experts.unregister()
