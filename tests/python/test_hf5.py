@@ -9,7 +9,6 @@ It skips when no such interpreter exists.
 
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -37,10 +36,18 @@ def _run_under_tf5(test_file):
     import torch
 
     assert versions[1] == torch.__version__, "the 5.x environment must use this interpreter's torch"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    # smoe's own directory only: this interpreter's site-packages (transformers 4.x) must not shadow the
+    # 5.x environment's (which sees the shared torch through --system-site-packages).
+    import smoe
+
+    smoe_dir = os.path.dirname(os.path.dirname(os.path.abspath(smoe.__file__)))
+    env = dict(os.environ, PYTHONPATH=smoe_dir)
     proc = subprocess.run([TF5_PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(HERE, test_file)],
                           capture_output=True, text=True, timeout=900, env=env, cwd=HERE)
     tail = proc.stdout[-4000:] + proc.stderr[-2000:]
+    check = subprocess.run([TF5_PYTHON, "-c", "import transformers, smoe; print(transformers.__version__, smoe.__file__)"],
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert check.stdout.split()[0].startswith("5.") and check.stdout.split()[1].startswith(smoe_dir), check.stdout
     assert proc.returncode == 0, tail
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.split("\n")[-2], tail
 
