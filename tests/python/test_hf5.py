@@ -59,3 +59,8 @@ def test_hf_blocks_in_transformers_5_layout():
 def test_smoe_experts_backend_under_transformers_5():
     """test_hf_experts.py (the ExpertsInterface backend) needs transformers 5.x."""
     _run_under_tf5("test_hf_experts.py")
+
+
+def test_hf_block_families_under_transformers_5():
+    """test_hf_families.py (every block family, whole-model patching) in the 5.x layouts."""
+    _run_under_tf5("test_hf_families.py")

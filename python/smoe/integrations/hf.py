@@ -162,6 +162,19 @@ class _Layout:
         if unknown:
             raise ValueError(f"{name} has weights smoe.nn.MoE cannot represent: {', '.join(unknown)}")
 
+    def hf_names(self) -> Dict[str, str]:
+        """smoe name -> the block's key(s) holding it (for error messages)."""
+        if self.experts == "fused":
+            w1, w2 = "experts.gate_up_proj", "experts.down_proj"
+        elif self.experts == "parallel":
+            w1, w2 = "input_linear.weight", "output_linear.weight"
+        else:
+            w1, w2 = f"experts.*.{self.names[0]}/{self.names[1]}.weight", f"experts.*.{self.names[2]}.weight"
+        p = self.shared
+        return {"router": self.router, "w1": w1, "w2": w2, "expert_bias": self.bias,
+                "shared_w1": f"{p}.gate_proj/up_proj.weight", "shared_w2": f"{p}.down_proj.weight",
+                "shared_gate_w": self.shared_gate}
+
     # smoe tensors from a block's state dict (tensors are the dict's, or stacked copies)
     def read(self, sd: Dict[str, torch.Tensor], where: str = "") -> Dict[str, torch.Tensor]:
         out = {"router": sd[self.router]}
@@ -308,7 +321,7 @@ def _spec(block: nn.Module, kind: str, layout: _Layout, router: torch.Tensor) ->
     return spec
 
 
-def _check_shapes(t: Dict[str, torch.Tensor], name: str) -> tuple:
+def _check_shapes(t: Dict[str, torch.Tensor], name: str, layout: "_Layout") -> tuple:
     E, H = t["router"].shape
     F = t["w2"].shape[-1]
     want = {"w1": (E, 2 * F, H), "w2": (E, H, F)}
@@ -319,10 +332,12 @@ def _check_shapes(t: Dict[str, torch.Tensor], name: str) -> tuple:
         want.update(shared_w1=(2 * Fs, H), shared_w2=(H, Fs))
     if "shared_gate_w" in t:
         want["shared_gate_w"] = (H,)
+    names = layout.hf_names()
     for key, shape in want.items():
         if tuple(t[key].shape) != shape:
-            raise ValueError(f"{name}: {key} (smoe's name) has shape {tuple(t[key].shape)}, expected {shape} "
-                             f"from the router [E={E}, H={H}] and down projection [.., F={F}]")
+            raise ValueError(f"{name}: {names[key]} has shape {tuple(t[key].shape)} (in smoe's [E, 2F, H] / [E, H, F] "
+                             f"order), expected {shape} from {names['router']} [E={E}, H={H}] and "
+                             f"{names['w2']} (F={F})")
     return E, H, F
 
 
@@ -339,7 +354,7 @@ def from_hf(block: nn.Module, *, backend: str = "auto", **overrides) -> MoE:
                       "(it only perturbs inputs in training)", stacklevel=2)
     layout = _Layout(block)
     t = layout.read(block.state_dict(), where=f"{name}.")
-    E, H, F = _check_shapes(t, name)
+    E, H, F = _check_shapes(t, name, layout)
     kwargs = _spec(block, kind, layout, t["router"])
     top_k = kwargs.pop("top_k")
     kwargs.update(dtype=t["w1"].dtype, device=t["w1"].device, backend=backend)
@@ -524,7 +539,8 @@ class SmoeHFBlock(nn.Module):
 
     def __init__(self, moe: MoE, returns_logits: bool, router=None, router_attr: str = "gate", hf=None):
         nn.Module.__init__(self)  # not the HF block's __init__ (it would build a second set of weights)
-        self.moe = moe
+        # registered as `smoe` (4.x DeepSeek blocks have a method named `moe`); `.moe` reads it
+        self.smoe = moe
         self.returns_logits = returns_logits
         self._router_attr = router_attr
         if router is not None:
@@ -534,6 +550,10 @@ class SmoeHFBlock(nn.Module):
         if hf is not None:
             self._register_state_dict_hook(_save_hf_keys)
             self._register_load_state_dict_pre_hook(_load_hf_keys, with_module=True)
+
+    @property
+    def moe(self) -> MoE:
+        return self._modules["smoe"]
 
     def forward(self, hidden_states: torch.Tensor):
         y = self.moe(hidden_states)
@@ -559,7 +579,7 @@ def _hf_state(module: "SmoeHFBlock", t: Dict[str, torch.Tensor]) -> Dict[str, to
 def _save_hf_keys(module, state_dict, prefix, local_metadata):
     t = {}
     for name, key in _SMOE_KEYS.items():
-        full = prefix + "moe." + key
+        full = prefix + "smoe." + key
         if full in state_dict:
             t[name] = state_dict.pop(full)
     for key, value in _hf_state(module, t).items():
@@ -580,7 +600,7 @@ def _load_hf_keys(module, state_dict, prefix, local_metadata, strict, missing_ke
         return
     sd = {k: state_dict.pop(prefix + k) for k in hf_keys}
     for name, value in layout.read(sd, where=prefix).items():
-        state_dict[prefix + "moe." + _SMOE_KEYS[name]] = value
+        state_dict[prefix + "smoe." + _SMOE_KEYS[name]] = value
 
 
 class _RouterLogits(nn.Module):
@@ -629,7 +649,8 @@ def block_hidden_size(block: nn.Module) -> int:
 
 def _looks_like_moe(module: nn.Module) -> bool:
     name = type(module).__name__
-    return hasattr(module, "experts") or bool(re.search(r"(SparseMoe|MoE|Moe|MoA)(Block|Layer)?$", name))
+    return isinstance(getattr(module, "experts", None), nn.Module) or \
+        bool(re.search(r"(SparseMoeBlock|SparseMoe|MoE|Moe|MoA)$", name))
 
 
 def _router_attr(block: nn.Module) -> str:
@@ -653,6 +674,9 @@ def _refusal(child: nn.Module) -> Optional[str]:
     for cls in type(child).__mro__:
         if cls.__name__ in REFUSED:
             return REFUSED[cls.__name__]
+    experts = getattr(child, "experts", None)
+    if isinstance(experts, nn.Module) and type(experts).__name__ in REFUSED:
+        return None  # a container (JetMoE's attention holds its MoA as .experts): the recursion names it
     if _looks_like_moe(child) and not isinstance(child, SmoeHFBlock):
         return (f"{type(child).__name__} looks like an MoE block (it has experts) but is not a family smoe knows "
                 f"({', '.join(sorted(FAMILIES))})")
