@@ -635,11 +635,19 @@ def _copy_hooks(src: nn.Module, dst: nn.Module) -> None:
 
 
 def _returns_tuple(block: nn.Module) -> bool:
-    """Whether the block's forward returns (y, router_logits) (most 4.x blocks) or y."""
+    """Whether the block's forward returns (y, router_logits) (most 4.x blocks) or y: one token through
+    the block's own forward (no hooks); if the block cannot run that (transformers 4.57's Ernie4.5
+    fails in bf16), the last return statement of its source decides."""
     p = next(block.parameters())
-    with torch.no_grad():
-        out = type(block).forward(block, torch.zeros(1, 1, block_hidden_size(block), dtype=p.dtype, device=p.device))
-    return isinstance(out, tuple)
+    try:
+        with torch.no_grad():
+            out = type(block).forward(block, torch.zeros(1, 1, block_hidden_size(block), dtype=p.dtype, device=p.device))
+        return isinstance(out, tuple)
+    except Exception:  # noqa: BLE001 - any failure of HF's code: read the source instead
+        import inspect
+
+        returns = re.findall(r"^\s*return (.+)$", inspect.getsource(type(block).forward), re.MULTILINE)
+        return bool(returns) and "," in returns[-1]
 
 
 def block_hidden_size(block: nn.Module) -> int:
