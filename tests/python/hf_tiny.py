@@ -58,3 +58,16 @@ def tiny_model(family, seed=0, dtype=torch.float32, **from_config):
     # eval: no dropout, and routers with training-time noise (PhiMoE's jitter) route deterministically;
     # gradients flow the same.
     return model.to(dtype).eval()
+
+
+def train_losses(model, ids, make_optimizer, steps=3):
+    """The losses of `steps` optimizer steps of a causal LM on ids (labels = ids), as a tensor."""
+    opt = make_optimizer(model.parameters())
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return torch.tensor(losses)

@@ -123,17 +123,7 @@ def test_smoe_experts_optimizer_steps_give_identical_losses(family):
     models[1] = copy.deepcopy(models[0])
     models[1].set_experts_implementation("smoe")
     ids = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(4))
-    losses = []
-    for model in models:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        run = []
-        for _ in range(3):
-            opt.zero_grad()
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            run.append(loss.item())
-        losses.append(torch.tensor(run))
+    losses = [hf_tiny.train_losses(m, ids, lambda p: torch.optim.AdamW(p, lr=1e-2)) for m in models]
     assert_close(losses[1], losses[0])
     assert losses[0][2] != losses[0][0]  # the steps really changed the model
 

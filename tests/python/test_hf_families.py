@@ -205,18 +205,8 @@ def test_patched_optimizer_steps_give_identical_losses(family):
     model = _model(family)
     patched, _ = _patched(model)
     ids = torch.randint(3, 97, (2, 8), generator=torch.Generator().manual_seed(4))
-    runs = []
-    for m in (model, patched):
-        # SGD: Adam's g / sqrt(v) turns fp32 rounding noise in near-zero gradients into full-size steps
-        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
-        losses = []
-        for _ in range(3):
-            opt.zero_grad()
-            loss = m(ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        runs.append(torch.tensor(losses))
+    # SGD: Adam's g / sqrt(v) turns fp32 rounding noise in near-zero gradients into full-size steps
+    runs = [hf_tiny.train_losses(m, ids, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)) for m in (model, patched)]
     assert_close(runs[1], runs[0])
     assert runs[0][2] != runs[0][0]
 
