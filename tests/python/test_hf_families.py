@@ -171,6 +171,10 @@ def test_patched_model_matches_plain_model(family, tmp_path):
         other, _ = _patched(_model(family, seed=5))
         other.load_state_dict(model.state_dict())
         assert_close(other(ids).logits, want_logits)
+        # from_pretrained, then patched
+        loaded = hf.from_pretrained(type(model), tmp_path, **({"experts_implementation": "eager"} if TF5 else {}))
+        assert any(isinstance(m, hf.SmoeHFBlock) for m in loaded.modules())
+        assert_close(loaded.eval()(ids).logits, want_logits)
         # and back to transformers' blocks
         assert hf.restore_moe_blocks(other) == names
         assert not any(isinstance(m, hf.SmoeHFBlock) for m in other.modules())

@@ -41,7 +41,7 @@ import torch.nn as nn
 from smoe.nn.moe import MoE
 
 __all__ = ["from_hf", "to_hf", "copy_to_hf", "block_kind", "SmoeHFBlock", "replace_moe_blocks",
-           "restore_moe_blocks", "register", "unregister", "FAMILIES", "REFUSED"]
+           "restore_moe_blocks", "from_pretrained", "register", "unregister", "FAMILIES", "REFUSED"]
 
 # kind -> (block class names in 4.57 / 5.x, the model_type whose config builds it)
 FAMILIES = {
@@ -728,6 +728,17 @@ def _replace(model, path, backend, strict, overrides, replaced):
         stand_in.__dict__["_hf"] = (kind, layout, dtypes, template)
         setattr(model, name, stand_in)
         replaced.append(full)
+
+
+def from_pretrained(model_class, path, *, backend: str = "auto", strict: bool = True, moe_overrides=None, **kwargs):
+    """model_class.from_pretrained(path, **kwargs) with every MoE block then replaced by smoe.
+
+    transformers' from_pretrained assigns checkpoint tensors by parameter name, so it cannot load into
+    an already patched model (whose parameters are smoe's); load plainly, then patch (or
+    load_state_dict a transformers state dict into a patched model: its pre-hooks convert it)."""
+    model = model_class.from_pretrained(path, **kwargs)
+    replace_moe_blocks(model, backend=backend, strict=strict, **(moe_overrides or {}))
+    return model
 
 
 def restore_moe_blocks(model: nn.Module) -> List[str]:
