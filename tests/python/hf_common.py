@@ -6,6 +6,7 @@ tiny configs of the MoE families, plain and with smoe patched in. Not collected 
   HF_COMMON=build/sdist/transformers-<version> FAMILY=mixtral SMOE=1 PYTHONPATH=python \
       python3 -m pytest tests/python/hf_common.py -q -p no:cacheprovider
 
+SMOE=experts (transformers 5.x) sets config._experts_implementation = "smoe" after register().
 SMOE=1 makes every model class a subclass whose __init__ ends with replace_moe_blocks (so
 model_class(config) and model_class.from_pretrained(...) are patched models); SMOE=0 runs the plain
 classes. The sdist has no tests/generation/ (GenerationTesterMixin) and no tests/models/ (the
@@ -29,6 +30,11 @@ gen = types.ModuleType("tests.generation.test_utils")
 gen.GenerationTesterMixin = type("GenerationTesterMixin", (), {})
 sys.modules["tests.generation"] = types.ModuleType("tests.generation")
 sys.modules["tests.generation.test_utils"] = gen
+# transformers 5.x also imports tests.exporters.test_export (not in the sdist either)
+exp = types.ModuleType("tests.exporters.test_export")
+exp.ExportTesterMixin = type("ExportTesterMixin", (), {})
+sys.modules["tests.exporters"] = types.ModuleType("tests.exporters")
+sys.modules["tests.exporters.test_export"] = exp
 
 import hf_tiny  # noqa: E402
 from tests.test_modeling_common import ModelTesterMixin, ids_tensor, random_attention_mask  # noqa: E402
@@ -37,7 +43,17 @@ from transformers import AutoModelForCausalLM  # noqa: E402
 from smoe.integrations import hf  # noqa: E402
 
 FAMILY = os.environ.get("FAMILY", "mixtral")
-SMOE = os.environ.get("SMOE", "1") == "1"
+MODE = os.environ.get("SMOE", "1")  # "0": plain, "1": patched, "experts": the 5.x experts backend
+SMOE = MODE == "1"
+if MODE == "experts":
+    hf.register(backend="cpu")
+
+
+def _config():
+    cfg = hf_tiny.tiny_config(FAMILY)
+    if MODE == "experts":
+        cfg._experts_implementation = "smoe"
+    return cfg
 
 
 class _Tester:
@@ -52,7 +68,7 @@ class _Tester:
     def prepare_config_and_inputs_for_common(self):
         ids = ids_tensor([self.batch_size, self.seq_length], self.vocab_size)
         mask = random_attention_mask([self.batch_size, self.seq_length])
-        return hf_tiny.tiny_config(FAMILY), {"input_ids": ids, "attention_mask": mask}
+        return _config(), {"input_ids": ids, "attention_mask": mask}
 
 
 def _patched_class(cls):

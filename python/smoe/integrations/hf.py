@@ -610,6 +610,11 @@ class _RouterLogits(nn.Module):
         nn.Module.__init__(self)
         self._moe = [moe]  # a plain list: the weight stays registered once, under .moe.router
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The MoE's router weight [E, H] (code that reads or initialises router.weight sees it)."""
+        return self._moe[0].router.weight
+
     def forward(self, hidden_states):
         moe = self._moe[0]
         logits = torch.nn.functional.linear(hidden_states.to(moe.router_dtype), moe.router.weight)
