@@ -109,7 +109,7 @@ def test_smoe_experts_greedy_generation_is_token_identical(family):
     smoe_model = copy.deepcopy(eager)
     smoe_model.set_experts_implementation("smoe")
     ids = torch.randint(3, 97, (2, 5), generator=torch.Generator().manual_seed(3))
-    kw = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
     with torch.no_grad():
         want = eager.generate(ids, **kw)
         got = smoe_model.generate(ids, **kw)

@@ -197,7 +197,7 @@ def test_patched_greedy_generation_is_token_identical(family):
     model = _model(family)
     patched, _ = _patched(model)
     ids = torch.randint(3, 97, (2, 5), generator=torch.Generator().manual_seed(3))
-    kw = dict(max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
     with torch.no_grad():
         want = model.generate(ids, **kw)
         got = patched.generate(ids, **kw)
