@@ -271,7 +271,7 @@ inline void mbar_init(uint64_t* bar, int64_t count, const char* file, int line) 
     fail_at(file, line, "mbarrier.init: object %p is not 8-byte aligned", static_cast<void*>(bar));
   Mbar m;
   m.expected = m.pending = count;
-  m.last_waited.assign(static_cast<size_t>(h.nthreads), -1);
+  m.last_waited.assign(static_cast<size_t>(h.nthreads), INT64_MIN);  // phase -1 may be waited for once
   h.bars.push_back(std::move(m));
   *bar = (uint64_t{kMbarMagic} << 32) | static_cast<uint32_t>(h.bars.size() - 1);
   yield_point();
