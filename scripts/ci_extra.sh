@@ -19,6 +19,8 @@ if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
   cmake -S . -B build/nvcc-simt -G Ninja -DSMOE_NVCC_CHECK=ON -DSMOE_ENABLE_CUDA=OFF \
     -DSMOE_BUILD_BENCH=OFF >/dev/null
   cmake --build build/nvcc-simt -j "$jobs" --target simt_nvcc_check
+  echo "== nvcc: sm_90a (wgmma/TMA) kernels, ptxas report, no spills, HGMMA in the SASS"
+  bash scripts/nvcc_sm90a_check.sh build/nvcc-sm90a
 else
   echo "== nvcc not found: CUDA compile checks skipped"
 fi

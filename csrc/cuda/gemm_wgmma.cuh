@@ -85,7 +85,8 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_wgmma_kernel(
   const int k_tiles = static_cast<int>((args.Kd + kBK - 1) / kBK);
 
   if (tid < 128) {
-    // Producer warpgroup. Stage s is free in round q once `empty` completed q phases; round 0
+    hop::setmaxnreg_dec<40>();
+    // Producer warpgroup: gives registers back (setmaxnreg, warpgroup-uniform, 9.7.17.1). Stage s is free in round q once `empty` completed q phases; round 0
     // waits on parity 1, the phase before the first, which counts as completed (9.7.13.15.16).
     for (int kt = 0; kt < k_tiles; ++kt) {
       const int s = kt % kStages;
@@ -115,7 +116,8 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_wgmma_kernel(
     return;
   }
 
-  // Consumer warpgroup.
+  // Consumer warpgroup: takes the registers for the 64 accumulators per thread.
+  hop::setmaxnreg_inc<232>();
   float acc[kBN / 2];
   for (int i = 0; i < kBN / 2; ++i) acc[i] = 0.0f;
   for (int kt = 0; kt < k_tiles; ++kt) {

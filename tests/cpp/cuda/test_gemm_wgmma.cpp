@@ -61,6 +61,13 @@ TEST(SimtGroupedGemmWgmma, ShapesThatHurt) {
   check<f16_t>({0, 0, 5, 5}, 24, 328);             // empty first and last experts, 6 K tiles (ring wraps)
 }
 
+TEST(SimtGroupedGemmWgmma, ManyExperts) {
+  // E = 300 (> 256): mostly empty experts, a few with rows; the slot scan finds them on the device.
+  std::vector<int64_t> off(301, 0);
+  for (int64_t e = 0; e < 300; ++e) off[size_t(e + 1)] = off[size_t(e)] + (e % 97 == 5 ? 3 : 0) + (e == 299 ? 65 : 0);
+  check<bf16_t>(off, 16, 24);
+}
+
 TEST(SimtGroupedGemmWgmma, RefusesWhatItCannotRun) {
   std::vector<float> x(64), b(64), c(64);
   std::vector<int64_t> o = {0, 8};
