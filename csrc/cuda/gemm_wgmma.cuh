@@ -44,7 +44,7 @@ struct Args {
 };
 
 template <class S, bool kBf16>
-__global__ void __launch_bounds__(kThreads) grouped_gemm_wgmma_kernel(
+__global__ void __launch_bounds__(kThreads, 1) grouped_gemm_wgmma_kernel(
     const Args<S> args, const __grid_constant__ smoe::simt::TensorMap map_b) {
   namespace hop = smoe::simt;
   SMOE_DYNAMIC_SMEM(unsigned char, raw);
