@@ -22,6 +22,8 @@ if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
 
   echo "== NCCL communicator (csrc/comm) and comm_bench, built against the nvidia-nccl wheel"
   bash scripts/comm_nccl_check.sh build/nccl-check
+  echo "== nvcc: sm_90a (wgmma/TMA) kernels, ptxas report, no spills, HGMMA in the SASS"
+  bash scripts/nvcc_sm90a_check.sh build/nvcc-sm90a
 else
   echo "== nvcc not found: CUDA compile checks skipped"
 fi
