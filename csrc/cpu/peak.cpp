@@ -6,8 +6,11 @@
 #include "cpu/peak.h"
 
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <atomic>
+#include <cstring>
 #include <chrono>
 #include <vector>
 
@@ -20,6 +23,7 @@ constexpr int kChains = 16;
 
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 [[gnu::target("avx512f,fma")]] float fma512(int64_t iters) {
   __m512 acc[kChains];
@@ -76,11 +80,60 @@ float fma_scalar(int64_t iters) {
   return _mm512_reduce_add_ps(s);
 }
 
+// AMX (Intel Sapphire Rapids and later): tdpbf16ps multiplies a 16 x 32 bf16 tile by a 32 x 16 one
+// into a 16 x 16 fp32 tile, 16 * 16 * 32 * 2 = 16384 flops per instruction. torch's oneDNN bf16 GEMM
+// uses it where present, so on such a CPU it, not vdpbf16ps, is the bf16 peak. Four accumulator
+// tiles (tmm0-3) from two A tiles (tmm4-5) and two B tiles (tmm6-7), as a GEMM's inner loop would.
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+[[gnu::target("amx-tile,amx-bf16")]] float amx_bf16(int64_t iters) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.colsb[t] = 64, cfg.rows[t] = 16;
+  alignas(64) static thread_local uint16_t ab[16 * 32];
+  alignas(64) static thread_local float c[16 * 16];
+  for (auto& v : ab) v = 0x3a83;  // bf16 ~1e-3
+  _tile_loadconfig(&cfg);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, ab, 64);
+  _tile_loadd(5, ab, 64);
+  _tile_loadd(6, ab, 64);
+  _tile_loadd(7, ab, 64);
+  for (int64_t it = 0; it < iters; ++it) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, 64);
+  _tile_release();
+  return c[0];
+}
+
 #pragma GCC diagnostic pop
+
+// Linux gives a process the AMX tile state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM, 5.16+).
+bool amx_usable() {
+  static const bool ok = [] {
+    if (!__builtin_cpu_supports("amx-tile") || !__builtin_cpu_supports("amx-bf16")) return false;
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
 
 volatile float g_sink = 0.f;
 
 }  // namespace
+
+bool peak_has_amx_bf16() { return amx_usable(); }
 
 bool peak_has_bf16_dp() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -107,6 +160,12 @@ PeakResult measure_peak(const std::string& kind, int64_t iterations) {
       return r;
     }
     loop = dpbf16, flops_per_iter = kChains * 16 * 4, r.isa = "avx512 vdpbf16ps";
+  } else if (kind == "amx_bf16") {
+    if (!amx_usable()) {
+      r.isa = "unsupported";
+      return r;
+    }
+    loop = amx_bf16, flops_per_iter = 4 * 16384.0, r.isa = "amx tdpbf16ps";
   } else {
     r.isa = "unsupported";
     return r;

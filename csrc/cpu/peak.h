@@ -20,12 +20,14 @@ struct PeakResult {
 };
 
 // Which microkernels this CPU can run (runtime detection, __builtin_cpu_supports).
-bool peak_has_bf16_dp();  // AVX512-BF16 (vdpbf16ps)
+bool peak_has_bf16_dp();   // AVX512-BF16 (vdpbf16ps)
+bool peak_has_amx_bf16();  // AMX-BF16 (tdpbf16ps), with the kernel's permission for the tile state
 
 // kind "fp32": fused multiply-adds on 32-bit floats, 2 flops per lane (AVX-512 > AVX2+FMA > scalar);
 // kind "bf16": vdpbf16ps, 4 flops per fp32 lane (two bf16 products + two adds), only with AVX512-BF16;
+// kind "amx_bf16": AMX tdpbf16ps tiles, only with AMX-BF16 (what oneDNN's bf16 GEMM runs there);
 // otherwise returns gflops = 0 and isa "unsupported". `iterations` is the inner loop count per thread
-// (each iteration is 16 independent vector instructions); >= 1.
+// (16 independent vector instructions, or 4 tile instructions for AMX); >= 1.
 PeakResult measure_peak(const std::string& kind, int64_t iterations);
 
 }  // namespace smoe::cpu

@@ -60,7 +60,7 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure_step_memory(shape_name: str, dtype: str, impl: str) -> dict:
+def measure_step_memory(shape_name: str, dtype: str, impl: str, with_hf: bool = True) -> dict:
     """In this process: {'rss_before_mb', 'peak_rss_mb', 'step_mb'} of one training step of `impl`."""
     from smoe.bench.layer import DTYPES, _first, _shape_by_name, make_moe
     from smoe.bench.peers import build_peers
@@ -69,7 +69,7 @@ def measure_step_memory(shape_name: str, dtype: str, impl: str) -> dict:
     moe = make_moe(s, DTYPES[dtype])
     mod = moe
     if impl != "smoe":
-        peers = build_peers(moe)
+        peers = build_peers(moe, with_hf=with_hf)
         if impl not in peers:
             raise ValueError(f"impl {impl!r} is not available here (have {', '.join(peers)})")
         mod = peers[impl]
@@ -113,7 +113,7 @@ def memory_table(shapes, dtypes: Sequence[str], *, with_hf: bool = True, timeout
         for d in dtypes:
             for impl in ("smoe", peer):
                 proc = subprocess.run([sys.executable, "-m", "smoe.bench.memory", "--shape", s.name, "--dtype", d,
-                                       "--impl", impl], capture_output=True, text=True, timeout=timeout, env=env)
+                                       "--impl", impl] + ([] if with_hf else ["--no-hf"]), capture_output=True, text=True, timeout=timeout, env=env)
                 if proc.returncode != 0:
                     raise RuntimeError(f"memory measurement {s.name} {d} {impl} failed:\n{proc.stderr[-2000:]}")
                 rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -134,9 +134,10 @@ def _main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--shape", required=True)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--impl", default="smoe")
+    p.add_argument("--no-hf", action="store_true", help="peers without transformers (torch_loop)")
     a = p.parse_args(argv)
     try:
-        print(json.dumps(measure_step_memory(a.shape, a.dtype, a.impl)))
+        print(json.dumps(measure_step_memory(a.shape, a.dtype, a.impl, with_hf=not a.no_hf)))
     except ValueError as err:
         p.error(str(err))
 

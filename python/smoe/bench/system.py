@@ -1,8 +1,10 @@
 """What the machine itself can do, measured in this process: the arithmetic peak and the allocator.
 
 measure_peak(kind): smoe._C.measure_peak runs a register-only multiply-add loop (fp32: vfmadd231ps;
-bf16: vdpbf16ps where the CPU has AVX512-BF16) on every thread of smoe's pool at once and returns
-the GFLOP/s all threads reach together (csrc/cpu/peak.cpp). No GEMM can beat it on this machine, so
+bf16: vdpbf16ps where the CPU has AVX512-BF16; amx_bf16: AMX tdpbf16ps tiles where the CPU has
+AMX-BF16) on every thread of smoe's pool at once and returns the GFLOP/s all threads reach together
+(csrc/cpu/peak.cpp). machine_peaks() keeps per dtype the fastest of them: on an AMX CPU the bf16
+peak is the AMX one (torch's oneDNN bf16 matmul runs on AMX there; smoe's bf16 kernel does not). No GEMM can beat it on this machine, so
 "% of peak" = achieved GFLOP/s / this figure. The loop is repeated and the best run kept (a peak is a
 maximum; on a shared machine a slower run means somebody else held a core).
 
@@ -23,7 +25,7 @@ import ctypes.util
 import resource
 from typing import Dict, Optional
 
-__all__ = ["measure_peak", "retain_freed_memory", "minor_faults", "has_bf16_peak"]
+__all__ = ["measure_peak", "machine_peaks", "retain_freed_memory", "minor_faults", "has_bf16_peak"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -37,15 +39,16 @@ def has_bf16_peak() -> bool:
 
 
 def measure_peak(kind: str = "fp32", *, seconds: float = 0.05, repeats: int = 3) -> Dict[str, object]:
-    """Best of `repeats` runs of the `kind` ('fp32' | 'bf16') microkernel, each about `seconds` long.
+    """Best of `repeats` runs of the `kind` microkernel, each about `seconds` long: 'fp32' (FMA),
+    'bf16' (vdpbf16ps) or 'amx_bf16' (AMX tdpbf16ps tiles, Sapphire Rapids and later).
 
     Returns {'kind', 'gflops' (best), 'median_gflops', 'runs' (every run's GFLOP/s), 'threads', 'isa'};
     gflops is None where the CPU lacks the instruction (bf16 without AVX512-BF16).
     """
     from smoe import _core
 
-    if kind not in ("fp32", "bf16"):
-        raise ValueError(f"measure_peak: kind must be 'fp32' or 'bf16', got {kind!r}")
+    if kind not in ("fp32", "bf16", "amx_bf16"):
+        raise ValueError(f"measure_peak: kind must be 'fp32', 'bf16' or 'amx_bf16', got {kind!r}")
     if not seconds > 0 or repeats < 1:
         raise ValueError(f"measure_peak: seconds must be > 0 and repeats >= 1, got {seconds}, {repeats}")
     lib = _core.lib()
@@ -58,6 +61,20 @@ def measure_peak(kind: str = "fp32", *, seconds: float = 0.05, repeats: int = 3)
     srt = sorted(runs)
     return {"kind": kind, "gflops": srt[-1], "median_gflops": srt[len(srt) // 2], "runs": runs,
             "threads": probe["threads"], "isa": probe["isa"]}
+
+
+def machine_peaks(dtypes=("fp32", "bf16"), *, repeats: int = 5) -> Dict[str, dict]:
+    """{'fp32': ..., 'bf16': ...}: per dtype the fastest microkernel this CPU has (bf16: AMX tiles where
+    present, else vdpbf16ps), as measure_peak returns it plus 'microkernel' (the kind) and 'candidates'
+    (every bf16 kind measured: {kind: GFLOP/s or None})."""
+    out = {}
+    if "fp32" in dtypes:
+        out["fp32"] = dict(measure_peak("fp32", repeats=repeats), microkernel="fp32")
+    if "bf16" in dtypes:
+        cands = {k: measure_peak(k, repeats=repeats) for k in ("bf16", "amx_bf16")}
+        best = max(cands, key=lambda k: cands[k]["gflops"] or 0.0)
+        out["bf16"] = dict(cands[best], microkernel=best, candidates={k: v["gflops"] for k, v in cands.items()})
+    return out
 
 
 def retain_freed_memory() -> bool:
