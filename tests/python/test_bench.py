@@ -181,3 +181,35 @@ def test_retain_freed_memory_removes_first_touch_faults():
         out[mode] = int(proc.stdout.split()[-1])
     assert out["system"] > 20000, out  # 192 MiB of fresh gradients / 4 KiB pages
     assert out["retain"] < out["system"] / 10, out
+
+
+def test_breakdown_every_backend_table_and_png(tmp_path):
+    from smoe import _core
+    from smoe.bench.breakdown import BACKWARD_STAGES, FORWARD_STAGES, breakdown_all, format_breakdown
+
+    shape = parse_shapes("32x16x8x4x2", quick=True)
+    rows = breakdown_all(shapes=shape, dtypes=("fp32",), plots=str(tmp_path), repeats=1)
+    want = [b for b in ("cpu", "reference", "simt") if b in _core.BUILT_BACKENDS]
+    assert [r["backend"] for r in rows] == want
+    for r in rows:
+        assert set(r["stages"]) == set(FORWARD_STAGES) | (set(BACKWARD_STAGES))
+        assert all(v >= 0 for v in r["stages"].values())
+    text = format_breakdown(rows)
+    assert "GEMM 1 bwd" in text and "routing plan" in text
+    png = tmp_path / "breakdown.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_intensity_model():
+    from smoe.bench.intensity import crossing_tokens, intensity, intensity_plot
+
+    # small n: weight-bound, ~2n/bytes flop per byte; large n: saturates at 6HF / (bytes (2H + 3F))
+    assert intensity(1, 1024, 512, 4) == pytest.approx(6 * 1024 * 512 / (4 * (3 * 1024 * 512 + 2 * 1024)))
+    assert intensity(1e9, 1024, 512, 2) == pytest.approx(6 * 1024 * 512 / (2 * 2 * 1024), rel=1e-3)
+    n = crossing_tokens(1024, 512, 2, 100.0)
+    assert intensity(n, 1024, 512, 2) == pytest.approx(100.0, rel=1e-6)
+    assert crossing_tokens(1024, 512, 2, 1e6) is None
+    out = intensity_plot(str(pytest.importorskip("pathlib").Path(__import__("tempfile").mkdtemp()) / "ai.png"),
+                         peak_fp32=100.0, peak_bf16=200.0, bandwidth=20e9)
+    assert [m["name"].split(" ")[0] for m in out["machines"]] == ["CPU", "CPU", "H100"]
+    assert out["machines"][0]["balance_flop_per_byte"] == pytest.approx(5.0)

@@ -19,7 +19,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["FORWARD_STAGES", "BACKWARD_STAGES", "stage_breakdown", "breakdown_all", "format_breakdown",
+__all__ = ["FORWARD_STAGES", "BACKWARD_STAGES", "stage_breakdown", "breakdown_all", "gpu_suite_breakdown",
+           "format_breakdown",
            "plot_breakdown"]
 
 FORWARD_STAGES = ("router matmul", "gating", "routing plan", "permute", "GEMM 1", "activation", "GEMM 2",
@@ -67,8 +68,9 @@ def stage_breakdown(shape, dtype: torch.dtype, backend: str, *, device="cpu", wa
     w1 = rand(s.E, 2 * s.F, s.H, scale=s.H ** -0.5)
     w2 = rand(s.E, s.H, s.F, scale=s.F ** -0.5)
     gate_kw = dict(top_k=s.K, renormalize=True)
-    if s.score_func != "softmax" or s.n_groups > 1:
-        gate_kw.update(score_func=s.score_func, n_groups=s.n_groups, topk_groups=s.topk_groups)
+    score_func, n_groups = getattr(s, "score_func", "softmax"), getattr(s, "n_groups", 1)
+    if score_func != "softmax" or n_groups > 1:
+        gate_kw.update(score_func=score_func, n_groups=n_groups, topk_groups=s.topk_groups)
     out: Dict[str, float] = {}
     fwd = {}
 
@@ -147,6 +149,19 @@ def breakdown_all(*, quick: bool = False, shapes=None, dtypes: Sequence[str] = (
         import os
 
         plot_breakdown(rows, os.path.join(plots, "breakdown.png"))
+    return rows
+
+
+def gpu_suite_breakdown(shapes, *, dtype=torch.bfloat16, backend: str = "cuda", device: str = "cuda",
+                        repeats: int = 5, png: Optional[str] = None) -> List[dict]:
+    """The breakdown for bench/gpu/bench_layer.py: its shapes (anything with T, H, F, E, K and a name),
+    on the CUDA backend, timed with a device synchronisation around each run; prints the table and
+    writes the PNG when asked. Rows as breakdown_all returns them."""
+    rows = [{"shape": s.name, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
+             "stages": stage_breakdown(s, dtype, backend, device=device, repeats=repeats)} for s in shapes]
+    print(format_breakdown(rows))
+    if png:
+        plot_breakdown(rows, png)
     return rows
 
 
