@@ -213,3 +213,19 @@ def test_intensity_model():
                          peak_fp32=100.0, peak_bf16=200.0, bandwidth=20e9)
     assert [m["name"].split(" ")[0] for m in out["machines"]] == ["CPU", "CPU", "H100"]
     assert out["machines"][0]["balance_flop_per_byte"] == pytest.approx(5.0)
+
+
+def test_cli_full_run_memory_breakdown_plots(tmp_path):
+    """One CLI run writes the peak, every row, the targets, the memory table, the breakdown and both PNGs."""
+    path = tmp_path / "o.json"
+    proc = subprocess.run([sys.executable, "-m", "smoe.bench", "--shapes", "32x16x8x4x2", "--dtypes", "fp32", "--repeats",
+                           "1", "--warmup", "0", "--no-tf5", "--plots", str(tmp_path), "--json", str(path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "peak:" in proc.stdout and "targets (forward+backward)" in proc.stdout
+    assert "peak resident memory" in proc.stdout and "per-stage breakdown" in proc.stdout
+    data = json.loads(path.read_text())
+    assert {"peak", "results", "targets", "memory", "breakdown", "intensity", "malloc"} <= set(data)
+    assert [m["impl"] for m in data["memory"]] == ["smoe", "hf_mixtral"]
+    for png in ("breakdown.png", "arithmetic_intensity.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -604,7 +604,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
         from smoe.bench.breakdown import breakdown_all
 
         say("per-stage breakdown")
-        extra["breakdown"] = breakdown_all(quick=args.quick, plots=args.plots, dtypes=dtypes)
+        extra["breakdown"] = breakdown_all(shapes=shapes, plots=args.plots, dtypes=dtypes)
     if args.plots and not args.only:
         from smoe.bench.intensity import intensity_plot
 
