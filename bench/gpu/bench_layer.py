@@ -424,6 +424,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device's bf16 peak")
     p.add_argument("--peak-gbs", type=float, default=None, help="override the device's HBM GB/s")
     p.add_argument("--json", default=None, help="write the rows and the metadata here")
+    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
+                   help="skip the per-stage breakdown (table; with --json also <stem>_breakdown.json/.png)")
     args = p.parse_args(argv)
     table = QUICK_SHAPES if args.quick else SHAPES
     names = [n.strip() for n in args.shapes.split(",") if n.strip()]
@@ -464,6 +466,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.json:
         write_json(rows, args.json, _meta(device, peak, argv))
         print(f"wrote {args.json}")
+    if args.breakdown:  # per-stage breakdown, the CPU suite's (smoe.bench.breakdown)
+        from smoe.bench.breakdown import gpu_suite_breakdown
+
+        stem = os.path.splitext(args.json)[0] if args.json else None
+        bd = gpu_suite_breakdown([table[n] for n in names], png=stem and stem + "_breakdown.png")
+        if stem:
+            with open(stem + "_breakdown.json", "w") as f:
+                json.dump(bd, f, indent=2)
     return 0
 
 

@@ -32,6 +32,7 @@ void bind_routing(pybind11::module_& m);
 void bind_permute(pybind11::module_& m);
 void bind_gemm(pybind11::module_& m);
 void bind_mlp(pybind11::module_& m);
+void bind_peak(pybind11::module_& m);
 
 }  // namespace smoe::bindings
 

@@ -135,4 +135,5 @@ PYBIND11_MODULE(_C, m) {
   bindings::bind_permute(m);
   bindings::bind_gemm(m);
   bindings::bind_mlp(m);
+  bindings::bind_peak(m);
 }
