@@ -54,8 +54,9 @@ def main(argv=None):
             x, y, _ = task.batch(T)
             loss = torch.nn.functional.mse_loss(layer(x), y)
             opt.zero_grad()
-            loss.backward()
+            (loss + smoe.nn.aux_loss(layer)).backward()  # aux losses join the loss before any scaling
             opt.step()
+            smoe.nn.end_step(layer)  # once per optimizer step: the balancing bias moves here
             share = layer.last_stats["routed_per_expert"].float() / (T * K)
             top.append(share.max().item())
             idle.append(int((share < 0.01).sum()))

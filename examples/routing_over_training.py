@@ -38,8 +38,9 @@ def main(argv=None):
         out = layer(x)
         loss = torch.nn.functional.mse_loss(out, y)
         opt.zero_grad()
-        loss.backward()
+        (loss + smoe.nn.aux_loss(layer)).backward()  # aux losses join the loss before any scaling
         opt.step()
+        smoe.nn.end_step(layer)
         loads.append(layer.last_stats["tokens_per_expert"].float() / (T * K))
         losses.append(loss.item())
     with torch.no_grad():  # cluster -> expert routing of the trained layer

@@ -27,6 +27,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
+import smoe  # noqa: E402,F811
 from smoe.nn import MoE  # noqa: E402
 
 # Modules whose source ships with CPython: ~400 KB of English prose (docstrings) and code.
@@ -165,9 +166,10 @@ def main(argv=None) -> int:
         logits = model(x)
         loss = F.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + smoe.nn.aux_loss(model)).backward()  # the MoE layers' aux losses join the loss before any scaling
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        smoe.nn.end_step(model)  # once per optimizer step (per-step routing statistics)
         sched.step()
         counts = torch.stack([m.last_stats["tokens_per_expert"].float() for m in model.moe_layers()])  # [L,E]
         history.append(counts)
