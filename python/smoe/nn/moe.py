@@ -697,7 +697,7 @@ class MoE(nn.Module):
         return from_hf(block, **kwargs)
 
     def to_hf(self, config=None, *, kind: Optional[str] = None):
-        """A new Hugging Face block (Mixtral / Qwen2-MoE / Qwen3-MoE) holding this layer's weights."""
+        """A new Hugging Face block holding this layer's weights (the families of docs/hf.md)."""
         from smoe.integrations.hf import to_hf
 
         return to_hf(self, config=config, kind=kind)
