@@ -16,5 +16,6 @@ cmake -S . -B "$out" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSMOE_ENABLE_CUDA=OFF 
   -DSMOE_BUILD_BENCH=ON -DSMOE_NCCL_ROOT="$root" | tee "$out.cmake.log" | grep -E "NCCL communicator" || true
 grep -q "NCCL communicator enabled" "$out.cmake.log" || { echo "comm_nccl_check: NCCL not picked up" >&2; exit 1; }
 cmake --build "$out" -j "$(nproc)" --target comm_bench
-nm -C "$out/csrc/comm/libsmoe_comm.a" | grep -q "make_nccl_communicator" || { echo "comm_nccl_check: NCCL code missing" >&2; exit 1; }
+# grep without -q: an early exit would SIGPIPE nm, and pipefail would call the pipeline failed.
+nm -C "$out/csrc/comm/libsmoe_comm.a" | grep "make_nccl_communicator" >/dev/null || { echo "comm_nccl_check: NCCL code missing" >&2; exit 1; }
 echo "comm_nccl_check: NCCL communicator and comm_bench built and linked against $root"
