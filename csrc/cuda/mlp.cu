@@ -324,8 +324,10 @@ Status shared_expert_forward(const ExpertMlpParams& params, const TensorView& x,
 
 int64_t shared_expert_workspace_extra_bytes(int64_t T, int64_t H) {
   if (T < 0 || H < 0) return 0;
-  return static_cast<int64_t>((sizeof(float) * static_cast<size_t>(ceil_div(T, kGateChunk) * H) + kWorkspaceAlign - 1) /
-                              kWorkspaceAlign * kWorkspaceAlign);
+  // Saturating, like every size query (include/smoe/tensor.h): huge T*H must not wrap.
+  const int64_t bytes = sat_mul(sat_mul(ceil_div(T, kGateChunk), H), static_cast<int64_t>(sizeof(float)));
+  if (bytes >= kSizeOverflow - static_cast<int64_t>(kWorkspaceAlign)) return kSizeOverflow;
+  return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
 }
 
 Status shared_expert_backward(const ExpertMlpParams& params, const TensorView& grad_y, const TensorView& x,
