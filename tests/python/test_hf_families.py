@@ -181,6 +181,33 @@ def test_patched_model_matches_plain_model(family, tmp_path):
         assert_close(other(ids).logits, want_logits)
 
 
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "dots1", "mixtral"])
+def test_post_init_of_a_patched_model(family):
+    """transformers' post_init / _init_weights on a patched model (its common test
+    test_resize_embeddings_untied_no_reinit_on_post_init): 5.x initialises router.weight and zeroes
+    router.e_score_correction_bias, which the router stand-in maps to the MoE's router weight and
+    selection bias."""
+    model = _model(family)
+    patched, _ = _patched(model)
+    patched.post_init()
+    blocks = [m for m in patched.modules() if isinstance(m, hf.SmoeHFBlock)]
+    assert blocks
+    for block in blocks:
+        moe = block.moe
+        router = block._modules.get(block._router_attr)
+        if router is None:  # 4.x: no router stand-in
+            continue
+        assert router.weight is moe.router.weight
+        if moe.expert_bias is None:
+            assert not hasattr(router, "e_score_correction_bias")
+            continue
+        assert router.e_score_correction_bias is moe.expert_bias
+        with torch.no_grad():
+            moe.expert_bias.fill_(1.0)
+        patched._init_weights(router)
+        assert torch.equal(moe.expert_bias, torch.zeros_like(moe.expert_bias))
+
+
 def _grad_state(patched):
     """The patched model's parameter gradients under transformers' keys (via its state-dict hooks)."""
     saved = {n: p.data for n, p in patched.named_parameters()}

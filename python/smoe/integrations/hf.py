@@ -615,6 +615,15 @@ class _RouterLogits(nn.Module):
         """The MoE's router weight [E, H] (code that reads or initialises router.weight sees it)."""
         return self._moe[0].router.weight
 
+    @property
+    def e_score_correction_bias(self) -> torch.Tensor:
+        """The MoE's selection bias [E] (DeepSeek-V3 / GLM4-MoE / dots1 routers hold it; transformers'
+        _init_weights zeroes router.e_score_correction_bias)."""
+        bias = self._moe[0].expert_bias
+        if bias is None:
+            raise AttributeError(f"{type(self).__name__} has no e_score_correction_bias (no selection bias)")
+        return bias
+
     def forward(self, hidden_states):
         moe = self._moe[0]
         logits = torch.nn.functional.linear(hidden_states.to(moe.router_dtype), moe.router.weight)
