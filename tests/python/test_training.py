@@ -594,3 +594,18 @@ if __name__ == "__main__":  # the router-gradient error table of the note
             err = (g_o - g_r).abs()
             print(f"cpu loss ckpt={ckpt:13s} {case:16s} max abs {float(err.max()):.3e}  "
                   f"max rel {float((err / g_r.abs().clamp(min=1e-6)).max()):.3e}")
+
+
+def test_meta_device_build_then_to_empty_trains():
+    """A layer built on the meta device (transformers' and FSDP's deferred init) materialises with to_empty()."""
+    with torch.device("meta"):
+        layer = smoe.nn.MoE(16, 8, 4, 2, bias_balancing=True, aux_loss_coef=0.1)
+    layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    assert layer.expert_bias.dtype == torch.float32 and not layer.expert_bias.is_meta
+    x = torch.randn(5, 16)
+    y = layer(x)
+    (y.sum() + layer.aux_loss).backward()
+    layer.end_step()
+    assert torch.isfinite(layer.router.weight.grad).all()
+    assert layer.expert_bias.abs().sum() > 0  # the step's counts were real and moved the bias

@@ -368,7 +368,10 @@ class MoE(nn.Module):
         if bias is not None and self.expert_bias.dtype != torch.float32:
             self.expert_bias = bias.to(device=self.expert_bias.device, dtype=torch.float32)
         new = self.router.weight
-        self._step_counts = self._step_counts.to(new.device)
+        if self._step_counts.is_meta or new.is_meta:  # to_empty() after a meta-device build: nothing to copy
+            self._step_counts = torch.zeros_like(self._step_counts, device=new.device)
+        else:
+            self._step_counts = self._step_counts.to(new.device)
         if new.dtype != self.router_dtype:
             new.data = router_data.to(device=new.device, dtype=self.router_dtype)
             if router_grad is not None:
