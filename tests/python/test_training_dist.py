@@ -1,4 +1,4 @@
-"""smoe.nn.MoE under DDP (gloo, 2 and 3 processes started by torch.multiprocessing, bounded by a timeout).
+"""smoe.nn.MoE under DDP (gloo, 2 and 3 processes started by smoe.distributed.run_local, bounded by a timeout).
 
 Each rank trains a DDP copy on its slice of every global micro-batch, with bias balancing and the
 global-batch balance loss over the world group. Checked against one process running the same steps on the
@@ -8,14 +8,13 @@ router weights after the steps agree.
 """
 
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import smoe.nn
+from smoe.distributed import run_local
 from smoe.nn import MoE
 from smoe.testing import assert_close
 
@@ -53,40 +52,23 @@ def _train(model, module, batches, rank=0, ranks=1):
     return torch.stack(losses), torch.stack(biases)
 
 
-def _worker(rank, world, broadcast_buffers, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        moe = _model(dist.group.WORLD)
-        # broadcast_buffers=False: the biases stay equal because the layer reduces its counts, not because
-        # DDP copies rank 0's buffers; True (DDP's default) must not disturb the step's counts
-        ddp = torch.nn.parallel.DistributedDataParallel(moe, broadcast_buffers=broadcast_buffers)
-        losses, biases = _train(ddp, moe, _batches(world), rank, world)
-        mean_loss = losses.clone()
-        dist.all_reduce(mean_loss)
-        mean_loss /= world
-        gathered = [torch.zeros_like(biases) for _ in range(world)]
-        dist.all_gather(gathered, biases)
-        torch.save({"mean_loss": mean_loss, "biases": torch.stack(gathered),
-                    "router": moe.router.weight.detach().clone()}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, world, broadcast_buffers, out_dir):
+    moe = _model(dist.group.WORLD)
+    # broadcast_buffers=False: the biases stay equal because the layer reduces its counts, not because
+    # DDP copies rank 0's buffers; True (DDP's default) must not disturb the step's counts
+    ddp = torch.nn.parallel.DistributedDataParallel(moe, broadcast_buffers=broadcast_buffers)
+    losses, biases = _train(ddp, moe, _batches(world), rank, world)
+    mean_loss = losses.clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= world
+    gathered = [torch.zeros_like(biases) for _ in range(world)]
+    dist.all_gather(gathered, biases)
+    torch.save({"mean_loss": mean_loss, "biases": torch.stack(gathered),
+                "router": moe.router.weight.detach().clone()}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _spawn(world, broadcast_buffers, tmp_path):
-    init_file = tmp_path / "store"  # a file store: no port to pick, nothing left behind but tmp_path
-    ctx = mp.start_processes(_worker, args=(world, broadcast_buffers, str(init_file), str(tmp_path)), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world} gloo ranks did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    run_local(_worker, world, broadcast_buffers, str(tmp_path), timeout=TIMEOUT_S)  # file store, killed past TIMEOUT_S
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
 
