@@ -22,6 +22,15 @@ namespace smoe::testing {
 
 namespace sim = ::smoe::cuda_simt;
 
+// Multiples of 1/8 in [-1/2, 1/2]: products and sums of these are exact in f32 in any order, so GEMM
+// results can be compared bit for bit across kernels and schedules.
+template <class S>
+std::vector<S> eighths(size_t n, uint32_t seed) {
+  std::vector<S> v = small_ints<S>(n, seed, -4, 4);
+  for (S& x : v) x = from_acc<S>(to_acc(x) / 8.0f);
+  return v;
+}
+
 // A poison byte: 0x7f in every byte is a NaN in f32/f64/bf16/f16 and a large positive integer.
 constexpr unsigned char kPoison = 0x7f;
 

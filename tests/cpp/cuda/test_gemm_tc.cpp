@@ -17,13 +17,6 @@ namespace smoe::testing {
 namespace {
 
 template <class S>
-std::vector<S> eighths(size_t n, uint32_t seed) {
-  std::vector<S> v = small_ints<S>(n, seed, -4, 4);
-  for (S& x : v) x = from_acc<S>(to_acc(x) / 8.0f);
-  return v;
-}
-
-template <class S>
 DType dtype_of() {
   if constexpr (std::is_same_v<S, float>) return DType::kF32;
   return std::is_same_v<S, bf16_t> ? DType::kBF16 : DType::kF16;

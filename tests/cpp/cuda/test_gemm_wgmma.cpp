@@ -11,13 +11,6 @@ namespace smoe::testing {
 namespace {
 
 template <class S>
-std::vector<S> eighths(size_t n, uint32_t seed) {
-  std::vector<S> v = small_ints<S>(n, seed, -4, 4);
-  for (S& x : v) x = from_acc<S>(to_acc(x) / 8.0f);
-  return v;
-}
-
-template <class S>
 void check(const std::vector<int64_t>& off, int64_t N, int64_t Kd) {
   const DType dt = std::is_same_v<S, bf16_t> ? DType::kBF16 : DType::kF16;
   std::string trace = std::string(dtype_name(dt)) + " N=" + std::to_string(N) + " Kd=" + std::to_string(Kd) + " offsets={";

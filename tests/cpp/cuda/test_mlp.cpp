@@ -14,13 +14,6 @@
 namespace smoe::testing {
 namespace {
 
-template <class S>
-std::vector<S> eighths(size_t n, uint32_t seed) {
-  std::vector<S> v = small_ints<S>(n, seed, -4, 4);
-  for (S& x : v) x = from_acc<S>(to_acc(x) / 8.0f);
-  return v;
-}
-
 // A routing plan of T tokens, K experts each, over E experts with expert 1 empty (E > 1), plus one row
 // before offsets[0] (token 0) and two rows past offsets[E] (token -1): rows of no expert.
 struct Plan {
