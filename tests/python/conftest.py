@@ -42,3 +42,15 @@ def tied_logits(T: int, E: int, dtype=torch.float32, gen=None) -> torch.Tensor:
 def small_ints(*shape, dtype=torch.float32, lo: int = -2, hi: int = 3) -> torch.Tensor:
     """Small integers: products and sums of a few of them are exact in f32 (the CUTLASS habit)."""
     return torch.randint(lo, hi, shape).to(dtype)
+
+
+def subprocess_env(**extra) -> dict:
+    """os.environ for a child interpreter that must import the smoe this test process imported (a source
+    tree, an editable install or a wheel): its directory goes first on PYTHONPATH, then this process's
+    sys.path (so the child also sees e.g. examples' helpers the parent could import)."""
+    import os
+    import sys
+
+    smoe_dir = os.path.dirname(os.path.dirname(os.path.abspath(smoe.__file__)))
+    path = os.pathsep.join([smoe_dir] + [p for p in sys.path if p])
+    return dict(os.environ, PYTHONPATH=path, **extra)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import subprocess_env  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FENCE = re.compile(r"^```python(?P<info>[^\n]*)\n(?P<code>.*?)^```\s*$", re.M | re.S)
@@ -78,8 +79,7 @@ def test_page_code_runs(page, tmp_path):
         runnable.append((line, code))
     if not runnable:
         pytest.skip("no runnable python blocks on this page")
-    env = dict(os.environ, MPLBACKEND="Agg",
-               PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "python")] + [p for p in sys.path if p]))
+    env = subprocess_env(MPLBACKEND="Agg")
     proc = subprocess.run([sys.executable, "-c", _RUNNER, os.path.relpath(page, ROOT)], input=json.dumps(runnable),
                           capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

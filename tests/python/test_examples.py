@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from conftest import subprocess_env  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,8 +23,7 @@ def test_train_char_lm_tiny(tmp_path):
 
 def _run_tiny(script, tmp_path, timeout=600):
     out = tmp_path / (script.replace(".py", ".png"))
-    env = dict(os.environ, MPLBACKEND="Agg",
-               PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "python")] + [p for p in sys.path if p]))
+    env = subprocess_env(MPLBACKEND="Agg")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), "--tiny", "--out", str(out)],
                           capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -21,6 +21,7 @@ import smoe.functional as F
 from smoe import _core
 from smoe.nn import MoE
 from smoe.testing import assert_close
+from conftest import subprocess_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_SIMT = "simt" in smoe.BACKENDS
@@ -30,7 +31,7 @@ INF = float("inf")
 
 def _python(code: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
     """Runs `code` in a fresh interpreter with this tree's smoe; fails the test on a timeout (a hang)."""
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    full_env = subprocess_env()
     full_env.update(env or {})
     try:
         return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from smoe.simt import rewrite_source
+from conftest import subprocess_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 L = "::smoe::simt::detail::make_launcher"
@@ -52,7 +53,7 @@ def test_rewrite_reports_what_it_cannot_parse():
 
 
 def _runner(*args, env=None, timeout=240):
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    full_env = subprocess_env()
     full_env.update(env or {})
     try:
         return subprocess.run([sys.executable, "-m", "smoe.simt", *args], capture_output=True, text=True,

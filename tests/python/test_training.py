@@ -22,6 +22,7 @@ import smoe.nn
 from smoe.nn import MoE, AuxLossUnusedWarning
 from smoe.reference import moe_layer
 from smoe.testing import assert_close
+from conftest import subprocess_env  # noqa: E402
 
 H, F, E, K = 16, 12, 6, 2
 BACKENDS = ["reference", "cpu", "simt"]
@@ -575,7 +576,7 @@ def test_bad_forward_and_helper_arguments():
 
 # ------------------------------------------------------------------ the example
 def test_train_loop_example_tiny():
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    env = subprocess_env()
     out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_loop.py"), "--tiny"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
