@@ -50,20 +50,6 @@ def local_routing_plan(recv_counts: torch.Tensor, device=None) -> RoutingPlan:
                        token_of_row.to(dev, torch.int32))
 
 
-class _DenseRowsGrad(torch.autograd.Function):
-    """Identity; backward hands on an empty gradient with dense strides. torch gives `sum()` of an
-    empty tensor an expanded (stride 0) gradient, which smoe's combine_backward rejects, and a rank
-    with no tokens must still run its backward (the reverse exchange)."""
-
-    @staticmethod
-    def forward(ctx, y):
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.new_zeros(grad.shape) if grad.numel() == 0 else grad
-
-
 def _code(value) -> int:
     if value is None:
         return -1
@@ -271,8 +257,6 @@ class ExpertParallelMoE(MoE):
         yr = ys.index_select(0, lplan.row_of.view(-1).long())  # back to received order
         yb = all_to_all_single(yr, send_splits, recv_splits, self.ep_group)  # [R_send, H]: the plan's rows
         y = F.combine(yb, weights, plan, backend=backend)  # [T, H]
-        if T == 0:
-            y = _DenseRowsGrad.apply(y)
         return y, plan.counts
 
     def _forward_smoe(self, x2, router_x, ws):
