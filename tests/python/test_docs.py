@@ -80,6 +80,8 @@ def test_page_code_runs(page, tmp_path):
     if not runnable:
         pytest.skip("no runnable python blocks on this page")
     env = subprocess_env(MPLBACKEND="Agg")
+    # Blocks read files as a reader in the repository root would (docs/...); they write into tmp_path.
+    (tmp_path / "docs").symlink_to(os.path.join(ROOT, "docs"))
     proc = subprocess.run([sys.executable, "-c", _RUNNER, os.path.relpath(page, ROOT)], input=json.dumps(runnable),
                           capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
