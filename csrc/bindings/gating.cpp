@@ -82,7 +82,7 @@ void bind_gating(py::module_& m) {
         p.score_func = static_cast<ScoreFunc>(score_func);
         const TensorView vs = SMOE_VIEW(scores), vr = SMOE_VIEW(row_of), vgw = SMOE_VIEW(grad_weights),
                          vgl = SMOE_VIEW(grad_logits);
-        call_core([&] { return expert_choice_backward(exec, p, vs, vr, vgw, vgl); });
+        call_core([&] { return expert_choice_backward(exec, p, vs, vr, vgw, TensorView{}, vgl); });
       },
       py::arg("backend"), py::arg("stream"), py::arg("capacity"), py::arg("score_func"), py::arg("scores"),
       py::arg("row_of"), py::arg("grad_weights"), py::arg("grad_logits"));

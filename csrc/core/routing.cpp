@@ -1,11 +1,13 @@
-// Public entry points of the routing op family: validate every argument, then dispatch to a backend.
-// The sort lives in csrc/cpu/routing.cpp (and later csrc/cuda/).
+// Public entry points of the routing op family (smoe/ops/routing.h): validate, resolve the backend,
+// dispatch (csrc/core/dispatch.h; routing_plan always has work: it writes offsets even for T = 0).
+// The sort lives in csrc/cpu/routing.cpp and csrc/cuda/routing.cu.
 #include "smoe/ops/routing.h"
 
 #include <algorithm>
 #include <climits>
 #include <string>
 
+#include "core/check.h"
 #include "core/dispatch.h"
 #include "cpu/routing.h"
 
@@ -15,13 +17,14 @@ namespace {
 constexpr const char* kOp = "routing_plan";
 bool needs_weights(const RoutingPlanParams& p) { return p.capacity >= 0 && p.drop_policy == DropPolicy::kByScore; }
 
-// A contiguous tensor of `dtype` with `ndim` dims on ref's device.
-Status expect_dense(const char* arg, const TensorView& v, int ndim, const char* layout, DType dtype,
-                    const TensorView& ref) {
-  SMOE_RETURN_IF_ERROR(expect_dims(kOp, arg, v, ndim, layout));
-  SMOE_RETURN_IF_ERROR(expect_dtype(kOp, arg, v, dtype));
-  SMOE_RETURN_IF_ERROR(expect_contiguous(kOp, arg, v));
-  return expect_device(kOp, arg, v, ref.device, ref.device_index);
+using detail::Checker;
+
+// A contiguous tensor of `dtype` with `ndim` dims on the experts' device.
+detail::ArgCheck dense(const Checker& c, const char* arg, const TensorView& v, int ndim, const char* layout,
+                       DType dtype) {
+  detail::ArgCheck k = c.arg(arg, v);
+  k.dims(ndim, layout).dtype(dtype).contiguous().same_device();
+  return k;
 }
 
 Status check_params(const RoutingPlanParams& p) {
@@ -68,10 +71,9 @@ int64_t routing_plan_workspace_bytes(const RoutingPlanParams& params, int64_t T,
 Status routing_plan(const Exec& exec, const RoutingPlanParams& params, const TensorView& experts,
                     const TensorView& weights, const TensorView& counts, const TensorView& offsets,
                     const TensorView& row_of, const TensorView& token_of_row, const TensorView& workspace) {
+  const Checker c{kOp, experts, "experts"};
   SMOE_RETURN_IF_ERROR(check_params(params));
-  SMOE_RETURN_IF_ERROR(expect_dims(kOp, "experts", experts, 2, "[T, K]"));
-  SMOE_RETURN_IF_ERROR(expect_dtype(kOp, "experts", experts, DType::kI32));
-  SMOE_RETURN_IF_ERROR(expect_contiguous(kOp, "experts", experts));
+  SMOE_RETURN_IF_ERROR(c.arg("experts", experts).dims(2, "[T, K]").dtype(DType::kI32).contiguous());
   const int64_t T = experts.size(0), K = experts.size(1), E = params.num_experts;
   const int64_t R_max = routing_plan_max_rows(params, T, K);
   if (R_max > INT32_MAX || sat_mul(T, K) > INT32_MAX) {
@@ -86,18 +88,17 @@ Status routing_plan(const Exec& exec, const RoutingPlanParams& params, const Ten
       return invalid_argument(kOp, "weights", "a [T, K] f32 tensor (drop_policy kByScore with a capacity)",
                               "absent");
     }
-    SMOE_RETURN_IF_ERROR(expect_dense("weights", weights, 2, "[T, K]", DType::kF32, experts));
-    SMOE_RETURN_IF_ERROR(expect_size(kOp, "weights", weights, 0, T, "T = experts.size(0)"));
-    SMOE_RETURN_IF_ERROR(expect_size(kOp, "weights", weights, 1, K, "K = experts.size(1)"));
+    SMOE_RETURN_IF_ERROR(dense(c, "weights", weights, 2, "[T, K]", DType::kF32)
+                             .size(0, T, "T = experts.size(0)")
+                             .size(1, K, "K = experts.size(1)"));
   }
-  SMOE_RETURN_IF_ERROR(expect_dense("counts", counts, 1, "[E]", DType::kI32, experts));
-  SMOE_RETURN_IF_ERROR(expect_size(kOp, "counts", counts, 0, E, "E = params.num_experts"));
-  SMOE_RETURN_IF_ERROR(expect_dense("offsets", offsets, 1, "[E+1]", DType::kI64, experts));
-  SMOE_RETURN_IF_ERROR(expect_size(kOp, "offsets", offsets, 0, E + 1, "E + 1 = params.num_experts + 1"));
-  SMOE_RETURN_IF_ERROR(expect_dense("row_of", row_of, 2, "[T, K]", DType::kI32, experts));
-  SMOE_RETURN_IF_ERROR(expect_size(kOp, "row_of", row_of, 0, T, "T = experts.size(0)"));
-  SMOE_RETURN_IF_ERROR(expect_size(kOp, "row_of", row_of, 1, K, "K = experts.size(1)"));
-  SMOE_RETURN_IF_ERROR(expect_dense("token_of_row", token_of_row, 1, "[R_max]", DType::kI32, experts));
+  SMOE_RETURN_IF_ERROR(dense(c, "counts", counts, 1, "[E]", DType::kI32).size(0, E, "E = params.num_experts"));
+  SMOE_RETURN_IF_ERROR(dense(c, "offsets", offsets, 1, "[E+1]", DType::kI64)
+                           .size(0, E + 1, "E + 1 = params.num_experts + 1"));
+  SMOE_RETURN_IF_ERROR(dense(c, "row_of", row_of, 2, "[T, K]", DType::kI32)
+                           .size(0, T, "T = experts.size(0)")
+                           .size(1, K, "K = experts.size(1)"));
+  SMOE_RETURN_IF_ERROR(dense(c, "token_of_row", token_of_row, 1, "[R_max]", DType::kI32));
   if (token_of_row.size(0) < R_max) {
     return invalid_argument(kOp, "token_of_row",
                             "size(0) >= " + std::to_string(R_max) + " (routing_plan_max_rows)",
@@ -105,7 +106,7 @@ Status routing_plan(const Exec& exec, const RoutingPlanParams& params, const Ten
   }
   const int64_t ws_bytes = routing_plan_workspace_bytes(params, T, K);
   if (ws_bytes > 0 || workspace.defined()) {
-    SMOE_RETURN_IF_ERROR(expect_dense("workspace", workspace, 1, "[bytes]", DType::kU8, experts));
+    SMOE_RETURN_IF_ERROR(dense(c, "workspace", workspace, 1, "[bytes]", DType::kU8));
     if (workspace.size(0) < ws_bytes) {
       return invalid_argument(kOp, "workspace",
                               "size(0) >= " + std::to_string(ws_bytes) + " bytes (routing_plan_workspace_bytes)",

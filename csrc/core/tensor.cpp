@@ -88,6 +88,10 @@ Status expect_device(const char* op, const char* arg, const TensorView& v, Devic
 
 Status resolve_backend(const char* op, const Exec& exec, const TensorView& ref, Backend* out) {
   Backend b = exec.backend;
+  if (b != Backend::kAuto && b != Backend::kCpu && b != Backend::kCuda && b != Backend::kSimt) {
+    return invalid_argument(op, "backend", "kAuto (0), kCpu (1), kCuda (2) or kSimt (3)",
+                            std::to_string(static_cast<int32_t>(b)));
+  }
   if (b == Backend::kAuto) b = ref.device == Device::kCUDA ? Backend::kCuda : Backend::kCpu;
   if (b == Backend::kCuda && ref.device != Device::kCUDA) {
     return invalid_argument(op, "backend", "CUDA tensors for backend 'cuda'", "CPU tensors");

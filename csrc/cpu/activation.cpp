@@ -13,7 +13,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "cpu/gemm.h"
+#include "cpu/activation.h"
 #include "cpu/parallel.h"
 
 namespace smoe::cpu {
@@ -265,26 +265,18 @@ void backward_typed(Activation act, const TensorView& in, const TensorView& grad
 }  // namespace
 
 Status activation_forward(Activation act, const TensorView& in, const TensorView& out) {
-  switch (in.dtype) {
-    case DType::kF32: forward_typed<float>(act, in, out); break;
-    case DType::kF64: forward_typed<double>(act, in, out); break;
-    case DType::kBF16: forward_typed<bf16_t>(act, in, out); break;
-    case DType::kF16: forward_typed<f16_t>(act, in, out); break;
-    default: return Status(Code::kInternal, "activation_forward: dtype passed validation but has no kernel");
-  }
-  return Status::Ok();
+  return dtypes::dispatch_float(in.dtype, "activation_forward", [&](auto tag) {
+    forward_typed<typename decltype(tag)::type>(act, in, out);
+    return Status::Ok();
+  });
 }
 
 Status activation_backward(Activation act, const TensorView& in, const TensorView& grad_out,
                            const TensorView& grad_in) {
-  switch (in.dtype) {
-    case DType::kF32: backward_typed<float>(act, in, grad_out, grad_in); break;
-    case DType::kF64: backward_typed<double>(act, in, grad_out, grad_in); break;
-    case DType::kBF16: backward_typed<bf16_t>(act, in, grad_out, grad_in); break;
-    case DType::kF16: backward_typed<f16_t>(act, in, grad_out, grad_in); break;
-    default: return Status(Code::kInternal, "activation_backward: dtype passed validation but has no kernel");
-  }
-  return Status::Ok();
+  return dtypes::dispatch_float(in.dtype, "activation_backward", [&](auto tag) {
+    backward_typed<typename decltype(tag)::type>(act, in, grad_out, grad_in);
+    return Status::Ok();
+  });
 }
 
 }  // namespace smoe::cpu

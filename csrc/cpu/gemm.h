@@ -1,4 +1,5 @@
-// csrc/cpu/gemm.h: CPU backend of the grouped GEMM and activation ops (include/smoe/ops/gemm.h).
+// csrc/cpu/gemm.h: CPU backend of the grouped GEMMs (include/smoe/ops/gemm.h) and the dense GEMMs
+// under them. The activations are csrc/cpu/activation.h (included here for the expert MLP).
 //
 // The entry points in csrc/core/gemm.cpp validate shapes, dtypes and devices before calling these;
 // the functions here check only what needs the data (the values of offsets).
@@ -6,6 +7,7 @@
 
 #include <cstdint>
 
+#include "cpu/activation.h"
 #include "smoe/ops/gemm.h"
 
 namespace smoe::cpu {
@@ -14,10 +16,6 @@ Status grouped_gemm(const GroupedGemmParams& params, const TensorView& a, const 
                     const TensorView& offsets, const TensorView& c);
 Status grouped_gemm_wgrad(const TensorView& a, const TensorView& b, const TensorView& offsets,
                           const TensorView& c);
-
-Status activation_forward(Activation act, const TensorView& in, const TensorView& out);
-Status activation_backward(Activation act, const TensorView& in, const TensorView& grad_out,
-                           const TensorView& grad_in);
 
 // Row-major c[M, N] = op(a)[M, K] @ op(b)[K, N] (overwrites c; K == 0 gives zeros), on the calling
 // thread. op(a) = a^T when trans_a (a is then [K, M]); op(b) = b^T when trans_b (b is then [N, K]).

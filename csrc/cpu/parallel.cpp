@@ -30,6 +30,7 @@ namespace smoe::cpu {
 namespace {
 
 thread_local bool t_inside_pool = false;
+thread_local int t_thread_limit = 0;  // ThreadLimit of this thread, 0: none
 
 class Pool {
  public:
@@ -70,10 +71,12 @@ class Pool {
     }
   }
 
-  void run(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
+  // At most `limit` parts (limit <= 0: the pool's size).
+  void run(int64_t n, int64_t grain, int limit, const std::function<void(int64_t, int64_t)>& fn) {
     std::lock_guard<std::mutex> run_lock(run_mu_);  // one job at a time
     const int64_t max_chunks = (n + grain - 1) / grain;
-    const int parts = int(std::min<int64_t>(size(), max_chunks));
+    const int threads = limit > 0 ? std::min(limit, size()) : size();
+    const int parts = int(std::min<int64_t>(threads, max_chunks));
     {
       std::lock_guard<std::mutex> lk(mu_);
       fn_ = &fn;
@@ -198,6 +201,17 @@ struct JoinAtExit {
 
 int num_threads() { return pool().size(); }
 
+int usable_threads() {
+  const int n = num_threads();
+  return t_thread_limit > 0 ? std::min(n, t_thread_limit) : n;
+}
+
+ThreadLimit::ThreadLimit(int n) : previous_(t_thread_limit) {
+  // A nested limit can only lower the cap of the one around it.
+  if (n > 0) t_thread_limit = previous_ > 0 ? std::min(previous_, n) : n;
+}
+ThreadLimit::~ThreadLimit() { t_thread_limit = previous_; }
+
 void set_num_threads(int n) {
   Pool& p = pool();
   {
@@ -212,7 +226,7 @@ void parallel_for_impl(int64_t n, int64_t grain, const std::function<void(int64_
     fn(0, n);
     return;
   }
-  pool().run(n, grain, fn);
+  pool().run(n, grain, t_thread_limit, fn);
 }
 
 }  // namespace smoe::cpu

@@ -10,9 +10,26 @@
 
 namespace smoe::cpu {
 
-// Threads used by parallel_for (default: hardware threads, or SMOE_NUM_THREADS).
+// Threads of the pool (default: hardware threads, or SMOE_NUM_THREADS).
 int num_threads();
 void set_num_threads(int n);
+
+// Threads a parallel_for on this thread may use: num_threads(), capped by the innermost live
+// ThreadLimit of the calling thread. Work splits that size themselves by thread count use this.
+int usable_threads();
+
+// Caps the parallel_for calls of the calling thread at `n` threads while it lives (n <= 0: no cap).
+// csrc/core sets one from Exec::num_threads around every CPU backend call.
+class ThreadLimit {
+ public:
+  explicit ThreadLimit(int n);
+  ~ThreadLimit();
+  ThreadLimit(const ThreadLimit&) = delete;
+  ThreadLimit& operator=(const ThreadLimit&) = delete;
+
+ private:
+  int previous_;
+};
 
 void parallel_for_impl(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
@@ -20,7 +37,7 @@ template <class F>
 inline void parallel_for(int64_t n, int64_t grain, F&& fn) {
   if (n <= 0) return;
   if (grain < 1) grain = 1;
-  if (n <= grain || num_threads() <= 1) {
+  if (n <= grain || usable_threads() <= 1) {
     fn(int64_t(0), n);
     return;
   }

@@ -21,23 +21,12 @@
 namespace smoe::cpu {
 namespace {
 
-template <class S> using Acc = typename AccOf<S>::type;
-template <class S> struct Tag { using type = S; };
+template <class S> using Acc = acc_t<S>;
 
 // Elements per parallel chunk: enough work to amortize a task, small enough to balance 4097 tokens.
 constexpr int64_t kElemsPerChunk = 16384;
 int64_t rows_per_chunk(int64_t H) { return std::max<int64_t>(1, kElemsPerChunk / std::max<int64_t>(H, 1)); }
 
-template <class F>
-void dispatch_float(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kF32: f(Tag<float>{}); break;
-    case DType::kF64: f(Tag<double>{}); break;
-    case DType::kBF16: f(Tag<bf16_t>{}); break;
-    case DType::kF16: f(Tag<f16_t>{}); break;
-    default: break;  // the entry points accept float dtypes only
-  }
-}
 
 // ---- one row of H elements ---------------------------------------------------------------------
 
@@ -148,7 +137,7 @@ Status permute_backward(const TensorView& grad_xs, const TensorView& row_of, con
   const int64_t R = grad_xs.size(0), H = grad_xs.size(1), T = row_of.size(0), K = row_of.size(1);
   const int32_t* rof = row_of.data_as<const int32_t>();  // [T, K]
   SMOE_RETURN_IF_ERROR(check_row_of("permute_backward", rof, T, K, R, "R = grad_xs.size(0)"));
-  dispatch_float(grad_xs.dtype, [&](auto tag) {
+  SMOE_RETURN_IF_ERROR(dtypes::dispatch_float(grad_xs.dtype, "permute_backward", [&](auto tag) {
     using S = typename decltype(tag)::type;
     const S* gxs = grad_xs.data_as<const S>();  // [R, H]
     S* gx = grad_x.data_as<S>();                // [T, H]
@@ -163,7 +152,8 @@ Status permute_backward(const TensorView& grad_xs, const TensorView& row_of, con
         store_row<S>(gx + t * H, acc.data(), H);
       }
     });
-  });
+    return Status::Ok();
+  }));
   return Status::Ok();
 }
 
@@ -172,7 +162,7 @@ Status combine_forward(const TensorView& ys, const TensorView& weights, const Te
   const int64_t R = ys.size(0), H = ys.size(1), T = row_of.size(0), K = row_of.size(1);
   const int32_t* rof = row_of.data_as<const int32_t>();  // [T, K]
   SMOE_RETURN_IF_ERROR(check_row_of("combine_forward", rof, T, K, R, "R = ys.size(0)"));
-  dispatch_float(ys.dtype, [&](auto tag) {
+  SMOE_RETURN_IF_ERROR(dtypes::dispatch_float(ys.dtype, "combine_forward", [&](auto tag) {
     using S = typename decltype(tag)::type;
     const S* src = ys.data_as<const S>();                // [R, H]
     const Acc<S>* w = weights.data_as<const Acc<S>>();   // [T, K]
@@ -188,7 +178,8 @@ Status combine_forward(const TensorView& ys, const TensorView& weights, const Te
         store_row<S>(out + t * H, acc.data(), H);
       }
     });
-  });
+    return Status::Ok();
+  }));
   return Status::Ok();
 }
 
@@ -203,10 +194,11 @@ Status combine_backward(const TensorView& grad_y, const TensorView& ys, const Te
   // only well defined when at most one (t, k) references r, so a second reference is an error.
   if (H == 0) {  // grad_ys has no elements; every dot product is empty
     if (grad_weights.defined()) {
-      dispatch_float(grad_y.dtype, [&](auto tag) {
+      SMOE_RETURN_IF_ERROR(dtypes::dispatch_float(grad_y.dtype, "combine_backward", [&](auto tag) {
         using S = typename decltype(tag)::type;
         std::fill(grad_weights.data_as<Acc<S>>(), grad_weights.data_as<Acc<S>>() + T * K, Acc<S>(0));
-      });
+        return Status::Ok();
+      }));
     }
     return Status::Ok();
   }
@@ -225,7 +217,7 @@ Status combine_backward(const TensorView& grad_y, const TensorView& ys, const Te
       owner[r] = int32_t(a);
     }
   }
-  dispatch_float(grad_y.dtype, [&](auto tag) {
+  SMOE_RETURN_IF_ERROR(dtypes::dispatch_float(grad_y.dtype, "combine_backward", [&](auto tag) {
     using S = typename decltype(tag)::type;
     const S* gy = grad_y.data_as<const S>();                 // [T, gy_stride]
     const int64_t gy_stride = grad_y.stride(0);
@@ -256,7 +248,8 @@ Status combine_backward(const TensorView& grad_y, const TensorView& ys, const Te
         }
       });
     }
-  });
+    return Status::Ok();
+  }));
   return Status::Ok();
 }
 

@@ -1004,11 +1004,17 @@ Status expert_choice_forward(const ExpertChoiceParams& p, const TensorView& logi
 }
 
 Status expert_choice_backward(const ExpertChoiceParams& p, const TensorView& scores, const TensorView& row_of,
-                              const TensorView& grad_weights, const TensorView& grad_logits, void* stream) {
+                              const TensorView& grad_weights, const TensorView& grad_scores,
+                              const TensorView& grad_logits, void* stream) {
   const char* op = "expert_choice_backward";
   if (scores.dtype == DType::kF64) return f64_unsupported(op);
   const int64_t T = scores.size(0), E = scores.size(1);
   if (T == 0 || E == 0) return Status::Ok();
+  // Interim (issue 8, core helper): the kernel below reads grad_weights only; the cudal helper's
+  // kernel adds grad_scores and handles an absent grad_weights.
+  if (grad_scores.defined() || !grad_weights.defined()) {
+    return unsupported(op, "grad_scores or an absent grad_weights: not yet in the CUDA backend (use backend 'cpu')");
+  }
   ExpertChoiceBackwardArgs a{scores.data_as<const float>(), scores.stride(0), row_of.data_as<const int32_t>(),
                              row_of.stride(0), grad_weights.data_as<const float>(), grad_weights.stride(0),
                              grad_logits.data_as<float>(), grad_logits.stride(0), T, static_cast<int32_t>(E),
@@ -1019,7 +1025,7 @@ Status expert_choice_backward(const ExpertChoiceParams& p, const TensorView& sco
 }
 
 Status load_balancing_loss_forward(const TensorView& probs, const TensorView& experts, const TensorView& loss,
-                                   void* stream) {
+                                   const TensorView& /*workspace*/, void* stream) {
   const char* op = "load_balancing_loss_forward";
   if (probs.dtype == DType::kF64) return f64_unsupported(op);
   const int64_t T = probs.size(0);
@@ -1051,7 +1057,7 @@ Status load_balancing_loss_forward(const TensorView& probs, const TensorView& ex
 }
 
 Status load_balancing_loss_backward(const TensorView& probs, const TensorView& experts, const TensorView& grad_loss,
-                                    const TensorView& grad_probs, void* stream) {
+                                    const TensorView& grad_probs, const TensorView& /*workspace*/, void* stream) {
   const char* op = "load_balancing_loss_backward";
   if (probs.dtype == DType::kF64) return f64_unsupported(op);
   const int64_t T = probs.size(0);
@@ -1073,7 +1079,8 @@ Status load_balancing_loss_backward(const TensorView& probs, const TensorView& e
   return Status::Ok();
 }
 
-Status z_loss_forward(const TensorView& logits, const TensorView& loss, void* stream) {
+Status z_loss_forward(const TensorView& logits, const TensorView& loss, const TensorView& /*workspace*/,
+                      void* stream) {
   const char* op = "z_loss_forward";
   const int64_t T = logits.size(0), E = logits.size(1);
   const cudaStream_t s = as_stream(stream);
@@ -1100,7 +1107,7 @@ Status z_loss_forward(const TensorView& logits, const TensorView& loss, void* st
 }
 
 Status z_loss_backward(const TensorView& logits, const TensorView& grad_loss, const TensorView& grad_logits,
-                       void* stream) {
+                       const TensorView& /*workspace*/, void* stream) {
   const char* op = "z_loss_backward";
   const int64_t T = logits.size(0), E = logits.size(1);
   if (T == 0 || E == 0) return Status::Ok();

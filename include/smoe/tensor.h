@@ -106,7 +106,10 @@ enum class Backend : int32_t { kAuto = 0, kCpu = 1, kCuda = 2, kSimt = 3 };
 struct Exec {
   Backend backend = Backend::kAuto;
   void* stream = nullptr;  // cudaStream_t for kCuda; ignored elsewhere
-  int num_threads = 0;     // CPU backend: 0 = all hardware threads
+  // CPU backend: at most this many threads of the pool run the op (0 = every thread of the pool,
+  // whose size is SMOE_NUM_THREADS or the hardware threads; a value above the pool's size gives the
+  // pool's size). Results do not depend on it. Ignored by the device backends; < 0 is rejected.
+  int num_threads = 0;
 };
 
 // ---- argument checks shared by every op's validation --------------------------------------------

@@ -1,9 +1,11 @@
-// smoe/ops/gemm.h: grouped GEMM over expert segments, and the expert activations.
+// smoe/ops/gemm.h: grouped GEMM over expert segments (the expert activations, which every expert
+// MLP applies between its two GEMMs, are their own family in smoe/ops/activation.h, included here).
 //
 // Weights follow nn.Linear: w[e] is [out, in]. Segments come from offsets [E+1] i64 (device memory
 // on a GPU; never copied to the host). f32 accumulation for f32/bf16/f16, f64 for f64.
 #pragma once
 
+#include "smoe/ops/activation.h"
 #include "smoe/tensor.h"
 
 namespace smoe {
@@ -21,20 +23,5 @@ Status grouped_gemm(const Exec& exec, const GroupedGemmParams& params, const Ten
 // a [R, M], b [R, N], offsets [E+1] i64, c [E, M, N] out. An empty segment gives exact zeros.
 Status grouped_gemm_wgrad(const Exec& exec, const TensorView& a, const TensorView& b,
                           const TensorView& offsets, const TensorView& c);
-
-enum class Activation : int32_t {
-  kSwiGLU = 0,  // gated: in [R, 2F] = [g | u] -> silu(g) * u      (Shazeer, 2020, arXiv:2002.05202)
-  kGeGLU = 1,   // gated: in [R, 2F] = [g | u] -> gelu(g) * u      (exact, erf-based gelu)
-  kGELU = 2,    // in [R, F] -> gelu(in)
-  kReLU = 3,    // in [R, F] -> max(in, 0)
-};
-
-constexpr bool is_gated(Activation a) { return a == Activation::kSwiGLU || a == Activation::kGeGLU; }
-
-// in [R, F1] (F1 = 2F if gated else F), out [R, F]; same dtype.
-Status activation_forward(const Exec& exec, Activation act, const TensorView& in, const TensorView& out);
-// grad_out [R, F], in [R, F1] -> grad_in [R, F1]
-Status activation_backward(const Exec& exec, Activation act, const TensorView& in,
-                           const TensorView& grad_out, const TensorView& grad_in);
 
 }  // namespace smoe

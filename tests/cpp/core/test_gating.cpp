@@ -737,7 +737,7 @@ std::vector<A> run_expert_choice_backward(Choice<A> fw, int64_t T, int64_t E, Ex
                                           std::vector<A> gw) {
   std::vector<A> gx(size_t(T * E), A(-7));
   Status s = expert_choice_backward(Exec{}, p, view2d(fw.scores, T, E), view2d(fw.row_of, T, E),
-                                    view2d(gw, T, E), view2d(gx, T, E));
+                                    view2d(gw, T, E), TensorView{}, view2d(gx, T, E));
   EXPECT_TRUE(s.ok()) << s.message();
   return gx;
 }
@@ -858,7 +858,7 @@ TEST(ExpertChoice, BadArgumentsAreRejected) {
   ASSERT_TRUE(fwd(C, view2d(tk, E, C), view2d(ro, T, E), view2d(w, T, E)).ok());
   auto bwd = [&](TensorView rov) {
     return expert_choice_backward(Exec{}, ExpertChoiceParams{int32_t(C), ScoreFunc::kSoftmax}, view2d(s, T, E), rov,
-                                  view2d(w, T, E), view2d(gx, T, E));
+                                  view2d(w, T, E), TensorView{}, view2d(gx, T, E));
   };
   ASSERT_TRUE(bwd(view2d(ro, T, E)).ok());
   std::vector<int32_t> bad = ro;

@@ -223,12 +223,13 @@ void check_expert_choice(int64_t T, int64_t E, int32_t C, ScoreFunc f, bool ties
 
   std::vector<float> gw = uniform<float>(T * E, 9), gl_cpu(T * E), gl(T * E);
   ASSERT_TRUE(cpu::expert_choice_backward(p, make_view(s_cpu.data(), {T, E}), make_view(ro_cpu.data(), {T, E}),
-                                          make_view(gw.data(), {T, E}), make_view(gl_cpu.data(), {T, E}))
+                                          make_view(gw.data(), {T, E}), TensorView{}, make_view(gl_cpu.data(), {T, E}))
                   .ok());
   run_all_schedules([&] {
     poison(gl);
     EXPECT_OK(sim::expert_choice_backward(p, make_view(s_cpu.data(), {T, E}), make_view(ro_cpu.data(), {T, E}),
-                                          make_view(gw.data(), {T, E}), make_view(gl.data(), {T, E}), nullptr));
+                                          make_view(gw.data(), {T, E}), TensorView{}, make_view(gl.data(), {T, E}),
+                                          nullptr));
     std::vector<unsigned char> out;
     append_bytes(out, gl);
     return out;
@@ -289,12 +290,17 @@ TEST(SimtGating, AuxLossesMatchCpu) {
       std::vector<float> gp_cpu(T * E), gp(T * E), gz_cpu(T * E), gz(T * E);
       ASSERT_TRUE(cpu::load_balancing_loss_backward(pv, ev, gv, make_view(gp_cpu.data(), {T, E})).ok());
       ASSERT_TRUE(cpu::z_loss_backward(lv, gv, make_view(gz_cpu.data(), {T, E})).ok());
+      // The caller's scratch, sized by the public queries (smoe/ops/router_losses.h).
+      std::vector<double> lb_ws(size_t(load_balancing_loss_workspace_bytes(T, E) + 7) / 8 + 1),
+          z_ws(size_t(z_loss_workspace_bytes(T, E) + 7) / 8 + 1);
+      const TensorView lbw = make_view(lb_ws.data(), DType::kU8, {int64_t(lb_ws.size() * 8)});
+      const TensorView zw = make_view(z_ws.data(), DType::kU8, {int64_t(z_ws.size() * 8)});
       run_all_schedules([&] {
         std::memset(&lb, kPoison, 4), std::memset(&z, kPoison, 4), poison(gp), poison(gz);
-        EXPECT_OK(sim::load_balancing_loss_forward(pv, ev, make_view(&lb, {1}), nullptr));
-        EXPECT_OK(sim::z_loss_forward(lv, make_view(&z, {1}), nullptr));
-        EXPECT_OK(sim::load_balancing_loss_backward(pv, ev, gv, make_view(gp.data(), {T, E}), nullptr));
-        EXPECT_OK(sim::z_loss_backward(lv, gv, make_view(gz.data(), {T, E}), nullptr));
+        EXPECT_OK(sim::load_balancing_loss_forward(pv, ev, make_view(&lb, {1}), lbw, nullptr));
+        EXPECT_OK(sim::z_loss_forward(lv, make_view(&z, {1}), zw, nullptr));
+        EXPECT_OK(sim::load_balancing_loss_backward(pv, ev, gv, make_view(gp.data(), {T, E}), lbw, nullptr));
+        EXPECT_OK(sim::z_loss_backward(lv, gv, make_view(gz.data(), {T, E}), zw, nullptr));
         std::vector<unsigned char> out;
         append_bytes(out, std::vector<float>{lb, z}), append_bytes(out, gp), append_bytes(out, gz);
         return out;
