@@ -1074,5 +1074,120 @@ TEST(BalancingBiasUpdate, BadArgumentsAreRejected) {
   EXPECT_TRUE(fails_naming(balancing_bias_update(Exec{}, view1d(bias), view1d(bias), 0.1f), "counts"));
 }
 
+// ---- expert choice backward with grad_scores (issue 8) --------------------------------------------
+
+// grad_logits from a full Jacobian of the score function, written out in the test:
+// softmax  d s_i / d x_j = s_i (delta_ij - s_j);  sigmoid  d s_i / d x_j = delta_ij s_i (1 - s_i).
+std::vector<double> jacobian_backward(const std::vector<double>& s, const std::vector<double>& g, int64_t T,
+                                      int64_t E, ScoreFunc f) {
+  std::vector<double> dx(size_t(T * E), 0.0);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t j = 0; j < E; ++j) {
+      double acc = 0;
+      for (int64_t i = 0; i < E; ++i) {
+        const double si = s[t * E + i], sj = s[t * E + j];
+        const double J = f == ScoreFunc::kSoftmax ? si * ((i == j ? 1.0 : 0.0) - sj) : (i == j ? si * (1 - si) : 0.0);
+        acc += g[t * E + i] * J;
+      }
+      dx[t * E + j] = acc;
+    }
+  }
+  return dx;
+}
+
+TEST(ExpertChoice, BackwardAddsGradScoresAndTakesEitherInputAbsent) {
+  const int64_t T = 7, E = 5, C = 3;
+  for (ScoreFunc f : {ScoreFunc::kSoftmax, ScoreFunc::kSigmoid}) {
+    const ExpertChoiceParams p{int32_t(C), f};
+    std::vector<double> x = uniform<double>(size_t(T * E), 610, -2.f, 2.f);
+    std::vector<double> rw = uniform<double>(size_t(T * E), 611), rs = uniform<double>(size_t(T * E), 612);
+    Choice<double> fw = run_expert_choice(x, T, E, p);
+    ASSERT_TRUE(fw.status.ok());
+    for (int variant = 0; variant < 4; ++variant) {  // both, weights only, scores only, neither
+      const bool use_w = variant == 0 || variant == 1, use_s = variant == 0 || variant == 2;
+      std::vector<double> g(size_t(T * E), 0.0);
+      for (int64_t i = 0; i < T * E; ++i) {
+        g[i] = (use_w && fw.row_of[i] >= 0 ? rw[i] : 0.0) + (use_s ? rs[i] : 0.0);
+      }
+      const std::vector<double> want = jacobian_backward(fw.scores, g, T, E, f);
+      std::vector<double> got(size_t(T * E), std::numeric_limits<double>::quiet_NaN());  // every element written
+      const Status st = expert_choice_backward(Exec{}, p, view2d(fw.scores, T, E), view2d(fw.row_of, T, E),
+                                               use_w ? view2d(rw, T, E) : TensorView{},
+                                               use_s ? view2d(rs, T, E) : TensorView{}, view2d(got, T, E));
+      ASSERT_TRUE(st.ok()) << st.message();
+      EXPECT_TRUE(all_close(got, want, DType::kF64)) << "score_func " << int(f) << ", variant " << variant;
+      if (variant == 3) {
+        for (double v : got) EXPECT_EQ(v, 0.0);
+      }
+    }
+    // Finite differences of L = <rw, weights> + <rs, scores> (the choice is locally constant).
+    std::vector<double> got(size_t(T * E));
+    ASSERT_TRUE(expert_choice_backward(Exec{}, p, view2d(fw.scores, T, E), view2d(fw.row_of, T, E), view2d(rw, T, E),
+                                       view2d(rs, T, E), view2d(got, T, E))
+                    .ok());
+    auto loss = [&](const std::vector<double>& xv) {
+      Choice<double> c = run_expert_choice(xv, T, E, p);
+      double l = 0;
+      for (size_t i = 0; i < rw.size(); ++i) l += rw[i] * c.weights[i] + rs[i] * c.scores[i];
+      return l;
+    };
+    const double h = 1e-6;
+    for (size_t i = 0; i < x.size(); ++i) {
+      std::vector<double> xp = x, xm = x;
+      xp[i] += h, xm[i] -= h;
+      EXPECT_NEAR(got[i], (loss(xp) - loss(xm)) / (2 * h), 1e-6) << "element " << i;
+    }
+  }
+  // grad_scores is checked like grad_weights.
+  std::vector<float> s(size_t(T * E), 0.2f), gl(size_t(T * E)), bad(size_t(T * (E + 1)));
+  std::vector<int32_t> ro(size_t(T * E), -1);
+  EXPECT_TRUE(fails_naming(expert_choice_backward(Exec{}, ExpertChoiceParams{int32_t(C), ScoreFunc::kSoftmax},
+                                                  view2d(s, T, E), view2d(ro, T, E), TensorView{},
+                                                  view2d(bad, T, E + 1), view2d(gl, T, E)),
+                           "grad_scores"));
+}
+
+// ---- router-loss workspace queries (SPEC B) --------------------------------------------------------
+
+TEST(RouterLossWorkspace, QueriesFollowTheFormula) {
+  auto align256 = [](int64_t b) { return (b + 255) / 256 * 256; };
+  for (int64_t T : {int64_t(0), int64_t(1), int64_t(255), int64_t(256), int64_t(65536), int64_t(65537),
+                    int64_t(1) << 20}) {
+    for (int64_t E : {int64_t(0), int64_t(1), int64_t(8), int64_t(257)}) {
+      const int64_t chunk = T <= 65536 ? 256 : (T + 255) / 256;
+      const int64_t nb = T == 0 ? 0 : (T + chunk - 1) / chunk;
+      const int64_t lb = (T == 0 || E == 0) ? 0 : align256(4 * E) + 4 * E * nb;
+      EXPECT_EQ(load_balancing_loss_workspace_bytes(T, E), lb) << T << " x " << E;
+      EXPECT_EQ(z_loss_workspace_bytes(T, E), (T == 0 || E == 0) ? 0 : 8 * T) << T << " x " << E;
+    }
+  }
+  EXPECT_EQ(load_balancing_loss_workspace_bytes(-1, 4), 0);
+}
+
+TEST(RouterLossWorkspace, CheckedWhenGivenAndIgnoredByTheCpu) {
+  const int64_t T = 6, E = 4, K = 2;
+  std::vector<float> probs(size_t(T * E), 0.25f), loss(1), gl(1, 1.f), grad(size_t(T * E));
+  std::vector<int32_t> ex(size_t(T * K), 1);
+  const TensorView pv = view2d(probs, T, E), ev = view2d(ex, T, K);
+  // Absent: fine on the CPU backend (and a given buffer gives the same loss).
+  ASSERT_TRUE(load_balancing_loss_forward(Exec{}, pv, ev, make_view(loss.data(), {1})).ok());
+  const float no_ws = loss[0];
+  std::vector<double> ws(size_t(load_balancing_loss_workspace_bytes(T, E) / 8 + 1));
+  const TensorView wv = make_view(static_cast<void*>(ws.data()), DType::kU8, {int64_t(ws.size() * 8)});
+  ASSERT_TRUE(load_balancing_loss_forward(Exec{}, pv, ev, make_view(loss.data(), {1}), wv).ok());
+  EXPECT_EQ(loss[0], no_ws);
+  ASSERT_TRUE(z_loss_backward(Exec{}, pv, make_view(gl.data(), {1}), view2d(grad, T, E), wv).ok());
+  // Given but too small, or not bytes: named.
+  const TensorView small = make_view(static_cast<void*>(ws.data()), DType::kU8, {8});
+  EXPECT_TRUE(fails_naming(load_balancing_loss_forward(Exec{}, pv, ev, make_view(loss.data(), {1}), small),
+                           "workspace"));
+  EXPECT_TRUE(fails_naming(z_loss_forward(Exec{}, pv, make_view(loss.data(), {1}), view2d(probs, T, E)),
+                           "workspace"));
+  // The emulated CUDA backend needs it: absent is an error there.
+  Exec simt;
+  simt.backend = Backend::kSimt;
+  EXPECT_TRUE(fails_naming(load_balancing_loss_forward(simt, pv, ev, make_view(loss.data(), {1})), "workspace"));
+}
+
 }  // namespace
 }  // namespace smoe
