@@ -1,4 +1,6 @@
 // Bindings of the gating op family (include/smoe/ops/gating.h).
+#include <vector>
+
 #include "bindings.h"
 
 namespace py = pybind11;
@@ -23,6 +25,19 @@ TopkGatingParams topk_params(int top_k, int score_func, int n_groups, int topk_g
 #define SMOE_TOPK_PARAM_ARGS                                                                         \
   py::arg("top_k"), py::arg("score_func"), py::arg("n_groups"), py::arg("topk_groups"),              \
       py::arg("group_score"), py::arg("renormalize"), py::arg("renorm_eps"), py::arg("routed_scaling")
+
+// Interim (issue 8, core helper's tree only; the py helper's binding, which takes the workspace from
+// Python, replaces this): a host scratch buffer for CPU tensors when the caller passed none, so that
+// backend 'simt' keeps working with the Python layer that does not allocate it yet.
+struct HostScratch {
+  std::vector<double> buf;
+  TensorView view;
+  HostScratch(const TensorView& given, const TensorView& ref, int64_t bytes) : view(given) {
+    if (given.defined() || ref.device != Device::kCPU || bytes <= 0) return;
+    buf.resize(size_t(bytes + 7) / 8);
+    view = make_view(static_cast<void*>(buf.data()), DType::kU8, {int64_t(buf.size() * 8)});
+  }
+};
 
 }  // namespace
 
@@ -89,42 +104,49 @@ void bind_gating(py::module_& m) {
 
   m.def(
       "load_balancing_loss_forward",
-      [](int backend, uintptr_t stream, py::handle probs, py::handle experts, py::handle loss) {
+      [](int backend, uintptr_t stream, py::handle probs, py::handle experts, py::handle loss, py::handle workspace) {
         const Exec exec = to_exec(backend, stream);
         const TensorView vp = SMOE_VIEW(probs), ve = SMOE_VIEW(experts), vl = SMOE_VIEW(loss);
-        call_core([&] { return load_balancing_loss_forward(exec, vp, ve, vl); });
+        const HostScratch ws(SMOE_VIEW(workspace), vp, load_balancing_loss_workspace_bytes(vp.size(0), vp.size(1)));
+        call_core([&] { return load_balancing_loss_forward(exec, vp, ve, vl, ws.view); });
       },
-      py::arg("backend"), py::arg("stream"), py::arg("probs"), py::arg("experts"), py::arg("loss"));
+      py::arg("backend"), py::arg("stream"), py::arg("probs"), py::arg("experts"), py::arg("loss"),
+      py::arg("workspace") = py::none());
 
   m.def(
       "load_balancing_loss_backward",
       [](int backend, uintptr_t stream, py::handle probs, py::handle experts, py::handle grad_loss,
-         py::handle grad_probs) {
+         py::handle grad_probs, py::handle workspace) {
         const Exec exec = to_exec(backend, stream);
         const TensorView vp = SMOE_VIEW(probs), ve = SMOE_VIEW(experts), vg = SMOE_VIEW(grad_loss),
                          vgp = SMOE_VIEW(grad_probs);
-        call_core([&] { return load_balancing_loss_backward(exec, vp, ve, vg, vgp); });
+        const HostScratch ws(SMOE_VIEW(workspace), vp, load_balancing_loss_workspace_bytes(vp.size(0), vp.size(1)));
+        call_core([&] { return load_balancing_loss_backward(exec, vp, ve, vg, vgp, ws.view); });
       },
       py::arg("backend"), py::arg("stream"), py::arg("probs"), py::arg("experts"), py::arg("grad_loss"),
-      py::arg("grad_probs"));
+      py::arg("grad_probs"), py::arg("workspace") = py::none());
 
   m.def(
       "z_loss_forward",
-      [](int backend, uintptr_t stream, py::handle logits, py::handle loss) {
+      [](int backend, uintptr_t stream, py::handle logits, py::handle loss, py::handle workspace) {
         const Exec exec = to_exec(backend, stream);
         const TensorView vl = SMOE_VIEW(logits), vloss = SMOE_VIEW(loss);
-        call_core([&] { return z_loss_forward(exec, vl, vloss); });
+        const HostScratch ws(SMOE_VIEW(workspace), vl, z_loss_workspace_bytes(vl.size(0), vl.size(1)));
+        call_core([&] { return z_loss_forward(exec, vl, vloss, ws.view); });
       },
-      py::arg("backend"), py::arg("stream"), py::arg("logits"), py::arg("loss"));
+      py::arg("backend"), py::arg("stream"), py::arg("logits"), py::arg("loss"), py::arg("workspace") = py::none());
 
   m.def(
       "z_loss_backward",
-      [](int backend, uintptr_t stream, py::handle logits, py::handle grad_loss, py::handle grad_logits) {
+      [](int backend, uintptr_t stream, py::handle logits, py::handle grad_loss, py::handle grad_logits,
+         py::handle workspace) {
         const Exec exec = to_exec(backend, stream);
         const TensorView vl = SMOE_VIEW(logits), vg = SMOE_VIEW(grad_loss), vgl = SMOE_VIEW(grad_logits);
-        call_core([&] { return z_loss_backward(exec, vl, vg, vgl); });
+        const HostScratch ws(SMOE_VIEW(workspace), vl, z_loss_workspace_bytes(vl.size(0), vl.size(1)));
+        call_core([&] { return z_loss_backward(exec, vl, vg, vgl, ws.view); });
       },
-      py::arg("backend"), py::arg("stream"), py::arg("logits"), py::arg("grad_loss"), py::arg("grad_logits"));
+      py::arg("backend"), py::arg("stream"), py::arg("logits"), py::arg("grad_loss"), py::arg("grad_logits"),
+      py::arg("workspace") = py::none());
 
   m.def(
       "balancing_bias_update",
