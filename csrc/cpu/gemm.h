@@ -1,7 +1,7 @@
 // csrc/cpu/gemm.h: CPU backend of the grouped GEMMs (include/smoe/ops/gemm.h) and the dense GEMMs
 // under them. The activations are csrc/cpu/activation.h (included here for the expert MLP).
 //
-// The entry points in csrc/core/gemm.cpp validate shapes, dtypes and devices before calling these;
+// The entry points in csrc/core/gemm.cpp (and activation.cpp) validate shapes, dtypes and devices before calling these;
 // the functions here check only what needs the data (the values of offsets).
 #pragma once
 

@@ -2,7 +2,7 @@
 // the router z-loss and the aux-loss-free bias update (include/smoe/ops/gating.h).
 //
 // Versions (docs/kernels/gating.md has the bytes and FLOPs):
-//  v0 (the CPU backend, csrc/cpu/gating.cpp): a row per iteration, insertion top-k.
+//  v0 (the CPU backend, csrc/cpu/topk_gating.cpp): a row per iteration, insertion top-k.
 //  v1 (this file) topk_gating: ONE fused kernel per token row, one warp per token. Each lane holds
 //     E/32 scores in registers (E <= 512), so logits are read once and scores written once: the
 //     kernel moves T*E*(sizeof(logit) + 4) + T*K*8 bytes, the minimum. Top-k is K rounds of a warp
