@@ -20,6 +20,9 @@ int usable_threads();
 
 // Caps the parallel_for calls of the calling thread at `n` threads while it lives (n <= 0: no cap).
 // csrc/core sets one from Exec::num_threads around every CPU backend call.
+// TEACH: a thread_local cap instead of a pool per call: the pool's workers stay alive between ops
+// (starting threads costs tens of microseconds), and a call asks for fewer of them by splitting its
+// work into fewer chunks; the chunk boundaries depend only on n, grain and the cap.
 class ThreadLimit {
  public:
   explicit ThreadLimit(int n);

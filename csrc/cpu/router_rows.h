@@ -50,7 +50,7 @@ class FirstBadRow {
 // Writes to pos[0, k) the positions of the k largest keys[0, n), in descending key order, ties to
 // the lower position. keys hold no NaN. scratch is reused across calls.
 //
-// k <= kInsertionMaxK (the routers' case): split the keys into k disjoint blocks; the smallest of
+// TEACH: k <= kInsertionMaxK (the routers' case): split the keys into k disjoint blocks; the smallest of
 // the k block maxima is a lower bound of the k-th best key (k keys reach it), so only keys >= that
 // bound can be picked. A branch-free pass keeps those (typically ~2k of E), in ascending position,
 // and an insertion into a sorted array of k picks the winners; "strictly greater" alone then keeps
