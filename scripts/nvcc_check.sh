@@ -3,7 +3,7 @@
 #
 #   scripts/nvcc_check.sh [OUT_DIR] [ARCHS...]
 #
-# Compiles every csrc/cuda/*.cu for each architecture (default: 80 90) with -Xptxas -v and writes
+# Compiles every csrc/cuda/*.cu and csrc/cuda/naive/*.cu for each architecture (default: 80 90) with -Xptxas -v and writes
 #   OUT_DIR/ptxas_<file>_sm<arch>.log   the raw ptxas output
 #   OUT_DIR/ptxas_report.txt            one line per kernel: arch, registers, spill bytes, smem, name
 # Exits non-zero if a file fails to compile. No GPU is needed. OUT_DIR defaults to build-nvcc-check.
@@ -37,7 +37,7 @@ export nvcc_bin root out
 
 status=0
 for arch in "${archs[@]}"; do
-  for f in "$root"/csrc/cuda/*.cu; do echo "$f $arch"; done
+  for f in "$root"/csrc/cuda/*.cu "$root"/csrc/cuda/naive/*.cu; do echo "$f $arch"; done
 done | xargs -P "$jobs" -n 2 bash -c 'compile "$0" "$1"' || status=1
 
 # ptxas prints "Compiling entry function '<mangled>' for 'sm_XX'", then "N bytes stack frame, N bytes

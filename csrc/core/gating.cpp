@@ -5,8 +5,10 @@
 #include <climits>
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include "core/dispatch.h"
+#include "core/workspace.h"
 #include "cpu/gating.h"
 
 namespace smoe {
@@ -206,7 +208,12 @@ Status expert_choice_backward(const Exec& exec, const ExpertChoiceParams& params
   SMOE_RETURN_IF_ERROR(expect_matrix(op, "grad_logits", grad_logits, "[T, E]", scores.dtype, T,
                                      "T = scores.size(0)", E, "E = scores.size(1)", scores));
   if (E == 0) return Status::Ok();
-  return SMOE_DISPATCH(op, exec, scores, expert_choice_backward, params, scores, row_of, grad_weights, grad_logits);
+  return ::smoe::detail::dispatch(
+      op, exec, scores, [&] { return cpu::expert_choice_backward(params, scores, row_of, grad_weights, grad_logits); },
+      [&](Backend b) {  // TEMPORARY (cudal branch): no grad_scores argument in this entry yet (SPEC.md A)
+        return SMOE_DEVICE_DISPATCH(op, b, exec, expert_choice_backward, params, scores, row_of, grad_weights,
+                                    TensorView{}, grad_logits);
+      });
 }
 
 namespace {
@@ -223,13 +230,36 @@ Status check_lb_inputs(const char* op, const TensorView& probs, const TensorView
 
 }  // namespace
 
+namespace {
+
+// TEMPORARY (cudal branch, SPEC.md A/B): the CUDA backend's expert_choice_backward takes grad_scores
+// and its router losses take the caller's workspace; this entry layer does not have those arguments
+// yet (the core helper's entries do). The emulated backend gets host scratch of the queried size
+// here, the cuda backend an absent workspace (its launchers then say how many bytes they need).
+// The core helper's version of this file replaces this block at the merge.
+template <class F>
+Status with_loss_workspace(Backend b, int64_t bytes, F&& f) {
+  if (b != Backend::kSimt || bytes == 0) return f(TensorView{});
+  std::vector<uint8_t> ws(static_cast<size_t>(bytes));
+  return f(make_view(ws.data(), {bytes}));
+}
+#define SMOE_LOSS_DISPATCH(op, exec, ref, bytes, fn, ...)                                                 \
+  ::smoe::detail::dispatch(                                                                              \
+      op, exec, ref, [&] { return ::smoe::cpu::fn(__VA_ARGS__); }, [&](::smoe::Backend smoe_b_) {        \
+        return with_loss_workspace(smoe_b_, bytes, [&](const TensorView& smoe_ws_) {                    \
+          return SMOE_DEVICE_DISPATCH(op, smoe_b_, exec, fn, __VA_ARGS__, smoe_ws_);                    \
+        });                                                                                              \
+      })
+}  // namespace
+
 Status load_balancing_loss_forward(const Exec& exec, const TensorView& probs, const TensorView& experts,
                                    const TensorView& loss) {
   const char* op = "load_balancing_loss_forward";
   SMOE_RETURN_IF_ERROR(check_lb_inputs(op, probs, experts));
   SMOE_RETURN_IF_ERROR(expect_scalar(op, "loss", loss, probs.dtype, probs));
   // T == 0 still writes the loss (0), so there is no early return here.
-  return SMOE_DISPATCH(op, exec, probs, load_balancing_loss_forward, probs, experts, loss);
+  return SMOE_LOSS_DISPATCH(op, exec, probs, detail::load_balancing_loss_workspace_bytes(probs.size(0), probs.size(1)),
+                            load_balancing_loss_forward, probs, experts, loss);
 }
 
 Status load_balancing_loss_backward(const Exec& exec, const TensorView& probs, const TensorView& experts,
@@ -240,7 +270,8 @@ Status load_balancing_loss_backward(const Exec& exec, const TensorView& probs, c
   SMOE_RETURN_IF_ERROR(expect_matrix(op, "grad_probs", grad_probs, "[T, E]", probs.dtype, probs.size(0),
                                      "T = probs.size(0)", probs.size(1), "E = probs.size(1)", probs));
   if (probs.size(0) == 0) return Status::Ok();
-  return SMOE_DISPATCH(op, exec, probs, load_balancing_loss_backward, probs, experts, grad_loss, grad_probs);
+  return SMOE_LOSS_DISPATCH(op, exec, probs, detail::load_balancing_loss_workspace_bytes(probs.size(0), probs.size(1)),
+                            load_balancing_loss_backward, probs, experts, grad_loss, grad_probs);
 }
 
 Status z_loss_forward(const Exec& exec, const TensorView& logits, const TensorView& loss) {
@@ -249,7 +280,8 @@ Status z_loss_forward(const Exec& exec, const TensorView& logits, const TensorVi
   if (logits.size(1) < 1) return invalid_argument(op, "logits", "E = size(1) >= 1", shape_string(logits));
   SMOE_RETURN_IF_ERROR(expect_scalar(op, "loss", loss, acc_dtype(logits.dtype), logits));
   // T == 0 still writes the loss (0), so there is no early return here.
-  return SMOE_DISPATCH(op, exec, logits, z_loss_forward, logits, loss);
+  return SMOE_LOSS_DISPATCH(op, exec, logits, detail::z_loss_workspace_bytes(logits.size(0), logits.size(1)),
+                            z_loss_forward, logits, loss);
 }
 
 Status z_loss_backward(const Exec& exec, const TensorView& logits, const TensorView& grad_loss,
@@ -262,7 +294,8 @@ Status z_loss_backward(const Exec& exec, const TensorView& logits, const TensorV
   SMOE_RETURN_IF_ERROR(expect_matrix(op, "grad_logits", grad_logits, "[T, E]", acc, logits.size(0),
                                      "T = logits.size(0)", logits.size(1), "E = logits.size(1)", logits));
   if (logits.size(0) == 0) return Status::Ok();
-  return SMOE_DISPATCH(op, exec, logits, z_loss_backward, logits, grad_loss, grad_logits);
+  return SMOE_LOSS_DISPATCH(op, exec, logits, detail::z_loss_workspace_bytes(logits.size(0), logits.size(1)),
+                            z_loss_backward, logits, grad_loss, grad_logits);
 }
 
 Status balancing_bias_update(const Exec& exec, const TensorView& counts, const TensorView& bias, float rate) {

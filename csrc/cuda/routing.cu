@@ -272,6 +272,9 @@ int64_t routing_plan_workspace_bytes_chunked(const RoutingPlanParams& params, in
 Status routing_plan(const RoutingPlanParams& params, const TensorView& experts, const TensorView& weights,
                     const TensorView& counts, const TensorView& offsets, const TensorView& row_of,
                     const TensorView& token_of_row, const TensorView& workspace, void* stream) {
+  if (kernel_version(KernelOp::kRoutingPlan) == 0) {
+    return routing_plan_v0(params, experts, weights, counts, offsets, row_of, token_of_row, stream);
+  }
   return routing_plan_chunked(params, experts, weights, counts, offsets, row_of, token_of_row, workspace,
                               kAssignmentsPerChunk, stream);
 }
