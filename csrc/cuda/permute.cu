@@ -3,7 +3,9 @@
 // atomics, bitwise-deterministic.
 //
 // Versions (docs/kernels/permute.md):
-//  v0 (CPU, csrc/cpu/permute.cpp): a row per iteration, memcpy / f32 row accumulators.
+//  v0 (csrc/cuda/naive/permute_v0.cu): one thread per row / token / (t, k); selected by
+//     set_kernel_version(KernelOp::kPermute or kCombine, 0). The CPU backend (csrc/cpu/permute.cpp)
+//     is the reference: a row per iteration, memcpy / f32 row accumulators.
 //  v1 (this file): one warp per output row (4 rows per block, grid-stride), lanes over the row in
 //     16-byte units (LDG.128/STG.128: 8 bf16/f16 or 4 f32 per lane per step) when the row length,
 //     the row strides and the base pointers allow it, else one element per lane. A warp reads and
@@ -45,6 +47,9 @@ __device__ __forceinline__ void store_f32(S* p, const float (&v)[V]) {
 }
 
 // xs[r] = x[token_of_row[r]] (zeros for -1), in units U of 2..16 bytes.
+// TEACH: a warp per row turns a gather of rows into 32 lanes reading consecutive units: with U =
+// uint4 one instruction moves 512 contiguous bytes (four full 128-byte lines), where v0's thread per
+// row moves one byte per thread from 32 different rows.
 template <class U>
 __global__ void __launch_bounds__(kRowThreads)
     permute_forward_kernel(const U* x, int64_t x_stride, const int32_t* token_of_row, int64_t R, int64_t T,

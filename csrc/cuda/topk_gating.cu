@@ -170,6 +170,9 @@ __global__ void __launch_bounds__(kRowThreads) topk_gating_forward_kernel(TopkFo
     sel_e[i] = 0;
   }
   float sum = 0.0f;  // sum of the picked scores in pick order, as the CPU backend adds them
+  // TEACH: one 64-bit max carries both the score and the tie rule, so the 5-step butterfly needs no
+  // second pass for the index and no comparison of (score, index) pairs; the v0 kernel spends a
+  // whole pass over the row per pick instead.
   for (int k = 0; k < a.K; ++k) {
     unsigned long long best = key[0];
 #pragma unroll
