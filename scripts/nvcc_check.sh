@@ -3,7 +3,7 @@
 #
 #   scripts/nvcc_check.sh [OUT_DIR] [ARCHS...]
 #
-# Compiles every csrc/cuda/*.cu for each architecture (default: 80 90) with -Xptxas -v and writes
+# Compiles every csrc/cuda/*.cu and csrc/cuda/naive/*.cu for each architecture (default: 80 90) with -Xptxas -v and writes
 #   OUT_DIR/ptxas_<file>_sm<arch>.log   the raw ptxas output
 #   OUT_DIR/ptxas_report.txt            one line per kernel: arch, registers, spill bytes, smem, name
 # Exits non-zero if a file fails to compile. No GPU is needed. OUT_DIR defaults to build-nvcc-check.
@@ -37,8 +37,32 @@ export nvcc_bin root out
 
 status=0
 for arch in "${archs[@]}"; do
-  for f in "$root"/csrc/cuda/*.cu; do echo "$f $arch"; done
+  for f in "$root"/csrc/cuda/*.cu "$root"/csrc/cuda/naive/*.cu; do echo "$f $arch"; done
 done | xargs -P "$jobs" -n 2 bash -c 'compile "$0" "$1"' || status=1
+
+# The cuBLAS grouped-GEMM baseline: the loop above compiles gemm_cublas.cu without SMOE_HAVE_CUBLAS (an
+# empty unit); here it is compiled for real, with its GPU smoke test (tests/cpp/cuda/cublas), wherever
+# cublas_v2.h is found (the toolkit beside nvcc, SMOE_CUBLAS_ROOT, or the nvidia-cublas wheel). Compile
+# only: no GPU needed. No cuBLAS headers: a skip line, not a failure.
+cublas_inc=""
+for d in "${SMOE_CUBLAS_ROOT:+$SMOE_CUBLAS_ROOT/include}" "$(dirname "$(command -v "$nvcc_bin")")/../include" \
+         $(python3 -c "import site; print(' '.join(p + '/nvidia/cu13/include' for p in site.getsitepackages()))" 2>/dev/null); do
+  if [ -n "$d" ] && [ -f "$d/cublas_v2.h" ]; then cublas_inc="$d"; break; fi
+done
+if [ -n "$cublas_inc" ]; then
+  if "$nvcc_bin" -std=c++20 -O3 --expt-relaxed-constexpr -DSMOE_HAVE_CUBLAS=1 -I"$cublas_inc" \
+      -gencode "arch=compute_${archs[0]},code=sm_${archs[0]}" -I"$root/include" -I"$root/csrc" \
+      -c "$root/csrc/cuda/gemm_cublas.cu" -o "$out/gemm_cublas_real.o" >"$out/cublas.log" 2>&1 &&
+     "$nvcc_bin" -std=c++20 -x cu -I"$cublas_inc" -I"$root/include" -I"$root/csrc" \
+      -c "$root/tests/cpp/cuda/cublas/smoke_gemm_cublas.cpp" -o "$out/smoke_gemm_cublas.o" >>"$out/cublas.log" 2>&1; then
+    echo "ok   cuBLAS baseline (gemm_cublas.cu with SMOE_HAVE_CUBLAS=1, smoke test; headers in $cublas_inc)"
+  else
+    echo "FAIL cuBLAS baseline (see $out/cublas.log)"
+    status=1
+  fi
+else
+  echo "skip cuBLAS baseline: cublas_v2.h not found (toolkit, SMOE_CUBLAS_ROOT, nvidia-cublas wheel)"
+fi
 
 # ptxas prints "Compiling entry function '<mangled>' for 'sm_XX'", then "N bytes stack frame, N bytes
 # spill stores, N bytes spill loads" and "Used N registers, used N barriers[, N bytes smem]".

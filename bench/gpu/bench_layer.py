@@ -10,9 +10,10 @@ warm-up (the median of --repeats runs):
   routing+permute the two above back to back (the design target's quantity)
   gemm1_fwd       the first grouped GEMM xs [R, H] @ w1[e]^T -> [R, 2F]          (compute-bound: TFLOP/s)
                   impls: smoe_tc (backend "cuda": tensor cores for bf16), torch_per_expert (one cuBLAS
-                  GEMM per expert from torch: the cuBLAS path; smoe's own cuBLAS grouped launcher,
-                  csrc/cuda/gemm_cublas.h, has no Python binding yet), dense (one torch matmul
-                  [R, H] @ [H, 2F]: the same FLOPs)
+                  GEMM per expert from torch: the cuBLAS path), smoe_cublas (smoe's cuBLAS grouped
+                  launcher, csrc/cuda/gemm_cublas.h through smoe._C.grouped_gemm_cublas: one
+                  cublasGemmGroupedBatchedEx a call, offsets copied to the host; only in builds with
+                  cuBLAS, smoe._C.has_cublas()), dense (one torch matmul [R, H] @ [H, 2F]: the same FLOPs)
   combine         smoe.functional.combine ys [R, H] -> y [T, H]                  (memory-bound: GB/s)
   layer_fwd, layer_fwd+bwd
                   smoe.nn.MoE (backend "cuda"), transformers' MixtralSparseMoeBlock with the same
@@ -344,6 +345,16 @@ def measure(s: Shape, *, warmup: int, repeats: int, with_hf: bool, log: Callable
                 if b > a:
                     torch.matmul(xs[a:b], w1[e].t(), out=out1[a:b])
         run("gemm1_fwd", "torch_per_expert", per_expert)
+        from smoe import _C, _core
+
+        if _C.has_cublas():  # smoe's own cuBLAS grouped launcher (csrc/cuda/gemm_cublas.h)
+            out_cb = torch.empty(xs.shape[0], 2 * s.F, dtype=bf16, device=dev)
+            stream = torch.cuda.current_stream().cuda_stream
+            cb_args = dict(stream=stream, trans_b=True, a=_core.view(xs, "a"), b=_core.view(w1, "b"),
+                           offsets=_core.view(plan.offsets, "offsets"), c=_core.view(out_cb, "c"))
+            run("gemm1_fwd", "smoe_cublas", lambda: _C.grouped_gemm_cublas(**cb_args))
+        else:
+            log(f"{s.name}: gemm1_fwd / smoe_cublas skipped: this smoe._C has no cuBLAS (smoe._C.has_cublas())")
         dense_a = torch.randn(s.R, s.H, dtype=bf16, device=dev)
         dense_b = torch.randn(s.H, 2 * s.F, dtype=bf16, device=dev)
         run("gemm1_fwd", "dense", lambda: dense_a @ dense_b)

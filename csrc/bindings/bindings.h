@@ -33,6 +33,7 @@ void bind_permute(pybind11::module_& m);
 void bind_gemm(pybind11::module_& m);
 void bind_mlp(pybind11::module_& m);
 void bind_peak(pybind11::module_& m);
+void bind_cublas(pybind11::module_& m);  // csrc/bindings/cublas.cpp
 
 }  // namespace smoe::bindings
 

@@ -136,4 +136,5 @@ PYBIND11_MODULE(_C, m) {
   bindings::bind_gemm(m);
   bindings::bind_mlp(m);
   bindings::bind_peak(m);
+  bindings::bind_cublas(m);
 }

@@ -190,25 +190,4 @@ __device__ unsigned long long block_radix_select_desc(const KeyAt& key_at, int64
   return prefix;
 }
 
-// Stream-ordered scratch (cudaMallocAsync, CUDA 11.2+): no host sync, capturable in a CUDA graph.
-// Freed on the same stream once the kernels that use it are enqueued.
-class StreamScratch {
- public:
-  explicit StreamScratch(cudaStream_t stream) : stream_(stream) {}
-  StreamScratch(const StreamScratch&) = delete;
-  StreamScratch& operator=(const StreamScratch&) = delete;
-  ~StreamScratch() {
-    if (ptr_) (void)cudaFreeAsync(ptr_, stream_);
-  }
-  cudaError_t allocate(size_t bytes) { return cudaMallocAsync(&ptr_, bytes, stream_); }
-  template <class T>
-  T* at(size_t byte_offset) const {
-    return reinterpret_cast<T*>(static_cast<char*>(ptr_) + byte_offset);
-  }
-
- private:
-  cudaStream_t stream_;
-  void* ptr_ = nullptr;
-};
-
 }  // namespace smoe::SMOE_CUDA_NS

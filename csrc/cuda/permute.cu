@@ -3,15 +3,17 @@
 // atomics, bitwise-deterministic.
 //
 // Versions (docs/kernels/permute.md):
-//  v0 (CPU, csrc/cpu/permute.cpp): a row per iteration, memcpy / f32 row accumulators.
+//  v0 (csrc/cuda/naive/permute_v0.cu): one thread per row / token / (t, k); selected by
+//     set_kernel_version(KernelOp::kPermute or kCombine, 0). The CPU backend (csrc/cpu/permute.cpp)
+//     is the reference: a row per iteration, memcpy / f32 row accumulators.
 //  v1 (this file): one warp per output row (4 rows per block, grid-stride), lanes over the row in
 //     16-byte units (LDG.128/STG.128: 8 bf16/f16 or 4 f32 per lane per step) when the row length,
 //     the row strides and the base pointers allow it, else one element per lane. A warp reads and
 //     writes 512 contiguous bytes per step, so every access is fully coalesced. permute_forward is
 //     a byte copy (dtype-free); the reductions convert to f32 once per element and round once.
 //     Row offsets are 64-bit (row * H can exceed 2^31).
-//  combine_backward builds the inverse of row_of (row -> (t, k), integer atomicMax, order-free) in a
-//     stream-ordered scratch buffer, so grad_ys is written row by row (zeros where no (t, k) points),
+//  combine_backward builds the inverse of row_of (row -> (t, k), integer atomicMax, order-free) in
+//     the first 4 bytes of each grad_ys row (no allocation), so grad_ys is written row by row (zeros where no (t, k) points),
 //     and grad_weights takes one warp per (t, k) dot product with a fixed butterfly reduction.
 // Indices outside [-1, R) (rejected by the CPU backend) are treated as -1: never dereferenced.
 #include "backend.h"
@@ -45,6 +47,9 @@ __device__ __forceinline__ void store_f32(S* p, const float (&v)[V]) {
 }
 
 // xs[r] = x[token_of_row[r]] (zeros for -1), in units U of 2..16 bytes.
+// TEACH: a warp per row turns a gather of rows into 32 lanes reading consecutive units: with U =
+// uint4 one instruction moves 512 contiguous bytes (four full 128-byte lines), where v0's thread per
+// row moves one byte per thread from 32 different rows.
 template <class U>
 __global__ void __launch_bounds__(kRowThreads)
     permute_forward_kernel(const U* x, int64_t x_stride, const int32_t* token_of_row, int64_t R, int64_t T,
@@ -140,6 +145,30 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
+// grad_ys[r] for rows too narrow (or misaligned) to hold the inverse map in place: the warp of row r
+// finds the (t, k) that points at it by scanning row_of (the largest a, as atomicMax gives above),
+// then writes the row. O(R * T * K) reads instead of O(T * K), but no scratch memory at all; only
+// rows under 4 bytes or off 4-byte alignment (never a layer's shapes) come here.
+template <class S>
+__global__ void __launch_bounds__(kRowThreads)
+    scatter_grad_rows_scan_kernel(const S* grad_y, int64_t gy_stride, const float* weights, const int32_t* row_of,
+                                  int64_t n, int64_t R, int32_t K, int64_t H, S* grad_ys) {
+  for (int64_t r = first_row(); r < R; r += row_step()) {
+    int32_t found = -1;
+    for (int64_t a = lane_id(); a < n; a += 32) {
+      if (row_of[a] == r) found = static_cast<int32_t>(a);  // a grows: the lane keeps its largest
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const int32_t other = __shfl_xor_sync(kFullMask, found, o);
+      found = other > found ? other : found;
+    }
+    S* dst = grad_ys + r * H;
+    const float w = found >= 0 ? weights[found] : 0.0f;
+    const S* g = found >= 0 ? grad_y + static_cast<int64_t>(found / K) * gy_stride : nullptr;
+    for (int64_t h = lane_id(); h < H; h += 32) dst[h] = from_float<S>(g ? w * to_float(g[h]) : 0.0f);
+  }
+}
+
 // grad_weights[a] = <grad_y[a / K], ys[row_of[a]]> (0 where dropped): one warp per (t, k).
 template <class S, int V>
 __global__ void __launch_bounds__(kRowThreads)
@@ -226,6 +255,7 @@ Status gather_sum(const TensorView& src, const TensorView& row_of, const float* 
 }  // namespace
 
 Status permute_forward(const TensorView& x, const TensorView& token_of_row, const TensorView& xs, void* stream) {
+  if (kernel_version(KernelOp::kPermute) == 0) return permute_forward_v0(x, token_of_row, xs, stream);
   const int64_t R = xs.size(0), H = x.size(1), elem = dtype_size(x.dtype);
   if (R == 0 || H == 0) return Status::Ok();
   const cudaStream_t s = as_stream(stream);
@@ -247,6 +277,7 @@ Status permute_forward(const TensorView& x, const TensorView& token_of_row, cons
 
 Status permute_backward(const TensorView& grad_xs, const TensorView& row_of, const TensorView& grad_x,
                         void* stream) {
+  if (kernel_version(KernelOp::kPermute) == 0) return permute_backward_v0(grad_xs, row_of, grad_x, stream);
   const int64_t T = row_of.size(0), H = grad_xs.size(1);
   if (T == 0 || H == 0) return Status::Ok();
   return dispatch_float(grad_xs.dtype, "permute_backward", [&](auto tag) -> Status {
@@ -257,6 +288,7 @@ Status permute_backward(const TensorView& grad_xs, const TensorView& row_of, con
 
 Status combine_forward(const TensorView& ys, const TensorView& weights, const TensorView& row_of,
                        const TensorView& y, void* stream) {
+  if (kernel_version(KernelOp::kCombine) == 0) return combine_forward_v0(ys, weights, row_of, y, stream);
   const int64_t T = row_of.size(0), H = ys.size(1);
   if (T == 0 || H == 0) return Status::Ok();
   return dispatch_float(ys.dtype, "combine_forward", [&](auto tag) -> Status {
@@ -268,6 +300,9 @@ Status combine_forward(const TensorView& ys, const TensorView& weights, const Te
 Status combine_backward(const TensorView& grad_y, const TensorView& ys, const TensorView& weights,
                         const TensorView& row_of, const TensorView& grad_ys, const TensorView& grad_weights,
                         void* stream) {
+  if (kernel_version(KernelOp::kCombine) == 0) {
+    return combine_backward_v0(grad_y, ys, weights, row_of, grad_ys, grad_weights, stream);
+  }
   const int64_t T = row_of.size(0), K = row_of.size(1), H = grad_y.size(1);
   const int64_t R = grad_ys.defined() ? grad_ys.size(0) : ys.size(0);
   const cudaStream_t s = as_stream(stream);
@@ -277,14 +312,19 @@ Status combine_backward(const TensorView& grad_y, const TensorView& ys, const Te
     const int64_t gy_stride = grad_y.stride(0);
     if (grad_ys.defined() && R > 0 && H > 0) {
       // Inverse map row -> (t, k). It lives in the first 4 bytes of each row of grad_ys itself (the row's
-      // warp reads it before overwriting the row), so nothing is allocated; only rows narrower than 4
-      // bytes or not 4-byte aligned (never a layer's shapes) use stream-ordered scratch (R ints).
+      // warp reads it before overwriting the row), so nothing is allocated. Rows narrower than 4 bytes
+      // or not 4-byte aligned (never a layer's shapes) take the scanning kernel instead.
       const size_t row_bytes = sizeof(S) * static_cast<size_t>(H);
       const bool in_rows = row_bytes >= 4 && row_bytes % 4 == 0 && reinterpret_cast<uintptr_t>(grad_ys.data) % 4 == 0;
-      int32_t* inverse = in_rows ? grad_ys.data_as<int32_t>() : nullptr;
-      const int64_t istride = in_rows ? static_cast<int64_t>(row_bytes / 4) : 1;
-      if (!in_rows) SMOE_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&inverse), sizeof(int32_t) * size_t(R), s));
-      Status st = [&]() -> Status {
+      if (!in_rows) {
+        // one warp per row of grad_ys, scanning row_of for the (t, k) that points at it
+        SMOE_CUDA_CHECK(SMOE_LAUNCH(&scatter_grad_rows_scan_kernel<S>, dim3(row_grid(R)), dim3(kRowThreads), 0, s,
+                                    grad_y.data_as<const S>(), gy_stride, weights.data_as<const float>(),
+                                    row_of.data_as<const int32_t>(), T * K, R, static_cast<int32_t>(K), H,
+                                    grad_ys.data_as<S>()));
+      } else {
+        int32_t* inverse = grad_ys.data_as<int32_t>();
+        const int64_t istride = static_cast<int64_t>(row_bytes / 4);
         // thread per row
         SMOE_CUDA_CHECK(SMOE_LAUNCH(&clear_inverse_kernel, dim3(grid_for(R, 256)), dim3(256), 0, s, R, istride,
                                     inverse));
@@ -299,14 +339,7 @@ Status combine_backward(const TensorView& grad_y, const TensorView& ys, const Te
         SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, dim3(row_grid(R)), dim3(kRowThreads), 0, s, grad_y.data_as<const S>(),
                                     gy_stride, weights.data_as<const float>(), static_cast<const int32_t*>(inverse),
                                     istride, R, static_cast<int32_t>(K), H, grad_ys.data_as<S>()));
-        return Status::Ok();
-      }();
-      if (!in_rows) {
-        const cudaError_t freed = cudaFreeAsync(inverse, s);
-        SMOE_RETURN_IF_ERROR(st);
-        SMOE_CUDA_CHECK(freed);
       }
-      SMOE_RETURN_IF_ERROR(st);
     }
     if (grad_weights.defined() && T * K > 0) {
       const bool vec = vector_width(sizeof(S), H, {grad_y.data, ys.data}, {gy_stride}) == kV;

@@ -2,8 +2,10 @@
 // assignments by expert, with capacity, dropping in token order and padding, and no host sync.
 //
 // Versions (docs/kernels/routing.md):
-//  v0 (CPU, csrc/cpu/routing.cpp): per-chunk histograms, a serial scan over (expert, chunk), a
-//     stable scatter per chunk.
+//  v0 (csrc/cuda/naive/routing_v0.cu): one thread per expert walks all T*K assignments (count,
+//     then place in (t, k) order); selected by set_kernel_version(KernelOp::kRoutingPlan, 0). The
+//     CPU backend (csrc/cpu/routing.cpp), the reference: per-chunk histograms, a serial scan over
+//     (expert, chunk), a stable scatter per chunk.
 //  v1 (this file): the same passes as kernels over finer chunks (~1024 assignments, up to 4096
 //     chunks; the stable order is the same whatever the chunking, so the result equals the CPU's):
 //     1. histogram: one block per chunk, shared-memory integer atomics (order-free), one row of the
@@ -181,6 +183,9 @@ __global__ void __launch_bounds__(32)
     const bool valid = a < a1;
     const int32_t e = valid ? experts[a] : -1;
     const bool routed = e >= 0 && e < E;
+    // TEACH: __match_any_sync returns, to each lane, the mask of lanes holding the same value: the
+    // lanes of one expert learn their order within these 32 assignments in one instruction, so a
+    // chunk is ranked 32 assignments at a time with no atomics (v0: one thread per expert, serial).
     const unsigned peers = __match_any_sync(kFullMask, routed ? e : -1);
     const int32_t rank_in_tile = __popc(peers & ((1u << lane) - 1u));
     const int32_t rank = routed ? base[e] + rank_in_tile : 0;
@@ -272,6 +277,9 @@ int64_t routing_plan_workspace_bytes_chunked(const RoutingPlanParams& params, in
 Status routing_plan(const RoutingPlanParams& params, const TensorView& experts, const TensorView& weights,
                     const TensorView& counts, const TensorView& offsets, const TensorView& row_of,
                     const TensorView& token_of_row, const TensorView& workspace, void* stream) {
+  if (kernel_version(KernelOp::kRoutingPlan) == 0) {
+    return routing_plan_v0(params, experts, weights, counts, offsets, row_of, token_of_row, stream);
+  }
   return routing_plan_chunked(params, experts, weights, counts, offsets, row_of, token_of_row, workspace,
                               kAssignmentsPerChunk, stream);
 }

@@ -7,8 +7,10 @@
 #include <random>
 #include <set>
 
+#include "core/workspace.h"
 #include "cpu/gating.h"
 #include "cuda_testing.h"
+#include "kernel_version.h"
 
 namespace smoe::testing {
 namespace {
@@ -143,13 +145,49 @@ TEST(SimtGating, TopkMatchesCpu) {
   big_grouped.n_groups = 600;  // groups of one expert, more groups than threads
   big_grouped.topk_groups = 300;
   cases.push_back({3, 600, big_grouped, true, true, DType::kF16});
-  for (const TopkCase& c : cases) {
-    switch (c.dtype) {
-      case DType::kBF16: check_topk<bf16_t>(c); break;
-      case DType::kF16: check_topk<f16_t>(c); break;
-      default: check_topk<float>(c); break;
+  // The same cases through the fast kernels (v1) and the naive one-thread-per-token kernel (v0);
+  // v0 keeps the kept groups in a 64-bit mask, so the 600-group case is v1's alone.
+  for (int version : {1, 0}) {
+    KernelVersionScope scope(sim::KernelOp::kTopkGating, version);
+    SCOPED_TRACE(version_trace(sim::KernelOp::kTopkGating));
+    for (const TopkCase& c : cases) {
+      if (version == 0 && c.p.topk_groups < c.p.n_groups && c.p.n_groups > 64) continue;
+      switch (c.dtype) {
+        case DType::kBF16: check_topk<bf16_t>(c); break;
+        case DType::kF16: check_topk<f16_t>(c); break;
+        default: check_topk<float>(c); break;
+      }
     }
   }
+}
+
+TEST(SimtGating, TopkV0NamesItsGroupLimit) {
+  KernelVersionScope scope(sim::KernelOp::kTopkGating, 0);
+  const int64_t T = 2, E = 130, K = 2;
+  TopkGatingParams p = topk(int(K));
+  p.n_groups = 65;
+  p.topk_groups = 2;
+  std::vector<float> x(T * E), w(T * K), s(T * E);
+  std::vector<int32_t> e(T * K);
+  const Status st = sim::topk_gating_forward(p, make_view(x.data(), {T, E}), TensorView{}, make_view(w.data(), {T, K}),
+                                             make_view(e.data(), {T, K}), make_view(s.data(), {T, E}), nullptr);
+  EXPECT_EQ(st.code(), Code::kUnsupported) << st.message();
+  EXPECT_NE(st.message().find("n_groups = 65"), std::string::npos) << st.message();
+}
+
+TEST(SimtGating, KernelVersionSwitchChecksItsArguments) {
+  EXPECT_EQ(sim::set_kernel_version(sim::KernelOp::kPermute, 2).code(), Code::kInvalidArgument);
+  EXPECT_EQ(sim::set_kernel_version(static_cast<sim::KernelOp>(9), 0).code(), Code::kInvalidArgument);
+  EXPECT_STREQ(sim::kernel_op_name(sim::KernelOp::kRoutingPlan), "routing_plan");
+  // Relative to the initial values (SMOE_CUDA_KERNEL_VERSION may have set them).
+  const int combine0 = sim::kernel_version(sim::KernelOp::kCombine);
+  const int permute0 = sim::kernel_version(sim::KernelOp::kPermute);
+  {
+    KernelVersionScope scope(sim::KernelOp::kCombine, 1 - combine0);
+    EXPECT_EQ(sim::kernel_version(sim::KernelOp::kCombine), 1 - combine0);
+    EXPECT_EQ(sim::kernel_version(sim::KernelOp::kPermute), permute0) << "one family at a time";
+  }
+  EXPECT_EQ(sim::kernel_version(sim::KernelOp::kCombine), combine0);
 }
 
 TEST(SimtGating, TopkNanLogitsGiveValidDistinctIndices) {
@@ -221,20 +259,50 @@ void check_expert_choice(int64_t T, int64_t E, int32_t C, ScoreFunc f, bool ties
   EXPECT_TRUE(all_close(s, s_cpu, DType::kF32));
   EXPECT_TRUE(all_close(w, w_cpu, DType::kF32));
 
-  std::vector<float> gw = uniform<float>(T * E, 9), gl_cpu(T * E), gl(T * E);
+  std::vector<float> gw = uniform<float>(T * E, 9), gs = uniform<float>(T * E, 10), gl_cpu(T * E), gl(T * E);
   ASSERT_TRUE(cpu::expert_choice_backward(p, make_view(s_cpu.data(), {T, E}), make_view(ro_cpu.data(), {T, E}),
                                           make_view(gw.data(), {T, E}), TensorView{}, make_view(gl_cpu.data(), {T, E}))
                   .ok());
-  run_all_schedules([&] {
-    poison(gl);
-    EXPECT_OK(sim::expert_choice_backward(p, make_view(s_cpu.data(), {T, E}), make_view(ro_cpu.data(), {T, E}),
-                                          make_view(gw.data(), {T, E}), TensorView{}, make_view(gl.data(), {T, E}),
-                                          nullptr));
-    std::vector<unsigned char> out;
-    append_bytes(out, gl);
-    return out;
-  });
-  EXPECT_TRUE(all_close(gl, gl_cpu, DType::kF32));
+  // grad_weights alone: the CPU backend; grad_scores alone, both, and neither: the reference below.
+  for (int which = 0; which < 4; ++which) {
+    const bool has_w = which == 0 || which == 2, has_s = which == 1 || which == 2;
+    SCOPED_TRACE(std::string("grad_weights ") + (has_w ? "given" : "absent") + ", grad_scores " +
+                 (has_s ? "given" : "absent"));
+    const TensorView gwv = has_w ? make_view(gw.data(), {T, E}) : TensorView{};
+    const TensorView gsv = has_s ? make_view(gs.data(), {T, E}) : TensorView{};
+    run_all_schedules([&] {
+      poison(gl);
+      EXPECT_OK(sim::expert_choice_backward(p, make_view(s_cpu.data(), {T, E}), make_view(ro_cpu.data(), {T, E}), gwv,
+                                            gsv, make_view(gl.data(), {T, E}), nullptr));
+      std::vector<unsigned char> out;
+      append_bytes(out, gl);
+      return out;
+    });
+    if (which == 0) {
+      EXPECT_TRUE(all_close(gl, gl_cpu, DType::kF32));
+      continue;
+    }
+    // g = (chosen ? grad_weights : 0) + grad_scores, then the score function's backward, in f64.
+    std::vector<float> ref(T * E);
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<double> g(E);
+      double dot = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t i = t * E + e;
+        g[e] = (has_w && ro_cpu[i] >= 0 ? gw[i] : 0.0) + (has_s ? gs[i] : 0.0);
+        dot += g[e] * s_cpu[i];
+      }
+      for (int64_t e = 0; e < E; ++e) {
+        const double sv = s_cpu[t * E + e];
+        ref[t * E + e] = float(f == ScoreFunc::kSoftmax ? sv * (g[e] - dot) : g[e] * sv * (1 - sv));
+      }
+    }
+    if (which == 3) {
+      EXPECT_TRUE(bitwise_equal(gl, std::vector<float>(T * E, 0.0f))) << "both absent: zeros";
+    } else {
+      EXPECT_TRUE(all_close(gl, ref, DType::kF32));
+    }
+  }
 }
 
 TEST(SimtGating, ExpertChoiceMatchesCpu) {
@@ -290,15 +358,18 @@ TEST(SimtGating, AuxLossesMatchCpu) {
       std::vector<float> gp_cpu(T * E), gp(T * E), gz_cpu(T * E), gz(T * E);
       ASSERT_TRUE(cpu::load_balancing_loss_backward(pv, ev, gv, make_view(gp_cpu.data(), {T, E})).ok());
       ASSERT_TRUE(cpu::z_loss_backward(lv, gv, make_view(gz_cpu.data(), {T, E})).ok());
-      // The caller's scratch, sized by the public queries (smoe/ops/router_losses.h).
-      std::vector<double> lb_ws(size_t(load_balancing_loss_workspace_bytes(T, E) + 7) / 8 + 1),
-          z_ws(size_t(z_loss_workspace_bytes(T, E) + 7) / 8 + 1);
-      const TensorView lbw = make_view(lb_ws.data(), DType::kU8, {int64_t(lb_ws.size() * 8)});
-      const TensorView zw = make_view(z_ws.data(), DType::kU8, {int64_t(z_ws.size() * 8)});
+      // The scratch comes from the caller, exactly the queried bytes (poisoned: the kernels must
+      // initialise what they read).
+      std::vector<uint8_t> lb_ws(size_t(load_balancing_loss_workspace_bytes(T, E)));
+      std::vector<uint8_t> z_ws(size_t(z_loss_workspace_bytes(T, E)));
+      const TensorView lbw = lb_ws.empty() ? TensorView{} : make_view(lb_ws.data(), {int64_t(lb_ws.size())});
+      const TensorView zw = z_ws.empty() ? TensorView{} : make_view(z_ws.data(), {int64_t(z_ws.size())});
       run_all_schedules([&] {
         std::memset(&lb, kPoison, 4), std::memset(&z, kPoison, 4), poison(gp), poison(gz);
+        poison(lb_ws), poison(z_ws);
         EXPECT_OK(sim::load_balancing_loss_forward(pv, ev, make_view(&lb, {1}), lbw, nullptr));
         EXPECT_OK(sim::z_loss_forward(lv, make_view(&z, {1}), zw, nullptr));
+        poison(lb_ws), poison(z_ws);
         EXPECT_OK(sim::load_balancing_loss_backward(pv, ev, gv, make_view(gp.data(), {T, E}), lbw, nullptr));
         EXPECT_OK(sim::z_loss_backward(lv, gv, make_view(gz.data(), {T, E}), zw, nullptr));
         std::vector<unsigned char> out;
@@ -310,6 +381,50 @@ TEST(SimtGating, AuxLossesMatchCpu) {
       EXPECT_TRUE(all_close(gz, gz_cpu, DType::kF32));
     }
   }
+}
+
+TEST(SimtGating, RouterLossWorkspaceFormulaAndShortWorkspace) {
+  // SPEC.md B: lb = align256(4E) + 4E * nb, nb = ceil(T / chunk), chunk = 256 (T <= 65536) else ceil(T / 256).
+  EXPECT_EQ(load_balancing_loss_workspace_bytes(0, 8), 0);
+  EXPECT_EQ(load_balancing_loss_workspace_bytes(8, 0), 0);
+  EXPECT_EQ(load_balancing_loss_workspace_bytes(1, 8), 256 + 32);
+  EXPECT_EQ(load_balancing_loss_workspace_bytes(257, 65), 512 + 4 * 65 * 2);
+  EXPECT_EQ(load_balancing_loss_workspace_bytes(65536, 1), 256 + 4 * 256);
+  EXPECT_EQ(load_balancing_loss_workspace_bytes(65537, 1), 256 + 4 * 256);  // chunk 257: 256 chunks
+  EXPECT_EQ(z_loss_workspace_bytes(300, 5), 2400);
+  EXPECT_EQ(z_loss_workspace_bytes(300, 0), 0);
+  const int64_t T = 5, E = 3, K = 1;
+  std::vector<float> probs(T * E, 1.0f / 3), grad(T * E);
+  std::vector<int32_t> experts(T * K, 1);
+  std::vector<uint8_t> ws(size_t(load_balancing_loss_workspace_bytes(T, E) - 1));
+  float loss = 0, g = 1;
+  const Status st = sim::load_balancing_loss_forward(make_view(probs.data(), {T, E}), make_view(experts.data(), {T, K}),
+                                                     make_view(&loss, {1}), make_view(ws.data(), {int64_t(ws.size())}),
+                                                     nullptr);
+  EXPECT_EQ(st.code(), Code::kInvalidArgument) << st.message();
+  EXPECT_NE(st.message().find("workspace"), std::string::npos) << st.message();
+  const Status zst = sim::z_loss_forward(make_view(probs.data(), {T, E}), make_view(&loss, {1}), TensorView{}, nullptr);
+  EXPECT_EQ(zst.code(), Code::kInvalidArgument) << zst.message();
+  const Status bst = sim::load_balancing_loss_backward(make_view(probs.data(), {T, E}),
+                                                       make_view(experts.data(), {T, K}), make_view(&g, {1}),
+                                                       make_view(grad.data(), {T, E}), TensorView{}, nullptr);
+  EXPECT_EQ(bst.code(), Code::kInvalidArgument) << bst.message();
+}
+
+// T > 65536: the column sums switch to ceil(T / 256)-token chunks (the workspace formula's other branch).
+TEST(SimtGating, LoadBalancingLossLargeTMatchesCpu) {
+  const int64_t T = 65537 + 300, E = 3, K = 1;
+  std::vector<float> probs = uniform<float>(T * E, 21, 0.0f, 1.0f);
+  std::vector<int32_t> experts(T * K);
+  for (int64_t t = 0; t < T; ++t) experts[t] = int32_t((t * 5 + t / 7) % E);
+  const TensorView pv = make_view(probs.data(), {T, E}), ev = make_view(experts.data(), {T, K});
+  float lb_cpu = 0, lb = 0;
+  ASSERT_TRUE(cpu::load_balancing_loss_forward(pv, ev, make_view(&lb_cpu, {1})).ok());
+  std::vector<uint8_t> ws(size_t(load_balancing_loss_workspace_bytes(T, E)));
+  poison(ws);
+  EXPECT_OK(sim::load_balancing_loss_forward(pv, ev, make_view(&lb, {1}), make_view(ws.data(), {int64_t(ws.size())}),
+                                             nullptr));
+  EXPECT_TRUE(all_close(std::vector<float>{lb}, std::vector<float>{lb_cpu}, DType::kF32));
 }
 
 TEST(SimtGating, BalancingBiasUpdateIsExact) {

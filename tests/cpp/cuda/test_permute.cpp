@@ -4,6 +4,7 @@
 #include "cpu/permute.h"
 #include "cpu/routing.h"
 #include "cuda_testing.h"
+#include "kernel_version.h"
 
 namespace smoe::testing {
 namespace {
@@ -34,7 +35,9 @@ Plan make_plan(int64_t T, int64_t K, int32_t E, int64_t capacity, int32_t pad) {
 }
 
 template <class S>
-void check(DType dt, int64_t T, int64_t K, int64_t H, int32_t E, int64_t capacity, int32_t pad) {
+// gys_shift: grad_ys starts this many elements into its buffer (a misaligned row start when the
+// shift times the element size is not a multiple of 4).
+void check(DType dt, int64_t T, int64_t K, int64_t H, int32_t E, int64_t capacity, int32_t pad, int64_t gys_shift = 0) {
   SCOPED_TRACE(std::string(dtype_name(dt)) + " T=" + std::to_string(T) + " K=" + std::to_string(K) +
                " H=" + std::to_string(H));
   const Plan plan = make_plan(T, K, E, capacity, pad);
@@ -57,19 +60,21 @@ void check(DType dt, int64_t T, int64_t K, int64_t H, int32_t E, int64_t capacit
                                     make_view(gw_cpu.data(), {T, K}))
                   .ok());
 
-  std::vector<S> xs(xs_cpu.size()), gx(gx_cpu.size()), y(y_cpu.size()), gys(gys_cpu.size());
+  std::vector<S> xs(xs_cpu.size()), gx(gx_cpu.size()), y(y_cpu.size()), gys_buf(gys_cpu.size() + size_t(gys_shift));
   std::vector<float> gw(gw_cpu.size());
+  S* gys_data = gys_buf.data() + gys_shift;
   run_all_schedules([&] {
-    poison(xs), poison(gx), poison(y), poison(gys), poison(gw);
+    poison(xs), poison(gx), poison(y), poison(gys_buf), poison(gw);
     EXPECT_OK(sim::permute_forward(xv, torv, make_view(xs.data(), dt, {R, H}), nullptr));
     EXPECT_OK(sim::permute_backward(make_view(gxs.data(), dt, {R, H}), rov, make_view(gx.data(), dt, {T, H}), nullptr));
     EXPECT_OK(sim::combine_forward(make_view(ys.data(), dt, {R, H}), wv, rov, make_view(y.data(), dt, {T, H}), nullptr));
-    EXPECT_OK(sim::combine_backward(gyv, make_view(ys.data(), dt, {R, H}), wv, rov, make_view(gys.data(), dt, {R, H}),
+    EXPECT_OK(sim::combine_backward(gyv, make_view(ys.data(), dt, {R, H}), wv, rov, make_view(gys_data, dt, {R, H}),
                                     make_view(gw.data(), {T, K}), nullptr));
     std::vector<unsigned char> out;
-    append_bytes(out, xs), append_bytes(out, gx), append_bytes(out, y), append_bytes(out, gys), append_bytes(out, gw);
+    append_bytes(out, xs), append_bytes(out, gx), append_bytes(out, y), append_bytes(out, gys_buf), append_bytes(out, gw);
     return out;
   });
+  const std::vector<S> gys(gys_data, gys_data + gys_cpu.size());
   EXPECT_TRUE(bitwise_equal(xs, xs_cpu)) << "permute_forward is a copy";
   EXPECT_TRUE(all_close(gx, gx_cpu, dt));
   EXPECT_TRUE(all_close(y, y_cpu, dt));
@@ -77,14 +82,28 @@ void check(DType dt, int64_t T, int64_t K, int64_t H, int32_t E, int64_t capacit
   EXPECT_TRUE(all_close(gw, gw_cpu, DType::kF32));
 }
 
-TEST(SimtPermute, MatchesCpu) {
+void check_all_shapes() {
   check<float>(DType::kF32, 0, 2, 8, 4, -1, 1);
   check<float>(DType::kF32, 1, 1, 1, 1, -1, 1);
   check<float>(DType::kF32, 7, 2, 3, 5, -1, 4);      // scalar path, padding rows
   check<float>(DType::kF32, 300, 4, 64, 7, 150, 8);  // vector path, drops and padding
   check<bf16_t>(DType::kBF16, 33, 2, 72, 6, 10, 1);  // bf16 x 8 per 16 bytes
-  check<bf16_t>(DType::kBF16, 7, 3, 5, 3, -1, 1);    // bf16 scalar
+  check<bf16_t>(DType::kBF16, 7, 3, 5, 3, -1, 1);    // bf16 scalar; 10-byte rows: combine_backward's scan
   check<f16_t>(DType::kF16, 19, 5, 40, 5, -1, 2);    // K = E
+  // combine_backward's edge shapes: grad_ys rows that cannot hold the inverse map in place (under 4
+  // bytes, or not 4-byte aligned) take the scanning kernel, which allocates nothing.
+  check<bf16_t>(DType::kBF16, 9, 2, 1, 3, 4, 2);     // 2-byte rows, drops and padding
+  check<f16_t>(DType::kF16, 6, 3, 1, 3, -1, 1);      // 2-byte rows
+  check<bf16_t>(DType::kBF16, 11, 2, 2, 4, -1, 1, 1);  // 4-byte rows starting 2 bytes off alignment
+  check<float>(DType::kF32, 5, 2, 4, 3, -1, 3, 1);   // f32 rows are 4-byte aligned: in place, shifted
+}
+
+TEST(SimtPermute, MatchesCpu) { check_all_shapes(); }
+
+// The naive one-thread-per-row kernels (csrc/cuda/naive/permute_v0.cu) through the same cases.
+TEST(SimtPermute, V0MatchesCpu) {
+  KernelVersionScope permute(sim::KernelOp::kPermute, 0), combine(sim::KernelOp::kCombine, 0);
+  check_all_shapes();
 }
 
 TEST(SimtPermute, F64CopyWorksAndReductionsAreUnsupported) {

@@ -5,6 +5,7 @@
 
 #include "cpu/routing.h"
 #include "cuda_testing.h"
+#include "kernel_version.h"
 
 namespace smoe::testing {
 namespace {
@@ -108,7 +109,12 @@ TEST(SimtRouting, PlanMatchesCpuExactly) {
       {5000, 4, 13, -1, 1, 0},  // 3 chunks of the scatter
       {5000, 4, 13, 1000, 4, 0},
   };
-  for (const RoutingCase& c : cases) check(c);
+  // v1 (csrc/cuda/routing.cu) and the naive v0 (csrc/cuda/naive/routing_v0.cu): the same exact plan.
+  for (int version : {1, 0}) {
+    KernelVersionScope scope(sim::KernelOp::kRoutingPlan, version);
+    SCOPED_TRACE(version_trace(sim::KernelOp::kRoutingPlan));
+    for (const RoutingCase& c : cases) check(c);
+  }
 }
 
 // The stable order has one answer: any chunking (one token per chunk, odd sizes, one chunk for all,
@@ -142,7 +148,12 @@ TEST(SimtRouting, DropByScoreMatchesCpuExactly) {
       {5000, 4, 13, 777, 1, 0, S, true},
       {4097, 2, 3, 2049, 1, 0, S, true},   // one radix digit holds most keys: all 8 passes matter
   };
-  for (const RoutingCase& c : cases) check(c);
+  // v1 (csrc/cuda/routing.cu) and the naive v0 (csrc/cuda/naive/routing_v0.cu): the same exact plan.
+  for (int version : {1, 0}) {
+    KernelVersionScope scope(sim::KernelOp::kRoutingPlan, version);
+    SCOPED_TRACE(version_trace(sim::KernelOp::kRoutingPlan));
+    for (const RoutingCase& c : cases) check(c);
+  }
 }
 
 // The CPU backend rejects NaN weights; the device backends rank a NaN like -inf (docs/kernels/routing.md).
@@ -157,6 +168,9 @@ TEST(SimtRouting, DropByScoreRanksNanLowest) {
   std::vector<float> w = {nan, 0.5f, nan, -1.0f, 0.25f, nan};
   std::vector<int64_t> off(2);
   std::vector<uint8_t> ws(size_t(sim::routing_plan_workspace_bytes(p, T, K)));
+  for (int version : {1, 0}) {
+  KernelVersionScope scope(sim::KernelOp::kRoutingPlan, version);
+  SCOPED_TRACE(version_trace(sim::KernelOp::kRoutingPlan));
   EXPECT_OK(sim::routing_plan(p, make_view(ex.data(), {T, K}), make_view(w.data(), {T, K}), make_view(cnt.data(), {1}),
                               make_view(off.data(), {2}), make_view(rof.data(), {T, K}), make_view(tor.data(), {T}),
                               make_view(ws.data(), {int64_t(ws.size())}), nullptr));
@@ -164,6 +178,7 @@ TEST(SimtRouting, DropByScoreRanksNanLowest) {
   EXPECT_EQ(off, std::vector<int64_t>({0, 3}));
   EXPECT_EQ(rof, std::vector<int32_t>({-1, 0, -1, 1, 2, -1}));  // kept: 0.5, -1, 0.25 in token order
   EXPECT_EQ(tor, std::vector<int32_t>({1, 3, 4, -1, -1, -1}));
+  }
 }
 
 }  // namespace
