@@ -416,7 +416,10 @@ inline void wgmma_issue(float* d, int n, bool bf16, uint64_t da, uint64_t db, in
             what, sm90::desc_swizzle(da), sm90::desc_swizzle(db));
   t.ops.push_back(WgmmaOp{d, n, bf16, da, db, scale_d, file, line});
   ++t.issued;
-  if (tls_thread->lane == 0) ++hopper_block().warp_issued[tls_thread->warp];
+  if (tls_thread->lane == 0) {
+    ++hopper_block().warp_issued[tls_thread->warp];
+    count_wgmma_issue();
+  }
 }
 
 inline void wgmma_fence_emu(const char* file, int line) {
