@@ -3,7 +3,8 @@
 // Builds the weights' 2D tensor map ((Kd inner, E * N rows), box 64 x 64, 128-byte swizzle): with
 // the emulator's model (smoe::simt::make_tensor_map_2d) under SMOE_SIMT, with the driver's
 // cuTensorMapEncodeTiled (through cudaGetDriverEntryPoint, so no -lcuda) under nvcc. Never
-// synchronises: the tile slots are mapped to experts on the device.
+// synchronises: the tile slots are mapped to experts on the device, by the persistent CTAs.
+#include <algorithm>
 #include <string>
 #include <type_traits>
 
@@ -66,13 +67,12 @@ bool pairs_aligned(const TensorView& v) {
 }
 
 template <class S, Epilogue kEpi>
-Status launch(const gemm_wgmma::Args<S>& args, const simt::TensorMap& map, int64_t slots, int64_t n_tiles,
-              cudaStream_t stream) {
+Status launch(const gemm_wgmma::Args<S>& args, const simt::TensorMap& map, int64_t ctas, cudaStream_t stream) {
   constexpr bool kBf16 = std::is_same_v<S, __nv_bfloat16>;
   auto* kernel = &gemm_wgmma::grouped_gemm_wgmma_kernel<S, kBf16, kEpi>;
   SMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, gemm_wgmma::kSmemBytes));
-  const dim3 grid(static_cast<unsigned>(slots), static_cast<unsigned>(n_tiles));
-  SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, grid, dim3(gemm_wgmma::kThreads), gemm_wgmma::kSmemBytes, stream, args, map));
+  SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, dim3(static_cast<unsigned>(ctas)), dim3(gemm_wgmma::kThreads),
+                              gemm_wgmma::kSmemBytes, stream, args, map));
   return Status::Ok();
 }
 
@@ -128,9 +128,15 @@ Status grouped_gemm_wgmma(const GroupedGemmTcParams& params, const TensorView& a
   if (major != 9 || minor != 0) return refuse("the device is not compute capability 9.0 (sm_90a code runs only there)");
 #endif
   if (R == 0 || N == 0 || E < 1) return Status::Ok();
+  // Persistent grid: one CTA per SM (232 x 256 registers each) over the banded raster of
+  // (slot bound ceil(R/64) + E - 1) x (n tiles) tiles; never more CTAs than tiles.
   const int64_t slots = ceil_div(R, gemm_wgmma::kBM) + E - 1;
   const int64_t n_tiles = gated ? ceil_div(F, gemm_wgmma::kGatedBF) : ceil_div(N, gemm_wgmma::kBN);
-  if (slots > INT32_MAX || n_tiles > 65535) return refuse("grid beyond CUDA's limits");
+  const int64_t tiles = ceil_div(slots, gemm_wgmma::kBand) * gemm_wgmma::kBand * n_tiles;
+  int dev_now = 0, sms = 0;
+  SMOE_CUDA_CHECK(cudaGetDevice(&dev_now));
+  SMOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev_now));
+  const int64_t ctas = std::min<int64_t>(std::max(sms, 1), tiles);
   simt::TensorMap map{};
   SMOE_RETURN_IF_ERROR(make_b_map(b, E * N, Kd, &map));
   return dispatch_float(a.dtype, "grouped_gemm_wgmma", [&](auto tag) -> Status {
@@ -157,10 +163,12 @@ Status grouped_gemm_wgmma(const GroupedGemmTcParams& params, const TensorView& a
       args.act = has_act ? static_cast<int32_t>(*params.activation) : 0;
       args.pair_c = pairs_aligned(c);
       args.pair_pre = pre.defined() && pairs_aligned(pre);
+      args.n_tiles = n_tiles;
+      args.tiles = tiles;
       const cudaStream_t s = as_stream(stream);
-      if (gated) return launch<S, Epilogue::kGatedActivation>(args, map, slots, n_tiles, s);
-      if (has_act) return launch<S, Epilogue::kActivation>(args, map, slots, n_tiles, s);
-      return launch<S, Epilogue::kStore>(args, map, slots, n_tiles, s);
+      if (gated) return launch<S, Epilogue::kGatedActivation>(args, map, ctas, s);
+      if (has_act) return launch<S, Epilogue::kActivation>(args, map, ctas, s);
+      return launch<S, Epilogue::kStore>(args, map, ctas, s);
     }
   });
 }

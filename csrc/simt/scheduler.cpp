@@ -148,6 +148,7 @@ Options options_from_env() {
   }
   if (const char* s = std::getenv("SMOE_SIMT_DEVICES")) o.devices = std::max(1, std::atoi(s));
   if (const char* s = std::getenv("SMOE_SIMT_SM90A")) o.sm90a = std::atoi(s) != 0;
+  if (const char* s = std::getenv("SMOE_SIMT_SMS")) o.sm_count = std::max(1, std::atoi(s));
   if (const char* s = std::getenv("SMOE_SIMT_CP_ASYNC")) {
     if (!parse_cp_async_landing(s, &o.cp_async_landing, &o.cp_async_seed)) {
       std::fprintf(stderr,

@@ -60,6 +60,9 @@ struct Options {
   // sm_90a wgmma kernel as an nvcc build with -gencode=arch=compute_90a,code=sm_90a does on an
   // H100/H200 (csrc/cuda/gemm_wgmma.h, wgmma_selected). Off by default: the sm_80 kernels run.
   bool sm90a = false;
+  // Multiprocessors the emulated device reports (SMOE_SIMT_SMS; cudaDevAttrMultiProcessorCount),
+  // e.g. few, so that a persistent kernel's CTAs each run several tiles in a small test.
+  int sm_count = 132;
 };
 
 Options options();

@@ -38,14 +38,23 @@ void check(const std::vector<int64_t>& off, int64_t N, int64_t Kd) {
   const TensorView xv = make_view(x.data(), dt, {R, Kd}), ov = make_view(o.data(), {E + 1});
   const TensorView bv = make_view(b.data(), dt, {E, N, Kd});
   std::vector<S> c(size_t(R * N));
-  run_all_schedules([&] {
+  auto run = [&] {
     std::fill(c.begin(), c.end(), fill);
     EXPECT_OK(cuda_simt::grouped_gemm_wgmma(GroupedGemmTcParams{}, xv, bv, ov, TensorView{}, TensorView{},
                                             make_view(c.data(), dt, {R, N}), TensorView{}, nullptr));
     std::vector<unsigned char> out;
     append_bytes(out, c);
     return out;
-  });
+  };
+  {
+    // Two emulated SMs: the persistent CTAs each walk several tiles, the ring running on across them.
+    simt::Options few = simt::options();
+    few.sm_count = 2;
+    simt::ScopedOptions scope(few);
+    run_all_schedules(run);
+    EXPECT_TRUE(bitwise_equal(c, want)) << "2 SMs: " << all_close(c, want, dt).message();
+  }
+  run_all_schedules(run);
   EXPECT_TRUE(bitwise_equal(c, want)) << all_close(c, want, dt).message();
   std::vector<S> c_cpu(size_t(R * N), fill);
   GroupedGemmParams pc;
@@ -128,6 +137,12 @@ void check_fused(std::optional<Activation> act, const std::vector<int64_t>& off,
     return bytes;
   };
   const std::vector<unsigned char> tc = run(false);
+  {
+    simt::Options few = simt::options();  // 3 emulated SMs: several tiles per persistent CTA
+    few.sm_count = 3;
+    simt::ScopedOptions scope(few);
+    EXPECT_TRUE(run_all_schedules([&] { return run(true); }) == tc) << "3 SMs: grouped_gemm_wgmma and grouped_gemm_tc differ";
+  }
   const std::vector<unsigned char> got = run_all_schedules([&] { return run(true); });
   EXPECT_TRUE(got == tc) << "grouped_gemm_wgmma and grouped_gemm_tc differ";
 
