@@ -725,9 +725,11 @@ __device__ __forceinline__ void setmaxnreg_dec() {
   __trap();
 #endif
 }
-// wgmma.mma_async.sync.aligned.m64nNk16.f32.T.T d, desc-a, desc-b, scale-d, imm-scale-a = 1,
-// imm-scale-b = 1, imm-trans-a = 0, imm-trans-b = 0 (K-major A and B; PTX 9.7.15.5.2). The N/2
-// accumulators are "+f" operands %0..%(N/2-1), then the descriptors and the scale-d predicate.
+// wgmma.mma_async.sync.aligned.m64nNk16.f32.T.T d, a-desc, b-desc, scale-d, imm-scale-a = 1,
+// imm-scale-b = 1, imm-trans-a = 0, imm-trans-b = 0: K-major A and B (the operand order of the
+// wgmma.mma_async instruction, PTX ISA 9.7.15, "Asynchronous Warpgroup Level Matrix
+// Multiply-Accumulate"). The N/2 accumulators are "+f" operands %0..%(N/2-1), then the two
+// descriptors and the scale-d predicate's source.
 #define SMOE_SIMT_WGMMA_REGS_64 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}"
 #define SMOE_SIMT_WGMMA_OPS_64 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
 #define SMOE_SIMT_WGMMA_REGS_128 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
