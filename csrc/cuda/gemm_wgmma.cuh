@@ -68,11 +68,12 @@ struct Args {
   int64_t n_tiles, tiles;       // n tiles; raster length (bands * kBand * n_tiles)
 };
 
-// The tile walk of one thread: band cursor (the first expert whose blocks reach the band's first
-// slot, and the slots before it), moved forward only; per tile a local scan from it.
+// One output tile: expert, rows [row0, row_end), first GEMM column (or output f when gated).
 struct Tile {
   int64_t expert, row0, row_end, n0;
 };
+// The tile walk of one thread: a band cursor (the first expert whose blocks reach the band's first
+// slot, and the slots before it), moved forward only; per tile a local scan from it.
 template <class S>
 struct TileWalk {
   const Args<S>& a;
