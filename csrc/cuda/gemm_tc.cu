@@ -10,6 +10,7 @@
 #include "common.cuh"
 #include "gemm_tc.cuh"
 #include "gemm_tc.h"
+#include "gemm_wgmma.h"
 
 namespace smoe::SMOE_CUDA_NS {
 namespace {
@@ -71,6 +72,10 @@ Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, c
                                                                : " (the tensor cores take bf16, f16, or f32 as 3xTF32)")));
   if (pre.defined() && !has_act) return invalid_argument(op, "pre", "absent without an activation", "given");
   if (R == 0 || N == 0 || E < 1) return Status::Ok();
+  if (wgmma_selected()) {  // sm_90a kernel (gemm_wgmma.h); what it refuses (before any launch) runs below
+    const Status st = grouped_gemm_wgmma(params, a, b, offsets, token_of_row, row_weights, c, pre, stream);
+    if (st.code() != Code::kUnsupported) return st;
+  }
   const int64_t slots = ceil_div(R, gemm_tc::kBM) + E - 1;
   const int64_t n_tiles = gated ? ceil_div(F, gemm_tc::kGatedBF) : ceil_div(N, gemm_tc::kBN);
   SMOE_RETURN_IF_ERROR(require(slots <= INT32_MAX && n_tiles <= 65535, op, "grid beyond CUDA's limits"));

@@ -266,7 +266,7 @@ cudaError_t cudaGetDeviceProperties(cudaDeviceProp* p, int device) {
   p->maxGridSize[0] = static_cast<int>(smoe::simt::detail::kMaxGridDimX);
   p->maxGridSize[1] = static_cast<int>(smoe::simt::detail::kMaxGridDimYZ);
   p->maxGridSize[2] = static_cast<int>(smoe::simt::detail::kMaxGridDimYZ);
-  p->multiProcessorCount = 132;
+  p->multiProcessorCount = std::max(1, smoe::simt::options().sm_count);
   p->maxThreadsPerMultiProcessor = 2048;
   p->major = 9;
   p->minor = 0;

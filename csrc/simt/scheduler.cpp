@@ -147,6 +147,8 @@ Options options_from_env() {
     }
   }
   if (const char* s = std::getenv("SMOE_SIMT_DEVICES")) o.devices = std::max(1, std::atoi(s));
+  if (const char* s = std::getenv("SMOE_SIMT_SM90A")) o.sm90a = std::atoi(s) != 0;
+  if (const char* s = std::getenv("SMOE_SIMT_SMS")) o.sm_count = std::max(1, std::atoi(s));
   if (const char* s = std::getenv("SMOE_SIMT_CP_ASYNC")) {
     if (!parse_cp_async_landing(s, &o.cp_async_landing, &o.cp_async_seed)) {
       std::fprintf(stderr,
@@ -175,6 +177,12 @@ void set_options(const Options& o) {
   if (!(o.spin_timeout_s >= 0.0)) g_options.spin_timeout_s = Options{}.spin_timeout_s;
   g_options_loaded = true;
 }
+
+namespace {
+std::atomic<int64_t> g_wgmma_issued{0};
+}  // namespace
+int64_t wgmma_issued_total() { return g_wgmma_issued.load(std::memory_order_relaxed); }
+void detail::count_wgmma_issue() { g_wgmma_issued.fetch_add(1, std::memory_order_relaxed); }
 
 }  // namespace smoe::simt
 

@@ -62,6 +62,7 @@ void warp_collective(const CollectiveKind& kind, unsigned mask, LaneIO& io, cons
 void sync_threads(const char* file, int line);
 int sync_threads_reduce(int predicate, int op, const char* file, int line);  // 0 count, 1 and, 2 or
 void yield_point();
+void count_wgmma_issue();  // one warp's wgmma.mma_async (smoe::simt::wgmma_issued_total)
 unsigned active_mask();
 [[noreturn]] void trap(const char* file, int line);
 

@@ -55,10 +55,21 @@ struct Options {
   CpAsyncLanding cp_async_landing = CpAsyncLanding::kWait;
   uint64_t cp_async_seed = 0;
   int devices = 1;
+  // The emulated build carries sm_90a code (SMOE_SIMT_SM90A=1): the emulated device is always
+  // compute capability 9.0, and with this set the CUDA backend dispatches its grouped GEMM to the
+  // sm_90a wgmma kernel as an nvcc build with -gencode=arch=compute_90a,code=sm_90a does on an
+  // H100/H200 (csrc/cuda/gemm_wgmma.h, wgmma_selected). Off by default: the sm_80 kernels run.
+  bool sm90a = false;
+  // Multiprocessors the emulated device reports (SMOE_SIMT_SMS; cudaDevAttrMultiProcessorCount),
+  // e.g. few, so that a persistent kernel's CTAs each run several tiles in a small test.
+  int sm_count = 132;
 };
 
 Options options();
 void set_options(const Options& options);
+// wgmma.mma_async instructions the emulator has executed in this process (counted per warp), so a
+// test can tell which kernel a dispatch ran.
+int64_t wgmma_issued_total();
 // Parses "forward", "reverse", "random", "random:SEED" or "warps"; returns false on anything else.
 bool parse_schedule(const char* text, Schedule* schedule, uint64_t* seed);
 // Parses "wait", "issue", "random" or "random:SEED"; returns false on anything else.
