@@ -4,6 +4,8 @@
 
 #include <climits>
 #include <cmath>
+#include <cstring>
+#include <vector>
 #include <string>
 
 #include "core/dispatch.h"
@@ -263,6 +265,89 @@ Status z_loss_backward(const Exec& exec, const TensorView& logits, const TensorV
                                      "T = logits.size(0)", logits.size(1), "E = logits.size(1)", logits));
   if (logits.size(0) == 0) return Status::Ok();
   return SMOE_DISPATCH(op, exec, logits, z_loss_backward, logits, grad_loss, grad_logits);
+}
+
+// ---- TEMPORARY forwarders (py helper, issue 8; replaced by the core helper's versions at merge) -----
+
+Status expert_choice_backward(const Exec& exec, const ExpertChoiceParams& params, const TensorView& scores,
+                              const TensorView& row_of, const TensorView& grad_weights,
+                              const TensorView& grad_scores, const TensorView& grad_logits) {
+  const char* op = "expert_choice_backward";
+  SMOE_RETURN_IF_ERROR(expect_scores(op, "scores", scores));
+  const int64_t T = scores.size(0), E = scores.size(1);
+  SMOE_RETURN_IF_ERROR(expect_matrix(op, "grad_logits", grad_logits, "[T, E]", scores.dtype, T,
+                                     "T = scores.size(0)", E, "E = scores.size(1)", scores));
+  if (grad_scores.defined()) {
+    SMOE_RETURN_IF_ERROR(expect_matrix(op, "grad_scores", grad_scores, "[T, E]", scores.dtype, T,
+                                       "T = scores.size(0)", E, "E = scores.size(1)", scores));
+  }
+  if (!grad_scores.defined() || T == 0 || E == 0) {
+    if (grad_weights.defined()) return expert_choice_backward(exec, params, scores, row_of, grad_weights, grad_logits);
+    SMOE_RETURN_IF_ERROR(check_capacity(op, params, "scores", T, E));
+    if (grad_logits.device != Device::kCPU) return unsupported(op, "no gradient on CUDA tensors (temporary forwarder)");
+    for (int64_t t = 0; t < T; ++t) {
+      char* row = static_cast<char*>(grad_logits.data) + t * grad_logits.stride(0) * dtype_size(grad_logits.dtype);
+      std::memset(row, 0, size_t(E * dtype_size(grad_logits.dtype)));
+    }
+    return Status::Ok();
+  }
+  if (scores.device != Device::kCPU) {
+    return unsupported(op, "grad_scores on CUDA tensors needs the core helper's expert_choice_backward");
+  }
+  // The scores' part: top-k gating's backward without weight gradients reads no expert ids.
+  const int64_t es = dtype_size(scores.dtype);
+  std::vector<char> part(size_t(T * E * es));
+  std::vector<int32_t> first(size_t(T), 0);
+  TopkGatingParams tp;
+  tp.top_k = 1;
+  tp.score_func = params.score_func;
+  const TensorView part_v = make_view(part.data(), scores.dtype, {T, E});
+  SMOE_RETURN_IF_ERROR(topk_gating_backward(exec, tp, scores, make_view(first.data(), {T, 1}), TensorView{},
+                                            grad_scores, part_v));
+  if (grad_weights.defined()) {
+    SMOE_RETURN_IF_ERROR(expert_choice_backward(exec, params, scores, row_of, grad_weights, grad_logits));
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    char* out = static_cast<char*>(grad_logits.data) + t * grad_logits.stride(0) * es;
+    const char* add = part.data() + t * E * es;
+    for (int64_t e = 0; e < E; ++e) {
+      if (scores.dtype == DType::kF64) {
+        double* o = reinterpret_cast<double*>(out) + e;
+        *o = (grad_weights.defined() ? *o : 0.0) + reinterpret_cast<const double*>(add)[e];
+      } else {
+        float* o = reinterpret_cast<float*>(out) + e;
+        *o = (grad_weights.defined() ? *o : 0.0f) + reinterpret_cast<const float*>(add)[e];
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+int64_t load_balancing_loss_workspace_bytes(int64_t T, int64_t E) {
+  if (T <= 0 || E <= 0) return 0;
+  const int64_t chunk = T <= 65536 ? 256 : (T + 255) / 256;
+  const int64_t nb = (T + chunk - 1) / chunk;
+  return (4 * E + 255) / 256 * 256 + 4 * E * nb;
+}
+
+int64_t z_loss_workspace_bytes(int64_t T, int64_t E) { return (T <= 0 || E <= 0) ? 0 : 8 * T; }
+
+Status load_balancing_loss_forward(const Exec& exec, const TensorView& probs, const TensorView& experts,
+                                   const TensorView& loss, const TensorView& /*workspace*/) {
+  return load_balancing_loss_forward(exec, probs, experts, loss);
+}
+Status load_balancing_loss_backward(const Exec& exec, const TensorView& probs, const TensorView& experts,
+                                    const TensorView& grad_loss, const TensorView& grad_probs,
+                                    const TensorView& /*workspace*/) {
+  return load_balancing_loss_backward(exec, probs, experts, grad_loss, grad_probs);
+}
+Status z_loss_forward(const Exec& exec, const TensorView& logits, const TensorView& loss,
+                      const TensorView& /*workspace*/) {
+  return z_loss_forward(exec, logits, loss);
+}
+Status z_loss_backward(const Exec& exec, const TensorView& logits, const TensorView& grad_loss,
+                       const TensorView& grad_logits, const TensorView& /*workspace*/) {
+  return z_loss_backward(exec, logits, grad_loss, grad_logits);
 }
 
 Status balancing_bias_update(const Exec& exec, const TensorView& counts, const TensorView& bias, float rate) {

@@ -67,6 +67,14 @@ Status expert_choice_backward(const Exec& exec, const ExpertChoiceParams& params
                               const TensorView& row_of, const TensorView& grad_weights,
                               const TensorView& grad_logits);
 
+// The expert-choice backward with the scores' own gradient (docs: SPEC A of issue 8):
+//   g[t,e] = (grad_weights present && row_of[t,e] >= 0 ? grad_weights[t,e] : 0) + (grad_scores present ? grad_scores[t,e] : 0)
+// grad_logits = backward of the score function at `scores` applied to g; both absent => zeros.
+// TEMPORARY (py helper, issue 8): forwards to the existing backends; the core helper's version replaces it.
+Status expert_choice_backward(const Exec& exec, const ExpertChoiceParams& params, const TensorView& scores,
+                              const TensorView& row_of, const TensorView& grad_weights,
+                              const TensorView& grad_scores, const TensorView& grad_logits);
+
 // Switch load-balancing loss (Fedus et al., 2021, eq. 4), in the top-k form of Hugging Face Mixtral:
 //   loss = E * sum_e f_e * P_e,  f_e = (number of (t,k) with experts[t,k] == e) / T,  P_e = mean_t probs[t,e]
 // probs [T, E] f32 (scores of a softmax router), experts [T, K] i32; loss [] f32 out (0-d or [1]).
@@ -81,6 +89,20 @@ Status load_balancing_loss_backward(const Exec& exec, const TensorView& probs, c
 Status z_loss_forward(const Exec& exec, const TensorView& logits, const TensorView& loss);
 Status z_loss_backward(const Exec& exec, const TensorView& logits, const TensorView& grad_loss,
                        const TensorView& grad_logits);
+
+// Router-loss scratch from the caller (SPEC B of issue 13): u8 [>= the query's bytes], absent allowed when
+// the query is 0 or the backend is cpu. TEMPORARY (py helper, issue 8): these overloads forward to the
+// ones above (the device backends still use their own scratch); the core helper's version replaces them.
+int64_t load_balancing_loss_workspace_bytes(int64_t T, int64_t E);
+int64_t z_loss_workspace_bytes(int64_t T, int64_t E);
+Status load_balancing_loss_forward(const Exec& exec, const TensorView& probs, const TensorView& experts,
+                                   const TensorView& loss, const TensorView& workspace);
+Status load_balancing_loss_backward(const Exec& exec, const TensorView& probs, const TensorView& experts,
+                                    const TensorView& grad_loss, const TensorView& grad_probs,
+                                    const TensorView& workspace);
+Status z_loss_forward(const Exec& exec, const TensorView& logits, const TensorView& loss, const TensorView& workspace);
+Status z_loss_backward(const Exec& exec, const TensorView& logits, const TensorView& grad_loss,
+                       const TensorView& grad_logits, const TensorView& workspace);
 
 // Aux-loss-free balancing (DeepSeek-V3, arXiv:2412.19437 section 2.1.2): after a step,
 //   bias[e] += rate * sign(mean_count - counts[e])
