@@ -125,6 +125,7 @@ def expert_choice(
     """
     op = "expert_choice"
     backend = check_backend(op, backend, [("logits", logits)])
+    _core.check_int(op, "capacity", capacity, 1, c_max=_core.INT64_MAX)  # an int for torch's schema
     if backend == "reference":
         _expert_choice_shapes(op, logits, capacity)
         code(op, "score_func", SCORE_FUNCS, score_func)

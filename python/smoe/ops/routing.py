@@ -156,6 +156,9 @@ def routing_plan(
     """
     op = "routing_plan"
     backend = check_backend(op, backend, [("experts", experts)], [("weights", weights)])
+    # ints that reach torch's schema: a float there would raise an error that names no argument
+    _core.check_c_int(op, "num_experts", num_experts)
+    _core.check_c_int(op, "pad_multiple", pad_multiple)
     if capacity is not None:
         _core.check_int(op, "capacity", capacity, 0, c_max=_core.INT64_MAX)
     cap = -1 if capacity is None else capacity

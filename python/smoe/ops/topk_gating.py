@@ -173,6 +173,9 @@ def topk_gating(
     """
     op = "topk_gating"
     backend = check_backend(op, backend, [("logits", logits)], [("bias", bias)])
+    # ints that reach torch's schema: a float there would raise an error that names no argument
+    for arg, value in (("top_k", top_k), ("n_groups", n_groups), ("topk_groups", topk_groups)):
+        _core.check_c_int(op, arg, value)
     if backend == "reference":
         _topk_gating_shapes(op, logits, top_k)
         _topk_params(op, top_k, score_func, n_groups, topk_groups, group_score, renormalize, renorm_eps, routed_scaling)
