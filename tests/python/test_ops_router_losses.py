@@ -94,3 +94,18 @@ def test_losses_with_workspace_match_reference(backend):
         assert_close(out[0][0], out[1][0])
         assert_close(out[0][1], out[1][1])
     assert ref is not None
+
+
+def test_backward_ops_called_directly_name_bad_arguments():
+    ops = torch.ops.smoe
+    scores, row_of = torch.rand(4, 3), torch.zeros(4, 3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="'score_func'.*'xyz'"):
+        ops.expert_choice_backward(scores, row_of, scores, None, 2, "xyz", "cpu")
+    with pytest.raises(ValueError, match="'capacity'"):
+        ops.expert_choice_backward(scores, row_of, scores, None, 2**40, "softmax", "cpu")
+    with pytest.raises(ValueError, match="'scores'.*2-D"):
+        ops.expert_choice_backward(torch.rand(4), row_of, None, None, 2, "softmax", "cpu")
+    with pytest.raises(ValueError, match="'group_score'"):
+        ops.topk_gating_backward(scores, row_of[:, :1], None, scores, 1, "softmax", 1, 1, "xyz", False, 0.0, 1.0, "cpu")
+    with pytest.raises(ValueError, match="'probs'.*2-D"):
+        ops.load_balancing_loss(torch.rand(4), row_of, "cpu")

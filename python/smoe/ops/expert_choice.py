@@ -70,12 +70,14 @@ def expert_choice_backward(
     """grad_logits = backward of the score function applied to g = grad_weights where row_of >= 0
     (0 elsewhere) + grad_scores; one core call (every element written; both absent: zeros)."""
     op = "expert_choice_backward"
-    (grad_logits,) = empty(scores, _expert_choice_backward_shapes(scores))
+    specs = _expert_choice_backward_shapes(scores)
     _core.check_c_int(op, "capacity", capacity)
+    sf = code(op, "score_func", SCORE_FUNCS, score_func)
+    (grad_logits,) = empty(scores, specs)
     _core.lib().expert_choice_backward(
         **exec_args(backend, scores),
         capacity=capacity,
-        score_func=code(op, "score_func", SCORE_FUNCS, score_func),
+        score_func=sf,
         scores=v(scores, "scores"),
         row_of=v(row_of, "row_of"),
         grad_weights=v(grad_weights, "grad_weights"),

@@ -103,10 +103,11 @@ def topk_gating_backward(
     backend: str,
 ) -> Tensor:
     op = "topk_gating_backward"
-    (grad_logits,) = empty(scores, _topk_gating_backward_shapes(scores))
+    specs = _topk_gating_backward_shapes(scores)
     _core.check_c_int(op, "top_k", top_k)
     params = _topk_params(op, top_k, score_func, n_groups, topk_groups, group_score, renormalize, renorm_eps,
                           routed_scaling)
+    (grad_logits,) = empty(scores, specs)
     _core.lib().topk_gating_backward(
         **exec_args(backend, scores),
         **params,
