@@ -27,13 +27,17 @@ void call_core(F&& f) {
   throw_if_error(s);
 }
 
-void bind_gating(pybind11::module_& m);
+void bind_topk_gating(pybind11::module_& m);
+void bind_expert_choice(pybind11::module_& m);
+void bind_router_losses(pybind11::module_& m);
 void bind_routing(pybind11::module_& m);
 void bind_permute(pybind11::module_& m);
 void bind_gemm(pybind11::module_& m);
+void bind_activation(pybind11::module_& m);
 void bind_mlp(pybind11::module_& m);
 void bind_peak(pybind11::module_& m);
 void bind_cublas(pybind11::module_& m);  // csrc/bindings/cublas.cpp
+void bind_enums(pybind11::module_& m);
 
 }  // namespace smoe::bindings
 

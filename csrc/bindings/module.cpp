@@ -130,10 +130,14 @@ PYBIND11_MODULE(_C, m) {
   codes["backend_simt"] = static_cast<int>(Backend::kSimt);
   m.attr("CODES") = codes;
 
-  bindings::bind_gating(m);
+  bindings::bind_enums(m);
+  bindings::bind_topk_gating(m);
+  bindings::bind_expert_choice(m);
+  bindings::bind_router_losses(m);
   bindings::bind_routing(m);
   bindings::bind_permute(m);
   bindings::bind_gemm(m);
+  bindings::bind_activation(m);
   bindings::bind_mlp(m);
   bindings::bind_peak(m);
   bindings::bind_cublas(m);

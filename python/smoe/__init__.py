@@ -1,7 +1,7 @@
 """smoe: sparse mixture-of-experts kernels for PyTorch.
 
     import smoe
-    smoe.functional                      # the ops (torch custom ops over the C++ core)
+    smoe.functional                      # the ops (from smoe.ops: one module per op family, torch custom ops over the C++ core)
     smoe.reference                       # the same ops, and the whole layer, in readable PyTorch
     smoe.nn.MoE                          # the drop-in layer
 

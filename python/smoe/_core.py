@@ -8,8 +8,9 @@ that csrc/bindings turns into a `smoe::TensorView` (strides in elements). The ex
 torch object and never links libtorch, so one build works with every torch version; docs/python.md
 explains why this is a plain tuple and not DLPack.
 
-This module also owns the backend names ("auto", "cpu", "reference", "cuda", "simt") and loads the
-extension with an error that says how to build it when it is missing.
+This module also owns the backend names ("auto", "cpu", "reference", "cuda", "simt"), the enum tables
+of the core (ENUMS, from smoe._C.enums()), the argument checks shared by the ops (each names the
+argument), and loads the extension with an error that says how to build it when it is missing.
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ __all__ = [
     "opt_view",
     "backend_code",
     "check_backend",
-    "resolve_backend",
+    "check_c_int",
+    "ENUMS",
     "check_same_device",
     "check_tensor",
     "check_dims",
@@ -83,22 +85,41 @@ __all__ = [
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
 
-# Codes of smoe::DType and smoe::Device (include/smoe/dtype.h, tensor.h); a test checks them
-# against smoe._C.CODES.
-DTYPE_CODES = {
-    torch.float32: 0,
-    torch.float16: 1,
-    torch.bfloat16: 2,
-    torch.float64: 3,
-    torch.int32: 4,
-    torch.int64: 5,
-    torch.uint8: 6,
+# The enum tables of the C++ core, from the one table the binding holds (csrc/bindings/enums.cpp):
+# {"backend", "dtype", "device", "score_func", "group_score", "drop_policy", "activation": {name: code},
+# "gated_activation": (names,)}. Python's tables (DTYPE_CODES here, SCORE_FUNCS ... in smoe.ops) are
+# built from it. _ENUMS_WITHOUT_EXTENSION is read only when smoe._C is absent (backend="reference"
+# still validates its names then); tests/python/test_package.py checks that it equals smoe._C.enums().
+_ENUMS_WITHOUT_EXTENSION = {
+    "backend": {"auto": 0, "cpu": 1, "cuda": 2, "simt": 3},
+    "dtype": {"f32": 0, "f16": 1, "bf16": 2, "f64": 3, "i32": 4, "i64": 5, "u8": 6},
+    "device": {"cpu": 0, "cuda": 1},
+    "score_func": {"softmax": 0, "sigmoid": 1},
+    "group_score": {"max": 0, "top2_sum": 1},
+    "drop_policy": {"token_order": 0, "score": 1},
+    "activation": {"swiglu": 0, "geglu": 1, "gelu": 2, "relu": 3},
+    "gated_activation": ("swiglu", "geglu"),
 }
-DEVICE_CODES = {"cpu": 0, "cuda": 1}
+ENUMS = _C.enums() if hasattr(_C, "enums") else _ENUMS_WITHOUT_EXTENSION
 
-# Backend names of the Python API -> smoe::Backend codes ("reference" never reaches C++).
+# torch dtypes by the core's dtype names; their codes come from ENUMS.
+_TORCH_DTYPES = {
+    "f32": torch.float32,
+    "f16": torch.float16,
+    "bf16": torch.bfloat16,
+    "f64": torch.float64,
+    "i32": torch.int32,
+    "i64": torch.int64,
+    "u8": torch.uint8,
+}
+DTYPE_CODES = {_TORCH_DTYPES[name]: code for name, code in ENUMS["dtype"].items()}
+DEVICE_CODES = dict(ENUMS["device"])
+
+# Backend names of the Python API: the C++ core's ("auto", "cpu", "cuda", "simt") plus "reference",
+# which never reaches C++ (smoe.reference). "auto" is resolved in one place, the C++ core
+# (smoe::resolve_backend: cuda for CUDA tensors, cpu for CPU tensors); Python passes it through.
+_BACKEND_CODES = dict(ENUMS["backend"])
 BACKENDS = ("auto", "cpu", "reference", "cuda", "simt")
-_BACKEND_CODES = {"auto": 0, "cpu": 1, "cuda": 2, "simt": 3}
 # The backends this build can run: "auto" and "reference" always, the C++ ones that smoe._C reports
 # ("cpu"; "simt" when the emulated CUDA backend is linked; "cuda" when nvcc built the CUDA backend).
 # Without the extension "cpu" stays listed, so that lib() raises its build instructions.
@@ -162,6 +183,12 @@ def check_int(op: str, arg: str, value, lo: int, hi: Optional[int] = None, what:
     raise ValueError(f"smoe.{op}: argument '{arg}': expected a value {rng}{what}, got {value}")
 
 
+def check_c_int(op: str, arg: str, value) -> None:
+    """check_int for an argument whose range the C++ core checks: only that it is an int the core's
+    int32 can hold (pybind11 would raise a TypeError that names no argument for a larger one)."""
+    check_int(op, arg, value, -INT32_MAX - 1)
+
+
 def check_choice(op: str, arg: str, value, choices) -> None:
     """ValueError naming the argument unless `value` is one of `choices` (a dict's keys or a sequence)."""
     if not isinstance(value, str) or value not in choices:
@@ -202,22 +229,6 @@ def check_backend(op: str, backend) -> str:
             f"smoe.{op}: backend {backend!r} is not in this build of smoe "
             f"(available: {', '.join(repr(b) for b in BUILT_BACKENDS)})"
         )
-    return backend
-
-
-def resolve_backend(op: str, backend: str, device: torch.device) -> str:
-    """'auto' -> the backend for `device`; checks that the backend can run on it."""
-    check_backend(op, backend)
-    if backend == "auto":
-        if device.type == "cuda":
-            backend = "cuda"
-            check_backend(op, backend)
-        elif device.type in ("cpu", "meta"):
-            backend = "cpu"
-        else:
-            raise ValueError(
-                f"smoe.{op}: backend 'auto' has no backend for tensors on {device.type}; use backend='reference'"
-            )
     return backend
 
 

@@ -228,3 +228,39 @@ def test_routing_deterministic():
         outs.append(tuple(plan) + (xs, F.combine(xs, weights, plan)))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+# ---- one crossing per routing_plan: R_max and the workspace come from Python (issue 8) ------------
+
+
+@pytest.mark.parametrize("policy", ["token_order", "score"])
+def test_routing_plan_workspace_bytes_equal_the_cpp_query(policy):
+    from smoe.ops import routing
+
+    lib = smoe._core.lib()
+    code = smoe.ops.DROP_POLICIES[policy]
+    for T in (0, 1, 5, 64, 4097, 40_000, 300_000, 2**29):
+        for K in (0, 1, 2, 8):
+            for E in (1, 3, 64, 300):
+                for cap in (-1, 0, 7, 10**6):
+                    for pad in (1, 8, 2**20):
+                        want = lib.routing_plan_workspace_bytes(num_experts=E, capacity=cap, drop_policy=code,
+                                                                pad_multiple=pad, T=T, K=K)
+                        got = routing.workspace_bytes(T, K, E, cap, policy, pad)
+                        assert got == want, (T, K, E, cap, pad, policy)
+
+
+def test_routing_plan_is_one_crossing(monkeypatch):
+    names = []
+    real = smoe._core.lib()
+
+    class Spy:
+        def __getattr__(self, name):
+            names.append(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(smoe._core, "lib", lambda: Spy())
+    experts = torch.randint(0, 4, (33, 2), dtype=torch.int32)
+    F.routing_plan(experts, num_experts=4, weights=torch.rand(33, 2), capacity=5, drop_policy="score", pad_multiple=4,
+                   backend="cpu")
+    assert names == ["routing_plan"]

@@ -40,3 +40,43 @@ def test_functional_and_reference_have_the_same_ops():
         else:
             # functional's op is its own (custom-op backed), not the reference re-exported
             assert getattr(F, name) is not getattr(R, name), name
+
+
+def test_functional_is_a_reexport_of_smoe_ops():
+    import smoe.functional as F
+    import smoe.ops
+
+    for name in F.__all__:
+        assert getattr(F, name) is getattr(smoe.ops, name), name
+
+
+def test_ops_modules_mirror_the_bindings():
+    # one Python module per binding file of an op family (csrc/bindings/<family>.cpp)
+    import pathlib
+
+    import smoe.ops
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    bindings = {p.stem for p in (root / "csrc" / "bindings").glob("*.cpp")} - {"module", "enums", "peak"}
+    modules = {p.stem for p in pathlib.Path(smoe.ops.__file__).parent.glob("*.py")} - {"__init__", "_common"}
+    assert bindings == modules
+
+
+def test_enum_tables_come_from_the_core():
+    from smoe import _core
+    import smoe.ops as ops
+
+    enums = _core.lib().enums()
+    assert _core.ENUMS == enums
+    assert _core._ENUMS_WITHOUT_EXTENSION == enums  # the copy read only when smoe._C is absent
+    assert ops.SCORE_FUNCS == enums["score_func"] and ops.GROUP_SCORES == enums["group_score"]
+    assert ops.DROP_POLICIES == enums["drop_policy"] and ops.ACTIVATIONS == enums["activation"]
+    assert ops.GATED_ACTIVATIONS == enums["gated_activation"]
+    names = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
+             torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}
+    assert {names[d]: c for d, c in _core.DTYPE_CODES.items()} == enums["dtype"]
+    assert _core.DEVICE_CODES == enums["device"]
+    assert {b: _core.backend_code(b) for b in ("auto", "cpu", "cuda", "simt")} == enums["backend"]
+    # the older CODES attribute agrees
+    codes = _core.lib().CODES
+    assert codes["bf16"] == enums["dtype"]["bf16"] and codes["backend_simt"] == enums["backend"]["simt"]

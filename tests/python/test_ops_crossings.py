@@ -1,0 +1,50 @@
+"""How often one training step of smoe.nn.MoE crosses from Python into smoe._C (issue 8).
+
+Each op crosses once: its workspace sizes and row bounds are computed in Python from the shapes. The
+numbers pin the plain top-k layer's step so that an extra crossing (a size query, a second kernel
+call) shows; docs/python.md lists them.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import torch
+
+import smoe
+from smoe import _core
+
+
+def _count(monkeypatch):
+    calls = collections.Counter()
+    real = _core.lib()
+
+    class Counting:
+        def __getattr__(self, name):
+            fn = getattr(real, name)
+
+            def wrapped(*a, **k):
+                calls[name] += 1
+                return fn(*a, **k)
+
+            return wrapped if callable(fn) else fn
+
+    monkeypatch.setattr(_core, "lib", lambda: Counting())
+    return calls
+
+
+def test_topk_layer_step_crossings(monkeypatch):
+    torch.manual_seed(0)
+    layer = smoe.nn.MoE(32, 48, num_experts=8, top_k=2, backend="cpu")
+    x = torch.randn(64, 32, requires_grad=True)
+    calls = _count(monkeypatch)
+    y = layer(x)
+    forward = dict(calls)
+    calls.clear()
+    y.square().sum().backward()
+    backward = dict(calls)
+    assert forward == {"topk_gating_forward": 1, "routing_plan": 1, "expert_mlp_forward": 1, "combine_forward": 1,
+                       "load_balancing_loss_forward": 1, "z_loss_forward": 1}
+    # expert_mlp_workspace_bytes: the expert MLP's workspace query (its layout is being reworked, issue 13)
+    assert backward == {"combine_backward": 1, "expert_mlp_workspace_bytes": 1, "expert_mlp_backward": 1,
+                        "topk_gating_backward": 1}
