@@ -635,20 +635,30 @@ template <class T> struct WgradFn {
 
 bool set_bf16_dot_product(bool enabled) { return g_bf16_dp_enabled.exchange(enabled); }
 
-Status grouped_gemm(const GroupedGemmParams& params, const TensorView& a, const TensorView& b,
-                    const TensorView& offsets, const TensorView& c) {
-  SMOE_RETURN_IF_ERROR(check_offsets("grouped_gemm", offsets, a.size(0)));
+Status grouped_gemm_prechecked(const GroupedGemmParams& params, const TensorView& a, const TensorView& b,
+                               const TensorView& offsets, const TensorView& c) {
   const int64_t E = offsets.size(0) - 1;
   dispatch_float<GroupedGemmFn>(a.dtype, params.trans_b, a, b, offsets.data_as<const int64_t>(), E, c);
   return Status::Ok();
 }
 
-Status grouped_gemm_wgrad(const TensorView& a, const TensorView& b, const TensorView& offsets,
-                          const TensorView& c) {
-  SMOE_RETURN_IF_ERROR(check_offsets("grouped_gemm_wgrad", offsets, a.size(0)));
+Status grouped_gemm_wgrad_prechecked(const TensorView& a, const TensorView& b, const TensorView& offsets,
+                                     const TensorView& c) {
   const int64_t E = offsets.size(0) - 1;
   dispatch_float<WgradFn>(a.dtype, a, b, offsets.data_as<const int64_t>(), E, c);
   return Status::Ok();
+}
+
+Status grouped_gemm(const GroupedGemmParams& params, const TensorView& a, const TensorView& b,
+                    const TensorView& offsets, const TensorView& c) {
+  SMOE_RETURN_IF_ERROR(check_offsets("grouped_gemm", offsets, a.size(0)));
+  return grouped_gemm_prechecked(params, a, b, offsets, c);
+}
+
+Status grouped_gemm_wgrad(const TensorView& a, const TensorView& b, const TensorView& offsets,
+                          const TensorView& c) {
+  SMOE_RETURN_IF_ERROR(check_offsets("grouped_gemm_wgrad", offsets, a.size(0)));
+  return grouped_gemm_wgrad_prechecked(a, b, offsets, c);
 }
 
 }  // namespace smoe::cpu

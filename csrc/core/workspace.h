@@ -1,0 +1,65 @@
+// csrc/core/workspace.h: the layout contracts of the caller-provided workspaces, header-only, so that
+// csrc/core (which sizes them), the CPU backend and the CUDA backend (which carve them) share one copy.
+// Each op family keeps its own marked section.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+
+#include "smoe/tensor.h"
+
+// ==== expert MLP / shared expert (include/smoe/ops/mlp.h) ===========================================
+// expert_mlp_backward's workspace, in order, each piece on a kMlpWorkspaceAlign boundary after an
+// aligned base:  grad_act [R, F], grad_pre [R, F1], grad_xs [R, H]   (the dtype of grad_ys).
+// shared_expert_backward's:  grad_out [T, H], grad_act [T, F], grad_pre [T, F1], grad_xs [T, H],
+// dlogit [T] (f32; f64 for f64), then what the device backends carve after them (the gate
+// reduction's partials, shared_expert_workspace_extra_bytes in csrc/cuda/backend_api.inc).
+// The forward needs no workspace: the gather of x rows happens inside the first GEMM (CUDA) or into
+// ys before the second GEMM overwrites it (CPU), so no [R, H] copy of x exists.
+namespace smoe::mlp_workspace {
+
+inline constexpr int64_t kAlign = 64;  // bytes; a cache line, and 16-byte aligned for cp.async
+
+// Bytes one piece takes, padded to kAlign; saturates at kSizeOverflow like every size query.
+inline int64_t piece(int64_t bytes) {
+  if (bytes >= kSizeOverflow - kAlign) return kSizeOverflow;
+  return (bytes + kAlign - 1) / kAlign * kAlign;
+}
+
+// kAlign (room to align the base pointer) + the padded pieces, saturated.
+inline int64_t total(std::initializer_list<int64_t> piece_bytes) {
+  int64_t t = kAlign;
+  for (int64_t b : piece_bytes) t = sat_add(t, piece(b));
+  return t;
+}
+
+// Carves the pieces out of the workspace in the order above; every backend uses this one carver.
+class Carver {
+ public:
+  explicit Carver(const TensorView& ws) : device_(ws.device), device_index_(ws.device_index) {
+    const auto p = reinterpret_cast<uintptr_t>(ws.data);
+    next_ = static_cast<char*>(ws.data) + (kAlign - static_cast<int64_t>(p % kAlign)) % kAlign;
+  }
+  TensorView take(DType dtype, int64_t r, int64_t c) {
+    TensorView v = make_view(static_cast<void*>(next_), dtype, {r, c}, device_);
+    v.device_index = device_index_;
+    next_ += piece(r * c * static_cast<int64_t>(dtype_size(dtype)));
+    return v;
+  }
+
+ private:
+  char* next_;
+  Device device_;
+  int device_index_;
+};
+
+// A 2-D weight [N, Kd] of the shared expert seen as the single expert [1, N, Kd] of a grouped GEMM,
+// on the same device (type and index) as the weight.
+inline TensorView as_one_expert(const TensorView& w) {
+  TensorView v = make_view(w.data, w.dtype, {1, w.size(0), w.size(1)}, w.device);
+  v.device_index = w.device_index;
+  return v;
+}
+
+}  // namespace smoe::mlp_workspace
+// ==== end of the expert MLP section =================================================================
