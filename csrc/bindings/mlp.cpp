@@ -32,36 +32,35 @@ void bind_mlp(py::module_& m) {
   m.def(
       "expert_mlp_forward",
       [](int backend, uintptr_t stream, int act, py::handle x, py::handle token_of_row, py::handle offsets,
-         py::handle w1, py::handle w2, py::handle xs, py::handle pre, py::handle act_out, py::handle ys) {
+         py::handle w1, py::handle w2, py::handle pre, py::handle act_out, py::handle ys) {
         const Exec exec = to_exec(backend, stream);
         const ExpertMlpParams p = mlp_params(act);
         const TensorView vx = SMOE_VIEW(x), vt = SMOE_VIEW(token_of_row), vo = SMOE_VIEW(offsets),
-                         vw1 = SMOE_VIEW(w1), vw2 = SMOE_VIEW(w2), vxs = SMOE_VIEW(xs), vpre = SMOE_VIEW(pre),
-                         va = SMOE_VIEW(act_out), vys = SMOE_VIEW(ys);
-        call_core([&] { return expert_mlp_forward(exec, p, vx, vt, vo, vw1, vw2, vxs, vpre, va, vys); });
+                         vw1 = SMOE_VIEW(w1), vw2 = SMOE_VIEW(w2), vpre = SMOE_VIEW(pre), va = SMOE_VIEW(act_out),
+                         vys = SMOE_VIEW(ys);
+        call_core([&] { return expert_mlp_forward(exec, p, vx, vt, vo, vw1, vw2, vpre, va, vys); });
       },
       py::arg("backend"), py::arg("stream"), py::arg("act"), py::arg("x"), py::arg("token_of_row"),
-      py::arg("offsets"), py::arg("w1"), py::arg("w2"), py::arg("xs"), py::arg("pre"), py::arg("act_out"),
-      py::arg("ys"));
+      py::arg("offsets"), py::arg("w1"), py::arg("w2"), py::arg("pre"), py::arg("act_out"), py::arg("ys"));
 
   m.def(
       "expert_mlp_backward",
-      [](int backend, uintptr_t stream, int act, py::handle grad_ys, py::handle row_of, py::handle offsets,
-         py::handle w1, py::handle w2, py::handle xs, py::handle pre, py::handle act_out, py::handle grad_x,
-         py::handle grad_w1, py::handle grad_w2, py::handle workspace) {
+      [](int backend, uintptr_t stream, int act, py::handle grad_ys, py::handle x, py::handle token_of_row,
+         py::handle row_of, py::handle offsets, py::handle w1, py::handle w2, py::handle pre, py::handle act_out,
+         py::handle grad_x, py::handle grad_w1, py::handle grad_w2, py::handle workspace) {
         const Exec exec = to_exec(backend, stream);
         const ExpertMlpParams p = mlp_params(act);
-        const TensorView vg = SMOE_VIEW(grad_ys), vr = SMOE_VIEW(row_of), vo = SMOE_VIEW(offsets),
-                         vw1 = SMOE_VIEW(w1), vw2 = SMOE_VIEW(w2), vxs = SMOE_VIEW(xs), vpre = SMOE_VIEW(pre),
-                         va = SMOE_VIEW(act_out), vgx = SMOE_VIEW(grad_x), vgw1 = SMOE_VIEW(grad_w1),
-                         vgw2 = SMOE_VIEW(grad_w2), vws = SMOE_VIEW(workspace);
+        const TensorView vg = SMOE_VIEW(grad_ys), vx = SMOE_VIEW(x), vt = SMOE_VIEW(token_of_row),
+                         vr = SMOE_VIEW(row_of), vo = SMOE_VIEW(offsets), vw1 = SMOE_VIEW(w1), vw2 = SMOE_VIEW(w2),
+                         vpre = SMOE_VIEW(pre), va = SMOE_VIEW(act_out), vgx = SMOE_VIEW(grad_x),
+                         vgw1 = SMOE_VIEW(grad_w1), vgw2 = SMOE_VIEW(grad_w2), vws = SMOE_VIEW(workspace);
         call_core([&] {
-          return expert_mlp_backward(exec, p, vg, vr, vo, vw1, vw2, vxs, vpre, va, vgx, vgw1, vgw2, vws);
+          return expert_mlp_backward(exec, p, vg, vx, vt, vr, vo, vw1, vw2, vpre, va, vgx, vgw1, vgw2, vws);
         });
       },
-      py::arg("backend"), py::arg("stream"), py::arg("act"), py::arg("grad_ys"), py::arg("row_of"),
-      py::arg("offsets"), py::arg("w1"), py::arg("w2"), py::arg("xs"), py::arg("pre"), py::arg("act_out"),
-      py::arg("grad_x"), py::arg("grad_w1"), py::arg("grad_w2"), py::arg("workspace"));
+      py::arg("backend"), py::arg("stream"), py::arg("act"), py::arg("grad_ys"), py::arg("x"),
+      py::arg("token_of_row"), py::arg("row_of"), py::arg("offsets"), py::arg("w1"), py::arg("w2"), py::arg("pre"),
+      py::arg("act_out"), py::arg("grad_x"), py::arg("grad_w1"), py::arg("grad_w2"), py::arg("workspace"));
 
   m.def(
       "shared_expert_forward",

@@ -109,12 +109,12 @@ Status ep_moe_forward(Communicator& comm, const Exec& exec, const EpMoeParams& p
   // 5. local experts, back to received order, send back.
   const int64_t F = w2.defined() && w2.ndim == 3 ? w2.size(2) : 0;
   const int64_t F1 = w1.size(1);
-  Buf b_xs2, b_pre, b_act, b_ys, b_yr, b_yb;
-  TensorView xs2 = b_xs2.view(dt, {n_recv, H}), pre = b_pre.view(dt, {n_recv, F1}), act = b_act.view(dt, {n_recv, F});
+  Buf b_pre, b_act, b_ys, b_yr, b_yb;
+  TensorView pre = b_pre.view(dt, {n_recv, F1}), act = b_act.view(dt, {n_recv, F});
   TensorView ys = b_ys.view(dt, {n_recv, H}), yr = b_yr.view(dt, {n_recv, H});
   ExpertMlpParams mp;
   mp.activation = params.activation;
-  SMOE_RETURN_IF_ERROR(expert_mlp_forward(exec, mp, xr, ltor, loff, w1, w2, xs2, pre, act, ys));
+  SMOE_RETURN_IF_ERROR(expert_mlp_forward(exec, mp, xr, ltor, loff, w1, w2, pre, act, ys));
   SMOE_RETURN_IF_ERROR(permute_forward(exec, ys, lrow, yr));
   TensorView yb = b_yb.view(dt, {r_send, H});
   SMOE_RETURN_IF_ERROR(comm.all_to_all_v(yr.data, re.data(), rd.data(), yb.data, se.data(), sd.data(), dt, exec.stream));

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "core/dispatch.h"
+#include "core/workspace.h"
 #include "cpu/mlp.h"
 
 namespace smoe {
@@ -69,13 +70,7 @@ DType gate_dtype(DType x) { return x == DType::kF64 ? DType::kF64 : DType::kF32;
 
 int64_t nonneg(int64_t v) { return v < 0 ? 0 : v; }
 
-// kWorkspaceAlign + the aligned pieces, saturated at INT64_MAX (kSizeOverflow) instead of overflowing.
-int64_t workspace_total(std::initializer_list<int64_t> piece_bytes) {
-  int64_t total = cpu::kWorkspaceAlign;
-  for (int64_t b : piece_bytes)
-    total = sat_add(total, b >= kSizeOverflow - cpu::kWorkspaceAlign ? kSizeOverflow : cpu::workspace_piece(b));
-  return total;
-}
+using mlp_workspace::total;  // the one layout contract: csrc/core/workspace.h
 
 }  // namespace
 
@@ -84,12 +79,11 @@ int64_t workspace_total(std::initializer_list<int64_t> piece_bytes) {
 namespace {
 
 // The tensors the expert MLP's forward and backward share: offsets [E+1], w1 [E, F1, H], w2 [E, H, F]
-// and the saved xs [R, H], pre [R, F1], act [R, F]. `r_meaning` / `h_meaning` name where R and H
-// come from in the calling op; F is returned.
+// and the saved pre [R, F1], act [R, F]. `r_meaning` / `h_meaning` name where R and H come from in
+// the calling op; F is returned.
 Status check_expert_tensors(const Checker& c, const ExpertMlpParams& params, const TensorView& offsets,
-                            const TensorView& w1, const TensorView& w2, const TensorView& xs, const TensorView& pre,
-                            const TensorView& act, int64_t R, const char* r_meaning, int64_t H, const char* h_meaning,
-                            int64_t* F_out) {
+                            const TensorView& w1, const TensorView& w2, const TensorView& pre, const TensorView& act,
+                            int64_t R, const char* r_meaning, int64_t H, const char* h_meaning, int64_t* F_out) {
   SMOE_RETURN_IF_ERROR(c.index_tensor("offsets", offsets, 1, "[E+1]", DType::kI64));
   if (offsets.size(0) < 1) return invalid_argument(c.op, "offsets", "E+1 >= 1 entries", shape_string(offsets));
   const int64_t E = offsets.size(0) - 1;
@@ -101,9 +95,6 @@ Status check_expert_tensors(const Checker& c, const ExpertMlpParams& params, con
   SMOE_RETURN_IF_ERROR(c.size("w1", w1, 0, E, "E (= offsets.size(0) - 1)"));
   SMOE_RETURN_IF_ERROR(c.size("w1", w1, 1, F1, f1_meaning(params)));
   SMOE_RETURN_IF_ERROR(c.size("w1", w1, 2, H, h_meaning));
-  SMOE_RETURN_IF_ERROR(c.float_tensor("xs", xs, 2, "[R, H]", true));
-  SMOE_RETURN_IF_ERROR(c.size("xs", xs, 0, R, r_meaning));
-  SMOE_RETURN_IF_ERROR(c.size("xs", xs, 1, H, h_meaning));
   SMOE_RETURN_IF_ERROR(c.float_tensor("pre", pre, 2, "[R, F1]", true));
   SMOE_RETURN_IF_ERROR(c.size("pre", pre, 0, R, r_meaning));
   SMOE_RETURN_IF_ERROR(c.size("pre", pre, 1, F1, f1_meaning(params)));
@@ -118,8 +109,8 @@ Status check_expert_tensors(const Checker& c, const ExpertMlpParams& params, con
 
 Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const TensorView& x,
                           const TensorView& token_of_row, const TensorView& offsets, const TensorView& w1,
-                          const TensorView& w2, const TensorView& xs, const TensorView& pre,
-                          const TensorView& act, const TensorView& ys) {
+                          const TensorView& w2, const TensorView& pre, const TensorView& act,
+                          const TensorView& ys) {
   const Checker c{"expert_mlp_forward", x, "x"};
   SMOE_RETURN_IF_ERROR(expect_activation(c.op, params.activation));
   SMOE_RETURN_IF_ERROR(c.float_tensor("x", x, 2, "[T, H]", true));
@@ -127,8 +118,8 @@ Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const
   SMOE_RETURN_IF_ERROR(c.index_tensor("token_of_row", token_of_row, 1, "[R]", DType::kI32));
   const int64_t R = token_of_row.size(0);
   int64_t F = 0;
-  SMOE_RETURN_IF_ERROR(check_expert_tensors(c, params, offsets, w1, w2, xs, pre, act, R, "R (= token_of_row.size(0))",
-                                            H, "H (= x.size(1))", &F));
+  SMOE_RETURN_IF_ERROR(check_expert_tensors(c, params, offsets, w1, w2, pre, act, R, "R (= token_of_row.size(0))", H,
+                                            "H (= x.size(1))", &F));
   SMOE_RETURN_IF_ERROR(c.float_tensor("ys", ys, 2, "[R, H]", true));
   SMOE_RETURN_IF_ERROR(c.size("ys", ys, 0, R, "R (= token_of_row.size(0))"));
   SMOE_RETURN_IF_ERROR(c.size("ys", ys, 1, H, "H (= x.size(1))"));
@@ -138,11 +129,11 @@ Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const
       c.op, exec, x,
       [&] {
         if (R == 0) return Status::Ok();
-        return cpu::expert_mlp_forward(params, x, token_of_row, offsets, w1, w2, xs, pre, act, ys);
+        return cpu::expert_mlp_forward(params, x, token_of_row, offsets, w1, w2, pre, act, ys);
       },
       [&](Backend b) {
-        return SMOE_DEVICE_DISPATCH(c.op, b, exec, expert_mlp_forward, params, x, token_of_row, offsets, w1, w2, xs,
-                                    pre, act, ys);
+        return SMOE_DEVICE_DISPATCH(c.op, b, exec, expert_mlp_forward, params, x, token_of_row, offsets, w1, w2, pre,
+                                    act, ys);
       });
 }
 
@@ -151,14 +142,14 @@ int64_t expert_mlp_workspace_bytes(const ExpertMlpParams& params, DType dtype, i
   const int64_t F1 = is_gated(params.activation) ? sat_mul(2, F) : F;
   const int64_t es = dtype_size(dtype);
   // grad_act [R, F], grad_pre [R, F1], grad_xs [R, H], plus room to align the base pointer.
-  return workspace_total({sat_mul(sat_mul(R, F), es), sat_mul(sat_mul(R, F1), es), sat_mul(sat_mul(R, H), es)});
+  return total({sat_mul(sat_mul(R, F), es), sat_mul(sat_mul(R, F1), es), sat_mul(sat_mul(R, H), es)});
 }
 
 Status expert_mlp_backward(const Exec& exec, const ExpertMlpParams& params, const TensorView& grad_ys,
-                           const TensorView& row_of, const TensorView& offsets, const TensorView& w1,
-                           const TensorView& w2, const TensorView& xs, const TensorView& pre,
-                           const TensorView& act, const TensorView& grad_x, const TensorView& grad_w1,
-                           const TensorView& grad_w2, const TensorView& workspace) {
+                           const TensorView& x, const TensorView& token_of_row, const TensorView& row_of,
+                           const TensorView& offsets, const TensorView& w1, const TensorView& w2,
+                           const TensorView& pre, const TensorView& act, const TensorView& grad_x,
+                           const TensorView& grad_w1, const TensorView& grad_w2, const TensorView& workspace) {
   const Checker c{"expert_mlp_backward", grad_ys, "grad_ys"};
   SMOE_RETURN_IF_ERROR(expect_activation(c.op, params.activation));
   SMOE_RETURN_IF_ERROR(c.float_tensor("grad_ys", grad_ys, 2, "[R, H]", true));
@@ -166,7 +157,12 @@ Status expert_mlp_backward(const Exec& exec, const ExpertMlpParams& params, cons
   SMOE_RETURN_IF_ERROR(c.index_tensor("row_of", row_of, 2, "[T, K]", DType::kI32));
   const int64_t T = row_of.size(0);
   int64_t F = 0;
-  SMOE_RETURN_IF_ERROR(check_expert_tensors(c, params, offsets, w1, w2, xs, pre, act, R, "R (= grad_ys.size(0))", H,
+  SMOE_RETURN_IF_ERROR(c.float_tensor("x", x, 2, "[T, H]", true));
+  SMOE_RETURN_IF_ERROR(c.size("x", x, 0, T, "T (= row_of.size(0))"));
+  SMOE_RETURN_IF_ERROR(c.size("x", x, 1, H, "H (= grad_ys.size(1))"));
+  SMOE_RETURN_IF_ERROR(c.index_tensor("token_of_row", token_of_row, 1, "[R]", DType::kI32));
+  SMOE_RETURN_IF_ERROR(c.size("token_of_row", token_of_row, 0, R, "R (= grad_ys.size(0))"));
+  SMOE_RETURN_IF_ERROR(check_expert_tensors(c, params, offsets, w1, w2, pre, act, R, "R (= grad_ys.size(0))", H,
                                             "H (= grad_ys.size(1))", &F));
   SMOE_RETURN_IF_ERROR(c.float_tensor("grad_x", grad_x, 2, "[T, H]", false));
   SMOE_RETURN_IF_ERROR(c.size("grad_x", grad_x, 0, T, "T (= row_of.size(0))"));
@@ -177,18 +173,19 @@ Status expert_mlp_backward(const Exec& exec, const ExpertMlpParams& params, cons
   for (int d = 0; d < 3; ++d) SMOE_RETURN_IF_ERROR(c.size("grad_w2", grad_w2, d, w2.size(d), "w2's size"));
   SMOE_RETURN_IF_ERROR(c.workspace(workspace, expert_mlp_workspace_bytes(params, grad_ys.dtype, R, H, F)));
   // No early return for R == 0: the weight gradients must still become zeros and grad_x too.
-  return SMOE_DISPATCH(c.op, exec, grad_ys, expert_mlp_backward, params, grad_ys, row_of, offsets, w1, w2, xs, pre,
-                       act, grad_x, grad_w1, grad_w2, workspace);
+  return SMOE_DISPATCH(c.op, exec, grad_ys, expert_mlp_backward, params, grad_ys, x, token_of_row, row_of, offsets, w1,
+                       w2, pre, act, grad_x, grad_w1, grad_w2, workspace);
 }
 
 // ---- shared experts ------------------------------------------------------------------------------
 
 namespace {
 
-// The arguments both directions share: x, w1, w2, gate_w, pre, act, out, gate.
+// The arguments both directions share: x, w1, w2, gate_w, pre, act, out, gate. `out_optional`: out may
+// be absent when gate_w is (the backward of an ungated shared expert never reads it).
 Status check_shared(const Checker& c, const ExpertMlpParams& params, const TensorView& x, const TensorView& w1,
                     const TensorView& w2, const TensorView& gate_w, const TensorView& pre, const TensorView& act,
-                    const TensorView& out, const TensorView& gate) {
+                    const TensorView& out, const TensorView& gate, bool out_optional) {
   SMOE_RETURN_IF_ERROR(expect_activation(c.op, params.activation));
   SMOE_RETURN_IF_ERROR(c.float_tensor("x", x, 2, "[T, H]", true));
   const int64_t T = x.size(0), H = x.size(1);
@@ -208,9 +205,11 @@ Status check_shared(const Checker& c, const ExpertMlpParams& params, const Tenso
   SMOE_RETURN_IF_ERROR(c.float_tensor("act", act, 2, "[T, F]", true));
   SMOE_RETURN_IF_ERROR(c.size("act", act, 0, T, "T (= x.size(0))"));
   SMOE_RETURN_IF_ERROR(c.size("act", act, 1, F, "F (= w2.size(1))"));
-  SMOE_RETURN_IF_ERROR(c.float_tensor("out", out, 2, "[T, H]", true));
-  SMOE_RETURN_IF_ERROR(c.size("out", out, 0, T, "T (= x.size(0))"));
-  SMOE_RETURN_IF_ERROR(c.size("out", out, 1, H, "H (= x.size(1))"));
+  if (!(out_optional && !gate_w.defined() && !out.defined())) {
+    SMOE_RETURN_IF_ERROR(c.float_tensor("out", out, 2, "[T, H]", true));
+    SMOE_RETURN_IF_ERROR(c.size("out", out, 0, T, "T (= x.size(0))"));
+    SMOE_RETURN_IF_ERROR(c.size("out", out, 1, H, "H (= x.size(1))"));
+  }
   // gate: required with gate_w; optional without it (then it is filled with ones).
   if (gate_w.defined() || gate.defined()) {
     SMOE_RETURN_IF_ERROR(expect_dims(c.op, "gate", gate, 1, "[T] (f32; f64 for f64 x)"));
@@ -229,7 +228,7 @@ Status shared_expert_forward(const Exec& exec, const ExpertMlpParams& params, co
                              const TensorView& pre, const TensorView& act, const TensorView& out,
                              const TensorView& gate, const TensorView& y) {
   const Checker c{"shared_expert_forward", x, "x"};
-  SMOE_RETURN_IF_ERROR(check_shared(c, params, x, w1, w2, gate_w, pre, act, out, gate));
+  SMOE_RETURN_IF_ERROR(check_shared(c, params, x, w1, w2, gate_w, pre, act, out, gate, false));
   SMOE_RETURN_IF_ERROR(c.float_tensor("y", y, 2, "[T, H]", true));
   SMOE_RETURN_IF_ERROR(c.size("y", y, 0, x.size(0), "T (= x.size(0))"));
   SMOE_RETURN_IF_ERROR(c.size("y", y, 1, x.size(1), "H (= x.size(1))"));
@@ -253,7 +252,7 @@ int64_t shared_expert_workspace_bytes(const ExpertMlpParams& params, DType dtype
   const int64_t es = dtype_size(dtype);
   // grad_out [T, H], grad_act [T, F], grad_pre [T, F1], grad_xs [T, H], dlogit [T] (f32, f64 for f64).
   const int64_t th = sat_mul(sat_mul(T, H), es);
-  const int64_t bytes = workspace_total({th, th, sat_mul(sat_mul(T, F), es), sat_mul(sat_mul(T, F1), es),
+  const int64_t bytes = total({th, th, sat_mul(sat_mul(T, F), es), sat_mul(sat_mul(T, F1), es),
                                          sat_mul(T, dtype_size(gate_dtype(dtype)))});
   // The device backends carve their gate partials after those pieces (one size serves every backend).
   int64_t extra = 0;
@@ -273,7 +272,7 @@ Status shared_expert_backward(const Exec& exec, const ExpertMlpParams& params, c
                               const TensorView& grad_w1, const TensorView& grad_w2,
                               const TensorView& grad_gate_w, const TensorView& workspace) {
   const Checker c{"shared_expert_backward", x, "x"};
-  SMOE_RETURN_IF_ERROR(check_shared(c, params, x, w1, w2, gate_w, pre, act, out, gate));
+  SMOE_RETURN_IF_ERROR(check_shared(c, params, x, w1, w2, gate_w, pre, act, out, gate, true));
   const int64_t T = x.size(0), H = x.size(1);
   SMOE_RETURN_IF_ERROR(c.float_tensor("grad_y", grad_y, 2, "[T, H]", true));
   SMOE_RETURN_IF_ERROR(c.size("grad_y", grad_y, 0, T, "T (= x.size(0))"));

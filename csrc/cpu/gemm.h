@@ -52,6 +52,13 @@ const char* blas_name();
 // false forces the f32-panel path. For tests and benchmarks of both paths; returns the old setting.
 bool set_bf16_dot_product(bool enabled);
 
+// grouped_gemm / grouped_gemm_wgrad for a caller that has run check_offsets on `offsets` (with R =
+// a.size(0)) itself: the expert MLP checks its offsets once for all of its GEMMs.
+Status grouped_gemm_prechecked(const GroupedGemmParams& params, const TensorView& a, const TensorView& b,
+                               const TensorView& offsets, const TensorView& c);
+Status grouped_gemm_wgrad_prechecked(const TensorView& a, const TensorView& b, const TensorView& offsets,
+                                     const TensorView& c);
+
 // Reads offsets [E+1] i64 and checks 0 <= offsets[0] <= ... <= offsets[E] <= R.
 Status check_offsets(const char* op, const TensorView& offsets, int64_t R);
 

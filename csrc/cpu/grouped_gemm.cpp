@@ -278,9 +278,8 @@ void grouped_gemm_wgrad_typed(const TensorView& a, const TensorView& b, const in
 
 }  // namespace
 
-Status grouped_gemm(const GroupedGemmParams& params, const TensorView& a, const TensorView& b,
-                    const TensorView& offsets, const TensorView& c) {
-  SMOE_RETURN_IF_ERROR(check_offsets("grouped_gemm", offsets, a.size(0)));
+Status grouped_gemm_prechecked(const GroupedGemmParams& params, const TensorView& a, const TensorView& b,
+                               const TensorView& offsets, const TensorView& c) {
   const int64_t E = offsets.size(0) - 1;
   return dtypes::dispatch_float(a.dtype, "grouped_gemm", [&](auto tag) {
     grouped_gemm_typed<typename decltype(tag)::type>(params.trans_b, a, b, offsets.data_as<const int64_t>(), E, c);
@@ -288,14 +287,25 @@ Status grouped_gemm(const GroupedGemmParams& params, const TensorView& a, const 
   });
 }
 
-Status grouped_gemm_wgrad(const TensorView& a, const TensorView& b, const TensorView& offsets,
-                          const TensorView& c) {
-  SMOE_RETURN_IF_ERROR(check_offsets("grouped_gemm_wgrad", offsets, a.size(0)));
+Status grouped_gemm_wgrad_prechecked(const TensorView& a, const TensorView& b, const TensorView& offsets,
+                                     const TensorView& c) {
   const int64_t E = offsets.size(0) - 1;
   return dtypes::dispatch_float(a.dtype, "grouped_gemm_wgrad", [&](auto tag) {
     grouped_gemm_wgrad_typed<typename decltype(tag)::type>(a, b, offsets.data_as<const int64_t>(), E, c);
     return Status::Ok();
   });
+}
+
+Status grouped_gemm(const GroupedGemmParams& params, const TensorView& a, const TensorView& b,
+                    const TensorView& offsets, const TensorView& c) {
+  SMOE_RETURN_IF_ERROR(check_offsets("grouped_gemm", offsets, a.size(0)));
+  return grouped_gemm_prechecked(params, a, b, offsets, c);
+}
+
+Status grouped_gemm_wgrad(const TensorView& a, const TensorView& b, const TensorView& offsets,
+                          const TensorView& c) {
+  SMOE_RETURN_IF_ERROR(check_offsets("grouped_gemm_wgrad", offsets, a.size(0)));
+  return grouped_gemm_wgrad_prechecked(a, b, offsets, c);
 }
 
 }  // namespace smoe::cpu

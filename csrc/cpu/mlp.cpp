@@ -1,7 +1,12 @@
-// CPU expert MLP and shared experts, composed from the public ops:
-//   forward   xs = permute(x); pre = xs @ w1[e]^T; act = act(pre); ys = act @ w2[e]^T
+// CPU expert MLP and shared experts, composed from the CPU backend's functions (no public-API
+// re-entry; the offsets are checked once per call):
+//   forward   ys = x[token_of_row] (ys is the gather's transient home); pre = ys @ w1[e]^T;
+//             act = act(pre); ys = act @ w2[e]^T (overwrites the gathered rows). No [R, H] copy of x
+//             outlives the call or is saved.
 //   backward  grad_act = grad_ys @ w2[e]; grad_w2 = wgrad(grad_ys, act); grad_pre = act'(pre, grad_act);
-//             grad_w1 = wgrad(grad_pre, xs); grad_xs = grad_pre @ w1[e]; grad_x = permute^T(grad_xs)
+//             grad_xs = x[token_of_row] (gathered into the workspace piece of grad_xs);
+//             grad_w1 = wgrad(grad_pre, grad_xs); grad_xs = grad_pre @ w1[e] (overwrites it);
+//             grad_x = permute^T(grad_xs)
 // The shared expert is the same MLP with one segment covering every token, plus the sigmoid gate.
 #include "cpu/mlp.h"
 
@@ -9,18 +14,16 @@
 #include <cmath>
 #include <cstring>
 
+#include "core/workspace.h"
 #include "cpu/gemm.h"
 #include "cpu/parallel.h"
-#include "smoe/ops/permute.h"
+#include "cpu/permute.h"
 
 namespace smoe::cpu {
 namespace {
 
-Exec cpu_exec() {
-  Exec e;
-  e.backend = Backend::kCpu;
-  return e;
-}
+using mlp_workspace::as_one_expert;
+using WorkspaceCarver = mlp_workspace::Carver;
 
 // Rows [r0, r1) of a 2-D view.
 TensorView rows(const TensorView& v, int64_t r0, int64_t r1) {
@@ -41,28 +44,6 @@ void zero_rows(const TensorView& v, int64_t r0, int64_t r1) {
 void zero_outside(const TensorView& v, int64_t o0, int64_t oE) {
   zero_rows(v, 0, o0);
   zero_rows(v, oE, v.size(0));
-}
-
-// Carves aligned intermediates out of a caller-provided workspace.
-class WorkspaceCarver {
- public:
-  explicit WorkspaceCarver(const TensorView& ws) {
-    const auto p = reinterpret_cast<uintptr_t>(ws.data);
-    next_ = static_cast<char*>(ws.data) + (kWorkspaceAlign - p % kWorkspaceAlign) % kWorkspaceAlign;
-  }
-  TensorView take(DType dtype, int64_t r, int64_t c) {
-    TensorView v = make_view(static_cast<void*>(next_), dtype, {r, c});
-    next_ += workspace_piece(r * c * dtype_size(dtype));
-    return v;
-  }
-
- private:
-  char* next_;
-};
-
-// A 2-D weight [N, Kd] seen as the single expert [1, N, Kd] of a grouped GEMM.
-TensorView as_one_expert(const TensorView& w) {
-  return make_view(w.data, w.dtype, {1, w.size(0), w.size(1)}, w.device);
 }
 
 template <class T> using Acc = typename AccOf<T>::type;
@@ -160,58 +141,58 @@ void dispatch(DType dt, Fn&& fn) {
 
 Status expert_mlp_forward(const ExpertMlpParams& params, const TensorView& x, const TensorView& token_of_row,
                           const TensorView& offsets, const TensorView& w1, const TensorView& w2,
-                          const TensorView& xs, const TensorView& pre, const TensorView& act, const TensorView& ys) {
-  const Exec ex = cpu_exec();
-  const int64_t R = xs.size(0);
-  SMOE_RETURN_IF_ERROR(check_offsets("expert_mlp_forward", offsets, R));
+                          const TensorView& pre, const TensorView& act, const TensorView& ys) {
+  const int64_t R = ys.size(0);
+  SMOE_RETURN_IF_ERROR(check_offsets("expert_mlp_forward", offsets, R));  // the one scan of offsets
   const int64_t E = offsets.size(0) - 1;
   const int64_t o0 = offsets.data_as<const int64_t>()[0], oE = offsets.data_as<const int64_t>()[E];
-  SMOE_RETURN_IF_ERROR(permute_forward(ex, x, token_of_row, xs));
-  SMOE_RETURN_IF_ERROR(grouped_gemm(ex, GroupedGemmParams{true}, xs, w1, offsets, pre));
-  SMOE_RETURN_IF_ERROR(activation_forward(ex, params.activation, rows(pre, o0, oE), rows(act, o0, oE)));
-  SMOE_RETURN_IF_ERROR(grouped_gemm(ex, GroupedGemmParams{true}, act, w2, offsets, ys));
+  const GroupedGemmParams nt{true};
+  // ys [R, H] holds the gathered rows until the second GEMM overwrites them with the result.
+  SMOE_RETURN_IF_ERROR(permute_forward(x, token_of_row, ys));
+  SMOE_RETURN_IF_ERROR(grouped_gemm_prechecked(nt, ys, w1, offsets, pre));
+  SMOE_RETURN_IF_ERROR(activation_forward(params.activation, rows(pre, o0, oE), rows(act, o0, oE)));
+  SMOE_RETURN_IF_ERROR(grouped_gemm_prechecked(nt, act, w2, offsets, ys));
   zero_outside(pre, o0, oE);
   zero_outside(act, o0, oE);
   zero_outside(ys, o0, oE);
   return Status::Ok();
 }
 
-Status expert_mlp_backward(const ExpertMlpParams& params, const TensorView& grad_ys, const TensorView& row_of,
-                           const TensorView& offsets, const TensorView& w1, const TensorView& w2,
-                           const TensorView& xs, const TensorView& pre, const TensorView& act,
-                           const TensorView& grad_x, const TensorView& grad_w1, const TensorView& grad_w2,
-                           const TensorView& workspace) {
-  const Exec ex = cpu_exec();
+Status expert_mlp_backward(const ExpertMlpParams& params, const TensorView& grad_ys, const TensorView& x,
+                           const TensorView& token_of_row, const TensorView& row_of, const TensorView& offsets,
+                           const TensorView& w1, const TensorView& w2, const TensorView& pre,
+                           const TensorView& act, const TensorView& grad_x, const TensorView& grad_w1,
+                           const TensorView& grad_w2, const TensorView& workspace) {
   const int64_t R = grad_ys.size(0), H = grad_ys.size(1), F = act.size(1), F1 = pre.size(1);
-  SMOE_RETURN_IF_ERROR(check_offsets("expert_mlp_backward", offsets, R));
+  SMOE_RETURN_IF_ERROR(check_offsets("expert_mlp_backward", offsets, R));  // the one scan of offsets
   const int64_t E = offsets.size(0) - 1;
   const int64_t o0 = offsets.data_as<const int64_t>()[0], oE = offsets.data_as<const int64_t>()[E];
-  WorkspaceCarver ws(workspace);
+  WorkspaceCarver ws(workspace);  // layout: csrc/core/workspace.h
   const TensorView grad_act = ws.take(grad_ys.dtype, R, F);    // [R, F]
   const TensorView grad_pre = ws.take(grad_ys.dtype, R, F1);   // [R, F1]
-  const TensorView grad_xs = ws.take(grad_ys.dtype, R, H);     // [R, H]
+  const TensorView grad_xs = ws.take(grad_ys.dtype, R, H);     // [R, H]: first x gathered, then grad_xs
   const GroupedGemmParams nn{false};
-  SMOE_RETURN_IF_ERROR(grouped_gemm(ex, nn, grad_ys, w2, offsets, grad_act));
-  SMOE_RETURN_IF_ERROR(grouped_gemm_wgrad(ex, grad_ys, act, offsets, grad_w2));
+  SMOE_RETURN_IF_ERROR(grouped_gemm_prechecked(nn, grad_ys, w2, offsets, grad_act));
+  SMOE_RETURN_IF_ERROR(grouped_gemm_wgrad_prechecked(grad_ys, act, offsets, grad_w2));
   SMOE_RETURN_IF_ERROR(
-      activation_backward(ex, params.activation, rows(pre, o0, oE), rows(grad_act, o0, oE), rows(grad_pre, o0, oE)));
-  SMOE_RETURN_IF_ERROR(grouped_gemm_wgrad(ex, grad_pre, xs, offsets, grad_w1));
-  SMOE_RETURN_IF_ERROR(grouped_gemm(ex, nn, grad_pre, w1, offsets, grad_xs));
+      activation_backward(params.activation, rows(pre, o0, oE), rows(grad_act, o0, oE), rows(grad_pre, o0, oE)));
+  SMOE_RETURN_IF_ERROR(permute_forward(x, token_of_row, grad_xs));  // x read through token_of_row again
+  SMOE_RETURN_IF_ERROR(grouped_gemm_wgrad_prechecked(grad_pre, grad_xs, offsets, grad_w1));
+  SMOE_RETURN_IF_ERROR(grouped_gemm_prechecked(nn, grad_pre, w1, offsets, grad_xs));
   zero_outside(grad_xs, o0, oE);  // rows of no expert send no gradient back
-  return permute_backward(ex, grad_xs, row_of, grad_x);
+  return permute_backward(grad_xs, row_of, grad_x);
 }
 
 Status shared_expert_forward(const ExpertMlpParams& params, const TensorView& x, const TensorView& w1,
                              const TensorView& w2, const TensorView& gate_w, const TensorView& pre,
                              const TensorView& act, const TensorView& out, const TensorView& gate,
                              const TensorView& y) {
-  const Exec ex = cpu_exec();
   const int64_t T_ = x.size(0);
-  int64_t seg[2] = {0, T_};
+  int64_t seg[2] = {0, T_};  // one segment over every token: valid by construction
   const TensorView offsets = make_view(seg, {2});
-  SMOE_RETURN_IF_ERROR(grouped_gemm(ex, GroupedGemmParams{true}, x, as_one_expert(w1), offsets, pre));
-  SMOE_RETURN_IF_ERROR(activation_forward(ex, params.activation, pre, act));
-  SMOE_RETURN_IF_ERROR(grouped_gemm(ex, GroupedGemmParams{true}, act, as_one_expert(w2), offsets, out));
+  SMOE_RETURN_IF_ERROR(grouped_gemm_prechecked(GroupedGemmParams{true}, x, as_one_expert(w1), offsets, pre));
+  SMOE_RETURN_IF_ERROR(activation_forward(params.activation, pre, act));
+  SMOE_RETURN_IF_ERROR(grouped_gemm_prechecked(GroupedGemmParams{true}, act, as_one_expert(w2), offsets, out));
   dispatch(x.dtype, [&](auto tag) {
     using T = decltype(tag);
     const Acc<T>* scale = nullptr;
@@ -231,7 +212,6 @@ Status shared_expert_backward(const ExpertMlpParams& params, const TensorView& g
                               const TensorView& pre, const TensorView& act, const TensorView& out,
                               const TensorView& gate, const TensorView& grad_x, const TensorView& grad_w1,
                               const TensorView& grad_w2, const TensorView& grad_gate_w, const TensorView& workspace) {
-  const Exec ex = cpu_exec();
   const int64_t T_ = x.size(0), H = x.size(1), F = act.size(1), F1 = pre.size(1);
   const DType dt = x.dtype;
   int64_t seg[2] = {0, T_};
@@ -253,11 +233,11 @@ Status shared_expert_backward(const ExpertMlpParams& params, const TensorView& g
   const TensorView& g_out = gated ? grad_out : grad_y;
   const GroupedGemmParams nn{false};
   const TensorView gw1 = as_one_expert(grad_w1), gw2 = as_one_expert(grad_w2);
-  SMOE_RETURN_IF_ERROR(grouped_gemm(ex, nn, g_out, as_one_expert(w2), offsets, grad_act));
-  SMOE_RETURN_IF_ERROR(grouped_gemm_wgrad(ex, g_out, act, offsets, gw2));
-  SMOE_RETURN_IF_ERROR(activation_backward(ex, params.activation, pre, grad_act, grad_pre));
-  SMOE_RETURN_IF_ERROR(grouped_gemm_wgrad(ex, grad_pre, x, offsets, gw1));
-  SMOE_RETURN_IF_ERROR(grouped_gemm(ex, nn, grad_pre, as_one_expert(w1), offsets, grad_xs));
+  SMOE_RETURN_IF_ERROR(grouped_gemm_prechecked(nn, g_out, as_one_expert(w2), offsets, grad_act));
+  SMOE_RETURN_IF_ERROR(grouped_gemm_wgrad_prechecked(g_out, act, offsets, gw2));
+  SMOE_RETURN_IF_ERROR(activation_backward(params.activation, pre, grad_act, grad_pre));
+  SMOE_RETURN_IF_ERROR(grouped_gemm_wgrad_prechecked(grad_pre, x, offsets, gw1));
+  SMOE_RETURN_IF_ERROR(grouped_gemm_prechecked(nn, grad_pre, as_one_expert(w1), offsets, grad_xs));
   dispatch(dt, [&](auto tag) {
     using T = decltype(tag);
     accumulate_rows<T>(grad_x, grad_xs, nullptr, gated ? dlogit.data_as<const Acc<T>>() : nullptr,

@@ -127,8 +127,14 @@ Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, c
 
 Status grouped_gemm_wgrad_tc(const TensorView& a, const TensorView& b, const TensorView& offsets,
                              const TensorView& c, void* stream) {
+  return grouped_gemm_wgrad_gathered_tc(a, b, TensorView{}, offsets, c, stream);
+}
+
+Status grouped_gemm_wgrad_gathered_tc(const TensorView& a, const TensorView& b, const TensorView& b_token_of_row,
+                                      const TensorView& offsets, const TensorView& c, void* stream) {
   constexpr const char* op = "grouped_gemm_wgrad_tc";
   const int64_t R = a.size(0), M = a.size(1), N = b.size(1);
+  const bool gather = b_token_of_row.defined();
   const int64_t E = offsets.size(0) - 1;
   SMOE_RETURN_IF_ERROR(require(a.dtype == DType::kBF16 || a.dtype == DType::kF16 || a.dtype == DType::kF32, op,
                                std::string("dtype ") + dtype_name(a.dtype) +
@@ -145,6 +151,8 @@ Status grouped_gemm_wgrad_tc(const TensorView& a, const TensorView& b, const Ten
       args.lda = a.stride(0);
       args.b = b.data_as<const S>();
       args.ldb = b.stride(0);
+      args.b_index = gather ? b_token_of_row.data_as<const int32_t>() : nullptr;
+      args.b_rows = b.size(0);
       args.offsets = offsets.data_as<const int64_t>();
       args.R = R;
       args.M = M;

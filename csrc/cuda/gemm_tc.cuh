@@ -137,8 +137,17 @@ struct KMajorLoader {
   }
 };
 
+// Source row of reduction index k of a wgrad operand: k itself, or gathered, index[k] (the row of a
+// [src_rows, *] matrix; -1 or out of range: a zero row). Returns -1 for a zero row.
+__device__ __forceinline__ int64_t source_row(const int32_t* index, int64_t src_rows, int64_t k) {
+  if (index == nullptr) return k;
+  const int64_t t = index[k];
+  return (t >= 0 && t < src_rows) ? t : -1;
+}
+
 // MN-major tile: thread t copies chunk t % 16 (8 columns) of k rows t / 16 + 8 i (i = 0..3).
-// base points at (k = 0, this thread's first column); consecutive k rows are ld elements apart.
+// base points at (row 0, this thread's first column); rows are ld elements apart. k row k reads
+// row k, or row index[k] when gathered (wgrad with x read through token_of_row).
 template <class S>
 struct MnMajorLoader {
   const S* base;
@@ -146,6 +155,8 @@ struct MnMajorLoader {
   int64_t k_len;      // k rows at or past k_len are zeros
   int64_t cols_left;  // columns of the matrix from this thread's first one on (<= 0: none)
   bool vec;           // base and ld keep every row's chunk 16-byte aligned
+  const int32_t* index = nullptr;  // [k_len] source rows, or nullptr: row k
+  int64_t src_rows = 0;            // rows of the gathered matrix
 
   __device__ __forceinline__ void load(S* tile, int64_t k0) const {
     static_assert(sizeof(S) == 2, "MN-major tiles hold 16-bit elements");
@@ -155,8 +166,9 @@ struct MnMajorLoader {
       const int kr = (threadIdx.x >> 4) + 8 * i;
       const int64_t k = k0 + kr;
       S* dst = tile + mnmajor_offset(kr, chunk);
-      if (cols_left > 0 && k < k_len) {
-        load_chunk(dst, base + k * ld, cols_left, vec);
+      const int64_t src = (cols_left > 0 && k < k_len) ? source_row(index, src_rows, k) : -1;
+      if (src >= 0) {
+        load_chunk(dst, base + src * ld, cols_left, vec);
       } else {
         store_zero_chunk(dst);
       }
@@ -170,10 +182,12 @@ struct MnMajorLoader {
 // ldmatrix to hand out whole floats; the transpose happens here instead).
 template <class S>
 struct TransposingKMajorLoader {
-  const S* base;      // element (k = 0, column first)
+  const S* base;      // element (row 0, column first)
   int64_t ld;
   int64_t k_len;
   int64_t cols_left;  // columns from `first` on (<= 0: none)
+  const int32_t* index = nullptr;  // [k_len] source rows (gathered), or nullptr: row k
+  int64_t src_rows = 0;
 
   __device__ __forceinline__ void load(S* tile, int64_t k0) const {
     const int chunk = threadIdx.x & 3;
@@ -185,7 +199,8 @@ struct TransposingKMajorLoader {
 #pragma unroll
       for (int j = 0; j < kChunkOf<S>; ++j) {
         const int64_t k = kc + j;
-        q.v[j] = (r < cols_left && k < k_len) ? base[k * ld + r] : from_float<S>(0.0f);
+        const int64_t src = (r < cols_left && k < k_len) ? source_row(index, src_rows, k) : -1;
+        q.v[j] = src >= 0 ? base[src * ld + r] : from_float<S>(0.0f);
       }
       *reinterpret_cast<Pack<S, kChunkOf<S>>*>(tile + kmajor_offset<S>(r, chunk)) = q;
     }
@@ -556,8 +571,10 @@ template <class S>
 struct WgradArgs {
   const S* a;  // [R, M]
   int64_t lda;
-  const S* b;  // [R, N]
+  const S* b;  // [R, N], or gathered: [b_rows, N] read through b_index
   int64_t ldb;
+  const int32_t* b_index;  // [R] i32 (row r of the B operand is b[b_index[r]]; -1: zeros) or nullptr
+  int64_t b_rows;
   const int64_t* offsets;  // [E+1]
   int64_t R, M, N;
   int64_t m_tiles;
@@ -568,7 +585,8 @@ struct WgradArgs {
 
 // Grid: x = m_tiles * n_tiles (m fastest), y = E. The reduction runs over the segment's rows, so both
 // operands are MN-major tiles (a[seg]^T is read row by row); an empty segment skips the loop and
-// stores the zero accumulators.
+// stores the zero accumulators. With b_index the B rows are gathered (the expert MLP's
+// grad_w1 = grad_pre[seg]^T x[token_of_row[seg]], no permuted copy of x).
 template <class S>
 __global__ void __launch_bounds__(kThreads) grouped_gemm_wgrad_tc_kernel(const WgradArgs<S> p) {
   SMOE_DYNAMIC_SMEM(unsigned char, smem_bytes);  // one byte type for every S: extern __shared__ arrays alias
@@ -578,9 +596,13 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_wgrad_tc_kernel(const W
   const int64_t seg_begin = max(int64_t{0}, min(p.offsets[e], p.R));
   const int64_t seg_end = max(seg_begin, min(p.offsets[e + 1], p.R));
   float acc[kMI][kNI][4] = {};
+  // B's rows of the segment: b + seg_begin rows, or gathered through b_index[seg_begin ..]
+  const bool gather_b = p.b_index != nullptr;
+  const S* b_seg = gather_b ? p.b : p.b + seg_begin * p.ldb;
+  const int32_t* b_index = gather_b ? p.b_index + seg_begin : nullptr;
   if constexpr (sizeof(S) == 4) {  // f32 (3xTF32): K-major tiles, transposed by the loaders
     const TransposingKMajorLoader<S> la{p.a + seg_begin * p.lda + m0, p.lda, seg_end - seg_begin, p.M - m0};
-    const TransposingKMajorLoader<S> lb{p.b + seg_begin * p.ldb + n0, p.ldb, seg_end - seg_begin, p.N - n0};
+    const TransposingKMajorLoader<S> lb{b_seg + n0, p.ldb, seg_end - seg_begin, p.N - n0, b_index, p.b_rows};
     mainloop<S, true, true>(acc, smem, la, lb, seg_end - seg_begin);
   } else {
     const int64_t col = (threadIdx.x & 15) * kChunk;
@@ -590,11 +612,13 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_wgrad_tc_kernel(const W
     la.k_len = seg_end - seg_begin;
     la.cols_left = p.M - (m0 + col);
     la.vec = p.vec_a;
-    lb.base = p.b + seg_begin * p.ldb + n0 + col;
+    lb.base = b_seg + n0 + col;
     lb.ld = p.ldb;
     lb.k_len = seg_end - seg_begin;
     lb.cols_left = p.N - (n0 + col);
     lb.vec = p.vec_b;
+    lb.index = b_index;
+    lb.src_rows = p.b_rows;
     mainloop<S, false, false>(acc, smem, la, lb, seg_end - seg_begin);
   }
 

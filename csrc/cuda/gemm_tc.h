@@ -48,7 +48,13 @@ struct GroupedGemmTcParams {
   /* The variable-K form (weight gradients): c[e] = a[seg_e]^T @ b[seg_e], the reduction over the rows of   \
      segment e. a [R, M], b [R, N], offsets [E+1] i64, c [E, M, N]; an empty segment writes exact zeros. */ \
   Status grouped_gemm_wgrad_tc(const TensorView& a, const TensorView& b, const TensorView& offsets,        \
-                               const TensorView& c, void* stream);
+                               const TensorView& c, void* stream);                                          \
+  /* The same with the B operand gathered: row r of B is b[b_token_of_row[r]] (-1 or out of range: zeros), \
+     b [T, N], b_token_of_row [R] i32 (R = a.size(0)): the expert MLP's grad_w1 = grad_pre^T x[token_of_row] \
+     reads x directly, with no permuted copy. */                                                             \
+  Status grouped_gemm_wgrad_gathered_tc(const TensorView& a, const TensorView& b,                           \
+                                        const TensorView& b_token_of_row, const TensorView& offsets,        \
+                                        const TensorView& c, void* stream);
 
 namespace smoe::cuda {
 SMOE_DETAIL_GEMM_TC_DECLS

@@ -3,30 +3,32 @@
 // memory, so a layer that calls these launchers can be captured in a CUDA graph.
 //
 // Versions (the CPU composition, csrc/cpu/mlp.cpp, is v0 and the oracle):
-//  v1 (this file), forward:
-//     xs  = permute_forward(x)                          kept: the backward's grad_w1 = wgrad(grad_pre, xs)
+//  v1 (this file), forward (no permuted copy of x is written or saved):
 //     pre, act = x[token_of_row] @ w1[e]^T, act(.)     one tensor-core GEMM (gemm_tc.h): the gather is in
 //                                                      the A loads, the activation in the epilogue (it
 //                                                      writes pre and act in one pass)
 //     ys  = act @ w2[e]^T                               the backend's grouped_gemm (tensor cores or v0)
 //     rows outside [offsets[0], offsets[E]) of pre, act, ys become zeros (zero_rows_outside_kernel,
 //     which reads offsets[0] and offsets[E] on the device).
-//     Where the tensor cores do not apply (f64 aside: none for the forward's trans_b GEMMs) the first GEMM
-//     is grouped_gemm(xs, w1) -> pre, zeros outside, then activation_forward over all R rows (act(0) = 0
-//     for every activation, so the outside rows of act come out zero too).
+//     Where the tensor-core launcher refuses (its grid limits; f64 never reaches here) the first GEMM
+//     is the gathered v0 (grouped_gemm_naive_gathered) -> pre, zeros outside, then activation_forward
+//     over all R rows (act(0) = 0 for every activation, so the outside rows of act come out zero too).
 //  backward: grad_act = grad_ys @ w2[e]; grad_w2 = wgrad(grad_ys, act); grad_pre = act'(pre, grad_act)
-//     over all R rows (grad_act zeroed outside first, so every value is defined); grad_w1 = wgrad(grad_pre,
-//     xs); grad_xs = grad_pre @ w1[e], zeros outside; grad_x = permute_backward(grad_xs). Intermediates
-//     are carved from the caller's workspace exactly as the CPU backend carves them.
-//  Shared expert: the same MLP over one segment [0, T]. Its offsets live in device memory for the GEMM
-//     kernels: the constant {0, INT64_MAX} (g_whole_segment), which the kernels clamp to [0, R = T), so
-//     nothing is written or allocated per call. The gate reduction's partials are carved from the
-//     caller's workspace (shared_expert_workspace_extra_bytes; torch allocates it in Python). The sigmoid
-//     gate is one warp per token (fixed butterfly sum); grad_gate_w[h] = sum_t dlogit[t] x[t, h] is a
-//     two-pass reduction (per-chunk partials over kGateChunk tokens in token order, then the partials
-//     in chunk order): deterministic, no float atomics.
+//     over all R rows (grad_act zeroed outside first, so every value is defined); grad_w1 =
+//     wgrad(grad_pre, x[token_of_row]) with the gather in the B loads (grouped_gemm_wgrad_gathered_tc);
+//     grad_xs = grad_pre @ w1[e], zeros outside; grad_x = permute_backward(grad_xs). Intermediates are
+//     carved from the caller's workspace by the one carver of csrc/core/workspace.h.
+//  Shared expert: the same MLP over one segment [0, T] of x itself (no gather). Its offsets live in
+//     device memory for the GEMM kernels: the constant {0, INT64_MAX} (g_whole_segment), which the
+//     kernels clamp to [0, R = T), so nothing is written or allocated per call. The gate reduction's
+//     partials are carved from the caller's workspace (shared_expert_workspace_extra_bytes; torch
+//     allocates it in Python). The sigmoid gate is one warp per token (fixed butterfly sum);
+//     grad_gate_w[h] = sum_t dlogit[t] x[t, h] is a two-pass reduction (per-chunk partials over
+//     kGateChunk tokens in token order, then the partials in chunk order): deterministic, no float
+//     atomics.
 #include "backend.h"
 #include "common.cuh"
+#include "core/workspace.h"
 #include "gemm_tc.h"
 
 namespace smoe::SMOE_CUDA_NS {
@@ -36,7 +38,6 @@ constexpr int kRowWarps = 4;  // warp-per-row kernels: 4 rows per block
 constexpr int kRowThreads = 32 * kRowWarps;
 constexpr int kThreads = 256;     // elementwise kernels
 constexpr int64_t kGateChunk = 256;  // tokens per partial sum of grad_gate_w
-constexpr size_t kWorkspaceAlign = 64;  // the CPU backend's carving (csrc/cpu/mlp.h)
 
 __device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x) & 31; }
 __device__ __forceinline__ int64_t first_row() {
@@ -95,35 +96,13 @@ Status zero_rows_outside(const TensorView& offsets, int64_t R, cudaStream_t stre
 
 // ---- workspace and scratch ------------------------------------------------------------------------
 
-// Carves aligned [r, c] intermediates from the caller's workspace in the CPU backend's order and
-// padding (csrc/cpu/mlp.cpp), so the public *_workspace_bytes sizes hold for both backends.
-class WorkspaceCarver {
- public:
-  explicit WorkspaceCarver(const TensorView& ws) {
-    const auto p = reinterpret_cast<uintptr_t>(ws.data);
-    next_ = static_cast<char*>(ws.data) + (kWorkspaceAlign - p % kWorkspaceAlign) % kWorkspaceAlign;
-  }
-  TensorView take(DType dtype, int64_t r, int64_t c) {
-    TensorView v = make_view(static_cast<void*>(next_), dtype, {r, c});
-    const size_t bytes = static_cast<size_t>(r * c) * dtype_size(dtype);
-    next_ += (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
-    return v;
-  }
-
- private:
-  char* next_;
-};
+// The one workspace layout and carver (csrc/core/workspace.h), shared with the CPU backend.
+using mlp_workspace::as_one_expert;
+using WorkspaceCarver = mlp_workspace::Carver;
 
 // The shared expert's one segment: {0, INT64_MAX} in device memory, which every GEMM and zero-rows
 // kernel clamps to [0, R) (docs/cuda.md, data rules), so no per-call write and no allocation.
 __device__ int64_t g_whole_segment[2] = {0, INT64_MAX};
-
-// A 2-D weight [N, Kd] seen as the single expert [1, N, Kd] of a grouped GEMM.
-TensorView as_one_expert(const TensorView& w) {
-  TensorView v = make_view(w.data, w.dtype, {1, w.size(0), w.size(1)}, w.device);
-  v.device_index = w.device_index;
-  return v;
-}
 
 // g_whole_segment of the current device (the tensors' device: DeviceGuard) as an offsets view [2] i64.
 Status whole_segment(const TensorView& x, TensorView* offsets) {
@@ -225,20 +204,21 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- the MLP over expert segments --------------------------------------------------------------------
 
-// pre = a[rows] @ w1[e]^T, act = act(pre), out = act @ w2[e]^T over the segments of `offsets` (device),
-// rows outside them zeros. a is x gathered through token_of_row when given (then xs holds the same rows,
-// already written), else a is the [R, H] input itself.
+// pre = x[rows] @ w1[e]^T, act = act(pre), out = act @ w2[e]^T over the segments of `offsets` (device),
+// rows outside them zeros. Row r reads x[token_of_row[r]] when token_of_row is given (-1: zeros), else
+// x[r] (the shared expert).
 Status mlp_forward(const ExpertMlpParams& params, const TensorView& x, const TensorView& token_of_row,
-                   const TensorView& xs, const TensorView& offsets, const TensorView& w1, const TensorView& w2,
-                   const TensorView& pre, const TensorView& act, const TensorView& out, cudaStream_t stream) {
+                   const TensorView& offsets, const TensorView& w1, const TensorView& w2, const TensorView& pre,
+                   const TensorView& act, const TensorView& out, cudaStream_t stream) {
   const int64_t R = pre.size(0);
   GroupedGemmTcParams tc;
   tc.trans_b = true;
   tc.activation = params.activation;
   Status st = grouped_gemm_tc(tc, x, w1, offsets, token_of_row, TensorView{}, act, pre, stream);
   if (st.code() == Code::kUnsupported) {
-    // refused by the tensor-core launcher: v0 GEMM on the permuted rows, then the activation kernel.
-    SMOE_RETURN_IF_ERROR(grouped_gemm(GroupedGemmParams{true}, xs, w1, offsets, pre, stream));
+    // refused by the tensor-core launcher: the gathered v0 GEMM, then the activation kernel.
+    SMOE_RETURN_IF_ERROR(grouped_gemm_naive_gathered(GroupedGemmParams{true}, x, w1, offsets, token_of_row, pre,
+                                                     stream));
     SMOE_RETURN_IF_ERROR(zero_rows_outside(offsets, R, stream, pre));
     SMOE_RETURN_IF_ERROR(activation_forward(params.activation, pre, act, stream));
   } else {
@@ -249,20 +229,31 @@ Status mlp_forward(const ExpertMlpParams& params, const TensorView& x, const Ten
   return zero_rows_outside(offsets, R, stream, out);
 }
 
+// grad_w1 = wgrad(grad_pre, x[token_of_row]) (x itself without token_of_row): the tensor cores with
+// the gather in the B loads, v0 where they refuse.
+Status wgrad_gathered(const TensorView& grad_pre, const TensorView& x, const TensorView& token_of_row,
+                      const TensorView& offsets, const TensorView& grad_w1, cudaStream_t stream) {
+  Status st = grouped_gemm_wgrad_gathered_tc(grad_pre, x, token_of_row, offsets, grad_w1, stream);
+  if (st.code() == Code::kUnsupported) {
+    return grouped_gemm_wgrad_naive_gathered(grad_pre, x, token_of_row, offsets, grad_w1, stream);
+  }
+  return st;
+}
+
 // grad_act = g_out @ w2[e]; grad_w2 = wgrad(g_out, act); grad_pre = act'(pre, grad_act);
-// grad_w1 = wgrad(grad_pre, xs); grad_xs = grad_pre @ w1[e], zeros outside the segments.
-Status mlp_backward(const ExpertMlpParams& params, const TensorView& g_out, const TensorView& offsets,
-                    const TensorView& w1, const TensorView& w2, const TensorView& xs, const TensorView& pre,
-                    const TensorView& act, const TensorView& grad_act, const TensorView& grad_pre,
-                    const TensorView& grad_xs, const TensorView& grad_w1, const TensorView& grad_w2,
-                    cudaStream_t stream) {
+// grad_w1 = wgrad(grad_pre, x[token_of_row]); grad_xs = grad_pre @ w1[e], zeros outside the segments.
+Status mlp_backward(const ExpertMlpParams& params, const TensorView& g_out, const TensorView& x,
+                    const TensorView& token_of_row, const TensorView& offsets, const TensorView& w1,
+                    const TensorView& w2, const TensorView& pre, const TensorView& act, const TensorView& grad_act,
+                    const TensorView& grad_pre, const TensorView& grad_xs, const TensorView& grad_w1,
+                    const TensorView& grad_w2, cudaStream_t stream) {
   const int64_t R = g_out.size(0);
   const GroupedGemmParams nn{false};
   SMOE_RETURN_IF_ERROR(grouped_gemm(nn, g_out, w2, offsets, grad_act, stream));
   SMOE_RETURN_IF_ERROR(zero_rows_outside(offsets, R, stream, grad_act));
   SMOE_RETURN_IF_ERROR(grouped_gemm_wgrad(g_out, act, offsets, grad_w2, stream));
   SMOE_RETURN_IF_ERROR(activation_backward(params.activation, pre, grad_act, grad_pre, stream));
-  SMOE_RETURN_IF_ERROR(grouped_gemm_wgrad(grad_pre, xs, offsets, grad_w1, stream));
+  SMOE_RETURN_IF_ERROR(wgrad_gathered(grad_pre, x, token_of_row, offsets, grad_w1, stream));
   SMOE_RETURN_IF_ERROR(grouped_gemm(nn, grad_pre, w1, offsets, grad_xs, stream));
   return zero_rows_outside(offsets, R, stream, grad_xs);  // rows of no expert send no gradient back
 }
@@ -271,28 +262,25 @@ Status mlp_backward(const ExpertMlpParams& params, const TensorView& g_out, cons
 
 Status expert_mlp_forward(const ExpertMlpParams& params, const TensorView& x, const TensorView& token_of_row,
                           const TensorView& offsets, const TensorView& w1, const TensorView& w2,
-                          const TensorView& xs, const TensorView& pre, const TensorView& act, const TensorView& ys,
-                          void* stream) {
+                          const TensorView& pre, const TensorView& act, const TensorView& ys, void* stream) {
   if (x.dtype == DType::kF64) return f64_unsupported("expert_mlp_forward");
-  if (xs.size(0) == 0) return Status::Ok();
-  const cudaStream_t s = as_stream(stream);
-  SMOE_RETURN_IF_ERROR(permute_forward(x, token_of_row, xs, stream));
-  return mlp_forward(params, x, token_of_row, xs, offsets, w1, w2, pre, act, ys, s);
+  if (ys.size(0) == 0) return Status::Ok();
+  return mlp_forward(params, x, token_of_row, offsets, w1, w2, pre, act, ys, as_stream(stream));
 }
 
-Status expert_mlp_backward(const ExpertMlpParams& params, const TensorView& grad_ys, const TensorView& row_of,
-                           const TensorView& offsets, const TensorView& w1, const TensorView& w2,
-                           const TensorView& xs, const TensorView& pre, const TensorView& act,
-                           const TensorView& grad_x, const TensorView& grad_w1, const TensorView& grad_w2,
-                           const TensorView& workspace, void* stream) {
+Status expert_mlp_backward(const ExpertMlpParams& params, const TensorView& grad_ys, const TensorView& x,
+                           const TensorView& token_of_row, const TensorView& row_of, const TensorView& offsets,
+                           const TensorView& w1, const TensorView& w2, const TensorView& pre,
+                           const TensorView& act, const TensorView& grad_x, const TensorView& grad_w1,
+                           const TensorView& grad_w2, const TensorView& workspace, void* stream) {
   if (grad_ys.dtype == DType::kF64) return f64_unsupported("expert_mlp_backward");
   const int64_t R = grad_ys.size(0), H = grad_ys.size(1), F = act.size(1), F1 = pre.size(1);
-  WorkspaceCarver ws(workspace);
+  WorkspaceCarver ws(workspace);  // layout: csrc/core/workspace.h
   const TensorView grad_act = ws.take(grad_ys.dtype, R, F);   // [R, F]
   const TensorView grad_pre = ws.take(grad_ys.dtype, R, F1);  // [R, F1]
   const TensorView grad_xs = ws.take(grad_ys.dtype, R, H);    // [R, H]
-  SMOE_RETURN_IF_ERROR(mlp_backward(params, grad_ys, offsets, w1, w2, xs, pre, act, grad_act, grad_pre, grad_xs,
-                                    grad_w1, grad_w2, as_stream(stream)));
+  SMOE_RETURN_IF_ERROR(mlp_backward(params, grad_ys, x, token_of_row, offsets, w1, w2, pre, act, grad_act, grad_pre,
+                                    grad_xs, grad_w1, grad_w2, as_stream(stream)));
   return permute_backward(grad_xs, row_of, grad_x, stream);
 }
 
@@ -307,9 +295,9 @@ Status shared_expert_forward(const ExpertMlpParams& params, const TensorView& x,
   const cudaStream_t s = as_stream(stream);
   TensorView offsets;
   SMOE_RETURN_IF_ERROR(whole_segment(x, &offsets));
-  // No gather: x is its own permuted input (token_of_row absent, xs = x).
+  // No gather: row t reads x[t] (token_of_row absent).
   SMOE_RETURN_IF_ERROR(
-      mlp_forward(params, x, TensorView{}, x, offsets, as_one_expert(w1), as_one_expert(w2), pre, act, out, s));
+      mlp_forward(params, x, TensorView{}, offsets, as_one_expert(w1), as_one_expert(w2), pre, act, out, s));
   return dispatch_float(x.dtype, op, [&](auto tag) -> Status {
     using S = typename decltype(tag)::type;
     // one warp per token
@@ -326,8 +314,7 @@ int64_t shared_expert_workspace_extra_bytes(int64_t T, int64_t H) {
   if (T < 0 || H < 0) return 0;
   // Saturating, like every size query (include/smoe/tensor.h): huge T*H must not wrap.
   const int64_t bytes = sat_mul(sat_mul(ceil_div(T, kGateChunk), H), static_cast<int64_t>(sizeof(float)));
-  if (bytes >= kSizeOverflow - static_cast<int64_t>(kWorkspaceAlign)) return kSizeOverflow;
-  return (bytes + kWorkspaceAlign - 1) / kWorkspaceAlign * kWorkspaceAlign;
+  return mlp_workspace::piece(bytes);
 }
 
 Status shared_expert_backward(const ExpertMlpParams& params, const TensorView& grad_y, const TensorView& x,
@@ -380,8 +367,9 @@ Status shared_expert_backward(const ExpertMlpParams& params, const TensorView& g
   }));
 
   const TensorView& g_out = gated ? grad_out : grad_y;
-  SMOE_RETURN_IF_ERROR(mlp_backward(params, g_out, offsets, as_one_expert(w1), as_one_expert(w2), x, pre, act,
-                                    grad_act, grad_pre, grad_xs, as_one_expert(grad_w1), as_one_expert(grad_w2), s));
+  SMOE_RETURN_IF_ERROR(mlp_backward(params, g_out, x, TensorView{}, offsets, as_one_expert(w1), as_one_expert(w2), pre,
+                                    act, grad_act, grad_pre, grad_xs, as_one_expert(grad_w1), as_one_expert(grad_w2),
+                                    s));
   if (T * H == 0) return Status::Ok();
   return dispatch_float(dt, op, [&](auto tag) -> Status {
     using S = typename decltype(tag)::type;

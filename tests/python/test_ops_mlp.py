@@ -188,15 +188,16 @@ def test_mlp_deterministic():
 
 @pytest.mark.parametrize("activation", ["swiglu", "relu"])
 def test_expert_mlp_without_saved_matches_and_does_not_alias(activation):
-    """need_saved=False keeps xs/pre/act in the reused per-thread scratch: ys is the same bits as with
-    need_saved=True, the saved outputs come back empty, and a second call never overwrites the first ys."""
+    """need_saved=False keeps pre/act in the reused per-thread scratch: ys is the same bits as with
+    need_saved=True, the saved outputs come back empty, and a second call never overwrites the first ys.
+    (There is no xs output any more: x is read through token_of_row, see test_expert_mlp_saves_no_copy_of_x.)"""
     T, E, K, H, Fd = 19, 5, 2, 24, 40
     plan = plan_for(T, E, K, pad=4)
     w1, w2 = weights_for(E, H, Fd, activation)
     x1, x2 = torch.randn(T, H), torch.randn(T, H)
     args = (plan.token_of_row, plan.offsets, plan.row_of, w1, w2, activation, "cpu")
-    ys_saved, xs, pre, act = torch.ops.smoe.expert_mlp(x1, *args, True)
-    assert xs.numel() > 0 and pre.numel() > 0 and act.numel() > 0
+    ys_saved, pre, act = torch.ops.smoe.expert_mlp(x1, *args, True)
+    assert pre.numel() > 0 and act.numel() > 0
     ys1, *empties = torch.ops.smoe.expert_mlp(x1, *args, False)
     assert all(t.numel() == 0 for t in empties)
     assert torch.equal(ys1, ys_saved)
@@ -207,6 +208,50 @@ def test_expert_mlp_without_saved_matches_and_does_not_alias(activation):
     assert torch.equal(ys2, torch.ops.smoe.expert_mlp(x2, *args, True)[0])
     with torch.no_grad():  # the functional entry point picks need_saved=False here
         assert torch.equal(F.expert_mlp(x1, w1, w2, plan, activation=activation, backend="cpu"), ys_saved)
+
+
+def test_expert_mlp_saves_no_copy_of_x():
+    """The op saves pre [R, F1] and act [R, F] and references (no copies) to x, the plan and the weights:
+    no [R, H] permuted x is saved, and the tensors it allocates for backward are exactly pre and act."""
+    T, E, K, H, Fd = 13, 4, 2, 24, 10
+    plan = plan_for(T, E, K, pad=2)
+    w1, w2 = weights_for(E, H, Fd, "swiglu")
+    x = torch.randn(T, H, requires_grad=True)
+    w1.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ys = F.expert_mlp(x, w1, w2, plan, activation="swiglu", backend="cpu")
+    R = plan.token_of_row.shape[0]
+    inputs = (x, w1, w2, plan.token_of_row, plan.row_of, plan.offsets)
+    fresh = [t for t in saved if not any(t.untyped_storage().data_ptr() == i.untyped_storage().data_ptr()
+                                         for i in inputs)]
+    assert sorted(tuple(t.shape) for t in fresh) == sorted([(R, 2 * Fd), (R, Fd)])
+    assert not any(tuple(t.shape) == (R, H) for t in saved)
+    ys.square().sum().backward()  # and the backward works from these alone
+    assert x.grad is not None and w1.grad is not None
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_shared_expert_saves_out_only_when_gated(gated):
+    """The ungated shared expert's output equals the y it adds, and its backward never reads it: the op
+    saves pre and act only; the gated one also keeps out [T, H] (for the gate's gradient) and gate [T]."""
+    T, H, Fd = 9, 16, 12
+    x = torch.randn(T, H, requires_grad=True)
+    w1 = (torch.randn(2 * Fd, H) * 0.3).requires_grad_(True)
+    w2 = (torch.randn(H, Fd) * 0.3).requires_grad_(True)
+    gate_w = (torch.randn(H) * 0.3).requires_grad_(True) if gated else None
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = F.shared_expert(x, w1, w2, gate_w, backend="cpu")
+    inputs = [t for t in (x, w1, w2, gate_w) if t is not None]
+    fresh = [tuple(t.shape) for t in saved if t.numel() > 0 and not any(t._cdata == i._cdata for i in inputs)]
+    want = [(T, 2 * Fd), (T, Fd)] + ([(T, H), (T,)] if gated else [])
+    assert sorted(fresh) == sorted(want)
+    y.square().sum().backward()
+    yr = ref.shared_expert(x, w1, w2, gate_w)
+    grads = torch.autograd.grad(yr.square().sum(), inputs)
+    for t, g in zip(inputs, grads):
+        assert_close(t.grad, g)
 
 
 def test_expert_mlp_need_saved_false_with_grad_raises():

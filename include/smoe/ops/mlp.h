@@ -1,4 +1,4 @@
-// smoe/ops/mlp.h: the fused expert MLP (permute -> GEMM -> activation -> GEMM) and shared experts.
+// smoe/ops/mlp.h: the fused expert MLP (gather -> GEMM -> activation -> GEMM) and shared experts.
 #pragma once
 
 #include "smoe/ops/gemm.h"
@@ -10,21 +10,26 @@ struct ExpertMlpParams {
 };
 
 // x [T, H]; token_of_row [R] i32; offsets [E+1] i64; w1 [E, F1, H]; w2 [E, H, F]   (F1 = 2F if gated)
-// outputs saved for backward: xs [R, H] (permuted x), pre [R, F1] (before activation), act [R, F]
+// Row r of expert e reads x[token_of_row[r]] straight into the first GEMM (-1: a zero row); no
+// permuted copy of x is written or kept.
+// outputs saved for backward: pre [R, F1] (before activation), act [R, F]
 // ys [R, H] out: expert output per row (not yet weighted or combined). All float tensors one dtype.
+// Rows outside [offsets[0], offsets[E]) of pre, act and ys become zeros.
 Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const TensorView& x,
                           const TensorView& token_of_row, const TensorView& offsets, const TensorView& w1,
-                          const TensorView& w2, const TensorView& xs, const TensorView& pre,
-                          const TensorView& act, const TensorView& ys);
+                          const TensorView& w2, const TensorView& pre, const TensorView& act,
+                          const TensorView& ys);
 
-// grad_ys [R, H]; row_of [T, K] i32 and the saved tensors; outputs grad_x [T, H], grad_w1 [E, F1, H],
-// grad_w2 [E, H, F]. workspace: bytes from expert_mlp_workspace_bytes.
+// grad_ys [R, H]; x [T, H] and token_of_row [R] of the forward (grad_w1 = sum over the rows r of
+// expert e of grad_pre[r]^T x[token_of_row[r]], x read through token_of_row again); row_of [T, K] i32;
+// the saved pre, act; outputs grad_x [T, H], grad_w1 [E, F1, H], grad_w2 [E, H, F].
+// workspace: bytes from expert_mlp_workspace_bytes (layout: csrc/core/workspace.h).
 int64_t expert_mlp_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t R, int64_t H, int64_t F);
 Status expert_mlp_backward(const Exec& exec, const ExpertMlpParams& params, const TensorView& grad_ys,
-                           const TensorView& row_of, const TensorView& offsets, const TensorView& w1,
-                           const TensorView& w2, const TensorView& xs, const TensorView& pre,
-                           const TensorView& act, const TensorView& grad_x, const TensorView& grad_w1,
-                           const TensorView& grad_w2, const TensorView& workspace);
+                           const TensorView& x, const TensorView& token_of_row, const TensorView& row_of,
+                           const TensorView& offsets, const TensorView& w1, const TensorView& w2,
+                           const TensorView& pre, const TensorView& act, const TensorView& grad_x,
+                           const TensorView& grad_w1, const TensorView& grad_w2, const TensorView& workspace);
 
 // Shared experts (DeepSeekMoE arXiv:2401.06066; Qwen2-MoE): every token passes through one dense
 // MLP (several shared experts are one MLP of their summed width), optionally scaled by a sigmoid gate:
@@ -37,6 +42,8 @@ Status shared_expert_forward(const Exec& exec, const ExpertMlpParams& params, co
                              const TensorView& pre, const TensorView& act, const TensorView& out,
                              const TensorView& gate, const TensorView& y);
 // grad_y [T, H] -> grad_x [T, H] (accumulated into: grad_x += ...), grad_w1, grad_w2, grad_gate_w [H] (if gated).
+// Without gate_w, `out` is never read by the backward and may be absent (so a caller need not keep the
+// [T, H] MLP output, which then equals the y it added).
 // workspace: bytes from shared_expert_workspace_bytes.
 int64_t shared_expert_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t T, int64_t H, int64_t F);
 Status shared_expert_backward(const Exec& exec, const ExpertMlpParams& params, const TensorView& grad_y,

@@ -34,7 +34,7 @@ def _check_mlp(op: str, kind: str, named) -> None:
 
 def _mlp_shapes(x: Tensor, R: int, w2_F: int, kind: str):
     F1 = 2 * w2_F if kind in GATED_ACTIVATIONS else w2_F
-    return (R, x.shape[1]), (R, F1), (R, w2_F)  # xs / ys [R, H], pre [R, F1], act [R, F]
+    return (R, x.shape[1]), (R, F1), (R, w2_F)  # ys [R, H], pre [R, F1], act [R, F]
 
 
 def _expert_mlp_dims(x, token_of_row, w2):
@@ -52,16 +52,17 @@ def expert_mlp_op(
     activation: str,
     backend: str,
     need_saved: bool = True,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (ys, xs, pre, act): ys is the result, the rest are saved for backward.
-    need_saved=False (no gradient wanted): xs, pre, act live in scratch and are returned empty ([0])."""
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (ys, pre, act): ys is the result, pre and act are saved for backward. x is read through
+    token_of_row (no permuted copy of x is made or saved; the backward reads x again).
+    need_saved=False (no gradient wanted): pre, act live in scratch and are returned empty ([0])."""
     _check_mlp("expert_mlp", activation, _expert_mlp_dims(x, token_of_row, w2))
     hs, ps, as_ = _mlp_shapes(x, token_of_row.shape[0], w2.shape[2], activation)
     ys = x.new_empty(hs)
     if need_saved:
-        xs, pre, act = x.new_empty(hs), x.new_empty(ps), x.new_empty(as_)
+        pre, act = x.new_empty(ps), x.new_empty(as_)
     else:
-        xs, pre, act = _scratch_views(x.device, x.dtype, (hs, ps, as_))
+        pre, act = _scratch_views(x.device, x.dtype, (ps, as_))
     _core.lib().expert_mlp_forward(
         **_exec(backend, x),
         act=ACTIVATIONS[activation],
@@ -70,14 +71,13 @@ def expert_mlp_op(
         offsets=_v(offsets, "offsets"),
         w1=_v(w1, "w1"),
         w2=_v(w2, "w2"),
-        xs=_v(xs, "xs"),
         pre=_v(pre, "pre"),
         act_out=_v(act, "act"),
         ys=_v(ys, "ys"),
     )
     if not need_saved:
-        xs, pre, act = x.new_empty((0,)), x.new_empty((0,)), x.new_empty((0,))
-    return ys, xs, pre, act
+        pre, act = x.new_empty((0,)), x.new_empty((0,))
+    return ys, pre, act
 
 
 @expert_mlp_op.register_fake
@@ -85,18 +85,19 @@ def _(x, token_of_row, offsets, row_of, w1, w2, activation, backend, need_saved=
     _check_mlp("expert_mlp", activation, _expert_mlp_dims(x, token_of_row, w2))
     hs, ps, as_ = _mlp_shapes(x, token_of_row.shape[0], w2.shape[2], activation)
     if not need_saved:
-        return x.new_empty(hs), x.new_empty((0,)), x.new_empty((0,)), x.new_empty((0,))
-    return x.new_empty(hs), x.new_empty(hs), x.new_empty(ps), x.new_empty(as_)
+        return x.new_empty(hs), x.new_empty((0,)), x.new_empty((0,))
+    return x.new_empty(hs), x.new_empty(ps), x.new_empty(as_)
 
 
 @torch.library.custom_op("smoe::expert_mlp_backward", mutates_args=())
 def expert_mlp_backward(
     grad_ys: Tensor,
+    x: Tensor,
+    token_of_row: Tensor,
     row_of: Tensor,
     offsets: Tensor,
     w1: Tensor,
     w2: Tensor,
-    xs: Tensor,
     pre: Tensor,
     act: Tensor,
     activation: str,
@@ -117,11 +118,12 @@ def expert_mlp_backward(
         **_exec(backend, grad_ys),
         act=ACTIVATIONS[activation],
         grad_ys=_v(grad_ys, "grad_ys"),
+        x=_v(x, "x"),
+        token_of_row=_v(token_of_row, "token_of_row"),
         row_of=_v(row_of, "row_of"),
         offsets=_v(offsets, "offsets"),
         w1=_v(w1, "w1"),
         w2=_v(w2, "w2"),
-        xs=_v(xs, "xs"),
         pre=_v(pre, "pre"),
         act_out=_v(act, "act"),
         grad_x=_v(grad_x, "grad_x"),
@@ -133,7 +135,7 @@ def expert_mlp_backward(
 
 
 @expert_mlp_backward.register_fake
-def _(grad_ys, row_of, offsets, w1, w2, xs, pre, act, activation, backend):
+def _(grad_ys, x, token_of_row, row_of, offsets, w1, w2, pre, act, activation, backend):
     return (
         grad_ys.new_empty((row_of.shape[0], grad_ys.shape[1])),
         torch.empty_like(w1, memory_format=torch.contiguous_format),
@@ -142,28 +144,29 @@ def _(grad_ys, row_of, offsets, w1, w2, xs, pre, act, activation, backend):
 
 
 def _expert_mlp_setup(ctx, inputs, output):
-    _x, _token_of_row, offsets, row_of, w1, w2, activation, backend, *need_saved = inputs
+    x, token_of_row, offsets, row_of, w1, w2, activation, backend, *need_saved = inputs
     if need_saved and not need_saved[0]:
         raise RuntimeError(
             "smoe::expert_mlp: need_saved=False keeps nothing for backward; call it with need_saved=True when "
             "x, w1 or w2 requires grad (smoe.functional.expert_mlp does)"
         )
-    _ys, xs, pre, act = output
-    ctx.save_for_backward(row_of, offsets, w1, w2, xs, pre, act)
+    _ys, pre, act = output
+    # x is the op's own input (the caller keeps it anyway): saving it stores a reference, not a copy.
+    ctx.save_for_backward(x, token_of_row, row_of, offsets, w1, w2, pre, act)
     ctx.activation = activation
     ctx.backend = backend
-    ctx.mark_non_differentiable(xs, pre, act)  # saved tensors, returned only so autograd can keep them
+    ctx.mark_non_differentiable(pre, act)  # saved tensors, returned only so autograd can keep them
     # Their gradients are never defined: without this autograd would hand backward zero-filled
-    # [R, H] + [R, F1] + [R, F] tensors (a memset plus fresh pages on every step).
+    # [R, F1] + [R, F] tensors (a memset plus fresh pages on every step).
     ctx.set_materialize_grads(False)
 
 
-def _expert_mlp_backward(ctx, grad_ys, _g_xs, _g_pre, _g_act):
+def _expert_mlp_backward(ctx, grad_ys, _g_pre, _g_act):
     if grad_ys is None:  # ys did not reach the loss
         return (None,) * 9
-    row_of, offsets, w1, w2, xs, pre, act = ctx.saved_tensors
+    x, token_of_row, row_of, offsets, w1, w2, pre, act = ctx.saved_tensors
     grad_x, grad_w1, grad_w2 = torch.ops.smoe.expert_mlp_backward(
-        grad_ys.contiguous(), row_of, offsets, w1, w2, xs, pre, act, ctx.activation, ctx.backend
+        grad_ys.contiguous(), x, token_of_row, row_of, offsets, w1, w2, pre, act, ctx.activation, ctx.backend
     )
     need = ctx.needs_input_grad
     return (
@@ -180,11 +183,13 @@ def shared_expert_op(
     x: Tensor, w1: Tensor, w2: Tensor, gate_w: Optional[Tensor], activation: str, backend: str
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (y, pre, act, out, gate): y = gate * out is the result, the rest are saved for backward.
-    gate [T] is empty ([0]) without gate_w."""
+    gate [T] and out are empty ([0]) without gate_w (then out equals y and the backward never reads it:
+    it lives in scratch for the call)."""
     _check_mlp("shared_expert", activation, [("x", x, 2, "[T, H]"), ("w2", w2, 2, "[H, F]")])
     T = x.shape[0]
     _, ps, as_ = _mlp_shapes(x, T, w2.shape[1], activation)
-    pre, act, out = x.new_empty(ps), x.new_empty(as_), x.new_empty(x.shape)
+    pre, act = x.new_empty(ps), x.new_empty(as_)
+    out = x.new_empty(x.shape) if gate_w is not None else _scratch_views(x.device, x.dtype, (tuple(x.shape),))[0]
     gate = x.new_empty((T,) if gate_w is not None else (0,), dtype=acc_dtype(x.dtype))
     y = torch.zeros_like(x, memory_format=torch.contiguous_format)  # the core accumulates into y
     _core.lib().shared_expert_forward(
@@ -200,6 +205,8 @@ def shared_expert_op(
         gate=_v(gate, "gate") if gate_w is not None else None,
         y=_v(y, "y"),
     )
+    if gate_w is None:
+        out = x.new_empty((0,))
     return y, pre, act, out, gate
 
 
@@ -209,7 +216,8 @@ def _(x, w1, w2, gate_w, activation, backend):
     T = x.shape[0]
     _, ps, as_ = _mlp_shapes(x, T, w2.shape[1], activation)
     gate = x.new_empty((T,) if gate_w is not None else (0,), dtype=acc_dtype(x.dtype))
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(ps), x.new_empty(as_), x.new_empty(x.shape), gate
+    out = x.new_empty(x.shape if gate_w is not None else (0,))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(ps), x.new_empty(as_), out, gate
 
 
 @torch.library.custom_op("smoe::shared_expert_backward", mutates_args=())
@@ -248,7 +256,7 @@ def shared_expert_backward(
         gate_w=_v(gate_w, "gate_w"),
         pre=_v(pre, "pre"),
         act_out=_v(act, "act"),
-        out=_v(out, "out"),
+        out=_v(out, "out") if gate_w is not None else None,
         gate=_v(gate, "gate") if gate_w is not None else None,
         grad_x=_v(grad_x, "grad_x"),
         grad_w1=_v(grad_w1, "grad_w1"),

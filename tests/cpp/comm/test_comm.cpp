@@ -126,14 +126,14 @@ std::vector<float> single(const Problem& pr, int64_t t0, int64_t T, int64_t capa
   EXPECT_TRUE(routing_plan(exec, rp, ex, w, make_view(counts.data(), {pr.E}), make_view(off.data(), {pr.E + 1}),
                            make_view(row_of.data(), {T, pr.K}), make_view(tor.data(), {R}),
                            make_view(ws.data(), {static_cast<int64_t>(ws.size())})).ok());
-  std::vector<float> xs(std::max<int64_t>(R, 1) * pr.H), pre(std::max<int64_t>(R, 1) * 2 * pr.F),
+  std::vector<float> pre(std::max<int64_t>(R, 1) * 2 * pr.F),
       act(std::max<int64_t>(R, 1) * pr.F), ys(std::max<int64_t>(R, 1) * pr.H), y(std::max<int64_t>(T, 1) * pr.H);
   auto x = make_view(const_cast<float*>(pr.x.data() + t0 * pr.H), {T, pr.H});
   ExpertMlpParams mp;
   EXPECT_TRUE(expert_mlp_forward(exec, mp, x, make_view(tor.data(), {R}), make_view(off.data(), {pr.E + 1}),
                                  make_view(const_cast<float*>(pr.w1.data()), {pr.E, 2 * pr.F, pr.H}),
                                  make_view(const_cast<float*>(pr.w2.data()), {pr.E, pr.H, pr.F}),
-                                 make_view(xs.data(), {R, pr.H}), make_view(pre.data(), {R, 2 * pr.F}),
+                                 make_view(pre.data(), {R, 2 * pr.F}),
                                  make_view(act.data(), {R, pr.F}), make_view(ys.data(), {R, pr.H})).ok());
   EXPECT_TRUE(combine_forward(exec, make_view(ys.data(), {R, pr.H}), w, make_view(row_of.data(), {T, pr.K}),
                               make_view(y.data(), {T, pr.H})).ok());

@@ -3,12 +3,13 @@
 // schedules (bitwise equal across schedules).
 //
 // Inputs are multiples of 1/8 in [-1/2, 1/2]: exact in bf16, with the first GEMM's products and sums
-// exact in f32 whatever the order, so `pre` and `xs` must match the CPU bit for bit. Everything
+// exact in f32 whatever the order, so `pre` must match the CPU bit for bit. Everything
 // downstream of an activation goes through expf/erff and sums in a different order: tolerance_for(dtype).
 // bf16 with H = 16, F = 24 takes the tensor-core path (gather and activation fused); f32 takes v0.
 #include <algorithm>
 
 #include "cpu/mlp.h"
+#include "cuda/gemm_tc.h"
 #include "cuda_testing.h"
 
 namespace smoe::testing {
@@ -75,24 +76,21 @@ void check_expert_mlp(DType dt, Activation act, int64_t T, int64_t E) {
                    gv = make_view(gys.data(), dt, {R, H});
 
   struct Out {
-    std::vector<S> xs, pre, act, ys, gx, gw1, gw2;
+    std::vector<S> pre, act, ys, gx, gw1, gw2;  // no xs: x is read through token_of_row both ways
   };
   auto alloc = [&] {
-    return Out{std::vector<S>(size_t(R * H)),     std::vector<S>(size_t(R * F1)), std::vector<S>(size_t(R * F)),
-               std::vector<S>(size_t(R * H)),     std::vector<S>(size_t(T * H)),  std::vector<S>(size_t(E * F1 * H)),
-               std::vector<S>(size_t(E * H * F))};
+    return Out{std::vector<S>(size_t(R * F1)), std::vector<S>(size_t(R * F)),     std::vector<S>(size_t(R * H)),
+               std::vector<S>(size_t(T * H)),  std::vector<S>(size_t(E * F1 * H)), std::vector<S>(size_t(E * H * F))};
   };
   const int64_t ws_bytes = expert_mlp_workspace_bytes(params, dt, R, H, F);
   std::vector<unsigned char> ws = workspace_for(ws_bytes);
   const TensorView wsv = make_view(ws.data(), DType::kU8, {ws_bytes});
 
   Out want = alloc();
-  ASSERT_TRUE(cpu::expert_mlp_forward(params, xv, tv, ov, w1v, w2v, make_view(want.xs.data(), dt, {R, H}),
-                                      make_view(want.pre.data(), dt, {R, F1}), make_view(want.act.data(), dt, {R, F}),
+  ASSERT_TRUE(cpu::expert_mlp_forward(params, xv, tv, ov, w1v, w2v, make_view(want.pre.data(), dt, {R, F1}), make_view(want.act.data(), dt, {R, F}),
                                       make_view(want.ys.data(), dt, {R, H}))
                   .ok());
-  ASSERT_TRUE(cpu::expert_mlp_backward(params, gv, rv, ov, w1v, w2v, make_view(want.xs.data(), dt, {R, H}),
-                                       make_view(want.pre.data(), dt, {R, F1}),
+  ASSERT_TRUE(cpu::expert_mlp_backward(params, gv, xv, tv, rv, ov, w1v, w2v, make_view(want.pre.data(), dt, {R, F1}),
                                        make_view(want.act.data(), dt, {R, F}), make_view(want.gx.data(), dt, {T, H}),
                                        make_view(want.gw1.data(), dt, {E, F1, H}),
                                        make_view(want.gw2.data(), dt, {E, H, F}), wsv)
@@ -100,21 +98,18 @@ void check_expert_mlp(DType dt, Activation act, int64_t T, int64_t E) {
 
   Out got = alloc();
   run_all_schedules([&] {
-    poison(got.xs), poison(got.pre), poison(got.act), poison(got.ys), poison(got.gx), poison(got.gw1),
-        poison(got.gw2), poison(ws);
-    const TensorView xsv = make_view(got.xs.data(), dt, {R, H}), prev = make_view(got.pre.data(), dt, {R, F1}),
-                     actv = make_view(got.act.data(), dt, {R, F});
-    EXPECT_OK(sim::expert_mlp_forward(params, xv, tv, ov, w1v, w2v, xsv, prev, actv,
-                                      make_view(got.ys.data(), dt, {R, H}), nullptr));
+    poison(got.pre), poison(got.act), poison(got.ys), poison(got.gx), poison(got.gw1), poison(got.gw2), poison(ws);
+    const TensorView prev = make_view(got.pre.data(), dt, {R, F1}), actv = make_view(got.act.data(), dt, {R, F});
+    EXPECT_OK(sim::expert_mlp_forward(params, xv, tv, ov, w1v, w2v, prev, actv, make_view(got.ys.data(), dt, {R, H}),
+                                      nullptr));
     // The backward reads the device forward's saved tensors, as a layer does.
-    EXPECT_OK(sim::expert_mlp_backward(params, gv, rv, ov, w1v, w2v, xsv, prev, actv,
+    EXPECT_OK(sim::expert_mlp_backward(params, gv, xv, tv, rv, ov, w1v, w2v, prev, actv,
                                        make_view(got.gx.data(), dt, {T, H}), make_view(got.gw1.data(), dt, {E, F1, H}),
                                        make_view(got.gw2.data(), dt, {E, H, F}), wsv, nullptr));
     std::vector<unsigned char> o;
-    for (const auto* v : {&got.xs, &got.pre, &got.act, &got.ys, &got.gx, &got.gw1, &got.gw2}) append_bytes(o, *v);
+    for (const auto* v : {&got.pre, &got.act, &got.ys, &got.gx, &got.gw1, &got.gw2}) append_bytes(o, *v);
     return o;
   });
-  EXPECT_TRUE(bitwise_equal(got.xs, want.xs));
   EXPECT_TRUE(bitwise_equal(got.pre, want.pre)) << all_close(got.pre, want.pre, dt).message();
   EXPECT_TRUE(all_close(got.act, want.act, dt));
   EXPECT_TRUE(all_close(got.ys, want.ys, dt));
@@ -243,6 +238,53 @@ TEST(SimtSharedExpert, MatchesCpu) {
   check_shared_expert<float>(DType::kF32, Activation::kGeGLU, 13, false, true);  // gate filled with ones
 }
 
+// The gathered operands the MLP uses instead of a permuted copy of x (tensor cores and v0): the same
+// bits as the plain kernels on x[token_of_row] materialised here (-1 rows: zeros), under every schedule.
+template <class S>
+void check_gathered(DType dt) {
+  SCOPED_TRACE(dtype_name(dt));
+  constexpr int64_t T = 37, H = 40, M = 24, E = 4;
+  const Plan plan = make_plan(T, 2, E);
+  const int64_t R = plan.R;
+  std::vector<S> x = eighths<S>(size_t(T * H), 5), g = eighths<S>(size_t(R * M), 6),
+                 w = eighths<S>(size_t(E * M * H), 7);
+  std::vector<int32_t> tok = plan.token_of_row;
+  std::vector<int64_t> off = plan.offsets;
+  std::vector<S> xs(size_t(R * H), from_acc<S>(0.0f));
+  for (int64_t r = 0; r < R; ++r)
+    if (tok[size_t(r)] >= 0) std::copy_n(x.begin() + tok[size_t(r)] * H, H, xs.begin() + r * H);
+  const TensorView xv = make_view(x.data(), dt, {T, H}), xsv = make_view(xs.data(), dt, {R, H}),
+                   gv = make_view(g.data(), dt, {R, M}), wv = make_view(w.data(), dt, {E, M, H}),
+                   tv = make_view(tok.data(), {R}), ov = make_view(off.data(), {E + 1});
+  std::vector<S> want(size_t(E * M * H)), got(want.size()), fwd_want(size_t(R * M)), fwd_got(fwd_want.size());
+  auto cv = [&](std::vector<S>& v) { return make_view(v.data(), dt, {E, M, H}); };
+  auto fv = [&](std::vector<S>& v) { return make_view(v.data(), dt, {R, M}); };
+  EXPECT_OK(sim::grouped_gemm_wgrad_tc(gv, xsv, ov, cv(want), nullptr));
+  run_all_schedules([&] {
+    poison(got);
+    EXPECT_OK(sim::grouped_gemm_wgrad_gathered_tc(gv, xv, tv, ov, cv(got), nullptr));
+    std::vector<unsigned char> o;
+    append_bytes(o, got);
+    return o;
+  });
+  EXPECT_TRUE(bitwise_equal(got, want)) << "tensor-core wgrad, B gathered";
+  EXPECT_OK(sim::grouped_gemm_wgrad_naive(gv, xsv, ov, cv(want), nullptr));
+  EXPECT_OK(sim::grouped_gemm_wgrad_naive_gathered(gv, xv, tv, ov, cv(got), nullptr));
+  EXPECT_TRUE(bitwise_equal(got, want)) << "v0 wgrad, B gathered";
+  // v0 forward (the MLP's fallback): rows of the segments only, the rest stay as they were
+  std::fill(fwd_want.begin(), fwd_want.end(), from_acc<S>(0.0f));
+  std::fill(fwd_got.begin(), fwd_got.end(), from_acc<S>(0.0f));
+  EXPECT_OK(sim::grouped_gemm_naive(GroupedGemmParams{true}, xsv, wv, ov, fv(fwd_want), nullptr));
+  EXPECT_OK(sim::grouped_gemm_naive_gathered(GroupedGemmParams{true}, xv, wv, ov, tv, fv(fwd_got), nullptr));
+  EXPECT_TRUE(bitwise_equal(fwd_got, fwd_want)) << "v0 forward, A gathered";
+}
+
+TEST(SimtExpertMlp, GatheredOperandsMatchPermutedCopies) {
+  check_gathered<bf16_t>(DType::kBF16);
+  check_gathered<f16_t>(DType::kF16);
+  check_gathered<float>(DType::kF32);
+}
+
 // The public entry points dispatch 'simt' to these launchers, and refuse f64 on the device.
 TEST(SimtExpertMlp, EntryPointDispatch) {
   constexpr int64_t T = 3, H = 8, F = 8, K = 1, E = 1;
@@ -250,8 +292,7 @@ TEST(SimtExpertMlp, EntryPointDispatch) {
   const int64_t R = plan.R;
   std::vector<float> x = eighths<float>(size_t(T * H), 1), w1 = eighths<float>(size_t(2 * F * H), 2),
                      w2 = eighths<float>(size_t(H * F), 3);
-  std::vector<float> xs(size_t(R * H)), pre(size_t(R * 2 * F)), act(size_t(R * F)), ys(size_t(R * H)),
-      ys_cpu(size_t(R * H));
+  std::vector<float> pre(size_t(R * 2 * F)), act(size_t(R * F)), ys(size_t(R * H)), ys_cpu(size_t(R * H));
   std::vector<int32_t> tok = plan.token_of_row;
   std::vector<int64_t> off = plan.offsets;
   auto run = [&](Backend b, std::vector<float>& out) {
@@ -259,9 +300,8 @@ TEST(SimtExpertMlp, EntryPointDispatch) {
     ex.backend = b;
     return expert_mlp_forward(ex, ExpertMlpParams{}, make_view(x.data(), {T, H}), make_view(tok.data(), {R}),
                               make_view(off.data(), {E + 1}), make_view(w1.data(), {E, 2 * F, H}),
-                              make_view(w2.data(), {E, H, F}), make_view(xs.data(), {R, H}),
-                              make_view(pre.data(), {R, 2 * F}), make_view(act.data(), {R, F}),
-                              make_view(out.data(), {R, H}));
+                              make_view(w2.data(), {E, H, F}), make_view(pre.data(), {R, 2 * F}),
+                              make_view(act.data(), {R, F}), make_view(out.data(), {R, H}));
   };
   EXPECT_OK(run(Backend::kCpu, ys_cpu));
   EXPECT_OK(run(Backend::kSimt, ys));
