@@ -91,8 +91,7 @@ std::vector<EmptyCall> empty_calls(Buffers& b) {
   mp.activation = Activation::kReLU;
   calls.push_back({"expert_mlp_forward", [&b, mp](const Exec& x) {
                      return expert_mlp_forward(x, mp, b.f32({2, H}), b.i32v({0}), b.i64v({2}), b.f32({1, F, H}),
-                                               b.f32({1, H, F}), b.f32({0, H}), b.f32({0, F}), b.f32({0, F}),
-                                               b.f32({0, H}));
+                                               b.f32({1, H, F}), b.f32({0, F}), b.f32({0, F}), b.f32({0, H}));
                    }});
   calls.push_back({"shared_expert_forward", [&b, mp](const Exec& x) {
                      return shared_expert_forward(x, mp, b.f32({0, H}), b.f32({F, H}), b.f32({H, F}), {}, b.f32({0, F}),
