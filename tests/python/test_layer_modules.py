@@ -129,7 +129,10 @@ def test_routed_and_shared_experts_are_the_ops():
     torch.manual_seed(2)
     args = MoEArgs(H, FF, E, K, capacity_factor=0.75, drop_policy="score", num_shared_experts=1, shared_gate=True)
     experts, shared = RoutedExperts(args), SharedExpert(args)
-    experts.reset_parameters()
+    assert not list(experts.parameters())  # the layer owns w1 / w2
+    w1, w2 = (torch.empty(s) for s in experts.weight_shapes())
+    experts.init_weights(w1, w2)
+    assert w1.abs().max() <= 1 / H ** 0.5 and w2.abs().max() <= 1 / FF ** 0.5 and w1.std() > 0
     shared.reset_parameters()
     x = torch.randn(10, H)
     weights, idx, _ = F.topk_gating(torch.randn(10, E), top_k=K, renormalize=True)
@@ -137,8 +140,8 @@ def test_routed_and_shared_experts_are_the_ops():
     want_plan = F.routing_plan(idx, num_experts=E, weights=weights, capacity=args.capacity(10), drop_policy="score")
     for got, want in zip(plan, want_plan):
         assert torch.equal(got, want)
-    y = experts(x, weights, plan)
-    assert torch.equal(y, F.combine(F.expert_mlp(x, experts.w1, experts.w2, plan), weights, plan))
+    y = experts(x, weights, plan, w1, w2)
+    assert torch.equal(y, F.combine(F.expert_mlp(x, w1, w2, plan), weights, plan))
     assert torch.equal(shared(x), F.shared_expert(x, shared.w1, shared.w2, shared.gate_w))
     with pytest.raises(ValueError, match="SharedExpert needs num_shared_experts >= 1"):
         SharedExpert(MoEArgs(H, FF, E, K))
@@ -161,12 +164,12 @@ def _flat_state(seed=3, *, shared=True, bias=True):
 
 def test_state_dict_keys_and_parameter_order():
     layer = MoE(H, FF, E, K, num_shared_experts=1, shared_gate=True, bias_balancing=True)
-    assert list(layer.state_dict()) == ["experts.w1", "experts.w2", "shared_expert.w1", "shared_expert.w2",
+    assert list(layer.state_dict()) == ["w1", "w2", "shared_expert.w1", "shared_expert.w2",
                                         "shared_expert.gate_w", "router.weight", "router.expert_bias"]
     # parameters() in the order of the layer before the split: w1, w2, shared_w1, shared_w2, shared_gate_w, router
     assert [p for p in layer.parameters()] == [layer.w1, layer.w2, layer.shared_w1, layer.shared_w2,
                                                 layer.shared_gate_w, layer.router.weight]
-    assert layer.expert_bias is layer.router.expert_bias and layer.w1 is layer.experts.w1
+    assert layer.expert_bias is layer.router.expert_bias and layer.shared_w1 is layer.shared_expert.w1
 
 
 @pytest.mark.parametrize("shared,bias", [(True, True), (False, False)])
@@ -193,13 +196,15 @@ def test_flat_state_dict_loads(shared, bias):
 
 def test_flat_state_dict_loads_nested():
     """Inside a model (a key prefix), strictly, and a partial old state dict reports the new key missing."""
-    sd = {f"1.{k}": v for k, v in _flat_state(bias=False, shared=False).items()}
+    sd = {f"1.{k}": v for k, v in _flat_state().items()}
     sd.update({"0.weight": torch.zeros(H, H), "0.bias": torch.zeros(H)})
-    model = torch.nn.Sequential(torch.nn.Linear(H, H), MoE(H, FF, E, K))
+    model = torch.nn.Sequential(torch.nn.Linear(H, H),
+                                MoE(H, FF, E, K, num_shared_experts=1, shared_gate=True, bias_balancing=True))
     model.load_state_dict(sd, strict=True)
-    assert torch.equal(model[1].w2, sd["1.w2"])
-    del sd["1.w2"]
-    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"1.experts.w2\""):
+    assert torch.equal(model[1].w2, sd["1.w2"]) and torch.equal(model[1].shared_expert.w2, sd["1.shared_w2"])
+    assert torch.equal(model[1].router.expert_bias, sd["1.expert_bias"])
+    del sd["1.shared_w2"]
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"1.shared_expert.w2\""):
         model.load_state_dict(sd, strict=True)
 
 

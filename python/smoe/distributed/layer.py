@@ -145,8 +145,8 @@ class ExpertParallelMoE(MoE):
         self.num_local_experts = num_experts // P
         lo = rank * self.num_local_experts
         with torch.no_grad():
-            self.experts.w1 = nn.Parameter(self.w1[lo:lo + self.num_local_experts].clone())
-            self.experts.w2 = nn.Parameter(self.w2[lo:lo + self.num_local_experts].clone())
+            self.w1 = nn.Parameter(self.w1[lo:lo + self.num_local_experts].clone())
+            self.w2 = nn.Parameter(self.w2[lo:lo + self.num_local_experts].clone())
         for w in (self.w1, self.w2):
             w._smoe_expert_shard = True  # gradients reduced over DP replicas only (all_reduce_gradients)
 

@@ -1,7 +1,7 @@
 """smoe.nn.RoutedExperts and smoe.nn.SharedExpert: the expert MLPs of smoe.nn.MoE.
 
-RoutedExperts owns w1 [E, F1, H] and w2 [E, H, F] (F1 = 2F for gated activations, rows [gate | up]):
-the routing plan of a token-choice routing (smoe.functional.routing_plan, with capacity and drop
+RoutedExperts computes with w1 [E, F1, H] and w2 [E, H, F] (F1 = 2F for gated activations, rows
+[gate | up]), which the layer owns: the routing plan of a token-choice routing (smoe.functional.routing_plan, with capacity and drop
 policy), the experts (smoe.functional.expert_mlp: permute, grouped GEMM, activation, grouped GEMM) and
 the weighted sum back into token order (smoe.functional.combine). SharedExpert owns the always-on
 expert: w1 [F1s, H], w2 [H, Fs] and, with shared_gate, gate_w [H] (smoe.functional.shared_expert).
@@ -41,45 +41,49 @@ def _check_args(args) -> None:
 
 
 class RoutedExperts(nn.Module):
-    """The E routed experts: w1 [E, F1, H], w2 [E, H, F] in args.dtype on args.device.
+    """The computation of the E routed experts over w1 [E, F1, H] and w2 [E, H, F] that the caller holds
+    (smoe.nn.MoE keeps them as its own parameters `w1` / `w2`: DDP ignore lists and expert-parallel
+    shards are named so). No parameters of its own.
 
-    `experts(x, weights, plan)` is y [T, H] = combine(expert_mlp(x, w1, w2, plan), weights, plan);
-    `experts.plan(experts_idx, weights)` the token-choice routing plan with the layer's capacity."""
+    `experts.plan(experts_idx, weights)` is the token-choice routing plan with the layer's capacity;
+    `experts(x, weights, plan, w1, w2)` is y [T, H] = combine(expert_mlp(x, w1, w2, plan), weights, plan).
+    `experts.init_weights(w1, w2)` draws nn.Linear's default initialisation into them."""
 
     def __init__(self, args: MoEArgs):
         super().__init__()
         _check_args(args)
         self.args = args
-        E = args.num_experts
-        factory = {"dtype": args.dtype, "device": args.device}
-        self.w1 = nn.Parameter(torch.empty(E, args.ffn_rows, args.hidden_size, **factory))  # [E,F1,H]
-        self.w2 = nn.Parameter(torch.empty(E, args.hidden_size, args.ffn_size, **factory))  # [E,H,F]
 
+    def weight_shapes(self, num_experts: Optional[int] = None):
+        """([E, F1, H], [E, H, F]): the shapes of w1 and w2 (E = args.num_experts unless given)."""
+        a = self.args
+        E = a.num_experts if num_experts is None else num_experts
+        return (E, a.ffn_rows, a.hidden_size), (E, a.hidden_size, a.ffn_size)
+
+    @staticmethod
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        _init_uniform(self.w1, self.w1.shape[-1])
-        _init_uniform(self.w2, self.w2.shape[-1])
+    def init_weights(w1: torch.Tensor, w2: torch.Tensor) -> None:
+        """nn.Linear's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), in place: w1 then w2."""
+        _init_uniform(w1, w1.shape[-1])
+        _init_uniform(w2, w2.shape[-1])
 
     def extra_repr(self) -> str:
-        return (f"num_experts={self.w1.shape[0]}, hidden_size={self.args.hidden_size}, "
-                f"ffn_size={self.args.ffn_size}, activation={self.args.activation!r}")
+        a = self.args
+        return (f"num_experts={a.num_experts}, hidden_size={a.hidden_size}, ffn_size={a.ffn_size}, "
+                f"activation={a.activation!r}")
 
-    def plan(self, experts: torch.Tensor, weights: torch.Tensor, num_tokens: Optional[int] = None) -> F.RoutingPlan:
+    def plan(self, experts: torch.Tensor, weights: torch.Tensor) -> F.RoutingPlan:
         """The expert-sorted row layout (smoe.functional.routing_plan) of experts [T, K] i32 with the
         capacity of args (args.capacity(T), None: dropless) and args.drop_policy, which ranks by
         weights [T, K] (detached, fp32)."""
-        T = experts.shape[0] if num_tokens is None else num_tokens
         a = self.args
         return F.routing_plan(experts, num_experts=a.num_experts, weights=weights.detach().float(),
-                              capacity=a.capacity(T), drop_policy=a.drop_policy, backend=a.backend)
+                              capacity=a.capacity(experts.shape[0]), drop_policy=a.drop_policy, backend=a.backend)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, plan: F.RoutingPlan,
-                w1: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x [T, H], weights [T, K] (the plan's row_of is [T, K]; expert choice: [T, E]) -> y [T, H] in
-        x's dtype. w1 / w2: the weights to run (default this module's cast to x's dtype; the layer
-        passes the ones it cast once per forward under autocast)."""
-        w1 = self.w1.to(x.dtype) if w1 is None else w1
-        w2 = self.w2.to(x.dtype) if w2 is None else w2
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, plan: F.RoutingPlan, w1: torch.Tensor,
+                w2: torch.Tensor) -> torch.Tensor:
+        """x [T, H], weights [T, K] (the plan's row_of is [T, K]; expert choice: [T, E]), w1 / w2 in x's
+        dtype -> y [T, H] in x's dtype."""
         backend = self.args.backend
         ys = F.expert_mlp(x, w1, w2, plan, activation=self.args.activation, backend=backend)  # [R,H]
         return F.combine(ys, weights.to(_acc_dtype(x.dtype)), plan, backend=backend).to(x.dtype)

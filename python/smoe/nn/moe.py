@@ -1,8 +1,9 @@
 """smoe.nn.MoE: a drop-in sparse mixture-of-experts layer, the composition of three submodules.
 
     MoE
-    ├── experts        RoutedExperts (smoe/nn/experts.py): w1 [E,F1,H], w2 [E,H,F]; routing_plan ->
-    │                  expert_mlp (permute + grouped GEMM + activation + grouped GEMM) -> combine
+    ├── w1, w2         the routed experts' weights [E,F1,H], [E,H,F] (parameters of MoE itself)
+    ├── experts        RoutedExperts (smoe/nn/experts.py), no parameters: routing_plan -> expert_mlp
+    │                  (permute + grouped GEMM + activation + grouped GEMM) -> combine on w1, w2
     ├── shared_expert  SharedExpert (only with num_shared_experts): w1, w2, gate_w; shared_expert
     └── router         Router (smoe/nn/router.py): weight [E,H], expert_bias [E]; logits (torch,
                        fp32) -> topk_gating | expert_choice; the router losses and counts
@@ -24,11 +25,12 @@ Training-loop contract (docs/layer.md, "Training loops"):
   forwards of a step, never over eval forwards or checkpoint recomputes, and is consumed by
   `layer.end_step()` / `smoe.nn.end_step(model)` once per optimizer step.
 
-Parameter names: the state dict holds `router.weight`, `router.expert_bias`, `experts.w1`,
-`experts.w2`, `shared_expert.w1`, `shared_expert.w2`, `shared_expert.gate_w`; `layer.w1`,
+Parameter names: the state dict holds `w1`, `w2` (the routed experts' weights stay the layer's own
+parameters: DDP ignore lists and expert-parallel shards name them), `shared_expert.w1`,
+`shared_expert.w2`, `shared_expert.gate_w`, `router.weight`, `router.expert_bias`;
 `layer.expert_bias`, `layer.shared_w1` ... still read them (read-only aliases), and a state dict with
-the flat keys of the single-module layer (`w1`, `expert_bias`, `shared_w1`, ...) still loads
-(a load_state_dict pre-hook renames them). parameters() keeps its order (w1, w2, shared_w1,
+the flat keys of the single-module layer (`expert_bias`, `shared_w1`, ...) still loads (a
+load_state_dict pre-hook renames them). parameters() keeps its order (w1, w2, shared_w1,
 shared_w2, shared_gate_w, router.weight), so optimizer state dicts saved before line up.
 """
 
@@ -194,10 +196,14 @@ class MoE(nn.Module):
         self.args = args
         self.aux_loss_scale = 1.0  # aux_loss_mode="attach" only: see smoe.nn.set_aux_loss_scale
 
-        # Registered in this order so that parameters() lists w1, w2, shared_w1, shared_w2, shared_gate_w,
-        # router.weight, as the single-module layer did (optimizer state dicts keep lining up).
+        # parameters() lists w1, w2 (own), shared_expert's, router's: the order of the single-module layer
+        # (w1, w2, shared_w1, shared_w2, shared_gate_w, router.weight), so optimizer state dicts line up.
         router = Router(args)
-        self.experts = RoutedExperts(args)
+        self.experts = RoutedExperts(args)  # no parameters: w1 / w2 are the layer's own (names kept)
+        w1_shape, w2_shape = self.experts.weight_shapes()
+        factory = {"dtype": dtype, "device": device}
+        self.w1 = nn.Parameter(torch.empty(w1_shape, **factory))  # [E,F1,H]
+        self.w2 = nn.Parameter(torch.empty(w2_shape, **factory))  # [E,H,F]
         if args.num_shared_experts > 0:
             self.shared_expert = SharedExpert(args)
         else:
@@ -233,22 +239,12 @@ class MoE(nn.Module):
         """nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for every projection (router, then routed,
         then shared experts); the balancing bias and the step's counts are zeroed."""
         self.router.reset_parameters()
-        self.experts.reset_parameters()
+        self.experts.init_weights(self.w1, self.w2)
         if self.shared_expert is not None:
             self.shared_expert.reset_parameters()
         self._step_counts.zero_()
 
     # ------------------------------------------------------------ parameters under their old names
-    @property
-    def w1(self) -> nn.Parameter:
-        """experts.w1 [E, F1, H]."""
-        return self.experts.w1
-
-    @property
-    def w2(self) -> nn.Parameter:
-        """experts.w2 [E, H, F]."""
-        return self.experts.w2
-
     @property
     def shared_w1(self) -> Optional[nn.Parameter]:
         """shared_expert.w1 [F1s, H], or None without shared experts."""
@@ -609,7 +605,7 @@ for _name in _CONFIG:
 del _name
 
 # State-dict keys of the single-module layer (before the router / experts / shared_expert split) -> now.
-_FLAT_KEYS = {"w1": "experts.w1", "w2": "experts.w2", "shared_w1": "shared_expert.w1",
+_FLAT_KEYS = {"shared_w1": "shared_expert.w1",
               "shared_w2": "shared_expert.w2", "shared_gate_w": "shared_expert.gate_w",
               "expert_bias": "router.expert_bias"}
 
