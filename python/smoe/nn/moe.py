@@ -534,45 +534,6 @@ class MoE(nn.Module):
                  "dropped": dropped.detach()}
         return y.to(x2.dtype), aux, z, stats, routing.scores, routing.experts
 
-
-        term = self._weighted_aux(balance, z)
-        if bookkeeping:
-            self.last_aux_loss = balance.detach()
-            self.last_z_loss = z.detach()
-            self.last_stats = stats
-            if self.training:
-                self._step_counts.add_(stats["routed_per_expert"].to(torch.int64))
-                self._forwards_since_step += 1
-                if self._forwards_since_step == _STALE_FORWARDS and (self.bias_balancing or
-                                                                      self.aux_loss_type == "global"):
-                    warnings.warn(f"smoe.nn.MoE: {_STALE_FORWARDS} training forwards without end_step(); the "
-                                  "balancing bias is updated and the global balance counts reset only there "
-                                  "(call smoe.nn.end_step(model) once per optimizer step)", stacklevel=2)
-            self._aux_loss = None if term is None else (term if self.aux_loss_mode == "loss" else term.detach())
-            self._probe_pending, self._probe_grad = False, None
-            if term is not None and self.training and self.aux_loss_mode == "loss":
-                if term.requires_grad:
-                    seen = [False]
-                    term.register_hook(lambda g, seen=seen: seen.__setitem__(0, True))
-                    self._pending_aux = seen
-                elif not torch.is_grad_enabled():
-                    self._probe_pending = True
-        elif recompute and term is not None and self.aux_loss_mode == "loss" and self._probe_pending:
-            # the recompute of a reentrant checkpoint: inject what the loss sent into the probe
-            scale, self._probe_pending, self._probe_grad = self._probe_grad, False, None
-            if scale is not None and term.requires_grad:
-                y = _AttachAux.apply(y, term, self, scale)
-            else:
-                warnings.warn(
-                    "smoe.nn.MoE: a training forward that ran without gradients (reentrant "
-                    "torch.utils.checkpoint) is being recomputed, and its aux loss received no gradient: add "
-                    "smoe.nn.aux_loss(model) to the loss after the forward and before any scaling.",
-                    AuxLossUnusedWarning, stacklevel=2)
-        if (term is not None and self.aux_loss_mode == "attach" and torch.is_grad_enabled()
-                and term.requires_grad):
-            y = _AttachAux.apply(y, term, self)
-        return y.reshape(*lead, self.hidden_size)
-
     # ------------------------------------------------------------ Hugging Face
     @classmethod
     def from_hf(cls, block, **kwargs) -> "MoE":
