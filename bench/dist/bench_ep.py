@@ -50,7 +50,7 @@ def _worker(rank, world, args, out_path):
         layer(x)
     import smoe.functional as F
 
-    logits = layer._router_logits(x.detach())
+    logits = layer.router.logits(x.detach())
     _, experts, _ = F.topk_gating(logits, top_k=args.top_k)
     plan = F.routing_plan(experts, num_experts=args.experts)
     send = plan.counts.view(P, El).sum(1).to(torch.int64)

@@ -242,8 +242,8 @@ class _Layout:
         return out
 
 
-_SMOE_KEYS = {"router": "router.weight", "w1": "w1", "w2": "w2", "expert_bias": "expert_bias",
-              "shared_w1": "shared_w1", "shared_w2": "shared_w2", "shared_gate_w": "shared_gate_w"}
+_SMOE_KEYS = {"router": "router.weight", "w1": "w1", "w2": "w2", "expert_bias": "router.expert_bias",
+              "shared_w1": "shared_expert.w1", "shared_w2": "shared_expert.w2", "shared_gate_w": "shared_expert.gate_w"}
 
 
 def _moe_tensors(moe: MoE) -> Dict[str, torch.Tensor]:

@@ -1,9 +1,18 @@
-"""smoe.nn.MoE: a drop-in sparse mixture-of-experts layer.
+"""smoe.nn.MoE: a drop-in sparse mixture-of-experts layer, the composition of three submodules.
 
-The forward is the pipeline of ARCHITECTURE.md section 1, one smoe op per stage:
-  logits[T,E] (torch, fp32) -> topk_gating | expert_choice -> routing_plan -> expert_mlp
-  (permute + grouped GEMM + activation + grouped GEMM) -> combine -> (+ shared_expert).
+    MoE
+    ├── w1, w2         the routed experts' weights [E,F1,H], [E,H,F] (parameters of MoE itself)
+    ├── experts        RoutedExperts (smoe/nn/experts.py), no parameters: routing_plan -> expert_mlp
+    │                  (permute + grouped GEMM + activation + grouped GEMM) -> combine on w1, w2
+    ├── shared_expert  SharedExpert (only with num_shared_experts): w1, w2, gate_w; shared_expert
+    └── router         Router (smoe/nn/router.py): weight [E,H], expert_bias [E]; logits (torch,
+                       fp32) -> topk_gating | expert_choice; the router losses and counts
+
+configured by one frozen MoEArgs (smoe/nn/args.py, every constructor argument, validated there).
+The forward is the pipeline of ARCHITECTURE.md section 1, one smoe.functional op per stage;
 backend="reference" runs smoe.reference.moe_layer instead: the same layer in readable PyTorch.
+The layer itself keeps what is about the training loop, not one forward: the token mask, autocast,
+the aux-loss bookkeeping and the per-step state.
 
 Training-loop contract (docs/layer.md, "Training loops"):
 - auxiliary losses: `layer.aux_loss` (or `smoe.nn.aux_loss(model)` over a whole model) is the
@@ -15,30 +24,33 @@ Training-loop contract (docs/layer.md, "Training loops"):
 - per-step state (balancing-bias counts, global-batch balance counts) accumulates over the training
   forwards of a step, never over eval forwards or checkpoint recomputes, and is consumed by
   `layer.end_step()` / `smoe.nn.end_step(model)` once per optimizer step.
+
+Parameter names: the state dict holds `w1`, `w2` (the routed experts' weights stay the layer's own
+parameters: DDP ignore lists and expert-parallel shards name them), `shared_expert.w1`,
+`shared_expert.w2`, `shared_expert.gate_w`, `router.weight`, `router.expert_bias`;
+`layer.expert_bias`, `layer.shared_w1` ... still read them (read-only aliases), and a state dict with
+the flat keys of the single-module layer (`expert_bias`, `shared_w1`, ...) still loads (a
+load_state_dict pre-hook renames them). parameters() keeps its order (w1, w2, shared_w1,
+shared_w2, shared_gate_w, router.weight), so optimizer state dicts saved before line up.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as torch_F
 
-from smoe.reference.layer import capacity_for, expert_ffn, moe_layer
+from smoe.nn.args import MoEArgs
+from smoe.nn.experts import RoutedExperts, SharedExpert
+from smoe.nn.router import Router, global_balance_loss, sequence_balance_loss
+from smoe.reference.layer import moe_layer
 
 __all__ = ["MoE", "AuxLossUnusedWarning", "aux_loss", "set_aux_loss_scale", "end_step", "end_step_after"]
 
-_ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
-_GATED = ("swiglu", "geglu")
-_SCORE_FUNCS = ("softmax", "sigmoid")
-_GROUP_SCORES = ("max", "top2_sum")
-_DROP_POLICIES = ("token_order", "score")
-_BACKENDS = ("auto", "cpu", "cuda", "simt", "reference")
-_AUX_LOSS_MODES = ("loss", "attach")
-_AUX_LOSS_TYPES = ("switch", "global", "sequence")
 # end_step() not called after this many training forwards: warn (per-step state would grow stale)
 _STALE_FORWARDS = 1024
 
@@ -96,30 +108,6 @@ def _in_recompute() -> bool:
     if torch.compiler.is_compiling():
         return False
     return torch._C._current_graph_task_id() != -1
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The routing weights combine takes for outputs of `dtype`: f32, f64 for f64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_int(name: str, value, lo: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
-
-
-def _check_process_group(group) -> None:
-    if group is None:
-        return
-    import torch.distributed as dist
-
-    if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
-        raise ValueError(f"process_group must be None or a torch.distributed ProcessGroup, got {group!r}")
 
 
 class MoE(nn.Module):
@@ -196,116 +184,36 @@ class MoE(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        _check_int("hidden_size", hidden_size, 1)
-        _check_int("ffn_size", ffn_size, 1)
-        _check_int("num_experts", num_experts, 1)
-        _check_int("top_k", top_k, 1)
-        if top_k > num_experts:
-            raise ValueError(f"top_k must be <= num_experts ({num_experts}), got {top_k}")
-        _check_choice("activation", activation, _ACTIVATIONS)
-        _check_choice("score_func", score_func, _SCORE_FUNCS)
-        _check_choice("group_score", group_score, _GROUP_SCORES)
-        _check_choice("drop_policy", drop_policy, _DROP_POLICIES)
-        _check_choice("backend", backend, _BACKENDS)
-        _check_choice("aux_loss_type", aux_loss_type, _AUX_LOSS_TYPES)
-        _check_choice("aux_loss_mode", aux_loss_mode, _AUX_LOSS_MODES)
-        _check_int("n_groups", n_groups, 1)
-        _check_int("topk_groups", topk_groups, 1)
-        if num_experts % n_groups != 0:
-            raise ValueError(f"n_groups must divide num_experts ({num_experts}), got {n_groups}")
-        if topk_groups > n_groups:
-            raise ValueError(f"topk_groups must be <= n_groups ({n_groups}), got {topk_groups}")
-        per_group = num_experts // n_groups
-        if n_groups > 1 and top_k > topk_groups * per_group:
-            raise ValueError(
-                f"top_k must be <= topk_groups * experts per group ({topk_groups * per_group}), got {top_k}")
-        if renormalize is None:
-            renormalize = top_k > 1
-        if not isinstance(renormalize, bool):
-            raise ValueError(f"renormalize must be a bool or None, got {renormalize!r}")
-        if not isinstance(bias_balancing, bool):
-            raise ValueError(f"bias_balancing must be a bool, got {bias_balancing!r}")
-        if not (renorm_eps >= 0.0):
-            raise ValueError(f"renorm_eps must be >= 0, got {renorm_eps!r}")
-        if not (routed_scaling > 0.0 and math.isfinite(routed_scaling)):
-            raise ValueError(f"routed_scaling must be a finite number > 0, got {routed_scaling!r}")
-        if not (bias_update_rate >= 0.0 and math.isfinite(bias_update_rate)):
-            raise ValueError(f"bias_update_rate must be a finite number >= 0, got {bias_update_rate!r}")
-        if capacity_factor is not None and not (capacity_factor > 0.0 and math.isfinite(capacity_factor)):
-            raise ValueError(f"capacity_factor must be None (dropless) or a finite number > 0, got {capacity_factor!r}")
-        # C = ceil(capacity_factor * T * K / E) rows per expert must fit the core's int32 rows even for T = 1.
-        max_factor = (2**31 - 1) * num_experts / top_k
-        if capacity_factor is not None and capacity_factor > max_factor:
-            raise ValueError(f"capacity_factor must be <= {max_factor:g} (C = ceil(capacity_factor*T*K/E) rows per "
-                             f"expert must fit in int32; None is dropless), got {capacity_factor!r}")
-        for name, coef in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef)):
-            if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not (coef >= 0.0 and math.isfinite(coef)):
-                raise ValueError(f"{name} must be a finite number >= 0, got {coef!r}")
-        if (isinstance(router_jitter_noise, bool) or not isinstance(router_jitter_noise, (int, float))
-                or not (0.0 <= router_jitter_noise < 1.0)):
-            raise ValueError(f"router_jitter_noise must be a number in [0, 1), got {router_jitter_noise!r}")
-        _check_process_group(process_group)
-        _check_int("num_shared_experts", num_shared_experts, 0)
-        if shared_ffn_size is not None:
-            _check_int("shared_ffn_size", shared_ffn_size, 1)
-            if num_shared_experts == 0:
-                raise ValueError("shared_ffn_size needs num_shared_experts >= 1, got num_shared_experts=0")
-        if shared_gate and num_shared_experts == 0:
-            raise ValueError("shared_gate=True needs num_shared_experts >= 1, got num_shared_experts=0")
-        if expert_choice:
-            if n_groups > 1 or bias_balancing:
-                raise ValueError("expert_choice=True supports neither n_groups > 1 nor bias_balancing "
-                                 f"(got n_groups={n_groups}, bias_balancing={bias_balancing})")
-            if aux_loss_coef > 0.0:
-                raise ValueError("aux_loss_coef must be 0 with expert_choice=True (expert choice is "
-                                 f"balanced by construction), got {aux_loss_coef}")
-            if aux_loss_type != "switch":
-                raise ValueError("aux_loss_type must be 'switch' with expert_choice=True (no balance loss), "
-                                 f"got {aux_loss_type!r}")
-        if router_dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            raise ValueError(f"router_dtype must be a floating dtype, got {router_dtype!r}")
-
-        self.hidden_size, self.ffn_size = hidden_size, ffn_size
-        self.num_experts, self.top_k = num_experts, top_k
-        self.activation, self.score_func = activation, score_func
-        self.renormalize, self.renorm_eps, self.routed_scaling = renormalize, float(renorm_eps), float(routed_scaling)
-        self.n_groups, self.topk_groups, self.group_score = n_groups, topk_groups, group_score
-        self.bias_balancing, self.bias_update_rate = bias_balancing, float(bias_update_rate)
-        self.expert_choice = expert_choice
-        self.capacity_factor = capacity_factor
-        self.drop_policy = drop_policy
-        self.aux_loss_coef, self.z_loss_coef = float(aux_loss_coef), float(z_loss_coef)
-        self.aux_loss_type, self.aux_loss_mode = aux_loss_type, aux_loss_mode
-        self.router_jitter_noise = float(router_jitter_noise)
-        self.process_group = process_group
+        args = MoEArgs(
+            hidden_size, ffn_size, num_experts, top_k, activation=activation, score_func=score_func,
+            renormalize=renormalize, renorm_eps=renorm_eps, routed_scaling=routed_scaling, n_groups=n_groups,
+            topk_groups=topk_groups, group_score=group_score, bias_balancing=bias_balancing,
+            bias_update_rate=bias_update_rate, expert_choice=expert_choice, num_shared_experts=num_shared_experts,
+            shared_ffn_size=shared_ffn_size, shared_gate=shared_gate, capacity_factor=capacity_factor,
+            drop_policy=drop_policy, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
+            aux_loss_type=aux_loss_type, aux_loss_mode=aux_loss_mode, router_jitter_noise=router_jitter_noise,
+            process_group=process_group, router_dtype=router_dtype, dtype=dtype, device=device, backend=backend)
+        self.args = args
         self.aux_loss_scale = 1.0  # aux_loss_mode="attach" only: see smoe.nn.set_aux_loss_scale
-        self.router_dtype = router_dtype
-        self.backend = backend
-        self.num_shared_experts = num_shared_experts
 
+        # parameters() lists w1, w2 (own), shared_expert's, router's: the order of the single-module layer
+        # (w1, w2, shared_w1, shared_w2, shared_gate_w, router.weight), so optimizer state dicts line up.
+        router = Router(args)
+        self.experts = RoutedExperts(args)  # no parameters: w1 / w2 are the layer's own (names kept)
+        w1_shape, w2_shape = self.experts.weight_shapes()
         factory = {"dtype": dtype, "device": device}
-        f1 = 2 * ffn_size if activation in _GATED else ffn_size
-        self.router = nn.Linear(hidden_size, num_experts, bias=False, dtype=router_dtype, device=device)
-        self.w1 = nn.Parameter(torch.empty(num_experts, f1, hidden_size, **factory))  # [E,F1,H]
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_size, **factory))  # [E,H,F]
-        if bias_balancing:
-            self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32, device=device))
+        self.w1 = nn.Parameter(torch.empty(w1_shape, **factory))  # [E,F1,H]
+        self.w2 = nn.Parameter(torch.empty(w2_shape, **factory))  # [E,H,F]
+        if args.num_shared_experts > 0:
+            self.shared_expert = SharedExpert(args)
         else:
-            self.expert_bias = None
+            self.shared_expert = None
+        self.router = router
         # Assignments per expert routed by the training forwards since the last end_step(): int64, a plain
         # attribute, not a buffer (DDP's broadcast_buffers would copy rank 0's counts over the others').
         self._step_counts = torch.zeros(num_experts, dtype=torch.int64, device=self.router.weight.device)
-        if num_shared_experts > 0:
-            fs = shared_ffn_size if shared_ffn_size is not None else num_shared_experts * ffn_size
-            self.shared_ffn_size = fs
-            fs1 = 2 * fs if activation in _GATED else fs
-            self.shared_w1 = nn.Parameter(torch.empty(fs1, hidden_size, **factory))  # [F1s,H]
-            self.shared_w2 = nn.Parameter(torch.empty(hidden_size, fs, **factory))  # [H,Fs]
-            self.shared_gate_w = nn.Parameter(torch.empty(hidden_size, **factory)) if shared_gate else None  # [H]
-        else:
-            self.shared_ffn_size = 0
-            self.shared_w1 = self.shared_w2 = self.shared_gate_w = None
         self.reset_parameters()
+        self.register_load_state_dict_pre_hook(_load_flat_keys)
 
         self.last_aux_loss: Optional[torch.Tensor] = None
         self.last_z_loss: Optional[torch.Tensor] = None
@@ -314,23 +222,53 @@ class MoE(nn.Module):
         self._pending_aux = None  # [seen flag] of the last training forward's aux loss (mode "loss")
         self._probe_pending = False  # the last training forward ran without grad (reentrant checkpoint)
         self._probe_grad: Optional[torch.Tensor] = None  # what the loss sent into its aux_loss
+        self._global_acc: Optional[torch.Tensor] = None  # global balance loss: the step's reduced counts
         self._global_f: Optional[torch.Tensor] = None  # f of the last training forward, for recomputes
         self._forwards_since_step = 0
 
+    @classmethod
+    def from_args(cls, args: MoEArgs, **kwargs) -> "MoE":
+        """The layer of `args` (a MoEArgs); kwargs go to the constructor beside them (a subclass's own)."""
+        if not isinstance(args, MoEArgs):
+            raise TypeError(f"args must be a smoe.nn.MoEArgs, got {type(args).__name__}")
+        fields = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)}
+        return cls(**fields, **kwargs)
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for every projection."""
+        """nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for every projection (router, then routed,
+        then shared experts); the balancing bias and the step's counts are zeroed."""
         self.router.reset_parameters()
-        for w in (self.w1, self.w2, self.shared_w1, self.shared_w2):
-            if w is not None:
-                bound = 1.0 / math.sqrt(w.shape[-1])
-                w.uniform_(-bound, bound)
-        if self.shared_gate_w is not None:
-            bound = 1.0 / math.sqrt(self.hidden_size)
-            self.shared_gate_w.uniform_(-bound, bound)
-        if self.expert_bias is not None:
-            self.expert_bias.zero_()
+        self.experts.init_weights(self.w1, self.w2)
+        if self.shared_expert is not None:
+            self.shared_expert.reset_parameters()
         self._step_counts.zero_()
+
+    # ------------------------------------------------------------ parameters under their old names
+    @property
+    def shared_w1(self) -> Optional[nn.Parameter]:
+        """shared_expert.w1 [F1s, H], or None without shared experts."""
+        return None if self.shared_expert is None else self.shared_expert.w1
+
+    @property
+    def shared_w2(self) -> Optional[nn.Parameter]:
+        """shared_expert.w2 [H, Fs], or None without shared experts."""
+        return None if self.shared_expert is None else self.shared_expert.w2
+
+    @property
+    def shared_gate_w(self) -> Optional[nn.Parameter]:
+        """shared_expert.gate_w [H], or None (no shared experts, or shared_gate=False)."""
+        return None if self.shared_expert is None else self.shared_expert.gate_w
+
+    @property
+    def expert_bias(self) -> Optional[torch.Tensor]:
+        """router.expert_bias [E] fp32 (bias_balancing), else None."""
+        return self.router.expert_bias
+
+    @property
+    def shared_ffn_size(self) -> int:
+        """Fs, the shared expert's FFN size (0 without shared experts)."""
+        return self.args.shared_ffn_size or 0
 
     @property
     def step_counts(self) -> torch.Tensor:
@@ -350,32 +288,18 @@ class MoE(nn.Module):
 
     def capacity(self, num_tokens: int) -> Optional[int]:
         """Capacity C per expert for T = num_tokens, or None when dropless."""
-        if self.expert_choice:
-            cf = 1.0 if self.capacity_factor is None else self.capacity_factor
-            return min(capacity_for(cf, num_tokens, self.top_k, self.num_experts), num_tokens)
-        if self.capacity_factor is None:
-            return None
-        return capacity_for(self.capacity_factor, num_tokens, self.top_k, self.num_experts)
+        return self.args.capacity(num_tokens)
 
     # ------------------------------------------------------------ dtype moves
     def _apply(self, fn, recurse=True):
-        """Module.to()/.half()/.double() move the expert weights; the router weight keeps router_dtype and
-        expert_bias stays fp32 (both only change device), whatever `fn` does."""
-        bias = self.expert_bias
-        router = self.router.weight
-        router_data, router_grad = router.data, router.grad
+        """Module.to()/.half()/.double() move the expert weights; the router keeps its dtypes (Router._apply)
+        and step_counts follows the router's device."""
         super()._apply(fn, recurse)
-        if bias is not None and self.expert_bias.dtype != torch.float32:
-            self.expert_bias = bias.to(device=self.expert_bias.device, dtype=torch.float32)
         new = self.router.weight
         if self._step_counts.is_meta or new.is_meta:  # to_empty() after a meta-device build: nothing to copy
             self._step_counts = torch.zeros_like(self._step_counts, device=new.device)
         else:
             self._step_counts = self._step_counts.to(new.device)
-        if new.dtype != self.router_dtype:
-            new.data = router_data.to(device=new.device, dtype=self.router_dtype)
-            if router_grad is not None:
-                new.grad = router_grad.to(device=new.device, dtype=self.router_dtype)
         return self
 
     # ------------------------------------------------------------ aux losses
@@ -418,44 +342,20 @@ class MoE(nn.Module):
         """The balance loss of aux_loss_type from scores [T,E] f32, experts [T,K], routed [E] (counts)."""
         if self.aux_loss_type == "switch":
             return switch
-        E, K = self.num_experts, self.top_k
         if self.aux_loss_type == "global":
-            # Global-batch balance (Qiu et al. 2025, arXiv 2501.11873; Megatron-Core "global_aux_loss"):
-            # E * sum_e f_e * P_e with f_e = N_e / T_N, N_e the assignments to e summed over the process group
-            # and over the step's training forwards so far, T_N the tokens in them, P_e this forward's
-            # mean score. One forward on one rank: the switch loss.
+            # N_e summed over the process group and over the step's training forwards so far (see
+            # router.global_balance_loss). One forward on one rank: the switch loss.
             if not self.training:
                 counts = routed.to(torch.float32)
             elif bookkeeping:
-                self._global_acc = getattr(self, "_global_acc", None)
                 reduced = self._reduce_counts(routed.to(torch.int64).clone())
                 self._global_acc = reduced if self._global_acc is None else self._global_acc + reduced
                 counts = self._global_acc.to(torch.float32)
                 self._global_f = counts
             else:  # checkpoint recompute: the counts the forward it replays used
                 counts = self._global_f if self._global_f is not None else routed.to(torch.float32)
-            tokens = counts.sum() / K
-            f = torch.where(tokens > 0, counts / tokens.clamp(min=1.0), torch.zeros_like(counts))
-            if scores.shape[0] == 0:
-                return scores.sum() * 0.0
-            return E * torch.sum(f * scores.mean(dim=0))
-        # "sequence": DeepSeek-V3 (arXiv 2412.19437, eq. 17-20), per sequence of S_b tokens:
-        # f_i = E / (K S_b) * #(t in b choosing i), P_i = mean_t s'_{t,i} with s' = s / sum_j s_j;
-        # the loss is the mean over sequences (with S_b > 0) of sum_i f_i P_i.
-        T = scores.shape[0]
-        if T == 0:
-            return scores.sum() * 0.0
-        normed = scores / scores.sum(dim=-1, keepdim=True)
-        seq_k = seq_ids[:, None].expand(T, K).reshape(-1)
-        counts = torch.zeros(num_seqs * E, dtype=torch.float32, device=scores.device).index_add_(
-            0, seq_k * E + experts.reshape(-1).long(), torch.ones(T * K, dtype=torch.float32, device=scores.device))
-        counts = counts.view(num_seqs, E)
-        S_b = torch.bincount(seq_ids, minlength=num_seqs).to(torch.float32)  # [B]
-        P = torch.zeros(num_seqs, E, dtype=torch.float32, device=scores.device).index_add(0, seq_ids, normed)
-        present = S_b > 0
-        S_safe = S_b.clamp(min=1.0)[:, None]
-        per_seq = (E / K) * torch.sum((counts / S_safe) * (P / S_safe), dim=-1)  # [B]
-        return per_seq[present].mean()
+            return global_balance_loss(scores, counts, self.top_k)
+        return sequence_balance_loss(scores, experts, seq_ids, num_seqs)
 
     # ------------------------------------------------------------ per-step state
     def _reduce_counts(self, counts: torch.Tensor) -> torch.Tensor:
@@ -475,15 +375,7 @@ class MoE(nn.Module):
         it); then forget the step's counts (bias and global balance loss). Call it once per optimizer step,
         e.g. with smoe.nn.end_step_after(optimizer, model)."""
         if self.bias_balancing:
-            load = self._reduce_counts(self._step_counts.clone())
-            if self.backend == "reference" or int(load.max()) >= 2**31:
-                load = load.to(torch.float64)
-                self.expert_bias.add_((self.bias_update_rate * torch.sign(load.mean() - load)).float())
-            else:
-                import smoe.functional as F
-
-                F.balancing_bias_update(load.to(torch.int32), self.expert_bias, rate=self.bias_update_rate,
-                                        backend=self.backend)
+            self.router.update_bias(self._reduce_counts(self._step_counts.clone()))
         self._step_counts.zero_()
         self._global_acc = None
         self._global_f = None
@@ -538,17 +430,11 @@ class MoE(nn.Module):
             x2 = x_in.to(dtype)  # [T,H] what the experts see
             if (self.hidden_size > 1 and x2.stride(1) != 1) or (x2.shape[0] > 1 and x2.stride(0) < self.hidden_size):
                 x2 = x2.contiguous()  # strided or expanded x (x.t(), x.expand(...)): the kernels read dense rows
-            ws = {name: (None if w is None else w.to(dtype)) for name, w in
-                  (("w1", self.w1), ("w2", self.w2), ("shared_w1", self.shared_w1),
-                   ("shared_w2", self.shared_w2), ("shared_gate_w", self.shared_gate_w))}
+            ws = {"w1": self.w1.to(dtype), "w2": self.w2.to(dtype)}  # the routed experts' (the shared expert casts its own)
             xr = x2 if index is None else x2.index_select(0, index)  # [T',H] the routed tokens
             router_x = x_in if index is None else x_in.index_select(0, index)
-            if self.training and self.router_jitter_noise > 0.0:
-                eps = self.router_jitter_noise
-                router_x = router_x.float() * torch.empty(xr.shape, dtype=torch.float32, device=xr.device).uniform_(
-                    1.0 - eps, 1.0 + eps)
             if self.backend == "reference":
-                y, switch, z, stats, scores, experts = self._forward_reference(xr, router_x, ws)
+                y, switch, z, stats, scores, experts = self._forward_reference(xr, self.router.jitter(router_x), ws)
             else:
                 y, switch, z, stats, scores, experts = self._forward_smoe(xr, router_x, ws)
             if self.aux_loss_type == "switch" or experts is None:
@@ -565,7 +451,7 @@ class MoE(nn.Module):
             if index is not None:
                 y = torch.zeros(x2.shape, dtype=y.dtype, device=y.device).index_copy(0, index, y)
             if self.num_shared_experts > 0:
-                y = y + self._shared(x2, ws)
+                y = y + self.shared_expert(x2)
 
         term = self._weighted_aux(balance, z)
         if bookkeeping:
@@ -605,23 +491,6 @@ class MoE(nn.Module):
             y = _AttachAux.apply(y, term, self)
         return y.reshape(*lead, self.hidden_size)
 
-    def _router_logits(self, router_x: torch.Tensor) -> torch.Tensor:
-        # fp32 logits, fp64 for an fp64 router (f64 routing end to end, as the core supports it).
-        acc = torch.float64 if self.router_dtype == torch.float64 else torch.float32
-        return torch_F.linear(router_x.to(self.router_dtype), self.router.weight.to(self.router_dtype)).to(acc)
-
-    def _shared(self, x2: torch.Tensor, ws: dict) -> torch.Tensor:
-        """The shared expert on every token (masked ones included), in x2's dtype."""
-        if self.backend == "reference":
-            out = expert_ffn(x2, ws["shared_w1"], ws["shared_w2"], self.activation).float()
-            if ws["shared_gate_w"] is not None:
-                out = torch.sigmoid(x2.float() @ ws["shared_gate_w"].float())[:, None] * out
-            return out.to(x2.dtype)
-        import smoe.functional as F
-
-        return F.shared_expert(x2, ws["shared_w1"], ws["shared_w2"], ws["shared_gate_w"],
-                               activation=self.activation, backend=self.backend)
-
     def _forward_reference(self, x2, router_x, ws):
         out = moe_layer(
             x2, self.router.weight, ws["w1"], ws["w2"], top_k=self.top_k, activation=self.activation,
@@ -637,59 +506,33 @@ class MoE(nn.Module):
 
     def _routed_experts(self, x2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                         w1: torch.Tensor, w2: torch.Tensor):
-        """The routed experts of the top-k path: routing_plan -> expert_mlp -> combine.
+        """The routed experts of the top-k path: routing_plan -> expert_mlp -> combine (self.experts).
 
         x2 [T,H] (the routed tokens, in the compute dtype), weights [T,K] f32 (differentiable), experts [T,K]
         i32, w1 [E,F1,H] / w2 [E,H,F] in the compute dtype. Returns (y2 [T,H] in x2's dtype,
         tokens_per_expert [E] i32: assignments computed after capacity). The one place an expert-parallel
         subclass replaces (dispatch to the experts' owners, compute, return)."""
-        import smoe.functional as F
-
-        backend = self.backend
-        plan = F.routing_plan(experts, num_experts=self.num_experts, weights=weights.detach().float(),
-                              capacity=self.capacity(x2.shape[0]), drop_policy=self.drop_policy, backend=backend)
-        ys = F.expert_mlp(x2, w1, w2, plan, activation=self.activation, backend=backend)  # [R,H]
-        return F.combine(ys, weights.to(_acc_dtype(x2.dtype)), plan, backend=backend), plan.counts
+        plan = self.experts.plan(experts, weights)
+        return self.experts(x2, weights, plan, w1, w2), plan.counts
 
     def _forward_smoe(self, x2, router_x, ws):
-        import smoe.functional as F
-
-        backend = self.backend
-        T, E = x2.shape[0], self.num_experts
-        logits = self._router_logits(router_x)  # [T,E] fp32
-        experts = scores = None
-        if self.expert_choice:
-            C = self.capacity(T)
-            if C > 0:
-                weights, tokens, row_of, scores = F.expert_choice(
-                    logits, capacity=C, score_func=self.score_func, backend=backend)  # [T,E] [E,C] [T,E] [T,E]
-            else:  # T = 0: nothing to choose (the op needs capacity >= 1)
-                weights = logits * 0.0
-                tokens = torch.zeros(E, 0, dtype=torch.int32, device=x2.device)
-                row_of = torch.zeros(0, E, dtype=torch.int32, device=x2.device)
-            counts = torch.full((E,), C, dtype=torch.int32, device=x2.device)
-            offsets = torch.arange(E + 1, dtype=torch.int64, device=x2.device) * C
-            plan = F.RoutingPlan(counts, offsets, row_of, tokens.reshape(-1))
-            ys = F.expert_mlp(x2, ws["w1"], ws["w2"], plan, activation=self.activation, backend=backend)  # [R,H]
-            y = F.combine(ys, weights.to(_acc_dtype(x2.dtype)), plan, backend=backend)
-            routed = computed = counts
+        """router -> experts on the smoe ops: (y [T,H], switch balance loss, z-loss, stats, scores [T,E],
+        experts [T,K] or None for expert choice)."""
+        routing = self.router(router_x)  # jittered in training
+        if routing.plan is not None:  # expert choice: the router's choice is the row layout
+            y = self.experts(x2, routing.weights, routing.plan, ws["w1"], ws["w2"])
+            computed = routing.plan.counts
             dropped = torch.zeros((), dtype=torch.int64, device=x2.device)
-            aux = torch.zeros((), dtype=torch.float32, device=x2.device)
         else:
-            weights, experts, scores = F.topk_gating(
-                logits, top_k=self.top_k, score_func=self.score_func, bias=self.expert_bias,
-                n_groups=self.n_groups, topk_groups=self.topk_groups, group_score=self.group_score,
-                renormalize=self.renormalize, renorm_eps=self.renorm_eps, routed_scaling=self.routed_scaling,
-                backend=backend)  # [T,K] f32, [T,K] i32, [T,E] f32
-            y, computed = self._routed_experts(x2, weights, experts, ws["w1"], ws["w2"])  # [T,H], [E]
-            routed = torch.zeros(E, dtype=torch.int32, device=x2.device).scatter_add_(
-                0, experts.reshape(-1).long(), torch.ones(experts.numel(), dtype=torch.int32, device=x2.device))
-            dropped = (routed.sum(dtype=torch.int64) - computed.sum(dtype=torch.int64))
-            aux = F.load_balancing_loss(scores, experts, backend=backend)  # cheap: [T,E]; always reported
-        z = F.z_loss(logits, backend=backend)
+            y, computed = self._routed_experts(x2, routing.weights, routing.experts, ws["w1"], ws["w2"])
+        routed = self.router.routed_counts(routing)
+        if routing.plan is None:
+            dropped = routed.sum(dtype=torch.int64) - computed.sum(dtype=torch.int64)
+        aux = self.router.load_balancing_loss(routing)  # cheap: [T,E]; always reported
+        z = self.router.z_loss(routing)
         stats = {"tokens_per_expert": computed.detach(), "routed_per_expert": routed.detach(),
                  "dropped": dropped.detach()}
-        return y.to(x2.dtype), aux, z, stats, scores, experts
+        return y.to(x2.dtype), aux, z, stats, routing.scores, routing.experts
 
     # ------------------------------------------------------------ Hugging Face
     @classmethod
@@ -711,6 +554,28 @@ class MoE(nn.Module):
 
         copy_to_hf(self, block)
 
+
+
+# The configuration, read-only: MoE.args (a frozen MoEArgs) holds it, these names read it.
+_CONFIG = ("hidden_size", "ffn_size", "num_experts", "top_k", "activation", "score_func", "renormalize", "renorm_eps",
+           "routed_scaling", "n_groups", "topk_groups", "group_score", "bias_balancing", "bias_update_rate",
+           "expert_choice", "num_shared_experts", "capacity_factor", "drop_policy", "aux_loss_coef", "z_loss_coef",
+           "aux_loss_type", "aux_loss_mode", "router_jitter_noise", "process_group", "router_dtype", "backend")
+for _name in _CONFIG:
+    setattr(MoE, _name, property(lambda self, _n=_name: getattr(self.args, _n), doc=f"args.{_name} (read-only)"))
+del _name
+
+# State-dict keys of the single-module layer (before the router / experts / shared_expert split) -> now.
+_FLAT_KEYS = {"shared_w1": "shared_expert.w1",
+              "shared_w2": "shared_expert.w2", "shared_gate_w": "shared_expert.gate_w",
+              "expert_bias": "router.expert_bias"}
+
+
+def _load_flat_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    """load_state_dict pre-hook: a checkpoint written before the split keeps loading (flat keys renamed)."""
+    for old, new in _FLAT_KEYS.items():
+        if prefix + old in state_dict and prefix + new not in state_dict:
+            state_dict[prefix + new] = state_dict.pop(prefix + old)
 
 
 # ---------------------------------------------------------------- model-level helpers
