@@ -80,3 +80,17 @@ def test_enum_tables_come_from_the_core():
     # the older CODES attribute agrees
     codes = _core.lib().CODES
     assert codes["bf16"] == enums["dtype"]["bf16"] and codes["backend_simt"] == enums["backend"]["simt"]
+
+
+def test_cublas_baseline_says_what_is_missing_without_cublas():
+    import pytest
+    import torch
+
+    import smoe.ops
+
+    if smoe.ops.has_cublas():
+        pytest.skip("this build has cuBLAS (the GPU suite runs it)")
+    a, b = torch.ones(4, 8), torch.ones(2, 8, 3)
+    offsets = torch.tensor([0, 2, 4], dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="grouped_gemm_cublas"):
+        smoe.ops.grouped_gemm_cublas(a, b, offsets)

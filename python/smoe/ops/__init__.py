@@ -8,6 +8,7 @@
     gemm.py           grouped GEMMs                        csrc/bindings/gemm.cpp
     activation.py     expert activations                   csrc/bindings/activation.cpp
     mlp.py            fused expert MLP, shared expert      csrc/bindings/mlp.cpp
+    cublas.py         cuBLAS grouped GEMM (GPU baseline)   csrc/bindings/cublas.cpp
 
 Each holds the public keyword-only function (smoe.ops.<name>, re-exported by smoe.functional), the
 torch custom op torch.ops.smoe.<name> (registered with torch.library.custom_op: a real implementation
@@ -25,6 +26,7 @@ from smoe.ops._common import (  # noqa: F401
     ACTIVATIONS, DROP_POLICIES, GATED_ACTIVATIONS, GROUP_SCORES, SCORE_FUNCS, _scratch,
     _scratch_views, acc_dtype, release_scratch)
 from smoe.ops.activation import activation, activation_backward, activation_op  # noqa: F401
+from smoe.ops.cublas import grouped_gemm_cublas, grouped_gemm_wgrad_cublas, has_cublas  # noqa: F401
 from smoe.ops.expert_choice import expert_choice, expert_choice_backward, expert_choice_op  # noqa: F401
 from smoe.ops.gemm import grouped_gemm, grouped_gemm_op, grouped_gemm_wgrad  # noqa: F401
 from smoe.ops.mlp import expert_mlp, expert_mlp_backward, expert_mlp_op, shared_expert, shared_expert_backward, shared_expert_op  # noqa: F401
