@@ -10,7 +10,7 @@ class ClusterTask:
         g = torch.Generator().manual_seed(seed)
         self.H, self.clusters = H, clusters
         self.centers = torch.randn(clusters, H, generator=g) * 2.0
-        self.maps = torch.randn(clusters, H, H, generator=g) * H ** -0.5
+        self.maps = torch.randn(clusters, H, H, generator=g) * H**-0.5
         self.gen = torch.Generator().manual_seed(seed + 1)
 
     def batch(self, T: int):

@@ -19,9 +19,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _toy import ClusterTask, save_png  # noqa: E402
-
 import smoe  # noqa: E402
+from _toy import ClusterTask, save_png  # noqa: E402
 
 
 def main(argv=None):
@@ -53,8 +52,10 @@ def main(argv=None):
             dropped.append(layer.last_stats["dropped"].item() / (T * K))
         rows.append((cf, statistics.mean(dropped), loss.item(), statistics.median(times) * 1e3))
         label = "dropless" if cf is None else f"{cf:.2f}"
-        print(f"capacity factor {label:>8}: dropped {100 * rows[-1][1]:5.1f}% of assignments, final loss "
-              f"{rows[-1][2]:.4f}, step {rows[-1][3]:.1f} ms")
+        print(
+            f"capacity factor {label:>8}: dropped {100 * rows[-1][1]:5.1f}% of assignments, final loss "
+            f"{rows[-1][2]:.4f}, step {rows[-1][3]:.1f} ms"
+        )
 
     import matplotlib
 
@@ -63,8 +64,9 @@ def main(argv=None):
 
     labels = ["none" if cf is None else str(cf) for cf, *_ in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, col, title in zip(axes, (1, 2, 3), ("assignments dropped (fraction)", "final training loss",
-                                                "median step time (ms)")):
+    for ax, col, title in zip(
+        axes, (1, 2, 3), ("assignments dropped (fraction)", "final training loss", "median step time (ms)")
+    ):
         ax.plot(range(len(rows)), [r[col] for r in rows], marker="o")
         ax.set_xticks(range(len(rows)))
         ax.set_xticklabels(labels)

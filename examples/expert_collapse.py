@@ -20,9 +20,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _toy import ClusterTask, save_png  # noqa: E402
-
 import smoe  # noqa: E402
+from _toy import ClusterTask, save_png  # noqa: E402
 
 
 def main(argv=None):
@@ -36,7 +35,7 @@ def main(argv=None):
     torch.manual_seed(0)
     base = smoe.nn.MoE(H, 64, E, K)
     with torch.no_grad():  # tilt the router: experts 0 and 1 start favoured
-        mean_dir = torch.ones(H) / H ** 0.5
+        mean_dir = torch.ones(H) / H**0.5
         base.router.weight[:2] += 2.0 * mean_dir
     variants = {
         "none": dict(),
@@ -61,8 +60,10 @@ def main(argv=None):
             top.append(share.max().item())
             idle.append(int((share < 0.01).sum()))
         history[name] = (top, idle, loss.item())
-        print(f"{name:5s}: busiest expert {top[-1]:.2f} of the assignments (balanced {1 / E:.3f}), "
-              f"idle experts {idle[-1]}, final loss {loss.item():.4f}")
+        print(
+            f"{name:5s}: busiest expert {top[-1]:.2f} of the assignments (balanced {1 / E:.3f}), "
+            f"idle experts {idle[-1]}, final loss {loss.item():.4f}"
+        )
 
     import matplotlib
 

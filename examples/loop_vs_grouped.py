@@ -17,9 +17,8 @@ import os
 import statistics
 import time
 
-import torch
-
 import smoe
+import torch
 from smoe.bench.peers import TorchGroupedMM, TorchLoop
 
 
@@ -49,13 +48,17 @@ def main(argv=None):
         torch.manual_seed(0)
         moe = smoe.nn.MoE(H, EF // E, E, K, renormalize=True)
         x = torch.randn(1, T, H, requires_grad=True)
-        times = {"loop": step_time(TorchLoop(moe), x, repeats),
-                 "torch_grouped_mm": step_time(TorchGroupedMM(moe), x, repeats),
-                 "smoe": step_time(moe, x, repeats)}
+        times = {
+            "loop": step_time(TorchLoop(moe), x, repeats),
+            "torch_grouped_mm": step_time(TorchGroupedMM(moe), x, repeats),
+            "smoe": step_time(moe, x, repeats),
+        }
         rows.append((E, times))
-        print(f"E={E:4d} F={EF // E:5d} tokens/expert={T * K / E:7.1f}: " +
-              ", ".join(f"{k} {v:.1f} ms" for k, v in times.items()) +
-              f"; smoe is {times['loop'] / times['smoe']:.2f}x the loop")
+        print(
+            f"E={E:4d} F={EF // E:5d} tokens/expert={T * K / E:7.1f}: "
+            + ", ".join(f"{k} {v:.1f} ms" for k, v in times.items())
+            + f"; smoe is {times['loop'] / times['smoe']:.2f}x the loop"
+        )
 
     import matplotlib
 

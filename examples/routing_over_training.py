@@ -15,9 +15,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _toy import ClusterTask, save_png  # noqa: E402
-
 import smoe  # noqa: E402
+from _toy import ClusterTask, save_png  # noqa: E402
 
 
 def main(argv=None):
@@ -33,7 +32,7 @@ def main(argv=None):
     layer = smoe.nn.MoE(H, 64, E, K, aux_loss_coef=1e-2)
     opt = torch.optim.Adam(layer.parameters(), lr=3e-3)
     loads, losses = [], []
-    for step in range(steps):
+    for _step in range(steps):
         x, y, c = task.batch(T)
         out = layer(x)
         loss = torch.nn.functional.mse_loss(out, y)
@@ -52,8 +51,10 @@ def main(argv=None):
             route.index_put_((c, experts[:, k].long()), torch.ones(len(c)), accumulate=True)
         route /= route.sum(dim=1, keepdim=True)
     purity = route.max(dim=1).values.mean().item()
-    print(f"steps {steps}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; mean share of a cluster on its top expert "
-          f"{purity:.2f} (uniform would be {1 / E:.2f})")
+    print(
+        f"steps {steps}: loss {losses[0]:.4f} -> {losses[-1]:.4f}; mean share of a cluster on its top expert "
+        f"{purity:.2f} (uniform would be {1 / E:.2f})"
+    )
 
     import matplotlib
 

@@ -47,8 +47,8 @@ def load_text(path: str | None) -> str:
         except (OSError, TypeError):  # a Python installed without sources
             continue
     if not parts:
-        import this  # noqa: F401  (prints the Zen of Python; its text is ROT13 in this.s)
         import codecs
+        import this  # noqa: F401  (prints the Zen of Python; its text is ROT13 in this.s)
 
         parts.append(codecs.decode(this.s, "rot13"))
     return "\n".join(parts)
@@ -73,15 +73,27 @@ class Block(nn.Module):
 
 
 class CharMoELM(nn.Module):
-    def __init__(self, *, d: int, layers: int, heads: int, context: int, experts: int, top_k: int,
-                 ffn: int, backend: str, aux_loss_coef: float, vocab: int = 256):
+    def __init__(
+        self,
+        *,
+        d: int,
+        layers: int,
+        heads: int,
+        context: int,
+        experts: int,
+        top_k: int,
+        ffn: int,
+        backend: str,
+        aux_loss_coef: float,
+        vocab: int = 256,
+    ):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(torch.zeros(context, d))
         self.blocks = nn.ModuleList(
-            Block(d, heads, MoE(d, ffn, experts, top_k, aux_loss_coef=aux_loss_coef, z_loss_coef=1e-4,
-                                backend=backend))
-            for _ in range(layers))
+            Block(d, heads, MoE(d, ffn, experts, top_k, aux_loss_coef=aux_loss_coef, z_loss_coef=1e-4, backend=backend))
+            for _ in range(layers)
+        )
         self.ln = nn.LayerNorm(d)
         nn.init.normal_(self.embed.weight, std=0.02)
 
@@ -114,8 +126,12 @@ def main(argv=None) -> int:
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--backend", default="auto", help="smoe backend: auto, cpu, reference, ...")
-    p.add_argument("--bench", choices=("full", "quick", "none"), default=None,
-                   help="benchmark after training (default: full, quick with --tiny)")
+    p.add_argument(
+        "--bench",
+        choices=("full", "quick", "none"),
+        default=None,
+        help="benchmark after training (default: full, quick with --tiny)",
+    )
     p.add_argument("--bench-json", default=None, help="also write the benchmark results as JSON")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -143,14 +159,18 @@ def main(argv=None) -> int:
 
     model = CharMoELM(**cfg, experts=args.experts, top_k=args.top_k, backend=args.backend, aux_loss_coef=1e-2)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    print(f"text: {data.numel():,} bytes; model: {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"{cfg['layers']} MoE layers x {args.experts} experts (top-{args.top_k}), backend={args.backend!r}")
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
+    print(
+        f"text: {data.numel():,} bytes; model: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{cfg['layers']} MoE layers x {args.experts} experts (top-{args.top_k}), backend={args.backend!r}"
+    )
 
     def batch_of(source):
         starts = torch.randint(0, source.numel() - context - 1, (batch,))
-        x = torch.stack([source[s: s + context] for s in starts])
-        y = torch.stack([source[s + 1: s + context + 1] for s in starts])
+        x = torch.stack([source[s : s + context] for s in starts])
+        y = torch.stack([source[s + 1 : s + context + 1] for s in starts])
         return x, y
 
     try:
@@ -185,8 +205,10 @@ def main(argv=None) -> int:
     with torch.no_grad():
         xv, yv = batch_of(valid)
         vloss = F.cross_entropy(model(xv).reshape(-1, 256), yv.reshape(-1)).item()
-    print(f"trained {steps} steps in {train_s:.1f} s; final train loss {loss.item():.3f}, "
-          f"validation loss {vloss:.3f} (uniform guess: {math.log(256):.3f})")
+    print(
+        f"trained {steps} steps in {train_s:.1f} s; final train loss {loss.item():.3f}, "
+        f"validation loss {vloss:.3f} (uniform guess: {math.log(256):.3f})"
+    )
     for i, m in enumerate(model.moe_layers()):
         print(f"MoE layer {i}: aux loss {m.last_aux_loss.item():.4f}, z-loss {m.last_z_loss.item():.3f}")
     sample = model.generate(xv[:1, :16], 120 if not args.tiny else 16, context)
@@ -194,8 +216,12 @@ def main(argv=None) -> int:
 
     from smoe.viz import plot_expert_load
 
-    path = plot_expert_load(history, args.out, steps=recorded,
-                            title=f"Expert load while training a character MoE LM ({args.experts} experts, top-{args.top_k})")
+    path = plot_expert_load(
+        history,
+        args.out,
+        steps=recorded,
+        title=f"Expert load while training a character MoE LM ({args.experts} experts, top-{args.top_k})",
+    )
     print(f"expert load plot: {path}")
 
     if bench != "none":
@@ -203,8 +229,13 @@ def main(argv=None) -> int:
 
         print("benchmark (this may take a while for the full shapes) ...", flush=True)
         if bench == "quick":
-            results = run_benchmark(quick=True, dtypes=("fp32",) if args.tiny else ("fp32", "bf16"), backend=args.backend,
-                                    repeats=1 if args.tiny else 3, warmup=1 if args.tiny else 1)
+            results = run_benchmark(
+                quick=True,
+                dtypes=("fp32",) if args.tiny else ("fp32", "bf16"),
+                backend=args.backend,
+                repeats=1 if args.tiny else 3,
+                warmup=1 if args.tiny else 1,
+            )
         else:
             results = run_benchmark(repeats=3, backend=args.backend)
         print_table(results)

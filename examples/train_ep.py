@@ -32,9 +32,8 @@ from train_char_lm import CharMoELM, load_text  # noqa: E402
 
 
 def train(rank: int, world: int, args) -> None:
-    import torch.distributed as dist
-
     import smoe.nn
+    import torch.distributed as dist
     from smoe.distributed import ExpertParallelMoE, all_reduce_gradients
 
     if args.tiny:
@@ -56,14 +55,17 @@ def train(rank: int, world: int, args) -> None:
     gen = torch.Generator().manual_seed(args.seed + 1 + rank)  # each rank its own batches
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"{world} ranks, {args.experts} experts ({args.experts // world} per rank), top-{args.top_k}; "
-              f"{n_params:,} parameters per rank; {steps} steps of {batch} x {context} tokens per rank", flush=True)
+        print(
+            f"{world} ranks, {args.experts} experts ({args.experts // world} per rank), top-{args.top_k}; "
+            f"{n_params:,} parameters per rank; {steps} steps of {batch} x {context} tokens per rank",
+            flush=True,
+        )
     t0 = time.perf_counter()
     first = None
     for step in range(steps):
         starts = torch.randint(0, data.numel() - context - 1, (batch,), generator=gen)
-        x = torch.stack([data[s: s + context] for s in starts])
-        y = torch.stack([data[s + 1: s + context + 1] for s in starts])
+        x = torch.stack([data[s : s + context] for s in starts])
+        y = torch.stack([data[s + 1 : s + context + 1] for s in starts])
         loss = F.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         (loss + smoe.nn.aux_loss(model)).backward()  # this rank's shares of the aux losses
@@ -85,9 +87,12 @@ def train(rank: int, world: int, args) -> None:
     if not same:
         raise RuntimeError(f"rank {rank}: replicated parameters diverged")
     if rank == 0:
-        print(f"trained {steps} steps in {time.perf_counter() - t0:.1f} s: mean loss {first:.3f} -> "
-              f"{mean.item():.3f} (uniform guess {math.log(256):.3f}); replicated parameters identical on all "
-              f"ranks", flush=True)
+        print(
+            f"trained {steps} steps in {time.perf_counter() - t0:.1f} s: mean loss {first:.3f} -> "
+            f"{mean.item():.3f} (uniform guess {math.log(256):.3f}); replicated parameters identical on all "
+            f"ranks",
+            flush=True,
+        )
 
 
 def _torchrun_main(args) -> None:

@@ -15,20 +15,29 @@ what real trainers do around the layer:
 
 import argparse
 
+import smoe.nn
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
-import smoe.nn
 
 
 class Block(nn.Module):
     def __init__(self, hidden, experts, top_k, backend):
         super().__init__()
         self.norm = nn.LayerNorm(hidden)
-        self.moe = smoe.nn.MoE(hidden, 2 * hidden, experts, top_k, score_func="sigmoid", bias_balancing=True,
-                               aux_loss_coef=1e-2, z_loss_coef=1e-3, router_jitter_noise=0.01, backend=backend)
+        self.moe = smoe.nn.MoE(
+            hidden,
+            2 * hidden,
+            experts,
+            top_k,
+            score_func="sigmoid",
+            bias_balancing=True,
+            aux_loss_coef=1e-2,
+            z_loss_coef=1e-3,
+            router_jitter_noise=0.01,
+            backend=backend,
+        )
 
     def forward(self, h, mask):
         return h + self.moe(self.norm(h), token_mask=mask)
@@ -99,8 +108,7 @@ def main():
         scaler.update()
         if step % max(1, args.steps // 10) == 0 or step == args.steps - 1:
             loads = [b.moe.last_stats["routed_per_expert"].tolist() for b in model.blocks]
-            print(f"step {step:4d}  task loss {total:.4f}  aux {float(smoe.nn.aux_loss(model)):.4f}  "
-                  f"loads {loads}")
+            print(f"step {step:4d}  task loss {total:.4f}  aux {float(smoe.nn.aux_loss(model)):.4f}  loads {loads}")
     print(f"final loss {total:.4f}")
 
 

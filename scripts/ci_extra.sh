@@ -4,7 +4,8 @@
 #     spill and shared-memory figures per kernel;
 #  2. nvcc compiles the emulator's own test kernels for the same architectures (compile only);
 #  3. the emulated tests (emulator suite, emulated CUDA backend, core) run again under
-#     AddressSanitizer + UndefinedBehaviorSanitizer.
+#     AddressSanitizer + UndefinedBehaviorSanitizer;
+#  4. the style check (scripts/style_check.sh: ruff and clang-format, where installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 jobs=$(nproc)
@@ -33,3 +34,6 @@ cmake -S . -B build/asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSMOE_SANIT
   -DSMOE_BUILD_BENCH=OFF >/dev/null
 cmake --build build/asan -j "$jobs"
 ASAN_OPTIONS=detect_leaks=0 ctest --test-dir build/asan --output-on-failure -j "$jobs"
+
+echo "== style: ruff + clang-format (scripts/style_check.sh)"
+bash scripts/style_check.sh

@@ -21,9 +21,8 @@ import resource
 import subprocess
 import sys
 
-import torch
-
 import smoe.functional as F
+import torch
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 
@@ -83,8 +82,11 @@ def rss_child(args) -> dict:
     ys = F.expert_mlp(x, w1, w2, plan, activation="swiglu", backend="cpu")
     F.combine(ys, weights, plan, backend="cpu").float().square().sum().backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"shape": dict(T=T, H=H, F=Fd, E=E, K=K, dtype=args.dtype), "peak_rss_kib": peak,
-            "step_growth_kib": peak - before}
+    return {
+        "shape": dict(T=T, H=H, F=Fd, E=E, K=K, dtype=args.dtype),
+        "peak_rss_kib": peak,
+        "step_growth_kib": peak - before,
+    }
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ need_apt=()
 [ -f /usr/include/gtest/gtest.h ] || need_apt+=(libgtest-dev libgmock-dev)
 [ -f /usr/include/benchmark/benchmark.h ] || need_apt+=(libbenchmark-dev)
 ls /usr/lib/*/libopenblas.so >/dev/null 2>&1 || ls /usr/lib/*/openblas*/libopenblas.so >/dev/null 2>&1 || need_apt+=(libopenblas-dev)
+command -v clang-format >/dev/null || need_apt+=(clang-format)  # scripts/style_check.sh
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "apt: ${need_apt[*]}"
   SUDO=""
@@ -30,7 +31,7 @@ log "pip: torch==2.13.0, build tools, test and demo dependencies"
 $PY -m pip install -q --disable-pip-version-check "torch==2.13.0"
 $PY -m pip install -q --disable-pip-version-check \
   "pybind11>=2.12" "scikit-build-core>=0.10" cmake ninja numpy pytest hypothesis \
-  "transformers>=4.57,<5" matplotlib tqdm rich
+  "transformers>=4.57,<5" matplotlib tqdm rich "ruff>=0.17,<0.18"
 
 # 2b. A side environment with transformers 5.x (same torch, through --system-site-packages), so the
 #     tests cover both the 4.57 and the 5.x layouts of the Hugging Face MoE blocks.

@@ -32,7 +32,8 @@ const Shape kShapes[] = {
     {"finegrained", 2048, 6, 64, 1024, 512},
 };
 
-template <class T> std::vector<T> filled(size_t n, uint32_t seed) {
+template <class T>
+std::vector<T> filled(size_t n, uint32_t seed) {
   std::vector<T> v(n);
   uint32_t s = seed;
   for (auto& x : v) {
@@ -103,8 +104,8 @@ void BM_Gemm(benchmark::State& state) {
       st = grouped_gemm(Exec{}, GroupedGemmParams{true}, make_view(xs.data(), {R, H}), make_view(w1.data(), {E, F1, H}),
                         O, make_view(out.data(), {R, F1}));
     } else if (op == 1) {
-      st = grouped_gemm(Exec{}, GroupedGemmParams{false}, make_view(g.data(), {R, F1}), make_view(w1.data(), {E, F1, H}),
-                        O, make_view(out.data(), {R, H}));
+      st = grouped_gemm(Exec{}, GroupedGemmParams{false}, make_view(g.data(), {R, F1}),
+                        make_view(w1.data(), {E, F1, H}), O, make_view(out.data(), {R, H}));
     } else {
       st = grouped_gemm_wgrad(Exec{}, make_view(g.data(), {R, F1}), make_view(xs.data(), {R, H}), O,
                               make_view(out.data(), {E, F1, H}));
@@ -168,24 +169,23 @@ void BM_MlpForwardBackward(benchmark::State& state) {
   }
   auto x = filled<T>(size_t(T_ * H), 6), w1 = filled<T>(size_t(E * F1 * H), 7), w2 = filled<T>(size_t(E * H * F), 8);
   auto gys = filled<T>(size_t(R * H), 9);
-  std::vector<T> pre(size_t(R * F1)), act(size_t(R * F)), ys(size_t(R * H)), gx(size_t(T_ * H)),
-      gw1(w1.size()), gw2(w2.size());
+  std::vector<T> pre(size_t(R * F1)), act(size_t(R * F)), ys(size_t(R * H)), gx(size_t(T_ * H)), gw1(w1.size()),
+      gw2(w2.size());
   ExpertMlpParams p;
   std::vector<uint8_t> ws(size_t(expert_mlp_workspace_bytes(p, DTypeOf<T>::value, R, H, F)));
   const auto O = make_view(offsets.data(), {E + 1});
   auto run = [&] {
-    Status st = expert_mlp_forward(Exec{}, p, make_view(x.data(), {T_, H}), make_view(token_of_row.data(), {R}), O,
-                                   make_view(w1.data(), {E, F1, H}), make_view(w2.data(), {E, H, F}),
-                                   make_view(pre.data(), {R, F1}), make_view(act.data(), {R, F}),
-                                   make_view(ys.data(), {R, H}));
+    Status st =
+        expert_mlp_forward(Exec{}, p, make_view(x.data(), {T_, H}), make_view(token_of_row.data(), {R}), O,
+                           make_view(w1.data(), {E, F1, H}), make_view(w2.data(), {E, H, F}),
+                           make_view(pre.data(), {R, F1}), make_view(act.data(), {R, F}), make_view(ys.data(), {R, H}));
     if (st.ok()) {
       st = expert_mlp_backward(Exec{}, p, make_view(gys.data(), {R, H}), make_view(x.data(), {T_, H}),
                                make_view(token_of_row.data(), {R}), make_view(row_of.data(), {T_, K}), O,
                                make_view(w1.data(), {E, F1, H}), make_view(w2.data(), {E, H, F}),
-                               make_view(pre.data(), {R, F1}),
-                               make_view(act.data(), {R, F}), make_view(gx.data(), {T_, H}),
-                               make_view(gw1.data(), {E, F1, H}), make_view(gw2.data(), {E, H, F}),
-                               make_view(ws.data(), {int64_t(ws.size())}));
+                               make_view(pre.data(), {R, F1}), make_view(act.data(), {R, F}),
+                               make_view(gx.data(), {T_, H}), make_view(gw1.data(), {E, F1, H}),
+                               make_view(gw2.data(), {E, H, F}), make_view(ws.data(), {int64_t(ws.size())}));
     }
     if (!st.ok()) state.SkipWithError(st.message().c_str());
   };
@@ -198,7 +198,8 @@ void BM_MlpF32Blas(benchmark::State& state) {
   const bool saved = cpu::set_sgemm_avx512(false);
   BM_MlpForwardBackward<float>(state);
   cpu::set_sgemm_avx512(saved);
-  state.SetLabel(state.error_occurred() ? "" : std::string(kShapes[state.range(0)].name) + " expert MLP fwd+bwd, OpenBLAS tiles");
+  state.SetLabel(
+      state.error_occurred() ? "" : std::string(kShapes[state.range(0)].name) + " expert MLP fwd+bwd, OpenBLAS tiles");
 }
 
 void shapes_and_ops(benchmark::internal::Benchmark* b) {
@@ -209,10 +210,49 @@ void shapes_and_ops(benchmark::internal::Benchmark* b) {
 }  // namespace
 
 BENCHMARK(BM_GemmDenseRoof)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
-BENCHMARK(BM_Gemm<float>)->Name("BM_Gemm/f32")->Apply(shapes_and_ops)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
-BENCHMARK(BM_GemmF32Blas)->Name("BM_Gemm/f32_openblas")->Apply(shapes_and_ops)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
-BENCHMARK(BM_Gemm<bf16_t>)->Name("BM_Gemm/bf16")->Apply(shapes_and_ops)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
-BENCHMARK(BM_GemmBf16Panels)->Name("BM_Gemm/bf16_f32panels")->Args({0, 0})->Args({1, 0})->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(1.0);
-BENCHMARK(BM_MlpForwardBackward<float>)->Name("BM_Mlp/f32")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
-BENCHMARK(BM_MlpF32Blas)->Name("BM_Mlp/f32_openblas")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
-BENCHMARK(BM_MlpForwardBackward<bf16_t>)->Name("BM_Mlp/bf16")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->MinTime(2.0);
+BENCHMARK(BM_Gemm<float>)
+    ->Name("BM_Gemm/f32")
+    ->Apply(shapes_and_ops)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(1.0);
+BENCHMARK(BM_GemmF32Blas)
+    ->Name("BM_Gemm/f32_openblas")
+    ->Apply(shapes_and_ops)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(1.0);
+BENCHMARK(BM_Gemm<bf16_t>)
+    ->Name("BM_Gemm/bf16")
+    ->Apply(shapes_and_ops)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(1.0);
+BENCHMARK(BM_GemmBf16Panels)
+    ->Name("BM_Gemm/bf16_f32panels")
+    ->Args({0, 0})
+    ->Args({1, 0})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(1.0);
+BENCHMARK(BM_MlpForwardBackward<float>)
+    ->Name("BM_Mlp/f32")
+    ->Arg(0)
+    ->Arg(1)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(2.0);
+BENCHMARK(BM_MlpF32Blas)
+    ->Name("BM_Mlp/f32_openblas")
+    ->Arg(0)
+    ->Arg(1)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(2.0);
+BENCHMARK(BM_MlpForwardBackward<bf16_t>)
+    ->Name("BM_Mlp/bf16")
+    ->Arg(0)
+    ->Arg(1)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->MinTime(2.0);

@@ -195,8 +195,8 @@ void BM_LadderCombine(benchmark::State& state) {
   Buffer ys{uniform(R * H, 6)}, w{uniform(T * K, 7, 0.f, 1.f)}, rof{plan.row_of}, y{std::vector<float>(T * H)};
   const double bytes = double(R * H * 4 + T * H * 4 + T * K * 8);
   run_versioned(state, dev::KernelOp::kCombine, bytes, [&] {
-    return dev::combine_forward(ys.view(DType::kF32, {R, H}), w.view(DType::kF32, {T, K}), rof.view(DType::kI32, {T, K}),
-                                y.view(DType::kF32, {T, H}), nullptr);
+    return dev::combine_forward(ys.view(DType::kF32, {R, H}), w.view(DType::kF32, {T, K}),
+                                rof.view(DType::kI32, {T, K}), y.view(DType::kF32, {T, H}), nullptr);
   });
 }
 
@@ -215,7 +215,8 @@ void BM_LadderGroupedGemm(benchmark::State& state) {
   for (auto _ : state) {
     const TensorView A = av.view(DType::kBF16, {R, Kd}), B = bv.view(DType::kBF16, {E, Kd, N}),
                      O = ov.view(DType::kI64, {E + 1}), C = cv.view(DType::kBF16, {R, N});
-    const Status s = naive ? dev::grouped_gemm_naive(p, A, B, O, C, nullptr) : dev::grouped_gemm(p, A, B, O, C, nullptr);
+    const Status s =
+        naive ? dev::grouped_gemm_naive(p, A, B, O, C, nullptr) : dev::grouped_gemm(p, A, B, O, C, nullptr);
     sync();
     if (!s.ok()) {
       state.SkipWithError(s.message().c_str());
@@ -234,8 +235,10 @@ BENCHMARK(BM_LadderTopkGating)
     ->UseRealTime();
 BENCHMARK(BM_LadderRoutingPlan)
     ->ArgNames({"v", "T", "E", "K"})
-    ->Args({0, 1024, 8, 2})->Args({1, 1024, 8, 2})
-    ->Args({0, 1024, 64, 6})->Args({1, 1024, 64, 6})
+    ->Args({0, 1024, 8, 2})
+    ->Args({1, 1024, 8, 2})
+    ->Args({0, 1024, 64, 6})
+    ->Args({1, 1024, 64, 6})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 BENCHMARK(BM_LadderPermute)

@@ -75,7 +75,8 @@ void BM_PermuteForward(benchmark::State& state) {
   std::vector<S> xs(R * H);
   auto* tor = const_cast<int32_t*>(l.token_of_row.data());
   for (auto _ : state) {
-    const Status st = permute_forward({}, make_view(x.data(), {kT, H}), make_view(tor, {R}), make_view(xs.data(), {R, H}));
+    const Status st =
+        permute_forward({}, make_view(x.data(), {kT, H}), make_view(tor, {R}), make_view(xs.data(), {R, H}));
     if (!st.ok()) state.SkipWithError(st.message().c_str());
     benchmark::DoNotOptimize(xs.data());
   }
@@ -90,8 +91,8 @@ void BM_PermuteBackward(benchmark::State& state) {
   std::vector<S> gx(kT * H);
   auto* rof = const_cast<int32_t*>(l.row_of.data());
   for (auto _ : state) {
-    const Status st = permute_backward({}, make_view(gxs.data(), {R, H}), make_view(rof, {kT, kK}),
-                                       make_view(gx.data(), {kT, H}));
+    const Status st =
+        permute_backward({}, make_view(gxs.data(), {R, H}), make_view(rof, {kT, kK}), make_view(gx.data(), {kT, H}));
     if (!st.ok()) state.SkipWithError(st.message().c_str());
     benchmark::DoNotOptimize(gx.data());
   }
@@ -107,8 +108,8 @@ void BM_CombineForward(benchmark::State& state) {
   auto* rof = const_cast<int32_t*>(l.row_of.data());
   auto* w = const_cast<float*>(l.weights.data());
   for (auto _ : state) {
-    const Status st = combine_forward({}, make_view(ys.data(), {R, H}), make_view(w, {kT, kK}), make_view(rof, {kT, kK}),
-                                      make_view(y.data(), {kT, H}));
+    const Status st = combine_forward({}, make_view(ys.data(), {R, H}), make_view(w, {kT, kK}),
+                                      make_view(rof, {kT, kK}), make_view(y.data(), {kT, H}));
     if (!st.ok()) state.SkipWithError(st.message().c_str());
     benchmark::DoNotOptimize(y.data());
   }
@@ -126,16 +127,16 @@ void BM_CombineBackward(benchmark::State& state) {
   auto* rof = const_cast<int32_t*>(l.row_of.data());
   auto* w = const_cast<float*>(l.weights.data());
   for (auto _ : state) {
-    const Status st = combine_backward({}, make_view(gy.data(), {kT, H}), make_view(ys.data(), {R, H}),
-                                       make_view(w, {kT, kK}), make_view(rof, {kT, kK}), make_view(gys.data(), {R, H}),
-                                       make_view(gw.data(), {kT, kK}));
+    const Status st =
+        combine_backward({}, make_view(gy.data(), {kT, H}), make_view(ys.data(), {R, H}), make_view(w, {kT, kK}),
+                         make_view(rof, {kT, kK}), make_view(gys.data(), {R, H}), make_view(gw.data(), {kT, kK}));
     if (!st.ok()) state.SkipWithError(st.message().c_str());
     benchmark::DoNotOptimize(gys.data());
   }
   set_rate(state, double(kT * H * s + 2 * R * H * s + kT * kK * 12));
 }
 
-#define SMOE_PERMUTE_BENCH(fn)                                                                                  \
+#define SMOE_PERMUTE_BENCH(fn)                                                                                     \
   BENCHMARK_TEMPLATE(fn, float)->ArgName("H")->Arg(1024)->Arg(4096)->Unit(benchmark::kMicrosecond)->UseRealTime(); \
   BENCHMARK_TEMPLATE(fn, bf16_t)->ArgName("H")->Arg(1024)->Arg(4096)->Unit(benchmark::kMicrosecond)->UseRealTime()
 

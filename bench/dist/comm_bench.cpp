@@ -31,9 +31,7 @@ struct Args {
   bool nccl = false;
 };
 
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 // One size: every rank sends S/n bytes to each rank; returns the median time of one call on rank 0.
 double time_size(int n, int64_t S, int iters, const std::function<Status(int, int64_t, int64_t, int)>& call) {
@@ -75,11 +73,16 @@ int main(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (s == "--ranks") a.ranks = std::atoi(next());
-    else if (s == "--min-bytes") a.min_bytes = std::atoll(next());
-    else if (s == "--max-bytes") a.max_bytes = std::atoll(next());
-    else if (s == "--iters") a.iters = std::atoi(next());
-    else if (s == "--nccl") a.nccl = true;
+    if (s == "--ranks")
+      a.ranks = std::atoi(next());
+    else if (s == "--min-bytes")
+      a.min_bytes = std::atoll(next());
+    else if (s == "--max-bytes")
+      a.max_bytes = std::atoll(next());
+    else if (s == "--iters")
+      a.iters = std::atoi(next());
+    else if (s == "--nccl")
+      a.nccl = true;
     else {
       std::fprintf(stderr, "comm_bench: unknown argument %s\n", s.c_str());
       return 2;
@@ -139,8 +142,8 @@ int main(int argc, char** argv) {
     std::vector<int64_t> c(n, per), d = displacements(c);
     const double t = time_size(n, per * n, a.iters, [&](int r, int64_t, int64_t, int) {
       cudaSetDevice(r);
-      Status st = comms[r]->all_to_all_v(send[r], c.data(), d.data(), recv[r], c.data(), d.data(), DType::kU8,
-                                         streams[r]);
+      Status st =
+          comms[r]->all_to_all_v(send[r], c.data(), d.data(), recv[r], c.data(), d.data(), DType::kU8, streams[r]);
       cudaStreamSynchronize(streams[r]);
       return st;
     });

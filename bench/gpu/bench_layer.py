@@ -37,8 +37,23 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["Shape", "SHAPES", "QUICK_SHAPES", "Peak", "PEAKS", "device_peak", "stage_flops", "stage_bytes",
-           "Row", "build_rows", "TARGETS", "check_targets", "format_table", "write_json", "main"]
+__all__ = [
+    "Shape",
+    "SHAPES",
+    "QUICK_SHAPES",
+    "Peak",
+    "PEAKS",
+    "device_peak",
+    "stage_flops",
+    "stage_bytes",
+    "Row",
+    "build_rows",
+    "TARGETS",
+    "check_targets",
+    "format_table",
+    "write_json",
+    "main",
+]
 
 
 @dataclass(frozen=True)
@@ -79,7 +94,7 @@ I32 = 4
 class Peak:
     name: str
     bf16_tflops: float  # dense (no 2:4 sparsity) bf16 tensor-core peak
-    hbm_gbs: float      # HBM bandwidth
+    hbm_gbs: float  # HBM bandwidth
     source: str
 
 
@@ -87,14 +102,32 @@ class Peak:
 # are twice the dense ones and are not used). Matched against torch.cuda.get_device_name().
 PEAKS: Tuple[Tuple[Tuple[str, ...], Tuple[str, ...], Peak], ...] = (
     # (substrings that must all occur, substrings that must not occur, peak)
-    (("A100", "80GB"), ("PCIE",), Peak("A100 SXM4 80GB", 312.0, 2039.0,
-                                         "NVIDIA A100 Tensor Core GPU datasheet (2021): BF16 312 TFLOPS, 2,039 GB/s")),
-    (("A100",), ("PCIE", "80GB"), Peak("A100 SXM4 40GB", 312.0, 1555.0,
-                                         "NVIDIA A100 Tensor Core GPU datasheet (2021): BF16 312 TFLOPS, 1,555 GB/s")),
-    (("H100",), ("PCIE", "NVL"), Peak("H100 SXM", 989.0, 3350.0,
-                                        "NVIDIA H100 Tensor Core GPU datasheet: SXM BF16 989 TFLOPS (dense), 3.35 TB/s")),
-    (("H200",), ("NVL", "GH200"), Peak("H200 SXM", 989.0, 4800.0,
-                                "NVIDIA H200 Tensor Core GPU datasheet: SXM BF16 989 TFLOPS (dense), 4.8 TB/s")),
+    (
+        ("A100", "80GB"),
+        ("PCIE",),
+        Peak(
+            "A100 SXM4 80GB", 312.0, 2039.0, "NVIDIA A100 Tensor Core GPU datasheet (2021): BF16 312 TFLOPS, 2,039 GB/s"
+        ),
+    ),
+    (
+        ("A100",),
+        ("PCIE", "80GB"),
+        Peak(
+            "A100 SXM4 40GB", 312.0, 1555.0, "NVIDIA A100 Tensor Core GPU datasheet (2021): BF16 312 TFLOPS, 1,555 GB/s"
+        ),
+    ),
+    (
+        ("H100",),
+        ("PCIE", "NVL"),
+        Peak(
+            "H100 SXM", 989.0, 3350.0, "NVIDIA H100 Tensor Core GPU datasheet: SXM BF16 989 TFLOPS (dense), 3.35 TB/s"
+        ),
+    ),
+    (
+        ("H200",),
+        ("NVL", "GH200"),
+        Peak("H200 SXM", 989.0, 4800.0, "NVIDIA H200 Tensor Core GPU datasheet: SXM BF16 989 TFLOPS (dense), 4.8 TB/s"),
+    ),
 )
 
 
@@ -111,10 +144,12 @@ def device_peak(device_name: str, *, tflops: Optional[float] = None, gbs: Option
         return found
     if found is None and (tflops is None or gbs is None):
         raise ValueError(f"device {device_name!r} is not in PEAKS: give both --peak-tflops and --peak-gbs")
-    return Peak(found.name if found else device_name,
-                tflops if tflops is not None else found.bf16_tflops,
-                gbs if gbs is not None else found.hbm_gbs,
-                "given on the command line")
+    return Peak(
+        found.name if found else device_name,
+        tflops if tflops is not None else found.bf16_tflops,
+        gbs if gbs is not None else found.hbm_gbs,
+        "given on the command line",
+    )
 
 
 # ---- FLOPs and bytes of each stage (bf16 activations/weights, fp32 logits/weights of the gate) -----
@@ -122,9 +157,9 @@ def device_peak(device_name: str, *, tflops: Optional[float] = None, gbs: Option
 
 def stage_flops(s: Shape, stage: str) -> float:
     """FLOPs of a stage; 0 for the memory-bound ones. SwiGLU: w1 is [E, 2F, H]."""
-    gemm1 = 2.0 * s.R * s.H * (2 * s.F)   # xs [R,H] @ w1[e]^T [H,2F]
-    gemm2 = 2.0 * s.R * s.F * s.H         # h [R,F] @ w2[e]^T [F,H]
-    router = 2.0 * s.T * s.H * s.E        # x [T,H] @ Wr^T [H,E]
+    gemm1 = 2.0 * s.R * s.H * (2 * s.F)  # xs [R,H] @ w1[e]^T [H,2F]
+    gemm2 = 2.0 * s.R * s.F * s.H  # h [R,F] @ w2[e]^T [F,H]
+    router = 2.0 * s.T * s.H * s.E  # x [T,H] @ Wr^T [H,E]
     if stage == "gemm1_fwd":
         return gemm1
     if stage == "layer_fwd":
@@ -154,23 +189,32 @@ def stage_bytes(s: Shape, stage: str) -> float:
     raise ValueError(f"unknown stage {stage!r}")
 
 
-STAGES = ("topk_gating", "routing_plan", "permute", "routing+permute", "gemm1_fwd", "combine", "layer_fwd",
-          "layer_fwd+bwd")
+STAGES = (
+    "topk_gating",
+    "routing_plan",
+    "permute",
+    "routing+permute",
+    "gemm1_fwd",
+    "combine",
+    "layer_fwd",
+    "layer_fwd+bwd",
+)
 COMPUTE_BOUND = ("gemm1_fwd", "layer_fwd", "layer_fwd+bwd")
 
 
 # ---- design targets (docs/gpu.md) ----------------------------------------------------------------
 
+
 # (stage, impl, description, check(row, rows) -> Optional[bool]); None when a figure is missing.
-def _tc_vs_dense(row: "Row", rows: Sequence["Row"]) -> Optional[bool]:
+def _tc_vs_dense(row: Row, rows: Sequence[Row]) -> Optional[bool]:
     return None if row.x_dense is None else row.x_dense >= 0.85
 
 
-def _routing_us(row: "Row", rows: Sequence["Row"]) -> Optional[bool]:
+def _routing_us(row: Row, rows: Sequence[Row]) -> Optional[bool]:
     return row.time_us < 20.0 if row.T == 4096 else None
 
 
-def _layer_floor(row: "Row", rows: Sequence["Row"]) -> Optional[bool]:
+def _layer_floor(row: Row, rows: Sequence[Row]) -> Optional[bool]:
     return None if row.x_floor is None else row.x_floor <= 1.3
 
 
@@ -195,13 +239,13 @@ class Row:
     stage: str
     impl: str
     time_us: float
-    tflops: Optional[float]       # compute-bound stages
-    gbs: float                    # minimum bytes / time
+    tflops: Optional[float]  # compute-bound stages
+    gbs: float  # minimum bytes / time
     peak_fraction: Optional[float]  # of the bf16 TFLOP/s peak (compute-bound) or HBM GB/s (others)
-    x_dense: Optional[float]      # dense torch matmul of the same FLOPs: t_dense / t
-    x_hf: Optional[float]         # HF MixtralSparseMoeBlock: t_hf / t
-    x_cublas: Optional[float]     # the cuBLAS path (torch_per_expert): t_cublas / t
-    x_floor: Optional[float]      # t / (FLOPs / peak): how far above the compute floor
+    x_dense: Optional[float]  # dense torch matmul of the same FLOPs: t_dense / t
+    x_hf: Optional[float]  # HF MixtralSparseMoeBlock: t_hf / t
+    x_cublas: Optional[float]  # the cuBLAS path (torch_per_expert): t_cublas / t
+    x_floor: Optional[float]  # t / (FLOPs / peak): how far above the compute floor
     target: Optional[str] = None
     target_met: Optional[bool] = None
 
@@ -223,12 +267,30 @@ def build_rows(s: Shape, times_s: Dict[Tuple[str, str], float], peak: Optional[P
             if stage in COMPUTE_BOUND:
                 x_floor = t / (flops / (peak.bf16_tflops * 1e12))
 
-        def ratio(other: str) -> Optional[float]:
+        def ratio(other: str, stage=stage, impl=impl, t=t) -> Optional[float]:  # this row's stage, bound now
             u = times_s.get((stage, other))
             return None if u is None or other == impl else u / t
 
-        rows.append(Row(s.name, s.T, s.H, s.F, s.E, s.K, stage, impl, t * 1e6, tflops, gbs, frac,
-                        ratio("dense"), ratio("hf_mixtral"), ratio("torch_per_expert"), x_floor))
+        rows.append(
+            Row(
+                s.name,
+                s.T,
+                s.H,
+                s.F,
+                s.E,
+                s.K,
+                stage,
+                impl,
+                t * 1e6,
+                tflops,
+                gbs,
+                frac,
+                ratio("dense"),
+                ratio("hf_mixtral"),
+                ratio("torch_per_expert"),
+                x_floor,
+            )
+        )
     check_targets(rows)
     return rows
 
@@ -243,8 +305,20 @@ def check_targets(rows: Sequence[Row]) -> None:
 
 # ---- output --------------------------------------------------------------------------------------
 
-HEADERS = ("shape", "stage", "impl", "time us", "TFLOP/s", "GB/s", "% peak", "x dense", "x HF", "x cuBLAS",
-           "x floor", "target")
+HEADERS = (
+    "shape",
+    "stage",
+    "impl",
+    "time us",
+    "TFLOP/s",
+    "GB/s",
+    "% peak",
+    "x dense",
+    "x HF",
+    "x cuBLAS",
+    "x floor",
+    "target",
+)
 
 
 def _fmt(v: Optional[float], spec: str, suffix: str = "") -> str:
@@ -253,16 +327,28 @@ def _fmt(v: Optional[float], spec: str, suffix: str = "") -> str:
 
 def _cells(r: Row) -> List[str]:
     target = "-" if r.target is None else {True: "met", False: "MISSED", None: "n/a"}[r.target_met]
-    return [r.shape, r.stage, r.impl, f"{r.time_us:.1f}", _fmt(r.tflops, ".1f"), f"{r.gbs:.0f}",
-            _fmt(None if r.peak_fraction is None else 100 * r.peak_fraction, ".0f", "%"), _fmt(r.x_dense, ".2f"),
-            _fmt(r.x_hf, ".2f"), _fmt(r.x_cublas, ".2f"), _fmt(r.x_floor, ".2f"), target]
+    return [
+        r.shape,
+        r.stage,
+        r.impl,
+        f"{r.time_us:.1f}",
+        _fmt(r.tflops, ".1f"),
+        f"{r.gbs:.0f}",
+        _fmt(None if r.peak_fraction is None else 100 * r.peak_fraction, ".0f", "%"),
+        _fmt(r.x_dense, ".2f"),
+        _fmt(r.x_hf, ".2f"),
+        _fmt(r.x_cublas, ".2f"),
+        _fmt(r.x_floor, ".2f"),
+        target,
+    ]
 
 
 def format_table(rows: Sequence[Row], device: str = "", peak: Optional[Peak] = None) -> str:
     table = [list(HEADERS)] + [_cells(r) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(HEADERS))]
-    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in table]
+    lines = [
+        "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in table
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     shapes = {}
     for r in rows:
@@ -271,8 +357,10 @@ def format_table(rows: Sequence[Row], device: str = "", peak: Optional[Peak] = N
     if peak is not None:
         lines.append(f"peak ({peak.name}): {peak.bf16_tflops:g} bf16 TFLOP/s, {peak.hbm_gbs:g} GB/s — {peak.source}")
     elif device:
-        lines.append(f"peak: {device!r} is not in the PEAKS table: % peak and x floor are blank "
-                     "(give --peak-tflops and --peak-gbs)")
+        lines.append(
+            f"peak: {device!r} is not in the PEAKS table: % peak and x floor are blank "
+            "(give --peak-tflops and --peak-gbs)"
+        )
     lines.append("targets:")
     for _, _, text, _ in TARGETS:
         lines.append(f"  {text}")
@@ -307,9 +395,8 @@ def time_cuda(fn: Callable[[], object], warmup: int, repeats: int) -> float:
 
 
 def measure(s: Shape, *, warmup: int, repeats: int, with_hf: bool, log: Callable[[str], None]):
-    import torch
-
     import smoe.functional as F
+    import torch
     from smoe.nn import MoE
 
     dev, bf16 = torch.device("cuda"), torch.bfloat16
@@ -331,8 +418,11 @@ def measure(s: Shape, *, warmup: int, repeats: int, with_hf: bool, log: Callable
         run("topk_gating", "smoe", lambda: F.topk_gating(logits, top_k=s.K, renormalize=True, backend="cuda"))
         run("routing_plan", "smoe", lambda: F.routing_plan(experts, num_experts=s.E, backend="cuda"))
         run("permute", "smoe", lambda: F.permute(x, plan, backend="cuda"))
-        run("routing+permute", "smoe",
-            lambda: F.permute(x, F.routing_plan(experts, num_experts=s.E, backend="cuda"), backend="cuda"))
+        run(
+            "routing+permute",
+            "smoe",
+            lambda: F.permute(x, F.routing_plan(experts, num_experts=s.E, backend="cuda"), backend="cuda"),
+        )
 
         run("gemm1_fwd", "smoe_tc", lambda: F.grouped_gemm(xs, w1, plan.offsets, backend="cuda"))
         # torch's per-expert loop: one cuBLAS GEMM per expert (host offsets taken once, outside the timing)
@@ -344,14 +434,21 @@ def measure(s: Shape, *, warmup: int, repeats: int, with_hf: bool, log: Callable
                 a, b = bounds[e], bounds[e + 1]
                 if b > a:
                     torch.matmul(xs[a:b], w1[e].t(), out=out1[a:b])
+
         run("gemm1_fwd", "torch_per_expert", per_expert)
         from smoe import _C, _core
 
         if _C.has_cublas():  # smoe's own cuBLAS grouped launcher (csrc/cuda/gemm_cublas.h)
             out_cb = torch.empty(xs.shape[0], 2 * s.F, dtype=bf16, device=dev)
             stream = torch.cuda.current_stream().cuda_stream
-            cb_args = dict(stream=stream, trans_b=True, a=_core.view(xs, "a"), b=_core.view(w1, "b"),
-                           offsets=_core.view(plan.offsets, "offsets"), c=_core.view(out_cb, "c"))
+            cb_args = dict(
+                stream=stream,
+                trans_b=True,
+                a=_core.view(xs, "a"),
+                b=_core.view(w1, "b"),
+                offsets=_core.view(plan.offsets, "offsets"),
+                c=_core.view(out_cb, "c"),
+            )
             run("gemm1_fwd", "smoe_cublas", lambda: _C.grouped_gemm_cublas(**cb_args))
         else:
             log(f"{s.name}: gemm1_fwd / smoe_cublas skipped: this smoe._C has no cuBLAS (smoe._C.has_cublas())")
@@ -379,10 +476,12 @@ def measure(s: Shape, *, warmup: int, repeats: int, with_hf: bool, log: Callable
         mods = {"smoe": moe, **({"hf_mixtral": hf} if hf is not None else {})}
         for impl, mod in mods.items():
             if stage == "layer_fwd":
+
                 def fwd(mod=mod):
                     with torch.no_grad():
                         y = mod(x3)
                     return y
+
                 run(stage, impl, fwd)
             else:
                 xg = x3.detach().clone().requires_grad_(True)
@@ -393,6 +492,7 @@ def measure(s: Shape, *, warmup: int, repeats: int, with_hf: bool, log: Callable
                     y = mod(xg)
                     y = y[0] if isinstance(y, tuple) else y
                     y.backward(g)
+
                 run(stage, impl, fwd_bwd)
         if stage == "layer_fwd":
             with torch.no_grad():
@@ -401,9 +501,10 @@ def measure(s: Shape, *, warmup: int, repeats: int, with_hf: bool, log: Callable
             ra, rb = roof_a.clone().requires_grad_(True), roof_b.clone().requires_grad_(True)
             gout = torch.randn(s.R, 3 * s.F, dtype=bf16, device=dev)
 
-            def roof_step():
+            def roof_step(ra=ra, rb=rb, gout=gout):  # this shape's tensors, bound now
                 ra.grad = rb.grad = None
                 (ra @ rb).backward(gout)
+
             t_mm = time_cuda(roof_step, warmup, repeats) / 3.0
         times[(stage, "dense")] = t_mm * stage_flops(s, stage) / mm_flops  # the roof's rate on the layer's FLOPs
     return times
@@ -418,10 +519,16 @@ def _meta(device: str, peak: Optional[Peak], argv: Sequence[str]) -> dict:
         tf = transformers.__version__
     except ImportError:
         tf = None
-    return {"device": device, "peak": None if peak is None else asdict(peak), "torch": torch.__version__,
-            "cuda": torch.version.cuda, "transformers": tf, "python": platform.python_version(),
-            "command": " ".join(["python", "bench/gpu/bench_layer.py", *argv]),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return {
+        "device": device,
+        "peak": None if peak is None else asdict(peak),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": tf,
+        "python": platform.python_version(),
+        "command": " ".join(["python", "bench/gpu/bench_layer.py", *argv]),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -435,8 +542,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--peak-tflops", type=float, default=None, help="override the device's bf16 peak")
     p.add_argument("--peak-gbs", type=float, default=None, help="override the device's HBM GB/s")
     p.add_argument("--json", default=None, help="write the rows and the metadata here")
-    p.add_argument("--no-breakdown", dest="breakdown", action="store_false",
-                   help="skip the per-stage breakdown (table; with --json also <stem>_breakdown.json/.png)")
+    p.add_argument(
+        "--no-breakdown",
+        dest="breakdown",
+        action="store_false",
+        help="skip the per-stage breakdown (table; with --json also <stem>_breakdown.json/.png)",
+    )
     args = p.parse_args(argv)
     table = QUICK_SHAPES if args.quick else SHAPES
     names = [n.strip() for n in args.shapes.split(",") if n.strip()]
@@ -452,16 +563,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("bench_layer: torch is not installed; nothing to measure.")
         return 0
     if not torch.cuda.is_available():
-        print("bench_layer: no CUDA device is visible (torch.cuda.is_available() is False); nothing was "
-              "measured. Run this on a machine with an NVIDIA GPU (docs/gpu.md).")
+        print(
+            "bench_layer: no CUDA device is visible (torch.cuda.is_available() is False); nothing was "
+            "measured. Run this on a machine with an NVIDIA GPU (docs/gpu.md)."
+        )
         return 0
     from smoe import _core
 
     if "cuda" not in getattr(_core, "BUILT_BACKENDS", ()):
         # A GPU without the backend is a broken build, not "nothing to do": fail.
-        print("bench_layer: a CUDA device is visible but this build of smoe has no CUDA backend "
-              f"(smoe._core.BUILT_BACKENDS = {getattr(_core, 'BUILT_BACKENDS', ())}); rebuild with "
-              "-DSMOE_ENABLE_CUDA=ON (docs/gpu.md).", file=sys.stderr)
+        print(
+            "bench_layer: a CUDA device is visible but this build of smoe has no CUDA backend "
+            f"(smoe._core.BUILT_BACKENDS = {getattr(_core, 'BUILT_BACKENDS', ())}); rebuild with "
+            "-DSMOE_ENABLE_CUDA=ON (docs/gpu.md).",
+            file=sys.stderr,
+        )
         return 1
 
     device = torch.cuda.get_device_name()
@@ -469,8 +585,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rows: List[Row] = []
     for n in names:
         s = table[n]
-        times = measure(s, warmup=args.warmup, repeats=args.repeats, with_hf=not args.no_hf,
-                        log=lambda m: print(f"  timing {m}", file=sys.stderr, flush=True))
+        times = measure(
+            s,
+            warmup=args.warmup,
+            repeats=args.repeats,
+            with_hf=not args.no_hf,
+            log=lambda m: print(f"  timing {m}", file=sys.stderr, flush=True),
+        )
         rows.extend(build_rows(s, times, peak))
     print(f"smoe GPU benchmark on {device}")
     print(format_table(rows, device, peak))

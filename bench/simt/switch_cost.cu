@@ -82,8 +82,7 @@ int main(int argc, char** argv) {
   cudaMalloc(&out, blocks * sizeof(float));
   cudaMemset(in, 0, blocks * threads * sizeof(float));
   const double reduce_s = median_seconds([&] {
-    if (SMOE_LAUNCH(block_sum_kernel, blocks, threads, 0, nullptr, in, out) != cudaSuccess)
-      std::abort();
+    if (SMOE_LAUNCH(block_sum_kernel, blocks, threads, 0, nullptr, in, out) != cudaSuccess) std::abort();
   });
   cudaFree(in);
   cudaFree(out);

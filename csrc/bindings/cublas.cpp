@@ -79,8 +79,9 @@ Status cublas_wgrad(const TensorView& a, const TensorView& b, const TensorView& 
 }
 #else
 Status no_cublas(const char* op) {
-  return unsupported(op, "the cuBLAS baseline is not part of this build (it needs the nvcc-built CUDA backend and "
-                         "cuBLAS: see csrc/cuda/gemm_cublas.cmake); use grouped_gemm");
+  return unsupported(op,
+                     "the cuBLAS baseline is not part of this build (it needs the nvcc-built CUDA backend and "
+                     "cuBLAS: see csrc/cuda/gemm_cublas.cmake); use grouped_gemm");
 }
 #endif
 

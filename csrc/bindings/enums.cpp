@@ -23,9 +23,9 @@ py::dict table(const std::pair<const char*, Enum> (&entries)[N]) {
 
 constexpr std::pair<const char*, Backend> kBackends[] = {
     {"auto", Backend::kAuto}, {"cpu", Backend::kCpu}, {"cuda", Backend::kCuda}, {"simt", Backend::kSimt}};
-constexpr std::pair<const char*, DType> kDTypes[] = {
-    {"f32", DType::kF32}, {"f16", DType::kF16}, {"bf16", DType::kBF16}, {"f64", DType::kF64},
-    {"i32", DType::kI32}, {"i64", DType::kI64}, {"u8", DType::kU8}};
+constexpr std::pair<const char*, DType> kDTypes[] = {{"f32", DType::kF32}, {"f16", DType::kF16}, {"bf16", DType::kBF16},
+                                                     {"f64", DType::kF64}, {"i32", DType::kI32}, {"i64", DType::kI64},
+                                                     {"u8", DType::kU8}};
 constexpr std::pair<const char*, Device> kDevices[] = {{"cpu", Device::kCPU}, {"cuda", Device::kCUDA}};
 constexpr std::pair<const char*, ScoreFunc> kScoreFuncs[] = {{"softmax", ScoreFunc::kSoftmax},
                                                              {"sigmoid", ScoreFunc::kSigmoid}};

@@ -13,8 +13,8 @@ void bind_expert_choice(py::module_& m) {
         ExpertChoiceParams p;
         p.capacity = capacity;
         p.score_func = static_cast<ScoreFunc>(score_func);
-        const TensorView vl = SMOE_VIEW(logits), vs = SMOE_VIEW(scores), vt = SMOE_VIEW(tokens),
-                         vr = SMOE_VIEW(row_of), vw = SMOE_VIEW(weights);
+        const TensorView vl = SMOE_VIEW(logits), vs = SMOE_VIEW(scores), vt = SMOE_VIEW(tokens), vr = SMOE_VIEW(row_of),
+                         vw = SMOE_VIEW(weights);
         call_core([&] { return expert_choice_forward(exec, p, vl, vs, vt, vr, vw); });
       },
       py::arg("backend"), py::arg("stream"), py::arg("capacity"), py::arg("score_func"), py::arg("logits"),

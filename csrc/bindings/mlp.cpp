@@ -35,13 +35,12 @@ void bind_mlp(py::module_& m) {
          py::handle w1, py::handle w2, py::handle pre, py::handle act_out, py::handle ys) {
         const Exec exec = to_exec(backend, stream);
         const ExpertMlpParams p = mlp_params(act);
-        const TensorView vx = SMOE_VIEW(x), vt = SMOE_VIEW(token_of_row), vo = SMOE_VIEW(offsets),
-                         vw1 = SMOE_VIEW(w1), vw2 = SMOE_VIEW(w2), vpre = SMOE_VIEW(pre), va = SMOE_VIEW(act_out),
-                         vys = SMOE_VIEW(ys);
+        const TensorView vx = SMOE_VIEW(x), vt = SMOE_VIEW(token_of_row), vo = SMOE_VIEW(offsets), vw1 = SMOE_VIEW(w1),
+                         vw2 = SMOE_VIEW(w2), vpre = SMOE_VIEW(pre), va = SMOE_VIEW(act_out), vys = SMOE_VIEW(ys);
         call_core([&] { return expert_mlp_forward(exec, p, vx, vt, vo, vw1, vw2, vpre, va, vys); });
       },
-      py::arg("backend"), py::arg("stream"), py::arg("act"), py::arg("x"), py::arg("token_of_row"),
-      py::arg("offsets"), py::arg("w1"), py::arg("w2"), py::arg("pre"), py::arg("act_out"), py::arg("ys"));
+      py::arg("backend"), py::arg("stream"), py::arg("act"), py::arg("x"), py::arg("token_of_row"), py::arg("offsets"),
+      py::arg("w1"), py::arg("w2"), py::arg("pre"), py::arg("act_out"), py::arg("ys"));
 
   m.def(
       "expert_mlp_backward",
@@ -54,13 +53,12 @@ void bind_mlp(py::module_& m) {
                          vr = SMOE_VIEW(row_of), vo = SMOE_VIEW(offsets), vw1 = SMOE_VIEW(w1), vw2 = SMOE_VIEW(w2),
                          vpre = SMOE_VIEW(pre), va = SMOE_VIEW(act_out), vgx = SMOE_VIEW(grad_x),
                          vgw1 = SMOE_VIEW(grad_w1), vgw2 = SMOE_VIEW(grad_w2), vws = SMOE_VIEW(workspace);
-        call_core([&] {
-          return expert_mlp_backward(exec, p, vg, vx, vt, vr, vo, vw1, vw2, vpre, va, vgx, vgw1, vgw2, vws);
-        });
+        call_core(
+            [&] { return expert_mlp_backward(exec, p, vg, vx, vt, vr, vo, vw1, vw2, vpre, va, vgx, vgw1, vgw2, vws); });
       },
-      py::arg("backend"), py::arg("stream"), py::arg("act"), py::arg("grad_ys"), py::arg("x"),
-      py::arg("token_of_row"), py::arg("row_of"), py::arg("offsets"), py::arg("w1"), py::arg("w2"), py::arg("pre"),
-      py::arg("act_out"), py::arg("grad_x"), py::arg("grad_w1"), py::arg("grad_w2"), py::arg("workspace"));
+      py::arg("backend"), py::arg("stream"), py::arg("act"), py::arg("grad_ys"), py::arg("x"), py::arg("token_of_row"),
+      py::arg("row_of"), py::arg("offsets"), py::arg("w1"), py::arg("w2"), py::arg("pre"), py::arg("act_out"),
+      py::arg("grad_x"), py::arg("grad_w1"), py::arg("grad_w2"), py::arg("workspace"));
 
   m.def(
       "shared_expert_forward",
@@ -69,8 +67,8 @@ void bind_mlp(py::module_& m) {
         const Exec exec = to_exec(backend, stream);
         const ExpertMlpParams p = mlp_params(act);
         const TensorView vx = SMOE_VIEW(x), vw1 = SMOE_VIEW(w1), vw2 = SMOE_VIEW(w2), vgw = SMOE_VIEW(gate_w),
-                         vpre = SMOE_VIEW(pre), va = SMOE_VIEW(act_out), vout = SMOE_VIEW(out),
-                         vgate = SMOE_VIEW(gate), vy = SMOE_VIEW(y);
+                         vpre = SMOE_VIEW(pre), va = SMOE_VIEW(act_out), vout = SMOE_VIEW(out), vgate = SMOE_VIEW(gate),
+                         vy = SMOE_VIEW(y);
         call_core([&] { return shared_expert_forward(exec, p, vx, vw1, vw2, vgw, vpre, va, vout, vgate, vy); });
       },
       py::arg("backend"), py::arg("stream"), py::arg("act"), py::arg("x"), py::arg("w1"), py::arg("w2"),
@@ -84,13 +82,12 @@ void bind_mlp(py::module_& m) {
         const Exec exec = to_exec(backend, stream);
         const ExpertMlpParams p = mlp_params(act);
         const TensorView vgy = SMOE_VIEW(grad_y), vx = SMOE_VIEW(x), vw1 = SMOE_VIEW(w1), vw2 = SMOE_VIEW(w2),
-                         vgw = SMOE_VIEW(gate_w), vpre = SMOE_VIEW(pre), va = SMOE_VIEW(act_out),
-                         vout = SMOE_VIEW(out), vgate = SMOE_VIEW(gate), vgx = SMOE_VIEW(grad_x),
-                         vgw1 = SMOE_VIEW(grad_w1), vgw2 = SMOE_VIEW(grad_w2), vggw = SMOE_VIEW(grad_gate_w),
-                         vws = SMOE_VIEW(workspace);
+                         vgw = SMOE_VIEW(gate_w), vpre = SMOE_VIEW(pre), va = SMOE_VIEW(act_out), vout = SMOE_VIEW(out),
+                         vgate = SMOE_VIEW(gate), vgx = SMOE_VIEW(grad_x), vgw1 = SMOE_VIEW(grad_w1),
+                         vgw2 = SMOE_VIEW(grad_w2), vggw = SMOE_VIEW(grad_gate_w), vws = SMOE_VIEW(workspace);
         call_core([&] {
-          return shared_expert_backward(exec, p, vgy, vx, vw1, vw2, vgw, vpre, va, vout, vgate, vgx, vgw1, vgw2,
-                                        vggw, vws);
+          return shared_expert_backward(exec, p, vgy, vx, vw1, vw2, vgw, vpre, va, vout, vgate, vgx, vgw1, vgw2, vggw,
+                                        vws);
         });
       },
       py::arg("backend"), py::arg("stream"), py::arg("act"), py::arg("grad_y"), py::arg("x"), py::arg("w1"),

@@ -35,8 +35,7 @@ TensorView to_view(py::handle h, const char* arg) {
   v.data = reinterpret_cast<void*>(t[0].cast<uintptr_t>());
   const int dtype = t[1].cast<int>();
   if (dtype < static_cast<int>(DType::kF32) || dtype > static_cast<int>(DType::kU8)) {
-    throw py::value_error(std::string("smoe._C: argument '") + arg + "': unknown dtype code " +
-                          std::to_string(dtype));
+    throw py::value_error(std::string("smoe._C: argument '") + arg + "': unknown dtype code " + std::to_string(dtype));
   }
   v.dtype = static_cast<DType>(dtype);
   const int device = t[2].cast<int>();
@@ -49,10 +48,9 @@ TensorView to_view(py::handle h, const char* arg) {
   auto shape = t[4].cast<py::tuple>();
   auto strides = t[5].cast<py::tuple>();
   if (shape.size() > static_cast<size_t>(kMaxDims) || strides.size() != shape.size()) {
-    throw py::value_error(std::string("smoe._C: argument '") + arg + "': expected at most " +
-                          std::to_string(kMaxDims) + " dims with one stride per dim, got " +
-                          std::to_string(shape.size()) + " dims and " + std::to_string(strides.size()) +
-                          " strides");
+    throw py::value_error(std::string("smoe._C: argument '") + arg + "': expected at most " + std::to_string(kMaxDims) +
+                          " dims with one stride per dim, got " + std::to_string(shape.size()) + " dims and " +
+                          std::to_string(strides.size()) + " strides");
   }
   v.ndim = static_cast<int32_t>(shape.size());
   for (int32_t d = 0; d < v.ndim; ++d) {
@@ -64,8 +62,7 @@ TensorView to_view(py::handle h, const char* arg) {
 
 Exec to_exec(int backend, uintptr_t stream) {
   if (backend < static_cast<int>(Backend::kAuto) || backend > static_cast<int>(Backend::kSimt)) {
-    throw py::value_error("smoe._C: argument 'backend': expected a code in [0, 3], got " +
-                          std::to_string(backend));
+    throw py::value_error("smoe._C: argument 'backend': expected a code in [0, 3], got " + std::to_string(backend));
   }
   Exec e;
   e.backend = static_cast<Backend>(backend);

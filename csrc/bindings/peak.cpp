@@ -33,7 +33,8 @@ void bind_peak(py::module_& m) {
         return d;
       },
       py::arg("kind"), py::arg("iterations"),
-      "Runs the fp32 FMA, bf16 dot-product (vdpbf16ps) or AMX bf16 tile (tdpbf16ps) microkernel on every thread of the pool; returns "
+      "Runs the fp32 FMA, bf16 dot-product (vdpbf16ps) or AMX bf16 tile (tdpbf16ps) microkernel on every thread of the "
+      "pool; returns "
       "{'gflops', 'seconds', 'threads', 'isa'} (gflops 0 and isa 'unsupported' without the instruction).");
   m.def("peak_has_bf16", &cpu::peak_has_bf16_dp, "Whether this CPU has AVX512-BF16 (vdpbf16ps).");
   m.def("peak_has_amx_bf16", &cpu::peak_has_amx_bf16, "Whether this CPU and kernel let smoe use AMX-BF16 tiles.");

@@ -38,12 +38,12 @@ void bind_permute(py::module_& m) {
       [](int backend, uintptr_t stream, py::handle grad_y, py::handle ys, py::handle weights, py::handle row_of,
          py::handle grad_ys, py::handle grad_weights) {
         const Exec exec = to_exec(backend, stream);
-        const TensorView vgy = SMOE_VIEW(grad_y), vys = SMOE_VIEW(ys), vw = SMOE_VIEW(weights),
-                         vr = SMOE_VIEW(row_of), vgys = SMOE_VIEW(grad_ys), vgw = SMOE_VIEW(grad_weights);
+        const TensorView vgy = SMOE_VIEW(grad_y), vys = SMOE_VIEW(ys), vw = SMOE_VIEW(weights), vr = SMOE_VIEW(row_of),
+                         vgys = SMOE_VIEW(grad_ys), vgw = SMOE_VIEW(grad_weights);
         call_core([&] { return combine_backward(exec, vgy, vys, vw, vr, vgys, vgw); });
       },
-      py::arg("backend"), py::arg("stream"), py::arg("grad_y"), py::arg("ys"), py::arg("weights"),
-      py::arg("row_of"), py::arg("grad_ys"), py::arg("grad_weights"));
+      py::arg("backend"), py::arg("stream"), py::arg("grad_y"), py::arg("ys"), py::arg("weights"), py::arg("row_of"),
+      py::arg("grad_ys"), py::arg("grad_weights"));
 }
 
 }  // namespace smoe::bindings

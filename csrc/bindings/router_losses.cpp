@@ -15,7 +15,8 @@ void bind_router_losses(py::module_& m) {
       "load_balancing_loss_forward",
       [](int backend, uintptr_t stream, py::handle probs, py::handle experts, py::handle loss, py::handle workspace) {
         const Exec exec = to_exec(backend, stream);
-        const TensorView vp = SMOE_VIEW(probs), ve = SMOE_VIEW(experts), vl = SMOE_VIEW(loss), vws = SMOE_VIEW(workspace);
+        const TensorView vp = SMOE_VIEW(probs), ve = SMOE_VIEW(experts), vl = SMOE_VIEW(loss),
+                         vws = SMOE_VIEW(workspace);
         call_core([&] { return load_balancing_loss_forward(exec, vp, ve, vl, vws); });
       },
       py::arg("backend"), py::arg("stream"), py::arg("probs"), py::arg("experts"), py::arg("loss"),

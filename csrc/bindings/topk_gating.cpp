@@ -20,9 +20,9 @@ TopkGatingParams topk_params(int top_k, int score_func, int n_groups, int topk_g
   return p;
 }
 
-#define SMOE_TOPK_PARAM_ARGS                                                                         \
-  py::arg("top_k"), py::arg("score_func"), py::arg("n_groups"), py::arg("topk_groups"),              \
-      py::arg("group_score"), py::arg("renormalize"), py::arg("renorm_eps"), py::arg("routed_scaling")
+#define SMOE_TOPK_PARAM_ARGS                                                                                    \
+  py::arg("top_k"), py::arg("score_func"), py::arg("n_groups"), py::arg("topk_groups"), py::arg("group_score"), \
+      py::arg("renormalize"), py::arg("renorm_eps"), py::arg("routed_scaling")
 
 }  // namespace
 
@@ -35,8 +35,8 @@ void bind_topk_gating(py::module_& m) {
         const Exec exec = to_exec(backend, stream);
         const TopkGatingParams p =
             topk_params(top_k, score_func, n_groups, topk_groups, group_score, renormalize, renorm_eps, routed_scaling);
-        const TensorView vl = SMOE_VIEW(logits), vb = SMOE_VIEW(bias), vw = SMOE_VIEW(weights),
-                         ve = SMOE_VIEW(experts), vs = SMOE_VIEW(scores);
+        const TensorView vl = SMOE_VIEW(logits), vb = SMOE_VIEW(bias), vw = SMOE_VIEW(weights), ve = SMOE_VIEW(experts),
+                         vs = SMOE_VIEW(scores);
         call_core([&] { return topk_gating_forward(exec, p, vl, vb, vw, ve, vs); });
       },
       py::arg("backend"), py::arg("stream"), SMOE_TOPK_PARAM_ARGS, py::arg("logits"), py::arg("bias"),

@@ -16,13 +16,13 @@ Status check_all_to_all_v(const char* op, int size, const void* send, const int6
     return invalid_argument(op, "counts", "send/recv counts and displacements (one per rank)", "null");
   for (int p = 0; p < size; ++p) {
     if (send_counts[p] < 0 || send_displs[p] < 0)
-      return invalid_argument(op, "send_counts", "counts and displacements >= 0",
-                              std::to_string(send_counts[p]) + " / " + std::to_string(send_displs[p]) +
-                                  " for rank " + std::to_string(p));
+      return invalid_argument(
+          op, "send_counts", "counts and displacements >= 0",
+          std::to_string(send_counts[p]) + " / " + std::to_string(send_displs[p]) + " for rank " + std::to_string(p));
     if (recv_counts[p] < 0 || recv_displs[p] < 0)
-      return invalid_argument(op, "recv_counts", "counts and displacements >= 0",
-                              std::to_string(recv_counts[p]) + " / " + std::to_string(recv_displs[p]) +
-                                  " for rank " + std::to_string(p));
+      return invalid_argument(
+          op, "recv_counts", "counts and displacements >= 0",
+          std::to_string(recv_counts[p]) + " / " + std::to_string(recv_displs[p]) + " for rank " + std::to_string(p));
     if (send_counts[p] > 0 && !send) return invalid_argument(op, "send", "a buffer (counts > 0)", "null");
     if (recv_counts[p] > 0 && !recv) return invalid_argument(op, "recv", "a buffer (counts > 0)", "null");
   }
@@ -115,38 +115,39 @@ class Group final : public InProcessGroup {
 
 int InProcessComm::size() const { return g_->size(); }
 
-Status InProcessComm::all_to_all_v(const void* send, const int64_t* send_counts, const int64_t* send_displs,
-                                   void* recv, const int64_t* recv_counts, const int64_t* recv_displs,
-                                   DType dtype, void* /*stream*/) {
+Status InProcessComm::all_to_all_v(const void* send, const int64_t* send_counts, const int64_t* send_displs, void* recv,
+                                   const int64_t* recv_counts, const int64_t* recv_displs, DType dtype,
+                                   void* /*stream*/) {
   const char* op = "all_to_all_v";
   const int P = g_->size();
   Status st = check_all_to_all_v(op, P, send, send_counts, send_displs, recv, recv_counts, recv_displs);
   Posted& me = g_->posted()[rank_];
   me = Posted{static_cast<const char*>(send), send_counts, send_displs, recv_counts, dtype, st.ok()};
   const Status timeout(Code::kDeviceError, std::string(op) + ": rank " + std::to_string(rank_) +
-                                               ": not every rank joined within " +
-                                               std::to_string(g_->timeout_ms()) + " ms");
+                                               ": not every rank joined within " + std::to_string(g_->timeout_ms()) +
+                                               " ms");
   if (!g_->barrier()) return timeout;
   // Every rank sees every posting: all reach the same verdict.
   Status verdict = Status::Ok();
   for (int p = 0; p < P && verdict.ok(); ++p) {
     const Posted& a = g_->posted()[p];
     if (!a.valid) {
-      verdict = Status(Code::kInvalidArgument, std::string(op) + ": rank " + std::to_string(p) +
-                                                   " passed invalid arguments" + (p == rank_ ? ": " + st.message() : ""));
+      verdict =
+          Status(Code::kInvalidArgument, std::string(op) + ": rank " + std::to_string(p) + " passed invalid arguments" +
+                                             (p == rank_ ? ": " + st.message() : ""));
       break;
     }
     if (a.dtype != me.dtype) {
-      verdict = invalid_argument(op, "dtype", "the same dtype on every rank",
-                                 "a different one on rank " + std::to_string(p));
+      verdict =
+          invalid_argument(op, "dtype", "the same dtype on every rank", "a different one on rank " + std::to_string(p));
       break;
     }
     for (int q = 0; q < P; ++q) {
       const Posted& b = g_->posted()[q];
       if (b.valid && a.send_counts[q] != b.recv_counts[p]) {
         verdict = invalid_argument(op, "recv_counts",
-                                   "rank " + std::to_string(q) + " to expect from rank " + std::to_string(p) +
-                                       " the " + std::to_string(a.send_counts[q]) + " elements it sends",
+                                   "rank " + std::to_string(q) + " to expect from rank " + std::to_string(p) + " the " +
+                                       std::to_string(a.send_counts[q]) + " elements it sends",
                                    std::to_string(b.recv_counts[p]));
         break;
       }
@@ -158,7 +159,8 @@ Status InProcessComm::all_to_all_v(const void* send, const int64_t* send_counts,
     for (int p = 0; p < P; ++p) {
       const Posted& a = g_->posted()[p];
       const int64_t n = recv_counts[p];
-      if (n > 0) std::memcpy(out + recv_displs[p] * es, a.send + a.send_displs[rank_] * es, static_cast<size_t>(n * es));
+      if (n > 0)
+        std::memcpy(out + recv_displs[p] * es, a.send + a.send_displs[rank_] * es, static_cast<size_t>(n * es));
     }
   }
   if (!g_->barrier()) return timeout;

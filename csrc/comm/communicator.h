@@ -30,9 +30,8 @@ class Communicator {
   virtual int size() const = 0;
   virtual const char* name() const = 0;
   virtual Device device() const = 0;  // where the buffers of all_to_all_v live
-  virtual Status all_to_all_v(const void* send, const int64_t* send_counts, const int64_t* send_displs,
-                              void* recv, const int64_t* recv_counts, const int64_t* recv_displs, DType dtype,
-                              void* stream) = 0;
+  virtual Status all_to_all_v(const void* send, const int64_t* send_counts, const int64_t* send_displs, void* recv,
+                              const int64_t* recv_counts, const int64_t* recv_displs, DType dtype, void* stream) = 0;
 };
 
 // Checks shared by the implementations: counts/displacements >= 0, buffers present where counts > 0.

@@ -21,8 +21,8 @@ struct Buf {
 }  // namespace
 
 Status ep_moe_forward(Communicator& comm, const Exec& exec, const EpMoeParams& params, const TensorView& x,
-                      const TensorView& experts, const TensorView& weights, const TensorView& w1,
-                      const TensorView& w2, const TensorView& y, EpLayout* layout) {
+                      const TensorView& experts, const TensorView& weights, const TensorView& w1, const TensorView& w2,
+                      const TensorView& y, EpLayout* layout) {
   const char* op = "ep_moe_forward";
   const int P = comm.size();
   const int32_t E = params.num_experts;
@@ -82,7 +82,8 @@ Status ep_moe_forward(Communicator& comm, const Exec& exec, const EpMoeParams& p
   };
   const std::vector<int64_t> se = elems(send_rows), re = elems(recv_rows);
   const std::vector<int64_t> sd = displacements(se), rd = displacements(re);
-  SMOE_RETURN_IF_ERROR(comm.all_to_all_v(xs.data, se.data(), sd.data(), xr.data, re.data(), rd.data(), dt, exec.stream));
+  SMOE_RETURN_IF_ERROR(
+      comm.all_to_all_v(xs.data, se.data(), sd.data(), xr.data, re.data(), rd.data(), dt, exec.stream));
 
   // 4. local plan: received row j of (source p, expert e) goes to expert-major position.
   Buf b_ltor, b_loff, b_lrow;
@@ -117,7 +118,8 @@ Status ep_moe_forward(Communicator& comm, const Exec& exec, const EpMoeParams& p
   SMOE_RETURN_IF_ERROR(expert_mlp_forward(exec, mp, xr, ltor, loff, w1, w2, pre, act, ys));
   SMOE_RETURN_IF_ERROR(permute_forward(exec, ys, lrow, yr));
   TensorView yb = b_yb.view(dt, {r_send, H});
-  SMOE_RETURN_IF_ERROR(comm.all_to_all_v(yr.data, re.data(), rd.data(), yb.data, se.data(), sd.data(), dt, exec.stream));
+  SMOE_RETURN_IF_ERROR(
+      comm.all_to_all_v(yr.data, re.data(), rd.data(), yb.data, se.data(), sd.data(), dt, exec.stream));
 
   // 6. combine with the first plan (row_of refers to rows < offsets[E] = r_send).
   SMOE_RETURN_IF_ERROR(combine_forward(exec, yb, weights, row_of, y));

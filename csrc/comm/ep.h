@@ -23,7 +23,7 @@ namespace smoe::comm {
 struct EpMoeParams {
   int32_t num_experts = 0;  // E (global)
   Activation activation = Activation::kSwiGLU;
-  int64_t capacity = -1;    // per rank, < 0: dropless
+  int64_t capacity = -1;  // per rank, < 0: dropless
   DropPolicy drop_policy = DropPolicy::kByTokenOrder;
 };
 
@@ -36,7 +36,7 @@ struct EpLayout {
 // x [T, H]; experts [T, K] i32; weights [T, K] f32 (f64 with f64 x); w1 [E/P, F1, H]; w2 [E/P, H, F];
 // y [T, H] out. layout may be null. Every rank of comm must call it (T may differ, may be 0).
 Status ep_moe_forward(Communicator& comm, const Exec& exec, const EpMoeParams& params, const TensorView& x,
-                      const TensorView& experts, const TensorView& weights, const TensorView& w1,
-                      const TensorView& w2, const TensorView& y, EpLayout* layout = nullptr);
+                      const TensorView& experts, const TensorView& weights, const TensorView& w1, const TensorView& w2,
+                      const TensorView& y, EpLayout* layout = nullptr);
 
 }  // namespace smoe::comm

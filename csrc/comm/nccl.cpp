@@ -17,13 +17,27 @@ Status nccl_error(const char* op, ncclResult_t r) {
 
 bool nccl_type(DType t, ncclDataType_t* out) {
   switch (t) {
-    case DType::kF32: *out = ncclFloat32; return true;
-    case DType::kF16: *out = ncclFloat16; return true;
-    case DType::kBF16: *out = ncclBfloat16; return true;
-    case DType::kF64: *out = ncclFloat64; return true;
-    case DType::kI32: *out = ncclInt32; return true;
-    case DType::kI64: *out = ncclInt64; return true;
-    case DType::kU8: *out = ncclUint8; return true;
+    case DType::kF32:
+      *out = ncclFloat32;
+      return true;
+    case DType::kF16:
+      *out = ncclFloat16;
+      return true;
+    case DType::kBF16:
+      *out = ncclBfloat16;
+      return true;
+    case DType::kF64:
+      *out = ncclFloat64;
+      return true;
+    case DType::kI32:
+      *out = ncclInt32;
+      return true;
+    case DType::kI64:
+      *out = ncclInt64;
+      return true;
+    case DType::kU8:
+      *out = ncclUint8;
+      return true;
   }
   return false;
 }
@@ -38,8 +52,7 @@ class NcclCommunicator final : public Communicator {
   Device device() const override { return Device::kCUDA; }
 
   Status all_to_all_v(const void* send, const int64_t* send_counts, const int64_t* send_displs, void* recv,
-                      const int64_t* recv_counts, const int64_t* recv_displs, DType dtype,
-                      void* stream) override {
+                      const int64_t* recv_counts, const int64_t* recv_displs, DType dtype, void* stream) override {
     const char* op = "all_to_all_v";
     SMOE_RETURN_IF_ERROR(check_all_to_all_v(op, size_, send, send_counts, send_displs, recv, recv_counts, recv_displs));
     ncclDataType_t t;
@@ -55,8 +68,8 @@ class NcclCommunicator final : public Communicator {
         if (r != ncclSuccess) break;
       }
       if (recv_counts[p] > 0) {
-        r = ncclRecv(static_cast<char*>(recv) + recv_displs[p] * es, static_cast<size_t>(recv_counts[p]), t, p,
-                     comm_, s);
+        r = ncclRecv(static_cast<char*>(recv) + recv_displs[p] * es, static_cast<size_t>(recv_counts[p]), t, p, comm_,
+                     s);
         if (r != ncclSuccess) break;
       }
     }

@@ -20,10 +20,10 @@ Status check_activation(const Checker& c, Activation act) {
     case Activation::kSwiGLU:
     case Activation::kGeGLU:
     case Activation::kGELU:
-    case Activation::kReLU: return Status::Ok();
+    case Activation::kReLU:
+      return Status::Ok();
   }
-  return c.invalid("act", "kSwiGLU (0), kGeGLU (1), kGELU (2) or kReLU (3)",
-                   std::to_string(static_cast<int32_t>(act)));
+  return c.invalid("act", "kSwiGLU (0), kGeGLU (1), kGELU (2) or kReLU (3)", std::to_string(static_cast<int32_t>(act)));
 }
 
 // A 2-D tensor with dense rows in the dtype and on the device of `in` (which may be any float dtype).
@@ -51,7 +51,7 @@ Status activation_forward(const Exec& exec, Activation act, const TensorView& in
   SMOE_RETURN_IF_ERROR(c.arg("out", out).size(0, R, "R (= in.size(0))"));
   const int64_t F = out.size(1);
   SMOE_RETURN_IF_ERROR(c.arg("in", in).size(1, gated ? 2 * F : F,
-                                          gated ? "2F (gated activation, F = out.size(1))" : "F (= out.size(1))"));
+                                            gated ? "2F (gated activation, F = out.size(1))" : "F (= out.size(1))"));
   return SMOE_DISPATCH_WORK(c.op, exec, in, R > 0 && F > 0, activation_forward, act, in, out);
 }
 

@@ -29,9 +29,9 @@ class ArgCheck {
 
   ArgCheck& dims(int ndim, const char* layout);
   ArgCheck& dtype(DType dt);
-  ArgCheck& float_dtype();                           // f32, bf16, f16 or f64
+  ArgCheck& float_dtype();                            // f32, bf16, f16 or f64
   ArgCheck& dtype_if(bool ok, const char* expected);  // a custom dtype rule, e.g. "dtype f32 (f64 for ...)"
-  ArgCheck& same_dtype();                            // the reference tensor's dtype
+  ArgCheck& same_dtype();                             // the reference tensor's dtype
   ArgCheck& size(int dim, int64_t value, const char* meaning);
   ArgCheck& size_if_known(int dim, int64_t value, const char* meaning) {  // value < 0: any size
     return value < 0 ? *this : size(dim, value, meaning);
@@ -76,7 +76,9 @@ class Checker {
   // A byte buffer of at least `bytes` bytes on the reference device ("see *_workspace_bytes").
   Status workspace(const TensorView& ws, int64_t bytes) const;
   // "[lo, hi]" for range messages.
-  static std::string range(int64_t lo, int64_t hi) { return "[" + std::to_string(lo) + ", " + std::to_string(hi) + "]"; }
+  static std::string range(int64_t lo, int64_t hi) {
+    return "[" + std::to_string(lo) + ", " + std::to_string(hi) + "]";
+  }
 };
 
 // ---- ArgCheck ------------------------------------------------------------------------------------

@@ -63,9 +63,9 @@ Status dispatch(const char* op, const Exec& exec, const TensorView& ref, CpuFn&&
 
 }  // namespace smoe::detail
 
-#define SMOE_DISPATCH_WORK(op, exec, ref, has_work, fn, ...)                                 \
-  ::smoe::detail::dispatch(                                                                \
-      op, exec, ref, has_work, [&] { return ::smoe::cpu::fn(__VA_ARGS__); },                 \
+#define SMOE_DISPATCH_WORK(op, exec, ref, has_work, fn, ...)                 \
+  ::smoe::detail::dispatch(                                                  \
+      op, exec, ref, has_work, [&] { return ::smoe::cpu::fn(__VA_ARGS__); }, \
       [&](::smoe::Backend smoe_b_) { return SMOE_DEVICE_DISPATCH(op, smoe_b_, exec, fn, __VA_ARGS__); })
 
 #define SMOE_DISPATCH(op, exec, ref, fn, ...) SMOE_DISPATCH_WORK(op, exec, ref, true, fn, __VA_ARGS__)

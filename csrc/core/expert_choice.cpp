@@ -54,8 +54,8 @@ Status expert_choice_forward(const Exec& exec, const ExpertChoiceParams& params,
 }
 
 Status expert_choice_backward(const Exec& exec, const ExpertChoiceParams& params, const TensorView& scores,
-                              const TensorView& row_of, const TensorView& grad_weights,
-                              const TensorView& grad_scores, const TensorView& grad_logits) {
+                              const TensorView& row_of, const TensorView& grad_weights, const TensorView& grad_scores,
+                              const TensorView& grad_logits) {
   const Checker c{"expert_choice_backward", scores, "scores"};
   SMOE_RETURN_IF_ERROR(detail::check_scores(c, "scores", scores));
   const int64_t T = scores.size(0), E = scores.size(1);

@@ -39,9 +39,8 @@ Status grouped_gemm(const Exec& exec, const GroupedGemmParams& params, const Ten
   SMOE_RETURN_IF_ERROR(c.arg("b", b).dims(3, b_layout).same_dtype().contiguous().same_device().blas_sized());
   SMOE_RETURN_IF_ERROR(c.offsets(offsets));
   const int64_t R = a.size(0), Kd = a.size(1), E = offsets.size(0) - 1;
-  SMOE_RETURN_IF_ERROR(c.arg("b", b)
-                           .size(0, E, "E (= offsets.size(0) - 1)")
-                           .size(params.trans_b ? 2 : 1, Kd, "Kd (= a.size(1))"));
+  SMOE_RETURN_IF_ERROR(
+      c.arg("b", b).size(0, E, "E (= offsets.size(0) - 1)").size(params.trans_b ? 2 : 1, Kd, "Kd (= a.size(1))"));
   const int64_t N = b.size(params.trans_b ? 1 : 2);
   SMOE_RETURN_IF_ERROR(float_matrix(c, "c", c_out, "[R, N]")
                            .size(0, R, "R (= a.size(0))")

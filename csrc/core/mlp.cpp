@@ -56,7 +56,8 @@ Status expect_activation(const char* op, Activation act) {
     case Activation::kSwiGLU:
     case Activation::kGeGLU:
     case Activation::kGELU:
-    case Activation::kReLU: return Status::Ok();
+    case Activation::kReLU:
+      return Status::Ok();
   }
   return invalid_argument(op, "params.activation", "kSwiGLU (0), kGeGLU (1), kGELU (2) or kReLU (3)",
                           std::to_string(static_cast<int32_t>(act)));
@@ -109,8 +110,7 @@ Status check_expert_tensors(const Checker& c, const ExpertMlpParams& params, con
 
 Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const TensorView& x,
                           const TensorView& token_of_row, const TensorView& offsets, const TensorView& w1,
-                          const TensorView& w2, const TensorView& pre, const TensorView& act,
-                          const TensorView& ys) {
+                          const TensorView& w2, const TensorView& pre, const TensorView& act, const TensorView& ys) {
   const Checker c{"expert_mlp_forward", x, "x"};
   SMOE_RETURN_IF_ERROR(expect_activation(c.op, params.activation));
   SMOE_RETURN_IF_ERROR(c.float_tensor("x", x, 2, "[T, H]", true));
@@ -147,9 +147,9 @@ int64_t expert_mlp_workspace_bytes(const ExpertMlpParams& params, DType dtype, i
 
 Status expert_mlp_backward(const Exec& exec, const ExpertMlpParams& params, const TensorView& grad_ys,
                            const TensorView& x, const TensorView& token_of_row, const TensorView& row_of,
-                           const TensorView& offsets, const TensorView& w1, const TensorView& w2,
-                           const TensorView& pre, const TensorView& act, const TensorView& grad_x,
-                           const TensorView& grad_w1, const TensorView& grad_w2, const TensorView& workspace) {
+                           const TensorView& offsets, const TensorView& w1, const TensorView& w2, const TensorView& pre,
+                           const TensorView& act, const TensorView& grad_x, const TensorView& grad_w1,
+                           const TensorView& grad_w2, const TensorView& workspace) {
   const Checker c{"expert_mlp_backward", grad_ys, "grad_ys"};
   SMOE_RETURN_IF_ERROR(expect_activation(c.op, params.activation));
   SMOE_RETURN_IF_ERROR(c.float_tensor("grad_ys", grad_ys, 2, "[R, H]", true));
@@ -223,10 +223,10 @@ Status check_shared(const Checker& c, const ExpertMlpParams& params, const Tenso
 
 }  // namespace
 
-Status shared_expert_forward(const Exec& exec, const ExpertMlpParams& params, const TensorView& x,
-                             const TensorView& w1, const TensorView& w2, const TensorView& gate_w,
-                             const TensorView& pre, const TensorView& act, const TensorView& out,
-                             const TensorView& gate, const TensorView& y) {
+Status shared_expert_forward(const Exec& exec, const ExpertMlpParams& params, const TensorView& x, const TensorView& w1,
+                             const TensorView& w2, const TensorView& gate_w, const TensorView& pre,
+                             const TensorView& act, const TensorView& out, const TensorView& gate,
+                             const TensorView& y) {
   const Checker c{"shared_expert_forward", x, "x"};
   SMOE_RETURN_IF_ERROR(check_shared(c, params, x, w1, w2, gate_w, pre, act, out, gate, false));
   SMOE_RETURN_IF_ERROR(c.float_tensor("y", y, 2, "[T, H]", true));
@@ -245,15 +245,14 @@ Status shared_expert_forward(const Exec& exec, const ExpertMlpParams& params, co
       });
 }
 
-int64_t shared_expert_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t T, int64_t H,
-                                      int64_t F) {
+int64_t shared_expert_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t T, int64_t H, int64_t F) {
   T = nonneg(T), H = nonneg(H), F = nonneg(F);
   const int64_t F1 = is_gated(params.activation) ? sat_mul(2, F) : F;
   const int64_t es = dtype_size(dtype);
   // grad_out [T, H], grad_act [T, F], grad_pre [T, F1], grad_xs [T, H], dlogit [T] (f32, f64 for f64).
   const int64_t th = sat_mul(sat_mul(T, H), es);
-  const int64_t bytes = total({th, th, sat_mul(sat_mul(T, F), es), sat_mul(sat_mul(T, F1), es),
-                                         sat_mul(T, dtype_size(gate_dtype(dtype)))});
+  const int64_t bytes = total(
+      {th, th, sat_mul(sat_mul(T, F), es), sat_mul(sat_mul(T, F1), es), sat_mul(T, dtype_size(gate_dtype(dtype)))});
   // The device backends carve their gate partials after those pieces (one size serves every backend).
   int64_t extra = 0;
 #if defined(SMOE_HAVE_CUDA) && SMOE_HAVE_CUDA
@@ -266,11 +265,10 @@ int64_t shared_expert_workspace_bytes(const ExpertMlpParams& params, DType dtype
 }
 
 Status shared_expert_backward(const Exec& exec, const ExpertMlpParams& params, const TensorView& grad_y,
-                              const TensorView& x, const TensorView& w1, const TensorView& w2,
-                              const TensorView& gate_w, const TensorView& pre, const TensorView& act,
-                              const TensorView& out, const TensorView& gate, const TensorView& grad_x,
-                              const TensorView& grad_w1, const TensorView& grad_w2,
-                              const TensorView& grad_gate_w, const TensorView& workspace) {
+                              const TensorView& x, const TensorView& w1, const TensorView& w2, const TensorView& gate_w,
+                              const TensorView& pre, const TensorView& act, const TensorView& out,
+                              const TensorView& gate, const TensorView& grad_x, const TensorView& grad_w1,
+                              const TensorView& grad_w2, const TensorView& grad_gate_w, const TensorView& workspace) {
   const Checker c{"shared_expert_backward", x, "x"};
   SMOE_RETURN_IF_ERROR(check_shared(c, params, x, w1, w2, gate_w, pre, act, out, gate, true));
   const int64_t T = x.size(0), H = x.size(1);
@@ -290,8 +288,7 @@ Status shared_expert_backward(const Exec& exec, const ExpertMlpParams& params, c
   } else if (grad_gate_w.defined()) {
     return invalid_argument(c.op, "grad_gate_w", "absent (gate_w is absent)", shape_string(grad_gate_w));
   }
-  SMOE_RETURN_IF_ERROR(
-      c.workspace(workspace, shared_expert_workspace_bytes(params, x.dtype, T, H, w2.size(1))));
+  SMOE_RETURN_IF_ERROR(c.workspace(workspace, shared_expert_workspace_bytes(params, x.dtype, T, H, w2.size(1))));
   // No early return for T == 0: the weight gradients must still become zeros.
   return SMOE_DISPATCH(c.op, exec, x, shared_expert_backward, params, grad_y, x, w1, w2, gate_w, pre, act, out, gate,
                        grad_x, grad_w1, grad_w2, grad_gate_w, workspace);

@@ -71,8 +71,8 @@ Status combine_forward(const Exec& exec, const TensorView& ys, const TensorView&
   const int64_t H = ys.size(1);
   SMOE_RETURN_IF_ERROR(row_of_matrix(c, row_of, -1, ""));
   const int64_t T = row_of.size(0), K = row_of.size(1);
-  SMOE_RETURN_IF_ERROR(matrix(c, "weights", weights, "[T, K]", acc_dtype(ys.dtype), T, "T = row_of.size(0)", K,
-                              "K = row_of.size(1)"));
+  SMOE_RETURN_IF_ERROR(
+      matrix(c, "weights", weights, "[T, K]", acc_dtype(ys.dtype), T, "T = row_of.size(0)", K, "K = row_of.size(1)"));
   SMOE_RETURN_IF_ERROR(matrix(c, "y", y, "[T, H]", ys.dtype, T, "T = row_of.size(0)", H, "H = ys.size(1)"));
   return SMOE_DISPATCH_WORK(c.op, exec, ys, T > 0 && H > 0, combine_forward, ys, weights, row_of, y);
 }

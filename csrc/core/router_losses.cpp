@@ -36,15 +36,13 @@ Status check_z_logits(const Checker& c, const TensorView& logits) {
 
 // The caller's scratch: u8 [>= bytes] on the tensors' device, 8-byte aligned (it holds f64 and i32
 // pieces at 256-byte offsets); absent allowed when no byte is needed or the backend is 'cpu'.
-Status check_workspace(const Checker& c, const Exec& exec, const TensorView& ws, int64_t bytes,
-                       const char* query) {
+Status check_workspace(const Checker& c, const Exec& exec, const TensorView& ws, int64_t bytes, const char* query) {
   Backend b;
   SMOE_RETURN_IF_ERROR(resolve_backend(c.op, exec, c.ref, &b));
   if (!ws.defined() && (bytes == 0 || b == Backend::kCpu)) return Status::Ok();
   SMOE_RETURN_IF_ERROR(c.arg("workspace", ws).dims(1, "[bytes]").dtype(DType::kU8).contiguous().same_device());
   if (ws.size(0) < bytes) {
-    return c.invalid("workspace", "size(0) >= " + std::to_string(bytes) + " bytes (" + query + ")",
-                     shape_string(ws));
+    return c.invalid("workspace", "size(0) >= " + std::to_string(bytes) + " bytes (" + query + ")", shape_string(ws));
   }
   if (bytes > 0 && reinterpret_cast<uintptr_t>(ws.data) % alignof(double) != 0) {
     return c.invalid("workspace", "data aligned to 8 bytes (it holds f64 and i32 pieces)", "a misaligned pointer");
@@ -84,8 +82,7 @@ Status load_balancing_loss_backward(const Exec& exec, const TensorView& probs, c
                             grad_loss, grad_probs, workspace);
 }
 
-Status z_loss_forward(const Exec& exec, const TensorView& logits, const TensorView& loss,
-                      const TensorView& workspace) {
+Status z_loss_forward(const Exec& exec, const TensorView& logits, const TensorView& loss, const TensorView& workspace) {
   const Checker c{"z_loss_forward", logits, "logits"};
   SMOE_RETURN_IF_ERROR(check_z_logits(c, logits));
   SMOE_RETURN_IF_ERROR(c.scalar("loss", loss, acc_dtype(logits.dtype)));

@@ -77,31 +77,28 @@ Status routing_plan(const Exec& exec, const RoutingPlanParams& params, const Ten
   const int64_t T = experts.size(0), K = experts.size(1), E = params.num_experts;
   const int64_t R_max = routing_plan_max_rows(params, T, K);
   if (R_max > INT32_MAX || sat_mul(T, K) > INT32_MAX) {
-    return invalid_argument(kOp, "experts",
-                            "T*K + E*(pad_multiple-1) <= 2^31 - 1 rows (rows are i32)",
+    return invalid_argument(kOp, "experts", "T*K + E*(pad_multiple-1) <= 2^31 - 1 rows (rows are i32)",
                             shape_string(experts) + " with E = " + std::to_string(E) +
                                 ", pad_multiple = " + std::to_string(params.pad_multiple));
   }
 
   if (needs_weights(params) || weights.defined()) {
     if (!weights.defined()) {
-      return invalid_argument(kOp, "weights", "a [T, K] f32 tensor (drop_policy kByScore with a capacity)",
-                              "absent");
+      return invalid_argument(kOp, "weights", "a [T, K] f32 tensor (drop_policy kByScore with a capacity)", "absent");
     }
     SMOE_RETURN_IF_ERROR(dense(c, "weights", weights, 2, "[T, K]", DType::kF32)
                              .size(0, T, "T = experts.size(0)")
                              .size(1, K, "K = experts.size(1)"));
   }
   SMOE_RETURN_IF_ERROR(dense(c, "counts", counts, 1, "[E]", DType::kI32).size(0, E, "E = params.num_experts"));
-  SMOE_RETURN_IF_ERROR(dense(c, "offsets", offsets, 1, "[E+1]", DType::kI64)
-                           .size(0, E + 1, "E + 1 = params.num_experts + 1"));
+  SMOE_RETURN_IF_ERROR(
+      dense(c, "offsets", offsets, 1, "[E+1]", DType::kI64).size(0, E + 1, "E + 1 = params.num_experts + 1"));
   SMOE_RETURN_IF_ERROR(dense(c, "row_of", row_of, 2, "[T, K]", DType::kI32)
                            .size(0, T, "T = experts.size(0)")
                            .size(1, K, "K = experts.size(1)"));
   SMOE_RETURN_IF_ERROR(dense(c, "token_of_row", token_of_row, 1, "[R_max]", DType::kI32));
   if (token_of_row.size(0) < R_max) {
-    return invalid_argument(kOp, "token_of_row",
-                            "size(0) >= " + std::to_string(R_max) + " (routing_plan_max_rows)",
+    return invalid_argument(kOp, "token_of_row", "size(0) >= " + std::to_string(R_max) + " (routing_plan_max_rows)",
                             shape_string(token_of_row));
   }
   const int64_t ws_bytes = routing_plan_workspace_bytes(params, T, K);

@@ -56,12 +56,10 @@ Status expect_same_dtype(const char* op, const char* arg, const TensorView& v, c
                           dtype_name(v.dtype));
 }
 
-Status expect_size(const char* op, const char* arg, const TensorView& v, int dim, int64_t value,
-                   const char* meaning) {
+Status expect_size(const char* op, const char* arg, const TensorView& v, int dim, int64_t value, const char* meaning) {
   if (dim < v.ndim && v.shape[dim] == value) return Status::Ok();
-  return invalid_argument(op, arg,
-                          "size(" + std::to_string(dim) + ") == " + std::to_string(value) + " (" + meaning + ")",
-                          shape_string(v));
+  return invalid_argument(
+      op, arg, "size(" + std::to_string(dim) + ") == " + std::to_string(value) + " (" + meaning + ")", shape_string(v));
 }
 
 Status expect_contiguous(const char* op, const char* arg, const TensorView& v) {
@@ -71,18 +69,16 @@ Status expect_contiguous(const char* op, const char* arg, const TensorView& v) {
 
 Status expect_row_contiguous(const char* op, const char* arg, const TensorView& v) {
   if (v.is_row_contiguous()) return Status::Ok();
-  return invalid_argument(op, arg, "dense rows (stride(1) == 1, stride(0) >= size(1))",
-                          "stride(0) = " + std::to_string(v.strides[0]) +
-                              ", stride(1) = " + std::to_string(v.strides[1]));
+  return invalid_argument(
+      op, arg, "dense rows (stride(1) == 1, stride(0) >= size(1))",
+      "stride(0) = " + std::to_string(v.strides[0]) + ", stride(1) = " + std::to_string(v.strides[1]));
 }
 
 Status expect_device(const char* op, const char* arg, const TensorView& v, Device device, int32_t index) {
   if (!v.defined() || (v.device == device && (device == Device::kCPU || v.device_index == index))) {
     return Status::Ok();
   }
-  auto name = [](Device d, int32_t i) {
-    return d == Device::kCPU ? std::string("cpu") : "cuda:" + std::to_string(i);
-  };
+  auto name = [](Device d, int32_t i) { return d == Device::kCPU ? std::string("cpu") : "cuda:" + std::to_string(i); };
   return invalid_argument(op, arg, "a tensor on " + name(device, index), "one on " + name(v.device, v.device_index));
 }
 

@@ -69,8 +69,8 @@ Status topk_gating_forward(const Exec& exec, const TopkGatingParams& params, con
   }
   SMOE_RETURN_IF_ERROR(
       detail::router_matrix(c, "weights", weights, "[T, K]", acc, T, "T = logits.size(0)", K, "K = params.top_k"));
-  SMOE_RETURN_IF_ERROR(
-      detail::router_matrix(c, "experts", experts, "[T, K]", DType::kI32, T, "T = logits.size(0)", K, "K = params.top_k"));
+  SMOE_RETURN_IF_ERROR(detail::router_matrix(c, "experts", experts, "[T, K]", DType::kI32, T, "T = logits.size(0)", K,
+                                             "K = params.top_k"));
   SMOE_RETURN_IF_ERROR(
       detail::router_matrix(c, "scores", scores, "[T, E]", acc, T, "T = logits.size(0)", E, "E = logits.size(1)"));
   return SMOE_DISPATCH_WORK(c.op, exec, logits, T > 0, topk_gating_forward, params, logits, bias, weights, experts,
@@ -78,25 +78,25 @@ Status topk_gating_forward(const Exec& exec, const TopkGatingParams& params, con
 }
 
 Status topk_gating_backward(const Exec& exec, const TopkGatingParams& params, const TensorView& scores,
-                            const TensorView& experts, const TensorView& grad_weights,
-                            const TensorView& grad_scores, const TensorView& grad_logits) {
+                            const TensorView& experts, const TensorView& grad_weights, const TensorView& grad_scores,
+                            const TensorView& grad_logits) {
   const Checker c{"topk_gating_backward", scores, "scores"};
   SMOE_RETURN_IF_ERROR(detail::check_scores(c, "scores", scores));
   const int64_t T = scores.size(0), E = scores.size(1);
   SMOE_RETURN_IF_ERROR(check_topk_params(c, params, E));
   const int64_t K = params.top_k;
-  SMOE_RETURN_IF_ERROR(
-      detail::router_matrix(c, "experts", experts, "[T, K]", DType::kI32, T, "T = scores.size(0)", K, "K = params.top_k"));
+  SMOE_RETURN_IF_ERROR(detail::router_matrix(c, "experts", experts, "[T, K]", DType::kI32, T, "T = scores.size(0)", K,
+                                             "K = params.top_k"));
   if (grad_weights.defined()) {
     SMOE_RETURN_IF_ERROR(detail::router_matrix(c, "grad_weights", grad_weights, "[T, K]", scores.dtype, T,
-                                       "T = scores.size(0)", K, "K = params.top_k"));
+                                               "T = scores.size(0)", K, "K = params.top_k"));
   }
   if (grad_scores.defined()) {
     SMOE_RETURN_IF_ERROR(detail::router_matrix(c, "grad_scores", grad_scores, "[T, E]", scores.dtype, T,
-                                       "T = scores.size(0)", E, "E = scores.size(1)"));
+                                               "T = scores.size(0)", E, "E = scores.size(1)"));
   }
-  SMOE_RETURN_IF_ERROR(detail::router_matrix(c, "grad_logits", grad_logits, "[T, E]", scores.dtype, T, "T = scores.size(0)",
-                                     E, "E = scores.size(1)"));
+  SMOE_RETURN_IF_ERROR(detail::router_matrix(c, "grad_logits", grad_logits, "[T, E]", scores.dtype, T,
+                                             "T = scores.size(0)", E, "E = scores.size(1)"));
   return SMOE_DISPATCH_WORK(c.op, exec, scores, T > 0, topk_gating_backward, params, scores, experts, grad_weights,
                             grad_scores, grad_logits);
 }

@@ -19,13 +19,22 @@
 namespace smoe::cpu {
 namespace {
 
-template <class Acc> constexpr Acc kInvSqrt2 = Acc(0.70710678118654752440);
-template <class Acc> constexpr Acc kInvSqrt2Pi = Acc(0.39894228040143267794);
+template <class Acc>
+constexpr Acc kInvSqrt2 = Acc(0.70710678118654752440);
+template <class Acc>
+constexpr Acc kInvSqrt2Pi = Acc(0.39894228040143267794);
 
-template <class Acc> inline Acc sigmoid(Acc x) { return Acc(1) / (Acc(1) + std::exp(-x)); }
-template <class Acc> inline Acc gelu(Acc x) { return Acc(0.5) * x * (Acc(1) + std::erf(x * kInvSqrt2<Acc>)); }
+template <class Acc>
+inline Acc sigmoid(Acc x) {
+  return Acc(1) / (Acc(1) + std::exp(-x));
+}
+template <class Acc>
+inline Acc gelu(Acc x) {
+  return Acc(0.5) * x * (Acc(1) + std::erf(x * kInvSqrt2<Acc>));
+}
 // d/dx [x * Phi(x)] = Phi(x) + x * phi(x)
-template <class Acc> inline Acc gelu_grad(Acc x) {
+template <class Acc>
+inline Acc gelu_grad(Acc x) {
   const Acc cdf = Acc(0.5) * (Acc(1) + std::erf(x * kInvSqrt2<Acc>));
   return cdf + x * kInvSqrt2Pi<Acc> * std::exp(Acc(-0.5) * x * x);
 }
@@ -63,7 +72,8 @@ inline float exp_poly(float x) {
 SMOE_AVX512 inline __m512 exp_poly16(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(kExpLo), x);  // maxps(a, b) = a > b ? a : b: a NaN x passes, as in exp_poly
   x = _mm512_min_ps(_mm512_set1_ps(kExpHi), x);
-  const __m512 n = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _mm512_set1_ps(0.5f)), _MM_FROUND_TO_NEG_INF);
+  const __m512 n = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _mm512_set1_ps(0.5f)),
+                                        _MM_FROUND_TO_NEG_INF);
   __m512 r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(kLn2Hi)));
   r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(kLn2Lo)));
   __m512 p = _mm512_set1_ps(kP0);
@@ -105,7 +115,7 @@ void swiglu_row(const float* g, const float* u, float* out, int64_t F) {
 
 // s = 1 / (1 + e^-x); silu'(x) = s (1 + x (1 - s)):  gg = d u silu'(g),  gu = d (x s)
 SMOE_AVX512 int64_t swiglu_grad_row_avx512(const float* g, const float* u, const float* d, float* gg, float* gu,
-                                          int64_t F) {
+                                           int64_t F) {
   const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 16 <= F; j += 16) {
@@ -135,7 +145,8 @@ RowScratch& row_scratch() {
   thread_local RowScratch s;
   return s;
 }
-template <class T> const float* widen_row(const T* src, int64_t n, std::vector<float>& buf) {
+template <class T>
+const float* widen_row(const T* src, int64_t n, std::vector<float>& buf) {
   if constexpr (std::is_same_v<T, float>) {
     return src;
   } else {
@@ -144,7 +155,8 @@ template <class T> const float* widen_row(const T* src, int64_t n, std::vector<f
     return buf.data();
   }
 }
-template <class T> float* out_row(T* dst, int64_t n, std::vector<float>& buf) {
+template <class T>
+float* out_row(T* dst, int64_t n, std::vector<float>& buf) {
   if constexpr (std::is_same_v<T, float>) {
     return dst;
   } else {
@@ -152,7 +164,8 @@ template <class T> float* out_row(T* dst, int64_t n, std::vector<float>& buf) {
     return buf.data();
   }
 }
-template <class T> void narrow_row(const float* src, T* dst, int64_t n) {
+template <class T>
+void narrow_row(const float* src, T* dst, int64_t n) {
   if constexpr (!std::is_same_v<T, float>) {
     for (int64_t i = 0; i < n; ++i) dst[i] = from_acc<T>(src[i]);
   }

@@ -7,7 +7,6 @@
 namespace smoe::cpu {
 
 Status activation_forward(Activation act, const TensorView& in, const TensorView& out);
-Status activation_backward(Activation act, const TensorView& in, const TensorView& grad_out,
-                           const TensorView& grad_in);
+Status activation_backward(Activation act, const TensorView& in, const TensorView& grad_out, const TensorView& grad_in);
 
 }  // namespace smoe::cpu

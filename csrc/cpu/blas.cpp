@@ -23,8 +23,8 @@ void blas_single_threaded() {
 }  // namespace
 
 template <class Acc>
-void gemm_serial(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const Acc* a, int64_t lda,
-                 const Acc* b, int64_t ldb, Acc* c, int64_t ldc) {
+void gemm_serial(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const Acc* a, int64_t lda, const Acc* b,
+                 int64_t ldb, Acc* c, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {  // not left to the BLAS: the reference BLAS would leave c untouched
     for (int64_t m = 0; m < M; ++m) std::fill(c + m * ldc, c + m * ldc + N, Acc(0));
@@ -35,29 +35,28 @@ void gemm_serial(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, co
   const int ta = trans_a ? blas::kTrans : blas::kNoTrans, tb = trans_b ? blas::kTrans : blas::kNoTrans;
   // Sizes and leading dimensions fit int: csrc/core/gemm.cpp rejects larger ones.
   if constexpr (std::is_same_v<Acc, float>) {
-    SMOE_BLAS_FN(cblas_sgemm)(blas::kRowMajor, ta, tb, int(M), int(N), int(K), 1.f, a, int(lda), b, int(ldb), 0.f,
-                              c, int(ldc));
+    SMOE_BLAS_FN(cblas_sgemm)
+    (blas::kRowMajor, ta, tb, int(M), int(N), int(K), 1.f, a, int(lda), b, int(ldb), 0.f, c, int(ldc));
   } else {
-    SMOE_BLAS_FN(cblas_dgemm)(blas::kRowMajor, ta, tb, int(M), int(N), int(K), 1.0, a, int(lda), b, int(ldb), 0.0,
-                              c, int(ldc));
+    SMOE_BLAS_FN(cblas_dgemm)
+    (blas::kRowMajor, ta, tb, int(M), int(N), int(K), 1.0, a, int(lda), b, int(ldb), 0.0, c, int(ldc));
   }
 #else
   gemm_blocked<Acc>(trans_a, trans_b, M, N, K, a, lda, b, ldb, c, ldc);
 #endif
 }
 
-
-template void gemm_serial<float>(bool, bool, int64_t, int64_t, int64_t, const float*, int64_t, const float*,
-                                 int64_t, float*, int64_t);
-template void gemm_serial<double>(bool, bool, int64_t, int64_t, int64_t, const double*, int64_t, const double*,
-                                  int64_t, double*, int64_t);
+template void gemm_serial<float>(bool, bool, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                                 float*, int64_t);
+template void gemm_serial<double>(bool, bool, int64_t, int64_t, int64_t, const double*, int64_t, const double*, int64_t,
+                                  double*, int64_t);
 
 void dense_sgemm_roof(int threads, int64_t M, int64_t N, int64_t K, const float* a, const float* b, float* c) {
 #if SMOE_HAVE_BLAS
   blas_single_threaded();
   SMOE_BLAS_FN(openblas_set_num_threads)(threads);
-  SMOE_BLAS_FN(cblas_sgemm)(blas::kRowMajor, blas::kNoTrans, blas::kNoTrans, int(M), int(N), int(K), 1.f, a, int(K), b,
-                            int(N), 0.f, c, int(N));
+  SMOE_BLAS_FN(cblas_sgemm)
+  (blas::kRowMajor, blas::kNoTrans, blas::kNoTrans, int(M), int(N), int(K), 1.f, a, int(K), b, int(N), 0.f, c, int(N));
   SMOE_BLAS_FN(openblas_set_num_threads)(1);
 #else
   (void)threads;

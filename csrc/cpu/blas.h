@@ -23,11 +23,10 @@ inline constexpr int kTrans = 112;
 }  // namespace smoe::cpu::blas
 
 extern "C" {
-void SMOE_BLAS_FN(cblas_sgemm)(int order, int trans_a, int trans_b, int m, int n, int k, float alpha,
-                               const float* a, int lda, const float* b, int ldb, float beta, float* c, int ldc);
-void SMOE_BLAS_FN(cblas_dgemm)(int order, int trans_a, int trans_b, int m, int n, int k, double alpha,
-                               const double* a, int lda, const double* b, int ldb, double beta, double* c,
-                               int ldc);
+void SMOE_BLAS_FN(cblas_sgemm)(int order, int trans_a, int trans_b, int m, int n, int k, float alpha, const float* a,
+                               int lda, const float* b, int ldb, float beta, float* c, int ldc);
+void SMOE_BLAS_FN(cblas_dgemm)(int order, int trans_a, int trans_b, int m, int n, int k, double alpha, const double* a,
+                               int lda, const double* b, int ldb, double beta, double* c, int ldc);
 void SMOE_BLAS_FN(openblas_set_num_threads)(int num_threads);
 }
 

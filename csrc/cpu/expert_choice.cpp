@@ -14,7 +14,6 @@ namespace {
 
 using namespace router;
 
-
 template <class In>
 Status expert_choice_forward_impl(const ExpertChoiceParams& p, const TensorView& logits, const TensorView& scores,
                                   const TensorView& tokens, const TensorView& row_of, const TensorView& weights) {
@@ -113,8 +112,8 @@ Status expert_choice_backward(const ExpertChoiceParams& params, const TensorView
                               const TensorView& grad_weights, const TensorView& grad_scores,
                               const TensorView& grad_logits) {
   return dtypes::dispatch_acc(scores.dtype, [&](auto tag) {
-    return expert_choice_backward_impl<typename decltype(tag)::type>(params, scores, row_of, grad_weights,
-                                                                     grad_scores, grad_logits);
+    return expert_choice_backward_impl<typename decltype(tag)::type>(params, scores, row_of, grad_weights, grad_scores,
+                                                                     grad_logits);
   });
 }
 

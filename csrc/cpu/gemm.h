@@ -14,8 +14,7 @@ namespace smoe::cpu {
 
 Status grouped_gemm(const GroupedGemmParams& params, const TensorView& a, const TensorView& b,
                     const TensorView& offsets, const TensorView& c);
-Status grouped_gemm_wgrad(const TensorView& a, const TensorView& b, const TensorView& offsets,
-                          const TensorView& c);
+Status grouped_gemm_wgrad(const TensorView& a, const TensorView& b, const TensorView& offsets, const TensorView& c);
 
 // Row-major c[M, N] = op(a)[M, K] @ op(b)[K, N] (overwrites c; K == 0 gives zeros), on the calling
 // thread. op(a) = a^T when trans_a (a is then [K, M]); op(b) = b^T when trans_b (b is then [N, K]).
@@ -24,11 +23,11 @@ Status grouped_gemm_wgrad(const TensorView& a, const TensorView& b, const Tensor
 // Acc is float or double. Per output element the reduction order is fixed by K alone, so the result
 // does not depend on which rows or columns a caller asks for in one call.
 template <class Acc>
-void gemm_serial(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const Acc* a, int64_t lda,
-                 const Acc* b, int64_t ldb, Acc* c, int64_t ldc);
+void gemm_serial(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const Acc* a, int64_t lda, const Acc* b,
+                 int64_t ldb, Acc* c, int64_t ldc);
 template <class Acc>
-void gemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const Acc* a, int64_t lda,
-                  const Acc* b, int64_t ldb, Acc* c, int64_t ldc);
+void gemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const Acc* a, int64_t lda, const Acc* b,
+                  int64_t ldb, Acc* c, int64_t ldc);
 
 // smoe's own f32 GEMM for AVX-512F CPUs (gemm_avx512.cpp; Goto/BLIS packed panels, 12 x 32 register
 // tile): the same contract as gemm_serial<float>, on the calling thread. Every output element is an FMA

@@ -44,10 +44,10 @@
 namespace smoe::cpu {
 namespace {
 
-constexpr int kMr = 12;          // rows of the register tile: one broadcast of a each
-constexpr int kNr = 32;          // columns of the register tile: two 16-lane vectors
-constexpr int64_t kKc = 384;     // K block: A micro-panel 18 KB (L1), see the file comment
-constexpr int64_t kNc = 384;     // N block: packed b 576 KB (L2)
+constexpr int kMr = 12;       // rows of the register tile: one broadcast of a each
+constexpr int kNr = 32;       // columns of the register tile: two 16-lane vectors
+constexpr int64_t kKc = 384;  // K block: A micro-panel 18 KB (L1), see the file comment
+constexpr int64_t kNc = 384;  // N block: packed b 576 KB (L2)
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -75,9 +75,9 @@ SMOE_AVX512 inline void transpose16(__m512 r[16]) {
     u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
   }
   for (int c = 0; c < 4; ++c) {
-    const __m512 p = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);    // g0L0 g0L2 g1L0 g1L2
+    const __m512 p = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);  // g0L0 g0L2 g1L0 g1L2
     const __m512 q = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
-    const __m512 p1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);   // g0L1 g0L3 g1L1 g1L3
+    const __m512 p1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);  // g0L1 g0L3 g1L1 g1L3
     const __m512 q1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
     r[0 + c] = _mm512_shuffle_f32x4(p, q, 0x88);     // lane L = 0: column c
     r[8 + c] = _mm512_shuffle_f32x4(p, q, 0xDD);     // lane L = 2: column 8 + c
@@ -129,7 +129,8 @@ SMOE_AVX512 void pack_a(bool trans_a, const float* a, int64_t lda, int64_t M, in
       const float* src = a + (k0 + k) * lda;
       for (int64_t i0 = 0; i0 < M; i0 += kMr) {
         const __mmask16 m = lanes(std::min<int64_t>(kMr, M - i0));
-        _mm512_mask_storeu_ps(ap + (i0 / kMr) * kc * kMr + k * kMr, __mmask16(0x0fff), _mm512_maskz_loadu_ps(m, src + i0));
+        _mm512_mask_storeu_ps(ap + (i0 / kMr) * kc * kMr + k * kMr, __mmask16(0x0fff),
+                              _mm512_maskz_loadu_ps(m, src + i0));
       }
     }
     return;
@@ -152,8 +153,8 @@ SMOE_AVX512 void pack_a(bool trans_a, const float* a, int64_t lda, int64_t M, in
 
 // c[0:mi, 0:nj] (row stride ldc) = (add ? c : 0) + ap[kc][12]^T bp[kc][32]: one FMA chain from +0 per
 // element, then one add to c.
-SMOE_AVX512 void micro_kernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, float* c,
-                              int64_t ldc, bool add, int64_t mi, int64_t nj) {
+SMOE_AVX512 void micro_kernel(int64_t kc, const float* __restrict ap, const float* __restrict bp, float* c, int64_t ldc,
+                              bool add, int64_t mi, int64_t nj) {
   const __mmask16 m0 = lanes(nj), m1 = lanes(std::max<int64_t>(nj - 16, 0));
   __m512 acc[kMr][2];
 #pragma GCC unroll 12

@@ -24,17 +24,16 @@ namespace {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-constexpr int kDpMr = 12;           // rows of a register tile (one broadcast each)
-constexpr int kDpNr = 32;           // columns of a register tile (two 16-lane vectors)
-constexpr int64_t kDpKc = 1024;     // reduction block: an A panel of 12 rows (24 KB) stays in L1
-constexpr int64_t kDpNc = 256;      // column chunk: its packed B (512 KB) stays in L2
-
+constexpr int kDpMr = 12;        // rows of a register tile (one broadcast each)
+constexpr int kDpNr = 32;        // columns of a register tile (two 16-lane vectors)
+constexpr int64_t kDpKc = 1024;  // reduction block: an A panel of 12 rows (24 KB) stays in L1
+constexpr int64_t kDpNc = 256;   // column chunk: its packed B (512 KB) stays in L2
 
 // Packs X(x0 .. x0+nx, k0 .. k0+kc) into groups of G x-values: out[group][q][G] pair-words, zero-padded
 // past nx and past kc.
 template <int G>
 [[gnu::target("avx512f,avx512bw,avx512vl")]] void pack_pairs(const Operand16& s, int64_t x0, int64_t nx, int64_t k0,
-                                                            int64_t kc, uint32_t* out) {
+                                                             int64_t kc, uint32_t* out) {
   const int64_t kp = (kc + 1) / 2;
   for (int64_t g0 = 0; g0 < nx; g0 += G) {
     uint32_t* o = out + (g0 / G) * kp * G;
@@ -76,9 +75,9 @@ template <int G>
 // ct (f32, row stride ldct) or, when `last`, rounded to bf16 into c (row stride ldc), rows < mi and
 // columns < nj only.
 [[gnu::target("avx512f,avx512bw,avx512vl,avx512bf16")]] void dp_kernel(int64_t kp, const uint32_t* ap,
-                                                                      const uint32_t* bp, float* ct, int64_t ldct,
-                                                                      bool load, bool last, int64_t mi, int64_t nj,
-                                                                      uint16_t* c, int64_t ldc) {
+                                                                       const uint32_t* bp, float* ct, int64_t ldct,
+                                                                       bool load, bool last, int64_t mi, int64_t nj,
+                                                                       uint16_t* c, int64_t ldc) {
   __m512 acc[kDpMr][2];
 #pragma GCC unroll 12
   for (int i = 0; i < kDpMr; ++i) {
@@ -146,8 +145,7 @@ DpScratch& dp_scratch() {
 
 // c[M, N] (bf16, row stride ldc) = sum_k A(m, k) B(n, k), on the calling thread. Per output element the
 // sum runs over K blocks of kDpKc in order, pairs in order within a block: fixed by K alone.
-void gemm_bf16_dp(const Operand16& A, const Operand16& B, int64_t M, int64_t N, int64_t K, uint16_t* c,
-                  int64_t ldc) {
+void gemm_bf16_dp(const Operand16& A, const Operand16& B, int64_t M, int64_t N, int64_t K, uint16_t* c, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(c + m * ldc, c + m * ldc + N, uint16_t(0));
@@ -171,9 +169,9 @@ void gemm_bf16_dp(const Operand16& A, const Operand16& B, int64_t M, int64_t N, 
       for (int64_t i0 = 0; i0 < M; i0 += kDpMr) {
         const uint32_t* ap = s.ap.data() + (i0 / kDpMr) * kp * kDpMr;
         for (int64_t j0 = 0; j0 < nc; j0 += kDpNr) {
-          dp_kernel(kp, ap, s.bp.data() + (j0 / kDpNr) * kp * kDpNr,
-                    blocked_k ? s.ct.data() + i0 * ldct + j0 : nullptr, ldct, !first, last,
-                    std::min<int64_t>(kDpMr, M - i0), std::min<int64_t>(kDpNr, nc - j0), c + i0 * ldc + n0 + j0, ldc);
+          dp_kernel(kp, ap, s.bp.data() + (j0 / kDpNr) * kp * kDpNr, blocked_k ? s.ct.data() + i0 * ldct + j0 : nullptr,
+                    ldct, !first, last, std::min<int64_t>(kDpMr, M - i0), std::min<int64_t>(kDpNr, nc - j0),
+                    c + i0 * ldc + n0 + j0, ldc);
         }
       }
     }

@@ -19,7 +19,8 @@ namespace {
 
 // Register tile of the micro-kernel: kMr rows x (2 vectors of 64 bytes) columns.
 constexpr int kMr = 6;
-template <class Acc> constexpr int kNr = 2 * 64 / int(sizeof(Acc));
+template <class Acc>
+constexpr int kNr = 2 * 64 / int(sizeof(Acc));
 // Cache blocks: a kKc x kNc panel of b stays in L2 while kMc x kKc panels of a stream through L1.
 constexpr int64_t kKc = 256;
 constexpr int64_t kMc = 96;
@@ -44,24 +45,22 @@ template <class Acc>
 }
 
 // One clone per ISA; the pack and store loops stay scalar-generic, the FLOPs are all in here.
-[[gnu::target_clones("avx512f", "avx2", "default")]] void micro_kernel_f32(int64_t kc, const float* ap,
-                                                                            const float* bp, float* tile) {
+[[gnu::target_clones("avx512f", "avx2", "default")]] void micro_kernel_f32(int64_t kc, const float* ap, const float* bp,
+                                                                           float* tile) {
   micro_kernel<float>(kc, ap, bp, tile);
 }
 [[gnu::target_clones("avx512f", "avx2", "default")]] void micro_kernel_f64(int64_t kc, const double* ap,
-                                                                            const double* bp, double* tile) {
+                                                                           const double* bp, double* tile) {
   micro_kernel<double>(kc, ap, bp, tile);
 }
 inline void micro(int64_t kc, const float* ap, const float* bp, float* tile) { micro_kernel_f32(kc, ap, bp, tile); }
-inline void micro(int64_t kc, const double* ap, const double* bp, double* tile) {
-  micro_kernel_f64(kc, ap, bp, tile);
-}
+inline void micro(int64_t kc, const double* ap, const double* bp, double* tile) { micro_kernel_f64(kc, ap, bp, tile); }
 
 }  // namespace
 
 template <class Acc>
-void gemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const Acc* a, int64_t lda,
-                  const Acc* b, int64_t ldb, Acc* c, int64_t ldc) {
+void gemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const Acc* a, int64_t lda, const Acc* b,
+                  int64_t ldb, Acc* c, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     for (int64_t m = 0; m < M; ++m) std::fill(c + m * ldc, c + m * ldc + N, Acc(0));
@@ -109,9 +108,9 @@ void gemm_blocked(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, c
   }
 }
 
-template void gemm_blocked<float>(bool, bool, int64_t, int64_t, int64_t, const float*, int64_t, const float*,
-                                  int64_t, float*, int64_t);
-template void gemm_blocked<double>(bool, bool, int64_t, int64_t, int64_t, const double*, int64_t,
-                                   const double*, int64_t, double*, int64_t);
+template void gemm_blocked<float>(bool, bool, int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                                  float*, int64_t);
+template void gemm_blocked<double>(bool, bool, int64_t, int64_t, int64_t, const double*, int64_t, const double*,
+                                   int64_t, double*, int64_t);
 
 }  // namespace smoe::cpu

@@ -98,7 +98,6 @@ constexpr int64_t kDpTileRows = 1024;
 constexpr int64_t kMinTiles = 16;
 constexpr int64_t kMinTileCols = 128;
 
-
 // Column split for `row_tiles` row tiles over N columns; depends on the shapes only.
 int64_t tile_cols(int64_t row_tiles, int64_t N) {
   if (row_tiles >= kMinTiles) return N;
@@ -152,7 +151,8 @@ void sgemm_tile(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, con
 }
 
 // Whether a tile of T goes to a kernel that packs its operands itself (and so wants big tiles).
-template <class T> bool packs_own_operands() {
+template <class T>
+bool packs_own_operands() {
   if constexpr (std::is_same_v<T, bf16_t>) return use_bf16_dp();
   if constexpr (std::is_same_v<T, float>) return use_sgemm_avx512();
   return false;
@@ -302,8 +302,7 @@ Status grouped_gemm(const GroupedGemmParams& params, const TensorView& a, const 
   return grouped_gemm_prechecked(params, a, b, offsets, c);
 }
 
-Status grouped_gemm_wgrad(const TensorView& a, const TensorView& b, const TensorView& offsets,
-                          const TensorView& c) {
+Status grouped_gemm_wgrad(const TensorView& a, const TensorView& b, const TensorView& offsets, const TensorView& c) {
   SMOE_RETURN_IF_ERROR(check_offsets("grouped_gemm_wgrad", offsets, a.size(0)));
   return grouped_gemm_wgrad_prechecked(a, b, offsets, c);
 }

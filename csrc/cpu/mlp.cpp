@@ -46,7 +46,8 @@ void zero_outside(const TensorView& v, int64_t o0, int64_t oE) {
   zero_rows(v, oE, v.size(0));
 }
 
-template <class T> using Acc = typename AccOf<T>::type;
+template <class T>
+using Acc = typename AccOf<T>::type;
 
 // gate[t] = sigmoid(<x[t], gate_w>), in the accumulation type (f32; f64 for f64).
 template <class T>
@@ -129,19 +130,28 @@ void gate_backward(const TensorView& grad_y, const TensorView& out, const Tensor
 template <class Fn>
 void dispatch(DType dt, Fn&& fn) {
   switch (dt) {
-    case DType::kF32: fn(float{}); break;
-    case DType::kF64: fn(double{}); break;
-    case DType::kBF16: fn(bf16_t{}); break;
-    case DType::kF16: fn(f16_t{}); break;
-    default: break;  // rejected by validation
+    case DType::kF32:
+      fn(float{});
+      break;
+    case DType::kF64:
+      fn(double{});
+      break;
+    case DType::kBF16:
+      fn(bf16_t{});
+      break;
+    case DType::kF16:
+      fn(f16_t{});
+      break;
+    default:
+      break;  // rejected by validation
   }
 }
 
 }  // namespace
 
 Status expert_mlp_forward(const ExpertMlpParams& params, const TensorView& x, const TensorView& token_of_row,
-                          const TensorView& offsets, const TensorView& w1, const TensorView& w2,
-                          const TensorView& pre, const TensorView& act, const TensorView& ys) {
+                          const TensorView& offsets, const TensorView& w1, const TensorView& w2, const TensorView& pre,
+                          const TensorView& act, const TensorView& ys) {
   const int64_t R = ys.size(0);
   SMOE_RETURN_IF_ERROR(check_offsets("expert_mlp_forward", offsets, R));  // the one scan of offsets
   const int64_t E = offsets.size(0) - 1;
@@ -160,17 +170,17 @@ Status expert_mlp_forward(const ExpertMlpParams& params, const TensorView& x, co
 
 Status expert_mlp_backward(const ExpertMlpParams& params, const TensorView& grad_ys, const TensorView& x,
                            const TensorView& token_of_row, const TensorView& row_of, const TensorView& offsets,
-                           const TensorView& w1, const TensorView& w2, const TensorView& pre,
-                           const TensorView& act, const TensorView& grad_x, const TensorView& grad_w1,
-                           const TensorView& grad_w2, const TensorView& workspace) {
+                           const TensorView& w1, const TensorView& w2, const TensorView& pre, const TensorView& act,
+                           const TensorView& grad_x, const TensorView& grad_w1, const TensorView& grad_w2,
+                           const TensorView& workspace) {
   const int64_t R = grad_ys.size(0), H = grad_ys.size(1), F = act.size(1), F1 = pre.size(1);
   SMOE_RETURN_IF_ERROR(check_offsets("expert_mlp_backward", offsets, R));  // the one scan of offsets
   const int64_t E = offsets.size(0) - 1;
   const int64_t o0 = offsets.data_as<const int64_t>()[0], oE = offsets.data_as<const int64_t>()[E];
-  WorkspaceCarver ws(workspace);  // layout: csrc/core/workspace.h
-  const TensorView grad_act = ws.take(grad_ys.dtype, R, F);    // [R, F]
-  const TensorView grad_pre = ws.take(grad_ys.dtype, R, F1);   // [R, F1]
-  const TensorView grad_xs = ws.take(grad_ys.dtype, R, H);     // [R, H]: first x gathered, then grad_xs
+  WorkspaceCarver ws(workspace);                              // layout: csrc/core/workspace.h
+  const TensorView grad_act = ws.take(grad_ys.dtype, R, F);   // [R, F]
+  const TensorView grad_pre = ws.take(grad_ys.dtype, R, F1);  // [R, F1]
+  const TensorView grad_xs = ws.take(grad_ys.dtype, R, H);    // [R, H]: first x gathered, then grad_xs
   const GroupedGemmParams nn{false};
   SMOE_RETURN_IF_ERROR(grouped_gemm_prechecked(nn, grad_ys, w2, offsets, grad_act));
   SMOE_RETURN_IF_ERROR(grouped_gemm_wgrad_prechecked(grad_ys, act, offsets, grad_w2));
@@ -217,10 +227,10 @@ Status shared_expert_backward(const ExpertMlpParams& params, const TensorView& g
   int64_t seg[2] = {0, T_};
   const TensorView offsets = make_view(seg, {2});
   WorkspaceCarver ws(workspace);
-  const TensorView grad_out = ws.take(dt, T_, H);    // [T, H] gate * grad_y
-  const TensorView grad_act = ws.take(dt, T_, F);    // [T, F]
-  const TensorView grad_pre = ws.take(dt, T_, F1);   // [T, F1]
-  const TensorView grad_xs = ws.take(dt, T_, H);     // [T, H]
+  const TensorView grad_out = ws.take(dt, T_, H);                                           // [T, H] gate * grad_y
+  const TensorView grad_act = ws.take(dt, T_, F);                                           // [T, F]
+  const TensorView grad_pre = ws.take(dt, T_, F1);                                          // [T, F1]
+  const TensorView grad_xs = ws.take(dt, T_, H);                                            // [T, H]
   const TensorView dlogit = ws.take(dt == DType::kF64 ? DType::kF64 : DType::kF32, T_, 1);  // [T]
 
   const bool gated = gate_w.defined();

@@ -11,19 +11,18 @@
 namespace smoe::cpu {
 
 Status expert_mlp_forward(const ExpertMlpParams& params, const TensorView& x, const TensorView& token_of_row,
-                          const TensorView& offsets, const TensorView& w1, const TensorView& w2,
-                          const TensorView& pre, const TensorView& act, const TensorView& ys);
+                          const TensorView& offsets, const TensorView& w1, const TensorView& w2, const TensorView& pre,
+                          const TensorView& act, const TensorView& ys);
 
 Status expert_mlp_backward(const ExpertMlpParams& params, const TensorView& grad_ys, const TensorView& x,
                            const TensorView& token_of_row, const TensorView& row_of, const TensorView& offsets,
-                           const TensorView& w1, const TensorView& w2, const TensorView& pre,
-                           const TensorView& act, const TensorView& grad_x, const TensorView& grad_w1,
-                           const TensorView& grad_w2, const TensorView& workspace);
+                           const TensorView& w1, const TensorView& w2, const TensorView& pre, const TensorView& act,
+                           const TensorView& grad_x, const TensorView& grad_w1, const TensorView& grad_w2,
+                           const TensorView& workspace);
 
 Status shared_expert_forward(const ExpertMlpParams& params, const TensorView& x, const TensorView& w1,
                              const TensorView& w2, const TensorView& gate_w, const TensorView& pre,
-                             const TensorView& act, const TensorView& out, const TensorView& gate,
-                             const TensorView& y);
+                             const TensorView& act, const TensorView& out, const TensorView& gate, const TensorView& y);
 
 Status shared_expert_backward(const ExpertMlpParams& params, const TensorView& grad_y, const TensorView& x,
                               const TensorView& w1, const TensorView& w2, const TensorView& gate_w,

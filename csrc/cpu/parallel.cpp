@@ -64,8 +64,8 @@ class Pool {
       } catch (const std::system_error& e) {
         threads_.store(i, std::memory_order_relaxed);
         throw std::runtime_error("set_num_threads: could not start thread " + std::to_string(i + 1) + " of " +
-                                 std::to_string(n) + " (" + e.what() + "); the pool runs with " +
-                                 std::to_string(i) + " thread(s)");
+                                 std::to_string(n) + " (" + e.what() + "); the pool runs with " + std::to_string(i) +
+                                 " thread(s)");
       }
       threads_.store(i + 1, std::memory_order_relaxed);
     }

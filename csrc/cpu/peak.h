@@ -12,11 +12,11 @@
 namespace smoe::cpu {
 
 struct PeakResult {
-  double gflops = 0.0;     // all threads together: flops / wall seconds
-  double seconds = 0.0;    // wall time of the measured run
-  int threads = 0;         // threads that ran the loop (the pool's size)
-  std::string isa;         // the instruction the loop used: "avx512 vfmadd231ps", "avx2 vfmadd231ps",
-                           // "avx512 vdpbf16ps", "scalar"
+  double gflops = 0.0;   // all threads together: flops / wall seconds
+  double seconds = 0.0;  // wall time of the measured run
+  int threads = 0;       // threads that ran the loop (the pool's size)
+  std::string isa;       // the instruction the loop used: "avx512 vfmadd231ps", "avx2 vfmadd231ps",
+                         // "avx512 vdpbf16ps", "scalar"
 };
 
 // Which microkernels this CPU can run (runtime detection, __builtin_cpu_supports).

@@ -21,12 +21,12 @@
 namespace smoe::cpu {
 namespace {
 
-template <class S> using Acc = acc_t<S>;
+template <class S>
+using Acc = acc_t<S>;
 
 // Elements per parallel chunk: enough work to amortize a task, small enough to balance 4097 tokens.
 constexpr int64_t kElemsPerChunk = 16384;
 int64_t rows_per_chunk(int64_t H) { return std::max<int64_t>(1, kElemsPerChunk / std::max<int64_t>(H, 1)); }
-
 
 // ---- one row of H elements ---------------------------------------------------------------------
 
@@ -100,9 +100,9 @@ int64_t first_out_of_range(const int32_t* idx, int64_t count, int64_t n) {
 Status check_row_of(const char* op, const int32_t* row_of, int64_t T, int64_t K, int64_t R, const char* r_meaning) {
   const int64_t i = first_out_of_range(row_of, T * K, R);
   if (i < 0) return Status::Ok();
-  return invalid_argument(op, "row_of", "values in [-1, " + std::to_string(R) + ") (" + r_meaning + ")",
-                          std::to_string(row_of[i]) + " at (t, k) = (" + std::to_string(i / K) + ", " +
-                              std::to_string(i % K) + ")");
+  return invalid_argument(
+      op, "row_of", "values in [-1, " + std::to_string(R) + ") (" + r_meaning + ")",
+      std::to_string(row_of[i]) + " at (t, k) = (" + std::to_string(i / K) + ", " + std::to_string(i % K) + ")");
 }
 
 }  // namespace
@@ -157,16 +157,15 @@ Status permute_backward(const TensorView& grad_xs, const TensorView& row_of, con
   return Status::Ok();
 }
 
-Status combine_forward(const TensorView& ys, const TensorView& weights, const TensorView& row_of,
-                       const TensorView& y) {
+Status combine_forward(const TensorView& ys, const TensorView& weights, const TensorView& row_of, const TensorView& y) {
   const int64_t R = ys.size(0), H = ys.size(1), T = row_of.size(0), K = row_of.size(1);
   const int32_t* rof = row_of.data_as<const int32_t>();  // [T, K]
   SMOE_RETURN_IF_ERROR(check_row_of("combine_forward", rof, T, K, R, "R = ys.size(0)"));
   SMOE_RETURN_IF_ERROR(dtypes::dispatch_float(ys.dtype, "combine_forward", [&](auto tag) {
     using S = typename decltype(tag)::type;
-    const S* src = ys.data_as<const S>();                // [R, H]
-    const Acc<S>* w = weights.data_as<const Acc<S>>();   // [T, K]
-    S* out = y.data_as<S>();                             // [T, H]
+    const S* src = ys.data_as<const S>();               // [R, H]
+    const Acc<S>* w = weights.data_as<const Acc<S>>();  // [T, K]
+    S* out = y.data_as<S>();                            // [T, H]
     parallel_for(T, rows_per_chunk(H * K), [&](int64_t t0, int64_t t1) {
       std::vector<Acc<S>> acc(static_cast<size_t>(H));  // [H]
       for (int64_t t = t0; t < t1; ++t) {
@@ -188,8 +187,8 @@ Status combine_backward(const TensorView& grad_y, const TensorView& ys, const Te
   const int64_t T = row_of.size(0), K = row_of.size(1), H = grad_y.size(1);
   const int64_t R = grad_ys.defined() ? grad_ys.size(0) : ys.size(0);
   const int32_t* rof = row_of.data_as<const int32_t>();  // [T, K]
-  SMOE_RETURN_IF_ERROR(check_row_of("combine_backward", rof, T, K, R,
-                                    grad_ys.defined() ? "R = grad_ys.size(0)" : "R = ys.size(0)"));
+  SMOE_RETURN_IF_ERROR(
+      check_row_of("combine_backward", rof, T, K, R, grad_ys.defined() ? "R = grad_ys.size(0)" : "R = ys.size(0)"));
   // owner[r]: the (t, k) whose gradient row r receives, -1 if none. grad_ys[r] = w * grad_y[t] is
   // only well defined when at most one (t, k) references r, so a second reference is an error.
   if (H == 0) {  // grad_ys has no elements; every dot product is empty
@@ -210,21 +209,21 @@ Status combine_backward(const TensorView& grad_y, const TensorView& ys, const Te
       if (r < 0) continue;
       if (owner[r] >= 0) {
         return invalid_argument("combine_backward", "row_of", "each row referenced by at most one (t, k)",
-                                "row " + std::to_string(r) + " at (t, k) = (" + std::to_string(owner[r] / K) +
-                                    ", " + std::to_string(owner[r] % K) + ") and (" + std::to_string(a / K) +
-                                    ", " + std::to_string(a % K) + ")");
+                                "row " + std::to_string(r) + " at (t, k) = (" + std::to_string(owner[r] / K) + ", " +
+                                    std::to_string(owner[r] % K) + ") and (" + std::to_string(a / K) + ", " +
+                                    std::to_string(a % K) + ")");
       }
       owner[r] = int32_t(a);
     }
   }
   SMOE_RETURN_IF_ERROR(dtypes::dispatch_float(grad_y.dtype, "combine_backward", [&](auto tag) {
     using S = typename decltype(tag)::type;
-    const S* gy = grad_y.data_as<const S>();                 // [T, gy_stride]
+    const S* gy = grad_y.data_as<const S>();  // [T, gy_stride]
     const int64_t gy_stride = grad_y.stride(0);
-    const S* src = ys.data_as<const S>();                    // [R, H] (absent without grad_weights)
-    const Acc<S>* w = weights.data_as<const Acc<S>>();       // [T, K]
-    S* gys = grad_ys.data_as<S>();                           // [R, H] or null
-    Acc<S>* gw = grad_weights.data_as<Acc<S>>();             // [T, K] or null
+    const S* src = ys.data_as<const S>();               // [R, H] (absent without grad_weights)
+    const Acc<S>* w = weights.data_as<const Acc<S>>();  // [T, K]
+    S* gys = grad_ys.data_as<S>();                      // [R, H] or null
+    Acc<S>* gw = grad_weights.data_as<Acc<S>>();        // [T, K] or null
     parallel_for(T, rows_per_chunk(H * K), [&](int64_t t0, int64_t t1) {
       std::vector<Acc<S>> g(static_cast<size_t>(H));  // [H] grad_y[t] in the accumulation type
       for (int64_t t = t0; t < t1; ++t) {

@@ -12,8 +12,7 @@ namespace smoe::cpu {
 
 Status permute_forward(const TensorView& x, const TensorView& token_of_row, const TensorView& xs);
 Status permute_backward(const TensorView& grad_xs, const TensorView& row_of, const TensorView& grad_x);
-Status combine_forward(const TensorView& ys, const TensorView& weights, const TensorView& row_of,
-                       const TensorView& y);
+Status combine_forward(const TensorView& ys, const TensorView& weights, const TensorView& row_of, const TensorView& y);
 Status combine_backward(const TensorView& grad_y, const TensorView& ys, const TensorView& weights,
                         const TensorView& row_of, const TensorView& grad_ys, const TensorView& grad_weights);
 

@@ -20,7 +20,6 @@ using namespace router;
 
 constexpr int64_t kLossBlock = 256;  // tokens per partial sum of the losses
 
-
 template <class A>
 void write_scalar(const TensorView& v, double value) {
   *v.data_as<A>() = A(value);
@@ -185,14 +184,12 @@ Status z_loss_backward_impl(const TensorView& logits, const TensorView& grad_los
   return Status::Ok();
 }
 
-
 }  // namespace
 
 Status load_balancing_loss_forward(const TensorView& probs, const TensorView& experts, const TensorView& loss,
                                    const TensorView& /*workspace*/) {
-  return dtypes::dispatch_acc(probs.dtype, [&](auto tag) {
-    return lb_loss_forward_impl<typename decltype(tag)::type>(probs, experts, loss);
-  });
+  return dtypes::dispatch_acc(
+      probs.dtype, [&](auto tag) { return lb_loss_forward_impl<typename decltype(tag)::type>(probs, experts, loss); });
 }
 
 Status load_balancing_loss_backward(const TensorView& probs, const TensorView& experts, const TensorView& grad_loss,

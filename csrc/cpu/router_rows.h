@@ -36,8 +36,7 @@ class FirstBadRow {
  public:
   void note(int64_t row) {
     int64_t cur = row_.load(std::memory_order_relaxed);
-    while (row < cur && !row_.compare_exchange_weak(cur, row, std::memory_order_relaxed)) {
-    }
+    while (row < cur && !row_.compare_exchange_weak(cur, row, std::memory_order_relaxed)) {}
   }
   bool any() const { return row_.load() != kNone; }
   int64_t row() const { return row_.load(); }
@@ -147,6 +146,5 @@ inline void score_row_backward(ScoreFunc f, const A* s, const A* g, int64_t E, A
 inline Status nan_logits(const char* op, int64_t row) {
   return invalid_argument(op, "logits", "no NaN values", "a NaN in row " + std::to_string(row));
 }
-
 
 }  // namespace smoe::cpu::router

@@ -37,9 +37,7 @@ int64_t num_chunks(int64_t T, int64_t K) {
   return std::clamp<int64_t>(by_size, 1, std::min<int64_t>(kMaxChunks, std::max<int64_t>(T, 1)));
 }
 
-bool drops_by_score(const RoutingPlanParams& p) {
-  return p.capacity >= 0 && p.drop_policy == DropPolicy::kByScore;
-}
+bool drops_by_score(const RoutingPlanParams& p) { return p.capacity >= 0 && p.drop_policy == DropPolicy::kByScore; }
 
 // Tokens [begin, end) of chunk c out of n over T tokens.
 int64_t chunk_begin(int64_t T, int64_t n, int64_t c) { return T * c / n; }
@@ -65,12 +63,12 @@ Status routing_plan(const RoutingPlanParams& params, const TensorView& experts, 
   const int64_t T = experts.size(0), K = experts.size(1), E = params.num_experts;
   const int64_t pad = params.pad_multiple;
   const bool by_score = drops_by_score(params);
-  const int32_t* ex = experts.data_as<const int32_t>();                       // [T, K]
-  const float* w = by_score ? weights.data_as<const float>() : nullptr;      // [T, K]
-  int32_t* cnt = counts.data_as<int32_t>();                                   // [E]
-  int64_t* off = offsets.data_as<int64_t>();                                  // [E+1]
-  int32_t* rof = row_of.data_as<int32_t>();                                   // [T, K]
-  int32_t* tor = token_of_row.data_as<int32_t>();                             // [R_max]
+  const int32_t* ex = experts.data_as<const int32_t>();                  // [T, K]
+  const float* w = by_score ? weights.data_as<const float>() : nullptr;  // [T, K]
+  int32_t* cnt = counts.data_as<int32_t>();                              // [E]
+  int64_t* off = offsets.data_as<int64_t>();                             // [E+1]
+  int32_t* rof = row_of.data_as<int32_t>();                              // [T, K]
+  int32_t* tor = token_of_row.data_as<int32_t>();                        // [R_max]
   const int64_t R_size = token_of_row.size(0);
 
   const int64_t n_chunks = num_chunks(T, K);
@@ -158,7 +156,7 @@ Status routing_plan(const RoutingPlanParams& params, const TensorView& experts, 
     });
   } else {
     // Pass 2': group the assignments by expert, token order inside (dropless, unpadded).
-    int32_t* sorted = reinterpret_cast<int32_t*>(ws + hist_bytes);                             // [T*K]
+    int32_t* sorted = reinterpret_cast<int32_t*>(ws + hist_bytes);                                 // [T*K]
     int32_t* scratch = reinterpret_cast<int32_t*>(ws + hist_bytes + align_up(T * K * 4, kAlign));  // [T*K]
     std::vector<int64_t> start(E + 1, 0);
     for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + total[e];

@@ -18,7 +18,6 @@ namespace {
 
 using namespace router;
 
-
 template <class In>
 Status topk_gating_forward_impl(const TopkGatingParams& p, const TensorView& logits, const TensorView& bias,
                                 const TensorView& weights, const TensorView& experts, const TensorView& scores) {
@@ -51,7 +50,7 @@ Status topk_gating_forward_impl(const TopkGatingParams& p, const TensorView& log
       } else {
         for (int64_t e = 0; e < E; ++e) key[e] = rank_key(s[e]);
       }
-      const A* ckey = key.data();  // keys of the candidate experts
+      const A* ckey = key.data();     // keys of the candidate experts
       const int32_t* cidx = nullptr;  // expert of each candidate (nullptr: candidate j is expert j)
       int64_t ncand = E;
       if (grouped) {
@@ -170,7 +169,6 @@ Status topk_gating_backward_impl(const TopkGatingParams& p, const TensorView& sc
   }
   return Status::Ok();
 }
-
 
 }  // namespace
 

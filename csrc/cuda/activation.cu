@@ -36,10 +36,18 @@ __global__ void __launch_bounds__(kThreads)
     const float x = to_float(g[j]);
     float y;
     switch (act) {
-      case static_cast<int>(Activation::kSwiGLU): y = x * sigmoid(x) * to_float(g[F + j]); break;
-      case static_cast<int>(Activation::kGeGLU): y = gelu(x) * to_float(g[F + j]); break;
-      case static_cast<int>(Activation::kGELU): y = gelu(x); break;
-      default: y = x > 0.0f ? x : 0.0f; break;  // kReLU
+      case static_cast<int>(Activation::kSwiGLU):
+        y = x * sigmoid(x) * to_float(g[F + j]);
+        break;
+      case static_cast<int>(Activation::kGeGLU):
+        y = gelu(x) * to_float(g[F + j]);
+        break;
+      case static_cast<int>(Activation::kGELU):
+        y = gelu(x);
+        break;
+      default:
+        y = x > 0.0f ? x : 0.0f;
+        break;  // kReLU
     }
     out[r * out_stride + j] = from_float<S>(y);
   }
@@ -47,8 +55,8 @@ __global__ void __launch_bounds__(kThreads)
 
 template <class S>
 __global__ void __launch_bounds__(kThreads)
-    activation_backward_kernel(int act, const S* in, int64_t in_stride, const S* grad_out, int64_t go_stride,
-                               int64_t R, int64_t F, S* grad_in, int64_t gi_stride) {
+    activation_backward_kernel(int act, const S* in, int64_t in_stride, const S* grad_out, int64_t go_stride, int64_t R,
+                               int64_t F, S* grad_in, int64_t gi_stride) {
   const int64_t n = R * F;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -70,8 +78,12 @@ __global__ void __launch_bounds__(kThreads)
         gg[F + j] = from_float<S>(d * gelu(x));
         break;
       }
-      case static_cast<int>(Activation::kGELU): gg[j] = from_float<S>(d * gelu_grad(x)); break;
-      default: gg[j] = from_float<S>(x > 0.0f ? d : 0.0f); break;  // kReLU; subgradient 0 at 0, as torch
+      case static_cast<int>(Activation::kGELU):
+        gg[j] = from_float<S>(d * gelu_grad(x));
+        break;
+      default:
+        gg[j] = from_float<S>(x > 0.0f ? d : 0.0f);
+        break;  // kReLU; subgradient 0 at 0, as torch
     }
   }
 }
@@ -92,8 +104,8 @@ Status activation_forward(Activation act, const TensorView& in, const TensorView
   });
 }
 
-Status activation_backward(Activation act, const TensorView& in, const TensorView& grad_out,
-                           const TensorView& grad_in, void* stream) {
+Status activation_backward(Activation act, const TensorView& in, const TensorView& grad_out, const TensorView& grad_in,
+                           void* stream) {
   const int64_t R = grad_out.size(0), F = grad_out.size(1);
   if (R * F == 0) return Status::Ok();
   return dispatch_float(in.dtype, "activation_backward", [&](auto tag) -> Status {
@@ -101,9 +113,8 @@ Status activation_backward(Activation act, const TensorView& in, const TensorVie
     auto* kernel = &activation_backward_kernel<S>;
     // grid-stride over R*F gradient positions (gated: each writes grad_g and grad_u)
     SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, dim3(grid_for(R * F, kThreads, 8192)), dim3(kThreads), 0, as_stream(stream),
-                                static_cast<int>(act), in.data_as<const S>(), in.stride(0),
-                                grad_out.data_as<const S>(), grad_out.stride(0), R, F, grad_in.data_as<S>(),
-                                grad_in.stride(0)));
+                                static_cast<int>(act), in.data_as<const S>(), in.stride(0), grad_out.data_as<const S>(),
+                                grad_out.stride(0), R, F, grad_in.data_as<S>(), grad_in.stride(0)));
     return Status::Ok();
   });
 }

@@ -58,8 +58,9 @@ DeviceGuard::~DeviceGuard() {
 }
 
 Status f64_unsupported(const char* op) {
-  return unsupported(op, "f64 tensors run on the CPU backend only (they exist for gradient checks); use backend "
-                         "'cpu' or convert to f32");
+  return unsupported(op,
+                     "f64 tensors run on the CPU backend only (they exist for gradient checks); use backend "
+                     "'cpu' or convert to f32");
 }
 
 }  // namespace smoe::SMOE_CUDA_NS

@@ -35,11 +35,11 @@ Status f64_unsupported(const char* op);
 
 // Checks a CUDA runtime call or a launch (SMOE_LAUNCH evaluates to its cudaError_t) and returns the
 // Status from the enclosing launcher on failure.
-#define SMOE_CUDA_CHECK(expr)                                                                   \
-  do {                                                                                          \
-    const cudaError_t smoe_cuda_err_ = (expr);                                                  \
-    if (smoe_cuda_err_ != cudaSuccess)                                                          \
-      return ::smoe::SMOE_CUDA_NS::cuda_error(smoe_cuda_err_, #expr, __FILE__, __LINE__);        \
+#define SMOE_CUDA_CHECK(expr)                                                             \
+  do {                                                                                    \
+    const cudaError_t smoe_cuda_err_ = (expr);                                            \
+    if (smoe_cuda_err_ != cudaSuccess)                                                    \
+      return ::smoe::SMOE_CUDA_NS::cuda_error(smoe_cuda_err_, #expr, __FILE__, __LINE__); \
   } while (0)
 
 namespace smoe::SMOE_CUDA_NS {
@@ -56,11 +56,16 @@ struct Tag {
 template <class F>
 Status dispatch_float(DType dtype, const char* op, F&& f) {
   switch (dtype) {
-    case DType::kF32: return f(Tag<float>{});
-    case DType::kBF16: return f(Tag<__nv_bfloat16>{});
-    case DType::kF16: return f(Tag<__half>{});
-    case DType::kF64: return f64_unsupported(op);
-    default: return Status(Code::kInternal, std::string(op) + ": dtype passed validation but has no kernel");
+    case DType::kF32:
+      return f(Tag<float>{});
+    case DType::kBF16:
+      return f(Tag<__nv_bfloat16>{});
+    case DType::kF16:
+      return f(Tag<__half>{});
+    case DType::kF64:
+      return f64_unsupported(op);
+    default:
+      return Status(Code::kInternal, std::string(op) + ": dtype passed validation but has no kernel");
   }
 }
 

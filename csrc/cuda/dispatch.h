@@ -45,8 +45,9 @@ Status on_device(int device, F&& f) {
 template <class... Args>
 Status device_backend_missing(const char* op, Backend b, const Args&...) {
   if (b == Backend::kCuda) {
-    return unsupported(op, "backend 'cuda' is not part of this build (nvcc was not found or SMOE_ENABLE_CUDA=OFF); "
-                           "rebuild with the CUDA toolkit, or use backend 'cpu' or 'simt'");
+    return unsupported(op,
+                       "backend 'cuda' is not part of this build (nvcc was not found or SMOE_ENABLE_CUDA=OFF); "
+                       "rebuild with the CUDA toolkit, or use backend 'cpu' or 'simt'");
   }
   if (b == Backend::kSimt) {
     return unsupported(op, "backend 'simt' is not part of this build (smoe_cuda_simt is not linked)");
@@ -57,7 +58,7 @@ Status device_backend_missing(const char* op, Backend b, const Args&...) {
 }  // namespace smoe::detail
 
 #if defined(SMOE_HAVE_CUDA) && SMOE_HAVE_CUDA
-#define SMOE_DETAIL_CUDA_CALL(op, fn, stream, ...)                                                    \
+#define SMOE_DETAIL_CUDA_CALL(op, fn, stream, ...)                                                  \
   ::smoe::detail::on_device<::smoe::cuda::DeviceGuard>(::smoe::detail::cuda_device_of(__VA_ARGS__), \
                                                        [&] { return ::smoe::cuda::fn(__VA_ARGS__, stream); })
 #else
@@ -73,7 +74,7 @@ Status device_backend_missing(const char* op, Backend b, const Args&...) {
 #endif
 
 // Evaluates to the Status of the device launcher selected by `backend` (kCuda or kSimt).
-#define SMOE_DEVICE_DISPATCH(op, backend, exec, fn, ...)                                         \
+#define SMOE_DEVICE_DISPATCH(op, backend, exec, fn, ...)                                             \
   ((backend) == ::smoe::Backend::kCuda   ? SMOE_DETAIL_CUDA_CALL(op, fn, (exec).stream, __VA_ARGS__) \
-   : (backend) == ::smoe::Backend::kSimt ? SMOE_DETAIL_SIMT_CALL(op, fn, __VA_ARGS__)              \
+   : (backend) == ::smoe::Backend::kSimt ? SMOE_DETAIL_SIMT_CALL(op, fn, __VA_ARGS__)                \
                                          : ::smoe::detail::device_backend_missing(op, backend))

@@ -16,9 +16,8 @@
 namespace smoe::SMOE_CUDA_NS {
 namespace {
 
-constexpr int kMaxExpertChoiceTokens = 16384;     // bitonic sort of T packed keys in <= 128 KiB of smem
+constexpr int kMaxExpertChoiceTokens = 16384;  // bitonic sort of T packed keys in <= 128 KiB of smem
 constexpr int kSortThreads = 512;
-
 
 struct ScoreRowsArgs {
   const void* logits;  // [T, E] In
@@ -190,16 +189,26 @@ Status expert_choice_forward(const ExpertChoiceParams& p, const TensorView& logi
   const int64_t T = logits.size(0), E = logits.size(1);
   const bool radix = T > kMaxExpertChoiceTokens;  // select the C best first, then sort only those
   if (radix && p.capacity > kMaxExpertChoiceTokens) {
-    return unsupported(op, "capacity = " + std::to_string(p.capacity) + " with T = " + std::to_string(T) +
-                           " tokens; the CUDA backend sorts an expert's chosen tokens in shared memory and supports "
-                           "T <= " + std::to_string(kMaxExpertChoiceTokens) + " or capacity <= " +
-                           std::to_string(kMaxExpertChoiceTokens) + " (use backend 'cpu')");
+    return unsupported(
+        op, "capacity = " + std::to_string(p.capacity) + " with T = " + std::to_string(T) +
+                " tokens; the CUDA backend sorts an expert's chosen tokens in shared memory and supports "
+                "T <= " +
+                std::to_string(kMaxExpertChoiceTokens) + " or capacity <= " + std::to_string(kMaxExpertChoiceTokens) +
+                " (use backend 'cpu')");
   }
   if (T == 0 || E == 0) return Status::Ok();
   const cudaStream_t s = as_stream(stream);
-  ScoreRowsArgs a{logits.data, logits.stride(0), scores.data_as<float>(), scores.stride(0),
-                  row_of.data_as<int32_t>(), row_of.stride(0), weights.data_as<float>(), weights.stride(0),
-                  T, static_cast<int32_t>(E), p.score_func == ScoreFunc::kSoftmax};
+  ScoreRowsArgs a{logits.data,
+                  logits.stride(0),
+                  scores.data_as<float>(),
+                  scores.stride(0),
+                  row_of.data_as<int32_t>(),
+                  row_of.stride(0),
+                  weights.data_as<float>(),
+                  weights.stride(0),
+                  T,
+                  static_cast<int32_t>(E),
+                  p.score_func == ScoreFunc::kSoftmax};
   SMOE_RETURN_IF_ERROR(dispatch_float(logits.dtype, op, [&](auto tag) -> Status {
     auto* kernel = &expert_choice_scores_kernel<typename decltype(tag)::type>;
     const dim3 grid(static_cast<unsigned>(ceil_div(T, kWarpsPerBlock)));  // one warp per token
@@ -207,17 +216,17 @@ Status expert_choice_forward(const ExpertChoiceParams& p, const TensorView& logi
     return Status::Ok();
   }));
   if (radix && p.capacity == 0) return Status::Ok();  // nothing chosen: the score pass wrote row_of and weights
-  const int64_t sorted = radix ? p.capacity : T;       // keys sorted per expert
+  const int64_t sorted = radix ? p.capacity : T;      // keys sorted per expert
   int32_t N = 2;
   while (N < sorted) N *= 2;
   const size_t smem = sizeof(unsigned long long) * static_cast<size_t>(N);  // <= 128 KiB (<= 16384 keys)
   auto* kernel = radix ? &expert_choice_select_radix_kernel : &expert_choice_select_kernel;
   SMOE_CUDA_CHECK(allow_smem(kernel, smem));
   // one block per expert: the column's T keys (or its C best) are sorted in shared memory
-  SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, dim3(static_cast<unsigned>(E)), dim3(kSortThreads), smem,
-                              s, scores.data_as<const float>(), scores.stride(0), T, p.capacity, N,
-                              tokens.data_as<int32_t>(), tokens.stride(0), row_of.data_as<int32_t>(),
-                              row_of.stride(0), weights.data_as<float>(), weights.stride(0)));
+  SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, dim3(static_cast<unsigned>(E)), dim3(kSortThreads), smem, s,
+                              scores.data_as<const float>(), scores.stride(0), T, p.capacity, N,
+                              tokens.data_as<int32_t>(), tokens.stride(0), row_of.data_as<int32_t>(), row_of.stride(0),
+                              weights.data_as<float>(), weights.stride(0)));
   return Status::Ok();
 }
 

@@ -47,11 +47,10 @@ Status cublas_error(cublasStatus_t st, const char* expr, const char* file, int l
   return Status(Code::kDeviceError, std::move(m));
 }
 
-#define SMOE_CUBLAS_CHECK(expr)                                                      \
-  do {                                                                               \
-    const cublasStatus_t smoe_cublas_st_ = (expr);                                   \
-    if (smoe_cublas_st_ != CUBLAS_STATUS_SUCCESS)                                    \
-      return cublas_error(smoe_cublas_st_, #expr, __FILE__, __LINE__);               \
+#define SMOE_CUBLAS_CHECK(expr)                                                                                    \
+  do {                                                                                                             \
+    const cublasStatus_t smoe_cublas_st_ = (expr);                                                                 \
+    if (smoe_cublas_st_ != CUBLAS_STATUS_SUCCESS) return cublas_error(smoe_cublas_st_, #expr, __FILE__, __LINE__); \
   } while (0)
 
 // One handle per (host thread, device), created on first use and kept for the process: cublasCreate
@@ -73,9 +72,12 @@ Status handle_for_current_device(cublasHandle_t* out) {
 
 cudaDataType_t cuda_type(DType t) {
   switch (t) {
-    case DType::kBF16: return CUDA_R_16BF;
-    case DType::kF16: return CUDA_R_16F;
-    default: return CUDA_R_32F;
+    case DType::kBF16:
+      return CUDA_R_16BF;
+    case DType::kF16:
+      return CUDA_R_16F;
+    default:
+      return CUDA_R_32F;
   }
 }
 
@@ -83,8 +85,8 @@ cudaDataType_t cuda_type(DType t) {
 // capturable in a CUDA graph (see the file comment).
 Status offsets_to_host(const TensorView& offsets, cudaStream_t stream, std::vector<int64_t>* host) {
   host->resize(static_cast<size_t>(offsets.size(0)));
-  SMOE_CUDA_CHECK(cudaMemcpyAsync(host->data(), offsets.data, host->size() * sizeof(int64_t),
-                                  cudaMemcpyDeviceToHost, stream));
+  SMOE_CUDA_CHECK(
+      cudaMemcpyAsync(host->data(), offsets.data, host->size() * sizeof(int64_t), cudaMemcpyDeviceToHost, stream));
   SMOE_CUDA_CHECK(cudaStreamSynchronize(stream));
   return Status::Ok();
 }
@@ -96,8 +98,8 @@ struct Groups {
   std::vector<float> alpha, beta;
   std::vector<const void*> A, B;
   std::vector<void*> C;
-  void add(cublasOperation_t ta, cublasOperation_t tb, int64_t m_, int64_t n_, int64_t k_, const void* a,
-           int64_t lda_, const void* b, int64_t ldb_, void* c, int64_t ldc_) {
+  void add(cublasOperation_t ta, cublasOperation_t tb, int64_t m_, int64_t n_, int64_t k_, const void* a, int64_t lda_,
+           const void* b, int64_t ldb_, void* c, int64_t ldc_) {
     transa.push_back(ta), transb.push_back(tb), m.push_back(m_), n.push_back(n_), k.push_back(k_);
     A.push_back(a), lda.push_back(lda_), B.push_back(b), ldb.push_back(ldb_), C.push_back(c), ldc.push_back(ldc_);
     size.push_back(1), alpha.push_back(1.0f), beta.push_back(0.0f);
@@ -186,8 +188,8 @@ Status grouped_gemm_wgrad_cublas(const TensorView& a, const TensorView& b, const
       SMOE_CUDA_CHECK(cudaMemsetAsync(ce, 0, static_cast<size_t>(M * N) * es, s));
       continue;
     }
-    g.add(CUBLAS_OP_N, CUBLAS_OP_T, N, M, hi - lo, bp + lo * b.stride(0) * es, b.stride(0),
-          ap + lo * a.stride(0) * es, a.stride(0), ce, N);
+    g.add(CUBLAS_OP_N, CUBLAS_OP_T, N, M, hi - lo, bp + lo * b.stride(0) * es, b.stride(0), ap + lo * a.stride(0) * es,
+          a.stride(0), ce, N);
   }
   return run_groups(g, a.dtype, s);
 }

@@ -64,12 +64,12 @@ Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, c
   const bool has_act = params.activation.has_value();
   const bool gated = has_act && is_gated(*params.activation);
   const int64_t F = gated ? N / 2 : N;
-  SMOE_RETURN_IF_ERROR(require(a.dtype == DType::kBF16 || a.dtype == DType::kF16 ||
-                                   (a.dtype == DType::kF32 && (params.trans_b || !gated)),
-                               op, std::string("dtype ") + dtype_name(a.dtype) +
-                                       (a.dtype == DType::kF32 ? " with b [E, Kd, N] and a gated activation (f32 "
-                                                                 "runs on the tensor cores as 3xTF32 otherwise)"
-                                                               : " (the tensor cores take bf16, f16, or f32 as 3xTF32)")));
+  SMOE_RETURN_IF_ERROR(require(
+      a.dtype == DType::kBF16 || a.dtype == DType::kF16 || (a.dtype == DType::kF32 && (params.trans_b || !gated)), op,
+      std::string("dtype ") + dtype_name(a.dtype) +
+          (a.dtype == DType::kF32 ? " with b [E, Kd, N] and a gated activation (f32 "
+                                    "runs on the tensor cores as 3xTF32 otherwise)"
+                                  : " (the tensor cores take bf16, f16, or f32 as 3xTF32)")));
   if (pre.defined() && !has_act) return invalid_argument(op, "pre", "absent without an activation", "given");
   if (R == 0 || N == 0 || E < 1) return Status::Ok();
   if (wgmma_selected()) {  // sm_90a kernel (gemm_wgmma.h); what it refuses (before any launch) runs below
@@ -125,8 +125,8 @@ Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, c
   });
 }
 
-Status grouped_gemm_wgrad_tc(const TensorView& a, const TensorView& b, const TensorView& offsets,
-                             const TensorView& c, void* stream) {
+Status grouped_gemm_wgrad_tc(const TensorView& a, const TensorView& b, const TensorView& offsets, const TensorView& c,
+                             void* stream) {
   return grouped_gemm_wgrad_gathered_tc(a, b, TensorView{}, offsets, c, stream);
 }
 
@@ -136,9 +136,9 @@ Status grouped_gemm_wgrad_gathered_tc(const TensorView& a, const TensorView& b, 
   const int64_t R = a.size(0), M = a.size(1), N = b.size(1);
   const bool gather = b_token_of_row.defined();
   const int64_t E = offsets.size(0) - 1;
-  SMOE_RETURN_IF_ERROR(require(a.dtype == DType::kBF16 || a.dtype == DType::kF16 || a.dtype == DType::kF32, op,
-                               std::string("dtype ") + dtype_name(a.dtype) +
-                                   " (the tensor cores take bf16, f16, or f32 as 3xTF32)"));
+  SMOE_RETURN_IF_ERROR(
+      require(a.dtype == DType::kBF16 || a.dtype == DType::kF16 || a.dtype == DType::kF32, op,
+              std::string("dtype ") + dtype_name(a.dtype) + " (the tensor cores take bf16, f16, or f32 as 3xTF32)"));
   if (M == 0 || N == 0 || E < 1) return Status::Ok();  // R == 0 is work: every c[e] becomes zeros
   const int64_t m_tiles = ceil_div(M, gemm_tc::kBM), n_tiles = ceil_div(N, gemm_tc::kBN);
   SMOE_RETURN_IF_ERROR(require(m_tiles * n_tiles <= INT32_MAX && E <= 65535, op, "grid beyond CUDA's limits"));
@@ -163,14 +163,12 @@ Status grouped_gemm_wgrad_gathered_tc(const TensorView& a, const TensorView& b, 
       args.vec_b = rows_16b_aligned(b);
       args.pair_c = reinterpret_cast<uintptr_t>(c.data) % 4 == 0 && N % 2 == 0;
       auto* kernel = &gemm_tc::grouped_gemm_wgrad_tc_kernel<S>;
-      SMOE_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, gemm_tc::kSmemBytes));
+      SMOE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, gemm_tc::kSmemBytes));
       // x: the 128x128 tiles of one c[e] (m fastest), y: experts. Each CTA reduces over its whole
       // segment (no split-K: deterministic, and E * tiles CTAs fill the GPU for the shapes of
       // docs/kernels/grouped_gemm.md).
       const dim3 grid(static_cast<unsigned>(m_tiles * n_tiles), static_cast<unsigned>(E));
-      SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, grid, dim3(gemm_tc::kThreads), gemm_tc::kSmemBytes, as_stream(stream),
-                                  args));
+      SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, grid, dim3(gemm_tc::kThreads), gemm_tc::kSmemBytes, as_stream(stream), args));
       return Status::Ok();
     }
   });

@@ -37,11 +37,11 @@ namespace smoe::SMOE_CUDA_NS::gemm_tc {
 //   multiplied, which hides global-memory latency at that occupancy.
 inline constexpr int kBM = 128, kBN = 128, kBK = 32;
 inline constexpr int kWarpsM = 2, kWarpsN = 2;
-inline constexpr int kThreads = 32 * kWarpsM * kWarpsN;  // 128
+inline constexpr int kThreads = 32 * kWarpsM * kWarpsN;         // 128
 inline constexpr int kWM = kBM / kWarpsM, kWN = kBN / kWarpsN;  // 64 x 64
 inline constexpr int kMI = kWM / 16, kNI = kWN / 8;             // 4 x 8 mma.m16n8k16 tiles per warp
 inline constexpr int kStages = 4;
-inline constexpr int kChunk = 8;  // 16-bit elements per 16-byte cp.async / ldmatrix row
+inline constexpr int kChunk = 8;              // 16-bit elements per 16-byte cp.async / ldmatrix row
 inline constexpr int kTileElems = kBM * kBK;  // one operand tile (= kBK * kBN)
 static_assert(kBM == kBN && kBM * kBK == kBK * kBN, "A and B tiles share the two swizzled layouts");
 static_assert(kThreads * 4 * kChunk == kTileElems, "each thread copies 4 chunks of each operand per stage");
@@ -55,7 +55,7 @@ inline constexpr int kChunkOf = 16 / static_cast<int>(sizeof(S));
 template <class S>
 inline constexpr int kBKOf = 64 / static_cast<int>(sizeof(S));
 template <class S>
-inline constexpr int kTileElemsOf = kBM * kBKOf<S>;
+inline constexpr int kTileElemsOf = kBM* kBKOf<S>;
 template <class S>
 inline constexpr int kMmaK = sizeof(S) == 4 ? 8 : 16;
 static_assert(kTileElemsOf<float> * 4 * 2 * kStages == kSmemBytes, "f32 stages take the same bytes");
@@ -80,9 +80,7 @@ __device__ __forceinline__ int kmajor_offset(int row, int chunk) {
 // MN-major tile [32 k][128 columns] (B when !trans_b; both operands of wgrad): a row is 256 bytes =
 // 16 chunks, so every row starts at bank 0. Chunk c of row k goes to c ^ (k & 7): 8 consecutive k
 // rows at one logical chunk land in 8 distinct 16-byte slots of the 128-byte bank line.
-__device__ __forceinline__ int mnmajor_offset(int k, int chunk) {
-  return k * kBN + ((chunk ^ (k & 7)) * kChunk);
-}
+__device__ __forceinline__ int mnmajor_offset(int k, int chunk) { return k * kBN + ((chunk ^ (k & 7)) * kChunk); }
 
 // ---- global -> shared loaders (cp.async, 16 bytes per copy, zero-filled outside the matrix) ---------
 // Any shape and stride: a 16-byte chunk of 8 elements may be partly outside the matrix (a column count
@@ -152,9 +150,9 @@ template <class S>
 struct MnMajorLoader {
   const S* base;
   int64_t ld;
-  int64_t k_len;      // k rows at or past k_len are zeros
-  int64_t cols_left;  // columns of the matrix from this thread's first one on (<= 0: none)
-  bool vec;           // base and ld keep every row's chunk 16-byte aligned
+  int64_t k_len;                   // k rows at or past k_len are zeros
+  int64_t cols_left;               // columns of the matrix from this thread's first one on (<= 0: none)
+  bool vec;                        // base and ld keep every row's chunk 16-byte aligned
   const int32_t* index = nullptr;  // [k_len] source rows, or nullptr: row k
   int64_t src_rows = 0;            // rows of the gathered matrix
 
@@ -182,10 +180,10 @@ struct MnMajorLoader {
 // ldmatrix to hand out whole floats; the transpose happens here instead).
 template <class S>
 struct TransposingKMajorLoader {
-  const S* base;      // element (row 0, column first)
+  const S* base;  // element (row 0, column first)
   int64_t ld;
   int64_t k_len;
-  int64_t cols_left;  // columns from `first` on (<= 0: none)
+  int64_t cols_left;               // columns from `first` on (<= 0: none)
   const int32_t* index = nullptr;  // [k_len] source rows (gathered), or nullptr: row k
   int64_t src_rows = 0;
 
@@ -351,10 +349,14 @@ __device__ __forceinline__ float act_sigmoid(float x) { return 1.0f / (1.0f + ex
 __device__ __forceinline__ float act_gelu(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752440f)); }
 __device__ __forceinline__ float apply_activation(int act, float g, float u) {
   switch (act) {
-    case static_cast<int>(Activation::kSwiGLU): return g * act_sigmoid(g) * u;
-    case static_cast<int>(Activation::kGeGLU): return act_gelu(g) * u;
-    case static_cast<int>(Activation::kGELU): return act_gelu(g);
-    default: return g > 0.0f ? g : 0.0f;  // kReLU
+    case static_cast<int>(Activation::kSwiGLU):
+      return g * act_sigmoid(g) * u;
+    case static_cast<int>(Activation::kGeGLU):
+      return act_gelu(g) * u;
+    case static_cast<int>(Activation::kGELU):
+      return act_gelu(g);
+    default:
+      return g > 0.0f ? g : 0.0f;  // kReLU
   }
 }
 // Values pass through the storage type before the activation, as in the unfused pre -> act path.
@@ -384,23 +386,23 @@ __device__ __forceinline__ void store_two(S* row, int64_t n, int64_t limit, bool
 // ---- forward kernel ----------------------------------------------------------------------------------------
 template <class S>
 struct ForwardArgs {
-  const S* a;                  // [T or R, Kd]
-  int64_t lda, a_rows;         // a_rows: rows of a (gathered indices outside [0, a_rows) read zeros)
-  const int32_t* token_of_row; // [R] or nullptr
-  const S* b;                  // [E, N, Kd] or [E, Kd, N]
+  const S* a;                   // [T or R, Kd]
+  int64_t lda, a_rows;          // a_rows: rows of a (gathered indices outside [0, a_rows) read zeros)
+  const int32_t* token_of_row;  // [R] or nullptr
+  const S* b;                   // [E, N, Kd] or [E, Kd, N]
   int64_t b_expert_stride, ldb;
-  const int64_t* offsets;      // [E+1]
+  const int64_t* offsets;  // [E+1]
   int32_t E;
-  int64_t R;                   // rows of c: segments are clamped to [0, R)
-  int64_t N, Kd, F;            // GEMM N; reduction length; F = N / 2 for a gated activation
-  S* c;                        // [R, N] or [R, F]
+  int64_t R;         // rows of c: segments are clamped to [0, R)
+  int64_t N, Kd, F;  // GEMM N; reduction length; F = N / 2 for a gated activation
+  S* c;              // [R, N] or [R, F]
   int64_t ldc;
-  S* pre;                      // [R, N] or nullptr
+  S* pre;  // [R, N] or nullptr
   int64_t ldpre;
-  const float* row_weights;    // [R] or nullptr
+  const float* row_weights;  // [R] or nullptr
   int32_t act;
-  bool vec_a, vec_b;           // 16-byte aligned rows of a / of b's columns (cp.async), else element loads
-  bool pair_c, pair_pre;       // 4-byte aligned column pairs of c / pre (paired stores)
+  bool vec_a, vec_b;      // 16-byte aligned rows of a / of b's columns (cp.async), else element loads
+  bool pair_c, pair_pre;  // 4-byte aligned column pairs of c / pre (paired stores)
 };
 
 // Finds the (expert, m tile) of tile slot `slot`: experts take consecutive slots, ceil(rows_e / 128)
@@ -578,7 +580,7 @@ struct WgradArgs {
   const int64_t* offsets;  // [E+1]
   int64_t R, M, N;
   int64_t m_tiles;
-  S* c;  // [E, M, N]
+  S* c;               // [E, M, N]
   bool vec_a, vec_b;  // 16-byte aligned rows (cp.async), else element loads
   bool pair_c;        // N even and c 4-byte aligned: paired stores
 };

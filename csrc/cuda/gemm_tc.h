@@ -30,7 +30,7 @@ struct GroupedGemmTcParams {
 
 }  // namespace smoe
 
-#define SMOE_DETAIL_GEMM_TC_DECLS                                                                         \
+#define SMOE_DETAIL_GEMM_TC_DECLS                                                                                   \
   /* c[r] = epilogue(a[row r] @ op(b[e])) for every row r in expert e's segment [offsets[e], offsets[e+1]). \
      a            [R, Kd], or [T, Kd] with token_of_row: row r reads a[token_of_row[r]] (-1: zeros)         \
      b            [E, N, Kd] (trans_b) or [E, Kd, N]                                                       \
@@ -40,21 +40,19 @@ struct GroupedGemmTcParams {
      c            [R, N], or [R, F] (N = 2F) with a gated activation                                        \
      pre          absent, or with an activation [R, N]: the pre-activation values (saved for backward);     \
                   the activation is computed from pre rounded to the storage type, as the unfused path     \
-                  activation_forward(pre) does. */                                                          \
-  Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, const TensorView& b,       \
-                         const TensorView& offsets, const TensorView& token_of_row,                         \
-                         const TensorView& row_weights, const TensorView& c, const TensorView& pre,         \
-                         void* stream);                                                                     \
+                  activation_forward(pre) does. */       \
+  Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, const TensorView& b,               \
+                         const TensorView& offsets, const TensorView& token_of_row, const TensorView& row_weights,  \
+                         const TensorView& c, const TensorView& pre, void* stream);                                 \
   /* The variable-K form (weight gradients): c[e] = a[seg_e]^T @ b[seg_e], the reduction over the rows of   \
-     segment e. a [R, M], b [R, N], offsets [E+1] i64, c [E, M, N]; an empty segment writes exact zeros. */ \
-  Status grouped_gemm_wgrad_tc(const TensorView& a, const TensorView& b, const TensorView& offsets,        \
-                               const TensorView& c, void* stream);                                          \
+     segment e. a [R, M], b [R, N], offsets [E+1] i64, c [E, M, N]; an empty segment writes exact zeros. */       \
+  Status grouped_gemm_wgrad_tc(const TensorView& a, const TensorView& b, const TensorView& offsets,                 \
+                               const TensorView& c, void* stream);                                                  \
   /* The same with the B operand gathered: row r of B is b[b_token_of_row[r]] (-1 or out of range: zeros), \
      b [T, N], b_token_of_row [R] i32 (R = a.size(0)): the expert MLP's grad_w1 = grad_pre^T x[token_of_row] \
-     reads x directly, with no permuted copy. */                                                             \
-  Status grouped_gemm_wgrad_gathered_tc(const TensorView& a, const TensorView& b,                           \
-                                        const TensorView& b_token_of_row, const TensorView& offsets,        \
-                                        const TensorView& c, void* stream);
+     reads x directly, with no permuted copy. */        \
+  Status grouped_gemm_wgrad_gathered_tc(const TensorView& a, const TensorView& b, const TensorView& b_token_of_row, \
+                                        const TensorView& offsets, const TensorView& c, void* stream);
 
 namespace smoe::cuda {
 SMOE_DETAIL_GEMM_TC_DECLS

@@ -49,8 +49,8 @@ Status make_b_map(const TensorView& b, int64_t rows, int64_t Kd, simt::TensorMap
   const cuuint32_t elem[2] = {1, 1};
   const CUresult r = reinterpret_cast<Encode>(fn)(
       map, b.dtype == DType::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
-      const_cast<void*>(b.data), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
-      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+      const_cast<void*>(b.data), dims, strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) return refuse("cuTensorMapEncodeTiled failed (code " + std::to_string(int(r)) + ")");
   return Status::Ok();
 #endif
@@ -62,9 +62,7 @@ bool rows_16b_aligned(const TensorView& v) {
     if (v.stride(d) % 8 != 0) return false;  // 16-bit elements
   return true;
 }
-bool pairs_aligned(const TensorView& v) {
-  return reinterpret_cast<uintptr_t>(v.data) % 4 == 0 && v.stride(0) % 2 == 0;
-}
+bool pairs_aligned(const TensorView& v) { return reinterpret_cast<uintptr_t>(v.data) % 4 == 0 && v.stride(0) % 2 == 0; }
 
 template <class S, Epilogue kEpi>
 Status launch(const gemm_wgmma::Args<S>& args, const simt::TensorMap& map, int64_t ctas, cudaStream_t stream) {
@@ -107,7 +105,8 @@ Status grouped_gemm_wgmma(const GroupedGemmTcParams& params, const TensorView& a
   const bool has_act = params.activation.has_value();
   const bool gated = has_act && is_gated(*params.activation);
   const int64_t F = gated ? N / 2 : N;
-  if (pre.defined() && !has_act) return invalid_argument("grouped_gemm_wgmma", "pre", "absent without an activation", "given");
+  if (pre.defined() && !has_act)
+    return invalid_argument("grouped_gemm_wgmma", "pre", "absent without an activation", "given");
   if (Kd % 8 != 0 || N % 8 != 0 || (gated && F % 8 != 0))
     return refuse(gated ? "Kd and F (N / 2) must be multiples of 8" : "Kd and N must be multiples of 8");
   if (a.stride(1) != 1 || b.stride(2) != 1 || c.stride(1) != 1 || !rows_16b_aligned(a) || !rows_16b_aligned(b) ||

@@ -56,16 +56,16 @@ struct Args {
   const int32_t* token_of_row;  // [R] or nullptr
   const int64_t* offsets;       // [E+1]
   int32_t E;
-  int64_t R;                    // rows of c: segments are clamped to [0, R)
-  int64_t N, Kd, F;             // GEMM N (rows of b[e]); reduction length; F = N / 2 when gated
-  S* c;                         // [R, N] or [R, F]
+  int64_t R;         // rows of c: segments are clamped to [0, R)
+  int64_t N, Kd, F;  // GEMM N (rows of b[e]); reduction length; F = N / 2 when gated
+  S* c;              // [R, N] or [R, F]
   int64_t ldc;
-  S* pre;                       // [R, N] or nullptr
+  S* pre;  // [R, N] or nullptr
   int64_t ldpre;
-  const float* row_weights;     // [R] or nullptr
+  const float* row_weights;  // [R] or nullptr
   int32_t act;
-  bool pair_c, pair_pre;        // 4-byte aligned column pairs of c / pre (paired stores)
-  int64_t n_tiles, tiles;       // n tiles; raster length (bands * kBand * n_tiles)
+  bool pair_c, pair_pre;   // 4-byte aligned column pairs of c / pre (paired stores)
+  int64_t n_tiles, tiles;  // n tiles; raster length (bands * kBand * n_tiles)
 };
 
 // One output tile: expert, rows [row0, row_end), first GEMM column (or output f when gated).
@@ -104,13 +104,13 @@ struct TileWalk {
 };
 
 template <class S, bool kBf16, Epilogue kEpi>
-__global__ void __launch_bounds__(kThreads, 1) grouped_gemm_wgmma_kernel(
-    const Args<S> args, const __grid_constant__ smoe::simt::TensorMap map_b) {
+__global__ void __launch_bounds__(kThreads, 1)
+    grouped_gemm_wgmma_kernel(const Args<S> args, const __grid_constant__ smoe::simt::TensorMap map_b) {
   namespace hop = smoe::simt;
   constexpr bool kGated = kEpi == Epilogue::kGatedActivation;
   SMOE_DYNAMIC_SMEM(unsigned char, raw);
-  unsigned char* smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  unsigned char* smem =
+      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~static_cast<uintptr_t>(1023));
   __shared__ __align__(8) uint64_t full[kStages];
   __shared__ __align__(8) uint64_t empty[kStages];
   const int tid = static_cast<int>(threadIdx.x);
@@ -201,8 +201,10 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_wgmma_kernel(
       hop::wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kBK / 16; ++kk) {  // each k16 slice: +32 bytes = +2 in the address field
-        if constexpr (kBf16) hop::wgmma_m64n128k16_bf16(acc, da + 2 * kk, db + 2 * kk, (kt > 0 || kk > 0) ? 1 : 0);
-        else hop::wgmma_m64n128k16_f16(acc, da + 2 * kk, db + 2 * kk, (kt > 0 || kk > 0) ? 1 : 0);
+        if constexpr (kBf16)
+          hop::wgmma_m64n128k16_bf16(acc, da + 2 * kk, db + 2 * kk, (kt > 0 || kk > 0) ? 1 : 0);
+        else
+          hop::wgmma_m64n128k16_f16(acc, da + 2 * kk, db + 2 * kk, (kt > 0 || kk > 0) ? 1 : 0);
       }
       hop::wgmma_commit_group();
       hop::wgmma_wait_group<0>();
@@ -226,7 +228,8 @@ __global__ void __launch_bounds__(kThreads, 1) grouped_gemm_wgmma_kernel(
           gemm_tc::store_two(args.pre + r * args.ldpre, col, args.F, args.pair_pre, g0, g1);
           gemm_tc::store_two(args.pre + r * args.ldpre + args.F, col, args.F, args.pair_pre, u0, u1);
         }
-        gemm_tc::store_two(args.c + r * args.ldc, col, args.F, args.pair_c, w * gemm_tc::apply_activation(args.act, g0, u0),
+        gemm_tc::store_two(args.c + r * args.ldc, col, args.F, args.pair_c,
+                           w * gemm_tc::apply_activation(args.act, g0, u0),
                            w * gemm_tc::apply_activation(args.act, g1, u1));
       } else {
         float v0 = acc[i], v1 = acc[i + 1];

@@ -21,11 +21,10 @@
 #include "gemm_tc.h"
 #include "smoe/smoe.h"
 
-#define SMOE_DETAIL_GEMM_WGMMA_DECLS                                                                     \
-  Status grouped_gemm_wgmma(const GroupedGemmTcParams& params, const TensorView& a, const TensorView& b, \
-                            const TensorView& offsets, const TensorView& token_of_row,                  \
-                            const TensorView& row_weights, const TensorView& c, const TensorView& pre,  \
-                            void* stream);                                                              \
+#define SMOE_DETAIL_GEMM_WGMMA_DECLS                                                                                  \
+  Status grouped_gemm_wgmma(const GroupedGemmTcParams& params, const TensorView& a, const TensorView& b,              \
+                            const TensorView& offsets, const TensorView& token_of_row, const TensorView& row_weights, \
+                            const TensorView& c, const TensorView& pre, void* stream);                                \
   bool wgmma_selected();
 
 namespace smoe::cuda {

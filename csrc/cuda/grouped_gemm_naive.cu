@@ -110,8 +110,8 @@ Status grouped_gemm_naive_gathered(const GroupedGemmParams& params, const Tensor
     const dim3 grid(static_cast<unsigned>(ceil_div(N, kTile)), static_cast<unsigned>(ceil_div(R, kTile)));
     SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, grid, dim3(kTile, kTile), 0, as_stream(stream), a.data_as<const S>(),
                                 a.stride(0), gather ? token_of_row.data_as<const int32_t>() : nullptr, a.size(0),
-                                b.data_as<const S>(), b.stride(0), params.trans_b,
-                                offsets.data_as<const int64_t>(), E, R, N, Kd, c.data_as<S>(), c.stride(0)));
+                                b.data_as<const S>(), b.stride(0), params.trans_b, offsets.data_as<const int64_t>(), E,
+                                R, N, Kd, c.data_as<S>(), c.stride(0)));
     return Status::Ok();
   });
 }

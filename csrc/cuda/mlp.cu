@@ -36,7 +36,7 @@ namespace {
 
 constexpr int kRowWarps = 4;  // warp-per-row kernels: 4 rows per block
 constexpr int kRowThreads = 32 * kRowWarps;
-constexpr int kThreads = 256;     // elementwise kernels
+constexpr int kThreads = 256;        // elementwise kernels
 constexpr int64_t kGateChunk = 256;  // tokens per partial sum of grad_gate_w
 
 __device__ __forceinline__ int lane_id() { return static_cast<int>(threadIdx.x) & 31; }
@@ -89,8 +89,8 @@ Status zero_rows_outside(const TensorView& offsets, int64_t R, cudaStream_t stre
   if (R == 0 || t.n == 0) return Status::Ok();
   // one warp per row; rows inside the segments return at once
   SMOE_CUDA_CHECK(SMOE_LAUNCH(&zero_rows_outside_kernel, dim3(grid_for(R, kRowWarps, 4096)), dim3(kRowThreads), 0,
-                              stream, offsets.data_as<const int64_t>(), static_cast<int32_t>(offsets.size(0) - 1),
-                              R, t));
+                              stream, offsets.data_as<const int64_t>(), static_cast<int32_t>(offsets.size(0) - 1), R,
+                              t));
   return Status::Ok();
 }
 
@@ -189,8 +189,8 @@ __global__ void __launch_bounds__(kThreads)
 // rounded once.
 template <class S>
 __global__ void __launch_bounds__(kThreads)
-    accumulate_grad_x_kernel(const S* grad_xs, int64_t lds, const float* dlogit, const S* gate_w, int64_t T,
-                             int64_t H, S* grad_x, int64_t ldx) {
+    accumulate_grad_x_kernel(const S* grad_xs, int64_t lds, const float* dlogit, const S* gate_w, int64_t T, int64_t H,
+                             S* grad_x, int64_t ldx) {
   const int64_t n = T * H;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * kThreads) {
@@ -217,8 +217,8 @@ Status mlp_forward(const ExpertMlpParams& params, const TensorView& x, const Ten
   Status st = grouped_gemm_tc(tc, x, w1, offsets, token_of_row, TensorView{}, act, pre, stream);
   if (st.code() == Code::kUnsupported) {
     // refused by the tensor-core launcher: the gathered v0 GEMM, then the activation kernel.
-    SMOE_RETURN_IF_ERROR(grouped_gemm_naive_gathered(GroupedGemmParams{true}, x, w1, offsets, token_of_row, pre,
-                                                     stream));
+    SMOE_RETURN_IF_ERROR(
+        grouped_gemm_naive_gathered(GroupedGemmParams{true}, x, w1, offsets, token_of_row, pre, stream));
     SMOE_RETURN_IF_ERROR(zero_rows_outside(offsets, R, stream, pre));
     SMOE_RETURN_IF_ERROR(activation_forward(params.activation, pre, act, stream));
   } else {
@@ -261,8 +261,8 @@ Status mlp_backward(const ExpertMlpParams& params, const TensorView& g_out, cons
 }  // namespace
 
 Status expert_mlp_forward(const ExpertMlpParams& params, const TensorView& x, const TensorView& token_of_row,
-                          const TensorView& offsets, const TensorView& w1, const TensorView& w2,
-                          const TensorView& pre, const TensorView& act, const TensorView& ys, void* stream) {
+                          const TensorView& offsets, const TensorView& w1, const TensorView& w2, const TensorView& pre,
+                          const TensorView& act, const TensorView& ys, void* stream) {
   if (x.dtype == DType::kF64) return f64_unsupported("expert_mlp_forward");
   if (ys.size(0) == 0) return Status::Ok();
   return mlp_forward(params, x, token_of_row, offsets, w1, w2, pre, act, ys, as_stream(stream));
@@ -270,12 +270,12 @@ Status expert_mlp_forward(const ExpertMlpParams& params, const TensorView& x, co
 
 Status expert_mlp_backward(const ExpertMlpParams& params, const TensorView& grad_ys, const TensorView& x,
                            const TensorView& token_of_row, const TensorView& row_of, const TensorView& offsets,
-                           const TensorView& w1, const TensorView& w2, const TensorView& pre,
-                           const TensorView& act, const TensorView& grad_x, const TensorView& grad_w1,
-                           const TensorView& grad_w2, const TensorView& workspace, void* stream) {
+                           const TensorView& w1, const TensorView& w2, const TensorView& pre, const TensorView& act,
+                           const TensorView& grad_x, const TensorView& grad_w1, const TensorView& grad_w2,
+                           const TensorView& workspace, void* stream) {
   if (grad_ys.dtype == DType::kF64) return f64_unsupported("expert_mlp_backward");
   const int64_t R = grad_ys.size(0), H = grad_ys.size(1), F = act.size(1), F1 = pre.size(1);
-  WorkspaceCarver ws(workspace);  // layout: csrc/core/workspace.h
+  WorkspaceCarver ws(workspace);                              // layout: csrc/core/workspace.h
   const TensorView grad_act = ws.take(grad_ys.dtype, R, F);   // [R, F]
   const TensorView grad_pre = ws.take(grad_ys.dtype, R, F1);  // [R, F1]
   const TensorView grad_xs = ws.take(grad_ys.dtype, R, H);    // [R, H]
@@ -286,8 +286,8 @@ Status expert_mlp_backward(const ExpertMlpParams& params, const TensorView& grad
 
 Status shared_expert_forward(const ExpertMlpParams& params, const TensorView& x, const TensorView& w1,
                              const TensorView& w2, const TensorView& gate_w, const TensorView& pre,
-                             const TensorView& act, const TensorView& out, const TensorView& gate,
-                             const TensorView& y, void* stream) {
+                             const TensorView& act, const TensorView& out, const TensorView& gate, const TensorView& y,
+                             void* stream) {
   constexpr const char* op = "shared_expert_forward";
   if (x.dtype == DType::kF64) return f64_unsupported(op);
   const int64_t T = x.size(0), H = x.size(1);
@@ -301,11 +301,10 @@ Status shared_expert_forward(const ExpertMlpParams& params, const TensorView& x,
   return dispatch_float(x.dtype, op, [&](auto tag) -> Status {
     using S = typename decltype(tag)::type;
     // one warp per token
-    SMOE_CUDA_CHECK(SMOE_LAUNCH(&gate_forward_kernel<S>, dim3(grid_for(T, kRowWarps, 4096)), dim3(kRowThreads), 0,
-                                s, x.data_as<const S>(), x.stride(0),
-                                gate_w.defined() ? gate_w.data_as<const S>() : nullptr, out.data_as<const S>(),
-                                out.stride(0), T, H, gate.defined() ? gate.data_as<float>() : nullptr,
-                                y.data_as<S>(), y.stride(0)));
+    SMOE_CUDA_CHECK(SMOE_LAUNCH(
+        &gate_forward_kernel<S>, dim3(grid_for(T, kRowWarps, 4096)), dim3(kRowThreads), 0, s, x.data_as<const S>(),
+        x.stride(0), gate_w.defined() ? gate_w.data_as<const S>() : nullptr, out.data_as<const S>(), out.stride(0), T,
+        H, gate.defined() ? gate.data_as<float>() : nullptr, y.data_as<S>(), y.stride(0)));
     return Status::Ok();
   });
 }
@@ -329,11 +328,11 @@ Status shared_expert_backward(const ExpertMlpParams& params, const TensorView& g
   const int64_t T = x.size(0), H = x.size(1), F = act.size(1), F1 = pre.size(1);
   const cudaStream_t s = as_stream(stream);
   WorkspaceCarver ws(workspace);
-  const TensorView grad_out = ws.take(dt, T, H);            // [T, H] gate * grad_y
-  const TensorView grad_act = ws.take(dt, T, F);            // [T, F]
-  const TensorView grad_pre = ws.take(dt, T, F1);           // [T, F1]
-  const TensorView grad_xs = ws.take(dt, T, H);             // [T, H]
-  const TensorView dlogit = ws.take(DType::kF32, T, 1);     // [T]
+  const TensorView grad_out = ws.take(dt, T, H);         // [T, H] gate * grad_y
+  const TensorView grad_act = ws.take(dt, T, F);         // [T, F]
+  const TensorView grad_pre = ws.take(dt, T, F1);        // [T, F1]
+  const TensorView grad_xs = ws.take(dt, T, H);          // [T, H]
+  const TensorView dlogit = ws.take(DType::kF32, T, 1);  // [T]
   const bool gated = gate_w.defined();
   const int64_t P = ceil_div(T, kGateChunk);  // partials of grad_gate_w
   if (gated && P > 65535) {
@@ -350,10 +349,10 @@ Status shared_expert_backward(const ExpertMlpParams& params, const TensorView& g
     if (!gated || H == 0) return Status::Ok();
     if (T > 0) {
       // one warp per token
-      SMOE_CUDA_CHECK(SMOE_LAUNCH(&gate_backward_kernel<S>, dim3(grid_for(T, kRowWarps, 4096)), dim3(kRowThreads),
-                                  0, s, grad_y.data_as<const S>(), grad_y.stride(0), out.data_as<const S>(),
-                                  out.stride(0), gate.data_as<const float>(), T, H, grad_out.data_as<S>(),
-                                  grad_out.stride(0), dlogit.data_as<float>()));
+      SMOE_CUDA_CHECK(SMOE_LAUNCH(&gate_backward_kernel<S>, dim3(grid_for(T, kRowWarps, 4096)), dim3(kRowThreads), 0, s,
+                                  grad_y.data_as<const S>(), grad_y.stride(0), out.data_as<const S>(), out.stride(0),
+                                  gate.data_as<const float>(), T, H, grad_out.data_as<S>(), grad_out.stride(0),
+                                  dlogit.data_as<float>()));
       // x: column blocks of 256, y: chunks of kGateChunk tokens
       SMOE_CUDA_CHECK(SMOE_LAUNCH(&gate_w_partial_kernel<S>,
                                   dim3(static_cast<unsigned>(ceil_div(H, kThreads)), static_cast<unsigned>(P)),
@@ -374,11 +373,10 @@ Status shared_expert_backward(const ExpertMlpParams& params, const TensorView& g
   return dispatch_float(dt, op, [&](auto tag) -> Status {
     using S = typename decltype(tag)::type;
     // grid-stride over T*H elements
-    SMOE_CUDA_CHECK(SMOE_LAUNCH(&accumulate_grad_x_kernel<S>, dim3(grid_for(T * H, kThreads, 8192)), dim3(kThreads),
-                                0, s, grad_xs.data_as<const S>(), grad_xs.stride(0),
-                                gated ? dlogit.data_as<const float>() : nullptr,
-                                gated ? gate_w.data_as<const S>() : nullptr, T, H, grad_x.data_as<S>(),
-                                grad_x.stride(0)));
+    SMOE_CUDA_CHECK(
+        SMOE_LAUNCH(&accumulate_grad_x_kernel<S>, dim3(grid_for(T * H, kThreads, 8192)), dim3(kThreads), 0, s,
+                    grad_xs.data_as<const S>(), grad_xs.stride(0), gated ? dlogit.data_as<const float>() : nullptr,
+                    gated ? gate_w.data_as<const S>() : nullptr, T, H, grad_x.data_as<S>(), grad_x.stride(0)));
     return Status::Ok();
   });
 }

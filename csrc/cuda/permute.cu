@@ -231,14 +231,14 @@ Status launch_permute_forward(const TensorView& x, const TensorView& token_of_ro
 }
 
 template <class S, int V>
-Status launch_gather_sum(const TensorView& src, const TensorView& row_of, const float* weights,
-                         const TensorView& out, cudaStream_t s) {
+Status launch_gather_sum(const TensorView& src, const TensorView& row_of, const float* weights, const TensorView& out,
+                         cudaStream_t s) {
   const int64_t T = row_of.size(0);
   auto* kernel = &gather_sum_kernel<S, V>;
   // one warp per output token row, k loop inside: each output element is summed by one thread in k order
-  SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, dim3(row_grid(T)), dim3(kRowThreads), 0, s, src.data_as<const S>(),
-                              src.size(0), row_of.data_as<const int32_t>(), weights, T,
-                              static_cast<int32_t>(row_of.size(1)), src.size(1), out.data_as<S>()));
+  SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, dim3(row_grid(T)), dim3(kRowThreads), 0, s, src.data_as<const S>(), src.size(0),
+                              row_of.data_as<const int32_t>(), weights, T, static_cast<int32_t>(row_of.size(1)),
+                              src.size(1), out.data_as<S>()));
   return Status::Ok();
 }
 
@@ -266,17 +266,20 @@ Status permute_forward(const TensorView& x, const TensorView& token_of_row, cons
     if (unit < elem) break;
     if (row_bytes % unit != 0 || stride_bytes % unit != 0 || addr % unit != 0) continue;
     switch (unit) {
-      case 16: return launch_permute_forward<uint4>(x, token_of_row, xs, unit, s);
-      case 8: return launch_permute_forward<uint2>(x, token_of_row, xs, unit, s);
-      case 4: return launch_permute_forward<unsigned int>(x, token_of_row, xs, unit, s);
-      default: return launch_permute_forward<unsigned short>(x, token_of_row, xs, unit, s);
+      case 16:
+        return launch_permute_forward<uint4>(x, token_of_row, xs, unit, s);
+      case 8:
+        return launch_permute_forward<uint2>(x, token_of_row, xs, unit, s);
+      case 4:
+        return launch_permute_forward<unsigned int>(x, token_of_row, xs, unit, s);
+      default:
+        return launch_permute_forward<unsigned short>(x, token_of_row, xs, unit, s);
     }
   }
   return Status(Code::kInternal, "permute_forward: no copy unit fits the element size");
 }
 
-Status permute_backward(const TensorView& grad_xs, const TensorView& row_of, const TensorView& grad_x,
-                        void* stream) {
+Status permute_backward(const TensorView& grad_xs, const TensorView& row_of, const TensorView& grad_x, void* stream) {
   if (kernel_version(KernelOp::kPermute) == 0) return permute_backward_v0(grad_xs, row_of, grad_x, stream);
   const int64_t T = row_of.size(0), H = grad_xs.size(1);
   if (T == 0 || H == 0) return Status::Ok();
@@ -286,8 +289,8 @@ Status permute_backward(const TensorView& grad_xs, const TensorView& row_of, con
   });
 }
 
-Status combine_forward(const TensorView& ys, const TensorView& weights, const TensorView& row_of,
-                       const TensorView& y, void* stream) {
+Status combine_forward(const TensorView& ys, const TensorView& weights, const TensorView& row_of, const TensorView& y,
+                       void* stream) {
   if (kernel_version(KernelOp::kCombine) == 0) return combine_forward_v0(ys, weights, row_of, y, stream);
   const int64_t T = row_of.size(0), H = ys.size(1);
   if (T == 0 || H == 0) return Status::Ok();
@@ -326,8 +329,8 @@ Status combine_backward(const TensorView& grad_y, const TensorView& ys, const Te
         int32_t* inverse = grad_ys.data_as<int32_t>();
         const int64_t istride = static_cast<int64_t>(row_bytes / 4);
         // thread per row
-        SMOE_CUDA_CHECK(SMOE_LAUNCH(&clear_inverse_kernel, dim3(grid_for(R, 256)), dim3(256), 0, s, R, istride,
-                                    inverse));
+        SMOE_CUDA_CHECK(
+            SMOE_LAUNCH(&clear_inverse_kernel, dim3(grid_for(R, 256)), dim3(256), 0, s, R, istride, inverse));
         if (T * K > 0) {
           // grid-stride over the T*K assignments
           SMOE_CUDA_CHECK(SMOE_LAUNCH(&invert_rows_kernel, dim3(grid_for(T * K, 256)), dim3(256), 0, s,

@@ -96,12 +96,11 @@ __global__ void __launch_bounds__(kFinalThreads)
 }
 
 // coef[e] = grad_loss * E * counts_e / T^2 (f_e held constant), in f64 as the CPU backend.
-__global__ void lb_loss_coef_kernel(const int32_t* counts, const float* grad_loss, int32_t E, int64_t T,
-                                    float* coef) {
+__global__ void lb_loss_coef_kernel(const int32_t* counts, const float* grad_loss, int32_t E, int64_t T, float* coef) {
   const int e = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
   if (e < E) {
-    coef[e] = static_cast<float>(static_cast<double>(*grad_loss) * double(E) * double(counts[e]) /
-                                 (double(T) * double(T)));
+    coef[e] =
+        static_cast<float>(static_cast<double>(*grad_loss) * double(E) * double(counts[e]) / (double(T) * double(T)));
   }
 }
 
@@ -271,8 +270,8 @@ Status z_loss_forward(const TensorView& logits, const TensorView& loss, const Te
     using In = typename decltype(tag)::type;
     auto* kernel = &z_loss_rows_kernel<In>;
     const dim3 grid(static_cast<unsigned>(ceil_div(T, kWarpsPerBlock)));  // one warp per token
-    SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, grid, dim3(kRowThreads), 0, s, logits.data_as<const In>(), logits.stride(0),
-                                T, static_cast<int32_t>(E), zsq));
+    SMOE_CUDA_CHECK(SMOE_LAUNCH(kernel, grid, dim3(kRowThreads), 0, s, logits.data_as<const In>(), logits.stride(0), T,
+                                static_cast<int32_t>(E), zsq));
     return Status::Ok();
   }));
   // one block sums the T values in a fixed order (8 bytes a token: small next to the logits)

@@ -39,12 +39,12 @@ namespace {
 // and many short chunks spread the scatter over the SMs instead of 64 warps of 256 dependent steps.
 constexpr int64_t kAssignmentsPerChunk = 1024;
 constexpr int64_t kMaxChunks = 4096;
-constexpr int kColumnScanThreads = 128;    // pass 2a: one block per expert
+constexpr int kColumnScanThreads = 128;  // pass 2a: one block per expert
 constexpr int64_t kAlign = 64;
 constexpr int kHistThreads = 256;
-constexpr int kScanThreads = 512;  // pass 2b: one block (512: no register spills at the launch bound)
+constexpr int kScanThreads = 512;         // pass 2b: one block (512: no register spills at the launch bound)
 constexpr int kMaxSmemHistogram = 12288;  // E ints in 48 KiB of shared memory
-constexpr int kSelectThreads = 256;        // drop by score: one block per expert
+constexpr int kSelectThreads = 256;       // drop by score: one block per expert
 
 int64_t align_up(int64_t v, int64_t a) { return (v + a - 1) / a * a; }
 
@@ -59,8 +59,8 @@ __host__ __device__ __forceinline__ int64_t chunk_begin(int64_t T, int64_t n, in
 
 // Pass 1: hist[c, e] = assignments of chunk c that go to expert e; token_of_row[:] = -1.
 __global__ void __launch_bounds__(kHistThreads)
-    routing_histogram_kernel(const int32_t* experts, int64_t T, int32_t K, int32_t E, int32_t n_chunks,
-                             int32_t* hist, int32_t* token_of_row, int64_t rows) {
+    routing_histogram_kernel(const int32_t* experts, int64_t T, int32_t K, int32_t E, int32_t n_chunks, int32_t* hist,
+                             int32_t* token_of_row, int64_t rows) {
   SMOE_DYNAMIC_SMEM(int, local);  // [E] when E <= kMaxSmemHistogram
   const int c = blockIdx.x;
   int32_t* row = hist + static_cast<int64_t>(c) * E;
@@ -130,9 +130,8 @@ __global__ void __launch_bounds__(kColumnScanThreads)
 }
 
 // Pass 2b: counts (capacity), padded offsets, from the totals of pass 2a (in counts). One block.
-__global__ void __launch_bounds__(kScanThreads)
-    routing_scan_kernel(int32_t E, int64_t capacity, int32_t pad_multiple, int32_t* counts, int64_t* offsets,
-                        int32_t* start) {
+__global__ void __launch_bounds__(kScanThreads) routing_scan_kernel(int32_t E, int64_t capacity, int32_t pad_multiple,
+                                                                    int32_t* counts, int64_t* offsets, int32_t* start) {
   __shared__ long long warp_totals[32];
   // Thread i owns the contiguous experts [e0, e1): the padded sizes of its range add to one value.
   const int per = static_cast<int>((E + blockDim.x - 1) / blockDim.x);
@@ -228,8 +227,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   };
   // n, keep are the same in every thread: the branch is uniform, so the barriers inside are reached by all.
   const bool keep_all = keep >= n, keep_none = keep == 0;
-  const unsigned long long threshold =
-      keep_all || keep_none ? 0ull : block_radix_select_desc(key_at, n, keep, hist);
+  const unsigned long long threshold = keep_all || keep_none ? 0ull : block_radix_select_desc(key_at, n, keep, hist);
   const int64_t row0 = offsets[e];
   long long done = 0;  // kept rows of the earlier tiles
   for (int64_t i0 = 0; i0 < n; i0 += blockDim.x) {
@@ -263,8 +261,7 @@ int64_t routing_plan_workspace_bytes(const RoutingPlanParams& params, int64_t T,
   return routing_plan_workspace_bytes_chunked(params, T, K, kAssignmentsPerChunk);
 }
 
-int64_t routing_plan_workspace_bytes_chunked(const RoutingPlanParams& params, int64_t T, int64_t K,
-                                             int64_t per_chunk) {
+int64_t routing_plan_workspace_bytes_chunked(const RoutingPlanParams& params, int64_t T, int64_t K, int64_t per_chunk) {
   if (params.num_experts < 1 || T < 0 || K < 0 || per_chunk < 1) return 0;
   // hist [chunks, E] i32: per-chunk counts, then per-chunk rank bases
   int64_t bytes = align_up(num_chunks(T, K, per_chunk) * params.num_experts * int64_t(sizeof(int32_t)), kAlign);
@@ -304,37 +301,35 @@ Status routing_plan_chunked(const RoutingPlanParams& params, const TensorView& e
   int32_t* hist = workspace.data_as<int32_t>();
   uint8_t* ws_tail = workspace.data_as<uint8_t>() + align_up(int64_t(n_chunks) * E * int64_t(sizeof(int32_t)), kAlign);
   int32_t* grouped = by_score ? reinterpret_cast<int32_t*>(ws_tail) : nullptr;                          // [T*K]
-  float* grouped_w = by_score ? reinterpret_cast<float*>(ws_tail + grouped_bytes(T, K)) : nullptr;        // [T*K]
+  float* grouped_w = by_score ? reinterpret_cast<float*>(ws_tail + grouped_bytes(T, K)) : nullptr;      // [T*K]
   int32_t* start = by_score ? reinterpret_cast<int32_t*>(ws_tail + 2 * grouped_bytes(T, K)) : nullptr;  // [E+1]
   const size_t smem = E <= kMaxSmemHistogram ? sizeof(int32_t) * static_cast<size_t>(E) : 0;
   // one block per chunk of ~per_chunk assignments
   SMOE_CUDA_CHECK(SMOE_LAUNCH(&routing_histogram_kernel, dim3(static_cast<unsigned>(n_chunks)), dim3(kHistThreads),
-                              smem, s, experts.data_as<const int32_t>(), T, static_cast<int32_t>(K), E, n_chunks,
-                              hist, token_of_row.data_as<int32_t>(), rows));
+                              smem, s, experts.data_as<const int32_t>(), T, static_cast<int32_t>(K), E, n_chunks, hist,
+                              token_of_row.data_as<int32_t>(), rows));
   // one block per expert: its column of chunk counts -> rank bases, its total into counts
-  SMOE_CUDA_CHECK(SMOE_LAUNCH(&routing_column_scan_kernel, dim3(static_cast<unsigned>(E)), dim3(kColumnScanThreads),
-                              0, s, hist, n_chunks, E, counts.data_as<int32_t>()));
+  SMOE_CUDA_CHECK(SMOE_LAUNCH(&routing_column_scan_kernel, dim3(static_cast<unsigned>(E)), dim3(kColumnScanThreads), 0,
+                              s, hist, n_chunks, E, counts.data_as<int32_t>()));
   // one block: capacity, padding and one scan over E
   SMOE_CUDA_CHECK(SMOE_LAUNCH(&routing_scan_kernel, dim3(1), dim3(kScanThreads), 0, s, E, params.capacity,
                               params.pad_multiple, counts.data_as<int32_t>(), offsets.data_as<int64_t>(), start));
   if (T * K == 0) return Status::Ok();
   // one warp per chunk: the warp serialises its chunk in (t, k) order, 32 assignments a step (~32 steps)
   auto* scatter = by_score ? &routing_scatter_kernel<true> : &routing_scatter_kernel<false>;
-  SMOE_CUDA_CHECK(SMOE_LAUNCH(scatter, dim3(static_cast<unsigned>(n_chunks)), dim3(32), 0, s,
-                              experts.data_as<const int32_t>(), T, static_cast<int32_t>(K), E, n_chunks, hist,
-                              counts.data_as<const int32_t>(), offsets.data_as<const int64_t>(),
-                              row_of.data_as<int32_t>(), token_of_row.data_as<int32_t>(),
-                              static_cast<const int32_t*>(start), grouped,
-                              by_score ? weights.data_as<const float>() : nullptr, grouped_w));
+  SMOE_CUDA_CHECK(SMOE_LAUNCH(
+      scatter, dim3(static_cast<unsigned>(n_chunks)), dim3(32), 0, s, experts.data_as<const int32_t>(), T,
+      static_cast<int32_t>(K), E, n_chunks, hist, counts.data_as<const int32_t>(), offsets.data_as<const int64_t>(),
+      row_of.data_as<int32_t>(), token_of_row.data_as<int32_t>(), static_cast<const int32_t*>(start), grouped,
+      by_score ? weights.data_as<const float>() : nullptr, grouped_w));
   if (!by_score) return Status::Ok();
   // one block per expert: a radix select over its segment (only experts over capacity), then a block
   // scan of the kept flags in token order
-  SMOE_CUDA_CHECK(SMOE_LAUNCH(&routing_select_by_score_kernel, dim3(static_cast<unsigned>(E)),
-                              dim3(kSelectThreads), 0, s, static_cast<const int32_t*>(grouped),
-                              static_cast<const float*>(grouped_w), static_cast<const int32_t*>(start),
-                              static_cast<int32_t>(K), counts.data_as<const int32_t>(),
-                              offsets.data_as<const int64_t>(), row_of.data_as<int32_t>(),
-                              token_of_row.data_as<int32_t>()));
+  SMOE_CUDA_CHECK(SMOE_LAUNCH(&routing_select_by_score_kernel, dim3(static_cast<unsigned>(E)), dim3(kSelectThreads), 0,
+                              s, static_cast<const int32_t*>(grouped), static_cast<const float*>(grouped_w),
+                              static_cast<const int32_t*>(start), static_cast<int32_t>(K),
+                              counts.data_as<const int32_t>(), offsets.data_as<const int64_t>(),
+                              row_of.data_as<int32_t>(), token_of_row.data_as<int32_t>()));
   return Status::Ok();
 }
 

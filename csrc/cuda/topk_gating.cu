@@ -24,22 +24,22 @@
 namespace smoe::SMOE_CUDA_NS {
 namespace {
 
-constexpr int kMaxItems = 16;                     // register-resident top-k: E <= 32 * 16 = 512
-constexpr int kRowBlockThreads = 256;             // block-per-token top-k (E > 512): 8 warps a token
+constexpr int kMaxItems = 16;          // register-resident top-k: E <= 32 * 16 = 512
+constexpr int kRowBlockThreads = 256;  // block-per-token top-k (E > 512): 8 warps a token
 constexpr int kRowBlockWarps = kRowBlockThreads / 32;
-constexpr int kMaxBlockExperts = 8192;            // 12 B an expert of smem: 96 KiB (+ groups) fits sm_80's 163 KiB
+constexpr int kMaxBlockExperts = 8192;  // 12 B an expert of smem: 96 KiB (+ groups) fits sm_80's 163 KiB
 
 // ---- topk_gating forward --------------------------------------------------------------------------
 
 struct TopkForwardArgs {
   const void* logits;  // [T, E] In, row stride logits_stride
   int64_t logits_stride;
-  const float* bias;   // [E] or null
-  float* weights;      // [T, K]
+  const float* bias;  // [E] or null
+  float* weights;     // [T, K]
   int64_t weights_stride;
-  int32_t* experts;    // [T, K]
+  int32_t* experts;  // [T, K]
   int64_t experts_stride;
-  float* scores;       // [T, E]
+  float* scores;  // [T, E]
   int64_t scores_stride;
   int64_t T;
   int32_t E, K;
@@ -250,10 +250,10 @@ __device__ __forceinline__ unsigned long long row_block_max_u64(unsigned long lo
 // kernel: packed keys, NaN like -inf, group scores in the CPU's order, picks summed in pick order.
 template <class In>
 __global__ void __launch_bounds__(kRowBlockThreads) topk_gating_forward_block_kernel(TopkForwardArgs a) {
-  SMOE_DYNAMIC_SMEM(unsigned long long, key);                // [E] selection keys (0 = excluded)
-  float* s = reinterpret_cast<float*>(key + a.E);             // [E] scores
-  float* gk = s + a.E;                                       // [n_groups] group keys (grouped only)
-  float* kept = gk + a.n_groups;                             // [n_groups] 1 = kept
+  SMOE_DYNAMIC_SMEM(unsigned long long, key);      // [E] selection keys (0 = excluded)
+  float* s = reinterpret_cast<float*>(key + a.E);  // [E] scores
+  float* gk = s + a.E;                             // [n_groups] group keys (grouped only)
+  float* kept = gk + a.n_groups;                   // [n_groups] 1 = kept
   __shared__ float fpart[kRowBlockWarps];
   __shared__ unsigned long long kpart[kRowBlockWarps];
   const int tid = static_cast<int>(threadIdx.x);
@@ -339,7 +339,7 @@ __global__ void __launch_bounds__(kRowBlockThreads) topk_gating_forward_block_ke
     unsigned long long best = kExcludedKey;
     for (int e = tid; e < a.E; e += kRowBlockThreads) best = key[e] > best ? key[e] : best;
     best = row_block_max_u64(best, kpart);
-    const int e = static_cast<int>(key_index(best));  // in [0, E): validation guarantees K candidates
+    const int e = static_cast<int>(key_index(best));         // in [0, E): validation guarantees K candidates
     if (e % kRowBlockThreads == tid) key[e] = kExcludedKey;  // only the owner reads key[e] again
     if (tid == 0) {
       sum += s[e];
@@ -487,8 +487,10 @@ int items_for(int64_t E) {
 }
 
 Status too_many_experts(const char* op, int64_t E) {
-  return unsupported(op, "E = " + std::to_string(E) + " experts; the CUDA backend keeps a row in one block's shared "
-                         "memory and supports E <= " + std::to_string(kMaxBlockExperts) + " (use backend 'cpu')");
+  return unsupported(op, "E = " + std::to_string(E) +
+                             " experts; the CUDA backend keeps a row in one block's shared "
+                             "memory and supports E <= " +
+                             std::to_string(kMaxBlockExperts) + " (use backend 'cpu')");
 }
 
 template <class In>
@@ -570,11 +572,16 @@ Status topk_gating_forward(const TopkGatingParams& p, const TensorView& logits, 
     using In = typename decltype(tag)::type;
     if (E > 32 * kMaxItems) return launch_topk_forward_block<In>(a, s);
     switch (items_for(E)) {
-      case 1: return launch_topk_forward<In, 1>(a, smem, s);
-      case 2: return launch_topk_forward<In, 2>(a, smem, s);
-      case 4: return launch_topk_forward<In, 4>(a, smem, s);
-      case 8: return launch_topk_forward<In, 8>(a, smem, s);
-      default: return launch_topk_forward<In, 16>(a, smem, s);
+      case 1:
+        return launch_topk_forward<In, 1>(a, smem, s);
+      case 2:
+        return launch_topk_forward<In, 2>(a, smem, s);
+      case 4:
+        return launch_topk_forward<In, 4>(a, smem, s);
+      case 8:
+        return launch_topk_forward<In, 8>(a, smem, s);
+      default:
+        return launch_topk_forward<In, 16>(a, smem, s);
     }
   });
 }
@@ -608,11 +615,16 @@ Status topk_gating_backward(const TopkGatingParams& p, const TensorView& scores,
   const cudaStream_t s = as_stream(stream);
   if (E > 32 * kMaxItems) return launch_topk_backward_block(a, s);
   switch (items_for(E)) {
-    case 1: return launch_topk_backward<1>(a, s);
-    case 2: return launch_topk_backward<2>(a, s);
-    case 4: return launch_topk_backward<4>(a, s);
-    case 8: return launch_topk_backward<8>(a, s);
-    default: return launch_topk_backward<16>(a, s);
+    case 1:
+      return launch_topk_backward<1>(a, s);
+    case 2:
+      return launch_topk_backward<2>(a, s);
+    case 4:
+      return launch_topk_backward<4>(a, s);
+    case 8:
+      return launch_topk_backward<8>(a, s);
+    default:
+      return launch_topk_backward<16>(a, s);
   }
 }
 }  // namespace smoe::SMOE_CUDA_NS

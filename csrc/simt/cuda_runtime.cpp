@@ -53,27 +53,48 @@ constexpr size_t kTotalMem = size_t{80} << 30;
 
 const char* base_error_string(cudaError_t e) {
   switch (e) {
-    case cudaSuccess: return "no error";
-    case cudaErrorInvalidValue: return "invalid argument";
-    case cudaErrorMemoryAllocation: return "out of memory";
-    case cudaErrorInitializationError: return "initialization error";
-    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
-    case cudaErrorInvalidPitchValue: return "invalid pitch argument";
-    case cudaErrorInvalidSymbol: return "invalid device symbol";
-    case cudaErrorInvalidDevicePointer: return "invalid device pointer";
-    case cudaErrorInvalidMemcpyDirection: return "invalid copy direction for memcpy";
-    case cudaErrorInvalidDeviceFunction: return "invalid device function";
-    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
-    case cudaErrorInvalidDevice: return "invalid device ordinal";
-    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
-    case cudaErrorNotReady: return "device not ready";
-    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
-    case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
-    case cudaErrorLaunchTimeout: return "the launch timed out and was terminated";
-    case cudaErrorAssert: return "device-side assert triggered";
-    case cudaErrorIllegalInstruction: return "an illegal instruction was encountered";
-    case cudaErrorLaunchFailure: return "unspecified launch failure";
-    default: return "unknown error";
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidValue:
+      return "invalid argument";
+    case cudaErrorMemoryAllocation:
+      return "out of memory";
+    case cudaErrorInitializationError:
+      return "initialization error";
+    case cudaErrorInvalidConfiguration:
+      return "invalid configuration argument";
+    case cudaErrorInvalidPitchValue:
+      return "invalid pitch argument";
+    case cudaErrorInvalidSymbol:
+      return "invalid device symbol";
+    case cudaErrorInvalidDevicePointer:
+      return "invalid device pointer";
+    case cudaErrorInvalidMemcpyDirection:
+      return "invalid copy direction for memcpy";
+    case cudaErrorInvalidDeviceFunction:
+      return "invalid device function";
+    case cudaErrorNoDevice:
+      return "no CUDA-capable device is detected";
+    case cudaErrorInvalidDevice:
+      return "invalid device ordinal";
+    case cudaErrorInvalidResourceHandle:
+      return "invalid resource handle";
+    case cudaErrorNotReady:
+      return "device not ready";
+    case cudaErrorIllegalAddress:
+      return "an illegal memory access was encountered";
+    case cudaErrorLaunchOutOfResources:
+      return "too many resources requested for launch";
+    case cudaErrorLaunchTimeout:
+      return "the launch timed out and was terminated";
+    case cudaErrorAssert:
+      return "device-side assert triggered";
+    case cudaErrorIllegalInstruction:
+      return "an illegal instruction was encountered";
+    case cudaErrorLaunchFailure:
+      return "unspecified launch failure";
+    default:
+      return "unknown error";
   }
 }
 
@@ -99,8 +120,7 @@ void record_kernel_error(cudaError_t error, const std::string& message) {
   if (state().sticky != cudaSuccess) return;
   state().sticky = error;
   state().sticky_text = std::string(base_error_string(error)) + " [smoe-simt] " + message;
-  while (!state().sticky_text.empty() && state().sticky_text.back() == '\n')
-    state().sticky_text.pop_back();
+  while (!state().sticky_text.empty() && state().sticky_text.back() == '\n') state().sticky_text.pop_back();
 }
 
 int current_device() { return tls_current_device; }
@@ -133,8 +153,7 @@ size_t max_dynamic_smem(const void* kernel) {
 cudaError_t func_set_attribute(const void* func, cudaFuncAttribute attr, int value) {
   if (func == nullptr) return api_result(cudaErrorInvalidDeviceFunction);
   if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
-    if (value < 0 || static_cast<size_t>(value) > kMaxDynamicSmemOptin)
-      return api_result(cudaErrorInvalidValue);
+    if (value < 0 || static_cast<size_t>(value) > kMaxDynamicSmemOptin) return api_result(cudaErrorInvalidValue);
     std::lock_guard<std::mutex> lock(state().mu);
     state().max_dyn_smem[func] = static_cast<size_t>(value);
     return cudaSuccess;
@@ -157,8 +176,7 @@ cudaError_t func_get_attributes(cudaFuncAttributes* attr, const void* func) {
 }
 
 cudaError_t occupancy(int* blocks, const void* func, int block_size, size_t dynamic_smem) {
-  if (blocks == nullptr || func == nullptr || block_size <= 0)
-    return api_result(cudaErrorInvalidValue);
+  if (blocks == nullptr || func == nullptr || block_size <= 0) return api_result(cudaErrorInvalidValue);
   const int warps = (block_size + 31) / 32;
   int n = std::min(32, 64 / warps);
   const size_t per_block = dynamic_smem + 1024;
@@ -203,7 +221,8 @@ const char* cudaGetErrorString(cudaError_t error) {
 const char* cudaGetErrorName(cudaError_t error) {
   switch (error) {
 #define SMOE_SIMT_NAME(e) \
-  case e: return #e;
+  case e:                 \
+    return #e;
     SMOE_SIMT_NAME(cudaSuccess)
     SMOE_SIMT_NAME(cudaErrorInvalidValue)
     SMOE_SIMT_NAME(cudaErrorMemoryAllocation)
@@ -225,7 +244,8 @@ const char* cudaGetErrorName(cudaError_t error) {
     SMOE_SIMT_NAME(cudaErrorIllegalInstruction)
     SMOE_SIMT_NAME(cudaErrorLaunchFailure)
 #undef SMOE_SIMT_NAME
-    default: return "cudaErrorUnknown";
+    default:
+      return "cudaErrorUnknown";
   }
 }
 
@@ -282,25 +302,50 @@ cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) 
   cudaDeviceProp p;
   cudaGetDeviceProperties(&p, 0);
   switch (attr) {
-    case cudaDevAttrMaxThreadsPerBlock: *value = p.maxThreadsPerBlock; break;
-    case cudaDevAttrMaxBlockDimX: *value = p.maxThreadsDim[0]; break;
-    case cudaDevAttrMaxBlockDimY: *value = p.maxThreadsDim[1]; break;
-    case cudaDevAttrMaxBlockDimZ: *value = p.maxThreadsDim[2]; break;
-    case cudaDevAttrMaxGridDimX: *value = p.maxGridSize[0]; break;
-    case cudaDevAttrMaxGridDimY: *value = p.maxGridSize[1]; break;
-    case cudaDevAttrMaxGridDimZ: *value = p.maxGridSize[2]; break;
-    case cudaDevAttrMaxSharedMemoryPerBlock: *value = static_cast<int>(p.sharedMemPerBlock); break;
-    case cudaDevAttrWarpSize: *value = 32; break;
-    case cudaDevAttrMultiProcessorCount: *value = p.multiProcessorCount; break;
-    case cudaDevAttrComputeCapabilityMajor: *value = p.major; break;
-    case cudaDevAttrComputeCapabilityMinor: *value = p.minor; break;
+    case cudaDevAttrMaxThreadsPerBlock:
+      *value = p.maxThreadsPerBlock;
+      break;
+    case cudaDevAttrMaxBlockDimX:
+      *value = p.maxThreadsDim[0];
+      break;
+    case cudaDevAttrMaxBlockDimY:
+      *value = p.maxThreadsDim[1];
+      break;
+    case cudaDevAttrMaxBlockDimZ:
+      *value = p.maxThreadsDim[2];
+      break;
+    case cudaDevAttrMaxGridDimX:
+      *value = p.maxGridSize[0];
+      break;
+    case cudaDevAttrMaxGridDimY:
+      *value = p.maxGridSize[1];
+      break;
+    case cudaDevAttrMaxGridDimZ:
+      *value = p.maxGridSize[2];
+      break;
+    case cudaDevAttrMaxSharedMemoryPerBlock:
+      *value = static_cast<int>(p.sharedMemPerBlock);
+      break;
+    case cudaDevAttrWarpSize:
+      *value = 32;
+      break;
+    case cudaDevAttrMultiProcessorCount:
+      *value = p.multiProcessorCount;
+      break;
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = p.major;
+      break;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = p.minor;
+      break;
     case cudaDevAttrMaxSharedMemoryPerMultiprocessor:
       *value = static_cast<int>(p.sharedMemPerMultiprocessor);
       break;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
       *value = static_cast<int>(p.sharedMemPerBlockOptin);
       break;
-    default: return api_result(cudaErrorInvalidValue);
+    default:
+      return api_result(cudaErrorInvalidValue);
   }
   return cudaSuccess;
 }
@@ -334,17 +379,14 @@ cudaError_t cudaMalloc(void** ptr, size_t bytes) {
     return record_error(cudaErrorMemoryAllocation);
   std::memset(p, 0xff, bytes);
   std::lock_guard<std::mutex> lock(state().mu);
-  state().device_allocs[reinterpret_cast<uintptr_t>(p)] = std::remove_reference_t<State>::Alloc{bytes, tls_current_device};
+  state().device_allocs[reinterpret_cast<uintptr_t>(p)] =
+      std::remove_reference_t<State>::Alloc{bytes, tls_current_device};
   state().bytes_in_use += bytes;
   *ptr = p;
   return cudaSuccess;
 }
-cudaError_t cudaMallocAsync(void** ptr, size_t bytes, cudaStream_t) {
-  return cudaMalloc(ptr, bytes);
-}
-cudaError_t cudaMallocManaged(void** ptr, size_t bytes, unsigned int) {
-  return cudaMalloc(ptr, bytes);
-}
+cudaError_t cudaMallocAsync(void** ptr, size_t bytes, cudaStream_t) { return cudaMalloc(ptr, bytes); }
+cudaError_t cudaMallocManaged(void** ptr, size_t bytes, unsigned int) { return cudaMalloc(ptr, bytes); }
 cudaError_t cudaMallocHost(void** ptr, size_t bytes) {
   if (!ptr) return api_result(cudaErrorInvalidValue);
   void* p = nullptr;
@@ -382,24 +424,22 @@ cudaError_t cudaFreeHost(void* ptr) {
 }
 
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind) {
-  if (kind < cudaMemcpyHostToHost || kind > cudaMemcpyDefault)
-    return api_result(cudaErrorInvalidMemcpyDirection);
+  if (kind < cudaMemcpyHostToHost || kind > cudaMemcpyDefault) return api_result(cudaErrorInvalidMemcpyDirection);
   if (cudaError_t s = smoe::simt::detail::sticky_error(); s != cudaSuccess) return s;
   if (bytes == 0) return cudaSuccess;
   if (dst == nullptr || src == nullptr) return record_error(cudaErrorInvalidValue);
   std::memmove(dst, src, bytes);
   return cudaSuccess;
 }
-cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
-                            cudaStream_t) {
+cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind, cudaStream_t) {
   return cudaMemcpy(dst, src, bytes, kind);
 }
-cudaError_t cudaMemcpy2D(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
-                         size_t height, cudaMemcpyKind kind) {
+cudaError_t cudaMemcpy2D(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
+                         cudaMemcpyKind kind) {
   if (width > dpitch || width > spitch) return api_result(cudaErrorInvalidPitchValue);
   for (size_t r = 0; r < height; ++r) {
-    const cudaError_t e = cudaMemcpy(static_cast<char*>(dst) + r * dpitch,
-                                     static_cast<const char*>(src) + r * spitch, width, kind);
+    const cudaError_t e =
+        cudaMemcpy(static_cast<char*>(dst) + r * dpitch, static_cast<const char*>(src) + r * spitch, width, kind);
     if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
@@ -411,9 +451,7 @@ cudaError_t cudaMemset(void* ptr, int value, size_t bytes) {
   std::memset(ptr, value, bytes);
   return cudaSuccess;
 }
-cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t) {
-  return cudaMemset(ptr, value, bytes);
-}
+cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t) { return cudaMemset(ptr, value, bytes); }
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes) {
   std::lock_guard<std::mutex> lock(state().mu);
   if (free_bytes) *free_bytes = smoe::simt::detail::kTotalMem - state().bytes_in_use;
@@ -436,9 +474,7 @@ cudaError_t cudaStreamDestroy(cudaStream_t stream) {
 }
 cudaError_t cudaStreamSynchronize(cudaStream_t) { return api_result(cudaSuccess); }
 cudaError_t cudaStreamQuery(cudaStream_t) { return api_result(cudaSuccess); }
-cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned int) {
-  return api_result(cudaSuccess);
-}
+cudaError_t cudaStreamWaitEvent(cudaStream_t, cudaEvent_t, unsigned int) { return api_result(cudaSuccess); }
 cudaError_t cudaEventCreate(cudaEvent_t* event) { return cudaEventCreateWithFlags(event, 0); }
 cudaError_t cudaEventCreateWithFlags(cudaEvent_t* event, unsigned int) {
   if (!event) return api_result(cudaErrorInvalidValue);

@@ -62,8 +62,7 @@ namespace smoe::simt::detail {
 
 static void ucontext_entry(unsigned lo, unsigned hi, unsigned elo, unsigned ehi) {
   auto* arg = reinterpret_cast<void*>((static_cast<uintptr_t>(hi) << 32) | lo);
-  auto entry =
-      reinterpret_cast<void (*)(void*)>((static_cast<uintptr_t>(ehi) << 32) | elo);
+  auto entry = reinterpret_cast<void (*)(void*)>((static_cast<uintptr_t>(ehi) << 32) | elo);
   entry(arg);
   std::abort();
 }
@@ -75,9 +74,8 @@ void make_context(Context& ctx, const FiberStack& stack, void (*entry)(void*), v
   ctx.uc.uc_link = nullptr;
   const auto a = reinterpret_cast<uintptr_t>(arg);
   const auto e = reinterpret_cast<uintptr_t>(entry);
-  makecontext(&ctx.uc, reinterpret_cast<void (*)()>(&ucontext_entry), 4,
-              static_cast<unsigned>(a), static_cast<unsigned>(a >> 32), static_cast<unsigned>(e),
-              static_cast<unsigned>(e >> 32));
+  makecontext(&ctx.uc, reinterpret_cast<void (*)()>(&ucontext_entry), 4, static_cast<unsigned>(a),
+              static_cast<unsigned>(a >> 32), static_cast<unsigned>(e), static_cast<unsigned>(e >> 32));
   ctx.stack_bottom = stack.lo;
   ctx.stack_size = stack.bytes;
 }
@@ -163,12 +161,12 @@ void make_context(Context& ctx, const FiberStack& stack, void (*entry)(void*), v
   asm volatile("fnstcw %0" : "=m"(fcw));
   frame[0] = 0;
   frame[1] = mxcsr | (static_cast<uint64_t>(fcw) << 32);
-  frame[2] = 0;                                      // r15
-  frame[3] = 0;                                      // r14
-  frame[4] = reinterpret_cast<uint64_t>(arg);        // r13
-  frame[5] = reinterpret_cast<uint64_t>(entry);      // r12
-  frame[6] = 0;                                      // rbx
-  frame[7] = 0;                                      // rbp
+  frame[2] = 0;                                  // r15
+  frame[3] = 0;                                  // r14
+  frame[4] = reinterpret_cast<uint64_t>(arg);    // r13
+  frame[5] = reinterpret_cast<uint64_t>(entry);  // r12
+  frame[6] = 0;                                  // rbx
+  frame[7] = 0;                                  // rbp
   frame[8] = reinterpret_cast<uint64_t>(&smoe_simt_fiber_trampoline);
   ctx.sp = frame;
   ctx.stack_bottom = stack.lo;
@@ -239,8 +237,8 @@ void make_context(Context& ctx, const FiberStack& stack, void (*entry)(void*), v
   for (int i = 0; i < 22; ++i) frame[i] = 0;
   uint64_t fpcr;
   asm volatile("mrs %0, fpcr" : "=r"(fpcr));
-  frame[0] = reinterpret_cast<uint64_t>(entry);  // x19
-  frame[1] = reinterpret_cast<uint64_t>(arg);    // x20
+  frame[0] = reinterpret_cast<uint64_t>(entry);                         // x19
+  frame[1] = reinterpret_cast<uint64_t>(arg);                           // x20
   frame[11] = reinterpret_cast<uint64_t>(&smoe_simt_fiber_trampoline);  // x30
   frame[20] = fpcr;
   ctx.sp = frame;

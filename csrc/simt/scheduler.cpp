@@ -236,10 +236,10 @@ struct Fiber {
   int wait_line = 0;
   int bar_pred = 0;
   int bar_result = 0;
-  int group = -1;                   // the warp group this fiber waits in
-  std::vector<Copy> copies;         // cp.async, oldest first
-  std::vector<size_t> group_ends;   // end index in `copies` of each committed group
-  uint64_t first_seq = 0;           // sequence number of copies[0]
+  int group = -1;                  // the warp group this fiber waits in
+  std::vector<Copy> copies;        // cp.async, oldest first
+  std::vector<size_t> group_ends;  // end index in `copies` of each committed group
+  uint64_t first_seq = 0;          // sequence number of copies[0]
 };
 
 struct Group {
@@ -283,19 +283,20 @@ struct LaunchState {
   Options opt;
   uint64_t launch_index = 0;
   uint64_t nblocks = 0;
-  std::vector<uint64_t> block_order;  // random schedule: the shuffled block order
+  std::vector<uint64_t> block_order;    // random schedule: the shuffled block order
   uint64_t affine_a = 0, affine_b = 0;  // random schedule with more than 2^24 blocks
 
   // The linear index of the i-th block to run.
   uint64_t block_at(uint64_t i) const {
     switch (opt.schedule) {
       case Schedule::kForward:
-      case Schedule::kWarps: return i;
-      case Schedule::kReverse: return nblocks - 1 - i;
+      case Schedule::kWarps:
+        return i;
+      case Schedule::kReverse:
+        return nblocks - 1 - i;
       case Schedule::kRandom:
         if (!block_order.empty()) return block_order[i];
-        return static_cast<uint64_t>(
-            (static_cast<uint128>(affine_a) * i + affine_b) % nblocks);
+        return static_cast<uint64_t>((static_cast<uint128>(affine_a) * i + affine_b) % nblocks);
     }
     return i;
   }
@@ -379,13 +380,16 @@ std::string Worker::where_threads_wait() const {
   auto describe = [&](const Fiber& f) -> std::string {
     if (&f == current) return "running (reports this error)";
     switch (f.wait) {
-      case Wait::kReady: return "ready";
-      case Wait::kExited: return "exited";
-      case Wait::kBarrier: return format("wait at __syncthreads at %s:%d", f.wait_file, f.wait_line);
+      case Wait::kReady:
+        return "ready";
+      case Wait::kExited:
+        return "exited";
+      case Wait::kBarrier:
+        return format("wait at __syncthreads at %s:%d", f.wait_file, f.wait_line);
       case Wait::kWarp: {
         const Group& g = block.groups[f.group];
-        return format("wait at %s (mask 0x%08x, arrived 0x%08x) at %s:%d", g.kind->name, g.mask,
-                      g.arrived, g.file, g.line);
+        return format("wait at %s (mask 0x%08x, arrived 0x%08x) at %s:%d", g.kind->name, g.mask, g.arrived, g.file,
+                      g.line);
       }
     }
     return "?";
@@ -396,13 +400,11 @@ std::string Worker::where_threads_wait() const {
     std::string d = t < block.nthreads ? describe(fibers[t]) : "";
     if (t == block.nthreads || d != cur) {
       if (t - 1 == start)
-        out += format("    thread %d (warp %d, lane %d): %s\n", start, start / 32, start % 32,
-                      cur.c_str());
+        out += format("    thread %d (warp %d, lane %d): %s\n", start, start / 32, start % 32, cur.c_str());
       else if (start / 32 == (t - 1) / 32)
         out += format("    threads %d-%d (warp %d): %s\n", start, t - 1, start / 32, cur.c_str());
       else
-        out += format("    threads %d-%d (warps %d-%d): %s\n", start, t - 1, start / 32,
-                      (t - 1) / 32, cur.c_str());
+        out += format("    threads %d-%d (warps %d-%d): %s\n", start, t - 1, start / 32, (t - 1) / 32, cur.c_str());
       start = t;
       cur = d;
     }
@@ -410,8 +412,7 @@ std::string Worker::where_threads_wait() const {
   return out;
 }
 
-void record_launch_failure(LaunchState& ls, const std::string& message,
-                           cudaError_t code = cudaErrorLaunchFailure) {
+void record_launch_failure(LaunchState& ls, const std::string& message, cudaError_t code = cudaErrorLaunchFailure) {
   std::lock_guard<std::mutex> lock(ls.mu);
   if (ls.failed.load()) return;
   ls.message = message;
@@ -430,8 +431,8 @@ void record_current_failure(const std::string& what, cudaError_t code = cudaErro
   }
   Fiber& f = *w->current;
   const uint3 b = w->block.pub.block_idx;
-  std::string msg = format("%s\n  in block (%u,%u,%u), %s\n  where the threads of the block are:\n",
-                           what.c_str(), b.x, b.y, b.z, w->thread_name(f.linear).c_str());
+  std::string msg = format("%s\n  in block (%u,%u,%u), %s\n  where the threads of the block are:\n", what.c_str(), b.x,
+                           b.y, b.z, w->thread_name(f.linear).c_str());
   msg += w->where_threads_wait();
   record_launch_failure(*w->launch, msg, code);
   w->block.failed = true;
@@ -447,8 +448,8 @@ void record_current_failure(const std::string& what, cudaError_t code = cudaErro
 
 void Worker::fail_in_scheduler(const std::string& what) {
   const uint3 b = block.pub.block_idx;
-  std::string msg = format("%s\n  in block (%u,%u,%u); where the threads of the block are:\n",
-                           what.c_str(), b.x, b.y, b.z);
+  std::string msg =
+      format("%s\n  in block (%u,%u,%u); where the threads of the block are:\n", what.c_str(), b.x, b.y, b.z);
   msg += where_threads_wait();
   record_launch_failure(*launch, msg);
   block.failed = true;
@@ -494,9 +495,10 @@ void fiber_entry(void* arg) {
   for (int gi : warp.groups) {
     const Group& g = b.groups[gi];
     if (!g.complete && (g.mask >> f.pub.lane & 1u) && !(g.arrived >> f.pub.lane & 1u)) {
-      record_current_failure(format("lane %u exits, but %s at %s:%d names it in its mask 0x%08x "
-                                    "and waits for it",
-                                    f.pub.lane, g.kind->name, g.file, g.line, g.mask));
+      record_current_failure(
+          format("lane %u exits, but %s at %s:%d names it in its mask 0x%08x "
+                 "and waits for it",
+                 f.pub.lane, g.kind->name, g.file, g.line, g.mask));
       abandon_current();
     }
   }
@@ -536,9 +538,14 @@ void Worker::schedule_round_order() {
   for (int i = 0; i < n; ++i) order[i] = i;
   switch (launch->opt.schedule) {
     case Schedule::kForward:
-    case Schedule::kWarps: break;
-    case Schedule::kReverse: std::reverse(order.begin(), order.end()); break;
-    case Schedule::kRandom: std::shuffle(order.begin(), order.end(), rng); break;
+    case Schedule::kWarps:
+      break;
+    case Schedule::kReverse:
+      std::reverse(order.begin(), order.end());
+      break;
+    case Schedule::kRandom:
+      std::shuffle(order.begin(), order.end(), rng);
+      break;
   }
 }
 
@@ -591,9 +598,9 @@ void Worker::run_block(uint64_t linear) {
   Block& b = block;
   b.pub.grid_dim = d.grid;
   b.pub.block_dim = d.block;
-  b.pub.block_idx = uint3{static_cast<unsigned>(linear % d.grid.x),
-                          static_cast<unsigned>((linear / d.grid.x) % d.grid.y),
-                          static_cast<unsigned>(linear / (uint64_t{d.grid.x} * d.grid.y))};
+  b.pub.block_idx =
+      uint3{static_cast<unsigned>(linear % d.grid.x), static_cast<unsigned>((linear / d.grid.x) % d.grid.y),
+            static_cast<unsigned>(linear / (uint64_t{d.grid.x} * d.grid.y))};
   // Dynamic shared memory: a fresh heap block of exactly the requested size, so AddressSanitizer
   // reports accesses past its end; poisoned like the static part.
   std::unique_ptr<char, void (*)(void*)> smem(nullptr, &std::free);
@@ -624,15 +631,13 @@ void Worker::run_block(uint64_t linear) {
 
   if (stacks.size() < static_cast<size_t>(n)) {
     fibers.resize(static_cast<size_t>(n));
-    while (stacks.size() < static_cast<size_t>(n))
-      stacks.push_back(allocate_stack(stack_bytes, guard_pages));
+    while (stacks.size() < static_cast<size_t>(n)) stacks.push_back(allocate_stack(stack_bytes, guard_pages));
   }
   for (int t = 0; t < n; ++t) {
     Fiber& f = fibers[t];
     f.worker = this;
     f.linear = t;
-    f.pub.thread_idx = uint3{static_cast<unsigned>(t % d.block.x),
-                             static_cast<unsigned>((t / d.block.x) % d.block.y),
+    f.pub.thread_idx = uint3{static_cast<unsigned>(t % d.block.x), static_cast<unsigned>((t / d.block.x) % d.block.y),
                              static_cast<unsigned>(t / (d.block.x * d.block.y))};
     f.pub.lane = static_cast<unsigned>(t % 32);
     f.pub.warp = static_cast<unsigned>(t / 32);
@@ -650,8 +655,7 @@ void Worker::run_block(uint64_t linear) {
     make_context(f.ctx, stacks[t], &fiber_entry, &f);
   }
   rng.seed(launch->opt.seed * 0x9e3779b97f4a7c15ull + launch->launch_index * 1000003ull + linear);
-  landing_rng.seed(launch->opt.cp_async_seed * 0xbf58476d1ce4e5b9ull + launch->launch_index * 1000033ull +
-                   linear);
+  landing_rng.seed(launch->opt.cp_async_seed * 0xbf58476d1ce4e5b9ull + launch->launch_index * 1000033ull + linear);
   b.tick = 0;
   while (!b.due.empty()) b.due.pop();
 
@@ -707,11 +711,11 @@ void Worker::run_block(uint64_t linear) {
       const double timeout = launch->opt.spin_timeout_s;
       const double waited = std::chrono::duration<double>(Clock::now() - spin_start).count();
       if (waited > timeout) {
-        fail_in_scheduler(format(
-            "livelock: for %.0f s the threads of the block only spun through atomics or fences "
-            "without reaching a barrier or exiting. Waiting for another block? Blocks run one "
-            "after another unless SMOE_SIMT_PARALLEL=1.",
-            waited));
+        fail_in_scheduler(
+            format("livelock: for %.0f s the threads of the block only spun through atomics or fences "
+                   "without reaching a barrier or exiting. Waiting for another block? Blocks run one "
+                   "after another unless SMOE_SIMT_PARALLEL=1.",
+                   waited));
         break;
       }
     }
@@ -772,6 +776,7 @@ class SequentialRunner {
     }
     if (thread_.joinable()) thread_.join();
   }
+
  private:
   void loop() {
     Worker worker;
@@ -889,7 +894,7 @@ void on_segv(int sig, siginfo_t* info, void* uctx) {
       const auto sp = fault_stack_pointer(uctx);
       const auto map_lo = reinterpret_cast<uintptr_t>(st.mapping);
       const auto lo = reinterpret_cast<uintptr_t>(st.lo);
-      overflow = (addr >= map_lo && addr < lo) ||            // the guard page
+      overflow = (addr >= map_lo && addr < lo) ||                // the guard page
                  (sp != 0 && sp < lo && sp + (1u << 20) >= lo);  // sp ran below the stack (no guard)
     }
   }
@@ -992,11 +997,9 @@ void trap(const char* file, int line) { fail_at(file, line, "__trap() called"); 
 
 bool in_kernel() { return tls_worker != nullptr && tls_worker->current != nullptr; }
 
-[[noreturn]] void device_assert(const char* expr, const char* file, unsigned line,
-                                const char* function) {
+[[noreturn]] void device_assert(const char* expr, const char* file, unsigned line, const char* function) {
   {
-    const std::string what =
-        format("%s:%u: %s: device-side assertion `%s' failed", file, line, function, expr);
+    const std::string what = format("%s:%u: %s: device-side assertion `%s' failed", file, line, function, expr);
     record_current_failure(what, cudaErrorAssert);
   }
   abandon_current();
@@ -1028,8 +1031,7 @@ int sync_threads_reduce(int predicate, int op, const char* file, int line) {
     fail_at(file, line,
             "%s reaches this __syncthreads while %s waits at the __syncthreads at %s:%d: "
             "threads of a block must meet at the same barrier",
-            w.thread_name(f.linear).c_str(), w.thread_name(b.bar_first).c_str(), b.bar_file,
-            b.bar_line);
+            w.thread_name(f.linear).c_str(), w.thread_name(b.bar_first).c_str(), b.bar_file, b.bar_line);
   }
   const Warp& warp = b.warps[f.pub.warp];
   for (int gi : warp.groups) {
@@ -1076,43 +1078,34 @@ int sync_threads_reduce(int predicate, int op, const char* file, int line) {
 
 void sync_threads(const char* file, int line) { sync_threads_reduce(0, 0, file, line); }
 
-void warp_collective(const CollectiveKind& kind, unsigned mask, LaneIO& io, const char* file,
-                     int line) {
+void warp_collective(const CollectiveKind& kind, unsigned mask, LaneIO& io, const char* file, int line) {
   Fiber& f = current_fiber(kind.name);
   Worker& w = *f.worker;
   Block& b = w.block;
   Warp& warp = b.warps[f.pub.warp];
   const unsigned lane = f.pub.lane;
   const uint32_t bit = 1u << lane;
-  if (!(mask & bit))
-    fail_at(file, line, "%s: the calling lane %u is not in the mask 0x%08x", kind.name, lane,
-            mask);
+  if (!(mask & bit)) fail_at(file, line, "%s: the calling lane %u is not in the mask 0x%08x", kind.name, lane, mask);
   if (mask & ~warp.exists)
-    fail_at(file, line,
-            "%s: the mask 0x%08x names lanes 0x%08x that do not exist (the block has %d threads)",
+    fail_at(file, line, "%s: the mask 0x%08x names lanes 0x%08x that do not exist (the block has %d threads)",
             kind.name, mask, mask & ~warp.exists, b.nthreads);
   if (mask & warp.exited)
-    fail_at(file, line, "%s: the mask 0x%08x names lanes 0x%08x that have exited", kind.name,
-            mask, mask & warp.exited);
+    fail_at(file, line, "%s: the mask 0x%08x names lanes 0x%08x that have exited", kind.name, mask, mask & warp.exited);
 
-  auto same_kind = [&](const Group& g) {
-    return g.kind == &kind || std::strcmp(g.kind->name, kind.name) == 0;
-  };
+  auto same_kind = [&](const Group& g) { return g.kind == &kind || std::strcmp(g.kind->name, kind.name) == 0; };
   // Join the open group that names this lane, if any; it must be the same operation.
   int gi = -1;
   for (int candidate : warp.groups) {
     Group& g = b.groups[candidate];
     if (g.complete || !(g.mask & bit) || (g.arrived & bit)) continue;
-    const bool site_ok = !kind.same_site_required ||
-                         (g.line == line && std::strcmp(g.file, file) == 0);
+    const bool site_ok = !kind.same_site_required || (g.line == line && std::strcmp(g.file, file) == 0);
     if (!same_kind(g) || !site_ok) {
-      fail_at(file, line,
-              "deadlock: lane %u reaches %s here, while %s at %s:%d (mask 0x%08x) waits for it",
-              lane, kind.name, g.kind->name, g.file, g.line, g.mask);
+      fail_at(file, line, "deadlock: lane %u reaches %s here, while %s at %s:%d (mask 0x%08x) waits for it", lane,
+              kind.name, g.kind->name, g.file, g.line, g.mask);
     }
     if (g.mask != mask) {
-      fail_at(file, line, "%s: lane %u passes mask 0x%08x, but lanes 0x%08x passed 0x%08x",
-              kind.name, lane, mask, g.arrived, g.mask);
+      fail_at(file, line, "%s: lane %u passes mask 0x%08x, but lanes 0x%08x passed 0x%08x", kind.name, lane, mask,
+              g.arrived, g.mask);
     }
     gi = candidate;
     break;
@@ -1123,8 +1116,7 @@ void warp_collective(const CollectiveKind& kind, unsigned mask, LaneIO& io, cons
       if (l == lane || !(mask >> l & 1u)) continue;
       const Fiber& o = w.fibers[f.pub.warp * 32 + l];
       if (o.wait == Wait::kBarrier)
-        fail_at(file, line,
-                "deadlock: %s (mask 0x%08x) needs lane %u, which waits at __syncthreads at %s:%d",
+        fail_at(file, line, "deadlock: %s (mask 0x%08x) needs lane %u, which waits at __syncthreads at %s:%d",
                 kind.name, mask, l, o.wait_file, o.wait_line);
       if (o.wait == Wait::kWarp) {
         const Group& og = b.groups[o.group];
@@ -1193,8 +1185,11 @@ void cp_async(void* dst, const void* src, int bytes, int src_bytes, const char* 
   f.copies.push_back(Copy{dst, src, bytes, src_bytes, false});
   Worker& w = *f.worker;
   switch (w.launch->opt.cp_async_landing) {
-    case CpAsyncLanding::kWait: break;
-    case CpAsyncLanding::kIssue: land(f.copies.back()); break;
+    case CpAsyncLanding::kWait:
+      break;
+    case CpAsyncLanding::kIssue:
+      land(f.copies.back());
+      break;
     case CpAsyncLanding::kRandom: {
       // A quarter land at issue, a quarter at the wait, the rest after 1..2^k scheduling points
       // (k uniform in 0..11: from the next thread switch to thousands of them later).
@@ -1237,15 +1232,15 @@ void cp_async_wait(int keep_pending, const char* file, int line) {
 // Launch -----------------------------------------------------------------------------------------
 cudaError_t launch(const LaunchDesc& d) {
   if (tls_worker != nullptr && tls_worker->current != nullptr) {
-    fail_at(d.file, d.line, "kernel launch from device code (dynamic parallelism) is not "
-                            "supported by the emulator");
+    fail_at(d.file, d.line,
+            "kernel launch from device code (dynamic parallelism) is not "
+            "supported by the emulator");
   }
   if (cudaError_t e = sticky_error(); e != cudaSuccess) return e;
   const uint64_t threads = uint64_t{d.block.x} * d.block.y * d.block.z;
-  if (d.block.x == 0 || d.block.y == 0 || d.block.z == 0 || d.grid.x == 0 || d.grid.y == 0 ||
-      d.grid.z == 0 || threads > kMaxThreadsPerBlock || d.block.x > 1024 || d.block.y > 1024 ||
-      d.block.z > kMaxBlockDimZ || d.grid.x > kMaxGridDimX || d.grid.y > kMaxGridDimYZ ||
-      d.grid.z > kMaxGridDimYZ) {
+  if (d.block.x == 0 || d.block.y == 0 || d.block.z == 0 || d.grid.x == 0 || d.grid.y == 0 || d.grid.z == 0 ||
+      threads > kMaxThreadsPerBlock || d.block.x > 1024 || d.block.y > 1024 || d.block.z > kMaxBlockDimZ ||
+      d.grid.x > kMaxGridDimX || d.grid.y > kMaxGridDimYZ || d.grid.z > kMaxGridDimYZ) {
     return record_error(cudaErrorInvalidConfiguration);
   }
   if (d.dynamic_smem > max_dynamic_smem(d.kernel)) return record_error(cudaErrorInvalidValue);
@@ -1293,8 +1288,7 @@ cudaError_t launch(const LaunchDesc& d) {
   if (!ls.opt.parallel_blocks || ls.nblocks == 1) {
     sequential_runner().run(ls);
   } else {
-    const uint64_t nworkers =
-        std::min<uint64_t>(ls.nblocks, static_cast<uint64_t>(std::max(1, ls.opt.max_os_threads)));
+    const uint64_t nworkers = std::min<uint64_t>(ls.nblocks, static_cast<uint64_t>(std::max(1, ls.opt.max_os_threads)));
     std::vector<std::thread> threads_;
     threads_.reserve(nworkers);
     for (uint64_t i = 0; i < nworkers; ++i) {
@@ -1307,8 +1301,7 @@ cudaError_t launch(const LaunchDesc& d) {
   }
 
   if (ls.failed.load()) {
-    const std::string msg =
-        format("kernel launched at %s:%d failed:\n%s", d.file, d.line, ls.message.c_str());
+    const std::string msg = format("kernel launched at %s:%d failed:\n%s", d.file, d.line, ls.message.c_str());
     if (!ls.opt.quiet) std::fprintf(stderr, "smoe-simt: %s", msg.c_str());
     record_kernel_error(ls.code, msg);
     return ls.code;
@@ -1322,15 +1315,14 @@ cudaError_t launch(const LaunchDesc& d) {
 // interposes (when the runtime is linked into the executable). Inside a kernel the failure becomes
 // the sticky error cudaErrorAssert, as a device-side assert does; elsewhere it behaves like glibc's.
 extern "C" [[noreturn]] void __assert_fail(const char* expr, const char* file, unsigned int line,
-                                          const char* function) noexcept {
+                                           const char* function) noexcept {
   if (smoe::simt::detail::in_kernel()) smoe::simt::detail::device_assert(expr, file, line, function);
-  std::fprintf(stderr, "%s: %s:%u: %s: Assertion `%s' failed.\n",
-               program_invocation_short_name, file, line, function, expr);
+  std::fprintf(stderr, "%s: %s:%u: %s: Assertion `%s' failed.\n", program_invocation_short_name, file, line, function,
+               expr);
   std::abort();
 }
 
 long long clock64() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::steady_clock::now().time_since_epoch())
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
       .count();
 }

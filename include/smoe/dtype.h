@@ -19,26 +19,40 @@ enum class DType : int32_t { kF32 = 0, kF16 = 1, kBF16 = 2, kF64 = 3, kI32 = 4, 
 
 constexpr int64_t dtype_size(DType t) {
   switch (t) {
-    case DType::kF32: return 4;
-    case DType::kF16: return 2;
-    case DType::kBF16: return 2;
-    case DType::kF64: return 8;
-    case DType::kI32: return 4;
-    case DType::kI64: return 8;
-    case DType::kU8: return 1;
+    case DType::kF32:
+      return 4;
+    case DType::kF16:
+      return 2;
+    case DType::kBF16:
+      return 2;
+    case DType::kF64:
+      return 8;
+    case DType::kI32:
+      return 4;
+    case DType::kI64:
+      return 8;
+    case DType::kU8:
+      return 1;
   }
   return 0;
 }
 
 constexpr const char* dtype_name(DType t) {
   switch (t) {
-    case DType::kF32: return "f32";
-    case DType::kF16: return "f16";
-    case DType::kBF16: return "bf16";
-    case DType::kF64: return "f64";
-    case DType::kI32: return "i32";
-    case DType::kI64: return "i64";
-    case DType::kU8: return "u8";
+    case DType::kF32:
+      return "f32";
+    case DType::kF16:
+      return "f16";
+    case DType::kBF16:
+      return "bf16";
+    case DType::kF64:
+      return "f64";
+    case DType::kI32:
+      return "i32";
+    case DType::kI64:
+      return "i64";
+    case DType::kU8:
+      return "u8";
   }
   return "?";
 }
@@ -104,8 +118,8 @@ inline f16_t float_to_f16(float f) {
   const uint32_t a = u & 0x7fffffffu;
   if (a > 0x7f800000u) return f16_t{uint16_t(sign | 0x7e00u)};
   if (a >= 0x477ff000u) return f16_t{uint16_t(sign | 0x7c00u)};  // rounds to >= 65520: inf
-  if (a >= 0x38800000u) {                                          // normal half
-    uint32_t r = a - 0x38000000u;                                   // rebias 127 -> 15
+  if (a >= 0x38800000u) {                                        // normal half
+    uint32_t r = a - 0x38000000u;                                // rebias 127 -> 15
     r += 0xfffu + ((r >> 13) & 1u);
     return f16_t{uint16_t(sign | (r >> 13))};
   }
@@ -124,27 +138,74 @@ inline f16_t float_to_f16(float f) {
 // The accumulation rule on dtypes: f64 -> f64, f32 / bf16 / f16 -> f32.
 constexpr DType acc_dtype(DType t) { return t == DType::kF64 ? DType::kF64 : DType::kF32; }
 
-template <class T> struct DTypeOf;
-template <> struct DTypeOf<float> { static constexpr DType value = DType::kF32; };
-template <> struct DTypeOf<double> { static constexpr DType value = DType::kF64; };
-template <> struct DTypeOf<bf16_t> { static constexpr DType value = DType::kBF16; };
-template <> struct DTypeOf<f16_t> { static constexpr DType value = DType::kF16; };
-template <> struct DTypeOf<int32_t> { static constexpr DType value = DType::kI32; };
-template <> struct DTypeOf<int64_t> { static constexpr DType value = DType::kI64; };
-template <> struct DTypeOf<uint8_t> { static constexpr DType value = DType::kU8; };
+template <class T>
+struct DTypeOf;
+template <>
+struct DTypeOf<float> {
+  static constexpr DType value = DType::kF32;
+};
+template <>
+struct DTypeOf<double> {
+  static constexpr DType value = DType::kF64;
+};
+template <>
+struct DTypeOf<bf16_t> {
+  static constexpr DType value = DType::kBF16;
+};
+template <>
+struct DTypeOf<f16_t> {
+  static constexpr DType value = DType::kF16;
+};
+template <>
+struct DTypeOf<int32_t> {
+  static constexpr DType value = DType::kI32;
+};
+template <>
+struct DTypeOf<int64_t> {
+  static constexpr DType value = DType::kI64;
+};
+template <>
+struct DTypeOf<uint8_t> {
+  static constexpr DType value = DType::kU8;
+};
 
 // The accumulation rule on types (acc_dtype above): f32 for f32/bf16/f16, f64 for f64.
-template <class T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-template <class T> using acc_t = typename AccOf<T>::type;
+template <class T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <class T>
+using acc_t = typename AccOf<T>::type;
 
-template <class T> inline typename AccOf<T>::type to_acc(T v) { return v; }
-template <> inline float to_acc<bf16_t>(bf16_t v) { return bf16_to_float(v); }
-template <> inline float to_acc<f16_t>(f16_t v) { return f16_to_float(v); }
+template <class T>
+inline typename AccOf<T>::type to_acc(T v) {
+  return v;
+}
+template <>
+inline float to_acc<bf16_t>(bf16_t v) {
+  return bf16_to_float(v);
+}
+template <>
+inline float to_acc<f16_t>(f16_t v) {
+  return f16_to_float(v);
+}
 
-template <class T> inline T from_acc(typename AccOf<T>::type v) { return T(v); }
-template <> inline bf16_t from_acc<bf16_t>(float v) { return float_to_bf16(v); }
-template <> inline f16_t from_acc<f16_t>(float v) { return float_to_f16(v); }
+template <class T>
+inline T from_acc(typename AccOf<T>::type v) {
+  return T(v);
+}
+template <>
+inline bf16_t from_acc<bf16_t>(float v) {
+  return float_to_bf16(v);
+}
+template <>
+inline f16_t from_acc<f16_t>(float v) {
+  return float_to_f16(v);
+}
 
 // ---- the one float-dtype dispatch of both backends -----------------------------------------------
 //
@@ -160,7 +221,8 @@ template <> inline f16_t from_acc<f16_t>(float v) { return float_to_f16(v); }
 // Types::no_kernel(op, dtype), and a non-float dtype (which validation has rejected) kInternal.
 // TEACH: the switch turns a runtime dtype into a compile-time type once per call, at the outer
 // level, so every inner loop is compiled (and vectorised) for one concrete type.
-template <class T> struct Tag {
+template <class T>
+struct Tag {
   using type = T;
 };
 struct NoKernel {};  // a dtype a backend has no kernel for
@@ -190,13 +252,19 @@ Status dispatch_one(DType dtype, const char* op, F& f) {
 template <class Types = HostFloatTypes, class F>
 Status dispatch_float(DType dtype, const char* op, F&& f) {
   switch (dtype) {
-    case DType::kF32: return detail::dispatch_one<Types, typename Types::f32>(dtype, op, f);
-    case DType::kF64: return detail::dispatch_one<Types, typename Types::f64>(dtype, op, f);
-    case DType::kBF16: return detail::dispatch_one<Types, typename Types::bf16>(dtype, op, f);
-    case DType::kF16: return detail::dispatch_one<Types, typename Types::f16>(dtype, op, f);
-    default: break;
+    case DType::kF32:
+      return detail::dispatch_one<Types, typename Types::f32>(dtype, op, f);
+    case DType::kF64:
+      return detail::dispatch_one<Types, typename Types::f64>(dtype, op, f);
+    case DType::kBF16:
+      return detail::dispatch_one<Types, typename Types::bf16>(dtype, op, f);
+    case DType::kF16:
+      return detail::dispatch_one<Types, typename Types::f16>(dtype, op, f);
+    default:
+      break;
   }
-  return Status(Code::kInternal, std::string(op) + ": dtype " + dtype_name(dtype) + " passed validation but has no kernel");
+  return Status(Code::kInternal,
+                std::string(op) + ": dtype " + dtype_name(dtype) + " passed validation but has no kernel");
 }
 
 // The dispatch on an accumulation dtype (scores, weights and gradients of the router: f32, or f64

@@ -54,8 +54,8 @@ inline Status unsupported(std::string_view op, std::string_view what) {
 
 }  // namespace smoe
 
-#define SMOE_RETURN_IF_ERROR(expr)          \
-  do {                                      \
-    ::smoe::Status smoe_status_ = (expr);   \
+#define SMOE_RETURN_IF_ERROR(expr)               \
+  do {                                           \
+    ::smoe::Status smoe_status_ = (expr);        \
     if (!smoe_status_.ok()) return smoe_status_; \
   } while (0)

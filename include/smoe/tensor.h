@@ -73,7 +73,10 @@ struct TensorView {
     if (is_empty()) return true;
     return (shape[1] <= 1 || strides[1] == 1) && (shape[0] <= 1 || strides[0] >= shape[1]);
   }
-  template <class T> T* data_as() const { return static_cast<T*>(data); }
+  template <class T>
+  T* data_as() const {
+    return static_cast<T*>(data);
+  }
 };
 
 // A contiguous view over memory the caller owns.
@@ -124,8 +127,7 @@ Status expect_float_dtype(const char* op, const char* arg, const TensorView& v);
 Status expect_same_dtype(const char* op, const char* arg, const TensorView& v, const char* ref_arg,
                          const TensorView& ref);
 // v.size(dim) == value; `meaning` names the quantity, e.g. "H (= x.size(1))".
-Status expect_size(const char* op, const char* arg, const TensorView& v, int dim, int64_t value,
-                   const char* meaning);
+Status expect_size(const char* op, const char* arg, const TensorView& v, int dim, int64_t value, const char* meaning);
 Status expect_contiguous(const char* op, const char* arg, const TensorView& v);
 Status expect_row_contiguous(const char* op, const char* arg, const TensorView& v);
 Status expect_device(const char* op, const char* arg, const TensorView& v, Device device, int32_t index);

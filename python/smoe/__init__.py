@@ -9,8 +9,7 @@ Backends: "auto" (cpu for CPU tensors, cuda for CUDA tensors), "cpu", "reference
 kernels run by the SIMT emulator), "cuda" (builds with nvcc); see docs/python.md.
 """
 
-from smoe import _core
-from smoe import functional, nn, reference  # noqa: E402  (public submodules, available after `import smoe`)
+from smoe import _core, functional, nn, reference  # noqa: E402  (public submodules, available after `import smoe`)
 
 __version__ = "0.1.0"
 

@@ -58,8 +58,7 @@ def _check_extension_loads(error: Optional[ImportError], require_cuda: bool, abs
         ) from error
 
 
-_check_extension_loads(_IMPORT_ERROR, _require_cuda_requested(),
-                       _IMPORT_ERROR is not None and _extension_absent())
+_check_extension_loads(_IMPORT_ERROR, _require_cuda_requested(), _IMPORT_ERROR is not None and _extension_absent())
 
 __all__ = [
     "BACKENDS",
@@ -138,6 +137,7 @@ def _check_cuda_built(cpp_backends: Sequence[str], require_cuda: bool) -> None:
 
 _check_cuda_built(_CPP_BACKENDS, _require_cuda_requested())
 
+
 def lib():
     """The extension module; raises a RuntimeError that says how to build it when it is missing."""
     if _C is None:
@@ -165,7 +165,9 @@ def check_dims(op: str, arg: str, t, ndim: int, layout: str, *, optional: bool =
         raise ValueError(f"smoe.{op}: argument '{arg}': expected a {ndim}-D tensor {layout}, got shape {list(t.shape)}")
 
 
-def check_int(op: str, arg: str, value, lo: int, hi: Optional[int] = None, what: str = "", *, c_max: int = INT32_MAX) -> None:
+def check_int(
+    op: str, arg: str, value, lo: int, hi: Optional[int] = None, what: str = "", *, c_max: int = INT32_MAX
+) -> None:
     """TypeError unless `value` is an int (not a bool, not a float such as 2.0); ValueError unless
     lo <= value <= hi, and value <= c_max (the C type the core holds it in: int32, or INT64_MAX)."""
     if isinstance(value, bool) or not isinstance(value, int):

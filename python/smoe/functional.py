@@ -21,9 +21,21 @@ from __future__ import annotations
 
 from smoe import reference as _ref
 from smoe.ops import (  # noqa: F401  (the public functions)
-    RoutingPlan, activation, balancing_bias_update, combine, expert_choice, expert_mlp, grouped_gemm,
-                      load_balancing_loss, permute, routing_plan, routing_plan_max_rows, shared_expert, topk_gating,
-                      z_loss)
+    RoutingPlan,
+    activation,
+    balancing_bias_update,
+    combine,
+    expert_choice,
+    expert_mlp,
+    grouped_gemm,
+    load_balancing_loss,
+    permute,
+    routing_plan,
+    routing_plan_max_rows,
+    shared_expert,
+    topk_gating,
+    z_loss,
+)
 
 # One op, one name in every layer: the public names are those of the readable reference.
 __all__ = list(_ref.ops.__all__)

@@ -33,7 +33,9 @@ def tolerance(dtype: torch.dtype):
     return TOLERANCES[dtype]
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, dtype: Optional[torch.dtype] = None, msg: str = "") -> None:
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, *, dtype: Optional[torch.dtype] = None, msg: str = ""
+) -> None:
     """torch.testing.assert_close with smoe's table: integers exactly, floats with the tolerance of
     `dtype` (default: the dtype of `actual`). Shapes and dtypes must match."""
     if not isinstance(actual, torch.Tensor) or not isinstance(expected, torch.Tensor):

@@ -50,8 +50,13 @@ def plot_expert_load(
     for layer in range(L):
         ax = axes[layer][0]
         for e in range(E):
-            ax.plot(xs, data[:, layer, e].numpy(), color=cmap(e % cmap.N), linewidth=1.2,
-                    label=f"expert {e}" if E <= 16 else None)
+            ax.plot(
+                xs,
+                data[:, layer, e].numpy(),
+                color=cmap(e % cmap.N),
+                linewidth=1.2,
+                label=f"expert {e}" if E <= 16 else None,
+            )
         ax.axhline(1.0 / E, color="black", linestyle="--", linewidth=0.8, label="uniform 1/E")
         name = layer_names[layer] if layer_names is not None else f"MoE layer {layer}"
         ax.set_title(name, fontsize=10)

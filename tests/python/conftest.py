@@ -4,9 +4,8 @@ integer outputs (expert indices, rows) are comparable exactly across implementat
 from __future__ import annotations
 
 import pytest
-import torch
-
 import smoe
+import torch
 
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 

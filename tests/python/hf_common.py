@@ -37,10 +37,9 @@ sys.modules["tests.exporters"] = types.ModuleType("tests.exporters")
 sys.modules["tests.exporters.test_export"] = exp
 
 import hf_tiny  # noqa: E402
+from smoe.integrations import hf  # noqa: E402
 from tests.test_modeling_common import ModelTesterMixin, ids_tensor, random_attention_mask  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
-
-from smoe.integrations import hf  # noqa: E402
 
 FAMILY = os.environ.get("FAMILY", "mixtral")
 MODE = os.environ.get("SMOE", "1")  # "0": plain, "1": patched, "experts": the 5.x experts backend
@@ -85,8 +84,11 @@ def _patched_class(cls):
         hf.replace_moe_blocks(out[0] if isinstance(out, tuple) else out)
         return out
 
-    return type(cls.__name__, (cls,), {"__init__": __init__, "from_pretrained": classmethod(from_pretrained),
-                                      "__module__": cls.__module__})
+    return type(
+        cls.__name__,
+        (cls,),
+        {"__init__": __init__, "from_pretrained": classmethod(from_pretrained), "__module__": cls.__module__},
+    )
 
 
 _cls = AutoModelForCausalLM._model_mapping[type(hf_tiny.tiny_config(FAMILY))]

@@ -18,7 +18,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hf_tiny  # noqa: E402
 import transformers  # noqa: E402
-
 from smoe.integrations import hf  # noqa: E402
 
 TF5 = int(transformers.__version__.split(".")[0]) >= 5
@@ -61,8 +60,10 @@ def _loss_grads(model, ids):
 
 def main():
     print(f"transformers {transformers.__version__}, torch {torch.__version__}")
-    print("| family | block y | block dx | block max dW | patched logits | bf16 err smoe / HF |"
-          + (" backend logits | backend max dW |" if TF5 else ""))
+    print(
+        "| family | block y | block dx | block max dW | patched logits | bf16 err smoe / HF |"
+        + (" backend logits | backend max dW |" if TF5 else "")
+    )
     print("| --- | --- | --- | --- | --- | --- |" + (" --- | --- |" if TF5 else ""))
     ids = torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(1))
     for family in hf_tiny.FAMILIES:

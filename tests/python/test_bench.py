@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from smoe.bench import Shape, format_table, layer_flops, parse_shapes, run_benchmark, write_json
 
 
@@ -40,10 +39,14 @@ def test_parse_shapes():
 def test_run_benchmark_rows(with_hf, tmp_path):
     shape = parse_shapes("48x32x16x4x2", quick=True)
     results = run_benchmark(shape, dtypes=("fp32", "bf16"), warmup=0, repeats=1, with_hf=with_hf)
-    impls = ["smoe", "hf_mixtral", "hf_qwen3", "torch_grouped_mm", "dense"] if with_hf else \
-        ["smoe", "torch_grouped_mm", "torch_loop", "dense"]
+    impls = (
+        ["smoe", "hf_mixtral", "hf_qwen3", "torch_grouped_mm", "dense"]
+        if with_hf
+        else ["smoe", "torch_grouped_mm", "torch_loop", "dense"]
+    )
     assert [(r.dtype, r.pass_, r.impl) for r in results] == [
-        (d, p, i) for d in ("fp32", "bf16") for p in ("fwd", "fwd+bwd") for i in impls]
+        (d, p, i) for d in ("fp32", "bf16") for p in ("fwd", "fwd+bwd") for i in impls
+    ]
     for r in results:
         assert r.time_ms > 0 and math.isfinite(r.gflops) and r.gflops > 0
         assert r.gflops == pytest.approx(layer_flops(shape[0], r.pass_) / (r.time_ms / 1e3) / 1e9)
@@ -59,7 +62,9 @@ def test_run_benchmark_rows(with_hf, tmp_path):
     write_json(results, str(path))
     data = json.loads(path.read_text())
     assert len(data["results"]) == len(results) and data["meta"]["torch"]
-    assert {"shape", "dtype", "pass", "impl", "time_ms", "gflops", "roof_fraction", "speedup_vs_hf"} <= set(data["results"][0])
+    assert {"shape", "dtype", "pass", "impl", "time_ms", "gflops", "roof_fraction", "speedup_vs_hf"} <= set(
+        data["results"][0]
+    )
 
 
 def test_bad_arguments():
@@ -71,16 +76,38 @@ def test_bad_arguments():
 
 def test_cli_writes_json(tmp_path):
     path = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, "-m", "smoe.bench", "--quick", "--shapes", "32x16x8x4x2", "--dtypes", "fp32",
-                           "--repeats", "1", "--warmup", "0", "--no-memory", "--no-breakdown", "--json", str(path)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smoe.bench",
+            "--quick",
+            "--shapes",
+            "32x16x8x4x2",
+            "--dtypes",
+            "fp32",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--no-memory",
+            "--no-breakdown",
+            "--json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "smoe" in proc.stdout and "dense" in proc.stdout
     data = json.loads(path.read_text())
     main_rows = [r for r in data["results"] if r["proc"] == "main"]
     assert len(main_rows) == 2 * 5  # smoe, hf_mixtral, hf_qwen3, torch_grouped_mm, dense; fwd and fwd+bwd
     assert data["peak"]["fp32"]["gflops"] > 0 and "memory" not in data
-    bad = subprocess.run([sys.executable, "-m", "smoe.bench", "--shapes", "nope"], capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "smoe.bench", "--shapes", "nope"], capture_output=True, text=True, timeout=120
+    )
     assert bad.returncode != 0 and "--shapes" in bad.stderr
 
 
@@ -173,7 +200,8 @@ def test_retain_freed_memory_removes_first_touch_faults():
         "for _ in range(5):\n"
         "    for p in m.parameters(): p.grad = None\n"
         "    f0 = minor_faults(); m(x).sum().backward(); faults.append(minor_faults() - f0)\n"
-        "print(min(faults[-2:]))\n")
+        "print(min(faults[-2:]))\n"
+    )
     out = {}
     for mode in ("system", "retain"):
         proc = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=300)
@@ -209,8 +237,12 @@ def test_intensity_model():
     n = crossing_tokens(1024, 512, 2, 100.0)
     assert intensity(n, 1024, 512, 2) == pytest.approx(100.0, rel=1e-6)
     assert crossing_tokens(1024, 512, 2, 1e6) is None
-    out = intensity_plot(str(pytest.importorskip("pathlib").Path(__import__("tempfile").mkdtemp()) / "ai.png"),
-                         peak_fp32=100.0, peak_bf16=200.0, bandwidth=20e9)
+    out = intensity_plot(
+        str(pytest.importorskip("pathlib").Path(__import__("tempfile").mkdtemp()) / "ai.png"),
+        peak_fp32=100.0,
+        peak_bf16=200.0,
+        bandwidth=20e9,
+    )
     assert [m["name"].split(" ")[0] for m in out["machines"]] == ["CPU", "CPU", "H100"]
     assert out["machines"][0]["balance_flop_per_byte"] == pytest.approx(5.0)
 
@@ -218,9 +250,29 @@ def test_intensity_model():
 def test_cli_full_run_memory_breakdown_plots(tmp_path):
     """One CLI run writes the peak, every row, the targets, the memory table, the breakdown and both PNGs."""
     path = tmp_path / "o.json"
-    proc = subprocess.run([sys.executable, "-m", "smoe.bench", "--shapes", "32x16x8x4x2", "--dtypes", "fp32", "--repeats",
-                           "1", "--warmup", "0", "--no-tf5", "--plots", str(tmp_path), "--json", str(path)],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smoe.bench",
+            "--shapes",
+            "32x16x8x4x2",
+            "--dtypes",
+            "fp32",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--no-tf5",
+            "--plots",
+            str(tmp_path),
+            "--json",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "peak:" in proc.stdout and "targets (forward+backward)" in proc.stdout
     assert "peak resident memory" in proc.stdout and "per-stage breakdown" in proc.stdout

@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-
 from dist_harness import run_ranks
 
 H, F_, K = 16, 8, 2
@@ -51,14 +50,14 @@ def _check_parity(rank, world, E, sizes, **kw):
     e = ep.local_experts
     assert torch.equal(y, yd[lo:hi]), f"rank {rank}: y"
     assert torch.equal(xl.grad, xd.grad[lo:hi]), f"rank {rank}: dx"
-    assert torch.equal(ep.w1.grad, dense.w1.grad[e.start:e.stop]), f"rank {rank}: w1.grad"
-    assert torch.equal(ep.w2.grad, dense.w2.grad[e.start:e.stop]), f"rank {rank}: w2.grad"
+    assert torch.equal(ep.w1.grad, dense.w1.grad[e.start : e.stop]), f"rank {rank}: w1.grad"
+    assert torch.equal(ep.w2.grad, dense.w2.grad[e.start : e.stop]), f"rank {rank}: w2.grad"
     for k in ("tokens_per_expert", "routed_per_expert", "dropped"):
         assert torch.equal(ep.last_stats[k], dense.last_stats[k].to(ep.last_stats[k].dtype)), k
     assert_close(ep.last_aux_loss, dense.last_aux_loss)
     assert_close(ep.last_z_loss, dense.last_z_loss)
     all_reduce_gradients(ep, average=False)  # EP only: replicated grads summed, expert shards kept
-    assert torch.equal(ep.w1.grad, dense.w1.grad[e.start:e.stop])
+    assert torch.equal(ep.w1.grad, dense.w1.grad[e.start : e.stop])
     assert_close(ep.router.weight.grad, dense.router.weight.grad)
     if ep.shared_w1 is not None:
         assert_close(ep.shared_w1.grad, dense.shared_w1.grad)
@@ -69,10 +68,10 @@ def _parity_cases(rank, world):
     E = 12  # divisible by 1, 2, 3, 4
     sizes = [5, 3, 0, 7][:world] if world > 1 else [9]  # rank 2 (world >= 3) has no tokens
     _check_parity(rank, world, E, sizes)
-    _check_parity(rank, world, E, sizes, num_shared_experts=1, shared_gate=True, aux_loss_coef=0.01,
-                  z_loss_coef=0.001)
-    _check_parity(rank, world, E, sizes, score_func="sigmoid", n_groups=3, topk_groups=2, routed_scaling=2.0,
-                  activation="gelu")
+    _check_parity(rank, world, E, sizes, num_shared_experts=1, shared_gate=True, aux_loss_coef=0.01, z_loss_coef=0.001)
+    _check_parity(
+        rank, world, E, sizes, score_func="sigmoid", n_groups=3, topk_groups=2, routed_scaling=2.0, activation="gelu"
+    )
 
 
 def _skew_and_capacity(rank, world):
@@ -98,7 +97,7 @@ def _skew_and_capacity(rank, world):
     assert torch.equal(y, dense(x)[lo:hi].detach())
     assert torch.equal(xl.grad, xd.grad[lo:hi])
     e = ep.local_experts
-    assert ep.w1.grad is not None and torch.equal(ep.w1.grad, dense.w1.grad[e.start:e.stop])
+    assert ep.w1.grad is not None and torch.equal(ep.w1.grad, dense.w1.grad[e.start : e.stop])
     if rank == 1:
         assert torch.count_nonzero(ep.w1.grad) == 0 and torch.count_nonzero(ep.w2.grad) == 0
     assert ep.last_stats["routed_per_expert"].tolist() == [10, 10, 0, 0]
@@ -114,7 +113,7 @@ def _skew_and_capacity(rank, world):
     dense = _dense(E, capacity_factor=0.5, drop_policy="score")
     ep = ExpertParallelMoE.from_dense(dense)
     x, _ = _batch([8, 8], seed=3)
-    xl = x[8 * rank:8 * rank + 8]
+    xl = x[8 * rank : 8 * rank + 8]
     y = ep(xl)
     assert torch.equal(y, dense(xl))
     dropped_here = dense.last_stats["dropped"].clone()
@@ -182,11 +181,14 @@ def _bad_inputs(rank, world):
 def _ep_x_dp(rank, world):
     """4 ranks = 2 EP x 2 DP: EP groups {0,1}, {2,3}; DP groups {0,2}, {1,3}. Gradients of the mean of
     the per-rank losses: expert shards reduced over DP, the rest over all 4 ranks."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    from smoe.distributed import (ExpertParallelMoE, all_reduce_gradients, ddp_ignore_expert_parameters,
-                                  expert_parameters)
+    from smoe.distributed import (
+        ExpertParallelMoE,
+        all_reduce_gradients,
+        ddp_ignore_expert_parameters,
+        expert_parameters,
+    )
     from smoe.testing import assert_close
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
     ep_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
     dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
@@ -201,8 +203,9 @@ def _ep_x_dp(rank, world):
     yd = dense(xd)
     ((yd * g).sum().div(4) + dense.aux_loss).backward()
     for use_ddp in (False, True):
-        ep = ExpertParallelMoE.from_dense(dense, ep_group=ep_g, stats_group=dist.group.WORLD,
-                                          aux_loss_coef=4 * dense.aux_loss_coef)
+        ep = ExpertParallelMoE.from_dense(
+            dense, ep_group=ep_g, stats_group=dist.group.WORLD, aux_loss_coef=4 * dense.aux_loss_coef
+        )
         ep.eval()
         lo, hi = _span(sizes, rank)
         if use_ddp:
@@ -215,8 +218,8 @@ def _ep_x_dp(rank, world):
         all_reduce_gradients(ep, dp_group=dp_g, experts_only=use_ddp)
         assert torch.equal(y, yd[lo:hi].detach())
         e = ep.local_experts
-        assert_close(ep.w1.grad, dense.w1.grad[e.start:e.stop], msg=f"rank {rank} ddp={use_ddp}")
-        assert_close(ep.w2.grad, dense.w2.grad[e.start:e.stop])
+        assert_close(ep.w1.grad, dense.w1.grad[e.start : e.stop], msg=f"rank {rank} ddp={use_ddp}")
+        assert_close(ep.w2.grad, dense.w2.grad[e.start : e.stop])
         assert_close(ep.router.weight.grad, dense.router.weight.grad)
         assert_close(ep.shared_w1.grad, dense.shared_w1.grad)
         assert torch.equal(ep.last_stats["routed_per_expert"], dense.last_stats["routed_per_expert"])
@@ -229,11 +232,13 @@ def _a2a(rank, world):
     send = [(rank + p) % 3 for p in range(world)]
     recv = exchange_counts(torch.tensor(send, dtype=torch.int64).view(world, 1)).view(-1).tolist()
     assert recv == [(p + rank) % 3 for p in range(world)]
-    rows = torch.cat([torch.tensor([[rank, p, i] for i in range(n)], dtype=torch.float64).view(n, 3)
-                      for p, n in enumerate(send)]).requires_grad_()
+    rows = torch.cat(
+        [torch.tensor([[rank, p, i] for i in range(n)], dtype=torch.float64).view(n, 3) for p, n in enumerate(send)]
+    ).requires_grad_()
     out = all_to_all_single(rows, recv, send)
-    expect = torch.cat([torch.tensor([[p, rank, i] for i in range(n)], dtype=torch.float64).view(n, 3)
-                        for p, n in enumerate(recv)])
+    expect = torch.cat(
+        [torch.tensor([[p, rank, i] for i in range(n)], dtype=torch.float64).view(n, 3) for p, n in enumerate(recv)]
+    )
     assert torch.equal(out, expect)
     (out * (rank + 1)).sum().backward()  # the gradient of a row is its destination's factor
     assert torch.equal(rows.grad[:, 0], rows[:, 1].detach() + 1)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+
 from conftest import subprocess_env  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -16,8 +17,13 @@ def _env():
 
 
 def test_train_ep_tiny():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_ep.py"), "--tiny"],
-                          capture_output=True, text=True, timeout=300, env=_env())
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "train_ep.py"), "--tiny"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 ranks, 8 experts (4 per rank)" in proc.stdout
     assert "replicated parameters identical on all ranks" in proc.stdout
@@ -28,12 +34,35 @@ def test_train_ep_tiny():
 
 def test_bench_ep_prints_bytes_gloo_and_analytic_times(tmp_path):
     out = tmp_path / "ep.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "dist", "bench_ep.py"), "--tokens", "64",
-                           "--hidden", "32", "--ffn", "16", "--experts", "4", "--iters", "2", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300, env=_env())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench", "dist", "bench_ep.py"),
+            "--tokens",
+            "64",
+            "--hidden",
+            "32",
+            "--ffn",
+            "16",
+            "--experts",
+            "4",
+            "--iters",
+            "2",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for words in ("bytes to other ranks per exchange", "measured gloo (ms)", "analytic NVLink 4 (450 GB/s/dir)",
-                  "analytic InfiniBand 400 Gb/s"):
+    for words in (
+        "bytes to other ranks per exchange",
+        "measured gloo (ms)",
+        "analytic NVLink 4 (450 GB/s/dir)",
+        "analytic InfiniBand 400 Gb/s",
+    ):
         assert words in proc.stdout, proc.stdout
     r = json.loads(out.read_text())
     # 64 tokens x top-2 = 128 rows per rank; at most all of them cross, 32 floats each.

@@ -22,7 +22,9 @@ NO_RUN = re.compile(r"^\s*no-run\s*:\s*\S")
 
 
 def pages():
-    found = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
+    found = [os.path.join(ROOT, "README.md")] + sorted(
+        glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)
+    )
     return [p for p in found if os.path.exists(p)]
 
 
@@ -30,7 +32,7 @@ def blocks(path):
     """[(line, info, code)] of the ```python blocks of a page."""
     with open(path) as f:
         text = f.read()
-    return [(text[:m.start()].count("\n") + 1, m.group("info").strip(), m.group("code")) for m in FENCE.finditer(text)]
+    return [(text[: m.start()].count("\n") + 1, m.group("info").strip(), m.group("code")) for m in FENCE.finditer(text)]
 
 
 def test_discovery_covers_every_docs_page():
@@ -82,6 +84,13 @@ def test_page_code_runs(page, tmp_path):
     env = subprocess_env(MPLBACKEND="Agg")
     # Blocks read files as a reader in the repository root would (docs/...); they write into tmp_path.
     (tmp_path / "docs").symlink_to(os.path.join(ROOT, "docs"))
-    proc = subprocess.run([sys.executable, "-c", _RUNNER, os.path.relpath(page, ROOT)], input=json.dumps(runnable),
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUNNER, os.path.relpath(page, ROOT)],
+        input=json.dumps(runnable),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

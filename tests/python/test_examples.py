@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+
 from conftest import subprocess_env  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -10,22 +11,36 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_train_char_lm_tiny(tmp_path):
     out = tmp_path / "load.png"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_char_lm.py"), "--tiny", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "train_char_lm.py"), "--tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
     assert "validation loss" in proc.stdout
     assert "GFLOP/s" in proc.stdout and "hf_mixtral" in proc.stdout  # the benchmark table
-    losses = [float(line.split("final train loss ")[1].split(",")[0]) for line in proc.stdout.splitlines()
-              if "final train loss" in line]
+    losses = [
+        float(line.split("final train loss ")[1].split(",")[0])
+        for line in proc.stdout.splitlines()
+        if "final train loss" in line
+    ]
     assert losses and losses[0] < 5.6  # below the first steps' loss (uniform guess ln 256 = 5.55)
 
 
 def _run_tiny(script, tmp_path, timeout=600):
     out = tmp_path / (script.replace(".py", ".png"))
     env = subprocess_env(MPLBACKEND="Agg")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), "--tiny", "--out", str(out)],
-                          capture_output=True, text=True, timeout=timeout, cwd=tmp_path, env=env)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", script), "--tiny", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert out.exists() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
     return proc.stdout
@@ -42,8 +57,11 @@ def test_routing_over_training_tiny(tmp_path):
 
 def test_expert_collapse_tiny(tmp_path):
     stdout = _run_tiny("expert_collapse.py", tmp_path)
-    busiest = {ln.split(":")[0].strip(): float(ln.split("busiest expert ")[1].split(" ")[0])
-               for ln in stdout.splitlines() if "busiest expert" in ln}
+    busiest = {
+        ln.split(":")[0].strip(): float(ln.split("busiest expert ")[1].split(" ")[0])
+        for ln in stdout.splitlines()
+        if "busiest expert" in ln
+    }
     assert set(busiest) == {"none", "aux", "bias"}
     assert busiest["aux"] < busiest["none"] and busiest["bias"] < busiest["none"]  # balancing balances
 

@@ -13,10 +13,9 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
-
 import smoe
 import smoe.functional as F
+import torch
 from smoe.testing import assert_close
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -27,8 +26,13 @@ BACKENDS = ["cpu", "simt"] if "simt" in smoe.BACKENDS else ["cpu"]
 FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # mostly dense (the ops read dense rows, padded rows allowed); sometimes strided, which most ops reject
 LAYOUTS = ["contiguous"] * 8 + ["padded", "transposed", "sliced", "expanded"]
-FUZZ = settings(max_examples=50, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=50,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 # "argument 'x'" / "argument 'plan.row_of'": every error of the ops names what it is about
 NAMES_ARGUMENT = re.compile(r"argument '[\w.]+'")
 # Documented limits of the emulated CUDA backend (docs/cuda.md): raised as RuntimeError naming the limit
@@ -51,8 +55,11 @@ def _tensor(draw, shape, dtype, *, low=-8, high=8, layout=None, scale=0.25):
         n = 1
         for d in s:
             n *= d
-        ints = draw(st.lists(st.integers(low, high), min_size=n, max_size=n)) if n <= 256 else \
-            torch.randint(low, high + 1, (n,)).tolist()
+        ints = (
+            draw(st.lists(st.integers(low, high), min_size=n, max_size=n))
+            if n <= 256
+            else torch.randint(low, high + 1, (n,)).tolist()
+        )
         t = torch.tensor(ints, dtype=torch.float64 if dtype.is_floating_point else torch.int64).reshape(s)
         return (t * scale if dtype.is_floating_point else t).to(dtype)
 
@@ -101,11 +108,16 @@ def _compare(got, want):
 
 def _grads(fn, inputs, seed=0):
     """Gradients of sum(out * fixed weights) w.r.t. the float inputs (None where there is none)."""
-    leaves = [t.detach().clone().requires_grad_(t.dtype.is_floating_point) if isinstance(t, torch.Tensor)
-              else t for t in inputs]
+    leaves = [
+        t.detach().clone().requires_grad_(t.dtype.is_floating_point) if isinstance(t, torch.Tensor) else t
+        for t in inputs
+    ]
     out = fn(*leaves)
-    outs = [o for o in (out if isinstance(out, (tuple, list)) else [out])
-            if isinstance(o, torch.Tensor) and o.dtype.is_floating_point and o.requires_grad]
+    outs = [
+        o
+        for o in (out if isinstance(out, (tuple, list)) else [out])
+        if isinstance(o, torch.Tensor) and o.dtype.is_floating_point and o.requires_grad
+    ]
     if not outs:
         return None
     g = torch.Generator().manual_seed(seed)
@@ -158,9 +170,14 @@ def test_fuzz_topk_gating(backend, data):
     topk_groups = _mostly(draw, st.integers(1, groups if isinstance(groups, int) and groups <= E else 1), 0, 2**40)
     allowed = per_group * topk_groups if isinstance(topk_groups, int) and topk_groups < 2**31 else E
     top_k = _mostly(draw, st.integers(1, max(1, min(E, allowed))), 0, E + 1, 2**33, 1.0)
-    kwargs = dict(top_k=top_k, score_func=_mostly(draw, st.sampled_from(["softmax", "sigmoid"]), "bad", None),
-                  n_groups=groups, topk_groups=topk_groups, renormalize=draw(st.booleans()),
-                  group_score=_mostly(draw, st.sampled_from(["max", "top2_sum"]), "sum"))
+    kwargs = dict(
+        top_k=top_k,
+        score_func=_mostly(draw, st.sampled_from(["softmax", "sigmoid"]), "bad", None),
+        n_groups=groups,
+        topk_groups=topk_groups,
+        renormalize=draw(st.booleans()),
+        group_score=_mostly(draw, st.sampled_from(["max", "top2_sum"]), "sum"),
+    )
     if draw(st.booleans()):
         kwargs["bias"] = _tensor(draw, (_mostly(draw, st.just(E), E + 1),), torch.float32, layout="contiguous")
     _check_with_grads(backend, lambda x, backend: F.topk_gating(x, backend=backend, **kwargs), [logits])
@@ -173,8 +190,11 @@ def test_fuzz_expert_choice(backend, data):
     logits = _tensor(draw, (T, E), draw(dtypes))
     capacity = _mostly(draw, st.integers(1, max(T, 1)), 0, T + 1, 2**40, 1.5)
     score_func = draw(st.sampled_from(["softmax", "sigmoid"]))
-    _check_with_grads(backend, lambda x, backend: F.expert_choice(x, capacity=capacity, score_func=score_func,
-                                                                  backend=backend), [logits])
+    _check_with_grads(
+        backend,
+        lambda x, backend: F.expert_choice(x, capacity=capacity, score_func=score_func, backend=backend),
+        [logits],
+    )
 
 
 @fuzz_op
@@ -199,8 +219,12 @@ def test_fuzz_balancing_bias_update(backend, data):
     draw = data.draw
     E = draw(st.integers(0, 9))
     counts = _tensor(draw, (E,), torch.int32, low=0, high=9)
-    bias = _tensor(draw, (_mostly(draw, st.just(E), E + 1),), _mostly(draw, st.just(torch.float32), torch.float64),
-                   layout="contiguous")
+    bias = _tensor(
+        draw,
+        (_mostly(draw, st.just(E), E + 1),),
+        _mostly(draw, st.just(torch.float32), torch.float64),
+        layout="contiguous",
+    )
     rate = draw(st.sampled_from([0.0, 0.25, 1.0]))
     got, want = bias.clone(), bias.clone()
 
@@ -219,22 +243,31 @@ def test_fuzz_balancing_bias_update(backend, data):
 
 
 @FUZZ
-@given(T=st.integers(-3, 2**40), K=st.integers(-2, 64), E=st.integers(-2, 2**32),
-       cap=st.one_of(st.none(), st.integers(-2, 2**62)), pad=st.integers(-1, 2**32))
+@given(
+    T=st.integers(-3, 2**40),
+    K=st.integers(-2, 64),
+    E=st.integers(-2, 2**32),
+    cap=st.one_of(st.none(), st.integers(-2, 2**62)),
+    pad=st.integers(-1, 2**32),
+)
 def test_fuzz_routing_plan_max_rows(T, K, E, cap, pad):
     try:
         got = F.routing_plan_max_rows(T, K, num_experts=E, capacity=cap, pad_multiple=pad)
     except (ValueError, TypeError) as e:
         assert NAMES_ARGUMENT.search(str(e)), str(e)
         return
-    want = smoe._core.lib().routing_plan_max_rows(num_experts=E, capacity=-1 if cap is None else cap,
-                                                  drop_policy=0, pad_multiple=pad, T=T, K=K)
+    want = smoe._core.lib().routing_plan_max_rows(
+        num_experts=E, capacity=-1 if cap is None else cap, drop_policy=0, pad_multiple=pad, T=T, K=K
+    )
     assert got == min(want, 2**63 - 1)
 
 
 def _plan_inputs(draw, T, K, E):
-    experts = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(torch.int32) if T > 0 else \
-        torch.zeros(0, K, dtype=torch.int32)
+    experts = (
+        torch.stack([torch.randperm(E)[:K] for _ in range(T)]).to(torch.int32)
+        if T > 0
+        else torch.zeros(0, K, dtype=torch.int32)
+    )
     return experts.reshape(T, K)
 
 
@@ -248,14 +281,20 @@ def test_fuzz_routing_plan(backend, data):
         experts = _tensor(draw, (T, K), torch.int32, low=-1, high=E)  # ids possibly outside [0, E)
     policy = _mostly(draw, st.sampled_from(["token_order", "score"]), "bad")
     weights = _tensor(draw, (T, K), torch.float32, low=0, high=16, layout="contiguous") if policy == "score" else None
-    kwargs = dict(num_experts=_mostly(draw, st.just(E), 0, E - 1, 2**31),
-                  capacity=_mostly(draw, st.one_of(st.none(), st.integers(0, T + 1)), -1, 2**64),
-                  drop_policy=policy, pad_multiple=_mostly(draw, st.integers(1, 4), 0, 2**33))
+    kwargs = dict(
+        num_experts=_mostly(draw, st.just(E), 0, E - 1, 2**31),
+        capacity=_mostly(draw, st.one_of(st.none(), st.integers(0, T + 1)), -1, 2**64),
+        drop_policy=policy,
+        pad_multiple=_mostly(draw, st.integers(1, 4), 0, 2**33),
+    )
     n = kwargs["num_experts"]
     if backend == "simt" and isinstance(n, int) and bool(((experts < 0) | (experts >= n)).any()):
         return  # the device rule for bad ids differs by design (docs/cuda.md): not comparable
-    _call(backend, lambda b: tuple(F.routing_plan(experts, weights=weights, backend=b, **kwargs)),
-          lambda: tuple(F.routing_plan(experts, weights=weights, backend="reference", **kwargs)))
+    _call(
+        backend,
+        lambda b: tuple(F.routing_plan(experts, weights=weights, backend=b, **kwargs)),
+        lambda: tuple(F.routing_plan(experts, weights=weights, backend="reference", **kwargs)),
+    )
 
 
 def _plan(T, K, E, pad=1):
@@ -298,8 +337,9 @@ def test_fuzz_grouped_gemm(backend, data):
     a = _tensor(draw, (R, Kd), dtype)
     b = _tensor(draw, (E, N, Kd) if trans_b else (E, Kd, N), _mostly(draw, st.just(dtype), torch.float32))
     offsets = _offsets(draw, R, E)
-    _check_with_grads(backend, lambda a, b, backend: F.grouped_gemm(a, b, offsets, trans_b=trans_b, backend=backend),
-                      [a, b])
+    _check_with_grads(
+        backend, lambda a, b, backend: F.grouped_gemm(a, b, offsets, trans_b=trans_b, backend=backend), [a, b]
+    )
 
 
 @fuzz_op
@@ -322,8 +362,9 @@ def test_fuzz_expert_mlp(backend, data):
     x = _tensor(draw, (T, H), dtype)
     w1 = _tensor(draw, (E, _mostly(draw, st.just(F1), F1 + 1), H), dtype)
     w2 = _tensor(draw, (E, H, Fs), dtype)
-    _check_with_grads(backend, lambda x, w1, w2, backend: F.expert_mlp(x, w1, w2, plan, activation=act, backend=backend),
-                      [x, w1, w2])
+    _check_with_grads(
+        backend, lambda x, w1, w2, backend: F.expert_mlp(x, w1, w2, plan, activation=act, backend=backend), [x, w1, w2]
+    )
 
 
 @fuzz_op

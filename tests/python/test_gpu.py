@@ -18,14 +18,12 @@ import os
 import sys
 
 import pytest
-import torch
-
 import smoe.functional as F
+import torch
+from conftest import distinct_logits, small_ints, tied_logits
 from smoe import _core
 from smoe.nn import MoE
 from smoe.testing import assert_close
-
-from conftest import distinct_logits, small_ints, tied_logits
 
 _HAS_DEVICE = torch.cuda.is_available()
 _HAS_BACKEND = "cuda" in getattr(_core, "BUILT_BACKENDS", ())
@@ -57,7 +55,8 @@ def _equal(got: torch.Tensor, want: torch.Tensor, msg: str) -> None:
 def test_cuda_backend_is_built():
     assert _HAS_BACKEND, (
         "a CUDA device is visible but smoe._C has no CUDA backend (smoe._core.BUILT_BACKENDS = "
-        f"{_core.BUILT_BACKENDS}); rebuild with SMOE_ENABLE_CUDA=ON (scripts/gpu_check.sh, docs/gpu.md)")
+        f"{_core.BUILT_BACKENDS}); rebuild with SMOE_ENABLE_CUDA=ON (scripts/gpu_check.sh, docs/gpu.md)"
+    )
 
 
 def test_broken_extension_import_is_loud(monkeypatch):
@@ -86,14 +85,27 @@ def test_broken_extension_import_is_loud(monkeypatch):
 TOPK_CASES = [  # (T, E, K, kwargs, dtype, ties)
     (0, 8, 2, dict(), torch.float32, False),
     (1, 1, 1, dict(), torch.float32, False),
-    (7, 5, 5, dict(score_func="sigmoid"), torch.float32, False),          # K = E
-    (7, 8, 2, dict(), torch.float32, True),                               # ties: lower index
+    (7, 5, 5, dict(score_func="sigmoid"), torch.float32, False),  # K = E
+    (7, 8, 2, dict(), torch.float32, True),  # ties: lower index
     (300, 64, 8, dict(renormalize=True), torch.bfloat16, False),
-    (33, 300, 7, dict(score_func="sigmoid"), torch.float16, False),       # E > 256
-    (4097, 8, 2, dict(renormalize=True), torch.bfloat16, False),          # Mixtral
-    (37, 64, 8, dict(score_func="sigmoid", renormalize=True, routed_scaling=2.5, n_groups=8, topk_groups=4,
-                     group_score="top2_sum"), torch.float32, False),       # DeepSeek-V3
-    (9, 1000, 8, dict(), torch.float32, False),                           # E > 512: block per token
+    (33, 300, 7, dict(score_func="sigmoid"), torch.float16, False),  # E > 256
+    (4097, 8, 2, dict(renormalize=True), torch.bfloat16, False),  # Mixtral
+    (
+        37,
+        64,
+        8,
+        dict(
+            score_func="sigmoid",
+            renormalize=True,
+            routed_scaling=2.5,
+            n_groups=8,
+            topk_groups=4,
+            group_score="top2_sum",
+        ),
+        torch.float32,
+        False,
+    ),  # DeepSeek-V3
+    (9, 1000, 8, dict(), torch.float32, False),  # E > 512: block per token
 ]
 
 
@@ -117,8 +129,12 @@ def test_topk_gating(T, E, K, kw, dtype, ties):
     _close(g_g, g_c, "grad logits", dtype=torch.float32 if dtype == torch.float64 else dtype)
 
 
-EC_CASES = [(7, 5, 7, "sigmoid"), (300, 6, 100, "softmax"), (4097, 8, 1024, "softmax"),
-            (20000, 4, 3000, "sigmoid")]  # T > 16384: radix-select path
+EC_CASES = [
+    (7, 5, 7, "sigmoid"),
+    (300, 6, 100, "softmax"),
+    (4097, 8, 1024, "softmax"),
+    (20000, 4, 3000, "sigmoid"),
+]  # T > 16384: radix-select path
 
 
 @gpu
@@ -167,11 +183,21 @@ PLAN_CASES = [(0, 4, 2), (1, 1, 1), (7, 7, 7), (7, 300, 2), (4097, 8, 2), (257, 
 
 @gpu
 @pytest.mark.parametrize("T,E,K", PLAN_CASES)
-@pytest.mark.parametrize("capacity,drop_policy,pad", [(None, "token_order", 1), (None, "token_order", 8),
-                                                      (3, "token_order", 1), (3, "score", 4), (0, "score", 1),
-                                                      (500, "score", 1)])
+@pytest.mark.parametrize(
+    "capacity,drop_policy,pad",
+    [
+        (None, "token_order", 1),
+        (None, "token_order", 8),
+        (3, "token_order", 1),
+        (3, "score", 4),
+        (0, "score", 1),
+        (500, "score", 1),
+    ],
+)
 def test_routing_plan(T, E, K, capacity, drop_policy, pad):
-    experts = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).int() if T else torch.zeros(0, K, dtype=torch.int32)
+    experts = (
+        torch.stack([torch.randperm(E)[:K] for _ in range(T)]).int() if T else torch.zeros(0, K, dtype=torch.int32)
+    )
     weights = torch.randint(0, 4, (T, K)).float() / 4  # ties on purpose
     kw = dict(num_experts=E, capacity=capacity, drop_policy=drop_policy, pad_multiple=pad)
     want = F.routing_plan(experts, weights=weights, backend="cpu", **kw)
@@ -253,10 +279,18 @@ def test_expert_mlp(dtype):
 H, FF = 64, 96
 LAYERS = {
     "mixtral": dict(num_experts=8, top_k=2),
-    "sigmoid-renorm-scaled": dict(num_experts=6, top_k=2, score_func="sigmoid", renormalize=True, renorm_eps=1e-20,
-                                  routed_scaling=2.5),
-    "deepseek-groups": dict(num_experts=16, top_k=4, n_groups=4, topk_groups=2, group_score="top2_sum",
-                            score_func="sigmoid", bias_balancing=True),
+    "sigmoid-renorm-scaled": dict(
+        num_experts=6, top_k=2, score_func="sigmoid", renormalize=True, renorm_eps=1e-20, routed_scaling=2.5
+    ),
+    "deepseek-groups": dict(
+        num_experts=16,
+        top_k=4,
+        n_groups=4,
+        topk_groups=2,
+        group_score="top2_sum",
+        score_func="sigmoid",
+        bias_balancing=True,
+    ),
     "expert-choice": dict(num_experts=6, top_k=2, expert_choice=True),
     "shared-gated": dict(num_experts=6, top_k=2, num_shared_experts=1, shared_gate=True),
     "capacity-score": dict(num_experts=6, top_k=2, capacity_factor=0.75, drop_policy="score"),
@@ -374,8 +408,11 @@ def test_layer_forward_backward_captures_in_a_cuda_graph(name):
         static_g.copy_(_cuda(new_g))
     graph.replay()
     torch.cuda.synchronize()
-    got = (static_y.detach().clone(), static_x.grad.clone(), {n: p.grad.clone() for n, p in dev.named_parameters()
-                                                              if p.grad is not None})
+    got = (
+        static_y.detach().clone(),
+        static_x.grad.clone(),
+        {n: p.grad.clone() for n, p in dev.named_parameters() if p.grad is not None},
+    )
     want = _run_layer(dev, _cuda(new_x), _cuda(new_g))  # eager, same weights
     assert torch.equal(got[0], want[0]), "graph output != eager output"
     assert torch.equal(got[1], want[1]), "graph grad x != eager grad x"
@@ -437,7 +474,8 @@ def test_bench_flop_and_byte_formulas(bench):
     assert bench.stage_bytes(s, "permute") == 8192 * 4 + 2 * 8192 * 4096 * 2
     assert bench.stage_bytes(s, "topk_gating") == 4096 * 8 * 8 + 4096 * 2 * 8
     assert bench.stage_bytes(s, "routing+permute") == bench.stage_bytes(s, "routing_plan") + bench.stage_bytes(
-        s, "permute")
+        s, "permute"
+    )
     assert bench.stage_bytes(s, "combine") == 8192 * 4096 * 2 + 4096 * 4096 * 2 + 4096 * 2 * 8
     with pytest.raises(ValueError, match="unknown stage"):
         bench.stage_bytes(s, "nope")
@@ -461,12 +499,19 @@ def test_bench_device_peaks(bench):
 def _fake_times(bench, s):
     # plausible A100 figures, chosen so that each target is decided one way
     return {
-        ("topk_gating", "smoe"): 5e-6, ("routing_plan", "smoe"): 8e-6, ("permute", "smoe"): 40e-6,
+        ("topk_gating", "smoe"): 5e-6,
+        ("routing_plan", "smoe"): 8e-6,
+        ("permute", "smoe"): 40e-6,
         ("routing+permute", "smoe"): 50e-6,
-        ("gemm1_fwd", "smoe_tc"): 1.2e-3, ("gemm1_fwd", "torch_per_expert"): 1.1e-3, ("gemm1_fwd", "dense"): 1.0e-3,
+        ("gemm1_fwd", "smoe_tc"): 1.2e-3,
+        ("gemm1_fwd", "torch_per_expert"): 1.1e-3,
+        ("gemm1_fwd", "dense"): 1.0e-3,
         ("combine", "smoe"): 60e-6,
-        ("layer_fwd", "smoe"): 2.2e-3, ("layer_fwd", "hf_mixtral"): 4.4e-3, ("layer_fwd", "dense"): 1.8e-3,
-        ("layer_fwd+bwd", "smoe"): 7e-3, ("layer_fwd+bwd", "dense"): 5.5e-3,
+        ("layer_fwd", "smoe"): 2.2e-3,
+        ("layer_fwd", "hf_mixtral"): 4.4e-3,
+        ("layer_fwd", "dense"): 1.8e-3,
+        ("layer_fwd+bwd", "smoe"): 7e-3,
+        ("layer_fwd+bwd", "dense"): 5.5e-3,
     }
 
 
@@ -514,8 +559,21 @@ def test_bench_table_and_json(bench, tmp_path):
     assert data["meta"] == {"device": "fake"}
     assert len(data["results"]) == len(rows)
     first = data["results"][0]
-    assert set(first) >= {"shape", "stage", "impl", "time_us", "tflops", "gbs", "peak_fraction", "x_dense", "x_hf",
-                          "x_cublas", "x_floor", "target", "target_met"}
+    assert set(first) >= {
+        "shape",
+        "stage",
+        "impl",
+        "time_us",
+        "tflops",
+        "gbs",
+        "peak_fraction",
+        "x_dense",
+        "x_hf",
+        "x_cublas",
+        "x_floor",
+        "target",
+        "target_met",
+    }
 
 
 @pytest.mark.skipif(_HAS_DEVICE, reason="a GPU is present: the benchmark would run for real")

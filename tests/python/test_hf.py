@@ -12,13 +12,11 @@ transformers = pytest.importorskip("transformers")
 
 from smoe.integrations.hf import block_kind, copy_to_hf, from_hf, replace_moe_blocks, to_hf  # noqa: E402
 from smoe.nn import MoE  # noqa: E402
-
+from smoe.testing import assert_close  # noqa: E402
 from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock  # noqa: E402
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock  # noqa: E402
-
-from smoe.testing import assert_close  # noqa: E402
 
 BACKENDS = ["reference", "cpu"]  # smoe.nn.MoE's readable path and its CPU kernels
 
@@ -29,10 +27,17 @@ def _config(kind, norm_topk_prob):
     if kind == "mixtral":
         return MixtralConfig(hidden_size=H, intermediate_size=48, num_local_experts=5, num_experts_per_tok=2)
     if kind == "qwen2_moe":
-        return Qwen2MoeConfig(hidden_size=H, moe_intermediate_size=24, num_experts=6, num_experts_per_tok=3,
-                              shared_expert_intermediate_size=40, norm_topk_prob=norm_topk_prob)
-    return Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=24, num_experts=7, num_experts_per_tok=3,
-                          norm_topk_prob=norm_topk_prob)
+        return Qwen2MoeConfig(
+            hidden_size=H,
+            moe_intermediate_size=24,
+            num_experts=6,
+            num_experts_per_tok=3,
+            shared_expert_intermediate_size=40,
+            norm_topk_prob=norm_topk_prob,
+        )
+    return Qwen3MoeConfig(
+        hidden_size=H, moe_intermediate_size=24, num_experts=7, num_experts_per_tok=3, norm_topk_prob=norm_topk_prob
+    )
 
 
 _BLOCKS = {"mixtral": MixtralSparseMoeBlock, "qwen2_moe": Qwen2MoeSparseMoeBlock, "qwen3_moe": Qwen3MoeSparseMoeBlock}
@@ -88,7 +93,11 @@ def test_from_hf_matches_block_forward_and_backward(kind, norm, backend):
     block = _block(kind, norm)
     moe = from_hf(block, backend=backend)
     assert block_kind(block) == kind
-    assert (moe.num_experts, moe.top_k, moe.renormalize) == (block.gate.weight.shape[0], _config(kind, norm).num_experts_per_tok, norm)
+    assert (moe.num_experts, moe.top_k, moe.renormalize) == (
+        block.gate.weight.shape[0],
+        _config(kind, norm).num_experts_per_tok,
+        norm,
+    )
     torch.manual_seed(1)
     x = torch.randn(2, 7, H)
     grad_out = torch.randn(2, 7, H)
@@ -180,9 +189,17 @@ def test_replace_moe_blocks_in_a_causal_lm(backend):
     from transformers import MixtralForCausalLM
 
     torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=61, hidden_size=H, intermediate_size=40, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=5,
-                           num_experts_per_tok=2, max_position_embeddings=64)
+    config = MixtralConfig(
+        vocab_size=61,
+        hidden_size=H,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=5,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
     model = MixtralForCausalLM(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -19,8 +19,12 @@ TF5_PYTHON = os.environ.get(
 
 
 def _version(python):
-    out = subprocess.run([python, "-c", "import transformers, torch; print(transformers.__version__, torch.__version__)"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [python, "-c", "import transformers, torch; print(transformers.__version__, torch.__version__)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return out.stdout.split() if out.returncode == 0 else None
 
 
@@ -42,11 +46,22 @@ def _run_under_tf5(test_file):
 
     smoe_dir = os.path.dirname(os.path.dirname(os.path.abspath(smoe.__file__)))
     env = dict(os.environ, PYTHONPATH=smoe_dir)
-    proc = subprocess.run([TF5_PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(HERE, test_file)],
-                          capture_output=True, text=True, timeout=900, env=env, cwd=HERE)
+    proc = subprocess.run(
+        [TF5_PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(HERE, test_file)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+        cwd=HERE,
+    )
     tail = proc.stdout[-4000:] + proc.stderr[-2000:]
-    check = subprocess.run([TF5_PYTHON, "-c", "import transformers, smoe; print(transformers.__version__, smoe.__file__)"],
-                           capture_output=True, text=True, timeout=120, env=env)
+    check = subprocess.run(
+        [TF5_PYTHON, "-c", "import transformers, smoe; print(transformers.__version__, smoe.__file__)"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert check.stdout.split()[0].startswith("5.") and check.stdout.split()[1].startswith(smoe_dir), check.stdout
     assert proc.returncode == 0, tail
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.split("\n")[-2], tail

@@ -16,15 +16,15 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 if int(transformers.__version__.split(".")[0]) < 5:
-    pytest.skip("the experts interface is transformers >= 5 (test_hf5.py runs this file there)", allow_module_level=True)
-
-from transformers import AutoModelForCausalLM  # noqa: E402
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation  # noqa: E402
-
-from smoe.integrations import hf, hf_experts  # noqa: E402
-from smoe.testing import assert_close, tolerance  # noqa: E402
+    pytest.skip(
+        "the experts interface is transformers >= 5 (test_hf5.py runs this file there)", allow_module_level=True
+    )
 
 import hf_tiny  # noqa: E402
+from smoe.integrations import hf, hf_experts  # noqa: E402
+from smoe.testing import assert_close, tolerance  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, use_experts_implementation  # noqa: E402
 
 # Every family whose experts class uses the interface (PhiMoE and GPT-OSS too: the backend runs their
 # experts, only their routers differ from smoe.nn.MoE's).
@@ -219,6 +219,7 @@ def _experts_class(**flags):
             return out
 
     if not flags.get("is_concatenated", True):
+
         def _apply_gate(self, gate_up):  # interleaved [g0, u0, g1, u1, ...]
             return self.act_fn(gate_up[..., ::2]) * gate_up[..., 1::2]
 
@@ -335,12 +336,14 @@ def test_bad_experts_raise_naming_the_parameter():
 
 
 def test_import_smoe_leaves_transformers_alone():
-    code = ("import smoe, smoe.integrations.hf, smoe.integrations.hf_experts\n"
-            "from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS\n"
-            "assert 'smoe' not in ALL_EXPERTS_FUNCTIONS, 'registered on import'\n"
-            "smoe.integrations.hf.register()\n"
-            "assert 'smoe' in ALL_EXPERTS_FUNCTIONS\n"
-            "smoe.integrations.hf.unregister()\n"
-            "assert 'smoe' not in ALL_EXPERTS_FUNCTIONS\n")
+    code = (
+        "import smoe, smoe.integrations.hf, smoe.integrations.hf_experts\n"
+        "from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS\n"
+        "assert 'smoe' not in ALL_EXPERTS_FUNCTIONS, 'registered on import'\n"
+        "smoe.integrations.hf.register()\n"
+        "assert 'smoe' in ALL_EXPERTS_FUNCTIONS\n"
+        "smoe.integrations.hf.unregister()\n"
+        "assert 'smoe' not in ALL_EXPERTS_FUNCTIONS\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -38,8 +38,11 @@ def _first_block(model):
 
 
 def _grads(module):
-    return {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in module.named_parameters()
-            if p.requires_grad}
+    return {
+        n: (p.grad if p.grad is not None else torch.zeros_like(p))
+        for n, p in module.named_parameters()
+        if p.requires_grad
+    }
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -62,8 +65,11 @@ def test_from_hf_block_forward_and_backward(family, backend):
     # every gradient, compared in HF's own keys: the smoe gradients written through the block's layout
     layout = hf._Layout(block)
     want = _grads(block)
-    moe_grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in hf._moe_tensors(moe).items()
-                 if isinstance(p, torch.nn.Parameter)}
+    moe_grads = {
+        k: (p.grad if p.grad is not None else torch.zeros_like(p))
+        for k, p in hf._moe_tensors(moe).items()
+        if isinstance(p, torch.nn.Parameter)
+    }
     got = layout.write(moe_grads)
     assert set(want) <= set(got), set(want) - set(got)
     for key in want:
@@ -211,7 +217,7 @@ def test_post_init_of_a_patched_model(family):
 def _grad_state(patched):
     """The patched model's parameter gradients under transformers' keys (via its state-dict hooks)."""
     saved = {n: p.data for n, p in patched.named_parameters()}
-    for n, p in patched.named_parameters():
+    for _n, p in patched.named_parameters():
         p.data = p.grad if p.grad is not None else torch.zeros_like(p)
     sd = {k: v.clone() for k, v in patched.state_dict().items()}
     for n, p in patched.named_parameters():

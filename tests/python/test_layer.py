@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from smoe.nn import MoE
 from smoe.testing import assert_close
 
@@ -91,8 +90,18 @@ def test_layer_matches_reference_f32(name):
     _compare(cpu, ref, x, torch.float32)
 
 
-@pytest.mark.parametrize("name", ["softmax", "sigmoid-renorm-scaled", "groups-top2", "expert-choice",
-                                  "shared-gated", "capacity-score", "aux-z-losses"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "softmax",
+        "sigmoid-renorm-scaled",
+        "groups-top2",
+        "expert-choice",
+        "shared-gated",
+        "capacity-score",
+        "aux-z-losses",
+    ],
+)
 def test_layer_matches_reference_bf16(name):
     cpu, ref = _pair(dtype=torch.bfloat16, **ROUTERS[name])
     x = torch.randn(2, 9, H, dtype=torch.bfloat16)
@@ -102,8 +111,9 @@ def test_layer_matches_reference_bf16(name):
 @pytest.mark.parametrize("T", [0, 1, 7, 33])
 @pytest.mark.parametrize("experts,top_k", [(1, 1), (5, 5), (7, 3)])
 def test_shapes_that_hurt(T, experts, top_k):
-    cpu, ref = _pair(num_experts=experts, top_k=top_k, num_shared_experts=1, shared_gate=True,
-                     aux_loss_coef=0.05, z_loss_coef=0.01)
+    cpu, ref = _pair(
+        num_experts=experts, top_k=top_k, num_shared_experts=1, shared_gate=True, aux_loss_coef=0.05, z_loss_coef=0.01
+    )
     x = torch.randn(T, H)
     _compare(cpu, ref, x, torch.float32)
     if T == 0:

@@ -6,10 +6,9 @@ import dataclasses
 import re
 
 import pytest
-import torch
-
 import smoe
 import smoe.functional as F
+import torch
 from smoe.nn import MoE, MoEArgs, RoutedExperts, Router, SharedExpert, expert_choice_plan
 from smoe.testing import assert_close
 
@@ -18,12 +17,14 @@ H, FF, E, K = 16, 12, 8, 2
 
 # ------------------------------------------------------------------ MoEArgs
 def test_args_validate_like_the_layer():
-    for kwargs, msg in [(dict(top_k=9), "top_k must be <= num_experts (8), got 9"),
-                        (dict(activation="tanh"), "activation must be one of"),
-                        (dict(n_groups=3), "n_groups must divide num_experts (8), got 3"),
-                        (dict(shared_gate=True), "shared_gate=True needs num_shared_experts >= 1"),
-                        (dict(capacity_factor=1e300), "capacity_factor must be <="),
-                        (dict(expert_choice=True, aux_loss_coef=0.1), "aux_loss_coef must be 0 with expert_choice")]:
+    for kwargs, msg in [
+        (dict(top_k=9), "top_k must be <= num_experts (8), got 9"),
+        (dict(activation="tanh"), "activation must be one of"),
+        (dict(n_groups=3), "n_groups must divide num_experts (8), got 3"),
+        (dict(shared_gate=True), "shared_gate=True needs num_shared_experts >= 1"),
+        (dict(capacity_factor=1e300), "capacity_factor must be <="),
+        (dict(expert_choice=True, aux_loss_coef=0.1), "aux_loss_coef must be 0 with expert_choice"),
+    ]:
         args = dict(hidden_size=H, ffn_size=FF, num_experts=E, top_k=K)
         args.update(kwargs)
         with pytest.raises(ValueError, match=re.escape(msg)):
@@ -52,9 +53,23 @@ def test_args_resolve_and_freeze():
 
 # ------------------------------------------------------------------ Router on its own
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
-@pytest.mark.parametrize("cfg", [dict(), dict(score_func="sigmoid", n_groups=4, topk_groups=2, group_score="top2_sum",
-                                              routed_scaling=2.5, renorm_eps=1e-20, bias_balancing=True),
-                                 dict(top_k=1, n_groups=2, topk_groups=1), dict(renormalize=False, top_k=3)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(),
+        dict(
+            score_func="sigmoid",
+            n_groups=4,
+            topk_groups=2,
+            group_score="top2_sum",
+            routed_scaling=2.5,
+            renorm_eps=1e-20,
+            bias_balancing=True,
+        ),
+        dict(top_k=1, n_groups=2, topk_groups=1),
+        dict(renormalize=False, top_k=3),
+    ],
+)
 def test_router_equals_topk_gating(cfg, backend):
     torch.manual_seed(0)
     router = Router(MoEArgs(H, FF, E, cfg.pop("top_k", K), backend=backend, **cfg))
@@ -67,9 +82,18 @@ def test_router_equals_topk_gating(cfg, backend):
     assert_close(r.logits, logits)
     a = router.args
     weights, experts, scores = F.topk_gating(
-        r.logits, top_k=a.top_k, score_func=a.score_func, bias=router.expert_bias, n_groups=a.n_groups,
-        topk_groups=a.topk_groups, group_score=a.group_score, renormalize=a.renormalize, renorm_eps=a.renorm_eps,
-        routed_scaling=a.routed_scaling, backend=backend)
+        r.logits,
+        top_k=a.top_k,
+        score_func=a.score_func,
+        bias=router.expert_bias,
+        n_groups=a.n_groups,
+        topk_groups=a.topk_groups,
+        group_score=a.group_score,
+        renormalize=a.renormalize,
+        renorm_eps=a.renorm_eps,
+        routed_scaling=a.routed_scaling,
+        backend=backend,
+    )
     assert torch.equal(r.experts, experts)
     assert torch.equal(r.weights, weights) and torch.equal(r.scores, scores)
     counts = torch.bincount(experts.reshape(-1).long(), minlength=E).to(torch.int32)
@@ -132,7 +156,7 @@ def test_routed_and_shared_experts_are_the_ops():
     assert not list(experts.parameters())  # the layer owns w1 / w2
     w1, w2 = (torch.empty(s) for s in experts.weight_shapes())
     experts.init_weights(w1, w2)
-    assert w1.abs().max() <= 1 / H ** 0.5 and w2.abs().max() <= 1 / FF ** 0.5 and w1.std() > 0
+    assert w1.abs().max() <= 1 / H**0.5 and w2.abs().max() <= 1 / FF**0.5 and w1.std() > 0
     shared.reset_parameters()
     x = torch.randn(10, H)
     weights, idx, _ = F.topk_gating(torch.randn(10, E), top_k=K, renormalize=True)
@@ -152,11 +176,17 @@ def _flat_state(seed=3, *, shared=True, bias=True):
     """A state dict with the keys the layer wrote before its router / experts / shared_expert split,
     built key by key (not by the current code)."""
     g = torch.Generator().manual_seed(seed)
-    sd = {"w1": torch.randn(E, 2 * FF, H, generator=g), "w2": torch.randn(E, H, FF, generator=g),
-          "router.weight": torch.randn(E, H, generator=g)}
+    sd = {
+        "w1": torch.randn(E, 2 * FF, H, generator=g),
+        "w2": torch.randn(E, H, FF, generator=g),
+        "router.weight": torch.randn(E, H, generator=g),
+    }
     if shared:
-        sd.update(shared_w1=torch.randn(2 * FF, H, generator=g), shared_w2=torch.randn(H, FF, generator=g),
-                  shared_gate_w=torch.randn(H, generator=g))
+        sd.update(
+            shared_w1=torch.randn(2 * FF, H, generator=g),
+            shared_w2=torch.randn(H, FF, generator=g),
+            shared_gate_w=torch.randn(H, generator=g),
+        )
     if bias:
         sd["expert_bias"] = torch.randn(E, generator=g)
     return sd
@@ -164,11 +194,24 @@ def _flat_state(seed=3, *, shared=True, bias=True):
 
 def test_state_dict_keys_and_parameter_order():
     layer = MoE(H, FF, E, K, num_shared_experts=1, shared_gate=True, bias_balancing=True)
-    assert list(layer.state_dict()) == ["w1", "w2", "shared_expert.w1", "shared_expert.w2",
-                                        "shared_expert.gate_w", "router.weight", "router.expert_bias"]
+    assert list(layer.state_dict()) == [
+        "w1",
+        "w2",
+        "shared_expert.w1",
+        "shared_expert.w2",
+        "shared_expert.gate_w",
+        "router.weight",
+        "router.expert_bias",
+    ]
     # parameters() in the order of the layer before the split: w1, w2, shared_w1, shared_w2, shared_gate_w, router
-    assert [p for p in layer.parameters()] == [layer.w1, layer.w2, layer.shared_w1, layer.shared_w2,
-                                                layer.shared_gate_w, layer.router.weight]
+    assert [p for p in layer.parameters()] == [
+        layer.w1,
+        layer.w2,
+        layer.shared_w1,
+        layer.shared_w2,
+        layer.shared_gate_w,
+        layer.router.weight,
+    ]
     assert layer.expert_bias is layer.router.expert_bias and layer.shared_w1 is layer.shared_expert.w1
 
 
@@ -188,9 +231,18 @@ def test_flat_state_dict_loads(shared, bias):
         assert torch.equal(layer.router.expert_bias, sd["expert_bias"])
     # and the layer computes with them: the reference layer on the same tensors
     x = torch.randn(6, H)
-    want = smoe.reference.moe_layer(x, sd["router.weight"], sd["w1"], sd["w2"], top_k=K, renormalize=True,
-                                    bias=sd.get("expert_bias"), shared_w1=sd.get("shared_w1"),
-                                    shared_w2=sd.get("shared_w2"), shared_gate_w=sd.get("shared_gate_w"))
+    want = smoe.reference.moe_layer(
+        x,
+        sd["router.weight"],
+        sd["w1"],
+        sd["w2"],
+        top_k=K,
+        renormalize=True,
+        bias=sd.get("expert_bias"),
+        shared_w1=sd.get("shared_w1"),
+        shared_w2=sd.get("shared_w2"),
+        shared_gate_w=sd.get("shared_gate_w"),
+    )
     assert_close(layer.eval()(x), want.y)
 
 
@@ -198,8 +250,9 @@ def test_flat_state_dict_loads_nested():
     """Inside a model (a key prefix), strictly, and a partial old state dict reports the new key missing."""
     sd = {f"1.{k}": v for k, v in _flat_state().items()}
     sd.update({"0.weight": torch.zeros(H, H), "0.bias": torch.zeros(H)})
-    model = torch.nn.Sequential(torch.nn.Linear(H, H),
-                                MoE(H, FF, E, K, num_shared_experts=1, shared_gate=True, bias_balancing=True))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(H, H), MoE(H, FF, E, K, num_shared_experts=1, shared_gate=True, bias_balancing=True)
+    )
     model.load_state_dict(sd, strict=True)
     assert torch.equal(model[1].w2, sd["1.w2"]) and torch.equal(model[1].shared_expert.w2, sd["1.shared_w2"])
     assert torch.equal(model[1].router.expert_bias, sd["1.expert_bias"])
@@ -222,8 +275,16 @@ def test_new_state_dict_round_trip():
 @pytest.mark.parametrize("expert_choice", [False, True])
 def test_no_tokens_go_through_the_ops(monkeypatch, expert_choice):
     calls = {}
-    for name in ("topk_gating", "expert_choice", "routing_plan", "expert_mlp", "combine", "z_loss",
-                 "load_balancing_loss", "shared_expert"):
+    for name in (
+        "topk_gating",
+        "expert_choice",
+        "routing_plan",
+        "expert_mlp",
+        "combine",
+        "z_loss",
+        "load_balancing_loss",
+        "shared_expert",
+    ):
         real = getattr(F, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
@@ -231,8 +292,7 @@ def test_no_tokens_go_through_the_ops(monkeypatch, expert_choice):
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(F, name, spy)
-    layer = MoE(H, FF, E, K, expert_choice=expert_choice, num_shared_experts=1, z_loss_coef=0.1,
-                backend="cpu").train()
+    layer = MoE(H, FF, E, K, expert_choice=expert_choice, num_shared_experts=1, z_loss_coef=0.1, backend="cpu").train()
     x = torch.randn(2, 0, H, requires_grad=True)
     y = layer(x)
     assert y.shape == (2, 0, H)

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-
 from smoe.reference import moe_layer
 from smoe.testing import assert_close
 
@@ -30,7 +29,7 @@ def test_top_k_equal_to_e_is_the_dense_mixture():
     x = torch.randn(9, H)
     out = moe_layer(x, router, w1, w2, top_k=E)
     p = torch.softmax(x @ router.t(), dim=-1)
-    want = sum(p[:, e:e + 1] * _dense_expert(x, w1[e], w2[e]) for e in range(E))
+    want = sum(p[:, e : e + 1] * _dense_expert(x, w1[e], w2[e]) for e in range(E))
     assert_close(out.y, want)
     assert torch.equal(out.tokens_per_expert, torch.full((E,), 9))
 
@@ -43,8 +42,12 @@ def test_top1_picks_the_argmax_expert():
     logits = x @ router.t()
     best = logits.argmax(dim=-1)
     assert torch.equal(out.experts[:, 0], best)
-    want = torch.stack([2.0 * torch.sigmoid(logits[t, best[t]]) * _dense_expert(x[t:t + 1], w1[best[t]], w2[best[t]])[0]
-                        for t in range(11)])
+    want = torch.stack(
+        [
+            2.0 * torch.sigmoid(logits[t, best[t]]) * _dense_expert(x[t : t + 1], w1[best[t]], w2[best[t]])[0]
+            for t in range(11)
+        ]
+    )
     assert_close(out.y, want)
 
 
@@ -54,7 +57,7 @@ def test_expert_choice_with_full_capacity_is_dense():
     x = torch.randn(6, H)
     out = moe_layer(x, router, w1, w2, top_k=1, expert_choice=True, capacity=6)
     p = torch.softmax(x @ router.t(), dim=-1)
-    want = sum(p[:, e:e + 1] * _dense_expert(x, w1[e], w2[e]) for e in range(E))
+    want = sum(p[:, e : e + 1] * _dense_expert(x, w1[e], w2[e]) for e in range(E))
     assert_close(out.y, want)
     assert out.kept.all()
 
@@ -99,7 +102,7 @@ def test_capacity_matches_a_counting_loop(policy):
         for k in range(K):
             if want[t, k]:
                 e = int(out.experts[t, k])
-                y[t] += out.weights[t, k] * _dense_expert(x[t:t + 1], w1[e], w2[e])[0]
+                y[t] += out.weights[t, k] * _dense_expert(x[t : t + 1], w1[e], w2[e])[0]
     assert_close(out.y, y)
 
 

@@ -8,14 +8,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
-
 import smoe
 import smoe.functional as F
+import torch
+from conftest import distinct_logits
 from smoe import _core
 from smoe.testing import assert_close
-
-from conftest import distinct_logits
 
 T, H, E, FF, K = 24, 16, 6, 12, 2
 

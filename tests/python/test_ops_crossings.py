@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import collections
 
-import torch
-
 import smoe
+import torch
 from smoe import _core
 
 
@@ -43,8 +42,18 @@ def test_topk_layer_step_crossings(monkeypatch):
     calls.clear()
     y.square().sum().backward()
     backward = dict(calls)
-    assert forward == {"topk_gating_forward": 1, "routing_plan": 1, "expert_mlp_forward": 1, "combine_forward": 1,
-                       "load_balancing_loss_forward": 1, "z_loss_forward": 1}
+    assert forward == {
+        "topk_gating_forward": 1,
+        "routing_plan": 1,
+        "expert_mlp_forward": 1,
+        "combine_forward": 1,
+        "load_balancing_loss_forward": 1,
+        "z_loss_forward": 1,
+    }
     # expert_mlp_workspace_bytes: the expert MLP's workspace query (its layout is being reworked, issue 13)
-    assert backward == {"combine_backward": 1, "expert_mlp_workspace_bytes": 1, "expert_mlp_backward": 1,
-                        "topk_gating_backward": 1}
+    assert backward == {
+        "combine_backward": 1,
+        "expert_mlp_workspace_bytes": 1,
+        "expert_mlp_backward": 1,
+        "topk_gating_backward": 1,
+    }

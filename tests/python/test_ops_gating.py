@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
-import smoe
 import smoe.functional as F
 import smoe.reference as ref
-from smoe.testing import assert_close
-
+import torch
 from conftest import FLOAT_DTYPES, distinct_logits, tied_logits
+from smoe.testing import assert_close
 
 ACC = {torch.float64: torch.float64}
 
@@ -76,8 +73,15 @@ def test_topk_gating_grouped_with_bias_deepseek_v3(group_score):
     logits = distinct_logits(T, E, spacing=0.05)
     bias = (torch.randint(-8, 9, (E,)) / 64.0).float()
     kw = dict(
-        top_k=8, score_func="sigmoid", bias=bias, n_groups=8, topk_groups=4, group_score=group_score,
-        renormalize=True, renorm_eps=1e-20, routed_scaling=2.5,
+        top_k=8,
+        score_func="sigmoid",
+        bias=bias,
+        n_groups=8,
+        topk_groups=4,
+        group_score=group_score,
+        renormalize=True,
+        renorm_eps=1e-20,
+        routed_scaling=2.5,
     )
     w, e, s = check_topk_against_reference(logits, **kw)
     # Picked experts lie in at most topk_groups groups, and the weights use the unbiased scores.
@@ -129,7 +133,15 @@ def test_topk_gating_reference_and_auto_backends():
         dict(top_k=2),
         dict(top_k=3, score_func="sigmoid"),
         dict(top_k=2, renormalize=True, routed_scaling=1.5),
-        dict(top_k=3, score_func="sigmoid", renormalize=True, renorm_eps=0.1, n_groups=3, topk_groups=2, group_score="top2_sum"),
+        dict(
+            top_k=3,
+            score_func="sigmoid",
+            renormalize=True,
+            renorm_eps=0.1,
+            n_groups=3,
+            topk_groups=2,
+            group_score="top2_sum",
+        ),
         dict(top_k=6),  # K = E
     ],
 )
@@ -203,7 +215,7 @@ def test_expert_choice_gradcheck():
 
 
 def test_expert_choice_backward_matches_reference():
-    logits = (torch.randperm(200).reshape(40, 5).float() * 0.05)
+    logits = torch.randperm(200).reshape(40, 5).float() * 0.05
     gw, gs = torch.randn(40, 5), torch.randn(40, 5)
     grads = []
     for fn in (lambda x: F.expert_choice(x, capacity=10, backend="cpu"), lambda x: ref.expert_choice(x, capacity=10)):
@@ -221,7 +233,9 @@ def test_expert_choice_backward_matches_reference():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_load_balancing_loss_matches_reference(T, E, K, dtype):
     probs = torch.softmax(torch.randn(T, E, dtype=dtype), dim=1)
-    experts = torch.stack([torch.randperm(E)[:K] for _ in range(T)]).int() if T else torch.zeros(0, K, dtype=torch.int32)
+    experts = (
+        torch.stack([torch.randperm(E)[:K] for _ in range(T)]).int() if T else torch.zeros(0, K, dtype=torch.int32)
+    )
     loss = F.load_balancing_loss(probs, experts, backend="cpu")
     assert loss.shape == () and loss.dtype == dtype
     assert_close(loss, ref.load_balancing_loss(probs, experts))
@@ -304,26 +318,62 @@ def test_balancing_bias_update_direction():
         (lambda: F.topk_gating(torch.randn(4, 8), top_k=9), ValueError, "'top_k'.*\\[1, 8\\]"),
         (lambda: F.topk_gating(torch.randn(4, 8), top_k=0), ValueError, "'top_k'"),
         (lambda: F.topk_gating(torch.randn(4, 8), top_k=2, bias=torch.zeros(7)), ValueError, "'bias'.*E"),
-        (lambda: F.topk_gating(torch.randn(4, 8), top_k=2, bias=torch.zeros(8, dtype=torch.float64)), ValueError, "'bias'.*f32"),
-        (lambda: F.topk_gating(torch.randn(4, 8), top_k=2, bias=torch.zeros(8, device="meta")), ValueError, "'bias'.*device|'bias'.*meta"),
+        (
+            lambda: F.topk_gating(torch.randn(4, 8), top_k=2, bias=torch.zeros(8, dtype=torch.float64)),
+            ValueError,
+            "'bias'.*f32",
+        ),
+        (
+            lambda: F.topk_gating(torch.randn(4, 8), top_k=2, bias=torch.zeros(8, device="meta")),
+            ValueError,
+            "'bias'.*device|'bias'.*meta",
+        ),
         (lambda: F.topk_gating(torch.randn(4, 8), top_k=2, score_func="tanh"), ValueError, "'score_func'"),
         (lambda: F.topk_gating(torch.randn(4, 8), top_k=2, group_score="sum"), ValueError, "'group_score'"),
         (lambda: F.topk_gating(torch.randn(4, 8), top_k=2, n_groups=3), ValueError, "n_groups"),
         (lambda: F.topk_gating(torch.randn(4, 8), top_k=2, n_groups=4, topk_groups=5), ValueError, "topk_groups"),
         (lambda: F.topk_gating(torch.randn(4, 8), top_k=5, n_groups=4, topk_groups=2), ValueError, "top_k"),
-        (lambda: F.topk_gating(torch.randn(4, 8), top_k=2, renorm_eps=-1.0, renormalize=True), ValueError, "renorm_eps"),
+        (
+            lambda: F.topk_gating(torch.randn(4, 8), top_k=2, renorm_eps=-1.0, renormalize=True),
+            ValueError,
+            "renorm_eps",
+        ),
         (lambda: F.topk_gating(torch.randn(4, 8), top_k=2, backend="tpu"), ValueError, "'backend'"),
-        (lambda: F.topk_gating(torch.randn(4, 8), top_k=2, backend="cuda"), RuntimeError, "'cuda' is not in this build"),
+        (
+            lambda: F.topk_gating(torch.randn(4, 8), top_k=2, backend="cuda"),
+            RuntimeError,
+            "'cuda' is not in this build",
+        ),
         (lambda: F.expert_choice(torch.randn(4, 8), capacity=5), ValueError, "'capacity'"),
         (lambda: F.expert_choice(torch.randn(4, 8), capacity=0), ValueError, "'capacity'"),
-        (lambda: F.load_balancing_loss(torch.rand(4, 8), torch.zeros(5, 2, dtype=torch.int32)), ValueError, "'experts'.*T"),
+        (
+            lambda: F.load_balancing_loss(torch.rand(4, 8), torch.zeros(5, 2, dtype=torch.int32)),
+            ValueError,
+            "'experts'.*T",
+        ),
         (lambda: F.load_balancing_loss(torch.rand(4, 8), torch.zeros(4, 2)), ValueError, "'experts'.*i32"),
-        (lambda: F.load_balancing_loss(torch.rand(4, 8), torch.full((4, 2), 8, dtype=torch.int32)), ValueError, "'experts'.*\\[0, E\\)"),
-        (lambda: F.load_balancing_loss(torch.rand(4, 8).bfloat16(), torch.zeros(4, 2, dtype=torch.int32)), ValueError, "'probs'.*f32"),
+        (
+            lambda: F.load_balancing_loss(torch.rand(4, 8), torch.full((4, 2), 8, dtype=torch.int32)),
+            ValueError,
+            "'experts'.*\\[0, E\\)",
+        ),
+        (
+            lambda: F.load_balancing_loss(torch.rand(4, 8).bfloat16(), torch.zeros(4, 2, dtype=torch.int32)),
+            ValueError,
+            "'probs'.*f32",
+        ),
         (lambda: F.z_loss(torch.randn(3, 0)), ValueError, "'logits'"),
-        (lambda: F.balancing_bias_update(torch.zeros(4, dtype=torch.int32), torch.zeros(5), rate=0.1), ValueError, "'bias'"),
+        (
+            lambda: F.balancing_bias_update(torch.zeros(4, dtype=torch.int32), torch.zeros(5), rate=0.1),
+            ValueError,
+            "'bias'",
+        ),
         (lambda: F.balancing_bias_update(torch.zeros(4), torch.zeros(4), rate=0.1), ValueError, "'counts'.*i32"),
-        (lambda: F.balancing_bias_update(torch.tensor([1, -1], dtype=torch.int32), torch.zeros(2), rate=0.1), ValueError, "'counts'"),
+        (
+            lambda: F.balancing_bias_update(torch.tensor([1, -1], dtype=torch.int32), torch.zeros(2), rate=0.1),
+            ValueError,
+            "'counts'",
+        ),
     ],
 )
 def test_gating_bad_input(call, exc, match):

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
 import smoe.functional as F
 import smoe.reference as ref
-from smoe.testing import assert_close
-
+import torch
 from conftest import FLOAT_DTYPES, small_ints
+from smoe.testing import assert_close
 
 
 def segments(counts, pad_rows: int = 0) -> torch.Tensor:
@@ -109,9 +107,21 @@ def test_grouped_gemm_backward_matches_reference(dtype):
         (lambda: F.grouped_gemm(torch.randn(4, 4), torch.randn(3, 4), segments([4])), ValueError, "'b'.*3-D"),
         (lambda: F.grouped_gemm(torch.randn(4, 4), torch.randn(1, 3, 5), segments([4])), ValueError, "'b'.*Kd"),
         (lambda: F.grouped_gemm(torch.randn(4, 4), torch.randn(2, 3, 4), segments([4])), ValueError, "'b'.*E"),
-        (lambda: F.grouped_gemm(torch.randn(4, 4), torch.randn(1, 3, 4).double(), segments([4])), ValueError, "'b'.*dtype"),
-        (lambda: F.grouped_gemm(torch.randn(4, 4), torch.randn(1, 3, 4), segments([4]).int()), ValueError, "'offsets'.*i64"),
-        (lambda: F.grouped_gemm(torch.randn(4, 4), torch.randn(1, 3, 4, device="meta"), segments([4])), ValueError, "'b'.*meta"),
+        (
+            lambda: F.grouped_gemm(torch.randn(4, 4), torch.randn(1, 3, 4).double(), segments([4])),
+            ValueError,
+            "'b'.*dtype",
+        ),
+        (
+            lambda: F.grouped_gemm(torch.randn(4, 4), torch.randn(1, 3, 4), segments([4]).int()),
+            ValueError,
+            "'offsets'.*i64",
+        ),
+        (
+            lambda: F.grouped_gemm(torch.randn(4, 4), torch.randn(1, 3, 4, device="meta"), segments([4])),
+            ValueError,
+            "'b'.*meta",
+        ),
         (lambda: F.activation(torch.randn(4, 5), kind="swiglu"), ValueError, "'x'.*even"),
         (lambda: F.activation(torch.randn(4, 6), kind="tanh"), ValueError, "'kind'"),
         (lambda: F.activation(torch.randn(6), kind="relu"), ValueError, "'x'.*2-D"),

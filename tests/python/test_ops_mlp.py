@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
 import smoe.functional as F
 import smoe.reference as ref
-from smoe.testing import assert_close
-
+import torch
 from conftest import FLOAT_DTYPES, distinct_logits
+from smoe.testing import assert_close
 
 GATED = ("swiglu", "geglu")
 
@@ -223,8 +221,9 @@ def test_expert_mlp_saves_no_copy_of_x():
         ys = F.expert_mlp(x, w1, w2, plan, activation="swiglu", backend="cpu")
     R = plan.token_of_row.shape[0]
     inputs = (x, w1, w2, plan.token_of_row, plan.row_of, plan.offsets)
-    fresh = [t for t in saved if not any(t.untyped_storage().data_ptr() == i.untyped_storage().data_ptr()
-                                         for i in inputs)]
+    fresh = [
+        t for t in saved if not any(t.untyped_storage().data_ptr() == i.untyped_storage().data_ptr() for i in inputs)
+    ]
     assert sorted(tuple(t.shape) for t in fresh) == sorted([(R, 2 * Fd), (R, Fd)])
     assert not any(tuple(t.shape) == (R, H) for t in saved)
     ys.square().sum().backward()  # and the backward works from these alone

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
 import smoe
 import smoe.functional as F
+import torch
 from smoe import _core
 from smoe import reference as ref
 from smoe.ops import router_losses
@@ -20,7 +19,9 @@ SIZES = [0, 1, 7, 255, 256, 257, 4096, 65535, 65536, 65537, 200_000, 10**7]
 def test_loss_workspace_bytes_equal_the_cpp_queries(E):
     lib = _core.lib()
     for T in SIZES:
-        assert router_losses.load_balancing_loss_workspace_bytes(T, E) == lib.load_balancing_loss_workspace_bytes(T=T, E=E), (T, E)
+        assert router_losses.load_balancing_loss_workspace_bytes(T, E) == lib.load_balancing_loss_workspace_bytes(
+            T=T, E=E
+        ), (T, E)
         assert router_losses.z_loss_workspace_bytes(T, E) == lib.z_loss_workspace_bytes(T=T, E=E), (T, E)
 
 
@@ -29,7 +30,9 @@ def test_loss_workspace_bytes_formula():
     assert router_losses.load_balancing_loss_workspace_bytes(1000, 8) == 256 + 32 * 4
     assert router_losses.load_balancing_loss_workspace_bytes(70_000, 8) == 256 + 32 * 256  # chunk 274, 256 blocks
     assert router_losses.z_loss_workspace_bytes(5, 3) == 40
-    assert router_losses.z_loss_workspace_bytes(0, 3) == 0 and router_losses.load_balancing_loss_workspace_bytes(5, 0) == 0
+    assert (
+        router_losses.z_loss_workspace_bytes(0, 3) == 0 and router_losses.load_balancing_loss_workspace_bytes(5, 0) == 0
+    )
 
 
 BACKENDS = ["cpu", "simt"] if "simt" in smoe.BACKENDS else ["cpu"]
@@ -59,7 +62,9 @@ def test_expert_choice_backward_op_sums_both_gradients():
     gw, gs = torch.randn(9, 3), torch.randn(9, 3)
     op = torch.ops.smoe.expert_choice_backward
     both = op(scores, row_of, gw, gs, 4, "softmax", "cpu")
-    assert_close(both, op(scores, row_of, gw, None, 4, "softmax", "cpu") + op(scores, row_of, None, gs, 4, "softmax", "cpu"))
+    assert_close(
+        both, op(scores, row_of, gw, None, 4, "softmax", "cpu") + op(scores, row_of, None, gs, 4, "softmax", "cpu")
+    )
     assert torch.equal(op(scores, row_of, None, None, 4, "softmax", "cpu"), torch.zeros(9, 3))
 
 
@@ -83,8 +88,10 @@ def test_losses_with_workspace_match_reference(backend):
     torch.manual_seed(2)
     logits0 = torch.randn(300, 6)
     experts = torch.randint(0, 6, (300, 2), dtype=torch.int32)
-    for fn, args in ((lambda p, b: F.load_balancing_loss(p.softmax(-1), experts, backend=b), ()),
-                     (lambda p, b: F.z_loss(p, backend=b), ())):
+    for fn, _args in (
+        (lambda p, b: F.load_balancing_loss(p.softmax(-1), experts, backend=b), ()),
+        (lambda p, b: F.z_loss(p, backend=b), ()),
+    ):
         out = []
         for b in (backend, "reference"):
             logits = logits0.clone().requires_grad_()

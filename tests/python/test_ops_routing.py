@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
 import smoe
 import smoe.functional as F
 import smoe.reference as ref
-from smoe.testing import assert_close
-
+import torch
 from conftest import FLOAT_DTYPES, small_ints
+from smoe.testing import assert_close
 
 
 def random_experts(T: int, E: int, K: int, skew: str = "uniform") -> torch.Tensor:
@@ -46,7 +44,10 @@ PLAN_CASES = [  # (T, E, K, skew)
 
 
 @pytest.mark.parametrize("T,E,K,skew", PLAN_CASES)
-@pytest.mark.parametrize("capacity,drop_policy,pad", [(None, "token_order", 1), (None, "token_order", 8), (3, "token_order", 1), (3, "score", 4), (0, "token_order", 1)])
+@pytest.mark.parametrize(
+    "capacity,drop_policy,pad",
+    [(None, "token_order", 1), (None, "token_order", 8), (3, "token_order", 1), (3, "score", 4), (0, "token_order", 1)],
+)
 def test_routing_plan_matches_reference(T, E, K, skew, capacity, drop_policy, pad):
     experts = random_experts(T, E, K, skew)
     weights = torch.randint(0, 4, (T, K)).float() / 4  # ties in the weights on purpose
@@ -61,7 +62,13 @@ def test_routing_plan_matches_reference(T, E, K, skew, capacity, drop_policy, pa
 
 def test_routing_plan_max_rows_agrees_with_core():
     lib = smoe._core.lib()
-    for T, K, E, C, pad in [(0, 2, 4, -1, 1), (7, 2, 3, -1, 8), (100, 8, 256, 5, 16), (5, 1, 10, 1000, 1), (9, 3, 4, 0, 2)]:
+    for T, K, E, C, pad in [
+        (0, 2, 4, -1, 1),
+        (7, 2, 3, -1, 8),
+        (100, 8, 256, 5, 16),
+        (5, 1, 10, 1000, 1),
+        (9, 3, 4, 0, 2),
+    ]:
         want = lib.routing_plan_max_rows(num_experts=E, capacity=C, drop_policy=0, pad_multiple=pad, T=T, K=K)
         got = F.routing_plan_max_rows(T, K, num_experts=E, capacity=None if C < 0 else C, pad_multiple=pad)
         assert got == want
@@ -93,12 +100,40 @@ def test_routing_plan_drop_by_score_keeps_best_in_token_order():
         (lambda: F.routing_plan(torch.zeros(4, 2), num_experts=2), ValueError, "'experts'.*i32"),
         (lambda: F.routing_plan(torch.full((4, 2), 2, dtype=torch.int32), num_experts=2), ValueError, "'experts'"),
         (lambda: F.routing_plan(torch.zeros(4, 2, dtype=torch.int32), num_experts=0), ValueError, "'num_experts'"),
-        (lambda: F.routing_plan(torch.zeros(4, 2, dtype=torch.int32), num_experts=2, pad_multiple=0), ValueError, "'pad_multiple'"),
-        (lambda: F.routing_plan(torch.zeros(4, 2, dtype=torch.int32), num_experts=2, capacity=-3), ValueError, "'capacity'"),
-        (lambda: F.routing_plan(torch.zeros(4, 2, dtype=torch.int32), num_experts=2, drop_policy="random"), ValueError, "'drop_policy'"),
-        (lambda: F.routing_plan(torch.zeros(4, 2, dtype=torch.int32), num_experts=2, capacity=1, drop_policy="score"), ValueError, "'weights'"),
-        (lambda: F.routing_plan(torch.zeros(4, 2, dtype=torch.int32), num_experts=2, weights=torch.zeros(4, 3)), ValueError, "'weights'"),
-        (lambda: F.routing_plan(torch.zeros(4, 2, dtype=torch.int32), num_experts=2, weights=torch.zeros(4, 2, device="meta")), ValueError, "'weights'.*meta"),
+        (
+            lambda: F.routing_plan(torch.zeros(4, 2, dtype=torch.int32), num_experts=2, pad_multiple=0),
+            ValueError,
+            "'pad_multiple'",
+        ),
+        (
+            lambda: F.routing_plan(torch.zeros(4, 2, dtype=torch.int32), num_experts=2, capacity=-3),
+            ValueError,
+            "'capacity'",
+        ),
+        (
+            lambda: F.routing_plan(torch.zeros(4, 2, dtype=torch.int32), num_experts=2, drop_policy="random"),
+            ValueError,
+            "'drop_policy'",
+        ),
+        (
+            lambda: F.routing_plan(
+                torch.zeros(4, 2, dtype=torch.int32), num_experts=2, capacity=1, drop_policy="score"
+            ),
+            ValueError,
+            "'weights'",
+        ),
+        (
+            lambda: F.routing_plan(torch.zeros(4, 2, dtype=torch.int32), num_experts=2, weights=torch.zeros(4, 3)),
+            ValueError,
+            "'weights'",
+        ),
+        (
+            lambda: F.routing_plan(
+                torch.zeros(4, 2, dtype=torch.int32), num_experts=2, weights=torch.zeros(4, 2, device="meta")
+            ),
+            ValueError,
+            "'weights'.*meta",
+        ),
         (lambda: F.routing_plan(torch.zeros(4, 2, dtype=torch.int32), num_experts=2.0), TypeError, "'num_experts'"),
     ],
 )
@@ -207,8 +242,16 @@ def test_combine_expert_choice_layout():
         (lambda p: F.permute(torch.randn(9, 4), (1, 2)), TypeError, "'plan'"),
         (lambda p: F.permute(torch.randn(9, 4, device="meta"), p), ValueError, "plan.token_of_row|'x'"),
         (lambda p: F.combine(torch.randn(p.token_of_row.shape[0], 4), torch.rand(9, 3), p), ValueError, "'weights'"),
-        (lambda p: F.combine(torch.randn(p.token_of_row.shape[0], 4), torch.rand(9, 2).double(), p), ValueError, "'weights'.*f32"),
-        (lambda p: F.combine(torch.randn(p.token_of_row.shape[0], 4), torch.rand(9, 2), p.row_of.long()), ValueError, "'row_of'.*i32"),
+        (
+            lambda p: F.combine(torch.randn(p.token_of_row.shape[0], 4), torch.rand(9, 2).double(), p),
+            ValueError,
+            "'weights'.*f32",
+        ),
+        (
+            lambda p: F.combine(torch.randn(p.token_of_row.shape[0], 4), torch.rand(9, 2), p.row_of.long()),
+            ValueError,
+            "'row_of'.*i32",
+        ),
         (lambda p: F.combine(torch.randn(4), torch.rand(9, 2), p), ValueError, "'ys'.*2-D"),
     ],
 )
@@ -223,7 +266,9 @@ def test_routing_deterministic():
     x = torch.randn(4097, 8)
     outs = []
     for _ in range(2):
-        plan = F.routing_plan(experts, num_experts=16, weights=weights, capacity=600, drop_policy="score", pad_multiple=8)
+        plan = F.routing_plan(
+            experts, num_experts=16, weights=weights, capacity=600, drop_policy="score", pad_multiple=8
+        )
         xs = F.permute(x, plan)
         outs.append(tuple(plan) + (xs, F.combine(xs, weights, plan)))
     for a, b in zip(*outs):
@@ -244,8 +289,9 @@ def test_routing_plan_workspace_bytes_equal_the_cpp_query(policy):
             for E in (1, 3, 64, 300):
                 for cap in (-1, 0, 7, 10**6):
                     for pad in (1, 8, 2**20):
-                        want = lib.routing_plan_workspace_bytes(num_experts=E, capacity=cap, drop_policy=code,
-                                                                pad_multiple=pad, T=T, K=K)
+                        want = lib.routing_plan_workspace_bytes(
+                            num_experts=E, capacity=cap, drop_policy=code, pad_multiple=pad, T=T, K=K
+                        )
                         got = routing.workspace_bytes(T, K, E, cap, policy, pad)
                         assert got == want, (T, K, E, cap, pad, policy)
 
@@ -261,6 +307,13 @@ def test_routing_plan_is_one_crossing(monkeypatch):
 
     monkeypatch.setattr(smoe._core, "lib", lambda: Spy())
     experts = torch.randint(0, 4, (33, 2), dtype=torch.int32)
-    F.routing_plan(experts, num_experts=4, weights=torch.rand(33, 2), capacity=5, drop_policy="score", pad_multiple=4,
-                   backend="cpu")
+    F.routing_plan(
+        experts,
+        num_experts=4,
+        weights=torch.rand(33, 2),
+        capacity=5,
+        drop_policy="score",
+        pad_multiple=4,
+        backend="cpu",
+    )
     assert names == ["routing_plan"]

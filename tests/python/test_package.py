@@ -63,8 +63,8 @@ def test_ops_modules_mirror_the_bindings():
 
 
 def test_enum_tables_come_from_the_core():
-    from smoe import _core
     import smoe.ops as ops
+    from smoe import _core
 
     enums = _core.lib().enums()
     assert _core.ENUMS == enums
@@ -72,8 +72,15 @@ def test_enum_tables_come_from_the_core():
     assert ops.SCORE_FUNCS == enums["score_func"] and ops.GROUP_SCORES == enums["group_score"]
     assert ops.DROP_POLICIES == enums["drop_policy"] and ops.ACTIVATIONS == enums["activation"]
     assert ops.GATED_ACTIVATIONS == enums["gated_activation"]
-    names = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
-             torch.int32: "i32", torch.int64: "i64", torch.uint8: "u8"}
+    names = {
+        torch.float32: "f32",
+        torch.float16: "f16",
+        torch.bfloat16: "bf16",
+        torch.float64: "f64",
+        torch.int32: "i32",
+        torch.int64: "i64",
+        torch.uint8: "u8",
+    }
     assert {names[d]: c for d, c in _core.DTYPE_CODES.items()} == enums["dtype"]
     assert _core.DEVICE_CODES == enums["device"]
     assert {b: _core.backend_code(b) for b in ("auto", "cpu", "cuda", "simt")} == enums["backend"]
@@ -84,9 +91,8 @@ def test_enum_tables_come_from_the_core():
 
 def test_cublas_baseline_says_what_is_missing_without_cublas():
     import pytest
-    import torch
-
     import smoe.ops
+    import torch
 
     if smoe.ops.has_cublas():
         pytest.skip("this build has cuBLAS (the GPU suite runs it)")

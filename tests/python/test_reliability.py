@@ -7,21 +7,19 @@ instead of stalling the suite.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-import torch
-
 import smoe
 import smoe.functional as F
+import torch
+from conftest import subprocess_env  # noqa: E402
 from smoe import _core
 from smoe.nn import MoE
 from smoe.testing import assert_close
-from conftest import subprocess_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_SIMT = "simt" in smoe.BACKENDS
@@ -34,8 +32,9 @@ def _python(code: str, timeout: float = 60, env: dict | None = None) -> subproce
     full_env = subprocess_env()
     full_env.update(env or {})
     try:
-        return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                              timeout=timeout, env=full_env)
+        return subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout, env=full_env
+        )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"hang: the subprocess did not finish in {timeout} s\nstdout: {e.stdout}\nstderr: {e.stderr}")
 
@@ -62,7 +61,10 @@ def parallel_op():
 
 def test_failed_thread_start_leaves_a_consistent_pool():
     # An address-space limit makes thread creation fail part way (each thread maps its stack).
-    out = _ok(_python(_PARALLEL_OP + """
+    out = _ok(
+        _python(
+            _PARALLEL_OP
+            + """
 import resource, smoe
 smoe.set_num_threads(2)
 expected = parallel_op()
@@ -84,12 +86,17 @@ assert parallel_op() == expected  # runs on the threads the pool really has, doe
 smoe.set_num_threads(3)  # and the pool can be resized again
 assert smoe.num_threads() == 3 and parallel_op() == expected
 print("ok", n)
-"""))
+"""
+        )
+    )
     assert out.startswith("ok")
 
 
 def test_op_in_forked_child_after_parent_used_the_pool():
-    out = _ok(_python(_PARALLEL_OP + """
+    out = _ok(
+        _python(
+            _PARALLEL_OP
+            + """
 import multiprocessing as mp
 import smoe
 smoe.set_num_threads(3)
@@ -109,14 +116,18 @@ for p in procs:
     assert p.exitcode == 0, p.exitcode
 assert all(r == (expected, 3) for r in results), results
 print("ok")
-"""))
+"""
+        )
+    )
     assert out.strip() == "ok"
 
 
 def test_forked_child_that_never_touches_smoe_exits():
     # The child inherits the parent's pool (and simt runner) objects but none of their threads: its
     # exit must not join them.
-    code = _PARALLEL_OP + """
+    code = (
+        _PARALLEL_OP
+        + """
 import os, smoe, torch, smoe.functional as F
 parallel_op()
 if "simt" in smoe.BACKENDS:
@@ -129,11 +140,14 @@ _, status = os.waitpid(pid, 0)
 assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
 print("ok")
 """
+    )
     assert _ok(_python(code, timeout=30)).strip() == "ok"
 
 
 def test_dataloader_workers_run_smoe_ops():
-    out = _ok(_python("""
+    out = _ok(
+        _python(
+            """
 import torch, smoe, smoe.functional as F
 from torch.utils.data import DataLoader, Dataset
 smoe.set_num_threads(2)
@@ -154,7 +168,10 @@ loader = DataLoader(Routed(), batch_size=1, num_workers=2, multiprocessing_conte
 got = torch.cat([b[0] for b in loader])
 assert torch.equal(got, want)
 print("ok")
-""", timeout=90))
+""",
+            timeout=90,
+        )
+    )
     assert out.strip() == "ok"
 
 
@@ -183,34 +200,49 @@ def test_numel_overflow_is_rejected_before_any_access():
 def test_workspace_queries_saturate_instead_of_overflowing():
     lib = _core.lib()
     big = 2**40
-    for fn, kw in ((lib.expert_mlp_workspace_bytes, dict(R=big, H=big, F=big)),
-                   (lib.shared_expert_workspace_bytes, dict(T=big, H=big, F=big))):
+    for fn, kw in (
+        (lib.expert_mlp_workspace_bytes, dict(R=big, H=big, F=big)),
+        (lib.shared_expert_workspace_bytes, dict(T=big, H=big, F=big)),
+    ):
         assert fn(act=0, dtype=0, **kw) == 2**63 - 1
         assert fn(act=0, dtype=0, **{k: 3 for k in kw}) > 0
     # routing: T*K beyond int32 rows needs no workspace (routing_plan rejects it), never a wrapped size
-    assert lib.routing_plan_workspace_bytes(num_experts=8, capacity=4, drop_policy=1, pad_multiple=1,
-                                            T=2**62, K=4) == 0
-    assert lib.routing_plan_max_rows(num_experts=8, capacity=-1, drop_policy=0, pad_multiple=1,
-                                     T=2**62, K=4) == 2**63 - 1
+    assert lib.routing_plan_workspace_bytes(num_experts=8, capacity=4, drop_policy=1, pad_multiple=1, T=2**62, K=4) == 0
+    assert (
+        lib.routing_plan_max_rows(num_experts=8, capacity=-1, drop_policy=0, pad_multiple=1, T=2**62, K=4) == 2**63 - 1
+    )
 
 
-@pytest.mark.parametrize("T,K,E,cap,pad", [(0, 1, 1, None, 1), (7, 2, 4, None, 1), (7, 2, 4, 3, 8),
-                                           (100, 8, 64, 0, 128), (5, 0, 3, 2, 2), (2**20, 8, 256, 2**40, 1)])
+@pytest.mark.parametrize(
+    "T,K,E,cap,pad",
+    [
+        (0, 1, 1, None, 1),
+        (7, 2, 4, None, 1),
+        (7, 2, 4, 3, 8),
+        (100, 8, 64, 0, 128),
+        (5, 0, 3, 2, 2),
+        (2**20, 8, 256, 2**40, 1),
+    ],
+)
 def test_routing_plan_max_rows_matches_the_cpp_query(T, K, E, cap, pad):
-    want = _core.lib().routing_plan_max_rows(num_experts=E, capacity=-1 if cap is None else cap, drop_policy=0,
-                                             pad_multiple=pad, T=T, K=K)
+    want = _core.lib().routing_plan_max_rows(
+        num_experts=E, capacity=-1 if cap is None else cap, drop_policy=0, pad_multiple=pad, T=T, K=K
+    )
     assert F.routing_plan_max_rows(T, K, num_experts=E, capacity=cap, pad_multiple=pad) == want
 
 
-@pytest.mark.parametrize("kwargs,arg,exc", [
-    (dict(T=-10, K=1, num_experts=1), "'T'", ValueError),
-    (dict(T=2, K=-1, num_experts=1), "'K'", ValueError),
-    (dict(T=2, K=1, num_experts=-10), "'num_experts'", ValueError),
-    (dict(T=2, K=1, num_experts=4, pad_multiple=0), "'pad_multiple'", ValueError),
-    (dict(T=2, K=1, num_experts=4, capacity=-3), "'capacity'", ValueError),
-    (dict(T=2, K=1, num_experts=2**31), "'num_experts'", ValueError),
-    (dict(T=2.0, K=1, num_experts=4), "'T'", TypeError),
-])
+@pytest.mark.parametrize(
+    "kwargs,arg,exc",
+    [
+        (dict(T=-10, K=1, num_experts=1), "'T'", ValueError),
+        (dict(T=2, K=-1, num_experts=1), "'K'", ValueError),
+        (dict(T=2, K=1, num_experts=-10), "'num_experts'", ValueError),
+        (dict(T=2, K=1, num_experts=4, pad_multiple=0), "'pad_multiple'", ValueError),
+        (dict(T=2, K=1, num_experts=4, capacity=-3), "'capacity'", ValueError),
+        (dict(T=2, K=1, num_experts=2**31), "'num_experts'", ValueError),
+        (dict(T=2.0, K=1, num_experts=4), "'T'", TypeError),
+    ],
+)
 def test_routing_plan_max_rows_validates(kwargs, arg, exc):
     T, K = kwargs.pop("T"), kwargs.pop("K")
     with pytest.raises(exc, match=arg):
@@ -256,8 +288,11 @@ def test_empty_gradients_with_zero_strides(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["plain", "expert_choice", "shared"])
 def test_layer_backward_with_no_tokens(backend, kind):
-    kwargs = {"plain": {}, "expert_choice": {"expert_choice": True},
-              "shared": {"num_shared_experts": 1, "shared_gate": True}}[kind]
+    kwargs = {
+        "plain": {},
+        "expert_choice": {"expert_choice": True},
+        "shared": {"num_shared_experts": 1, "shared_gate": True},
+    }[kind]
     torch.manual_seed(0)
     layer = MoE(8, 16, 4, 2, backend=backend, **kwargs)
     x = torch.zeros(0, 8, requires_grad=True)
@@ -390,17 +425,20 @@ def test_plain_tuple_as_routing_plan():
         F.permute(x, [plan.counts], backend="cpu")
 
 
-@pytest.mark.parametrize("call,arg,exc", [
-    (lambda e, L: F.routing_plan(e, num_experts=2**31), "'num_experts'", ValueError),
-    (lambda e, L: F.routing_plan(e, num_experts=4, pad_multiple=2**33), "'pad_multiple'", ValueError),
-    (lambda e, L: F.routing_plan(e, num_experts=4, capacity=2**64), "'capacity'", ValueError),
-    (lambda e, L: F.routing_plan(e, num_experts=4.0), "'num_experts'", TypeError),
-    (lambda e, L: F.topk_gating(L, top_k=1, n_groups=2**33), "'n_groups'", ValueError),
-    (lambda e, L: F.topk_gating(L, top_k=1, n_groups=2.0), "'n_groups'", TypeError),
-    (lambda e, L: F.topk_gating(L, top_k=1, topk_groups=2**31), "'topk_groups'", ValueError),
-    (lambda e, L: F.topk_gating(L, top_k=2**33), "'top_k'", ValueError),
-    (lambda e, L: F.expert_choice(L, capacity=2**64), "'capacity'", ValueError),
-])
+@pytest.mark.parametrize(
+    "call,arg,exc",
+    [
+        (lambda e, L: F.routing_plan(e, num_experts=2**31), "'num_experts'", ValueError),
+        (lambda e, L: F.routing_plan(e, num_experts=4, pad_multiple=2**33), "'pad_multiple'", ValueError),
+        (lambda e, L: F.routing_plan(e, num_experts=4, capacity=2**64), "'capacity'", ValueError),
+        (lambda e, L: F.routing_plan(e, num_experts=4.0), "'num_experts'", TypeError),
+        (lambda e, L: F.topk_gating(L, top_k=1, n_groups=2**33), "'n_groups'", ValueError),
+        (lambda e, L: F.topk_gating(L, top_k=1, n_groups=2.0), "'n_groups'", TypeError),
+        (lambda e, L: F.topk_gating(L, top_k=1, topk_groups=2**31), "'topk_groups'", ValueError),
+        (lambda e, L: F.topk_gating(L, top_k=2**33), "'top_k'", ValueError),
+        (lambda e, L: F.expert_choice(L, capacity=2**64), "'capacity'", ValueError),
+    ],
+)
 def test_integers_beyond_the_c_range(call, arg, exc):
     experts = torch.zeros(3, 2, dtype=torch.int32)
     logits = torch.randn(3, 4)

@@ -8,14 +8,12 @@ tiny: the emulator runs every CUDA thread as a fiber.
 from __future__ import annotations
 
 import pytest
-import torch
-
 import smoe
 import smoe.functional as F
+import torch
+from conftest import distinct_logits
 from smoe.nn import MoE
 from smoe.testing import assert_close
-
-from conftest import distinct_logits
 
 pytestmark = pytest.mark.skipif(
     "simt" not in smoe._core.BUILT_BACKENDS, reason="this build of smoe._C has no emulated CUDA backend"
@@ -76,9 +74,20 @@ def test_topk_gating(dtype):
     bias = torch.linspace(-0.1, 0.1, 8)
     check(
         lambda lg, b, backend: F.topk_gating(
-            lg, top_k=3, score_func="sigmoid", bias=b, n_groups=4, topk_groups=2, group_score="top2_sum",
-            renormalize=True, renorm_eps=1e-20, routed_scaling=2.5, backend=backend),
-        logits, bias,
+            lg,
+            top_k=3,
+            score_func="sigmoid",
+            bias=b,
+            n_groups=4,
+            topk_groups=2,
+            group_score="top2_sum",
+            renormalize=True,
+            renorm_eps=1e-20,
+            routed_scaling=2.5,
+            backend=backend,
+        ),
+        logits,
+        bias,
     )
 
 
@@ -111,8 +120,9 @@ def test_balancing_bias_update():
 def test_routing_plan(capacity, policy, pad):
     weights, experts, _ = F.topk_gating(distinct_logits(13, 5), top_k=2, backend="cpu")
     plans = {
-        b: F.routing_plan(experts, num_experts=5, weights=weights, capacity=capacity, drop_policy=policy,
-                          pad_multiple=pad, backend=b)
+        b: F.routing_plan(
+            experts, num_experts=5, weights=weights, capacity=capacity, drop_policy=policy, pad_multiple=pad, backend=b
+        )
         for b in ("cpu", "simt")
     }
     for name, g, w in zip(plans["cpu"]._fields, plans["simt"], plans["cpu"]):
@@ -157,8 +167,7 @@ def test_expert_mlp(dtype, activation):
     _, plan = _plan(capacity=3)
     F1 = 32 if activation == "swiglu" else 16
     x, w1, w2 = _w(9, 16, dtype=dtype), _w(4, F1, 16, dtype=dtype), _w(4, 16, 16, dtype=dtype)
-    check(lambda x, w1, w2, backend: F.expert_mlp(x, w1, w2, plan, activation=activation, backend=backend),
-          x, w1, w2)
+    check(lambda x, w1, w2, backend: F.expert_mlp(x, w1, w2, plan, activation=activation, backend=backend), x, w1, w2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -166,8 +175,9 @@ def test_expert_mlp(dtype, activation):
 def test_shared_expert(dtype, gated):
     x, w1, w2 = _w(9, 16, dtype=dtype), _w(32, 16, dtype=dtype), _w(16, 16, dtype=dtype)
     if gated:
-        check(lambda x, w1, w2, g, backend: F.shared_expert(x, w1, w2, g, backend=backend), x, w1, w2,
-              _w(16, dtype=dtype))
+        check(
+            lambda x, w1, w2, g, backend: F.shared_expert(x, w1, w2, g, backend=backend), x, w1, w2, _w(16, dtype=dtype)
+        )
     else:
         check(lambda x, w1, w2, backend: F.shared_expert(x, w1, w2, backend=backend), x, w1, w2)
 

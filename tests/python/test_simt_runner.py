@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from smoe.simt import rewrite_source
 from conftest import subprocess_env  # noqa: E402
+from smoe.simt import rewrite_source
 
 ROOT = Path(__file__).resolve().parents[2]
 L = "::smoe::simt::detail::make_launcher"
@@ -28,9 +27,9 @@ REWRITES = [
     ('auto s = u8R"(")"; k<<<1, 2>>>(s);', f'auto s = u8R"(")"; {L}(k, 1, 2)(s);'),
     # char and prefixed literals, escapes, comments
     ("char q = '\"'; k<<<1, 2>>>(q); // k<<<3,4>>>()", f"char q = '\"'; {L}(k, 1, 2)(q); // k<<<3,4>>>()"),
-    ("auto c = u8'x'; auto w = L\"a\\\"b\"; k<<<1, 2>>>(c);", f"auto c = u8'x'; auto w = L\"a\\\"b\"; {L}(k, 1, 2)(c);"),
+    ('auto c = u8\'x\'; auto w = L"a\\"b"; k<<<1, 2>>>(c);', f'auto c = u8\'x\'; auto w = L"a\\"b"; {L}(k, 1, 2)(c);'),
     ("/* k<<<1,1>>>() */ k<<<1, 2>>>(x);", f"/* k<<<1,1>>>() */ {L}(k, 1, 2)(x);"),
-    ('k<<<1, 2>>>(f(")"), \')\');', f'{L}(k, 1, 2)(f(")"), \')\');'),
+    ("k<<<1, 2>>>(f(\")\"), ')');", f"{L}(k, 1, 2)(f(\")\"), ')');"),
     # kernel expressions: indexed, members, pointers to members
     ("kp[0]<<<g, b>>>(x);", f"{L}(kp[0], g, b)(x);"),
     ("table[i + 1]<<<g, b, 0, s>>>(x);", f"{L}(table[i + 1], g, b, 0, s)(x);"),
@@ -56,8 +55,9 @@ def _runner(*args, env=None, timeout=240):
     full_env = subprocess_env()
     full_env.update(env or {})
     try:
-        return subprocess.run([sys.executable, "-m", "smoe.simt", *args], capture_output=True, text=True,
-                              timeout=timeout, env=full_env)
+        return subprocess.run(
+            [sys.executable, "-m", "smoe.simt", *args], capture_output=True, text=True, timeout=timeout, env=full_env
+        )
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"the runner did not finish in {timeout} s: {e.stderr}")
 
@@ -139,11 +139,17 @@ def test_spin_timeout_values_that_are_not_seconds(tmp_path, cache):
     exe = tmp_path / "options"
     assert _runner("compile", str(src), "-o", str(exe), env=cache).returncode == 0
     for value in ("nan", "junk", "", "-1", "inf", "5s"):
-        proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60,
-                              env=dict(os.environ, SMOE_SIMT_SPIN_TIMEOUT=value))
+        proc = subprocess.run(
+            [str(exe)], capture_output=True, text=True, timeout=60, env=dict(os.environ, SMOE_SIMT_SPIN_TIMEOUT=value)
+        )
         assert proc.stdout.startswith("timeout 20\n"), (value, proc.stdout)  # the default, not 0 or nan
         assert f"SMOE_SIMT_SPIN_TIMEOUT={value} is not a finite number" in proc.stderr, (value, proc.stderr)
-    proc = subprocess.run([str(exe), "spin"], capture_output=True, text=True, timeout=60,
-                          env=dict(os.environ, SMOE_SIMT_SPIN_TIMEOUT="0.5"))
+    proc = subprocess.run(
+        [str(exe), "spin"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, SMOE_SIMT_SPIN_TIMEOUT="0.5"),
+    )
     assert proc.stdout.startswith("timeout 0.5\n") and proc.stderr.count("not a finite") == 0
     assert "livelock" in proc.stderr and "unspecified launch failure" in proc.stdout

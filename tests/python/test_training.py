@@ -7,22 +7,20 @@ The multi-process (gloo) tests are in test_training_dist.py.
 """
 
 import copy
-import math
 import os
 import subprocess
 import sys
 import warnings
 
 import pytest
+import smoe.nn
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
-
-import smoe.nn
-from smoe.nn import MoE, AuxLossUnusedWarning
+from conftest import subprocess_env  # noqa: E402
+from smoe.nn import AuxLossUnusedWarning, MoE
 from smoe.reference import moe_layer
 from smoe.testing import assert_close
-from conftest import subprocess_env  # noqa: E402
+from torch.utils.checkpoint import checkpoint
 
 H, F, E, K = 16, 12, 6, 2
 BACKENDS = ["reference", "cpu", "simt"]
@@ -179,8 +177,7 @@ def test_unused_aux_loss_warns():
 
 def test_aux_loss_helper_sums_layers_and_attach_mode_detaches():
     torch.manual_seed(0)
-    model = nn.Sequential(MoE(H, F, E, K, aux_loss_coef=AUX, z_loss_coef=ZC),
-                          MoE(H, F, E, K, aux_loss_coef=0.2))
+    model = nn.Sequential(MoE(H, F, E, K, aux_loss_coef=AUX, z_loss_coef=ZC), MoE(H, F, E, K, aux_loss_coef=0.2))
     assert float(smoe.nn.aux_loss(model)) == 0.0  # before any forward
     x = torch.randn(5, H)
     model(x)
@@ -199,8 +196,18 @@ class _Block(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.inp = nn.Linear(H, H)
-        self.moe = MoE(H, F, E, K, backend=backend, score_func="sigmoid", bias_balancing=True,
-                       bias_update_rate=0.01, router_jitter_noise=0.1, **kw)
+        self.moe = MoE(
+            H,
+            F,
+            E,
+            K,
+            backend=backend,
+            score_func="sigmoid",
+            bias_balancing=True,
+            bias_update_rate=0.01,
+            router_jitter_noise=0.1,
+            **kw,
+        )
         self.ckpt = ckpt
 
     def forward(self, x):
@@ -220,7 +227,7 @@ def _train(model, batches, micro=2):
     for step in range(0, len(batches), micro):
         opt.zero_grad(set_to_none=True)
         load = torch.zeros(E, dtype=torch.int64)
-        for x in batches[step:step + micro]:
+        for x in batches[step : step + micro]:
             y = model(x)
             load += model.moe.last_stats["routed_per_expert"].long()
             ((y.square().mean() + smoe.nn.aux_loss(model)) / micro).backward()
@@ -235,8 +242,9 @@ def _train(model, batches, micro=2):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("ckpt,mode", [("non-reentrant", "loss"), ("reentrant", "loss"), ("reentrant", "attach"),
-                                       ("reentrant", None)])
+@pytest.mark.parametrize(
+    "ckpt,mode", [("non-reentrant", "loss"), ("reentrant", "loss"), ("reentrant", "attach"), ("reentrant", None)]
+)
 def test_checkpoint_bitwise_equal_and_bias_once_per_step(backend, ckpt, mode):
     kw = {} if mode is None else dict(aux_loss_coef=AUX, z_loss_coef=ZC, aux_loss_mode=mode)
     torch.manual_seed(3)
@@ -344,8 +352,13 @@ def test_autocast_matches_reference(backend, amp, x_dtype):
         assert y.dtype == amp
         ((y.float() * g).sum() + smoe.nn.aux_loss(layer)).backward()
         assert layer.w1.grad.dtype == torch.float32 and layer.router.weight.grad.dtype == torch.float32
-        out[name] = (y.detach(), xx.grad, {n: p.grad for n, p in layer.named_parameters()},
-                     layer.last_aux_loss, layer.last_z_loss)
+        out[name] = (
+            y.detach(),
+            xx.grad,
+            {n: p.grad for n, p in layer.named_parameters()},
+            layer.last_aux_loss,
+            layer.last_z_loss,
+        )
     assert_close(out["ours"][0], out["ref"][0], msg="output")
     assert_close(out["ours"][1], out["ref"][1], dtype=amp, msg="grad x")
     for n, gr in out["ref"][2].items():
@@ -363,8 +376,15 @@ def test_autocast_experts_in_amp_dtype_router_in_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     stats = layer.last_stats["routed_per_expert"].clone()
-    out = moe_layer(x.bfloat16(), layer.router.weight, layer.w1.bfloat16(), layer.w2.bfloat16(), top_k=K,
-                    renormalize=True, router_x=x)
+    out = moe_layer(
+        x.bfloat16(),
+        layer.router.weight,
+        layer.w1.bfloat16(),
+        layer.w2.bfloat16(),
+        top_k=K,
+        renormalize=True,
+        router_x=x,
+    )
     assert_close(y, out.y)
     assert torch.equal(stats.long(), out.routed_per_expert)
     assert low(x.bfloat16()).dtype == torch.bfloat16
@@ -483,7 +503,7 @@ def test_global_balance_loss_accumulates_over_micro_batches(backend):
     switch.load_state_dict(layer.state_dict())
     torch.manual_seed(2)
     xs = [torch.randn(9, H) for _ in range(3)]
-    for step in range(2):
+    for _step in range(2):
         counts = torch.zeros(E)
         tokens = 0
         for i, x in enumerate(xs):
@@ -577,8 +597,13 @@ def test_bad_forward_and_helper_arguments():
 # ------------------------------------------------------------------ the example
 def test_train_loop_example_tiny():
     env = subprocess_env()
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "train_loop.py"), "--tiny"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "examples", "train_loop.py"), "--tiny"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert "final loss" in out.stdout
 
@@ -593,8 +618,10 @@ if __name__ == "__main__":  # the router-gradient error table of the note
         for case in SCALINGS:
             g_o, g_r, _, _ = _router_grad_case(case, "cpu", "loss", ckpt=ckpt)
             err = (g_o - g_r).abs()
-            print(f"cpu loss ckpt={ckpt:13s} {case:16s} max abs {float(err.max()):.3e}  "
-                  f"max rel {float((err / g_r.abs().clamp(min=1e-6)).max()):.3e}")
+            print(
+                f"cpu loss ckpt={ckpt:13s} {case:16s} max abs {float(err.max()):.3e}  "
+                f"max rel {float((err / g_r.abs().clamp(min=1e-6)).max()):.3e}"
+            )
 
 
 def test_meta_device_build_then_to_empty_trains():

@@ -10,10 +10,9 @@ router weights after the steps agree.
 import os
 
 import pytest
+import smoe.nn
 import torch
 import torch.distributed as dist
-
-import smoe.nn
 from smoe.distributed import run_local
 from smoe.nn import MoE
 from smoe.testing import assert_close
@@ -25,8 +24,20 @@ TIMEOUT_S = 180
 
 def _model(process_group=None):
     torch.manual_seed(0)
-    return MoE(H, F, E, K, backend="cpu", score_func="sigmoid", bias_balancing=True, bias_update_rate=0.01,
-               aux_loss_coef=0.1, z_loss_coef=0.01, aux_loss_type="global", process_group=process_group)
+    return MoE(
+        H,
+        F,
+        E,
+        K,
+        backend="cpu",
+        score_func="sigmoid",
+        bias_balancing=True,
+        bias_update_rate=0.01,
+        aux_loss_coef=0.1,
+        z_loss_coef=0.01,
+        aux_loss_type="global",
+        process_group=process_group,
+    )
 
 
 def _batches(world):
@@ -42,7 +53,7 @@ def _train(model, module, batches, rank=0, ranks=1):
     for step in batches:
         opt.zero_grad(set_to_none=True)
         for x in step:
-            x = x[rank * (x.shape[0] // ranks):(rank + 1) * (x.shape[0] // ranks)]
+            x = x[rank * (x.shape[0] // ranks) : (rank + 1) * (x.shape[0] // ranks)]
             y = model(x)
             loss = y.square().mean() + smoe.nn.aux_loss(module)
             (loss / MICRO).backward()
@@ -63,8 +74,10 @@ def _worker(rank, world, broadcast_buffers, out_dir):
     mean_loss /= world
     gathered = [torch.zeros_like(biases) for _ in range(world)]
     dist.all_gather(gathered, biases)
-    torch.save({"mean_loss": mean_loss, "biases": torch.stack(gathered),
-                "router": moe.router.weight.detach().clone()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save(
+        {"mean_loss": mean_loss, "biases": torch.stack(gathered), "router": moe.router.weight.detach().clone()},
+        os.path.join(out_dir, f"rank{rank}.pt"),
+    )
 
 
 def _spawn(world, broadcast_buffers, tmp_path):

@@ -153,8 +153,8 @@ Status combine_backward_v0(const TensorView& grad_y, const TensorView& ys, const
     using S = typename decltype(tag)::type;
     if (grad_ys.defined() && R > 0 && H > 0) {
       // one thread per row of grad_ys, then one thread per (t, k)
-      SMOE_CUDA_CHECK(SMOE_LAUNCH(&zero_rows_v0_kernel<S>, dim3(blocks_for(R)), dim3(kThreads), 0, s, R, H,
-                                  grad_ys.data_as<S>()));
+      SMOE_CUDA_CHECK(
+          SMOE_LAUNCH(&zero_rows_v0_kernel<S>, dim3(blocks_for(R)), dim3(kThreads), 0, s, R, H, grad_ys.data_as<S>()));
       if (n > 0) {
         SMOE_CUDA_CHECK(SMOE_LAUNCH(&scatter_grad_rows_v0_kernel<S>, dim3(blocks_for(n)), dim3(kThreads), 0, s,
                                     grad_y.data_as<const S>(), grad_y.stride(0), weights.data_as<const float>(),

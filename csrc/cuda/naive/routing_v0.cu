@@ -45,9 +45,9 @@ __global__ void routing_v0_scan_kernel(const int32_t* counts, int32_t E, int32_t
   }
 }
 
-__global__ void routing_v0_place_kernel(const int32_t* experts, const float* weights, int64_t n, int32_t K,
-                                        int32_t E, int64_t capacity, bool by_score, const int64_t* offsets,
-                                        int32_t* row_of, int32_t* token_of_row) {
+__global__ void routing_v0_place_kernel(const int32_t* experts, const float* weights, int64_t n, int32_t K, int32_t E,
+                                        int64_t capacity, bool by_score, const int64_t* offsets, int32_t* row_of,
+                                        int32_t* token_of_row) {
   // TEACH: E threads walk n assignments each, one after another: the GPU runs E threads where it
   // could run n. v1's scatter gives each warp a chunk of ~1024 assignments and ranks 32 at a time
   // with __match_any_sync.

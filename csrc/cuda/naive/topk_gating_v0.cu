@@ -128,8 +128,9 @@ Status topk_gating_forward_v0(const TopkGatingParams& p, const TensorView& logit
   const int64_t T = logits.size(0), E = logits.size(1);
   const bool grouped = p.topk_groups < p.n_groups;
   if (grouped && p.n_groups > kMaxGroups) {
-    return unsupported(op, "n_groups = " + std::to_string(p.n_groups) + " with the naive v0 kernel, which keeps "
-                           "the groups in a 64-bit mask (n_groups <= 64); use kernel version 1");
+    return unsupported(op, "n_groups = " + std::to_string(p.n_groups) +
+                               " with the naive v0 kernel, which keeps "
+                               "the groups in a 64-bit mask (n_groups <= 64); use kernel version 1");
   }
   if (T == 0) return Status::Ok();
   TopkV0Args a{};

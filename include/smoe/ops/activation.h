@@ -18,7 +18,7 @@ constexpr bool is_gated(Activation a) { return a == Activation::kSwiGLU || a == 
 // in [R, F1] (F1 = 2F if gated else F), out [R, F]; same dtype.
 Status activation_forward(const Exec& exec, Activation act, const TensorView& in, const TensorView& out);
 // grad_out [R, F], in [R, F1] -> grad_in [R, F1]
-Status activation_backward(const Exec& exec, Activation act, const TensorView& in,
-                           const TensorView& grad_out, const TensorView& grad_in);
+Status activation_backward(const Exec& exec, Activation act, const TensorView& in, const TensorView& grad_out,
+                           const TensorView& grad_in);
 
 }  // namespace smoe

@@ -30,7 +30,7 @@ Status expert_choice_forward(const Exec& exec, const ExpertChoiceParams& params,
 // grad_scores [T, E] or absent, grad_logits [T, E] out, every element written (zeros when both are
 // absent).
 Status expert_choice_backward(const Exec& exec, const ExpertChoiceParams& params, const TensorView& scores,
-                              const TensorView& row_of, const TensorView& grad_weights,
-                              const TensorView& grad_scores, const TensorView& grad_logits);
+                              const TensorView& row_of, const TensorView& grad_weights, const TensorView& grad_scores,
+                              const TensorView& grad_logits);
 
 }  // namespace smoe

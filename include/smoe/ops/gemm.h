@@ -16,12 +16,12 @@ struct GroupedGemmParams {
 
 // a [R, Kd], b [E, N, Kd] or [E, Kd, N], offsets [E+1] i64, c [R, N] out (same dtype as a and b).
 // Rows of c at or past offsets[E] are left untouched.
-Status grouped_gemm(const Exec& exec, const GroupedGemmParams& params, const TensorView& a,
-                    const TensorView& b, const TensorView& offsets, const TensorView& c);
+Status grouped_gemm(const Exec& exec, const GroupedGemmParams& params, const TensorView& a, const TensorView& b,
+                    const TensorView& offsets, const TensorView& c);
 
 // The weight-gradient ("variable-K") form: c[e] = a[seg_e]^T @ b[seg_e].
 // a [R, M], b [R, N], offsets [E+1] i64, c [E, M, N] out. An empty segment gives exact zeros.
-Status grouped_gemm_wgrad(const Exec& exec, const TensorView& a, const TensorView& b,
-                          const TensorView& offsets, const TensorView& c);
+Status grouped_gemm_wgrad(const Exec& exec, const TensorView& a, const TensorView& b, const TensorView& offsets,
+                          const TensorView& c);
 
 }  // namespace smoe

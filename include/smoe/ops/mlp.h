@@ -17,8 +17,7 @@ struct ExpertMlpParams {
 // Rows outside [offsets[0], offsets[E]) of pre, act and ys become zeros.
 Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const TensorView& x,
                           const TensorView& token_of_row, const TensorView& offsets, const TensorView& w1,
-                          const TensorView& w2, const TensorView& pre, const TensorView& act,
-                          const TensorView& ys);
+                          const TensorView& w2, const TensorView& pre, const TensorView& act, const TensorView& ys);
 
 // grad_ys [R, H]; x [T, H] and token_of_row [R] of the forward (grad_w1 = sum over the rows r of
 // expert e of grad_pre[r]^T x[token_of_row[r]], x read through token_of_row again); row_of [T, K] i32;
@@ -27,9 +26,9 @@ Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const
 int64_t expert_mlp_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t R, int64_t H, int64_t F);
 Status expert_mlp_backward(const Exec& exec, const ExpertMlpParams& params, const TensorView& grad_ys,
                            const TensorView& x, const TensorView& token_of_row, const TensorView& row_of,
-                           const TensorView& offsets, const TensorView& w1, const TensorView& w2,
-                           const TensorView& pre, const TensorView& act, const TensorView& grad_x,
-                           const TensorView& grad_w1, const TensorView& grad_w2, const TensorView& workspace);
+                           const TensorView& offsets, const TensorView& w1, const TensorView& w2, const TensorView& pre,
+                           const TensorView& act, const TensorView& grad_x, const TensorView& grad_w1,
+                           const TensorView& grad_w2, const TensorView& workspace);
 
 // Shared experts (DeepSeekMoE arXiv:2401.06066; Qwen2-MoE): every token passes through one dense
 // MLP (several shared experts are one MLP of their summed width), optionally scaled by a sigmoid gate:
@@ -37,20 +36,18 @@ Status expert_mlp_backward(const Exec& exec, const ExpertMlpParams& params, cons
 // x [T, H]; w1 [F1, H]; w2 [H, F]; gate_w [H] or absent;
 // saved: pre [T, F1], act [T, F], out [T, H] (the MLP output before gating), gate [T] f32 (sigmoid);
 // y [T, H] is accumulated into (y += ...).
-Status shared_expert_forward(const Exec& exec, const ExpertMlpParams& params, const TensorView& x,
-                             const TensorView& w1, const TensorView& w2, const TensorView& gate_w,
-                             const TensorView& pre, const TensorView& act, const TensorView& out,
-                             const TensorView& gate, const TensorView& y);
+Status shared_expert_forward(const Exec& exec, const ExpertMlpParams& params, const TensorView& x, const TensorView& w1,
+                             const TensorView& w2, const TensorView& gate_w, const TensorView& pre,
+                             const TensorView& act, const TensorView& out, const TensorView& gate, const TensorView& y);
 // grad_y [T, H] -> grad_x [T, H] (accumulated into: grad_x += ...), grad_w1, grad_w2, grad_gate_w [H] (if gated).
 // Without gate_w, `out` is never read by the backward and may be absent (so a caller need not keep the
 // [T, H] MLP output, which then equals the y it added).
 // workspace: bytes from shared_expert_workspace_bytes.
 int64_t shared_expert_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t T, int64_t H, int64_t F);
 Status shared_expert_backward(const Exec& exec, const ExpertMlpParams& params, const TensorView& grad_y,
-                              const TensorView& x, const TensorView& w1, const TensorView& w2,
-                              const TensorView& gate_w, const TensorView& pre, const TensorView& act,
-                              const TensorView& out, const TensorView& gate, const TensorView& grad_x,
-                              const TensorView& grad_w1, const TensorView& grad_w2,
-                              const TensorView& grad_gate_w, const TensorView& workspace);
+                              const TensorView& x, const TensorView& w1, const TensorView& w2, const TensorView& gate_w,
+                              const TensorView& pre, const TensorView& act, const TensorView& out,
+                              const TensorView& gate, const TensorView& grad_x, const TensorView& grad_w1,
+                              const TensorView& grad_w2, const TensorView& grad_gate_w, const TensorView& workspace);
 
 }  // namespace smoe

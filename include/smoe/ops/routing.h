@@ -17,10 +17,10 @@ enum class DropPolicy : int32_t {
 };
 
 struct RoutingPlanParams {
-  int32_t num_experts = 0;     // E
-  int64_t capacity = -1;       // C; < 0 means dropless
+  int32_t num_experts = 0;  // E
+  int64_t capacity = -1;    // C; < 0 means dropless
   DropPolicy drop_policy = DropPolicy::kByTokenOrder;
-  int32_t pad_multiple = 1;    // pad every expert segment to a multiple of this many rows
+  int32_t pad_multiple = 1;  // pad every expert segment to a multiple of this many rows
 };
 
 // Upper bound of R (rows of the expert-sorted buffer) for T tokens and K picks: size the

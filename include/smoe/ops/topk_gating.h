@@ -44,7 +44,7 @@ Status topk_gating_forward(const Exec& exec, const TopkGatingParams& params, con
 // grad_weights [T, K] or absent; grad_scores [T, E] or absent (e.g. from the load-balancing loss);
 // grad_logits  [T, E] out, same float dtype as scores.
 Status topk_gating_backward(const Exec& exec, const TopkGatingParams& params, const TensorView& scores,
-                            const TensorView& experts, const TensorView& grad_weights,
-                            const TensorView& grad_scores, const TensorView& grad_logits);
+                            const TensorView& experts, const TensorView& grad_weights, const TensorView& grad_scores,
+                            const TensorView& grad_logits);
 
 }  // namespace smoe

@@ -40,8 +40,7 @@ struct BlockState {
 inline thread_local ThreadState* tls_thread = nullptr;
 inline thread_local BlockState* tls_block = nullptr;
 
-[[noreturn]] void fail_at(const char* file, int line, const char* fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+[[noreturn]] void fail_at(const char* file, int line, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
 
 // One lane's operands and results of a warp collective.
 struct LaneIO {
@@ -57,8 +56,7 @@ struct CollectiveKind {
   bool same_site_required;  // false for __syncwarp: sm_70+ lets lanes meet at different calls
 };
 
-void warp_collective(const CollectiveKind& kind, unsigned mask, LaneIO& io, const char* file,
-                     int line);
+void warp_collective(const CollectiveKind& kind, unsigned mask, LaneIO& io, const char* file, int line);
 void sync_threads(const char* file, int line);
 int sync_threads_reduce(int predicate, int op, const char* file, int line);  // 0 count, 1 and, 2 or
 void yield_point();
@@ -66,15 +64,13 @@ void count_wgmma_issue();  // one warp's wgmma.mma_async (smoe::simt::wgmma_issu
 unsigned active_mask();
 [[noreturn]] void trap(const char* file, int line);
 
-void cp_async(void* smem_dst, const void* src, int bytes, int src_bytes, const char* file,
-              int line);
+void cp_async(void* smem_dst, const void* src, int bytes, int src_bytes, const char* file, int line);
 void cp_async_commit();
 void cp_async_wait(int keep_pending, const char* file, int line);
 
 template <class T>
 inline uint64_t to_bits64(const T& v) {
-  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>,
-                "warp shuffles move values of at most 8 bytes");
+  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "warp shuffles move values of at most 8 bytes");
   uint64_t u = 0;
   std::memcpy(&u, &v, sizeof(T));
   return u;
@@ -91,8 +87,7 @@ inline T from_bits64(uint64_t u) {
 // c operand CUDA derives from `width`: ((32 - width) << 8) | 0x1f, and 0 in c[4:0] for up.
 template <int kMode>  // 0 idx, 1 up, 2 down, 3 bfly
 void combine_shfl(uint32_t mask, LaneIO* lanes, const char* file, int line) {
-  static const char* const names[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync",
-                                      "__shfl_xor_sync"};
+  static const char* const names[] = {"__shfl_sync", "__shfl_up_sync", "__shfl_down_sync", "__shfl_xor_sync"};
   int width = -1;
   for (unsigned lane = 0; lane < 32; ++lane) {
     if (!(mask >> lane & 1u)) continue;
@@ -113,15 +108,26 @@ void combine_shfl(uint32_t mask, LaneIO* lanes, const char* file, int line) {
     int64_t j = 0;
     bool pval = false;
     switch (kMode) {
-      case 0: j = min_lane | (b & 31u & ~segmask); pval = j <= max_lane; break;
-      case 1: j = static_cast<int64_t>(lane) - b; pval = j >= min_lane; break;
-      case 2: j = static_cast<int64_t>(lane) + b; pval = j <= max_lane; break;
-      default: j = lane ^ b; pval = j <= max_lane; break;
+      case 0:
+        j = min_lane | (b & 31u & ~segmask);
+        pval = j <= max_lane;
+        break;
+      case 1:
+        j = static_cast<int64_t>(lane) - b;
+        pval = j >= min_lane;
+        break;
+      case 2:
+        j = static_cast<int64_t>(lane) + b;
+        pval = j <= max_lane;
+        break;
+      default:
+        j = lane ^ b;
+        pval = j <= max_lane;
+        break;
     }
     if (!pval) j = lane;
     if (!(mask >> j & 1u))
-      fail_at(file, line,
-              "%s: lane %u reads lane %lld, which is not in the mask 0x%08x (undefined value)",
+      fail_at(file, line, "%s: lane %u reads lane %lld, which is not in the mask 0x%08x (undefined value)",
               names[kMode], lane, static_cast<long long>(j), mask);
     lanes[lane].out[0] = lanes[j].in[0];
     lanes[lane].out[1] = lanes[j].in[1];
@@ -142,8 +148,7 @@ inline void combine_match_any(uint32_t mask, LaneIO* lanes, const char*, int) {
     if (!(mask >> a & 1u)) continue;
     uint32_t same = 0;
     for (unsigned b = 0; b < 32; ++b)
-      if ((mask >> b & 1u) && lanes[a].in[0] == lanes[b].in[0] && lanes[a].in[1] == lanes[b].in[1])
-        same |= 1u << b;
+      if ((mask >> b & 1u) && lanes[a].in[0] == lanes[b].in[0] && lanes[a].in[1] == lanes[b].in[1]) same |= 1u << b;
     lanes[a].out[0] = same;
   }
 }
@@ -164,16 +169,36 @@ void combine_reduce(uint32_t mask, LaneIO* lanes, const char*, int) {
   for (unsigned lane = 0; lane < 32; ++lane) {
     if (!(mask >> lane & 1u)) continue;
     const uint32_t v = lanes[lane].in[0];
-    if (first) { acc = v; first = false; continue; }
+    if (first) {
+      acc = v;
+      first = false;
+      continue;
+    }
     switch (kOp) {
-      case 0: acc += v; break;
-      case 1: acc = v < acc ? v : acc; break;
-      case 2: acc = v > acc ? v : acc; break;
-      case 3: acc = static_cast<int32_t>(v) < static_cast<int32_t>(acc) ? v : acc; break;
-      case 4: acc = static_cast<int32_t>(v) > static_cast<int32_t>(acc) ? v : acc; break;
-      case 5: acc &= v; break;
-      case 6: acc |= v; break;
-      default: acc ^= v; break;
+      case 0:
+        acc += v;
+        break;
+      case 1:
+        acc = v < acc ? v : acc;
+        break;
+      case 2:
+        acc = v > acc ? v : acc;
+        break;
+      case 3:
+        acc = static_cast<int32_t>(v) < static_cast<int32_t>(acc) ? v : acc;
+        break;
+      case 4:
+        acc = static_cast<int32_t>(v) > static_cast<int32_t>(acc) ? v : acc;
+        break;
+      case 5:
+        acc &= v;
+        break;
+      case 6:
+        acc |= v;
+        break;
+      default:
+        acc ^= v;
+        break;
     }
   }
   for (unsigned lane = 0; lane < 32; ++lane) lanes[lane].out[0] = acc;
@@ -201,8 +226,7 @@ inline constexpr CollectiveKind kReduceOr{"__reduce_or_sync", &combine_reduce<6>
 inline constexpr CollectiveKind kReduceXor{"__reduce_xor_sync", &combine_reduce<7>, true};
 
 template <class T>
-inline T shfl(const CollectiveKind& kind, unsigned mask, T var, uint32_t b, int width,
-              const char* file, int line) {
+inline T shfl(const CollectiveKind& kind, unsigned mask, T var, uint32_t b, int width, const char* file, int line) {
   LaneIO io;
   const uint64_t u = to_bits64(var);
   io.in[0] = static_cast<uint32_t>(u);
@@ -212,8 +236,7 @@ inline T shfl(const CollectiveKind& kind, unsigned mask, T var, uint32_t b, int 
   warp_collective(kind, mask, io, file, line);
   return from_bits64<T>(io.out[0] | static_cast<uint64_t>(io.out[1]) << 32);
 }
-inline uint32_t collective1(const CollectiveKind& kind, unsigned mask, uint32_t v,
-                            const char* file, int line) {
+inline uint32_t collective1(const CollectiveKind& kind, unsigned mask, uint32_t v, const char* file, int line) {
   LaneIO io;
   io.in[0] = v;
   warp_collective(kind, mask, io, file, line);
@@ -233,63 +256,52 @@ inline constexpr int warpSize = 32;
 inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   smoe::simt::detail::sync_threads(file, line);
 }
-inline int __syncthreads_count(int p, const char* file = __builtin_FILE(),
-                               int line = __builtin_LINE()) {
+inline int __syncthreads_count(int p, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   return smoe::simt::detail::sync_threads_reduce(p, 0, file, line);
 }
-inline int __syncthreads_and(int p, const char* file = __builtin_FILE(),
-                             int line = __builtin_LINE()) {
+inline int __syncthreads_and(int p, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   return smoe::simt::detail::sync_threads_reduce(p, 1, file, line);
 }
-inline int __syncthreads_or(int p, const char* file = __builtin_FILE(),
-                            int line = __builtin_LINE()) {
+inline int __syncthreads_or(int p, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   return smoe::simt::detail::sync_threads_reduce(p, 2, file, line);
 }
-inline void __syncwarp(unsigned mask = 0xffffffffu, const char* file = __builtin_FILE(),
-                       int line = __builtin_LINE()) {
+inline void __syncwarp(unsigned mask = 0xffffffffu, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   smoe::simt::detail::LaneIO io;
   smoe::simt::detail::warp_collective(smoe::simt::detail::kSyncWarp, mask, io, file, line);
 }
 
 // Warp collectives -----------------------------------------------------------------------------
 template <class T>
-inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize,
-                     const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
-  return smoe::simt::detail::shfl(smoe::simt::detail::kShflIdx, mask, var,
-                                  static_cast<uint32_t>(src_lane), width, file, line);
+inline T __shfl_sync(unsigned mask, T var, int src_lane, int width = warpSize, const char* file = __builtin_FILE(),
+                     int line = __builtin_LINE()) {
+  return smoe::simt::detail::shfl(smoe::simt::detail::kShflIdx, mask, var, static_cast<uint32_t>(src_lane), width, file,
+                                  line);
 }
 template <class T>
-inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize,
-                        const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
-  return smoe::simt::detail::shfl(smoe::simt::detail::kShflUp, mask, var, delta, width, file,
-                                  line);
+inline T __shfl_up_sync(unsigned mask, T var, unsigned delta, int width = warpSize, const char* file = __builtin_FILE(),
+                        int line = __builtin_LINE()) {
+  return smoe::simt::detail::shfl(smoe::simt::detail::kShflUp, mask, var, delta, width, file, line);
 }
 template <class T>
 inline T __shfl_down_sync(unsigned mask, T var, unsigned delta, int width = warpSize,
                           const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
-  return smoe::simt::detail::shfl(smoe::simt::detail::kShflDown, mask, var, delta, width, file,
-                                  line);
+  return smoe::simt::detail::shfl(smoe::simt::detail::kShflDown, mask, var, delta, width, file, line);
 }
 template <class T>
-inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize,
-                         const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
-  return smoe::simt::detail::shfl(smoe::simt::detail::kShflXor, mask, var,
-                                  static_cast<uint32_t>(lane_mask), width, file, line);
+inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = warpSize, const char* file = __builtin_FILE(),
+                         int line = __builtin_LINE()) {
+  return smoe::simt::detail::shfl(smoe::simt::detail::kShflXor, mask, var, static_cast<uint32_t>(lane_mask), width,
+                                  file, line);
 }
 inline unsigned __ballot_sync(unsigned mask, int pred, const char* file = __builtin_FILE(),
                               int line = __builtin_LINE()) {
-  return smoe::simt::detail::collective1(smoe::simt::detail::kBallot, mask, pred != 0, file,
-                                         line);
+  return smoe::simt::detail::collective1(smoe::simt::detail::kBallot, mask, pred != 0, file, line);
 }
-inline int __any_sync(unsigned mask, int pred, const char* file = __builtin_FILE(),
-                      int line = __builtin_LINE()) {
-  return static_cast<int>(
-      smoe::simt::detail::collective1(smoe::simt::detail::kAny, mask, pred != 0, file, line));
+inline int __any_sync(unsigned mask, int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return static_cast<int>(smoe::simt::detail::collective1(smoe::simt::detail::kAny, mask, pred != 0, file, line));
 }
-inline int __all_sync(unsigned mask, int pred, const char* file = __builtin_FILE(),
-                      int line = __builtin_LINE()) {
-  return static_cast<int>(
-      smoe::simt::detail::collective1(smoe::simt::detail::kAll, mask, pred != 0, file, line));
+inline int __all_sync(unsigned mask, int pred, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return static_cast<int>(smoe::simt::detail::collective1(smoe::simt::detail::kAll, mask, pred != 0, file, line));
 }
 inline unsigned __activemask() { return smoe::simt::detail::active_mask(); }
 template <class T>
@@ -303,8 +315,7 @@ inline unsigned __match_any_sync(unsigned mask, T value, const char* file = __bu
   return io.out[0];
 }
 template <class T>
-inline unsigned __match_all_sync(unsigned mask, T value, int* pred,
-                                 const char* file = __builtin_FILE(),
+inline unsigned __match_all_sync(unsigned mask, T value, int* pred, const char* file = __builtin_FILE(),
                                  int line = __builtin_LINE()) {
   smoe::simt::detail::LaneIO io;
   const uint64_t u = smoe::simt::detail::to_bits64(value);
@@ -314,12 +325,10 @@ inline unsigned __match_all_sync(unsigned mask, T value, int* pred,
   *pred = static_cast<int>(io.out[1]);
   return io.out[0];
 }
-#define SMOE_SIMT_REDUCE(name, T, kind)                                                        \
-  inline T name(unsigned mask, T v, const char* file = __builtin_FILE(),                       \
-                int line = __builtin_LINE()) {                                                 \
-    return static_cast<T>(smoe::simt::detail::collective1(smoe::simt::detail::kind, mask,      \
-                                                          static_cast<uint32_t>(v), file,      \
-                                                          line));                              \
+#define SMOE_SIMT_REDUCE(name, T, kind)                                                                         \
+  inline T name(unsigned mask, T v, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {         \
+    return static_cast<T>(                                                                                      \
+        smoe::simt::detail::collective1(smoe::simt::detail::kind, mask, static_cast<uint32_t>(v), file, line)); \
   }
 SMOE_SIMT_REDUCE(__reduce_add_sync, unsigned, kReduceAdd)
 SMOE_SIMT_REDUCE(__reduce_add_sync, int, kReduceAdd)
@@ -353,8 +362,7 @@ long long clock64();
 namespace smoe::simt::detail {
 template <class T, class F>
 inline T atomic_update(T* address, F f) {
-  using U = std::conditional_t<sizeof(T) == 2, uint16_t,
-                               std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
+  using U = std::conditional_t<sizeof(T) == 2, uint16_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>>;
   static_assert(sizeof(T) == sizeof(U), "atomics act on 2, 4 or 8 bytes");
   U* p = reinterpret_cast<U*>(address);
   U expected = __atomic_load_n(p, __ATOMIC_RELAXED);
@@ -364,8 +372,7 @@ inline T atomic_update(T* address, F f) {
     T updated = f(old);
     U desired;
     std::memcpy(&desired, &updated, sizeof(T));
-    if (__atomic_compare_exchange_n(p, &expected, desired, false, __ATOMIC_SEQ_CST,
-                                    __ATOMIC_RELAXED)) {
+    if (__atomic_compare_exchange_n(p, &expected, desired, false, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED)) {
       yield_point();
       return old;
     }
@@ -373,47 +380,47 @@ inline T atomic_update(T* address, F f) {
 }
 }  // namespace smoe::simt::detail
 
-#define SMOE_SIMT_ATOMIC_INT(T)                                                                \
-  inline T atomicAdd(T* a, T v) {                                                              \
-    T r = __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);                                          \
-    smoe::simt::detail::yield_point();                                                         \
-    return r;                                                                                  \
-  }                                                                                            \
-  inline T atomicSub(T* a, T v) {                                                              \
-    T r = __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST);                                          \
-    smoe::simt::detail::yield_point();                                                         \
-    return r;                                                                                  \
-  }                                                                                            \
-  inline T atomicExch(T* a, T v) {                                                             \
-    T r = __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                         \
-    smoe::simt::detail::yield_point();                                                         \
-    return r;                                                                                  \
-  }                                                                                            \
-  inline T atomicAnd(T* a, T v) {                                                              \
-    T r = __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST);                                          \
-    smoe::simt::detail::yield_point();                                                         \
-    return r;                                                                                  \
-  }                                                                                            \
-  inline T atomicOr(T* a, T v) {                                                               \
-    T r = __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST);                                           \
-    smoe::simt::detail::yield_point();                                                         \
-    return r;                                                                                  \
-  }                                                                                            \
-  inline T atomicXor(T* a, T v) {                                                              \
-    T r = __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST);                                          \
-    smoe::simt::detail::yield_point();                                                         \
-    return r;                                                                                  \
-  }                                                                                            \
-  inline T atomicMin(T* a, T v) {                                                              \
-    return smoe::simt::detail::atomic_update(a, [v](T o) { return v < o ? v : o; });          \
-  }                                                                                            \
-  inline T atomicMax(T* a, T v) {                                                              \
-    return smoe::simt::detail::atomic_update(a, [v](T o) { return v > o ? v : o; });          \
-  }                                                                                            \
-  inline T atomicCAS(T* a, T compare, T v) {                                                   \
-    __atomic_compare_exchange_n(a, &compare, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);   \
-    smoe::simt::detail::yield_point();                                                         \
-    return compare;                                                                            \
+#define SMOE_SIMT_ATOMIC_INT(T)                                                             \
+  inline T atomicAdd(T* a, T v) {                                                           \
+    T r = __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);                                       \
+    smoe::simt::detail::yield_point();                                                      \
+    return r;                                                                               \
+  }                                                                                         \
+  inline T atomicSub(T* a, T v) {                                                           \
+    T r = __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST);                                       \
+    smoe::simt::detail::yield_point();                                                      \
+    return r;                                                                               \
+  }                                                                                         \
+  inline T atomicExch(T* a, T v) {                                                          \
+    T r = __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                      \
+    smoe::simt::detail::yield_point();                                                      \
+    return r;                                                                               \
+  }                                                                                         \
+  inline T atomicAnd(T* a, T v) {                                                           \
+    T r = __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST);                                       \
+    smoe::simt::detail::yield_point();                                                      \
+    return r;                                                                               \
+  }                                                                                         \
+  inline T atomicOr(T* a, T v) {                                                            \
+    T r = __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST);                                        \
+    smoe::simt::detail::yield_point();                                                      \
+    return r;                                                                               \
+  }                                                                                         \
+  inline T atomicXor(T* a, T v) {                                                           \
+    T r = __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST);                                       \
+    smoe::simt::detail::yield_point();                                                      \
+    return r;                                                                               \
+  }                                                                                         \
+  inline T atomicMin(T* a, T v) {                                                           \
+    return smoe::simt::detail::atomic_update(a, [v](T o) { return v < o ? v : o; });        \
+  }                                                                                         \
+  inline T atomicMax(T* a, T v) {                                                           \
+    return smoe::simt::detail::atomic_update(a, [v](T o) { return v > o ? v : o; });        \
+  }                                                                                         \
+  inline T atomicCAS(T* a, T compare, T v) {                                                \
+    __atomic_compare_exchange_n(a, &compare, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST); \
+    smoe::simt::detail::yield_point();                                                      \
+    return compare;                                                                         \
   }
 SMOE_SIMT_ATOMIC_INT(int)
 SMOE_SIMT_ATOMIC_INT(unsigned int)
@@ -430,8 +437,7 @@ inline unsigned atomicInc(unsigned* a, unsigned limit) {
   return smoe::simt::detail::atomic_update(a, [limit](unsigned o) { return o >= limit ? 0u : o + 1; });
 }
 inline unsigned atomicDec(unsigned* a, unsigned limit) {
-  return smoe::simt::detail::atomic_update(
-      a, [limit](unsigned o) { return (o == 0 || o > limit) ? limit : o - 1; });
+  return smoe::simt::detail::atomic_update(a, [limit](unsigned o) { return (o == 0 || o > limit) ? limit : o - 1; });
 }
 inline float atomicAdd(float* a, float v) {
   return smoe::simt::detail::atomic_update(a, [v](float o) { return o + v; });
@@ -463,16 +469,46 @@ inline __nv_bfloat162 atomicAdd(__nv_bfloat162* a, __nv_bfloat162 v) {
 #define atomicExch_block atomicExch
 
 // Loads and stores with cache hints: plain accesses on the CPU --------------------------------
-template <class T> inline T __ldg(const T* p) { return *p; }
-template <class T> inline T __ldcg(const T* p) { return *p; }
-template <class T> inline T __ldca(const T* p) { return *p; }
-template <class T> inline T __ldcs(const T* p) { return *p; }
-template <class T> inline T __ldlu(const T* p) { return *p; }
-template <class T> inline T __ldcv(const T* p) { return *p; }
-template <class T> inline void __stcg(T* p, T v) { *p = v; }
-template <class T> inline void __stcs(T* p, T v) { *p = v; }
-template <class T> inline void __stwb(T* p, T v) { *p = v; }
-template <class T> inline void __stwt(T* p, T v) { *p = v; }
+template <class T>
+inline T __ldg(const T* p) {
+  return *p;
+}
+template <class T>
+inline T __ldcg(const T* p) {
+  return *p;
+}
+template <class T>
+inline T __ldca(const T* p) {
+  return *p;
+}
+template <class T>
+inline T __ldcs(const T* p) {
+  return *p;
+}
+template <class T>
+inline T __ldlu(const T* p) {
+  return *p;
+}
+template <class T>
+inline T __ldcv(const T* p) {
+  return *p;
+}
+template <class T>
+inline void __stcg(T* p, T v) {
+  *p = v;
+}
+template <class T>
+inline void __stcs(T* p, T v) {
+  *p = v;
+}
+template <class T>
+inline void __stwb(T* p, T v) {
+  *p = v;
+}
+template <class T>
+inline void __stwt(T* p, T v) {
+  *p = v;
+}
 
 // Math intrinsics: the GPU's approximate forms are computed exactly here ----------------------
 inline float __expf(float x) { return expf(x); }
@@ -483,7 +519,10 @@ inline float __log10f(float x) { return log10f(x); }
 inline float __sinf(float x) { return sinf(x); }
 inline float __cosf(float x) { return cosf(x); }
 inline float __tanf(float x) { return tanf(x); }
-inline void __sincosf(float x, float* s, float* c) { *s = sinf(x); *c = cosf(x); }
+inline void __sincosf(float x, float* s, float* c) {
+  *s = sinf(x);
+  *c = cosf(x);
+}
 inline float __powf(float x, float y) { return powf(x, y); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
@@ -524,9 +563,7 @@ inline float __double2float_rn(double d) { return static_cast<float>(d); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
-inline int __clzll(long long x) {
-  return x == 0 ? 64 : __builtin_clzll(static_cast<unsigned long long>(x));
-}
+inline int __clzll(long long x) { return x == 0 ? 64 : __builtin_clzll(static_cast<unsigned long long>(x)); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __ffsll(long long x) { return __builtin_ffsll(x); }
 inline unsigned __brev(unsigned x) {
@@ -556,9 +593,7 @@ inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift) {
 inline int __mul24(int a, int b) { return (a << 8 >> 8) * (b << 8 >> 8); }
 inline unsigned __umul24(unsigned a, unsigned b) { return (a & 0xffffffu) * (b & 0xffffffu); }
 inline int __mulhi(int a, int b) { return static_cast<int>((static_cast<int64_t>(a) * b) >> 32); }
-inline unsigned __umulhi(unsigned a, unsigned b) {
-  return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32);
-}
+inline unsigned __umulhi(unsigned a, unsigned b) { return static_cast<unsigned>((static_cast<uint64_t>(a) * b) >> 32); }
 namespace smoe::simt::detail {
 __extension__ using int128 = __int128;
 __extension__ using uint128 = unsigned __int128;
@@ -571,8 +606,8 @@ inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b)
 }
 
 // min/max overloads that CUDA declares in the global namespace for device code.
-#define SMOE_SIMT_MINMAX(T)                                                                    \
-  inline T min(T a, T b) { return b < a ? b : a; }                                             \
+#define SMOE_SIMT_MINMAX(T)                        \
+  inline T min(T a, T b) { return b < a ? b : a; } \
   inline T max(T a, T b) { return a < b ? b : a; }
 SMOE_SIMT_MINMAX(int)
 SMOE_SIMT_MINMAX(unsigned int)

@@ -33,7 +33,7 @@ inline uint16_t float_to_half_rn(float f) {
   const uint32_t abs = u & 0x7fffffffu;
   if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((abs >> 13) & 0x3ffu));
   if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520
-  if (abs < 0x38800000u) {                                              // half subnormal or zero
+  if (abs < 0x38800000u) {                                               // half subnormal or zero
     // value = abs_float; half subnormal unit is 2^-24. Scale exactly by adding a magic number.
     const float scaled = bits_float(abs) + bits_float(0x3f000000u);  // 0.5 pushes bits down
     return static_cast<uint16_t>(sign | (float_bits(scaled) - 0x3f000000u));
@@ -117,9 +117,7 @@ inline float __bfloat162float(__nv_bfloat16 b) { return static_cast<float>(b); }
 inline unsigned short __half_as_ushort(__half h) { return h.__x; }
 inline __half __ushort_as_half(unsigned short u) { return __half(__half_raw{u}); }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.__x; }
-inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) {
-  return __nv_bfloat16(__nv_bfloat16_raw{u});
-}
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat16(__nv_bfloat16_raw{u}); }
 inline __half2 __halves2half2(__half lo, __half hi) { return __half2{lo, hi}; }
 inline __half2 __half2half2(__half h) { return __half2{h, h}; }
 inline __half2 __floats2half2_rn(float lo, float hi) { return __half2{__half(lo), __half(hi)}; }
@@ -130,55 +128,49 @@ inline __half __low2half(__half2 h) { return h.x; }
 inline __half __high2half(__half2 h) { return h.y; }
 inline float __low2float(__half2 h) { return float(h.x); }
 inline float __high2float(__half2 h) { return float(h.y); }
-inline __nv_bfloat162 __halves2bfloat162(__nv_bfloat16 lo, __nv_bfloat16 hi) {
-  return __nv_bfloat162{lo, hi};
-}
+inline __nv_bfloat162 __halves2bfloat162(__nv_bfloat16 lo, __nv_bfloat16 hi) { return __nv_bfloat162{lo, hi}; }
 inline __nv_bfloat162 __bfloat162bfloat162(__nv_bfloat16 b) { return __nv_bfloat162{b, b}; }
 inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
   return __nv_bfloat162{__nv_bfloat16(lo), __nv_bfloat16(hi)};
 }
-inline __nv_bfloat162 __float2bfloat162_rn(float f) {
-  return __nv_bfloat162{__nv_bfloat16(f), __nv_bfloat16(f)};
-}
-inline __nv_bfloat162 __float22bfloat162_rn(float2 f) {
-  return __nv_bfloat162{__nv_bfloat16(f.x), __nv_bfloat16(f.y)};
-}
+inline __nv_bfloat162 __float2bfloat162_rn(float f) { return __nv_bfloat162{__nv_bfloat16(f), __nv_bfloat16(f)}; }
+inline __nv_bfloat162 __float22bfloat162_rn(float2 f) { return __nv_bfloat162{__nv_bfloat16(f.x), __nv_bfloat16(f.y)}; }
 inline float2 __bfloat1622float2(__nv_bfloat162 b) { return float2{float(b.x), float(b.y)}; }
 inline __nv_bfloat16 __low2bfloat16(__nv_bfloat162 b) { return b.x; }
 inline __nv_bfloat16 __high2bfloat16(__nv_bfloat162 b) { return b.y; }
 
 // Arithmetic (scalar) --------------------------------------------------------------------------
-#define SMOE_SIMT_HALF_OPS(H, P)                                                                \
-  inline H operator+(const H& a, const H& b) { return H(float(a) + float(b)); }               \
-  inline H operator-(const H& a, const H& b) { return H(float(a) - float(b)); }               \
-  inline H operator*(const H& a, const H& b) { return H(float(a) * float(b)); }               \
-  inline H operator/(const H& a, const H& b) { return H(float(a) / float(b)); }               \
-  inline H& operator+=(H& a, const H& b) { return a = a + b; }                                \
-  inline H& operator-=(H& a, const H& b) { return a = a - b; }                                \
-  inline H& operator*=(H& a, const H& b) { return a = a * b; }                                \
-  inline H& operator/=(H& a, const H& b) { return a = a / b; }                                \
-  inline H operator-(const H& a) { return H(-float(a)); }                                     \
-  inline bool operator==(const H& a, const H& b) { return float(a) == float(b); }             \
-  inline bool operator!=(const H& a, const H& b) { return float(a) != float(b); }             \
-  inline bool operator<(const H& a, const H& b) { return float(a) < float(b); }               \
-  inline bool operator<=(const H& a, const H& b) { return float(a) <= float(b); }             \
-  inline bool operator>(const H& a, const H& b) { return float(a) > float(b); }               \
-  inline bool operator>=(const H& a, const H& b) { return float(a) >= float(b); }             \
-  inline H P##add(H a, H b) { return a + b; }                                                  \
-  inline H P##sub(H a, H b) { return a - b; }                                                  \
-  inline H P##mul(H a, H b) { return a * b; }                                                  \
-  inline H P##div(H a, H b) { return a / b; }                                                  \
-  inline H P##neg(H a) { return -a; }                                                          \
-  inline H P##abs(H a) { return H(std::fabs(float(a))); }                                      \
-  inline H P##fma(H a, H b, H c) { return H(std::fma(float(a), float(b), float(c))); }         \
-  inline H P##max(H a, H b) { return H(std::fmax(float(a), float(b))); }                       \
-  inline H P##min(H a, H b) { return H(std::fmin(float(a), float(b))); }                       \
-  inline bool P##eq(H a, H b) { return a == b; }                                               \
-  inline bool P##ne(H a, H b) { return a != b; }                                               \
-  inline bool P##lt(H a, H b) { return a < b; }                                                \
-  inline bool P##le(H a, H b) { return a <= b; }                                               \
-  inline bool P##gt(H a, H b) { return a > b; }                                                \
-  inline bool P##ge(H a, H b) { return a >= b; }                                               \
+#define SMOE_SIMT_HALF_OPS(H, P)                                                       \
+  inline H operator+(const H& a, const H& b) { return H(float(a) + float(b)); }        \
+  inline H operator-(const H& a, const H& b) { return H(float(a) - float(b)); }        \
+  inline H operator*(const H& a, const H& b) { return H(float(a) * float(b)); }        \
+  inline H operator/(const H& a, const H& b) { return H(float(a) / float(b)); }        \
+  inline H& operator+=(H& a, const H& b) { return a = a + b; }                         \
+  inline H& operator-=(H& a, const H& b) { return a = a - b; }                         \
+  inline H& operator*=(H& a, const H& b) { return a = a * b; }                         \
+  inline H& operator/=(H& a, const H& b) { return a = a / b; }                         \
+  inline H operator-(const H& a) { return H(-float(a)); }                              \
+  inline bool operator==(const H& a, const H& b) { return float(a) == float(b); }      \
+  inline bool operator!=(const H& a, const H& b) { return float(a) != float(b); }      \
+  inline bool operator<(const H& a, const H& b) { return float(a) < float(b); }        \
+  inline bool operator<=(const H& a, const H& b) { return float(a) <= float(b); }      \
+  inline bool operator>(const H& a, const H& b) { return float(a) > float(b); }        \
+  inline bool operator>=(const H& a, const H& b) { return float(a) >= float(b); }      \
+  inline H P##add(H a, H b) { return a + b; }                                          \
+  inline H P##sub(H a, H b) { return a - b; }                                          \
+  inline H P##mul(H a, H b) { return a * b; }                                          \
+  inline H P##div(H a, H b) { return a / b; }                                          \
+  inline H P##neg(H a) { return -a; }                                                  \
+  inline H P##abs(H a) { return H(std::fabs(float(a))); }                              \
+  inline H P##fma(H a, H b, H c) { return H(std::fma(float(a), float(b), float(c))); } \
+  inline H P##max(H a, H b) { return H(std::fmax(float(a), float(b))); }               \
+  inline H P##min(H a, H b) { return H(std::fmin(float(a), float(b))); }               \
+  inline bool P##eq(H a, H b) { return a == b; }                                       \
+  inline bool P##ne(H a, H b) { return a != b; }                                       \
+  inline bool P##lt(H a, H b) { return a < b; }                                        \
+  inline bool P##le(H a, H b) { return a <= b; }                                       \
+  inline bool P##gt(H a, H b) { return a > b; }                                        \
+  inline bool P##ge(H a, H b) { return a >= b; }                                       \
   inline bool P##isnan(H a) { return std::isnan(float(a)); }
 
 SMOE_SIMT_HALF_OPS(__half, __h)
@@ -187,21 +179,21 @@ SMOE_SIMT_HALF_OPS(__nv_bfloat16, __h)
 #undef SMOE_SIMT_HALF_OPS
 
 // Arithmetic (pairs) ---------------------------------------------------------------------------
-#define SMOE_SIMT_HALF2_OPS(H2)                                                                 \
-  inline H2 operator+(const H2& a, const H2& b) { return H2{a.x + b.x, a.y + b.y}; }           \
-  inline H2 operator-(const H2& a, const H2& b) { return H2{a.x - b.x, a.y - b.y}; }           \
-  inline H2 operator*(const H2& a, const H2& b) { return H2{a.x * b.x, a.y * b.y}; }           \
-  inline H2 operator/(const H2& a, const H2& b) { return H2{a.x / b.x, a.y / b.y}; }           \
-  inline H2& operator+=(H2& a, const H2& b) { return a = a + b; }                               \
-  inline H2& operator*=(H2& a, const H2& b) { return a = a * b; }                               \
-  inline H2 __hadd2(H2 a, H2 b) { return a + b; }                                               \
-  inline H2 __hsub2(H2 a, H2 b) { return a - b; }                                               \
-  inline H2 __hmul2(H2 a, H2 b) { return a * b; }                                               \
-  inline H2 __h2div(H2 a, H2 b) { return a / b; }                                               \
+#define SMOE_SIMT_HALF2_OPS(H2)                                                                    \
+  inline H2 operator+(const H2& a, const H2& b) { return H2{a.x + b.x, a.y + b.y}; }               \
+  inline H2 operator-(const H2& a, const H2& b) { return H2{a.x - b.x, a.y - b.y}; }               \
+  inline H2 operator*(const H2& a, const H2& b) { return H2{a.x * b.x, a.y * b.y}; }               \
+  inline H2 operator/(const H2& a, const H2& b) { return H2{a.x / b.x, a.y / b.y}; }               \
+  inline H2& operator+=(H2& a, const H2& b) { return a = a + b; }                                  \
+  inline H2& operator*=(H2& a, const H2& b) { return a = a * b; }                                  \
+  inline H2 __hadd2(H2 a, H2 b) { return a + b; }                                                  \
+  inline H2 __hsub2(H2 a, H2 b) { return a - b; }                                                  \
+  inline H2 __hmul2(H2 a, H2 b) { return a * b; }                                                  \
+  inline H2 __h2div(H2 a, H2 b) { return a / b; }                                                  \
   inline H2 __hfma2(H2 a, H2 b, H2 c) { return H2{__hfma(a.x, b.x, c.x), __hfma(a.y, b.y, c.y)}; } \
-  inline H2 __hmax2(H2 a, H2 b) { return H2{__hmax(a.x, b.x), __hmax(a.y, b.y)}; }             \
-  inline H2 __hmin2(H2 a, H2 b) { return H2{__hmin(a.x, b.x), __hmin(a.y, b.y)}; }             \
-  inline H2 __hneg2(H2 a) { return H2{-a.x, -a.y}; }                                            \
+  inline H2 __hmax2(H2 a, H2 b) { return H2{__hmax(a.x, b.x), __hmax(a.y, b.y)}; }                 \
+  inline H2 __hmin2(H2 a, H2 b) { return H2{__hmin(a.x, b.x), __hmin(a.y, b.y)}; }                 \
+  inline H2 __hneg2(H2 a) { return H2{-a.x, -a.y}; }                                               \
   inline H2 __lowhigh2highlow(H2 a) { return H2{a.y, a.x}; }
 
 SMOE_SIMT_HALF2_OPS(__half2)

@@ -66,8 +66,7 @@
 
 namespace smoe::simt::sm90 {
 enum class Swizzle : uint32_t { kNone = 0, k128B = 1, k64B = 2, k32B = 3 };  // descriptor encoding
-SMOE_SIMT_HD constexpr uint64_t make_desc(uint32_t smem_addr, uint32_t lbo_bytes,
-                                          uint32_t sbo_bytes, Swizzle sw) {
+SMOE_SIMT_HD constexpr uint64_t make_desc(uint32_t smem_addr, uint32_t lbo_bytes, uint32_t sbo_bytes, Swizzle sw) {
   return (uint64_t{(smem_addr & 0x3FFFFu) >> 4}) | (uint64_t{(lbo_bytes >> 4) & 0x3FFFu} << 16) |
          (uint64_t{(sbo_bytes >> 4) & 0x3FFFu} << 32) | (uint64_t{static_cast<uint32_t>(sw)} << 62);
 }
@@ -79,8 +78,7 @@ SMOE_SIMT_HD constexpr uint32_t desc_swizzle(uint64_t d) { return static_cast<ui
 SMOE_SIMT_HD constexpr uintptr_t swizzle128(uintptr_t addr) { return addr ^ (((addr >> 7) & 7u) << 4); }
 // Byte offset (before swizzling) of element (r, k) of a K-major 128B-swizzled operand.
 SMOE_SIMT_HD constexpr uint32_t kmajor_offset(int r, int k, uint32_t sbo) {
-  return static_cast<uint32_t>(r / 8) * sbo + static_cast<uint32_t>(r % 8) * 128u +
-         2u * static_cast<uint32_t>(k);
+  return static_cast<uint32_t>(r / 8) * sbo + static_cast<uint32_t>(r % 8) * 128u + 2u * static_cast<uint32_t>(k);
 }
 // Accumulator fragment of wgmma m64nNk16 (f32): row and column of register i of (warp, lane).
 SMOE_SIMT_HD constexpr int acc_row(int warp, int lane, int i) {
@@ -122,8 +120,7 @@ inline const char* tensor_map_problem(const TensorMap& m) {
   if (m.dims[0] == 0 || m.dims[1] == 0) return "dimensions must be positive";
   if (m.row_stride_bytes % 16 != 0) return "row stride must be a multiple of 16 bytes";
   if (m.row_stride_bytes < m.dims[0] * m.elem_bytes) return "row stride is shorter than a row";
-  if (m.box[0] == 0 || m.box[1] == 0 || m.box[0] > 256 || m.box[1] > 256)
-    return "box dimensions must be in [1, 256]";
+  if (m.box[0] == 0 || m.box[1] == 0 || m.box[0] > 256 || m.box[1] > 256) return "box dimensions must be in [1, 256]";
   if ((m.box[0] * m.elem_bytes) % 16 != 0) return "box row must be a multiple of 16 bytes";
   if (m.swizzle == sm90::Swizzle::k128B && m.box[0] * m.elem_bytes > 128)
     return "with the 128-byte swizzle the box row must be at most 128 bytes";
@@ -133,10 +130,9 @@ inline const char* tensor_map_problem(const TensorMap& m) {
 }
 }  // namespace detail
 
-inline TensorMap make_tensor_map_2d(const void* global, uint32_t elem_bytes, uint64_t inner,
-                                    uint64_t rows, uint64_t row_stride_bytes, uint32_t box_inner,
-                                    uint32_t box_rows, sm90::Swizzle swizzle,
-                                    const char** problem = nullptr) {
+inline TensorMap make_tensor_map_2d(const void* global, uint32_t elem_bytes, uint64_t inner, uint64_t rows,
+                                    uint64_t row_stride_bytes, uint32_t box_inner, uint32_t box_rows,
+                                    sm90::Swizzle swizzle, const char** problem = nullptr) {
   TensorMap m;
   m.global = global;
   m.elem_bytes = elem_bytes;
@@ -165,9 +161,9 @@ struct TmaCopy {
 };
 struct Mbar {
   int64_t expected = 0, pending = 0, tx = 0;
-  int64_t phase = 0;                  // number of completed phases
-  std::vector<int64_t> last_waited;   // per thread: the completed phase its last wait observed
-  std::vector<TmaCopy> copies;        // TMA loads not yet landed
+  int64_t phase = 0;                 // number of completed phases
+  std::vector<int64_t> last_waited;  // per thread: the completed phase its last wait observed
+  std::vector<TmaCopy> copies;       // TMA loads not yet landed
 };
 struct WgmmaOp {
   float* d;
@@ -181,8 +177,8 @@ struct WgmmaOp {
 struct HopperThread {
   std::vector<WgmmaOp> ops;
   std::vector<size_t> group_ends;
-  bool fenced = false;     // wgmma_fence since the last wait_group
-  int64_t issued = 0;      // wgmma.mma_async executed (counted per warp through lane 0)
+  bool fenced = false;  // wgmma_fence since the last wait_group
+  int64_t issued = 0;   // wgmma.mma_async executed (counted per warp through lane 0)
   int setmaxnreg_calls = 0;
 };
 struct HopperBlock {
@@ -192,7 +188,7 @@ struct HopperBlock {
   int nthreads = 0;
   std::vector<Mbar> bars;
   std::vector<HopperThread> threads;
-  std::vector<uint8_t> async_view;          // async proxy's view of dynamic shared memory
+  std::vector<uint8_t> async_view;           // async proxy's view of dynamic shared memory
   std::vector<int64_t> warp_issued;          // wgmma issued per warp
   std::vector<std::vector<int>> setmaxnreg;  // per warpgroup: value of the k-th call
 };
@@ -220,8 +216,8 @@ inline HopperBlock& hopper_block() {
   HopperBlock& h = hopper_state();
   BlockState* b = tls_block;
   const uint3 idx = b->block_idx;
-  if (tls_hopper_block_marker == ~uint64_t{0} || h.key_block != b || h.key_smem != b->dynamic_smem || h.key_idx.x != idx.x ||
-      h.key_idx.y != idx.y || h.key_idx.z != idx.z) {
+  if (tls_hopper_block_marker == ~uint64_t{0} || h.key_block != b || h.key_smem != b->dynamic_smem ||
+      h.key_idx.x != idx.x || h.key_idx.y != idx.y || h.key_idx.z != idx.z) {
     h = HopperBlock{};
     h.key_block = b;
     h.key_smem = b->dynamic_smem;
@@ -257,8 +253,8 @@ inline Mbar& mbar_of(uint64_t* bar, const char* what, const char* file, int line
   const uint64_t w = *bar;
   const uint32_t idx = static_cast<uint32_t>(w);
   if (static_cast<uint32_t>(w >> 32) != kMbarMagic || idx >= h.bars.size())
-    fail_at(file, line, "%s: the mbarrier at %p was not initialised by mbarrier_init in this block",
-            what, static_cast<void*>(bar));
+    fail_at(file, line, "%s: the mbarrier at %p was not initialised by mbarrier_init in this block", what,
+            static_cast<void*>(bar));
   return h.bars[idx];
 }
 
@@ -286,8 +282,8 @@ inline void mbar_try_complete(Mbar& m) {
 inline void mbar_tx(Mbar& m, int64_t delta, const char* what, const char* file, int line) {
   m.tx += delta;
   if (m.tx > kMbarMaxCount || m.tx < -kMbarMaxCount)
-    fail_at(file, line, "%s: tx-count %lld of phase %lld outside [-(2^20-1), 2^20-1] (PTX 9.7.13.15.1)",
-            what, static_cast<long long>(m.tx), static_cast<long long>(m.phase));
+    fail_at(file, line, "%s: tx-count %lld of phase %lld outside [-(2^20-1), 2^20-1] (PTX 9.7.13.15.1)", what,
+            static_cast<long long>(m.tx), static_cast<long long>(m.phase));
 }
 inline void mbar_arrive(uint64_t* bar, int64_t count, int64_t expect_tx, const char* file, int line) {
   const char* what = expect_tx > 0 ? "mbarrier.arrive.expect_tx" : "mbarrier.arrive";
@@ -296,8 +292,8 @@ inline void mbar_arrive(uint64_t* bar, int64_t count, int64_t expect_tx, const c
     fail_at(file, line,
             "%s: arrive count %lld overflows the %lld arrivals still pending in phase %lld "
             "(expected count %lld; PTX 9.7.13.15.1)",
-            what, static_cast<long long>(count), static_cast<long long>(m.pending),
-            static_cast<long long>(m.phase), static_cast<long long>(m.expected));
+            what, static_cast<long long>(count), static_cast<long long>(m.pending), static_cast<long long>(m.phase),
+            static_cast<long long>(m.expected));
   if (expect_tx > 0) mbar_tx(m, expect_tx, what, file, line);
   m.pending -= count;
   mbar_try_complete(m);
@@ -315,8 +311,8 @@ inline void tma_land(const TmaCopy& c) {
     const int64_t gr = int64_t{c.c1} + r;
     for (uint32_t e = 0; e < t.box[0]; ++e) {
       const int64_t ge = int64_t{c.c0} + e;
-      const bool in = gr >= 0 && ge >= 0 && static_cast<uint64_t>(gr) < t.dims[1] &&
-                      static_cast<uint64_t>(ge) < t.dims[0];
+      const bool in =
+          gr >= 0 && ge >= 0 && static_cast<uint64_t>(gr) < t.dims[1] && static_cast<uint64_t>(ge) < t.dims[0];
       uintptr_t a = reinterpret_cast<uintptr_t>(dst) + size_t{r} * row_bytes + size_t{e} * t.elem_bytes;
       if (t.swizzle == sm90::Swizzle::k128B) a = sm90::swizzle128(a);
       auto* p = reinterpret_cast<uint8_t*>(a);
@@ -326,8 +322,7 @@ inline void tma_land(const TmaCopy& c) {
       else
         std::memset(p, 0, t.elem_bytes);  // out-of-bounds elements of the box are zero-filled
       if (off >= 0)
-        std::memcpy(h.async_view.data() + (a - reinterpret_cast<uintptr_t>(tls_block->dynamic_smem)), p,
-                    t.elem_bytes);
+        std::memcpy(h.async_view.data() + (a - reinterpret_cast<uintptr_t>(tls_block->dynamic_smem)), p, t.elem_bytes);
     }
   }
 }
@@ -341,8 +336,8 @@ inline bool mbar_try_wait(uint64_t* bar, uint32_t parity, const char* file, int 
   for (const TmaCopy& c : copies) {
     tma_land(c);
     Mbar& m = hopper_block().bars[idx];
-    mbar_tx(m, -int64_t{c.map.box[0]} * c.map.box[1] * c.map.elem_bytes, "cp.async.bulk.tensor complete_tx",
-            c.file, c.line);
+    mbar_tx(m, -int64_t{c.map.box[0]} * c.map.box[1] * c.map.elem_bytes, "cp.async.bulk.tensor complete_tx", c.file,
+            c.line);
     mbar_try_complete(m);
   }
   Mbar& m = hopper_block().bars[idx];
@@ -362,23 +357,20 @@ inline bool mbar_try_wait(uint64_t* bar, uint32_t parity, const char* file, int 
 
 inline void fence_proxy_async_emu() {
   HopperBlock& h = hopper_block();
-  if (!h.async_view.empty())
-    std::memcpy(h.async_view.data(), tls_block->dynamic_smem, h.async_view.size());
+  if (!h.async_view.empty()) std::memcpy(h.async_view.data(), tls_block->dynamic_smem, h.async_view.size());
   yield_point();
 }
 
-inline void tma_load(void* dst, const TensorMap& map, int32_t c0, int32_t c1, uint64_t* bar,
-                     const char* file, int line) {
+inline void tma_load(void* dst, const TensorMap& map, int32_t c0, int32_t c1, uint64_t* bar, const char* file,
+                     int line) {
   const char* what = "cp.async.bulk.tensor.2d";
   if (const char* p = tensor_map_problem(map)) fail_at(file, line, "%s: bad tensor map: %s", what, p);
   const size_t bytes = size_t{map.box[0]} * map.box[1] * map.elem_bytes;
   const uintptr_t align = map.swizzle == sm90::Swizzle::k128B ? 1024 : 128;
   if (reinterpret_cast<uintptr_t>(dst) % align != 0)
-    fail_at(file, line, "%s: shared destination %p is not %zu-byte aligned", what, dst,
-            static_cast<size_t>(align));
+    fail_at(file, line, "%s: shared destination %p is not %zu-byte aligned", what, dst, static_cast<size_t>(align));
   if (smem_offset(dst, bytes) < 0)
-    fail_at(file, line, "%s: the %zu-byte box at %p is not inside the block's dynamic shared memory",
-            what, bytes, dst);
+    fail_at(file, line, "%s: the %zu-byte box at %p is not inside the block's dynamic shared memory", what, bytes, dst);
   Mbar& m = mbar_of(bar, what, file, line);
   m.copies.push_back(TmaCopy{dst, map, c0, c1, file, line});
   yield_point();
@@ -398,8 +390,7 @@ inline void warpgroup_check(const char* what, const char* file, int line) {
             what, warp, first, first + 3, h.nthreads);
 }
 
-inline void wgmma_issue(float* d, int n, bool bf16, uint64_t da, uint64_t db, int scale_d,
-                        const char* file, int line) {
+inline void wgmma_issue(float* d, int n, bool bf16, uint64_t da, uint64_t db, int scale_d, const char* file, int line) {
   const char* what = "wgmma.mma_async";
   warpgroup_check(what, file, line);
   // A warp collective over all 32 lanes at this call (a missing lane is reported by it).
@@ -411,8 +402,9 @@ inline void wgmma_issue(float* d, int n, bool bf16, uint64_t da, uint64_t db, in
             "registers were written by other instructions; PTX 9.7.15.7.2 wgmma.fence)",
             what);
   if (sm90::desc_swizzle(da) != 1 || sm90::desc_swizzle(db) != 1)
-    fail_at(file, line, "%s: the emulator models K-major operands with the 128-byte swizzle only "
-                        "(descriptor swizzle modes %u and %u)",
+    fail_at(file, line,
+            "%s: the emulator models K-major operands with the 128-byte swizzle only "
+            "(descriptor swizzle modes %u and %u)",
             what, sm90::desc_swizzle(da), sm90::desc_swizzle(db));
   t.ops.push_back(WgmmaOp{d, n, bf16, da, db, scale_d, file, line});
   ++t.issued;
@@ -452,8 +444,10 @@ inline void wgmma_execute(const WgmmaOp& op) {
                                              sm90::kmajor_offset(r, k, sm90::desc_sbo(desc)));
         const size_t off = a - reinterpret_cast<uintptr_t>(base);
         if (a < reinterpret_cast<uintptr_t>(base) || off + 2 > smem)
-          fail_at(op.file, op.line, "wgmma.mma_async: operand %s row %d reaches outside the "
-                                    "block's %zu bytes of dynamic shared memory", name, r, smem);
+          fail_at(op.file, op.line,
+                  "wgmma.mma_async: operand %s row %d reaches outside the "
+                  "block's %zu bytes of dynamic shared memory",
+                  name, r, smem);
         if (std::memcmp(base + off, h.async_view.data() + off, 2) != 0)
           fail_at(op.file, op.line,
                   "wgmma.mma_async: operand %s (row %d, k %d, shared offset %zu) was written by "
@@ -515,20 +509,23 @@ inline void setmaxnreg_emu(int regs, bool inc, const char* file, int line) {
   int uniform = 0;
   (void)__match_all_sync(0xffffffffu, regs, &uniform, file, line);
   if (!uniform)
-    fail_at(file, line, "%s: the lanes of warp %u pass different register counts; setmaxnreg must "
-                        "be warpgroup-uniform (PTX 9.7.17.1)", what, tls_thread->warp);
+    fail_at(file, line,
+            "%s: the lanes of warp %u pass different register counts; setmaxnreg must "
+            "be warpgroup-uniform (PTX 9.7.17.1)",
+            what, tls_thread->warp);
   HopperBlock& h = hopper_block();
   HopperThread& t = hopper_thread();
   auto& calls = h.setmaxnreg[tls_thread->warp / 4];
   const size_t k = static_cast<size_t>(t.setmaxnreg_calls++);
   const int signed_regs = inc ? regs : -regs;
-  if (k >= calls.size()) calls.push_back(signed_regs);
+  if (k >= calls.size())
+    calls.push_back(signed_regs);
   else if (calls[k] != signed_regs)
     fail_at(file, line,
             "%s %d: warp %u disagrees with its warpgroup (warps %u-%u), whose call %zu was %s %d; "
             "setmaxnreg must be warpgroup-uniform (PTX 9.7.17.1)",
-            what, regs, tls_thread->warp, tls_thread->warp / 4 * 4, tls_thread->warp / 4 * 4 + 3,
-            k, calls[k] > 0 ? "setmaxnreg.inc" : "setmaxnreg.dec", calls[k] > 0 ? calls[k] : -calls[k]);
+            what, regs, tls_thread->warp, tls_thread->warp / 4 * 4, tls_thread->warp / 4 * 4 + 3, k,
+            calls[k] > 0 ? "setmaxnreg.inc" : "setmaxnreg.dec", calls[k] > 0 ? calls[k] : -calls[k]);
 }
 
 }  // namespace detail
@@ -536,9 +533,7 @@ inline void setmaxnreg_emu(int regs, bool inc, const char* file, int line) {
 #define SMOE_SIMT_SITE , const char *file = __builtin_FILE(), int line = __builtin_LINE()
 #define SMOE_SIMT_SITE0 const char *file = __builtin_FILE(), int line = __builtin_LINE()
 
-inline void mbarrier_init(uint64_t* bar, uint32_t count SMOE_SIMT_SITE) {
-  detail::mbar_init(bar, count, file, line);
-}
+inline void mbarrier_init(uint64_t* bar, uint32_t count SMOE_SIMT_SITE) { detail::mbar_init(bar, count, file, line); }
 inline void fence_mbarrier_init() { detail::yield_point(); }
 inline void mbarrier_arrive(uint64_t* bar SMOE_SIMT_SITE) { detail::mbar_arrive(bar, 1, 0, file, line); }
 inline void mbarrier_arrive_count(uint64_t* bar, uint32_t count SMOE_SIMT_SITE) {
@@ -556,24 +551,24 @@ inline void mbarrier_wait_parity(uint64_t* bar, uint32_t parity SMOE_SIMT_SITE) 
   while (!detail::mbar_try_wait(bar, parity, file, line)) detail::yield_point();
 }
 inline void fence_proxy_async() { detail::fence_proxy_async_emu(); }
-inline void tma_load_2d(void* smem_dst, const TensorMap& map, int32_t c0, int32_t c1,
-                        uint64_t* bar SMOE_SIMT_SITE) {
+inline void tma_load_2d(void* smem_dst, const TensorMap& map, int32_t c0, int32_t c1, uint64_t* bar SMOE_SIMT_SITE) {
   detail::tma_load(smem_dst, map, c0, c1, bar, file, line);
 }
 inline uint64_t wgmma_desc(const void* smem, uint32_t lbo_bytes, uint32_t sbo_bytes SMOE_SIMT_SITE) {
   const int64_t off = detail::smem_offset(smem, 1);
-  if (off < 0)
-    detail::fail_at(file, line, "wgmma_desc: %p is not in the block's dynamic shared memory", smem);
+  if (off < 0) detail::fail_at(file, line, "wgmma_desc: %p is not in the block's dynamic shared memory", smem);
   return sm90::make_desc(static_cast<uint32_t>(off), lbo_bytes, sbo_bytes, sm90::Swizzle::k128B);
 }
 inline void wgmma_fence(SMOE_SIMT_SITE0) { detail::wgmma_fence_emu(file, line); }
 inline void wgmma_commit_group(SMOE_SIMT_SITE0) { detail::wgmma_commit_emu(file, line); }
 template <int kPending>
-inline void wgmma_wait_group(SMOE_SIMT_SITE0) { detail::wgmma_wait_emu(kPending, file, line); }
-#define SMOE_SIMT_WGMMA(N, ty, is_bf16)                                                          \
-  inline void wgmma_m64n##N##k16_##ty(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b,      \
-                                      int scale_d SMOE_SIMT_SITE) {                            \
-    detail::wgmma_issue(d, N, is_bf16, desc_a, desc_b, scale_d, file, line);                   \
+inline void wgmma_wait_group(SMOE_SIMT_SITE0) {
+  detail::wgmma_wait_emu(kPending, file, line);
+}
+#define SMOE_SIMT_WGMMA(N, ty, is_bf16)                                                   \
+  inline void wgmma_m64n##N##k16_##ty(float(&d)[N / 2], uint64_t desc_a, uint64_t desc_b, \
+                                      int scale_d SMOE_SIMT_SITE) {                       \
+    detail::wgmma_issue(d, N, is_bf16, desc_a, desc_b, scale_d, file, line);              \
   }
 SMOE_SIMT_WGMMA(64, bf16, true)
 SMOE_SIMT_WGMMA(128, bf16, true)
@@ -583,9 +578,13 @@ SMOE_SIMT_WGMMA(128, f16, false)
 SMOE_SIMT_WGMMA(256, f16, false)
 #undef SMOE_SIMT_WGMMA
 template <int kRegs>
-inline void setmaxnreg_inc(SMOE_SIMT_SITE0) { detail::setmaxnreg_emu(kRegs, true, file, line); }
+inline void setmaxnreg_inc(SMOE_SIMT_SITE0) {
+  detail::setmaxnreg_emu(kRegs, true, file, line);
+}
 template <int kRegs>
-inline void setmaxnreg_dec(SMOE_SIMT_SITE0) { detail::setmaxnreg_emu(kRegs, false, file, line); }
+inline void setmaxnreg_dec(SMOE_SIMT_SITE0) {
+  detail::setmaxnreg_emu(kRegs, false, file, line);
+}
 #undef SMOE_SIMT_SITE
 #undef SMOE_SIMT_SITE0
 
@@ -628,24 +627,24 @@ __device__ __forceinline__ void fence_mbarrier_init() {
 }
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
 #if SMOE_SIMT_SM90
-  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(smem_addr(bar))
-               : "memory");
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(smem_addr(bar)) : "memory");
 #else
   __trap();
 #endif
 }
 __device__ __forceinline__ void mbarrier_arrive_count(uint64_t* bar, uint32_t count) {
 #if SMOE_SIMT_SM90
-  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(smem_addr(bar)),
-               "r"(count) : "memory");
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(smem_addr(bar)), "r"(count)
+               : "memory");
 #else
   __trap();
 #endif
 }
 __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t tx_bytes) {
 #if SMOE_SIMT_SM90
-  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(
-                   smem_addr(bar)), "r"(tx_bytes) : "memory");
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(smem_addr(bar)),
+               "r"(tx_bytes)
+               : "memory");
 #else
   __trap();
 #endif
@@ -653,17 +652,17 @@ __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_
 __device__ __forceinline__ bool mbarrier_try_wait_parity(uint64_t* bar, uint32_t parity) {
   uint32_t ok = 0;
 #if SMOE_SIMT_SM90
-  asm volatile(
-      "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-      : "=r"(ok) : "r"(smem_addr(bar)), "r"(parity) : "memory");
+  asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+               : "=r"(ok)
+               : "r"(smem_addr(bar)), "r"(parity)
+               : "memory");
 #else
   __trap();
 #endif
   return ok != 0;
 }
 __device__ __forceinline__ void mbarrier_wait_parity(uint64_t* bar, uint32_t parity) {
-  while (!mbarrier_try_wait_parity(bar, parity)) {
-  }
+  while (!mbarrier_try_wait_parity(bar, parity)) {}
 }
 __device__ __forceinline__ void fence_proxy_async() {
 #if SMOE_SIMT_SM90
@@ -672,8 +671,8 @@ __device__ __forceinline__ void fence_proxy_async() {
   __trap();
 #endif
 }
-__device__ __forceinline__ void tma_load_2d(void* smem_dst, const TensorMap& map, int32_t c0,
-                                            int32_t c1, uint64_t* bar) {
+__device__ __forceinline__ void tma_load_2d(void* smem_dst, const TensorMap& map, int32_t c0, int32_t c1,
+                                            uint64_t* bar) {
 #if SMOE_SIMT_SM90
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
@@ -730,27 +729,64 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 // wgmma.mma_async instruction, PTX ISA 9.7.15, "Asynchronous Warpgroup Level Matrix
 // Multiply-Accumulate"). The N/2 accumulators are "+f" operands %0..%(N/2-1), then the two
 // descriptors and the scale-d predicate's source.
-#define SMOE_SIMT_WGMMA_REGS_64 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}"
-#define SMOE_SIMT_WGMMA_OPS_64 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-#define SMOE_SIMT_WGMMA_REGS_128 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}"
-#define SMOE_SIMT_WGMMA_OPS_128 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-#define SMOE_SIMT_WGMMA_REGS_256 "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}"
-#define SMOE_SIMT_WGMMA_OPS_256 "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+#define SMOE_SIMT_WGMMA_REGS_64                                                                                      \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%" \
+  "30,%31}"
+#define SMOE_SIMT_WGMMA_OPS_64                                                                                \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), \
+      "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),  \
+      "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), \
+      "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define SMOE_SIMT_WGMMA_REGS_128                                                                                     \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%" \
+  "30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%" \
+  "58,%59,%60,%61,%62,%63}"
+#define SMOE_SIMT_WGMMA_OPS_128                                                                               \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), \
+      "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),  \
+      "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), \
+      "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), \
+      "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), \
+      "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), \
+      "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), \
+      "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define SMOE_SIMT_WGMMA_REGS_256                                                                                     \
+  "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%" \
+  "30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%" \
+  "58,%59,%60,%61,%62,%63,%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,%80,%81,%82,%83,%84,%85,%" \
+  "86,%87,%88,%89,%90,%91,%92,%93,%94,%95,%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%"  \
+  "111,%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127}"
+#define SMOE_SIMT_WGMMA_OPS_256                                                                                       \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),         \
+      "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),          \
+      "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),         \
+      "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),         \
+      "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),         \
+      "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),         \
+      "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),         \
+      "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]),         \
+      "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]),         \
+      "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]),         \
+      "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]),         \
+      "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]),         \
+      "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]),    \
+      "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), \
+      "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), \
+      "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
 #if SMOE_SIMT_SM90A
-#define SMOE_SIMT_WGMMA(N, ty, ia, ib, is)                                                             \
-  __device__ __forceinline__ void wgmma_m64n##N##k16_##ty(float (&d)[N / 2], uint64_t desc_a,         \
-                                                          uint64_t desc_b, int scale_d) {            \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #is ", 0;\n"                                    \
-                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." #ty "." #ty " "                     \
-                 SMOE_SIMT_WGMMA_REGS_##N ", %" #ia ", %" #ib ", p, 1, 1, 0, 0;\n}\n"                   \
-                 : SMOE_SIMT_WGMMA_OPS_##N                                                            \
-                 : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                           \
+#define SMOE_SIMT_WGMMA(N, ty, ia, ib, is)                                                                    \
+  __device__ __forceinline__ void wgmma_m64n##N##k16_##ty(float(&d)[N / 2], uint64_t desc_a, uint64_t desc_b, \
+                                                          int scale_d) {                                      \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #is                                                     \
+                 ", 0;\n"                                                                                     \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." #ty "." #ty " " SMOE_SIMT_WGMMA_REGS_##N   \
+                 ", %" #ia ", %" #ib ", p, 1, 1, 0, 0;\n}\n"                                                  \
+                 : SMOE_SIMT_WGMMA_OPS_##N                                                                    \
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                                   \
   }
 #else
-#define SMOE_SIMT_WGMMA(N, ty, ia, ib, is)                                                             \
-  __device__ __forceinline__ void wgmma_m64n##N##k16_##ty(float (&)[N / 2], uint64_t, uint64_t, int) { \
-    __trap();                                                                                         \
-  }
+#define SMOE_SIMT_WGMMA(N, ty, ia, ib, is) \
+  __device__ __forceinline__ void wgmma_m64n##N##k16_##ty(float(&)[N / 2], uint64_t, uint64_t, int) { __trap(); }
 #endif
 SMOE_SIMT_WGMMA(64, bf16, 32, 33, 34)
 SMOE_SIMT_WGMMA(64, f16, 32, 33, 34)

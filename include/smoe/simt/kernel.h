@@ -22,11 +22,10 @@ inline cudaError_t take_launch_error(cudaError_t launched) {
   return launched != cudaSuccess ? launched : last;
 }
 }  // namespace smoe::simt::detail
-#define SMOE_LAUNCH(kernel, grid, block, smem, stream, ...)                                    \
-  ::smoe::simt::detail::take_launch_error(                                                     \
+#define SMOE_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ::smoe::simt::detail::take_launch_error(                  \
       ::smoe::simt::detail::make_launcher(kernel, grid, block, smem, stream)(__VA_ARGS__))
-#define SMOE_DYNAMIC_SMEM(T, name)                                                             \
-  T* const name = static_cast<T*>(::smoe::simt::detail::tls_block->dynamic_smem)
+#define SMOE_DYNAMIC_SMEM(T, name) T* const name = static_cast<T*>(::smoe::simt::detail::tls_block->dynamic_smem)
 
 #else  // nvcc
 #include <cuda_bf16.h>
@@ -35,8 +34,8 @@ inline cudaError_t take_launch_error(cudaError_t launched) {
 
 #include <cstdint>
 
-#define SMOE_LAUNCH(kernel, grid, block, smem, stream, ...)                                    \
-  ((kernel)<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__), cudaGetLastError())
+#define SMOE_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  ((kernel) < < < (grid), (block), (smem), (stream) >>> (__VA_ARGS__), cudaGetLastError())
 #define SMOE_DYNAMIC_SMEM(T, name) extern __shared__ __align__(16) T name[]
 #endif
 

@@ -78,17 +78,17 @@ bool parse_cp_async_landing(const char* text, CpAsyncLanding* landing, uint64_t*
 namespace detail {
 
 struct LaunchDesc {
-  const void* kernel;      // identifies the kernel (attributes) and its module (shared memory)
+  const void* kernel;  // identifies the kernel (attributes) and its module (shared memory)
   dim3 grid;
   dim3 block;
   size_t dynamic_smem;
   cudaStream_t stream;
   void (*invoke)(void* pack);  // runs the kernel body for the current thread
   void* pack;
-  void* (*tls_probe)();     // touches a thread_local of the caller's module (see scheduler.cpp)
+  void* (*tls_probe)();  // touches a thread_local of the caller's module (see scheduler.cpp)
   const char* file;
   int line;
-  size_t pack_bytes;        // size of *pack: the launch scans it for pointers (device check)
+  size_t pack_bytes;  // size of *pack: the launch scans it for pointers (device check)
 };
 
 cudaError_t launch(const LaunchDesc& desc);

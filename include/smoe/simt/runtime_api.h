@@ -122,8 +122,8 @@ cudaError_t cudaFreeAsync(void* ptr, cudaStream_t stream);
 cudaError_t cudaMemcpy(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind);
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cudaMemcpyKind kind,
                             cudaStream_t stream = nullptr);
-cudaError_t cudaMemcpy2D(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width,
-                         size_t height, cudaMemcpyKind kind);
+cudaError_t cudaMemcpy2D(void* dst, size_t dpitch, const void* src, size_t spitch, size_t width, size_t height,
+                         cudaMemcpyKind kind);
 cudaError_t cudaMemset(void* ptr, int value, size_t bytes);
 cudaError_t cudaMemsetAsync(void* ptr, int value, size_t bytes, cudaStream_t stream = nullptr);
 cudaError_t cudaMemGetInfo(size_t* free_bytes, size_t* total_bytes);
@@ -186,25 +186,21 @@ cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F* func) {
 // Resident blocks per SM for the emulated sm_90 part: limited by 2048 threads, 32 blocks and
 // 228 KiB of shared memory (1 KiB reserved per block); registers are not modelled.
 template <class F>
-cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, F* func, int block_size,
-                                                          size_t dynamic_smem) {
-  return smoe::simt::detail::occupancy(blocks, reinterpret_cast<const void*>(func), block_size,
-                                       dynamic_smem);
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, F* func, int block_size, size_t dynamic_smem) {
+  return smoe::simt::detail::occupancy(blocks, reinterpret_cast<const void*>(func), block_size, dynamic_smem);
 }
 // __constant__ and __device__ variables are ordinary globals: the symbol is the variable itself.
 template <class T>
 cudaError_t cudaMemcpyToSymbol(T& symbol, const void* src, size_t bytes, size_t offset = 0,
                                cudaMemcpyKind kind = cudaMemcpyHostToDevice) {
   if (offset + bytes > sizeof(T)) return smoe::simt::detail::memcpy_symbol(nullptr, nullptr, 1, kind);
-  return smoe::simt::detail::memcpy_symbol(reinterpret_cast<char*>(&symbol) + offset, src, bytes,
-                                           kind);
+  return smoe::simt::detail::memcpy_symbol(reinterpret_cast<char*>(&symbol) + offset, src, bytes, kind);
 }
 template <class T>
 cudaError_t cudaMemcpyFromSymbol(void* dst, const T& symbol, size_t bytes, size_t offset = 0,
                                  cudaMemcpyKind kind = cudaMemcpyDeviceToHost) {
   if (offset + bytes > sizeof(T)) return smoe::simt::detail::memcpy_symbol(nullptr, nullptr, 1, kind);
-  return smoe::simt::detail::memcpy_symbol(
-      dst, reinterpret_cast<const char*>(&symbol) + offset, bytes, kind);
+  return smoe::simt::detail::memcpy_symbol(dst, reinterpret_cast<const char*>(&symbol) + offset, bytes, kind);
 }
 template <class T>
 cudaError_t cudaGetSymbolAddress(void** ptr, const T& symbol) {

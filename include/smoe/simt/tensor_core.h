@@ -39,13 +39,9 @@ SMOE_SIMT_HD constexpr int thread_in_group(int lane) { return lane & 3; }
 // Element i (0..7) of the A fragment: registers hold (a0,a1), (a2,a3), (a4,a5), (a6,a7), low half
 // first. row = groupID for i in {0,1,4,5}, groupID + 8 otherwise; col = tig*2 + (i&1) (+8 if i>=4).
 SMOE_SIMT_HD constexpr int a_row(int lane, int i) { return group_id(lane) + (((i >> 1) & 1) ? 8 : 0); }
-SMOE_SIMT_HD constexpr int a_col(int lane, int i) {
-  return thread_in_group(lane) * 2 + (i & 1) + (i >= 4 ? 8 : 0);
-}
+SMOE_SIMT_HD constexpr int a_col(int lane, int i) { return thread_in_group(lane) * 2 + (i & 1) + (i >= 4 ? 8 : 0); }
 // Element i (0..3) of the B fragment (16x8, K x N): row = tig*2 + (i&1) (+8 if i>=2), col = groupID.
-SMOE_SIMT_HD constexpr int b_row(int lane, int i) {
-  return thread_in_group(lane) * 2 + (i & 1) + (i >= 2 ? 8 : 0);
-}
+SMOE_SIMT_HD constexpr int b_row(int lane, int i) { return thread_in_group(lane) * 2 + (i & 1) + (i >= 2 ? 8 : 0); }
 SMOE_SIMT_HD constexpr int b_col(int lane, int) { return group_id(lane); }
 // Element i (0..3) of C/D (16x8 f32): row = groupID (+8 if i>=2), col = tig*2 + (i&1).
 SMOE_SIMT_HD constexpr int c_row(int lane, int i) { return group_id(lane) + (i >= 2 ? 8 : 0); }
@@ -53,12 +49,8 @@ SMOE_SIMT_HD constexpr int c_col(int lane, int i) { return thread_in_group(lane)
 // ldmatrix (9.7.14.5.15): matrix j's row r address comes from lane 8*j + r; lane l receives in
 // register j the elements (row l/4, cols 2*(l%4) and 2*(l%4)+1) — with .trans, the elements
 // (rows 2*(l%4) and 2*(l%4)+1, col l/4) — low half first.
-SMOE_SIMT_HD constexpr int ldm_row(int lane, int half, bool trans) {
-  return trans ? (lane % 4) * 2 + half : lane / 4;
-}
-SMOE_SIMT_HD constexpr int ldm_col(int lane, int half, bool trans) {
-  return trans ? lane / 4 : (lane % 4) * 2 + half;
-}
+SMOE_SIMT_HD constexpr int ldm_row(int lane, int half, bool trans) { return trans ? (lane % 4) * 2 + half : lane / 4; }
+SMOE_SIMT_HD constexpr int ldm_col(int lane, int half, bool trans) { return trans ? lane / 4 : (lane % 4) * 2 + half; }
 }  // namespace frag
 
 }  // namespace smoe::simt
@@ -83,12 +75,10 @@ void combine_mma_m16n8k16(uint32_t, LaneIO* lanes, const char*, int) {
   float a[16][16], b[16][8], c[16][8];
   for (int lane = 0; lane < 32; ++lane) {
     const LaneIO& io = lanes[lane];
-    for (int i = 0; i < 8; ++i)
-      a[frag::a_row(lane, i)][frag::a_col(lane, i)] = unpack16<kBf16>(io.in[i / 2], i & 1);
+    for (int i = 0; i < 8; ++i) a[frag::a_row(lane, i)][frag::a_col(lane, i)] = unpack16<kBf16>(io.in[i / 2], i & 1);
     for (int i = 0; i < 4; ++i)
       b[frag::b_row(lane, i)][frag::b_col(lane, i)] = unpack16<kBf16>(io.in[4 + i / 2], i & 1);
-    for (int i = 0; i < 4; ++i)
-      c[frag::c_row(lane, i)][frag::c_col(lane, i)] = bits_float(io.in[6 + i]);
+    for (int i = 0; i < 4; ++i) c[frag::c_row(lane, i)][frag::c_col(lane, i)] = bits_float(io.in[6 + i]);
   }
   for (int lane = 0; lane < 32; ++lane) {
     for (int i = 0; i < 4; ++i) {
@@ -106,8 +96,8 @@ void combine_ldmatrix(uint32_t, LaneIO* lanes, const char* file, int line) {
     for (int r = 0; r < 8; ++r) {
       const uintptr_t p = lanes[8 * j + r].in[0] | (uintptr_t{lanes[8 * j + r].in[1]} << 32);
       if (p % 16 != 0)
-        fail_at(file, line, "ldmatrix: row address %p from lane %d is not 16-byte aligned",
-                reinterpret_cast<void*>(p), 8 * j + r);
+        fail_at(file, line, "ldmatrix: row address %p from lane %d is not 16-byte aligned", reinterpret_cast<void*>(p),
+                8 * j + r);
     }
   }
   for (int lane = 0; lane < 32; ++lane) {
@@ -117,8 +107,8 @@ void combine_ldmatrix(uint32_t, LaneIO* lanes, const char* file, int line) {
         const int row = frag::ldm_row(lane, half, kTrans);
         const int col = frag::ldm_col(lane, half, kTrans);
         const LaneIO& src = lanes[8 * j + row];
-        const auto* p = reinterpret_cast<const uint16_t*>(
-            static_cast<uintptr_t>(src.in[0]) | (static_cast<uintptr_t>(src.in[1]) << 32));
+        const auto* p = reinterpret_cast<const uint16_t*>(static_cast<uintptr_t>(src.in[0]) |
+                                                          (static_cast<uintptr_t>(src.in[1]) << 32));
         reg |= static_cast<uint32_t>(p[col]) << (16 * half);
       }
       lanes[lane].out[j] = reg;
@@ -169,8 +159,8 @@ inline constexpr CollectiveKind kLdm1T{"ldmatrix.x1.trans", &combine_ldmatrix<1,
 inline constexpr CollectiveKind kLdm2T{"ldmatrix.x2.trans", &combine_ldmatrix<2, true>, true};
 inline constexpr CollectiveKind kLdm4T{"ldmatrix.x4.trans", &combine_ldmatrix<4, true>, true};
 
-inline void mma(const CollectiveKind& kind, float (&d)[4], const uint32_t (&a)[4],
-                const uint32_t (&b)[2], const float (&c)[4], const char* file, int line) {
+inline void mma(const CollectiveKind& kind, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                const float (&c)[4], const char* file, int line) {
   LaneIO io;
   for (int i = 0; i < 4; ++i) io.in[i] = a[i];
   io.in[4] = b[0];
@@ -181,8 +171,7 @@ inline void mma(const CollectiveKind& kind, float (&d)[4], const uint32_t (&a)[4
 }
 
 template <int kNum>
-inline void ldmatrix(const CollectiveKind& kind, uint32_t* r, const void* row, const char* file,
-                     int line) {
+inline void ldmatrix(const CollectiveKind& kind, uint32_t* r, const void* row, const char* file, int line) {
   LaneIO io;
   const auto p = reinterpret_cast<uintptr_t>(row);
   io.in[0] = static_cast<uint32_t>(p);
@@ -254,33 +243,30 @@ inline void cp_async_wait_all(const char* file = __builtin_FILE(), int line = __
 // ------------------------------------------------------------------------------- nvcc: real PTX
 namespace smoe::simt {
 
-__device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4],
-                                                  const uint32_t (&b)[2], const float (&c)[4]) {
+__device__ __forceinline__ void mma_m16n8k16_bf16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                                  const float (&c)[4]) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
       "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
       : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
-        "f"(c[2]), "f"(c[3]));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 }
-__device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4],
-                                                 const uint32_t (&b)[2], const float (&c)[4]) {
+__device__ __forceinline__ void mma_m16n8k16_f16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                                 const float (&c)[4]) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
       "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
       : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
-        "f"(c[2]), "f"(c[3]));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 }
 
-__device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4],
-                                                 const uint32_t (&b)[2], const float (&c)[4]) {
+__device__ __forceinline__ void mma_m16n8k8_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                                 const float (&c)[4]) {
   asm volatile(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
       "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%11,%12,%13};\n"
       : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]),
-        "f"(c[2]), "f"(c[3]));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
 }
 __device__ __forceinline__ uint32_t cvt_rna_tf32(float x) {
   uint32_t r;
@@ -292,48 +278,46 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 __device__ __forceinline__ void ldmatrix_x1(uint32_t (&r)[1], const void* smem_row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n"
-               : "=r"(r[0]) : "r"(smem_addr(smem_row)));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(smem_addr(smem_row)));
 }
 __device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* smem_row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(smem_row)));
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(smem_row)));
 }
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(smem_row)));
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem_row)));
 }
 __device__ __forceinline__ void ldmatrix_x1_trans(uint32_t (&r)[1], const void* smem_row) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n"
-               : "=r"(r[0]) : "r"(smem_addr(smem_row)));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(smem_addr(smem_row)));
 }
 __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* smem_row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(smem_row)));
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(smem_row)));
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(smem_row)));
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem_row)));
 }
 
 // .ca allows 4, 8 and 16 bytes; .cg (bypass L1) only 16 (PTX ISA, "Data Movement and Conversion
 // Instructions: cp.async").
 __device__ __forceinline__ void cp_async_4(void* smem_dst, const void* gmem_src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem_dst)),
-               "l"(gmem_src));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src));
 }
 __device__ __forceinline__ void cp_async_8(void* smem_dst, const void* gmem_src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(smem_dst)),
-               "l"(gmem_src));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src));
 }
 __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem_dst)),
-               "l"(gmem_src));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src));
 }
-__device__ __forceinline__ void cp_async_16_zfill(void* smem_dst, const void* gmem_src,
-                                                  int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem_dst)),
-               "l"(gmem_src), "r"(src_bytes));
+__device__ __forceinline__ void cp_async_16_zfill(void* smem_dst, const void* gmem_src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src),
+               "r"(src_bytes));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int kPending>

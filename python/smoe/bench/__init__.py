@@ -4,8 +4,34 @@ Modules: layer (the run, tables, JSON, targets), system (the machine's peak, the
 (the implementations timed against smoe), memory (peak RSS of a training step), breakdown (per-stage
 times per backend), intensity (the arithmetic-intensity model and its plot)."""
 
-from smoe.bench.layer import (QUICK_SHAPES, SHAPES, Result, Shape, check_targets, format_table, format_targets,
-                              layer_flops, main, parse_shapes, print_table, run_benchmark, write_json)
+from smoe.bench.layer import (
+    QUICK_SHAPES,
+    SHAPES,
+    Result,
+    Shape,
+    check_targets,
+    format_table,
+    format_targets,
+    layer_flops,
+    main,
+    parse_shapes,
+    print_table,
+    run_benchmark,
+    write_json,
+)
 
-__all__ = ["QUICK_SHAPES", "SHAPES", "Result", "Shape", "check_targets", "format_table", "format_targets",
-           "layer_flops", "main", "parse_shapes", "print_table", "run_benchmark", "write_json"]
+__all__ = [
+    "QUICK_SHAPES",
+    "SHAPES",
+    "Result",
+    "Shape",
+    "check_targets",
+    "format_table",
+    "format_targets",
+    "layer_flops",
+    "main",
+    "parse_shapes",
+    "print_table",
+    "run_benchmark",
+    "write_json",
+]

@@ -19,14 +19,26 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["FORWARD_STAGES", "BACKWARD_STAGES", "stage_breakdown", "breakdown_all", "gpu_suite_breakdown",
-           "format_breakdown",
-           "plot_breakdown"]
+__all__ = [
+    "FORWARD_STAGES",
+    "BACKWARD_STAGES",
+    "stage_breakdown",
+    "breakdown_all",
+    "gpu_suite_breakdown",
+    "format_breakdown",
+    "plot_breakdown",
+]
 
-FORWARD_STAGES = ("router matmul", "gating", "routing plan", "permute", "GEMM 1", "activation", "GEMM 2",
-                  "combine")
-BACKWARD_STAGES = ("combine bwd", "GEMM 2 bwd", "activation bwd", "GEMM 1 bwd", "permute bwd", "gating bwd",
-                   "router matmul bwd")
+FORWARD_STAGES = ("router matmul", "gating", "routing plan", "permute", "GEMM 1", "activation", "GEMM 2", "combine")
+BACKWARD_STAGES = (
+    "combine bwd",
+    "GEMM 2 bwd",
+    "activation bwd",
+    "GEMM 1 bwd",
+    "permute bwd",
+    "gating bwd",
+    "router matmul bwd",
+)
 
 
 def _sync(device: torch.device) -> None:
@@ -51,8 +63,9 @@ def _leaf(t: torch.Tensor, grad: bool) -> torch.Tensor:
     return t.detach().clone().requires_grad_(grad)
 
 
-def stage_breakdown(shape, dtype: torch.dtype, backend: str, *, device="cpu", warmup: int = 1, repeats: int = 3,
-                    backward: bool = True) -> Dict[str, float]:
+def stage_breakdown(
+    shape, dtype: torch.dtype, backend: str, *, device="cpu", warmup: int = 1, repeats: int = 3, backward: bool = True
+) -> Dict[str, float]:
     """{stage name: median ms} for one layer step of `shape` (smoe.bench.layer.Shape) on `backend`."""
     import smoe.functional as F
 
@@ -64,9 +77,9 @@ def stage_breakdown(shape, dtype: torch.dtype, backend: str, *, device="cpu", wa
         return (torch.randn(*size, generator=gen) * scale).to(device=device, dtype=dtype)
 
     x = rand(s.T, s.H)
-    wr = (torch.randn(s.E, s.H, generator=gen) * s.H ** -0.5).to(device)
-    w1 = rand(s.E, 2 * s.F, s.H, scale=s.H ** -0.5)
-    w2 = rand(s.E, s.H, s.F, scale=s.F ** -0.5)
+    wr = (torch.randn(s.E, s.H, generator=gen) * s.H**-0.5).to(device)
+    w1 = rand(s.E, 2 * s.F, s.H, scale=s.H**-0.5)
+    w2 = rand(s.E, s.H, s.F, scale=s.F**-0.5)
     gate_kw = dict(top_k=s.K, renormalize=True)
     score_func, n_groups = getattr(s, "score_func", "softmax"), getattr(s, "n_groups", 1)
     if score_func != "softmax" or n_groups > 1:
@@ -109,6 +122,7 @@ def stage_breakdown(shape, dtype: torch.dtype, backend: str, *, device="cpu", wa
 
             def bwd(y=y, inputs=inputs, g=g):
                 torch.autograd.grad(y, inputs, g, retain_graph=True)
+
             out[name + " bwd"] = _time(bwd, device, warmup, repeats)
     return out
 
@@ -120,12 +134,15 @@ def _simt_shape():
     return Shape("simt-small", T=64, H=64, F=64, E=4, K=2)
 
 
-
-
-
-def breakdown_all(*, quick: bool = False, shapes=None, dtypes: Sequence[str] = ("fp32",),
-                  backends: Optional[Sequence[str]] = None, plots: Optional[str] = None,
-                  repeats: int = 3) -> List[dict]:
+def breakdown_all(
+    *,
+    quick: bool = False,
+    shapes=None,
+    dtypes: Sequence[str] = ("fp32",),
+    backends: Optional[Sequence[str]] = None,
+    plots: Optional[str] = None,
+    repeats: int = 3,
+) -> List[dict]:
     """The breakdown for every backend this build runs: rows {'shape', 'dtype', 'backend', 'stages'}."""
     from smoe import _core
     from smoe.bench.layer import DTYPES, parse_shapes
@@ -138,13 +155,25 @@ def breakdown_all(*, quick: bool = False, shapes=None, dtypes: Sequence[str] = (
     for b in backends:
         if b == "simt":
             for d in ("fp32",):
-                rows.append({"shape": "simt-small", "dtype": d, "backend": b,
-                             "stages": stage_breakdown(_simt_shape(), DTYPES[d], b, repeats=1, warmup=0)})
+                rows.append(
+                    {
+                        "shape": "simt-small",
+                        "dtype": d,
+                        "backend": b,
+                        "stages": stage_breakdown(_simt_shape(), DTYPES[d], b, repeats=1, warmup=0),
+                    }
+                )
             continue
         for s in shapes:
             for d in dtypes:
-                rows.append({"shape": s.name, "dtype": d, "backend": b,
-                             "stages": stage_breakdown(s, DTYPES[d], b, repeats=repeats if b != "reference" else 1)})
+                rows.append(
+                    {
+                        "shape": s.name,
+                        "dtype": d,
+                        "backend": b,
+                        "stages": stage_breakdown(s, DTYPES[d], b, repeats=repeats if b != "reference" else 1),
+                    }
+                )
     if plots:
         import os
 
@@ -152,13 +181,27 @@ def breakdown_all(*, quick: bool = False, shapes=None, dtypes: Sequence[str] = (
     return rows
 
 
-def gpu_suite_breakdown(shapes, *, dtype=torch.bfloat16, backend: str = "cuda", device: str = "cuda",
-                        repeats: int = 5, png: Optional[str] = None) -> List[dict]:
+def gpu_suite_breakdown(
+    shapes,
+    *,
+    dtype=torch.bfloat16,
+    backend: str = "cuda",
+    device: str = "cuda",
+    repeats: int = 5,
+    png: Optional[str] = None,
+) -> List[dict]:
     """The breakdown for bench/gpu/bench_layer.py: its shapes (anything with T, H, F, E, K and a name),
     on the CUDA backend, timed with a device synchronisation around each run; prints the table and
     writes the PNG when asked. Rows as breakdown_all returns them."""
-    rows = [{"shape": s.name, "dtype": str(dtype).replace("torch.", ""), "backend": backend,
-             "stages": stage_breakdown(s, dtype, backend, device=device, repeats=repeats)} for s in shapes]
+    rows = [
+        {
+            "shape": s.name,
+            "dtype": str(dtype).replace("torch.", ""),
+            "backend": backend,
+            "stages": stage_breakdown(s, dtype, backend, device=device, repeats=repeats),
+        }
+        for s in shapes
+    ]
     print(format_breakdown(rows))
     if png:
         plot_breakdown(rows, png)
@@ -175,7 +218,9 @@ def format_breakdown(rows: Sequence[dict]) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     lines = ["per-stage breakdown (ms, median):"]
     for i, row in enumerate(table):
-        lines.append("  " + "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        lines.append(
+            "  " + "  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths)))
+        )
         if i == 0:
             lines.append("  " + "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -64,10 +64,16 @@ def measure_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     return 2.0 * nbytes / best
 
 
-def intensity_plot(path: str, *, peak_fp32: Optional[float] = None, peak_bf16: Optional[float] = None,
-                   bandwidth: Optional[float] = None, H: int = 1024, F: int = 512,
-                   tokens_marks: Sequence[tuple] = (("Mixtral-like", 512), ("fine-grained", 192),
-                                                    ("DeepSeek-like", 64))) -> Dict[str, object]:
+def intensity_plot(
+    path: str,
+    *,
+    peak_fp32: Optional[float] = None,
+    peak_bf16: Optional[float] = None,
+    bandwidth: Optional[float] = None,
+    H: int = 1024,
+    F: int = 512,
+    tokens_marks: Sequence[tuple] = (("Mixtral-like", 512), ("fine-grained", 192), ("DeepSeek-like", 64)),
+) -> Dict[str, object]:
     """Write the intensity-vs-tokens-per-expert PNG; returns the balance points and crossings.
 
     peak_* in GFLOP/s (measured; None: measured now), bandwidth in bytes/s (None: measured now)."""
@@ -94,13 +100,24 @@ def intensity_plot(path: str, *, peak_fp32: Optional[float] = None, peak_bf16: O
     fig, ax = plt.subplots(figsize=(8, 5))
     for elem, label in ((4, "fp32"), (2, "bf16")):
         ax.plot(ns, [intensity(n, H, F, elem) for n in ns], label=f"expert H={H} F={F} {label}", lw=2)
-    out = {"H": H, "F": F, "bandwidth_GBps": bandwidth / 1e9, "peak_fp32_GFLOPs": peak_fp32,
-           "peak_bf16_GFLOPs": peak_bf16, "machines": []}
+    out = {
+        "H": H,
+        "F": F,
+        "bandwidth_GBps": bandwidth / 1e9,
+        "peak_fp32_GFLOPs": peak_fp32,
+        "peak_bf16_GFLOPs": peak_bf16,
+        "machines": [],
+    }
     for name, balance, elem, color in machines:
         n_star = crossing_tokens(H, F, elem, balance)
         ax.axhline(balance, color=color, ls="--", lw=1)
-        ax.text(1.2, balance * 1.08, f"{name}: balance {balance:.0f} flop/B" +
-                (f", n* = {n_star:.0f}" if n_star else ", never compute-bound"), color=color, fontsize=8)
+        ax.text(
+            1.2,
+            balance * 1.08,
+            f"{name}: balance {balance:.0f} flop/B" + (f", n* = {n_star:.0f}" if n_star else ", never compute-bound"),
+            color=color,
+            fontsize=8,
+        )
         if n_star:
             ax.axvline(n_star, color=color, ls=":", lw=1)
         out["machines"].append({"name": name, "balance_flop_per_byte": balance, "crossing_tokens": n_star})

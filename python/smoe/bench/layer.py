@@ -37,8 +37,21 @@ import torch
 
 from smoe.bench import system
 
-__all__ = ["Shape", "SHAPES", "QUICK_SHAPES", "Result", "run_benchmark", "format_table", "print_table",
-           "layer_flops", "parse_shapes", "check_targets", "format_targets", "main", "DEFAULT_TF5_PYTHON"]
+__all__ = [
+    "Shape",
+    "SHAPES",
+    "QUICK_SHAPES",
+    "Result",
+    "run_benchmark",
+    "format_table",
+    "print_table",
+    "layer_flops",
+    "parse_shapes",
+    "check_targets",
+    "format_targets",
+    "main",
+    "DEFAULT_TF5_PYTHON",
+]
 
 
 @dataclass(frozen=True)
@@ -63,20 +76,27 @@ SHAPES: Dict[str, Shape] = {
     "fine": Shape("fine", T=2048, H=1024, F=512, E=64, K=6),
     # DeepSeek-V3's routing (sigmoid, 8 groups, top-4 groups, top-8 of 256, one shared expert) at
     # H = 512, F = 256: 200 MB of expert weights in fp32, so every peer's copy fits this machine.
-    "deepseek": Shape("deepseek", T=2048, H=512, F=256, E=256, K=8, score_func="sigmoid", n_groups=8,
-                      topk_groups=4, shared=1),
+    "deepseek": Shape(
+        "deepseek", T=2048, H=512, F=256, E=256, K=8, score_func="sigmoid", n_groups=8, topk_groups=4, shared=1
+    ),
 }
 # --quick / --tiny: the same three regimes, small enough for CI (seconds).
 QUICK_SHAPES: Dict[str, Shape] = {
     "mixtral": Shape("mixtral-quick", T=256, H=256, F=512, E=8, K=2),
     "fine": Shape("fine-quick", T=256, H=256, F=128, E=32, K=4),
-    "deepseek": Shape("deepseek-quick", T=256, H=128, F=64, E=32, K=4, score_func="sigmoid", n_groups=8,
-                      topk_groups=4, shared=1),
+    "deepseek": Shape(
+        "deepseek-quick", T=256, H=128, F=64, E=32, K=4, score_func="sigmoid", n_groups=8, topk_groups=4, shared=1
+    ),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PASSES = ("fwd", "fwd+bwd")
-DEFAULT_TF5_PYTHON = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__))))), "build", "tf5", "bin", "python")
+DEFAULT_TF5_PYTHON = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))),
+    "build",
+    "tf5",
+    "bin",
+    "python",
+)
 
 # Targets of the issue (forward+backward): % of the measured peak per (shape, dtype), and ahead of
 # every peer everywhere.
@@ -144,8 +164,10 @@ def parse_shapes(spec: Optional[str], quick: bool) -> List[Shape]:
             continue
         parts = item.lower().split("x")
         if len(parts) != 5 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError(f"--shapes entries must be one of {', '.join(table)} or TxHxFxExK with "
-                             f"positive integers (e.g. 512x256x512x8x2), got {item!r}")
+            raise ValueError(
+                f"--shapes entries must be one of {', '.join(table)} or TxHxFxExK with "
+                f"positive integers (e.g. 512x256x512x8x2), got {item!r}"
+            )
         T, H, F, E, K = map(int, parts)
         if K > E:
             raise ValueError(f"--shapes entry {item!r}: K must be <= E")
@@ -171,9 +193,11 @@ def _first(out):
 
 def _step(module: torch.nn.Module, x: torch.Tensor, pass_: str) -> Callable[[], None]:
     if pass_ == "fwd":
+
         def run():
             with torch.no_grad():
                 _first(module(x))
+
         return run
     xg = x.detach().clone().requires_grad_(True)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -184,6 +208,7 @@ def _step(module: torch.nn.Module, x: torch.Tensor, pass_: str) -> Callable[[], 
         xg.grad = None
         y = _first(module(xg))
         y.backward(torch.ones_like(y))
+
     return run_train
 
 
@@ -199,6 +224,7 @@ def _dense_step(s: Shape, dtype: torch.dtype, pass_: str) -> Callable[[], None]:
     def run():
         a.grad = b.grad = None
         (a @ b).backward(grad)
+
     return run
 
 
@@ -209,8 +235,13 @@ def make_moe(s: Shape, dtype: torch.dtype, backend: str = "auto"):
     torch.manual_seed(0)
     extra = {}
     if s.score_func != "softmax" or s.n_groups > 1 or s.shared:
-        extra = dict(score_func=s.score_func, n_groups=s.n_groups, topk_groups=s.topk_groups,
-                     group_score="top2_sum", num_shared_experts=s.shared)
+        extra = dict(
+            score_func=s.score_func,
+            n_groups=s.n_groups,
+            topk_groups=s.topk_groups,
+            group_score="top2_sum",
+            num_shared_experts=s.shared,
+        )
     return MoE(s.H, s.F, s.E, s.K, renormalize=True, dtype=dtype, backend=backend, **extra)
 
 
@@ -224,8 +255,9 @@ def _contenders(s: Shape, dtype: torch.dtype, backend: str, with_hf: bool, only:
     return out
 
 
-def _measure(steps: Dict[str, Callable[[], None]], peak_kind: Optional[str], warmup: int, repeats: int,
-             peaks: List[float]):
+def _measure(
+    steps: Dict[str, Callable[[], None]], peak_kind: Optional[str], warmup: int, repeats: int, peaks: List[float]
+):
     """Interleaved rounds; returns {name: (times s, faults per step)}; appends peak runs to `peaks`."""
     for fn in steps.values():
         for _ in range(warmup):
@@ -238,7 +270,7 @@ def _measure(steps: Dict[str, Callable[[], None]], peak_kind: Optional[str], war
             g = system.measure_peak(peak_kind, seconds=0.02, repeats=1)["gflops"]
             if g:
                 peaks.append(g)
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             f0 = system.minor_faults()
             t0 = time.perf_counter()
             steps[name]()
@@ -298,13 +330,22 @@ def run_benchmark(
                 steps["dense"] = _dense_step(s, dtype, pass_)
                 runs: List[float] = []
                 pk = peak.get(dname) or {}
-                times, faults = _measure(steps, pk.get("microkernel") if pk.get("gflops") else None, warmup, repeats,
-                                         runs)
+                times, faults = _measure(
+                    steps, pk.get("microkernel") if pk.get("gflops") else None, warmup, repeats, runs
+                )
                 if runs:
                     pk.setdefault("runs", []).extend(runs)
                     pk["gflops"] = max(pk["runs"])
-                rows.append(dict(shape=s, dtype=dname, pass_=pass_, times=times, faults=faults,
-                                 round_peak=statistics.median(runs) if runs else None))
+                rows.append(
+                    dict(
+                        shape=s,
+                        dtype=dname,
+                        pass_=pass_,
+                        times=times,
+                        faults=faults,
+                        round_peak=statistics.median(runs) if runs else None,
+                    )
+                )
     return _results(rows, peak)
 
 
@@ -323,16 +364,33 @@ def _results(rows: List[dict], peak: Dict[str, dict]) -> List[Result]:
         for name, t in med.items():
             ts = row["times"][name]
             gf = flops / t / 1e9
-            results.append(Result(
-                shape=s.name, T=s.T, H=s.H, F=s.F, E=s.E, K=s.K, dtype=dname, pass_=pass_, impl=name,
-                time_ms=t * 1e3, gflops=gf, gbytes=nbytes / t / 1e9,
-                roof_fraction=(t_roof / t) if name != "dense" else 1.0,
-                speedup_vs_hf=(t_hf / t) if t_hf else None,
-                peak_fraction=(gf / pk) if pk else None, smoe_speedup=t / med["smoe"],
-                spread=(max(ts) - min(ts)) / t, min_ms=min(ts) * 1e3, max_ms=max(ts) * 1e3, repeats=len(ts),
-                faults_per_step=float(statistics.median(row["faults"][name])),
-                round_peak_fraction=(gf / row["round_peak"]) if row.get("round_peak") else None,
-                times_ms=[v * 1e3 for v in ts]))
+            results.append(
+                Result(
+                    shape=s.name,
+                    T=s.T,
+                    H=s.H,
+                    F=s.F,
+                    E=s.E,
+                    K=s.K,
+                    dtype=dname,
+                    pass_=pass_,
+                    impl=name,
+                    time_ms=t * 1e3,
+                    gflops=gf,
+                    gbytes=nbytes / t / 1e9,
+                    roof_fraction=(t_roof / t) if name != "dense" else 1.0,
+                    speedup_vs_hf=(t_hf / t) if t_hf else None,
+                    peak_fraction=(gf / pk) if pk else None,
+                    smoe_speedup=t / med["smoe"],
+                    spread=(max(ts) - min(ts)) / t,
+                    min_ms=min(ts) * 1e3,
+                    max_ms=max(ts) * 1e3,
+                    repeats=len(ts),
+                    faults_per_step=float(statistics.median(row["faults"][name])),
+                    round_peak_fraction=(gf / row["round_peak"]) if row.get("round_peak") else None,
+                    times_ms=[v * 1e3 for v in ts],
+                )
+            )
     return results
 
 
@@ -342,6 +400,7 @@ def measure_peaks(dtypes: Sequence[str] = ("fp32", "bf16"), repeats: int = 5) ->
 
 
 # ---------------------------------------------------------------- targets
+
 
 def check_targets(results: Sequence[Result], peak: Optional[Dict[str, dict]] = None) -> List[dict]:
     """The issue's targets (forward+backward) against the results: one dict per target with 'met'.
@@ -358,8 +417,13 @@ def check_targets(results: Sequence[Result], peak: Optional[Dict[str, dict]] = N
         base = shape.split("-")[0]
         want = PEAK_TARGETS.get((base, dtype))
         if want is not None and sm.peak_fraction is not None and proc == "main":
-            t = dict(target=f"{shape} {dtype} fwd+bwd >= {want:.0%} of peak", measured=sm.peak_fraction,
-                     goal=want, ratio=sm.peak_fraction / want, met=sm.peak_fraction >= want)
+            t = dict(
+                target=f"{shape} {dtype} fwd+bwd >= {want:.0%} of peak",
+                measured=sm.peak_fraction,
+                goal=want,
+                ratio=sm.peak_fraction / want,
+                met=sm.peak_fraction >= want,
+            )
             vec = ((peak or {}).get(dtype) or {}).get("candidates", {}).get("bf16")
             if dtype == "bf16" and vec and (peak or {})[dtype].get("microkernel") != "bf16":
                 t["vector_fraction"] = sm.gflops / vec
@@ -369,8 +433,15 @@ def check_targets(results: Sequence[Result], peak: Optional[Dict[str, dict]] = N
     for r in results:  # every peer, the 5.x subprocess's included (its ratio is against its own smoe row)
         if r.pass_ == "fwd+bwd" and r.impl not in ("smoe", "dense") and r.smoe_speedup is not None:
             shape, dtype, name = r.shape, r.dtype, r.impl
-            out.append(dict(target=f"{shape} {dtype} fwd+bwd ahead of {name}", measured=r.smoe_speedup, goal=1.0,
-                            ratio=r.smoe_speedup, met=r.smoe_speedup > 1.0))
+            out.append(
+                dict(
+                    target=f"{shape} {dtype} fwd+bwd ahead of {name}",
+                    measured=r.smoe_speedup,
+                    goal=1.0,
+                    ratio=r.smoe_speedup,
+                    met=r.smoe_speedup > 1.0,
+                )
+            )
     return out
 
 
@@ -391,25 +462,48 @@ def format_targets(targets: Sequence[dict]) -> str:
 
 # ---------------------------------------------------------------- tables
 
-_HEADERS = ("shape", "dtype", "pass", "impl", "proc", "time ms", "spread", "GFLOP/s", "% peak", "% dense",
-            "smoe x", "faults")
+_HEADERS = (
+    "shape",
+    "dtype",
+    "pass",
+    "impl",
+    "proc",
+    "time ms",
+    "spread",
+    "GFLOP/s",
+    "% peak",
+    "% dense",
+    "smoe x",
+    "faults",
+)
 
 
 def _cells(r: Result) -> List[str]:
-    return [r.shape, r.dtype, r.pass_, r.impl, r.proc,
-            f"{r.time_ms:.1f}", f"{100 * r.spread:.0f}%", f"{r.gflops:.1f}",
-            "-" if r.peak_fraction is None else f"{100 * r.peak_fraction:.0f}%",
-            f"{100 * r.roof_fraction:.0f}%",
-            "-" if r.smoe_speedup is None else f"{r.smoe_speedup:.2f}x", f"{r.faults_per_step:.0f}"]
+    return [
+        r.shape,
+        r.dtype,
+        r.pass_,
+        r.impl,
+        r.proc,
+        f"{r.time_ms:.1f}",
+        f"{100 * r.spread:.0f}%",
+        f"{r.gflops:.1f}",
+        "-" if r.peak_fraction is None else f"{100 * r.peak_fraction:.0f}%",
+        f"{100 * r.roof_fraction:.0f}%",
+        "-" if r.smoe_speedup is None else f"{r.smoe_speedup:.2f}x",
+        f"{r.faults_per_step:.0f}",
+    ]
 
 
 def _legend(results: Sequence[Result], peak: Optional[Dict[str, dict]] = None) -> str:
     seen = {}
     for r in results:
         seen.setdefault(r.shape, f"{r.shape}: T={r.T} H={r.H} F={r.F} E={r.E} K={r.K}")
-    text = "shapes: " + "; ".join(seen.values()) + ". time: median over the rounds; spread: (max-min)/median; " \
-        "% peak: of the microkernel peak below; % dense: dense torch matmul of the same FLOPs; smoe x: time / " \
+    text = (
+        "shapes: " + "; ".join(seen.values()) + ". time: median over the rounds; spread: (max-min)/median; "
+        "% peak: of the microkernel peak below; % dense: dense torch matmul of the same FLOPs; smoe x: time / "
         "smoe's time (same process); faults: minor page faults per step."
+    )
     if peak:
         text += " " + format_peak(peak)
     return text
@@ -420,8 +514,10 @@ def format_peak(peak: Dict[str, dict]) -> str:
     for d, p in peak.items():
         if p.get("gflops"):
             runs = p.get("runs") or [p["gflops"]]
-            txt = (f"{d} {p['gflops']:.1f} GFLOP/s ({p['isa']}, {p['threads']} threads, best of {len(runs)}; "
-                   f"median {statistics.median(runs):.1f})")
+            txt = (
+                f"{d} {p['gflops']:.1f} GFLOP/s ({p['isa']}, {p['threads']} threads, best of {len(runs)}; "
+                f"median {statistics.median(runs):.1f})"
+            )
             others = {k: v for k, v in (p.get("candidates") or {}).items() if k != p.get("microkernel") and v}
             txt += "".join(f" [{k}: {v:.1f}]" for k, v in others.items())
             parts.append(txt)
@@ -434,15 +530,17 @@ def format_table(results: Sequence[Result], peak: Optional[Dict[str, dict]] = No
     """The results as a plain-text table (what print_table prints when rich is missing)."""
     rows = [list(_HEADERS)] + [_cells(r) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADERS))]
-    lines = ["  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
+    lines = [
+        "  ".join(c.ljust(w) if i < 5 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(_legend(results, peak))
     return "\n".join(lines)
 
 
-def print_table(results: Sequence[Result], *, title: str = "smoe MoE layer benchmark (CPU)",
-                peak: Optional[Dict[str, dict]] = None) -> None:
+def print_table(
+    results: Sequence[Result], *, title: str = "smoe MoE layer benchmark (CPU)", peak: Optional[Dict[str, dict]] = None
+) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
@@ -468,10 +566,16 @@ def _meta() -> dict:
         tf_version = transformers.__version__
     except ImportError:
         tf_version = None
-    return {"torch": torch.__version__, "transformers": tf_version, "threads": torch.get_num_threads(),
-            "cpu": system.cpu_name() or platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "executable": sys.executable,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return {
+        "torch": torch.__version__,
+        "transformers": tf_version,
+        "threads": torch.get_num_threads(),
+        "cpu": system.cpu_name() or platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
 
 
 def _row_dict(r: Result) -> dict:
@@ -480,13 +584,23 @@ def _row_dict(r: Result) -> dict:
     return d
 
 
-def write_json(results: Sequence[Result], path: str, *, command: Optional[str] = None,
-               peak: Optional[Dict[str, dict]] = None, extra: Optional[dict] = None) -> None:
+def write_json(
+    results: Sequence[Result],
+    path: str,
+    *,
+    command: Optional[str] = None,
+    peak: Optional[Dict[str, dict]] = None,
+    extra: Optional[dict] = None,
+) -> None:
     meta = _meta()
     if command:
         meta["command"] = command
-    data = {"meta": meta, "peak": peak or {}, "results": [_row_dict(r) for r in results],
-            "targets": check_targets(results, peak)}
+    data = {
+        "meta": meta,
+        "peak": peak or {},
+        "results": [_row_dict(r) for r in results],
+        "targets": check_targets(results, peak),
+    }
     if extra:
         data.update(extra)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -506,20 +620,52 @@ def read_results(path: str) -> List[Result]:
     return out
 
 
-def run_tf5(python: str, shapes: Sequence[Shape], dtypes: Sequence[str], passes: Sequence[str], *, warmup: int,
-            repeats: int, backend: str, timeout: float = 3600) -> List[Result]:
+def run_tf5(
+    python: str,
+    shapes: Sequence[Shape],
+    dtypes: Sequence[str],
+    passes: Sequence[str],
+    *,
+    warmup: int,
+    repeats: int,
+    backend: str,
+    timeout: float = 3600,
+) -> List[Result]:
     """Run the transformers 5.x peers (and smoe, for their ratios) in interpreter `python`; rows with proc 'tf5'."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "tf5.json")
         pkg = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         # this package first, then the caller's PYTHONPATH; not this interpreter's sys.path (its
         # site-packages would shadow the 5.x environment's transformers)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([pkg] + [p for p in os.environ.get("PYTHONPATH", "").split(
-            os.pathsep) if p]))
-        cmd = [python, "-m", "smoe.bench", "--only", "hf5", "--no-tf5", "--no-memory", "--no-breakdown",
-               "--shapes", ",".join(s.name for s in shapes),
-               "--dtypes", ",".join(dtypes), "--passes", ",".join(passes), "--warmup", str(warmup),
-               "--repeats", str(repeats), "--backend", backend, "--json", path, "--quiet"]
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([pkg] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]),
+        )
+        cmd = [
+            python,
+            "-m",
+            "smoe.bench",
+            "--only",
+            "hf5",
+            "--no-tf5",
+            "--no-memory",
+            "--no-breakdown",
+            "--shapes",
+            ",".join(s.name for s in shapes),
+            "--dtypes",
+            ",".join(dtypes),
+            "--passes",
+            ",".join(passes),
+            "--warmup",
+            str(warmup),
+            "--repeats",
+            str(repeats),
+            "--backend",
+            backend,
+            "--json",
+            path,
+            "--quiet",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"the transformers 5.x run failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
@@ -542,8 +688,12 @@ def _tf5_available(python: Optional[str]) -> Optional[str]:
     if not python or not os.path.exists(python):
         return None
     try:
-        out = subprocess.run([python, "-c", "import transformers; print(transformers.__version__)"],
-                             capture_output=True, text=True, timeout=120)
+        out = subprocess.run(
+            [python, "-c", "import transformers; print(transformers.__version__)"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0 or int(out.stdout.strip().split(".")[0]) < 5:
@@ -556,8 +706,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
 
     p = argparse.ArgumentParser(prog="python -m smoe.bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", "--tiny", action="store_true", dest="quick", help="small shapes (CI, tests)")
-    p.add_argument("--shapes", default=None,
-                   help="comma-separated names (mixtral, fine, deepseek) or TxHxFxExK entries; default all three")
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help="comma-separated names (mixtral, fine, deepseek) or TxHxFxExK entries; default all three",
+    )
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated from fp32, bf16")
     p.add_argument("--passes", default="fwd,fwd+bwd", help="comma-separated from fwd, fwd+bwd")
     p.add_argument("--warmup", type=int, default=1)
@@ -565,15 +718,22 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
     p.add_argument("--backend", default="auto", help="smoe backend for the layer (default auto)")
     p.add_argument("--no-hf", action="store_true", help="no transformers peers (the plain PyTorch loop instead)")
     p.add_argument("--only", default=None, choices=["hf5"], help=argparse.SUPPRESS)
-    p.add_argument("--tf5-python", default=DEFAULT_TF5_PYTHON,
-                   help="an interpreter with transformers 5.x for the 5.x peers (default build/tf5/bin/python)")
+    p.add_argument(
+        "--tf5-python",
+        default=DEFAULT_TF5_PYTHON,
+        help="an interpreter with transformers 5.x for the 5.x peers (default build/tf5/bin/python)",
+    )
     p.add_argument("--no-tf5", action="store_true", help="skip the transformers 5.x subprocess")
-    p.add_argument("--system-malloc", action="store_true",
-                   help="leave glibc malloc as it is (default: keep freed memory mapped, smoe.bench.system)")
+    p.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc malloc as it is (default: keep freed memory mapped, smoe.bench.system)",
+    )
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS training-step subprocesses")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-stage breakdown")
-    p.add_argument("--plots", default=None, metavar="DIR",
-                   help="write the breakdown and arithmetic-intensity PNGs into DIR")
+    p.add_argument(
+        "--plots", default=None, metavar="DIR", help="write the breakdown and arithmetic-intensity PNGs into DIR"
+    )
     p.add_argument("--json", default=None, metavar="PATH", help="write the results as JSON")
     p.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -586,8 +746,18 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
         malloc = "system" if args.system_malloc else ("retain" if system.retain_freed_memory() else "system")
         peak = measure_peaks(dtypes)
         say(format_peak(peak))
-        results = run_benchmark(shapes, dtypes, passes, warmup=args.warmup, repeats=repeats, backend=args.backend,
-                                with_hf=not args.no_hf, only=args.only, peak=peak, progress=say)
+        results = run_benchmark(
+            shapes,
+            dtypes,
+            passes,
+            warmup=args.warmup,
+            repeats=repeats,
+            backend=args.backend,
+            with_hf=not args.no_hf,
+            only=args.only,
+            peak=peak,
+            progress=say,
+        )
     except ValueError as err:
         p.error(str(err))
     tf5 = None if (args.no_tf5 or args.no_hf or args.only) else _tf5_available(args.tf5_python)
@@ -608,9 +778,11 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
     if args.plots and not args.only:
         from smoe.bench.intensity import intensity_plot
 
-        extra["intensity"] = intensity_plot(os.path.join(args.plots, "arithmetic_intensity.png"),
-                                            peak_fp32=(peak.get("fp32") or {}).get("gflops"),
-                                            peak_bf16=(peak.get("bf16") or {}).get("gflops"))
+        extra["intensity"] = intensity_plot(
+            os.path.join(args.plots, "arithmetic_intensity.png"),
+            peak_fp32=(peak.get("fp32") or {}).get("gflops"),
+            peak_bf16=(peak.get("bf16") or {}).get("gflops"),
+        )
     if not args.quiet:
         print_table(results, peak=peak)
         print(format_targets(check_targets(results, peak)))
@@ -624,8 +796,13 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Result]:
             print(format_breakdown(extra["breakdown"]))
         print(f"malloc: {malloc}; measured on {system.cpu_name()}, {torch.get_num_threads()} threads")
     if args.json:
-        write_json(results, args.json, peak=peak, extra=extra,
-                   command="python -m smoe.bench " + " ".join(sys.argv[1:] if argv is None else argv))
+        write_json(
+            results,
+            args.json,
+            peak=peak,
+            extra=extra,
+            command="python -m smoe.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        )
         if not args.quiet:
             print(f"wrote {args.json}")
     return results

@@ -88,8 +88,14 @@ def measure_step_memory(shape_name: str, dtype: str, impl: str, with_hf: bool = 
     y = _first(mod(x))
     y.backward(torch.ones_like(y))
     peak = _peak_rss_mb()
-    return {"shape": s.name, "dtype": dtype, "impl": impl, "rss_before_mb": before, "peak_rss_mb": peak,
-            "step_mb": peak - before}
+    return {
+        "shape": s.name,
+        "dtype": dtype,
+        "impl": impl,
+        "rss_before_mb": before,
+        "peak_rss_mb": peak,
+        "step_mb": peak - before,
+    }
 
 
 def _reference_peer(with_hf: bool, deepseek_like: bool) -> str:
@@ -112,8 +118,14 @@ def memory_table(shapes, dtypes: Sequence[str], *, with_hf: bool = True, timeout
         peer = _reference_peer(with_hf, s.score_func != "softmax" or s.n_groups > 1 or s.shared > 0)
         for d in dtypes:
             for impl in ("smoe", peer):
-                proc = subprocess.run([sys.executable, "-m", "smoe.bench.memory", "--shape", s.name, "--dtype", d,
-                                       "--impl", impl] + ([] if with_hf else ["--no-hf"]), capture_output=True, text=True, timeout=timeout, env=env)
+                proc = subprocess.run(
+                    [sys.executable, "-m", "smoe.bench.memory", "--shape", s.name, "--dtype", d, "--impl", impl]
+                    + ([] if with_hf else ["--no-hf"]),
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                    env=env,
+                )
                 if proc.returncode != 0:
                     raise RuntimeError(f"memory measurement {s.name} {d} {impl} failed:\n{proc.stderr[-2000:]}")
                 rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -121,11 +133,15 @@ def memory_table(shapes, dtypes: Sequence[str], *, with_hf: bool = True, timeout
 
 
 def format_memory(rows: Sequence[dict]) -> str:
-    lines = ["peak resident memory of one training step (subprocess each; MB):",
-             f"  {'shape':<16}{'dtype':<6}{'impl':<18}{'before':>9}{'peak':>9}{'step':>9}"]
+    lines = [
+        "peak resident memory of one training step (subprocess each; MB):",
+        f"  {'shape':<16}{'dtype':<6}{'impl':<18}{'before':>9}{'peak':>9}{'step':>9}",
+    ]
     for r in rows:
-        lines.append(f"  {r['shape']:<16}{r['dtype']:<6}{r['impl']:<18}{r['rss_before_mb']:>9.0f}"
-                     f"{r['peak_rss_mb']:>9.0f}{r['step_mb']:>9.0f}")
+        lines.append(
+            f"  {r['shape']:<16}{r['dtype']:<6}{r['impl']:<18}{r['rss_before_mb']:>9.0f}"
+            f"{r['peak_rss_mb']:>9.0f}{r['step_mb']:>9.0f}"
+        )
     return "\n".join(lines)
 
 

@@ -39,9 +39,17 @@ def _gating(moe, x2: torch.Tensor):
 
     logits = torch.nn.functional.linear(x2.float(), moe.router.weight.float())
     weights, experts, _ = topk_gating(
-        logits, top_k=moe.top_k, score_func=moe.score_func, bias=moe.expert_bias, n_groups=moe.n_groups,
-        topk_groups=moe.topk_groups, group_score=moe.group_score, renormalize=moe.renormalize,
-        renorm_eps=moe.renorm_eps, routed_scaling=moe.routed_scaling)
+        logits,
+        top_k=moe.top_k,
+        score_func=moe.score_func,
+        bias=moe.expert_bias,
+        n_groups=moe.n_groups,
+        topk_groups=moe.topk_groups,
+        group_score=moe.group_score,
+        renormalize=moe.renormalize,
+        renorm_eps=moe.renorm_eps,
+        routed_scaling=moe.routed_scaling,
+    )
     return weights, experts
 
 
@@ -107,11 +115,18 @@ def _hf_deepseek(moe, experts_impl: Optional[str]) -> nn.Module:
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
-    cfg = DeepseekV3Config(hidden_size=moe.hidden_size, moe_intermediate_size=moe.ffn_size,
-                           n_routed_experts=moe.num_experts, num_experts_per_tok=moe.top_k, n_group=moe.n_groups,
-                           topk_group=moe.topk_groups, n_shared_experts=moe.num_shared_experts,
-                           norm_topk_prob=bool(moe.renormalize), routed_scaling_factor=moe.routed_scaling,
-                           hidden_act="silu")
+    cfg = DeepseekV3Config(
+        hidden_size=moe.hidden_size,
+        moe_intermediate_size=moe.ffn_size,
+        n_routed_experts=moe.num_experts,
+        num_experts_per_tok=moe.top_k,
+        n_group=moe.n_groups,
+        topk_group=moe.topk_groups,
+        n_shared_experts=moe.num_shared_experts,
+        norm_topk_prob=bool(moe.renormalize),
+        routed_scaling_factor=moe.routed_scaling,
+        hidden_act="silu",
+    )
     if experts_impl is not None:
         cfg._experts_implementation = experts_impl
     block = DeepseekV3MoE(cfg)

@@ -54,13 +54,25 @@ def measure_peak(kind: str = "fp32", *, seconds: float = 0.05, repeats: int = 3)
     lib = _core.lib()
     probe = lib.measure_peak(kind, 20_000)
     if probe["isa"] == "unsupported":
-        return {"kind": kind, "gflops": None, "median_gflops": None, "runs": [], "threads": probe["threads"],
-                "isa": "unsupported"}
+        return {
+            "kind": kind,
+            "gflops": None,
+            "median_gflops": None,
+            "runs": [],
+            "threads": probe["threads"],
+            "isa": "unsupported",
+        }
     iters = max(1000, int(20_000 * seconds / max(probe["seconds"], 1e-6)))
     runs = [lib.measure_peak(kind, iters)["gflops"] for _ in range(repeats)]
     srt = sorted(runs)
-    return {"kind": kind, "gflops": srt[-1], "median_gflops": srt[len(srt) // 2], "runs": runs,
-            "threads": probe["threads"], "isa": probe["isa"]}
+    return {
+        "kind": kind,
+        "gflops": srt[-1],
+        "median_gflops": srt[len(srt) // 2],
+        "runs": runs,
+        "threads": probe["threads"],
+        "isa": probe["isa"],
+    }
 
 
 def machine_peaks(dtypes=("fp32", "bf16"), *, repeats: int = 5) -> Dict[str, dict]:

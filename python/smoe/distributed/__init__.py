@@ -7,10 +7,23 @@
 """
 
 from smoe.distributed.comm import all_to_all_single, exchange_counts
-from smoe.distributed.grads import (all_reduce_gradients, ddp_ignore_expert_parameters, expert_parameters,
-                                    is_expert_parameter)
+from smoe.distributed.grads import (
+    all_reduce_gradients,
+    ddp_ignore_expert_parameters,
+    expert_parameters,
+    is_expert_parameter,
+)
 from smoe.distributed.launch import run_local
 from smoe.distributed.layer import ExpertParallelMoE, local_routing_plan
 
-__all__ = ["all_to_all_single", "exchange_counts", "ExpertParallelMoE", "local_routing_plan",
-           "expert_parameters", "is_expert_parameter", "all_reduce_gradients", "ddp_ignore_expert_parameters", "run_local"]
+__all__ = [
+    "all_to_all_single",
+    "exchange_counts",
+    "ExpertParallelMoE",
+    "local_routing_plan",
+    "expert_parameters",
+    "is_expert_parameter",
+    "all_reduce_gradients",
+    "ddp_ignore_expert_parameters",
+    "run_local",
+]

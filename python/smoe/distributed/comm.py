@@ -6,7 +6,7 @@ the given group, so it is bounded by that group's timeout (init_process_group(ti
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -49,8 +49,9 @@ def _exchange(x: Tensor, out_splits: List[int], in_splits: List[int], group) -> 
     return out
 
 
-def all_to_all_single(x: Tensor, output_split_sizes: Sequence[int], input_split_sizes: Sequence[int],
-                      group=None) -> Tensor:
+def all_to_all_single(
+    x: Tensor, output_split_sizes: Sequence[int], input_split_sizes: Sequence[int], group=None
+) -> Tensor:
     """Rows x[sum(input_split_sizes[:p]) : ...] go to rank p of `group`; rank p's rows for this rank
     arrive, in rank order, as output_split_sizes[p] rows. Differentiable: the gradient travels back by
     the reverse exchange (every rank must run backward, as with any collective)."""

@@ -41,7 +41,7 @@ def _reduce(params, group, scale: float) -> None:
     i = 0
     for p, g in zip(params, grads):
         n = g.numel()
-        p.grad = flat[i:i + n].view_as(p).clone()
+        p.grad = flat[i : i + n].view_as(p).clone()
         i += n
 
 
@@ -56,8 +56,9 @@ def ddp_ignore_expert_parameters(model: nn.Module) -> list:
 
 
 @torch.no_grad()
-def all_reduce_gradients(module: nn.Module, *, dp_group=None, group=None, average: bool = True,
-                         experts_only: bool = False) -> None:
+def all_reduce_gradients(
+    module: nn.Module, *, dp_group=None, group=None, average: bool = True, experts_only: bool = False
+) -> None:
     """Reduce `module`'s gradients for EP x DP: replicated parameters summed over `group` (default: the
     world, every EP and DP rank), expert shards summed over `dp_group` (the ranks holding the same
     shard; None: no DP, left as they are). average=True divides both by the size of `group` (the mean

@@ -22,8 +22,13 @@ def _entry(rank, world, store, collective_timeout, threads, barrier, fn, args):
 
     if threads:
         torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=collective_timeout))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{store}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=collective_timeout),
+    )
     try:
         fn(rank, world, *args)
         if barrier:
@@ -32,8 +37,15 @@ def _entry(rank, world, store, collective_timeout, threads, barrier, fn, args):
         dist.destroy_process_group()
 
 
-def run_local(fn, world: int, *args, timeout: float = 120.0, collective_timeout: float = 60.0,
-              threads: int = 1, barrier: bool = True) -> None:
+def run_local(
+    fn,
+    world: int,
+    *args,
+    timeout: float = 120.0,
+    collective_timeout: float = 60.0,
+    threads: int = 1,
+    barrier: bool = True,
+) -> None:
     """fn must be importable by the spawned processes (a module-level function). barrier=False skips the
     final barrier (for a test whose ranks leave the group broken on purpose)."""
     import torch.multiprocessing as mp
@@ -42,8 +54,13 @@ def run_local(fn, world: int, *args, timeout: float = 120.0, collective_timeout:
         raise ValueError(f"world must be an integer >= 1, got {world!r}")
     with tempfile.TemporaryDirectory() as d:
         store = os.path.join(d, "store")
-        ctx = mp.start_processes(_entry, args=(world, store, collective_timeout, threads, barrier, fn, args), nprocs=world,
-                                 join=False, start_method="spawn")
+        ctx = mp.start_processes(
+            _entry,
+            args=(world, store, collective_timeout, threads, barrier, fn, args),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
         deadline = time.monotonic() + timeout
         try:
             while not ctx.join(timeout=1.0):

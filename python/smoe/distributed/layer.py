@@ -24,8 +24,21 @@ from smoe.reference.ops import RoutingPlan
 __all__ = ["ExpertParallelMoE", "local_routing_plan"]
 
 # Fields every rank of the EP group must agree on (checked by one all_gather at construction).
-_CONFIG_FIELDS = ("hidden_size", "ffn_size", "num_experts", "top_k", "activation", "score_func", "n_groups",
-                  "topk_groups", "num_shared_experts", "shared_ffn_size", "capacity_factor", "dtype", "device type")
+_CONFIG_FIELDS = (
+    "hidden_size",
+    "ffn_size",
+    "num_experts",
+    "top_k",
+    "activation",
+    "score_func",
+    "n_groups",
+    "topk_groups",
+    "num_shared_experts",
+    "shared_ffn_size",
+    "capacity_factor",
+    "dtype",
+    "device type",
+)
 
 
 def local_routing_plan(recv_counts: torch.Tensor, device=None) -> RoutingPlan:
@@ -46,8 +59,12 @@ def local_routing_plan(recv_counts: torch.Tensor, device=None) -> RoutingPlan:
     offsets = torch.zeros(El + 1, dtype=torch.int64)
     offsets[1:] = torch.cumsum(counts, 0)
     dev = torch.device("cpu") if device is None else device
-    return RoutingPlan(counts.to(dev, torch.int32), offsets.to(dev), row_of.view(n, 1).to(dev, torch.int32),
-                       token_of_row.to(dev, torch.int32))
+    return RoutingPlan(
+        counts.to(dev, torch.int32),
+        offsets.to(dev),
+        row_of.view(n, 1).to(dev, torch.int32),
+        token_of_row.to(dev, torch.int32),
+    )
 
 
 def _code(value) -> int:
@@ -57,7 +74,7 @@ def _code(value) -> int:
         return int(round(value * 1_000_000))
     if isinstance(value, int):
         return value
-    return sum(ord(c) * 131 ** i for i, c in enumerate(str(value))) % (2 ** 61)
+    return sum(ord(c) * 131**i for i, c in enumerate(str(value))) % (2**61)
 
 
 class ExpertParallelMoE(MoE):
@@ -80,8 +97,18 @@ class ExpertParallelMoE(MoE):
     tokens before sending them (the single-process layer applied to each rank's batch).
     """
 
-    def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, top_k: int, *, ep_group=None,
-                 ep_size: Optional[int] = None, stats_group=None, **kwargs):
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        ep_group=None,
+        ep_size: Optional[int] = None,
+        stats_group=None,
+        **kwargs,
+    ):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ExpertParallelMoE needs torch.distributed to be initialized (init_process_group)")
         group = dist.group.WORLD if ep_group is None else ep_group
@@ -95,13 +122,17 @@ class ExpertParallelMoE(MoE):
         err = None
         try:
             if kwargs.get("backend", "auto") == "reference":
-                raise ValueError("backend must not be 'reference' for ExpertParallelMoE (the reference layer is "
-                                 "single-process), got 'reference'")
+                raise ValueError(
+                    "backend must not be 'reference' for ExpertParallelMoE (the reference layer is "
+                    "single-process), got 'reference'"
+                )
             if kwargs.get("expert_choice", False):
                 raise ValueError("expert_choice=True is not supported by ExpertParallelMoE, got True")
             if kwargs.get("aux_loss_type", "switch") != "switch":
-                raise ValueError("aux_loss_type must be 'switch' for ExpertParallelMoE (its balance loss already "
-                                 f"uses the counts of stats_group), got {kwargs['aux_loss_type']!r}")
+                raise ValueError(
+                    "aux_loss_type must be 'switch' for ExpertParallelMoE (its balance loss already "
+                    f"uses the counts of stats_group), got {kwargs['aux_loss_type']!r}"
+                )
             if ep_size is not None and ep_size != P:
                 raise ValueError(f"ep_group must have ep_size={ep_size} ranks, got a group of {P} ranks")
             super().__init__(hidden_size, ffn_size, num_experts, top_k, process_group=stats, **kwargs)
@@ -111,9 +142,21 @@ class ExpertParallelMoE(MoE):
         # One all_gather of the configuration, made whether or not construction failed here, so that
         # every rank raises instead of some waiting for the others.
         if err is None:
-            vals = [hidden_size, ffn_size, num_experts, top_k, self.activation, self.score_func, self.n_groups,
-                    self.topk_groups, self.num_shared_experts, self.shared_ffn_size, self.capacity_factor,
-                    str(self.w1.dtype), self.w1.device.type]
+            vals = [
+                hidden_size,
+                ffn_size,
+                num_experts,
+                top_k,
+                self.activation,
+                self.score_func,
+                self.n_groups,
+                self.topk_groups,
+                self.num_shared_experts,
+                self.shared_ffn_size,
+                self.capacity_factor,
+                str(self.w1.dtype),
+                self.w1.device.type,
+            ]
         else:
             vals = [0] * len(_CONFIG_FIELDS)
         dev = comm_device(group)
@@ -125,28 +168,35 @@ class ExpertParallelMoE(MoE):
             raise err
         failed = [p for p in range(P) if table[p, 0] != 0]
         if failed:
-            raise ValueError(f"ExpertParallelMoE: rank(s) {failed} of the EP group rejected their arguments "
-                             "(see the error raised there)")
+            raise ValueError(
+                f"ExpertParallelMoE: rank(s) {failed} of the EP group rejected their arguments "
+                "(see the error raised there)"
+            )
         for i, name in enumerate(_CONFIG_FIELDS):
             col = table[:, i + 1]
             if not bool((col == col[0]).all()):
                 shown = "" if name in ("activation", "score_func", "dtype", "device type") else f": {col.tolist()}"
-                raise ValueError(f"ExpertParallelMoE: the ranks of the EP group disagree on {name}{shown} "
-                                 f"(this rank: {vals[i]!r}); every rank must build the same layer")
+                raise ValueError(
+                    f"ExpertParallelMoE: the ranks of the EP group disagree on {name}{shown} "
+                    f"(this rank: {vals[i]!r}); every rank must build the same layer"
+                )
         if num_experts % P != 0:
-            raise ValueError(f"num_experts ({num_experts}) must be divisible by the EP group size, got a group "
-                             f"of {P} ranks")
+            raise ValueError(
+                f"num_experts ({num_experts}) must be divisible by the EP group size, got a group of {P} ranks"
+            )
         if dev.type != self.w1.device.type:
-            raise ValueError(f"device: the EP group's backend ({dist.get_backend(group)}) needs parameters on "
-                             f"{dev.type}, got {self.w1.device}")
+            raise ValueError(
+                f"device: the EP group's backend ({dist.get_backend(group)}) needs parameters on "
+                f"{dev.type}, got {self.w1.device}"
+            )
 
         self.ep_group, self.ep_size, self.ep_rank = group, P, rank
         self.stats_group = self.process_group
         self.num_local_experts = num_experts // P
         lo = rank * self.num_local_experts
         with torch.no_grad():
-            self.w1 = nn.Parameter(self.w1[lo:lo + self.num_local_experts].clone())
-            self.w2 = nn.Parameter(self.w2[lo:lo + self.num_local_experts].clone())
+            self.w1 = nn.Parameter(self.w1[lo : lo + self.num_local_experts].clone())
+            self.w2 = nn.Parameter(self.w2[lo : lo + self.num_local_experts].clone())
         for w in (self.w1, self.w2):
             w._smoe_expert_shard = True  # gradients reduced over DP replicas only (all_reduce_gradients)
 
@@ -161,19 +211,33 @@ class ExpertParallelMoE(MoE):
         super().reset_parameters()
 
     @classmethod
-    def from_dense(cls, layer: MoE, *, ep_group=None, **kwargs) -> "ExpertParallelMoE":
+    def from_dense(cls, layer: MoE, *, ep_group=None, **kwargs) -> ExpertParallelMoE:
         """An ExpertParallelMoE with `layer`'s configuration and weights (this rank's shard of w1/w2)."""
-        cfg = dict(activation=layer.activation, score_func=layer.score_func, renormalize=layer.renormalize,
-                   renorm_eps=layer.renorm_eps, routed_scaling=layer.routed_scaling, n_groups=layer.n_groups,
-                   topk_groups=layer.topk_groups, group_score=layer.group_score,
-                   bias_balancing=layer.bias_balancing, bias_update_rate=layer.bias_update_rate,
-                   num_shared_experts=layer.num_shared_experts,
-                   shared_ffn_size=layer.shared_ffn_size if layer.num_shared_experts else None,
-                   shared_gate=layer.shared_gate_w is not None, capacity_factor=layer.capacity_factor,
-                   drop_policy=layer.drop_policy, aux_loss_coef=layer.aux_loss_coef, z_loss_coef=layer.z_loss_coef,
-                   aux_loss_mode=layer.aux_loss_mode, router_jitter_noise=layer.router_jitter_noise,
-                   router_dtype=layer.router_dtype, dtype=layer.w1.dtype, device=layer.w1.device,
-                   backend=layer.backend if layer.backend != "reference" else "auto")
+        cfg = dict(
+            activation=layer.activation,
+            score_func=layer.score_func,
+            renormalize=layer.renormalize,
+            renorm_eps=layer.renorm_eps,
+            routed_scaling=layer.routed_scaling,
+            n_groups=layer.n_groups,
+            topk_groups=layer.topk_groups,
+            group_score=layer.group_score,
+            bias_balancing=layer.bias_balancing,
+            bias_update_rate=layer.bias_update_rate,
+            num_shared_experts=layer.num_shared_experts,
+            shared_ffn_size=layer.shared_ffn_size if layer.num_shared_experts else None,
+            shared_gate=layer.shared_gate_w is not None,
+            capacity_factor=layer.capacity_factor,
+            drop_policy=layer.drop_policy,
+            aux_loss_coef=layer.aux_loss_coef,
+            z_loss_coef=layer.z_loss_coef,
+            aux_loss_mode=layer.aux_loss_mode,
+            router_jitter_noise=layer.router_jitter_noise,
+            router_dtype=layer.router_dtype,
+            dtype=layer.w1.dtype,
+            device=layer.w1.device,
+            backend=layer.backend if layer.backend != "reference" else "auto",
+        )
         cfg.update(kwargs)
         ep = cls(layer.hidden_size, layer.ffn_size, layer.num_experts, layer.top_k, ep_group=ep_group, **cfg)
         ep.load_dense_state(layer)
@@ -205,8 +269,7 @@ class ExpertParallelMoE(MoE):
             err = f"x must have shape [..., hidden_size={self.hidden_size}], got {tuple(x.shape)}"
         elif x.device != self.w1.device:
             err = f"x must be on the device of the layer's parameters ({self.w1.device}), got {x.device}"
-        elif x.dtype != self.w1.dtype and not (x.dtype.is_floating_point and
-                                               torch.is_autocast_enabled(x.device.type)):
+        elif x.dtype != self.w1.dtype and not (x.dtype.is_floating_point and torch.is_autocast_enabled(x.device.type)):
             err = f"x must have the dtype of the expert weights ({self.w1.dtype}), got {x.dtype}"
         if err is not None:
             # Take part in the count exchange with an error flag: the other ranks raise too.
@@ -231,8 +294,10 @@ class ExpertParallelMoE(MoE):
             raise ValueError(err)
         bad = [p for p in range(P) if out[p, -1] != 0]
         if bad:
-            raise ValueError(f"ExpertParallelMoE: rank(s) {bad} of the EP group got bad input to forward "
-                             "(see the error raised there)")
+            raise ValueError(
+                f"ExpertParallelMoE: rank(s) {bad} of the EP group got bad input to forward "
+                "(see the error raised there)"
+            )
         return out[:, :-1]
 
     def _routed_experts(self, x2, weights, experts, w1, w2):
@@ -241,8 +306,14 @@ class ExpertParallelMoE(MoE):
 
         backend = self.backend
         T, E, P, El = x2.shape[0], self.num_experts, self.ep_size, self.num_local_experts
-        plan = F.routing_plan(experts, num_experts=E, weights=weights.detach(), capacity=self.capacity(T),
-                              drop_policy=self.drop_policy, backend=backend)  # capacity per rank
+        plan = F.routing_plan(
+            experts,
+            num_experts=E,
+            weights=weights.detach(),
+            capacity=self.capacity(T),
+            drop_policy=self.drop_policy,
+            backend=backend,
+        )  # capacity per rank
         send = plan.counts.view(P, El)
         recv = self._exchange_counts(send)  # [P, El] CPU
         send_splits, recv_splits = send.sum(1).tolist(), recv.sum(1).tolist()
@@ -264,11 +335,16 @@ class ExpertParallelMoE(MoE):
         T, E, dev = x2.shape[0], self.num_experts, x2.device
         # Statistics over stats_group: [routed E | kept E | T] in one all_reduce.
         sdev = comm_device(self.process_group)
-        packed = torch.cat([stats["routed_per_expert"].to(torch.int64), stats["tokens_per_expert"].to(torch.int64),
-                            torch.tensor([T], dtype=torch.int64, device=dev)]).to(sdev)
+        packed = torch.cat(
+            [
+                stats["routed_per_expert"].to(torch.int64),
+                stats["tokens_per_expert"].to(torch.int64),
+                torch.tensor([T], dtype=torch.int64, device=dev),
+            ]
+        ).to(sdev)
         dist.all_reduce(packed, group=self.process_group)
         packed = packed.to(dev)
-        routed_g, kept_g, t_g = packed[:E], packed[E:2 * E], packed[2 * E]
+        routed_g, kept_g, t_g = packed[:E], packed[E : 2 * E], packed[2 * E]
         denom = torch.clamp(t_g, min=1).to(torch.float32)
         # This rank's shares of the losses of the whole group's batch: summed over the ranks they are the
         # single-process losses on the concatenated batch, and so are their gradients (docs/distributed.md).
@@ -277,7 +353,10 @@ class ExpertParallelMoE(MoE):
         shares = torch.stack([aux.detach(), z.detach()]).to(sdev)
         dist.all_reduce(shares, group=self.process_group)
         shares = shares.to(dev)
-        glob = {"tokens_per_expert": kept_g.to(torch.int32), "routed_per_expert": routed_g.to(torch.int32),
-                "dropped": routed_g.sum() - kept_g.sum()}
+        glob = {
+            "tokens_per_expert": kept_g.to(torch.int32),
+            "routed_per_expert": routed_g.to(torch.int32),
+            "dropped": routed_g.sum() - kept_g.sum(),
+        }
         self._global = ({"local": stats, "global": glob}, (shares[0], shares[1]))
         return y, aux, z, stats, scores, experts

@@ -30,7 +30,6 @@ account for (an expert bias, an output bias) is an error naming the key, never i
 
 from __future__ import annotations
 
-import copy
 import re
 import warnings
 from typing import Dict, List, Optional
@@ -40,8 +39,20 @@ import torch.nn as nn
 
 from smoe.nn.moe import MoE
 
-__all__ = ["from_hf", "to_hf", "copy_to_hf", "block_kind", "SmoeHFBlock", "replace_moe_blocks",
-           "restore_moe_blocks", "from_pretrained", "register", "unregister", "FAMILIES", "REFUSED"]
+__all__ = [
+    "from_hf",
+    "to_hf",
+    "copy_to_hf",
+    "block_kind",
+    "SmoeHFBlock",
+    "replace_moe_blocks",
+    "restore_moe_blocks",
+    "from_pretrained",
+    "register",
+    "unregister",
+    "FAMILIES",
+    "REFUSED",
+]
 
 # kind -> (block class names in 4.57 / 5.x, the model_type whose config builds it)
 FAMILIES = {
@@ -64,12 +75,11 @@ FAMILIES = {
 # block class name -> why smoe.nn.MoE cannot compute it
 REFUSED = {
     "PhimoeSparseMoeBlock": "PhiMoE routes with sparsemixer (a masked, jittered two-stage softmax); "
-                            "smoe.nn.MoE has no sparsemixer router",
+    "smoe.nn.MoE has no sparsemixer router",
     "GptOssMLP": "GPT-OSS experts have per-expert biases and a clamped SwiGLU (alpha, limit), and its "
-                 "router has a bias; smoe.nn.MoE has none of these (its experts backend, register(), runs "
-                 "GPT-OSS under transformers 5.x)",
-    "Llama4TextMoe": "Llama4 multiplies the expert *input* by sigmoid(router logit) (smoe weights the "
-                     "expert output)",
+    "router has a bias; smoe.nn.MoE has none of these (its experts backend, register(), runs "
+    "GPT-OSS under transformers 5.x)",
+    "Llama4TextMoe": "Llama4 multiplies the expert *input* by sigmoid(router logit) (smoe weights the expert output)",
     "JetMoeMoE": "JetMoE adds an output bias [H] after the experts; smoe.nn.MoE has no output bias",
     "JetMoeMoA": "JetMoE's MoA is a mixture of attention heads, not an MLP block",
 }
@@ -119,8 +129,11 @@ class _Layout:
     bias), shared_w1 [2Fs, H], shared_w2 [H, Fs], shared_gate_w [H]."""
 
     _ROUTERS = ("gate.wg.weight", "router.layer.weight", "gate.weight", "router.weight")
-    _BIASES = ("gate.e_score_correction_bias", "gate.moe_statics.e_score_correction_bias",
-               "moe_statics.e_score_correction_bias")
+    _BIASES = (
+        "gate.e_score_correction_bias",
+        "gate.moe_statics.e_score_correction_bias",
+        "moe_statics.e_score_correction_bias",
+    )
     _SHARED = ("shared_expert", "shared_experts", "shared_mlp")
 
     def __init__(self, block: nn.Module):
@@ -171,9 +184,15 @@ class _Layout:
         else:
             w1, w2 = f"experts.*.{self.names[0]}/{self.names[1]}.weight", f"experts.*.{self.names[2]}.weight"
         p = self.shared
-        return {"router": self.router, "w1": w1, "w2": w2, "expert_bias": self.bias,
-                "shared_w1": f"{p}.gate_proj/up_proj.weight", "shared_w2": f"{p}.down_proj.weight",
-                "shared_gate_w": self.shared_gate}
+        return {
+            "router": self.router,
+            "w1": w1,
+            "w2": w2,
+            "expert_bias": self.bias,
+            "shared_w1": f"{p}.gate_proj/up_proj.weight",
+            "shared_w2": f"{p}.down_proj.weight",
+            "shared_gate_w": self.shared_gate,
+        }
 
     # smoe tensors from a block's state dict (tensors are the dict's, or stacked copies)
     def read(self, sd: Dict[str, torch.Tensor], where: str = "") -> Dict[str, torch.Tensor]:
@@ -194,8 +213,12 @@ class _Layout:
                     want = sd[f"experts.0.{n}.weight"].shape
                     if sd[key].shape != want:
                         raise ValueError(f"{where}{key} has shape {tuple(sd[key].shape)}, expert 0's has {tuple(want)}")
-            w1 = torch.stack([torch.cat([sd[f"experts.{e}.{g}.weight"], sd[f"experts.{e}.{u}.weight"]])
-                              for e in range(self.num_experts)])
+            w1 = torch.stack(
+                [
+                    torch.cat([sd[f"experts.{e}.{g}.weight"], sd[f"experts.{e}.{u}.weight"]])
+                    for e in range(self.num_experts)
+                ]
+            )
             w2 = torch.stack([sd[f"experts.{e}.{d}.weight"] for e in range(self.num_experts)])
         out["w1"], out["w2"] = w1, w2
         if self.bias:
@@ -242,8 +265,15 @@ class _Layout:
         return out
 
 
-_SMOE_KEYS = {"router": "router.weight", "w1": "w1", "w2": "w2", "expert_bias": "router.expert_bias",
-              "shared_w1": "shared_expert.w1", "shared_w2": "shared_expert.w2", "shared_gate_w": "shared_expert.gate_w"}
+_SMOE_KEYS = {
+    "router": "router.weight",
+    "w1": "w1",
+    "w2": "w2",
+    "expert_bias": "router.expert_bias",
+    "shared_w1": "shared_expert.w1",
+    "shared_w2": "shared_expert.w2",
+    "shared_gate_w": "shared_expert.gate_w",
+}
 
 
 def _moe_tensors(moe: MoE) -> Dict[str, torch.Tensor]:
@@ -283,9 +313,18 @@ def _spec(block: nn.Module, kind: str, layout: _Layout, router: torch.Tensor) ->
     top_k = _attr(block, "top_k", "num_experts_per_tok", "moe_topk", "moe_k")
     if top_k is None:
         raise ValueError(f"{name}: no top_k found on the block, its router or its config")
-    spec = dict(top_k=int(top_k), activation=_gated_activation(_act_fn(block, layout)), score_func="softmax",
-                renormalize=False, renorm_eps=0.0, routed_scaling=1.0, n_groups=1, topk_groups=1, group_score="max",
-                router_dtype=torch.float32 if kind in _FP32_ROUTER else router.dtype)
+    spec = dict(
+        top_k=int(top_k),
+        activation=_gated_activation(_act_fn(block, layout)),
+        score_func="softmax",
+        renormalize=False,
+        renorm_eps=0.0,
+        routed_scaling=1.0,
+        n_groups=1,
+        topk_groups=1,
+        group_score="max",
+        router_dtype=torch.float32 if kind in _FP32_ROUTER else router.dtype,
+    )
     norm = _attr(block, "norm_topk_prob")
     if kind in ("mixtral", "minimax", "hunyuan_v1_moe", "granitemoe", "ernie4_5_moe"):
         spec["renormalize"] = True
@@ -294,14 +333,20 @@ def _spec(block: nn.Module, kind: str, layout: _Layout, router: torch.Tensor) ->
     if kind == "deepseek_v2":
         method = _attr(block, "topk_method")
         if method not in ("greedy", "group_limited_greedy"):
-            raise ValueError(f"{name}: topk_method={method!r} is not supported (smoe: 'greedy', 'group_limited_greedy')")
+            raise ValueError(
+                f"{name}: topk_method={method!r} is not supported (smoe: 'greedy', 'group_limited_greedy')"
+            )
         if method == "group_limited_greedy":
             spec.update(n_groups=int(_attr(block, "num_group", "n_group")), topk_groups=int(_attr(block, "topk_group")))
     if kind in ("deepseek_v2",) + _SIGMOID_GROUPED:
         spec["routed_scaling"] = float(_attr(block, "routed_scaling_factor"))
     if kind in _SIGMOID_GROUPED:
-        spec.update(score_func="sigmoid", group_score="top2_sum",
-                    n_groups=int(_attr(block, "num_group", "n_group") or 1), topk_groups=int(_attr(block, "topk_group") or 1))
+        spec.update(
+            score_func="sigmoid",
+            group_score="top2_sum",
+            n_groups=int(_attr(block, "num_group", "n_group") or 1),
+            topk_groups=int(_attr(block, "topk_group") or 1),
+        )
         if spec["renormalize"]:
             spec["renorm_eps"] = 1e-20
     if kind == "ernie4_5_moe":
@@ -309,19 +354,23 @@ def _spec(block: nn.Module, kind: str, layout: _Layout, router: torch.Tensor) ->
         if norm_min > 1e-6:
             # HF divides by max(sum, norm_min); a top-k softmax sum is >= top_k / E, so a tiny
             # norm_min never binds. A large one would, and smoe has no clamp.
-            raise ValueError(f"{name}: moe_norm_min={norm_min} (smoe renormalises by the sum; only a norm_min "
-                             f"below 1e-6 is exact)")
+            raise ValueError(
+                f"{name}: moe_norm_min={norm_min} (smoe renormalises by the sum; only a norm_min below 1e-6 is exact)"
+            )
     if layout.bias:
         spec.update(bias_balancing=True, bias_update_rate=0.0)
     if layout.shared:
         shared = getattr(block, layout.shared)
         _gated_activation(shared.act_fn, "shared expert")
-        spec.update(num_shared_experts=1, shared_ffn_size=shared.down_proj.weight.shape[1],
-                    shared_gate=layout.shared_gate is not None)
+        spec.update(
+            num_shared_experts=1,
+            shared_ffn_size=shared.down_proj.weight.shape[1],
+            shared_gate=layout.shared_gate is not None,
+        )
     return spec
 
 
-def _check_shapes(t: Dict[str, torch.Tensor], name: str, layout: "_Layout") -> tuple:
+def _check_shapes(t: Dict[str, torch.Tensor], name: str, layout: _Layout) -> tuple:
     E, H = t["router"].shape
     F = t["w2"].shape[-1]
     want = {"w1": (E, 2 * F, H), "w2": (E, H, F)}
@@ -335,9 +384,11 @@ def _check_shapes(t: Dict[str, torch.Tensor], name: str, layout: "_Layout") -> t
     names = layout.hf_names()
     for key, shape in want.items():
         if tuple(t[key].shape) != shape:
-            raise ValueError(f"{name}: {names[key]} has shape {tuple(t[key].shape)} (in smoe's [E, 2F, H] / [E, H, F] "
-                             f"order), expected {shape} from {names['router']} [E={E}, H={H}] and "
-                             f"{names['w2']} (F={F})")
+            raise ValueError(
+                f"{name}: {names[key]} has shape {tuple(t[key].shape)} (in smoe's [E, 2F, H] / [E, H, F] "
+                f"order), expected {shape} from {names['router']} [E={E}, H={H}] and "
+                f"{names['w2']} (F={F})"
+            )
     return E, H, F
 
 
@@ -350,8 +401,10 @@ def from_hf(block: nn.Module, *, backend: str = "auto", **overrides) -> MoE:
     kind = block_kind(block)
     name = type(block).__name__
     if kind in ("mixtral", "minimax") and getattr(block, "jitter_noise", 0.0):
-        warnings.warn(f"{name}.jitter_noise > 0 is not reproduced by smoe.nn.MoE "
-                      "(it only perturbs inputs in training)", stacklevel=2)
+        warnings.warn(
+            f"{name}.jitter_noise > 0 is not reproduced by smoe.nn.MoE (it only perturbs inputs in training)",
+            stacklevel=2,
+        )
     layout = _Layout(block)
     t = layout.read(block.state_dict(), where=f"{name}.")
     E, H, F = _check_shapes(t, name, layout)
@@ -387,16 +440,21 @@ def _problems(moe: MoE, kind: str, spec: dict) -> List[str]:
             problems.append(f"{key}={getattr(moe, key)!r} ({kind}: {spec[key]!r})")
     if moe.renormalize and spec["renormalize"] and moe.renorm_eps != spec["renorm_eps"]:
         problems.append(f"renorm_eps={moe.renorm_eps!r} ({kind}: {spec['renorm_eps']!r})")
-    if (moe.n_groups, moe.topk_groups) != (spec["n_groups"], spec["topk_groups"]) and \
-            not (moe.topk_groups == moe.n_groups and spec["topk_groups"] == spec["n_groups"]):
-        problems.append(f"n_groups={moe.n_groups}, topk_groups={moe.topk_groups} "
-                        f"({kind}: {spec['n_groups']}, {spec['topk_groups']})")
+    if (moe.n_groups, moe.topk_groups) != (spec["n_groups"], spec["topk_groups"]) and not (
+        moe.topk_groups == moe.n_groups and spec["topk_groups"] == spec["n_groups"]
+    ):
+        problems.append(
+            f"n_groups={moe.n_groups}, topk_groups={moe.topk_groups} "
+            f"({kind}: {spec['n_groups']}, {spec['topk_groups']})"
+        )
     if moe.expert_bias is not None and not spec.get("bias_balancing"):
         problems.append(f"a selection bias (bias_balancing=True; {kind} has none)")
     want_shared = spec.get("num_shared_experts", 0)
     if (moe.num_shared_experts > 0) != (want_shared > 0):
-        problems.append(f"num_shared_experts={moe.num_shared_experts} ({kind}: "
-                        f"{'one shared expert' if want_shared else '0, no shared expert'})")
+        problems.append(
+            f"num_shared_experts={moe.num_shared_experts} ({kind}: "
+            f"{'one shared expert' if want_shared else '0, no shared expert'})"
+        )
     elif want_shared:
         if (moe.shared_gate_w is not None) != spec["shared_gate"]:
             problems.append(f"shared_gate={moe.shared_gate_w is not None} ({kind}: {spec['shared_gate']})")
@@ -418,8 +476,10 @@ def copy_to_hf(moe: MoE, block: nn.Module) -> None:
     new = layout.write(_moe_tensors(moe), bias_shape)
     for key, value in new.items():
         if tuple(sd[key].shape) != tuple(value.shape):
-            raise ValueError(f"{type(block).__name__}.{key} has shape {tuple(sd[key].shape)}, the MoE gives "
-                             f"{tuple(value.shape)} (sizes must match)")
+            raise ValueError(
+                f"{type(block).__name__}.{key} has shape {tuple(sd[key].shape)}, the MoE gives "
+                f"{tuple(value.shape)} (sizes must match)"
+            )
     with torch.no_grad():
         for key, value in new.items():
             sd[key].copy_(value)
@@ -440,23 +500,42 @@ def _config_for(moe: MoE, kind: str):
     act = {"swiglu": "silu", "geglu": "gelu"}.get(moe.activation)
     if act is None:
         raise ValueError(f"activation={moe.activation!r} (HF blocks: 'swiglu' or 'geglu')")
-    kw = dict(hidden_size=H, intermediate_size=F, moe_intermediate_size=F, num_experts=E, num_local_experts=E,
-              n_routed_experts=E, moe_num_experts=E, num_experts_per_tok=K, moe_k=K, moe_topk=K, hidden_act=act,
-              norm_topk_prob=moe.renormalize, routed_scaling_factor=moe.routed_scaling, n_group=moe.n_groups,
-              topk_group=moe.topk_groups, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1)
+    kw = dict(
+        hidden_size=H,
+        intermediate_size=F,
+        moe_intermediate_size=F,
+        num_experts=E,
+        num_local_experts=E,
+        n_routed_experts=E,
+        moe_num_experts=E,
+        num_experts_per_tok=K,
+        moe_k=K,
+        moe_topk=K,
+        hidden_act=act,
+        norm_topk_prob=moe.renormalize,
+        routed_scaling_factor=moe.routed_scaling,
+        n_group=moe.n_groups,
+        topk_group=moe.topk_groups,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+    )
     fs = moe.shared_ffn_size if moe.num_shared_experts else 0
     if kind in ("qwen2_moe", "qwen3_next"):
         kw["shared_expert_intermediate_size"] = fs
     elif kind in ("deepseek_v2", "deepseek_v3", "glm4_moe", "dots1", "ernie4_5_moe"):
         if fs % F:
-            raise ValueError(f"shared_ffn_size={fs} must be a multiple of ffn_size={F} for {kind} "
-                             f"(its shared experts are n_shared_experts * moe_intermediate_size)")
+            raise ValueError(
+                f"shared_ffn_size={fs} must be a multiple of ffn_size={F} for {kind} "
+                f"(its shared experts are n_shared_experts * moe_intermediate_size)"
+            )
         kw["moe_num_shared_experts" if kind == "ernie4_5_moe" else "n_shared_experts"] = fs // F
         if kind == "deepseek_v2":
             kw["topk_method"] = "group_limited_greedy" if moe.topk_groups < moe.n_groups else "greedy"
     elif kind == "hunyuan_v1_moe" and fs != F:
-        raise ValueError(f"shared_ffn_size={fs} must equal ffn_size={F} for hunyuan_v1_moe "
-                         f"(its shared MLP has intermediate_size)")
+        raise ValueError(
+            f"shared_ffn_size={fs} must equal ffn_size={F} for hunyuan_v1_moe (its shared MLP has intermediate_size)"
+        )
     if kind == "deepseek_v3":
         kw.update(kv_lora_rank=8, q_lora_rank=None, qk_rope_head_dim=2, qk_nope_head_dim=2, v_head_dim=2, head_dim=2)
     return AutoConfig.for_model(FAMILIES[kind][1], **kw)
@@ -504,8 +583,15 @@ def _problems_without_block(moe: MoE, kind: str) -> List[str]:
         problems.append(f"score_func={moe.score_func!r} ({kind}: {want_score!r})")
     if moe.activation not in ("swiglu", "geglu"):
         problems.append(f"activation={moe.activation!r} (HF: 'swiglu' or 'geglu')")
-    fixed = {"mixtral": True, "minimax": True, "hunyuan_v1_moe": True, "granitemoe": True, "ernie4_5_moe": True,
-             "jamba": False, "deepseek_v2": False}
+    fixed = {
+        "mixtral": True,
+        "minimax": True,
+        "hunyuan_v1_moe": True,
+        "granitemoe": True,
+        "ernie4_5_moe": True,
+        "jamba": False,
+        "deepseek_v2": False,
+    }
     if kind in fixed and moe.renormalize != fixed[kind]:
         problems.append(f"renormalize={moe.renormalize} ({kind}: {fixed[kind]})")
     shared = {"qwen2_moe": "gated", "qwen3_next": "gated", "hunyuan_v1_moe": "plain"}
@@ -561,14 +647,17 @@ class SmoeHFBlock(nn.Module):
         if self.returns_logits or gate is not None:
             x2 = hidden_states.reshape(-1, self.moe.hidden_size)
             # The router logits as HF computes them (the block's dtype); only HF's aux loss reads them.
-            logits = gate(x2)[0] if gate is not None else \
-                torch.nn.functional.linear(x2.to(self.moe.router_dtype), self.moe.router.weight).to(x2.dtype)
+            logits = (
+                gate(x2)[0]
+                if gate is not None
+                else torch.nn.functional.linear(x2.to(self.moe.router_dtype), self.moe.router.weight).to(x2.dtype)
+            )
             if self.returns_logits:
                 return y, logits
         return y
 
 
-def _hf_state(module: "SmoeHFBlock", t: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def _hf_state(module: SmoeHFBlock, t: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     _, layout, dtypes, _ = module._hf
     bias_shape = None
     if layout.bias:
@@ -595,8 +684,9 @@ def _load_hf_keys(module, state_dict, prefix, local_metadata, strict, missing_ke
         return  # smoe's own keys (or nothing): the default loading handles them
     missing = [prefix + k for k in hf_keys if prefix + k not in state_dict]
     if missing:
-        error_msgs.append(f"{prefix}: the checkpoint has some of the Hugging Face block's keys but not "
-                          f"{', '.join(missing)}")
+        error_msgs.append(
+            f"{prefix}: the checkpoint has some of the Hugging Face block's keys but not {', '.join(missing)}"
+        )
         return
     sd = {k: state_dict.pop(prefix + k) for k in hf_keys}
     for name, value in layout.read(sd, where=prefix).items():
@@ -638,8 +728,13 @@ def _stand_in(impl: type, base: type, *args, **kwargs) -> nn.Module:
     return obj
 
 
-_HOOK_ATTRS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks_with_kwargs")
+_HOOK_ATTRS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks_with_kwargs",
+)
 
 
 def _copy_hooks(src: nn.Module, dst: nn.Module) -> None:
@@ -655,7 +750,9 @@ def _returns_tuple(block: nn.Module) -> bool:
     p = next(block.parameters())
     try:
         with torch.no_grad():
-            out = type(block).forward(block, torch.zeros(1, 1, block_hidden_size(block), dtype=p.dtype, device=p.device))
+            out = type(block).forward(
+                block, torch.zeros(1, 1, block_hidden_size(block), dtype=p.dtype, device=p.device)
+            )
         return isinstance(out, tuple)
     except Exception:  # noqa: BLE001 - any failure of HF's code: read the source instead
         import inspect
@@ -671,8 +768,9 @@ def block_hidden_size(block: nn.Module) -> int:
 
 def _looks_like_moe(module: nn.Module) -> bool:
     name = type(module).__name__
-    return isinstance(getattr(module, "experts", None), nn.Module) or \
-        bool(re.search(r"(SparseMoeBlock|SparseMoe|MoE|Moe|MoA)$", name))
+    return isinstance(getattr(module, "experts", None), nn.Module) or bool(
+        re.search(r"(SparseMoeBlock|SparseMoe|MoE|Moe|MoA)$", name)
+    )
 
 
 def _router_attr(block: nn.Module) -> str:
@@ -700,8 +798,10 @@ def _refusal(child: nn.Module) -> Optional[str]:
     if isinstance(experts, nn.Module) and type(experts).__name__ in REFUSED:
         return None  # a container (JetMoE's attention holds its MoA as .experts): the recursion names it
     if _looks_like_moe(child) and not isinstance(child, SmoeHFBlock):
-        return (f"{type(child).__name__} looks like an MoE block (it has experts) but is not a family smoe knows "
-                f"({', '.join(sorted(FAMILIES))})")
+        return (
+            f"{type(child).__name__} looks like an MoE block (it has experts) but is not a family smoe knows "
+            f"({', '.join(sorted(FAMILIES))})"
+        )
     return None
 
 
@@ -714,10 +814,14 @@ def _replace(model, path, backend, strict, overrides, replaced):
             reason = _refusal(child)
             if reason is not None:
                 if strict:
-                    raise ValueError(f"replace_moe_blocks: cannot replace {full} ({type(child).__name__}): {reason}; "
-                                     f"pass strict=False to leave such blocks to transformers")
-                warnings.warn(f"replace_moe_blocks: {full} ({type(child).__name__}) is left to transformers: {reason}",
-                              stacklevel=3)
+                    raise ValueError(
+                        f"replace_moe_blocks: cannot replace {full} ({type(child).__name__}): {reason}; "
+                        f"pass strict=False to leave such blocks to transformers"
+                    )
+                warnings.warn(
+                    f"replace_moe_blocks: {full} ({type(child).__name__}) is left to transformers: {reason}",
+                    stacklevel=3,
+                )
                 continue
             _replace(child, full + ".", backend, strict, overrides, replaced)
             continue
@@ -731,8 +835,15 @@ def _replace(model, path, backend, strict, overrides, replaced):
         if _is_fused(child):  # 5.x: HF records the router module's output
             router_attr = _router_attr(child)
             router = _stand_in(_RouterLogits, type(getattr(child, router_attr)), moe)
-        stand_in = _stand_in(SmoeHFBlock, type(child), moe, returns_logits, router, router_attr or "gate",
-                             hf=(kind, layout, dtypes, None))
+        stand_in = _stand_in(
+            SmoeHFBlock,
+            type(child),
+            moe,
+            returns_logits,
+            router,
+            router_attr or "gate",
+            hf=(kind, layout, dtypes, None),
+        )
         # Keep hooks already registered on the replaced modules (HF's output-capturing hooks are
         # installed once per model, on the first forward that records outputs).
         _copy_hooks(child, stand_in)

@@ -43,12 +43,16 @@ def _backend_of(experts) -> str:
 def _param(experts, name: str, ndim: int):
     p = getattr(experts, name, None)
     if p is None:
-        raise ValueError(f"smoe experts backend: {type(experts).__name__}.{name} is missing "
-                         f"(the experts class declares it through use_experts_implementation)")
+        raise ValueError(
+            f"smoe experts backend: {type(experts).__name__}.{name} is missing "
+            f"(the experts class declares it through use_experts_implementation)"
+        )
     if not isinstance(p, torch.Tensor) or p.dim() != ndim or not p.is_floating_point():
         desc = f"{p.dim()}-d {p.dtype}" if isinstance(p, torch.Tensor) else type(p).__name__
-        raise ValueError(f"smoe experts backend: {type(experts).__name__}.{name} must be a {ndim}-d floating "
-                         f"tensor, got {desc} (quantised experts are not supported)")
+        raise ValueError(
+            f"smoe experts backend: {type(experts).__name__}.{name} must be a {ndim}-d floating "
+            f"tensor, got {desc} (quantised experts are not supported)"
+        )
     return p
 
 
@@ -68,9 +72,11 @@ def _sizes(experts):
     name1 = "gate_up_proj" if has_gate else "up_proj"
     if w2.shape[0] != E or H2 != H or N1 != (2 * F if has_gate else F):
         layout = "[E, H, N] (transposed)" if transposed else "[E, N, H]"
-        raise ValueError(f"smoe experts backend: {type(experts).__name__}.down_proj has shape {tuple(w2.shape)}, "
-                         f"which does not fit {name1} {tuple(w1.shape)} (layout {layout}, "
-                         f"{'N = 2F' if has_gate else 'N = F'})")
+        raise ValueError(
+            f"smoe experts backend: {type(experts).__name__}.down_proj has shape {tuple(w2.shape)}, "
+            f"which does not fit {name1} {tuple(w1.shape)} (layout {layout}, "
+            f"{'N = 2F' if has_gate else 'N = F'})"
+        )
     b1 = b2 = None
     if getattr(experts, "has_bias", False):
         b1 = _param(experts, name1 + "_bias", 2)
@@ -124,25 +130,37 @@ def _row_bias(bias: torch.Tensor, plan, rows: int) -> torch.Tensor:
     return bias[e]
 
 
-def experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                    top_k_weights: torch.Tensor) -> torch.Tensor:
+def experts_forward(
+    experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
     """The experts' output [T, H] for hidden_states [T, H] and the model's routing, computed by smoe."""
     name = type(experts).__name__
-    if hidden_states.dim() != 2 or top_k_index.dim() != 2 or top_k_index.shape != top_k_weights.shape \
-            or top_k_index.shape[0] != hidden_states.shape[0]:
-        raise ValueError(f"smoe experts backend ({name}): expected hidden_states [T, H], top_k_index [T, K] and "
-                         f"top_k_weights [T, K], got {tuple(hidden_states.shape)}, {tuple(top_k_index.shape)}, "
-                         f"{tuple(top_k_weights.shape)}")
+    if (
+        hidden_states.dim() != 2
+        or top_k_index.dim() != 2
+        or top_k_index.shape != top_k_weights.shape
+        or top_k_index.shape[0] != hidden_states.shape[0]
+    ):
+        raise ValueError(
+            f"smoe experts backend ({name}): expected hidden_states [T, H], top_k_index [T, K] and "
+            f"top_k_weights [T, K], got {tuple(hidden_states.shape)}, {tuple(top_k_index.shape)}, "
+            f"{tuple(top_k_weights.shape)}"
+        )
     E, H, w1, w2, b1, b2, has_gate, transposed = _sizes(experts)
     if hidden_states.shape[1] != H:
-        raise ValueError(f"smoe experts backend ({name}): hidden_states has {hidden_states.shape[1]} features, "
-                         f"the experts' weights {H}")
+        raise ValueError(
+            f"smoe experts backend ({name}): hidden_states has {hidden_states.shape[1]} features, "
+            f"the experts' weights {H}"
+        )
     backend = _backend_of(experts)
     x = hidden_states.to(w1.dtype)
     plan = _plan(top_k_index, E, backend)
     weights = top_k_weights.float()
-    fused = None if (transposed or b1 is not None or getattr(experts, "has_post_expert_norm", False)) \
+    fused = (
+        None
+        if (transposed or b1 is not None or getattr(experts, "has_post_expert_norm", False))
         else _fused_activation(experts, has_gate)
+    )
     if fused is not None:
         ys = SF.expert_mlp(x, w1, w2, plan, activation=fused, backend=backend)
     else:
@@ -168,8 +186,10 @@ def register(backend: str = "auto") -> None:
     try:
         from transformers.integrations.moe import ExpertsInterface
     except ImportError as e:  # transformers 4.x has no experts interface
-        raise RuntimeError("smoe.integrations.hf.register needs transformers >= 5 (transformers.integrations.moe."
-                           "ExpertsInterface); with 4.x use replace_moe_blocks") from e
+        raise RuntimeError(
+            "smoe.integrations.hf.register needs transformers >= 5 (transformers.integrations.moe."
+            "ExpertsInterface); with 4.x use replace_moe_blocks"
+        ) from e
     _STATE["backend"] = backend
     ExpertsInterface.register("smoe", experts_forward)
 

@@ -6,8 +6,20 @@ MoE (smoe/nn/moe.py) composes a Router (router.py), RoutedExperts and an optiona
 
 from smoe.nn.args import MoEArgs
 from smoe.nn.experts import RoutedExperts, SharedExpert
-from smoe.nn.moe import MoE, AuxLossUnusedWarning, aux_loss, end_step, end_step_after, set_aux_loss_scale
+from smoe.nn.moe import AuxLossUnusedWarning, MoE, aux_loss, end_step, end_step_after, set_aux_loss_scale
 from smoe.nn.router import Router, Routing, expert_choice_plan
 
-__all__ = ["MoE", "MoEArgs", "Router", "Routing", "RoutedExperts", "SharedExpert", "expert_choice_plan",
-           "AuxLossUnusedWarning", "aux_loss", "end_step", "end_step_after", "set_aux_loss_scale"]
+__all__ = [
+    "MoE",
+    "MoEArgs",
+    "Router",
+    "Routing",
+    "RoutedExperts",
+    "SharedExpert",
+    "expert_choice_plan",
+    "AuxLossUnusedWarning",
+    "aux_loss",
+    "end_step",
+    "end_step_after",
+    "set_aux_loss_scale",
+]

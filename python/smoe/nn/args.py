@@ -16,8 +16,17 @@ import torch
 
 from smoe.reference.layer import capacity_for
 
-__all__ = ["MoEArgs", "ACTIVATIONS", "GATED_ACTIVATIONS", "SCORE_FUNCS", "GROUP_SCORES", "DROP_POLICIES",
-           "BACKENDS", "AUX_LOSS_MODES", "AUX_LOSS_TYPES"]
+__all__ = [
+    "MoEArgs",
+    "ACTIVATIONS",
+    "GATED_ACTIVATIONS",
+    "SCORE_FUNCS",
+    "GROUP_SCORES",
+    "DROP_POLICIES",
+    "BACKENDS",
+    "AUX_LOSS_MODES",
+    "AUX_LOSS_TYPES",
+]
 
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
 GATED_ACTIVATIONS = ("swiglu", "geglu")
@@ -113,7 +122,8 @@ class MoEArgs:
         per_group = num_experts // n_groups
         if n_groups > 1 and top_k > topk_groups * per_group:
             raise ValueError(
-                f"top_k must be <= topk_groups * experts per group ({topk_groups * per_group}), got {top_k}")
+                f"top_k must be <= topk_groups * experts per group ({topk_groups * per_group}), got {top_k}"
+            )
         renormalize = self.renormalize
         if renormalize is None:
             renormalize = top_k > 1
@@ -133,10 +143,16 @@ class MoEArgs:
         # C = ceil(capacity_factor * T * K / E) rows per expert must fit the core's int32 rows even for T = 1.
         max_factor = (2**31 - 1) * num_experts / top_k
         if capacity_factor is not None and capacity_factor > max_factor:
-            raise ValueError(f"capacity_factor must be <= {max_factor:g} (C = ceil(capacity_factor*T*K/E) rows per "
-                             f"expert must fit in int32; None is dropless), got {capacity_factor!r}")
+            raise ValueError(
+                f"capacity_factor must be <= {max_factor:g} (C = ceil(capacity_factor*T*K/E) rows per "
+                f"expert must fit in int32; None is dropless), got {capacity_factor!r}"
+            )
         for name, coef in (("aux_loss_coef", self.aux_loss_coef), ("z_loss_coef", self.z_loss_coef)):
-            if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not (coef >= 0.0 and math.isfinite(coef)):
+            if (
+                isinstance(coef, bool)
+                or not isinstance(coef, (int, float))
+                or not (coef >= 0.0 and math.isfinite(coef))
+            ):
                 raise ValueError(f"{name} must be a finite number >= 0, got {coef!r}")
         jitter = self.router_jitter_noise
         if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not (0.0 <= jitter < 1.0):
@@ -152,22 +168,34 @@ class MoEArgs:
             raise ValueError("shared_gate=True needs num_shared_experts >= 1, got num_shared_experts=0")
         if self.expert_choice:
             if n_groups > 1 or self.bias_balancing:
-                raise ValueError("expert_choice=True supports neither n_groups > 1 nor bias_balancing "
-                                 f"(got n_groups={n_groups}, bias_balancing={self.bias_balancing})")
+                raise ValueError(
+                    "expert_choice=True supports neither n_groups > 1 nor bias_balancing "
+                    f"(got n_groups={n_groups}, bias_balancing={self.bias_balancing})"
+                )
             if self.aux_loss_coef > 0.0:
-                raise ValueError("aux_loss_coef must be 0 with expert_choice=True (expert choice is "
-                                 f"balanced by construction), got {self.aux_loss_coef}")
+                raise ValueError(
+                    "aux_loss_coef must be 0 with expert_choice=True (expert choice is "
+                    f"balanced by construction), got {self.aux_loss_coef}"
+                )
             if self.aux_loss_type != "switch":
-                raise ValueError("aux_loss_type must be 'switch' with expert_choice=True (no balance loss), "
-                                 f"got {self.aux_loss_type!r}")
+                raise ValueError(
+                    "aux_loss_type must be 'switch' with expert_choice=True (no balance loss), "
+                    f"got {self.aux_loss_type!r}"
+                )
         if self.router_dtype not in ROUTER_DTYPES:
             raise ValueError(f"router_dtype must be a floating dtype, got {self.router_dtype!r}")
 
         # Resolved and normalised values (frozen: set through object.__setattr__).
-        resolved = dict(renormalize=renormalize, renorm_eps=float(self.renorm_eps),
-                        routed_scaling=float(self.routed_scaling), bias_update_rate=float(self.bias_update_rate),
-                        aux_loss_coef=float(self.aux_loss_coef), z_loss_coef=float(self.z_loss_coef),
-                        router_jitter_noise=float(jitter), shared_gate=bool(self.shared_gate))
+        resolved = dict(
+            renormalize=renormalize,
+            renorm_eps=float(self.renorm_eps),
+            routed_scaling=float(self.routed_scaling),
+            bias_update_rate=float(self.bias_update_rate),
+            aux_loss_coef=float(self.aux_loss_coef),
+            z_loss_coef=float(self.z_loss_coef),
+            router_jitter_noise=float(jitter),
+            shared_gate=bool(self.shared_gate),
+        )
         if num_shared > 0 and self.shared_ffn_size is None:
             resolved["shared_ffn_size"] = num_shared * self.ffn_size
         for name, value in resolved.items():

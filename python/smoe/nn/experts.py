@@ -69,19 +69,28 @@ class RoutedExperts(nn.Module):
 
     def extra_repr(self) -> str:
         a = self.args
-        return (f"num_experts={a.num_experts}, hidden_size={a.hidden_size}, ffn_size={a.ffn_size}, "
-                f"activation={a.activation!r}")
+        return (
+            f"num_experts={a.num_experts}, hidden_size={a.hidden_size}, ffn_size={a.ffn_size}, "
+            f"activation={a.activation!r}"
+        )
 
     def plan(self, experts: torch.Tensor, weights: torch.Tensor) -> F.RoutingPlan:
         """The expert-sorted row layout (smoe.functional.routing_plan) of experts [T, K] i32 with the
         capacity of args (args.capacity(T), None: dropless) and args.drop_policy, which ranks by
         weights [T, K] (detached, fp32)."""
         a = self.args
-        return F.routing_plan(experts, num_experts=a.num_experts, weights=weights.detach().float(),
-                              capacity=a.capacity(experts.shape[0]), drop_policy=a.drop_policy, backend=a.backend)
+        return F.routing_plan(
+            experts,
+            num_experts=a.num_experts,
+            weights=weights.detach().float(),
+            capacity=a.capacity(experts.shape[0]),
+            drop_policy=a.drop_policy,
+            backend=a.backend,
+        )
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, plan: F.RoutingPlan, w1: torch.Tensor,
-                w2: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, weights: torch.Tensor, plan: F.RoutingPlan, w1: torch.Tensor, w2: torch.Tensor
+    ) -> torch.Tensor:
         """x [T, H], weights [T, K] (the plan's row_of is [T, K]; expert choice: [T, E]), w1 / w2 in x's
         dtype -> y [T, H] in x's dtype."""
         backend = self.args.backend
@@ -113,8 +122,10 @@ class SharedExpert(nn.Module):
         _init_uniform(self.gate_w, self.args.hidden_size)
 
     def extra_repr(self) -> str:
-        return (f"hidden_size={self.args.hidden_size}, shared_ffn_size={self.args.shared_ffn_size}, "
-                f"activation={self.args.activation!r}, shared_gate={self.gate_w is not None}")
+        return (
+            f"hidden_size={self.args.hidden_size}, shared_ffn_size={self.args.shared_ffn_size}, "
+            f"activation={self.args.activation!r}, shared_gate={self.gate_w is not None}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> out [T, H] in x's dtype (the weights cast to it). backend="reference": the

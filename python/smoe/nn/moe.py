@@ -185,14 +185,37 @@ class MoE(nn.Module):
     ):
         super().__init__()
         args = MoEArgs(
-            hidden_size, ffn_size, num_experts, top_k, activation=activation, score_func=score_func,
-            renormalize=renormalize, renorm_eps=renorm_eps, routed_scaling=routed_scaling, n_groups=n_groups,
-            topk_groups=topk_groups, group_score=group_score, bias_balancing=bias_balancing,
-            bias_update_rate=bias_update_rate, expert_choice=expert_choice, num_shared_experts=num_shared_experts,
-            shared_ffn_size=shared_ffn_size, shared_gate=shared_gate, capacity_factor=capacity_factor,
-            drop_policy=drop_policy, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
-            aux_loss_type=aux_loss_type, aux_loss_mode=aux_loss_mode, router_jitter_noise=router_jitter_noise,
-            process_group=process_group, router_dtype=router_dtype, dtype=dtype, device=device, backend=backend)
+            hidden_size,
+            ffn_size,
+            num_experts,
+            top_k,
+            activation=activation,
+            score_func=score_func,
+            renormalize=renormalize,
+            renorm_eps=renorm_eps,
+            routed_scaling=routed_scaling,
+            n_groups=n_groups,
+            topk_groups=topk_groups,
+            group_score=group_score,
+            bias_balancing=bias_balancing,
+            bias_update_rate=bias_update_rate,
+            expert_choice=expert_choice,
+            num_shared_experts=num_shared_experts,
+            shared_ffn_size=shared_ffn_size,
+            shared_gate=shared_gate,
+            capacity_factor=capacity_factor,
+            drop_policy=drop_policy,
+            aux_loss_coef=aux_loss_coef,
+            z_loss_coef=z_loss_coef,
+            aux_loss_type=aux_loss_type,
+            aux_loss_mode=aux_loss_mode,
+            router_jitter_noise=router_jitter_noise,
+            process_group=process_group,
+            router_dtype=router_dtype,
+            dtype=dtype,
+            device=device,
+            backend=backend,
+        )
         self.args = args
         self.aux_loss_scale = 1.0  # aux_loss_mode="attach" only: see smoe.nn.set_aux_loss_scale
 
@@ -227,7 +250,7 @@ class MoE(nn.Module):
         self._forwards_since_step = 0
 
     @classmethod
-    def from_args(cls, args: MoEArgs, **kwargs) -> "MoE":
+    def from_args(cls, args: MoEArgs, **kwargs) -> MoE:
         """The layer of `args` (a MoEArgs); kwargs go to the constructor beside them (a subclass's own)."""
         if not isinstance(args, MoEArgs):
             raise TypeError(f"args must be a smoe.nn.MoEArgs, got {type(args).__name__}")
@@ -276,9 +299,14 @@ class MoE(nn.Module):
         return self._step_counts
 
     def extra_repr(self) -> str:
-        parts = [f"hidden_size={self.hidden_size}", f"ffn_size={self.ffn_size}",
-                 f"num_experts={self.num_experts}", f"top_k={self.top_k}",
-                 f"activation={self.activation!r}", f"score_func={self.score_func!r}"]
+        parts = [
+            f"hidden_size={self.hidden_size}",
+            f"ffn_size={self.ffn_size}",
+            f"num_experts={self.num_experts}",
+            f"top_k={self.top_k}",
+            f"activation={self.activation!r}",
+            f"score_func={self.score_func!r}",
+        ]
         if self.expert_choice:
             parts.append("expert_choice=True")
         if self.num_shared_experts:
@@ -326,7 +354,9 @@ class MoE(nn.Module):
                 "smoe.nn.MoE: the aux loss (aux_loss_coef/z_loss_coef > 0) of the previous training forward "
                 "received no gradient, so the router was not trained against it. Add it to the loss before "
                 "any scaling: loss = task_loss + smoe.nn.aux_loss(model) (docs/layer.md, 'Training loops').",
-                AuxLossUnusedWarning, stacklevel=5)  # the caller of layer(x)
+                AuxLossUnusedWarning,
+                stacklevel=5,
+            )  # the caller of layer(x)
 
     def _weighted_aux(self, balance: torch.Tensor, z: torch.Tensor) -> Optional[torch.Tensor]:
         term = None
@@ -336,9 +366,16 @@ class MoE(nn.Module):
             term = self.z_loss_coef * z if term is None else term + self.z_loss_coef * z
         return term
 
-    def _balance_loss(self, scores: torch.Tensor, experts: torch.Tensor, routed: torch.Tensor,
-                      seq_ids: Optional[torch.Tensor], num_seqs: int, switch: torch.Tensor,
-                      bookkeeping: bool) -> torch.Tensor:
+    def _balance_loss(
+        self,
+        scores: torch.Tensor,
+        experts: torch.Tensor,
+        routed: torch.Tensor,
+        seq_ids: Optional[torch.Tensor],
+        num_seqs: int,
+        switch: torch.Tensor,
+        bookkeeping: bool,
+    ) -> torch.Tensor:
         """The balance loss of aux_loss_type from scores [T,E] f32, experts [T,K], routed [E] (counts)."""
         if self.aux_loss_type == "switch":
             return switch
@@ -387,13 +424,17 @@ class MoE(nn.Module):
         if token_mask is None:
             return None
         if not isinstance(token_mask, torch.Tensor):
-            raise TypeError(f"token_mask must be a torch.Tensor of shape {tuple(x.shape[:-1])} or None, "
-                            f"got {type(token_mask).__name__}")
+            raise TypeError(
+                f"token_mask must be a torch.Tensor of shape {tuple(x.shape[:-1])} or None, "
+                f"got {type(token_mask).__name__}"
+            )
         if token_mask.dtype.is_floating_point or token_mask.dtype.is_complex:
             raise ValueError(f"token_mask must be a bool (or integer 0/1) tensor, got dtype {token_mask.dtype}")
         if tuple(token_mask.shape) != tuple(x.shape[:-1]):
-            raise ValueError(f"token_mask must have shape {tuple(x.shape[:-1])} (x's without hidden_size), "
-                             f"got {tuple(token_mask.shape)}")
+            raise ValueError(
+                f"token_mask must have shape {tuple(x.shape[:-1])} (x's without hidden_size), "
+                f"got {tuple(token_mask.shape)}"
+            )
         if token_mask.device != x.device:
             raise ValueError(f"token_mask must be on x's device ({x.device}), got {token_mask.device}")
         return torch.nonzero(token_mask.reshape(-1) != 0).flatten()
@@ -415,8 +456,10 @@ class MoE(nn.Module):
         else:
             dtype = x.dtype
         if self.aux_loss_type == "sequence" and x.dim() != 3:
-            raise ValueError("aux_loss_type='sequence' needs x of shape [B, S, hidden_size] (the sequence-wise "
-                             f"loss is per sequence), got {tuple(x.shape)}")
+            raise ValueError(
+                "aux_loss_type='sequence' needs x of shape [B, S, hidden_size] (the sequence-wise "
+                f"loss is per sequence), got {tuple(x.shape)}"
+            )
         index = self._token_index(x, token_mask)
         recompute = _in_recompute()
         bookkeeping = not recompute and not torch.compiler.is_compiling()
@@ -430,7 +473,10 @@ class MoE(nn.Module):
             x2 = x_in.to(dtype)  # [T,H] what the experts see
             if (self.hidden_size > 1 and x2.stride(1) != 1) or (x2.shape[0] > 1 and x2.stride(0) < self.hidden_size):
                 x2 = x2.contiguous()  # strided or expanded x (x.t(), x.expand(...)): the kernels read dense rows
-            ws = {"w1": self.w1.to(dtype), "w2": self.w2.to(dtype)}  # the routed experts' (the shared expert casts its own)
+            ws = {
+                "w1": self.w1.to(dtype),
+                "w2": self.w2.to(dtype),
+            }  # the routed experts' (the shared expert casts its own)
             xr = x2 if index is None else x2.index_select(0, index)  # [T',H] the routed tokens
             router_x = x_in if index is None else x_in.index_select(0, index)
             if self.backend == "reference":
@@ -446,8 +492,9 @@ class MoE(nn.Module):
                     seq_ids, num_seqs = ids // S, x.shape[0]
                 else:
                     seq_ids, num_seqs = None, 0
-                balance = self._balance_loss(scores, experts, stats["routed_per_expert"], seq_ids, num_seqs,
-                                             switch, bookkeeping)
+                balance = self._balance_loss(
+                    scores, experts, stats["routed_per_expert"], seq_ids, num_seqs, switch, bookkeeping
+                )
             if index is not None:
                 y = torch.zeros(x2.shape, dtype=y.dtype, device=y.device).index_copy(0, index, y)
             if self.num_shared_experts > 0:
@@ -461,11 +508,15 @@ class MoE(nn.Module):
             if self.training:
                 self._step_counts.add_(stats["routed_per_expert"].to(torch.int64))
                 self._forwards_since_step += 1
-                if self._forwards_since_step == _STALE_FORWARDS and (self.bias_balancing or
-                                                                      self.aux_loss_type == "global"):
-                    warnings.warn(f"smoe.nn.MoE: {_STALE_FORWARDS} training forwards without end_step(); the "
-                                  "balancing bias is updated and the global balance counts reset only there "
-                                  "(call smoe.nn.end_step(model) once per optimizer step)", stacklevel=2)
+                if self._forwards_since_step == _STALE_FORWARDS and (
+                    self.bias_balancing or self.aux_loss_type == "global"
+                ):
+                    warnings.warn(
+                        f"smoe.nn.MoE: {_STALE_FORWARDS} training forwards without end_step(); the "
+                        "balancing bias is updated and the global balance counts reset only there "
+                        "(call smoe.nn.end_step(model) once per optimizer step)",
+                        stacklevel=2,
+                    )
             self._aux_loss = None if term is None else (term if self.aux_loss_mode == "loss" else term.detach())
             self._probe_pending, self._probe_grad = False, None
             if term is not None and self.training and self.aux_loss_mode == "loss":
@@ -485,27 +536,45 @@ class MoE(nn.Module):
                     "smoe.nn.MoE: a training forward that ran without gradients (reentrant "
                     "torch.utils.checkpoint) is being recomputed, and its aux loss received no gradient: add "
                     "smoe.nn.aux_loss(model) to the loss after the forward and before any scaling.",
-                    AuxLossUnusedWarning, stacklevel=2)
-        if (term is not None and self.aux_loss_mode == "attach" and torch.is_grad_enabled()
-                and term.requires_grad):
+                    AuxLossUnusedWarning,
+                    stacklevel=2,
+                )
+        if term is not None and self.aux_loss_mode == "attach" and torch.is_grad_enabled() and term.requires_grad:
             y = _AttachAux.apply(y, term, self)
         return y.reshape(*lead, self.hidden_size)
 
     def _forward_reference(self, x2, router_x, ws):
         out = moe_layer(
-            x2, self.router.weight, ws["w1"], ws["w2"], top_k=self.top_k, activation=self.activation,
-            score_func=self.score_func, bias=self.expert_bias, n_groups=self.n_groups,
-            topk_groups=self.topk_groups, group_score=self.group_score, renormalize=self.renormalize,
-            renorm_eps=self.renorm_eps, routed_scaling=self.routed_scaling, expert_choice=self.expert_choice,
-            capacity=self.capacity(x2.shape[0]), drop_policy=self.drop_policy, router_dtype=self.router_dtype,
-            router_x=router_x)
-        stats = {"tokens_per_expert": out.tokens_per_expert.detach().to(torch.int32),
-                 "routed_per_expert": out.routed_per_expert.detach().to(torch.int32),
-                 "dropped": out.dropped.detach()}
+            x2,
+            self.router.weight,
+            ws["w1"],
+            ws["w2"],
+            top_k=self.top_k,
+            activation=self.activation,
+            score_func=self.score_func,
+            bias=self.expert_bias,
+            n_groups=self.n_groups,
+            topk_groups=self.topk_groups,
+            group_score=self.group_score,
+            renormalize=self.renormalize,
+            renorm_eps=self.renorm_eps,
+            routed_scaling=self.routed_scaling,
+            expert_choice=self.expert_choice,
+            capacity=self.capacity(x2.shape[0]),
+            drop_policy=self.drop_policy,
+            router_dtype=self.router_dtype,
+            router_x=router_x,
+        )
+        stats = {
+            "tokens_per_expert": out.tokens_per_expert.detach().to(torch.int32),
+            "routed_per_expert": out.routed_per_expert.detach().to(torch.int32),
+            "dropped": out.dropped.detach(),
+        }
         return out.y, out.aux_loss, out.z_loss, stats, out.scores, out.experts
 
-    def _routed_experts(self, x2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-                        w1: torch.Tensor, w2: torch.Tensor):
+    def _routed_experts(
+        self, x2: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
+    ):
         """The routed experts of the top-k path: routing_plan -> expert_mlp -> combine (self.experts).
 
         x2 [T,H] (the routed tokens, in the compute dtype), weights [T,K] f32 (differentiable), experts [T,K]
@@ -530,13 +599,16 @@ class MoE(nn.Module):
             dropped = routed.sum(dtype=torch.int64) - computed.sum(dtype=torch.int64)
         aux = self.router.load_balancing_loss(routing)  # cheap: [T,E]; always reported
         z = self.router.z_loss(routing)
-        stats = {"tokens_per_expert": computed.detach(), "routed_per_expert": routed.detach(),
-                 "dropped": dropped.detach()}
+        stats = {
+            "tokens_per_expert": computed.detach(),
+            "routed_per_expert": routed.detach(),
+            "dropped": dropped.detach(),
+        }
         return y.to(x2.dtype), aux, z, stats, routing.scores, routing.experts
 
     # ------------------------------------------------------------ Hugging Face
     @classmethod
-    def from_hf(cls, block, **kwargs) -> "MoE":
+    def from_hf(cls, block, **kwargs) -> MoE:
         """Build an MoE with the weights and routing of a Hugging Face sparse MoE block (see smoe.integrations.hf)."""
         from smoe.integrations.hf import from_hf
 
@@ -555,20 +627,46 @@ class MoE(nn.Module):
         copy_to_hf(self, block)
 
 
-
 # The configuration, read-only: MoE.args (a frozen MoEArgs) holds it, these names read it.
-_CONFIG = ("hidden_size", "ffn_size", "num_experts", "top_k", "activation", "score_func", "renormalize", "renorm_eps",
-           "routed_scaling", "n_groups", "topk_groups", "group_score", "bias_balancing", "bias_update_rate",
-           "expert_choice", "num_shared_experts", "capacity_factor", "drop_policy", "aux_loss_coef", "z_loss_coef",
-           "aux_loss_type", "aux_loss_mode", "router_jitter_noise", "process_group", "router_dtype", "backend")
+_CONFIG = (
+    "hidden_size",
+    "ffn_size",
+    "num_experts",
+    "top_k",
+    "activation",
+    "score_func",
+    "renormalize",
+    "renorm_eps",
+    "routed_scaling",
+    "n_groups",
+    "topk_groups",
+    "group_score",
+    "bias_balancing",
+    "bias_update_rate",
+    "expert_choice",
+    "num_shared_experts",
+    "capacity_factor",
+    "drop_policy",
+    "aux_loss_coef",
+    "z_loss_coef",
+    "aux_loss_type",
+    "aux_loss_mode",
+    "router_jitter_noise",
+    "process_group",
+    "router_dtype",
+    "backend",
+)
 for _name in _CONFIG:
     setattr(MoE, _name, property(lambda self, _n=_name: getattr(self.args, _n), doc=f"args.{_name} (read-only)"))
 del _name
 
 # State-dict keys of the single-module layer (before the router / experts / shared_expert split) -> now.
-_FLAT_KEYS = {"shared_w1": "shared_expert.w1",
-              "shared_w2": "shared_expert.w2", "shared_gate_w": "shared_expert.gate_w",
-              "expert_bias": "router.expert_bias"}
+_FLAT_KEYS = {
+    "shared_w1": "shared_expert.w1",
+    "shared_w2": "shared_expert.w2",
+    "shared_gate_w": "shared_expert.gate_w",
+    "expert_bias": "router.expert_bias",
+}
 
 
 def _load_flat_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

@@ -21,8 +21,7 @@ import torch.nn.functional as torch_F
 import smoe.functional as F
 from smoe.nn.args import MoEArgs
 
-__all__ = ["Router", "Routing", "expert_choice_plan", "routed_counts", "global_balance_loss",
-           "sequence_balance_loss"]
+__all__ = ["Router", "Routing", "expert_choice_plan", "routed_counts", "global_balance_loss", "sequence_balance_loss"]
 
 
 class Routing(NamedTuple):
@@ -53,7 +52,8 @@ def expert_choice_plan(tokens: torch.Tensor, row_of: torch.Tensor) -> F.RoutingP
 def routed_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[E] i32: how many (token, k) picks of experts [T, K] chose each expert (before capacity)."""
     return torch.zeros(num_experts, dtype=torch.int32, device=experts.device).scatter_add_(
-        0, experts.reshape(-1).long(), torch.ones(experts.numel(), dtype=torch.int32, device=experts.device))
+        0, experts.reshape(-1).long(), torch.ones(experts.numel(), dtype=torch.int32, device=experts.device)
+    )
 
 
 def global_balance_loss(scores: torch.Tensor, counts: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -69,8 +69,9 @@ def global_balance_loss(scores: torch.Tensor, counts: torch.Tensor, top_k: int) 
     return E * torch.sum(f * scores.mean(dim=0))
 
 
-def sequence_balance_loss(scores: torch.Tensor, experts: torch.Tensor, seq_ids: torch.Tensor,
-                          num_seqs: int) -> torch.Tensor:
+def sequence_balance_loss(
+    scores: torch.Tensor, experts: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int
+) -> torch.Tensor:
     """DeepSeek-V3's sequence-wise balance loss (arXiv 2412.19437, eq. 17-20) for scores [T, E],
     experts [T, K] and seq_ids [T] (the sequence of each token, < num_seqs). Per sequence b of S_b
     tokens: f_i = E / (K S_b) * #(t in b choosing i), P_i = mean_t s'_{t,i} with s' = s / sum_j s_j;
@@ -82,7 +83,8 @@ def sequence_balance_loss(scores: torch.Tensor, experts: torch.Tensor, seq_ids: 
     normed = scores / scores.sum(dim=-1, keepdim=True)
     seq_k = seq_ids[:, None].expand(T, K).reshape(-1)
     counts = torch.zeros(num_seqs * E, dtype=torch.float32, device=scores.device).index_add_(
-        0, seq_k * E + experts.reshape(-1).long(), torch.ones(T * K, dtype=torch.float32, device=scores.device))
+        0, seq_k * E + experts.reshape(-1).long(), torch.ones(T * K, dtype=torch.float32, device=scores.device)
+    )
     counts = counts.view(num_seqs, E)
     S_b = torch.bincount(seq_ids, minlength=num_seqs).to(torch.float32)  # [B]
     P = torch.zeros(num_seqs, E, dtype=torch.float32, device=scores.device).index_add(0, seq_ids, normed)
@@ -105,11 +107,11 @@ class Router(nn.Module):
         if not isinstance(args, MoEArgs):
             raise TypeError(f"args must be a smoe.nn.MoEArgs, got {type(args).__name__}")
         self.args = args
-        self.weight = nn.Parameter(torch.empty(args.num_experts, args.hidden_size, dtype=args.router_dtype,
-                                               device=args.device))  # [E, H]
+        self.weight = nn.Parameter(
+            torch.empty(args.num_experts, args.hidden_size, dtype=args.router_dtype, device=args.device)
+        )  # [E, H]
         if args.bias_balancing:
-            self.register_buffer("expert_bias", torch.zeros(args.num_experts, dtype=torch.float32,
-                                                            device=args.device))
+            self.register_buffer("expert_bias", torch.zeros(args.num_experts, dtype=torch.float32, device=args.device))
         else:
             self.expert_bias = None
         # Initialised at construction as the nn.Linear it replaces was, so that a seeded MoE draws the
@@ -125,8 +127,12 @@ class Router(nn.Module):
 
     def extra_repr(self) -> str:
         a = self.args
-        parts = [f"hidden_size={a.hidden_size}", f"num_experts={a.num_experts}", f"top_k={a.top_k}",
-                 f"score_func={a.score_func!r}"]
+        parts = [
+            f"hidden_size={a.hidden_size}",
+            f"num_experts={a.num_experts}",
+            f"top_k={a.top_k}",
+            f"score_func={a.score_func!r}",
+        ]
         if a.expert_choice:
             parts.append("expert_choice=True")
         if a.n_groups > 1:
@@ -176,9 +182,18 @@ class Router(nn.Module):
             weights, scores, plan = self._expert_choice(logits, a.capacity(logits.shape[0]))
             return Routing(logits, scores, weights, None, plan)
         weights, experts, scores = F.topk_gating(
-            logits, top_k=a.top_k, score_func=a.score_func, bias=self.expert_bias, n_groups=a.n_groups,
-            topk_groups=a.topk_groups, group_score=a.group_score, renormalize=a.renormalize,
-            renorm_eps=a.renorm_eps, routed_scaling=a.routed_scaling, backend=a.backend)  # [T,K] [T,K] [T,E]
+            logits,
+            top_k=a.top_k,
+            score_func=a.score_func,
+            bias=self.expert_bias,
+            n_groups=a.n_groups,
+            topk_groups=a.topk_groups,
+            group_score=a.group_score,
+            renormalize=a.renormalize,
+            renorm_eps=a.renorm_eps,
+            routed_scaling=a.routed_scaling,
+            backend=a.backend,
+        )  # [T,K] [T,K] [T,E]
         return Routing(logits, scores, weights, experts, None)
 
     def _expert_choice(self, logits: torch.Tensor, capacity: int):
@@ -192,7 +207,8 @@ class Router(nn.Module):
             weights = logits * 0.0  # [0, E]: empty, so it stands for the scores too
             return weights, weights, expert_choice_plan(tokens, row_of)
         weights, tokens, row_of, scores = F.expert_choice(
-            logits, capacity=capacity, score_func=self.args.score_func, backend=self.args.backend)
+            logits, capacity=capacity, score_func=self.args.score_func, backend=self.args.backend
+        )
         return weights, scores, expert_choice_plan(tokens, row_of)
 
     # ---- losses and counts ---------------------------------------------------------------------
@@ -224,5 +240,6 @@ class Router(nn.Module):
             load = load.to(torch.float64)
             self.expert_bias.add_((self.args.bias_update_rate * torch.sign(load.mean() - load)).float())
         else:
-            F.balancing_bias_update(load.to(torch.int32), self.expert_bias, rate=self.args.bias_update_rate,
-                                    backend=self.args.backend)
+            F.balancing_bias_update(
+                load.to(torch.int32), self.expert_bias, rate=self.args.bias_update_rate, backend=self.args.backend
+            )

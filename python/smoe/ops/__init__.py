@@ -23,21 +23,57 @@ backward ops keep their names (smoe.ops.topk_gating_backward is torch.ops.smoe.t
 
 # Every name below is part of smoe.ops (the names it had as one module, the ops, their functions).
 from smoe.ops._common import (  # noqa: F401
-    ACTIVATIONS, DROP_POLICIES, GATED_ACTIVATIONS, GROUP_SCORES, SCORE_FUNCS, _scratch,
-    _scratch_views, acc_dtype, release_scratch)
+    ACTIVATIONS,
+    DROP_POLICIES,
+    GATED_ACTIVATIONS,
+    GROUP_SCORES,
+    SCORE_FUNCS,
+    _scratch,
+    _scratch_views,
+    acc_dtype,
+    release_scratch,
+)
 from smoe.ops.activation import activation, activation_backward, activation_op  # noqa: F401
 from smoe.ops.cublas import grouped_gemm_cublas, grouped_gemm_wgrad_cublas, has_cublas  # noqa: F401
 from smoe.ops.expert_choice import expert_choice, expert_choice_backward, expert_choice_op  # noqa: F401
 from smoe.ops.gemm import grouped_gemm, grouped_gemm_op, grouped_gemm_wgrad  # noqa: F401
-from smoe.ops.mlp import expert_mlp, expert_mlp_backward, expert_mlp_op, shared_expert, shared_expert_backward, shared_expert_op  # noqa: F401
-from smoe.ops.permute import check_permute_x, combine, combine_backward, combine_op, permute, permute_backward, permute_op  # noqa: F401
-from smoe.ops.router_losses import (balancing_bias_update, balancing_bias_update_op, load_balancing_loss,  # noqa: F401
-                                    load_balancing_loss_backward, load_balancing_loss_op, z_loss, z_loss_backward,
-                                    z_loss_op)
+from smoe.ops.mlp import (  # noqa: F401
+    expert_mlp,
+    expert_mlp_backward,
+    expert_mlp_op,
+    shared_expert,
+    shared_expert_backward,
+    shared_expert_op,
+)
+from smoe.ops.permute import (  # noqa: F401
+    check_permute_x,
+    combine,
+    combine_backward,
+    combine_op,
+    permute,
+    permute_backward,
+    permute_op,
+)
+from smoe.ops.router_losses import (  # noqa: F401
+    balancing_bias_update,
+    balancing_bias_update_op,
+    load_balancing_loss,
+    load_balancing_loss_backward,
+    load_balancing_loss_op,
+    z_loss,
+    z_loss_backward,
+    z_loss_op,
+)
 from smoe.ops.routing import RoutingPlan, routing_plan, routing_plan_max_rows, routing_plan_op  # noqa: F401
 from smoe.ops.topk_gating import topk_gating, topk_gating_backward, topk_gating_op  # noqa: F401
-
 from smoe.reference.ops import __all__ as _PUBLIC  # one op, one name in every layer
 
-__all__ = list(_PUBLIC) + ["SCORE_FUNCS", "GROUP_SCORES", "ACTIVATIONS", "GATED_ACTIVATIONS", "DROP_POLICIES",
-                           "acc_dtype", "release_scratch"]
+__all__ = list(_PUBLIC) + [
+    "SCORE_FUNCS",
+    "GROUP_SCORES",
+    "ACTIVATIONS",
+    "GATED_ACTIVATIONS",
+    "DROP_POLICIES",
+    "acc_dtype",
+    "release_scratch",
+]

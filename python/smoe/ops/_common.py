@@ -135,7 +135,7 @@ def _scratch_views(device: torch.device, dtype: torch.dtype, shapes) -> List[Ten
         starts.append(total)
         total += -(-n // _SCRATCH_ALIGN) * _SCRATCH_ALIGN
     buf = _scratch(total, device)
-    return [buf[o:o + n].view(dtype).view(s) for o, n, s in zip(starts, sizes, shapes)]
+    return [buf[o : o + n].view(dtype).view(s) for o, n, s in zip(starts, sizes, shapes)]
 
 
 def workspace(nbytes: int, device: torch.device) -> Optional[Tensor]:

@@ -51,7 +51,10 @@ def activation_backward(x: Tensor, grad_out: Tensor, kind: str, backend: str) ->
     specs, act = _activation_backward_shapes(x, kind)
     (grad_in,) = empty(x, specs)
     _core.lib().activation_backward(
-        **exec_args(backend, x), act=act, **{"in": v(x, "x")}, grad_out=v(grad_out, "grad_out"),
+        **exec_args(backend, x),
+        act=act,
+        **{"in": v(x, "x")},
+        grad_out=v(grad_out, "grad_out"),
         grad_in=v(grad_in, "grad_in"),
     )
     return grad_in

@@ -27,7 +27,9 @@ def _expert_choice_shapes(op: str, logits, capacity):
 
 
 @torch.library.custom_op("smoe::expert_choice", mutates_args=())
-def expert_choice_op(logits: Tensor, capacity: int, score_func: str, backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def expert_choice_op(
+    logits: Tensor, capacity: int, score_func: str, backend: str
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     op = "expert_choice"
     specs = _expert_choice_shapes(op, logits, capacity)
     sf = code(op, "score_func", SCORE_FUNCS, score_func)

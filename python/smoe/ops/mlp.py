@@ -16,8 +16,11 @@ from torch import Tensor
 
 from smoe import _core
 from smoe import reference as _ref
-from smoe.ops._common import (ACTIVATIONS, GATED_ACTIVATIONS, _scratch, _scratch_views, acc_dtype, check_backend,
-                              code as _code, dims as _dims, exec_args as _exec, v as _v)
+from smoe.ops._common import ACTIVATIONS, GATED_ACTIVATIONS, _scratch, _scratch_views, acc_dtype, check_backend
+from smoe.ops._common import code as _code
+from smoe.ops._common import dims as _dims
+from smoe.ops._common import exec_args as _exec
+from smoe.ops._common import v as _v
 from smoe.ops.routing import as_plan
 from smoe.reference.ops import RoutingPlan
 
@@ -103,8 +106,11 @@ def expert_mlp_backward(
     activation: str,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    _check_mlp("expert_mlp_backward", activation,
-               [("grad_ys", grad_ys, 2, "[R, H]"), ("row_of", row_of, 2, "[T, K]"), ("w2", w2, 3, "[E, H, F]")])
+    _check_mlp(
+        "expert_mlp_backward",
+        activation,
+        [("grad_ys", grad_ys, 2, "[R, H]"), ("row_of", row_of, 2, "[T, K]"), ("w2", w2, 3, "[E, H, F]")],
+    )
     lib = _core.lib()
     R, H = grad_ys.shape
     grad_x = grad_ys.new_empty((row_of.shape[0], H))  # [T, H]
@@ -170,8 +176,15 @@ def _expert_mlp_backward(ctx, grad_ys, _g_pre, _g_act):
     )
     need = ctx.needs_input_grad
     return (
-        grad_x if need[0] else None, None, None, None,
-        grad_w1 if need[4] else None, grad_w2 if need[5] else None, None, None, None,
+        grad_x if need[0] else None,
+        None,
+        None,
+        None,
+        grad_w1 if need[4] else None,
+        grad_w2 if need[5] else None,
+        None,
+        None,
+        None,
     )
 
 
@@ -328,9 +341,7 @@ def expert_mlp(
         return _ref.expert_mlp(x, w1, w2, plan, activation=activation)
     # Without a gradient to compute, the intermediates the backward would need are not kept.
     need_saved = torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad)
-    return expert_mlp_op(
-        x, plan.token_of_row, plan.offsets, plan.row_of, w1, w2, activation, backend, need_saved
-    )[0]
+    return expert_mlp_op(x, plan.token_of_row, plan.offsets, plan.row_of, w1, w2, activation, backend, need_saved)[0]
 
 
 def shared_expert(

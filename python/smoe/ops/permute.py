@@ -22,8 +22,10 @@ def check_permute_x(op: str, x, token_of_row, row_of) -> None:
     """x [T, H] with T = row_of.size(0): the backward scatters into T rows (no core call sees both)."""
     dims(op, [("x", x, 2, "[T, H]"), ("token_of_row", token_of_row, 1, "[R]"), ("row_of", row_of, 2, "[T, K]")])
     if x.shape[0] != row_of.shape[0]:
-        raise ValueError(f"smoe.{op}: argument 'x': expected size(0) == T = {row_of.shape[0]} (row_of.size(0)), "
-                         f"got shape {list(x.shape)}")
+        raise ValueError(
+            f"smoe.{op}: argument 'x': expected size(0) == T = {row_of.shape[0]} (row_of.size(0)), "
+            f"got shape {list(x.shape)}"
+        )
 
 
 def _permute_shapes(op, x, token_of_row, row_of):
@@ -54,7 +56,9 @@ def _permute_backward_shapes(grad_xs, row_of):
 def permute_backward(grad_xs: Tensor, row_of: Tensor, backend: str) -> Tensor:
     (grad_x,) = empty(grad_xs, _permute_backward_shapes(grad_xs, row_of))
     _core.lib().permute_backward(
-        **exec_args(backend, grad_xs), grad_xs=v(grad_xs, "grad_xs"), row_of=v(row_of, "row_of"),
+        **exec_args(backend, grad_xs),
+        grad_xs=v(grad_xs, "grad_xs"),
+        row_of=v(row_of, "row_of"),
         grad_x=v(grad_x, "grad_x"),
     )
     return grad_x
@@ -88,7 +92,10 @@ def _combine_shapes(ys, row_of):
 def combine_op(ys: Tensor, weights: Tensor, row_of: Tensor, backend: str) -> Tensor:
     (y,) = empty(ys, _combine_shapes(ys, row_of))
     _core.lib().combine_forward(
-        **exec_args(backend, ys), ys=v(ys, "ys"), weights=v(weights, "weights"), row_of=v(row_of, "row_of"),
+        **exec_args(backend, ys),
+        ys=v(ys, "ys"),
+        weights=v(weights, "weights"),
+        row_of=v(row_of, "row_of"),
         y=v(y, "y"),
     )
     return y
@@ -154,15 +161,18 @@ def permute(x: Tensor, plan: RoutingPlan, *, backend: str = "auto") -> Tensor:
     op = "permute"
     _core.check_tensor(op, "x", x)
     plan = as_plan(op, plan)
-    backend = check_backend(op, backend, [("x", x), ("plan.token_of_row", plan.token_of_row),
-                                          ("plan.row_of", plan.row_of)])
+    backend = check_backend(
+        op, backend, [("x", x), ("plan.token_of_row", plan.token_of_row), ("plan.row_of", plan.row_of)]
+    )
     if backend == "reference":
         _permute_shapes(op, x, plan.token_of_row, plan.row_of)
         return _ref.permute(x, plan)
     return permute_op(x, plan.token_of_row, plan.row_of, backend)
 
 
-def combine(ys: Tensor, weights: Tensor, plan_or_row_of: Union[RoutingPlan, Tensor], *, backend: str = "auto") -> Tensor:
+def combine(
+    ys: Tensor, weights: Tensor, plan_or_row_of: Union[RoutingPlan, Tensor], *, backend: str = "auto"
+) -> Tensor:
     """y[t] = sum_k weights[t, k] * ys[row_of[t, k]] over kept k (row_of >= 0), accumulated in f32
     in k order (deterministic): ys [R, H], weights [T, K] f32 -> y [T, H] in ys's dtype.
     The third argument is a RoutingPlan or its row_of [T, K] i32 (e.g. expert choice's [T, E])."""

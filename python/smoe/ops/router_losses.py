@@ -50,7 +50,10 @@ def load_balancing_loss_op(probs: Tensor, experts: Tensor, backend: str) -> Tens
     (loss,) = empty(probs, _lb_shapes(probs))
     ws = workspace(load_balancing_loss_workspace_bytes(*probs.shape), probs.device)
     _core.lib().load_balancing_loss_forward(
-        **exec_args(backend, probs), probs=v(probs, "probs"), experts=v(experts, "experts"), loss=v(loss, "loss"),
+        **exec_args(backend, probs),
+        probs=v(probs, "probs"),
+        experts=v(experts, "experts"),
+        loss=v(loss, "loss"),
         workspace=v(ws, "workspace"),
     )
     return loss
@@ -126,8 +129,9 @@ def _z_shapes(op, logits, out_shape):
 def z_loss_op(logits: Tensor, backend: str) -> Tensor:
     (loss,) = empty(logits, _z_shapes("z_loss", logits, ()))  # 0-d, f32 (f64)
     ws = workspace(z_loss_workspace_bytes(*logits.shape), logits.device)
-    _core.lib().z_loss_forward(**exec_args(backend, logits), logits=v(logits, "logits"), loss=v(loss, "loss"),
-                               workspace=v(ws, "workspace"))
+    _core.lib().z_loss_forward(
+        **exec_args(backend, logits), logits=v(logits, "logits"), loss=v(loss, "loss"), workspace=v(ws, "workspace")
+    )
     return loss
 
 

@@ -53,8 +53,11 @@ def workspace_bytes(T: int, K: int, num_experts: int, capacity: int, drop_policy
     if T * K > _core.INT32_MAX or max_rows(T, K, num_experts, capacity, pad_multiple) > _core.INT32_MAX:
         return 0
     by_score = capacity >= 0 and drop_policy == "score"
-    return max(_backend_workspace_bytes(_SORT_LAYOUTS[b], T, K, num_experts, by_score)
-               for b in _core.BUILT_BACKENDS if b in _SORT_LAYOUTS)
+    return max(
+        _backend_workspace_bytes(_SORT_LAYOUTS[b], T, K, num_experts, by_score)
+        for b in _core.BUILT_BACKENDS
+        if b in _SORT_LAYOUTS
+    )
 
 
 def _routing_plan_shapes(op, experts, num_experts, capacity, drop_policy, pad_multiple):
@@ -74,8 +77,12 @@ def _routing_plan_shapes(op, experts, num_experts, capacity, drop_policy, pad_mu
                 f"smoe.{op}: argument 'experts': expected T*K + E*(pad_multiple-1) <= 2^31 - 1 rows (rows are i32), "
                 f"got T={T}, K={K}, E={num_experts}, pad_multiple={pad_multiple} ({rows} rows)"
             )
-    specs = [((num_experts,), torch.int32), ((num_experts + 1,), torch.int64), ((T, K), torch.int32),
-             ((R_max,), torch.int32)]
+    specs = [
+        ((num_experts,), torch.int32),
+        ((num_experts + 1,), torch.int64),
+        ((T, K), torch.int32),
+        ((R_max,), torch.int32),
+    ]
     return specs, policy
 
 
@@ -121,7 +128,9 @@ def _(experts, weights, num_experts, capacity, drop_policy, pad_multiple, backen
     return tuple(_empty_on(experts.device, specs))
 
 
-def routing_plan_max_rows(T: int, K: int, *, num_experts: int, capacity: Optional[int] = None, pad_multiple: int = 1) -> int:
+def routing_plan_max_rows(
+    T: int, K: int, *, num_experts: int, capacity: Optional[int] = None, pad_multiple: int = 1
+) -> int:
     """Rows R_max of RoutingPlan.token_of_row (and of the permuted buffers) for T tokens and K picks.
     Equal to the C++ query smoe::routing_plan_max_rows; ValueError/TypeError naming a bad argument."""
     op = "routing_plan_max_rows"
@@ -166,7 +175,11 @@ def routing_plan(
     if backend == "reference":
         _routing_plan_shapes(op, experts, num_experts, cap, drop_policy, pad_multiple)
         return _ref.routing_plan(
-            experts, num_experts=num_experts, weights=w, capacity=capacity, drop_policy=drop_policy,
+            experts,
+            num_experts=num_experts,
+            weights=w,
+            capacity=capacity,
+            drop_policy=drop_policy,
             pad_multiple=pad_multiple,
         )
     return RoutingPlan(*routing_plan_op(experts, w, num_experts, cap, drop_policy, pad_multiple, backend))
@@ -180,7 +193,11 @@ def as_plan(op: str, plan) -> RoutingPlan:
             f"got {type(plan).__name__}"
         )
     plan = plan if isinstance(plan, RoutingPlan) else RoutingPlan(*plan)
-    for field, ndim, layout in (("counts", 1, "[E]"), ("offsets", 1, "[E+1]"), ("row_of", 2, "[T, K]"),
-                                ("token_of_row", 1, "[R]")):
+    for field, ndim, layout in (
+        ("counts", 1, "[E]"),
+        ("offsets", 1, "[E+1]"),
+        ("row_of", 2, "[T, K]"),
+        ("token_of_row", 1, "[R]"),
+    ):
         _core.check_dims(op, f"plan.{field}", getattr(plan, field), ndim, layout)
     return plan

@@ -10,7 +10,18 @@ from torch import Tensor
 
 from smoe import _core
 from smoe import reference as _ref
-from smoe.ops._common import GROUP_SCORES, SCORE_FUNCS, acc_dtype, check_backend, code, contig, dims, empty, exec_args, v
+from smoe.ops._common import (
+    GROUP_SCORES,
+    SCORE_FUNCS,
+    acc_dtype,
+    check_backend,
+    code,
+    contig,
+    dims,
+    empty,
+    exec_args,
+    v,
+)
 
 __all__ = ["topk_gating"]
 
@@ -57,8 +68,9 @@ def topk_gating_op(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     op = "topk_gating"
     specs = _topk_gating_shapes(op, logits, top_k)
-    params = _topk_params(op, top_k, score_func, n_groups, topk_groups, group_score, renormalize, renorm_eps,
-                          routed_scaling)
+    params = _topk_params(
+        op, top_k, score_func, n_groups, topk_groups, group_score, renormalize, renorm_eps, routed_scaling
+    )
     weights, experts, scores = empty(logits, specs)
     _core.lib().topk_gating_forward(
         **exec_args(backend, logits),
@@ -73,11 +85,23 @@ def topk_gating_op(
 
 
 @topk_gating_op.register_fake
-def _(logits, bias, top_k, score_func, n_groups, topk_groups, group_score, renormalize, renorm_eps, routed_scaling,
-      backend):
+def _(
+    logits,
+    bias,
+    top_k,
+    score_func,
+    n_groups,
+    topk_groups,
+    group_score,
+    renormalize,
+    renorm_eps,
+    routed_scaling,
+    backend,
+):
     specs = _topk_gating_shapes("topk_gating", logits, top_k)
-    _topk_params("topk_gating", top_k, score_func, n_groups, topk_groups, group_score, renormalize, renorm_eps,
-                 routed_scaling)
+    _topk_params(
+        "topk_gating", top_k, score_func, n_groups, topk_groups, group_score, renormalize, renorm_eps, routed_scaling
+    )
     return tuple(empty(logits, specs))
 
 
@@ -105,8 +129,9 @@ def topk_gating_backward(
     op = "topk_gating_backward"
     specs = _topk_gating_backward_shapes(scores)
     _core.check_c_int(op, "top_k", top_k)
-    params = _topk_params(op, top_k, score_func, n_groups, topk_groups, group_score, renormalize, renorm_eps,
-                          routed_scaling)
+    params = _topk_params(
+        op, top_k, score_func, n_groups, topk_groups, group_score, renormalize, renorm_eps, routed_scaling
+    )
     (grad_logits,) = empty(scores, specs)
     _core.lib().topk_gating_backward(
         **exec_args(backend, scores),
@@ -181,10 +206,27 @@ def topk_gating(
         _topk_gating_shapes(op, logits, top_k)
         _topk_params(op, top_k, score_func, n_groups, topk_groups, group_score, renormalize, renorm_eps, routed_scaling)
         return _ref.topk_gating(
-            logits, top_k=top_k, score_func=score_func, bias=bias, n_groups=n_groups, topk_groups=topk_groups,
-            group_score=group_score, renormalize=renormalize, renorm_eps=renorm_eps, routed_scaling=routed_scaling,
+            logits,
+            top_k=top_k,
+            score_func=score_func,
+            bias=bias,
+            n_groups=n_groups,
+            topk_groups=topk_groups,
+            group_score=group_score,
+            renormalize=renormalize,
+            renorm_eps=renorm_eps,
+            routed_scaling=routed_scaling,
         )
     return topk_gating_op(
-        logits, bias, top_k, score_func, n_groups, topk_groups, group_score, bool(renormalize), float(renorm_eps),
-        float(routed_scaling), backend,
+        logits,
+        bias,
+        top_k,
+        score_func,
+        n_groups,
+        topk_groups,
+        group_score,
+        bool(renormalize),
+        float(renorm_eps),
+        float(routed_scaling),
+        backend,
     )

@@ -4,8 +4,8 @@ The ops (smoe.reference.ops) have the same names and semantics as smoe.functiona
 of the tests; `moe_layer` (smoe.reference.layer) is the whole MoE layer, written for students.
 """
 
+from smoe.reference.layer import moe_layer  # noqa: F401
 from smoe.reference.ops import *  # noqa: F401,F403
 from smoe.reference.ops import __all__ as _ops_all
-from smoe.reference.layer import moe_layer  # noqa: F401
 
 __all__ = list(_ops_all) + ["moe_layer"]

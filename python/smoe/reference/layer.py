@@ -191,8 +191,9 @@ def moe_layer(
         aux_loss = torch.zeros((), dtype=torch.float32, device=x.device)
     else:
         # 3a. Token choice: top-k experts per token, weighted by their (unbiased) scores.
-        experts = _token_choice(scores, top_k=top_k, bias=bias, n_groups=n_groups,
-                                topk_groups=topk_groups, group_score=group_score)  # [T,K]
+        experts = _token_choice(
+            scores, top_k=top_k, bias=bias, n_groups=n_groups, topk_groups=topk_groups, group_score=group_score
+        )  # [T,K]
         weights = scores.gather(1, experts)  # [T,K]
         if renormalize:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + renorm_eps)
@@ -227,5 +228,6 @@ def moe_layer(
     # 7b. Router z-loss (Zoph et al. 2022, ST-MoE eq. 5): mean over tokens of logsumexp(logits)^2.
     z_loss = torch.logsumexp(logits, dim=-1).square().mean() if T > 0 else logits.sum() * 0.0
 
-    return MoELayerOutput(y.to(x.dtype), logits, scores, experts, weights, kept, routed,
-                          tokens_per_expert, dropped, aux_loss, z_loss)
+    return MoELayerOutput(
+        y.to(x.dtype), logits, scores, experts, weights, kept, routed, tokens_per_expert, dropped, aux_loss, z_loss
+    )

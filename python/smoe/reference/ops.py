@@ -197,7 +197,9 @@ def balancing_bias_update(counts: torch.Tensor, bias: torch.Tensor, *, rate: flo
 # ---- routing -------------------------------------------------------------------------------------
 
 
-def routing_plan_max_rows(T: int, K: int, *, num_experts: int, capacity: Optional[int] = None, pad_multiple: int = 1) -> int:
+def routing_plan_max_rows(
+    T: int, K: int, *, num_experts: int, capacity: Optional[int] = None, pad_multiple: int = 1
+) -> int:
     """Upper bound of R: every assignment kept (or E*C with a capacity), plus pad_multiple - 1 rows of
     padding per expert. Sizes token_of_row and the permuted buffers without looking at the data."""
     kept = T * K
@@ -319,7 +321,9 @@ def activation(x: torch.Tensor, *, kind: str = "swiglu") -> torch.Tensor:
 _apply_activation = activation  # the ops below take an argument named `activation`
 
 
-def expert_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, plan: RoutingPlan, *, activation: str = "swiglu") -> torch.Tensor:
+def expert_mlp(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, plan: RoutingPlan, *, activation: str = "swiglu"
+) -> torch.Tensor:
     """ys[r] = act(x[token_of_row[r]] @ w1[e]^T) @ w2[e]^T for the rows r of expert e.
 
     Rounds to x's dtype where the core stores an intermediate: after permute, after the first GEMM,

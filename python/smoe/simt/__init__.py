@@ -44,8 +44,7 @@ def find_root() -> Path:
             return root
     tried = ", ".join(str(c) for c in candidates)
     raise FileNotFoundError(
-        f"smoe SIMT emulator sources not found (tried {tried}); set SMOE_SIMT_ROOT to the "
-        "smoe repository root"
+        f"smoe SIMT emulator sources not found (tried {tried}); set SMOE_SIMT_ROOT to the smoe repository root"
     )
 
 
@@ -57,7 +56,7 @@ _IDENT = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
 _PP_NUMBER = re.compile(r"\.?[0-9](?:[eEpP][+-]|'[0-9A-Za-z_]|[0-9A-Za-z_.])*")
 _STRING_PREFIXES = ("u8", "u", "U", "L")
 _RAW_PREFIXES = ("R", "u8R", "uR", "UR", "LR")
-_RAW_DELIMITER = re.compile(r'([^\s()\\]{0,16})\(')
+_RAW_DELIMITER = re.compile(r"([^\s()\\]{0,16})\(")
 
 
 def _line_of(src: str, i: int) -> int:
@@ -230,9 +229,7 @@ def rewrite_source(src: str) -> str:
     text = "".join(out)
 
     def shared(m: re.Match) -> str:
-        return f"SMOE_DYNAMIC_SMEM({m.group(1).strip()}, {m.group(2)});" + "\n" * _line_count(
-            m.group(0)
-        )
+        return f"SMOE_DYNAMIC_SMEM({m.group(1).strip()}, {m.group(2)});" + "\n" * _line_count(m.group(0))
 
     return _EXTERN_SHARED.sub(shared, text)
 
@@ -259,9 +256,7 @@ def _runtime_objects(root: Path, cxx: str, flags: Sequence[str], verbose: bool) 
     h.update(cxx.encode())
     h.update(" ".join(flags).encode())
     headers = sorted((root / "include/smoe/simt").rglob("*.h"))
-    for path in [root / "csrc/simt" / s for s in _RUNTIME_SOURCES] + sorted(
-        (root / "csrc/simt").glob("*.h")
-    ) + headers:
+    for path in [root / "csrc/simt" / s for s in _RUNTIME_SOURCES] + sorted((root / "csrc/simt").glob("*.h")) + headers:
         h.update(path.read_bytes())
     out_dir = _cache_dir() / ("runtime-" + h.hexdigest()[:16])
     objects = [out_dir / (Path(s).stem + ".o") for s in _RUNTIME_SOURCES]
@@ -271,8 +266,7 @@ def _runtime_objects(root: Path, cxx: str, flags: Sequence[str], verbose: bool) 
     for src, obj in zip(_RUNTIME_SOURCES, objects):
         tmp = obj.with_suffix(f".{os.getpid()}.tmp.o")
         _run_compiler(
-            [cxx, *flags, "-I", str(root / "include"), "-c", str(root / "csrc/simt" / src),
-             "-o", str(tmp)],
+            [cxx, *flags, "-I", str(root / "include"), "-c", str(root / "csrc/simt" / src), "-o", str(tmp)],
             verbose,
         )
         os.replace(tmp, obj)  # atomic: concurrent builds never see half-written objects
@@ -322,15 +316,39 @@ def compile_program(
         text = rewrite_source(_read_source(source))
         rewritten.write_text(f'#line 1 "{source}"\n' + text)
         _run_compiler(
-            [cxx, *flags, "-x", "c++", "-include", "smoe/simt/simt.h",
-             "-I", str(root / "include"), "-I", str(root / "include/smoe/simt/shim"),
-             "-I", str(source.parent), "-c", str(rewritten), "-o", str(Path(tmp) / "main.o")],
+            [
+                cxx,
+                *flags,
+                "-x",
+                "c++",
+                "-include",
+                "smoe/simt/simt.h",
+                "-I",
+                str(root / "include"),
+                "-I",
+                str(root / "include/smoe/simt/shim"),
+                "-I",
+                str(source.parent),
+                "-c",
+                str(rewritten),
+                "-o",
+                str(Path(tmp) / "main.o"),
+            ],
             verbose,
         )
         _run_compiler(
             # -rdynamic: kernel names stay visible to dladdr for the emulator's error reports.
-            [cxx, *flags, "-rdynamic", str(Path(tmp) / "main.o"), *map(str, objects), "-lpthread", "-ldl",
-             "-o", str(output)],
+            [
+                cxx,
+                *flags,
+                "-rdynamic",
+                str(Path(tmp) / "main.o"),
+                *map(str, objects),
+                "-lpthread",
+                "-ldl",
+                "-o",
+                str(output),
+            ],
             verbose,
         )
     return Path(output)
@@ -388,12 +406,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("-O", dest="opt", default="1", help="optimisation level (default 1)")
         p.add_argument("--asan", action="store_true", help="build with Address+UB sanitizers")
         p.add_argument("-v", "--verbose", action="store_true", help="print compiler commands")
-        p.add_argument("-X", dest="extra", action="append", default=[],
-                       help="extra compiler flag (repeatable), e.g. -X-DN=64")
+        p.add_argument(
+            "-X", dest="extra", action="append", default=[], help="extra compiler flag (repeatable), e.g. -X-DN=64"
+        )
         if name == "run":
             p.add_argument("--schedule", help="forward | reverse | random[:SEED]")
-            p.add_argument("--parallel", action="store_true",
-                           help="run blocks concurrently on OS threads")
+            p.add_argument("--parallel", action="store_true", help="run blocks concurrently on OS threads")
             p.add_argument("--gdb", action="store_true", help="run under gdb")
             p.add_argument("--keep", help="keep the executable at this path")
             p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the program")
@@ -406,8 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             compile_program(ns.file, ns.output, **common)
             return 0
         args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
-        return run(ns.file, args, schedule=ns.schedule, parallel=ns.parallel or None,
-                   keep=ns.keep, gdb=ns.gdb, **common)
+        return run(
+            ns.file, args, schedule=ns.schedule, parallel=ns.parallel or None, keep=ns.keep, gdb=ns.gdb, **common
+        )
     except (RuntimeError, OSError, SyntaxError, ValueError) as e:
         print(f"smoe.simt: {e}", file=sys.stderr)
         return 2

@@ -49,8 +49,8 @@ TEST(InProcessComm, CountMismatchFailsOnEveryRank) {
     if (r == 2) rc[0] = 2;  // rank 2 expects 2 from rank 0, which sends 1
     auto sd = displacements(sc), rd = displacements(rc);
     std::vector<float> send(3, 1.f), recv(4, 0.f);
-    st[r] = g->comm(r).all_to_all_v(send.data(), sc.data(), sd.data(), recv.data(), rc.data(), rd.data(),
-                                    DType::kF32, nullptr);
+    st[r] = g->comm(r).all_to_all_v(send.data(), sc.data(), sd.data(), recv.data(), rc.data(), rd.data(), DType::kF32,
+                                    nullptr);
   });
   for (int r = 0; r < P; ++r) {
     EXPECT_EQ(st[r].code(), Code::kInvalidArgument) << r;
@@ -125,18 +125,21 @@ std::vector<float> single(const Problem& pr, int64_t t0, int64_t T, int64_t capa
   Exec exec;
   EXPECT_TRUE(routing_plan(exec, rp, ex, w, make_view(counts.data(), {pr.E}), make_view(off.data(), {pr.E + 1}),
                            make_view(row_of.data(), {T, pr.K}), make_view(tor.data(), {R}),
-                           make_view(ws.data(), {static_cast<int64_t>(ws.size())})).ok());
-  std::vector<float> pre(std::max<int64_t>(R, 1) * 2 * pr.F),
-      act(std::max<int64_t>(R, 1) * pr.F), ys(std::max<int64_t>(R, 1) * pr.H), y(std::max<int64_t>(T, 1) * pr.H);
+                           make_view(ws.data(), {static_cast<int64_t>(ws.size())}))
+                  .ok());
+  std::vector<float> pre(std::max<int64_t>(R, 1) * 2 * pr.F), act(std::max<int64_t>(R, 1) * pr.F),
+      ys(std::max<int64_t>(R, 1) * pr.H), y(std::max<int64_t>(T, 1) * pr.H);
   auto x = make_view(const_cast<float*>(pr.x.data() + t0 * pr.H), {T, pr.H});
   ExpertMlpParams mp;
   EXPECT_TRUE(expert_mlp_forward(exec, mp, x, make_view(tor.data(), {R}), make_view(off.data(), {pr.E + 1}),
                                  make_view(const_cast<float*>(pr.w1.data()), {pr.E, 2 * pr.F, pr.H}),
                                  make_view(const_cast<float*>(pr.w2.data()), {pr.E, pr.H, pr.F}),
-                                 make_view(pre.data(), {R, 2 * pr.F}),
-                                 make_view(act.data(), {R, pr.F}), make_view(ys.data(), {R, pr.H})).ok());
+                                 make_view(pre.data(), {R, 2 * pr.F}), make_view(act.data(), {R, pr.F}),
+                                 make_view(ys.data(), {R, pr.H}))
+                  .ok());
   EXPECT_TRUE(combine_forward(exec, make_view(ys.data(), {R, pr.H}), w, make_view(row_of.data(), {T, pr.K}),
-                              make_view(y.data(), {T, pr.H})).ok());
+                              make_view(y.data(), {T, pr.H}))
+                  .ok());
   y.resize(T * pr.H);
   return y;
 }
@@ -172,7 +175,8 @@ void check_ep(const Problem& pr, int64_t capacity) {
     // capacity: with the single-process layer on this rank's batch.
     const std::vector<float> ref = capacity < 0 ? single(pr, 0, pr.total(), -1) : single(pr, t0, pr.T[r], capacity);
     const int64_t off = capacity < 0 ? t0 * pr.H : 0;
-    ASSERT_EQ(0, std::memcmp(ys[r].data(), ref.data() + off, ys[r].size() * sizeof(float))) << "P=" << P << " rank " << r;
+    ASSERT_EQ(0, std::memcmp(ys[r].data(), ref.data() + off, ys[r].size() * sizeof(float)))
+        << "P=" << P << " rank " << r;
     if (capacity < 0) {  // layout: counts received from each source for each local expert
       for (int p = 0; p < P; ++p) {
         const int64_t s0 = std::accumulate(pr.T.begin(), pr.T.begin() + p, int64_t{0});
@@ -190,7 +194,7 @@ void check_ep(const Problem& pr, int64_t capacity) {
 TEST(EpMoeForward, BitwiseEqualToSingleRankOnConcatenatedBatch) {
   check_ep(make_problem({9}, false), -1);
   check_ep(make_problem({5, 3}, false), -1);
-  check_ep(make_problem({5, 3, 0}, false), -1);    // an empty rank
+  check_ep(make_problem({5, 3, 0}, false), -1);  // an empty rank
   check_ep(make_problem({4, 0, 6, 2}, false), -1);
 }
 
@@ -206,8 +210,8 @@ TEST(EpMoeForward, BadArgumentsNameThem) {
   EpMoeParams p;
   p.num_experts = 0;
   Status st = ep_moe_forward(g->comm(0), Exec{}, p, make_view(x.data(), {1, 16}), make_view(e.data(), {1, 2}),
-                             make_view(w.data(), {1, 2}), make_view(w1.data(), {1, 1, 1}), make_view(w2.data(), {1, 1, 1}),
-                             make_view(y.data(), {1, 16}));
+                             make_view(w.data(), {1, 2}), make_view(w1.data(), {1, 1, 1}),
+                             make_view(w2.data(), {1, 1, 1}), make_view(y.data(), {1, 16}));
   EXPECT_EQ(st.code(), Code::kInvalidArgument);
   EXPECT_NE(st.message().find("argument 'num_experts'"), std::string::npos) << st.message();
   p.num_experts = 4;

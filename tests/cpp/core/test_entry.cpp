@@ -38,29 +38,28 @@ std::vector<EmptyCall> empty_calls(Buffers& b) {
   calls.push_back({"topk_gating_forward", [&b, tp](const Exec& x) {
                      return topk_gating_forward(x, tp, b.f32({0, E}), {}, b.f32({0, K}), b.i32v({0, K}), b.f32({0, E}));
                    }});
-  calls.push_back({"topk_gating_backward", [&b, tp](const Exec& x) {
-                     return topk_gating_backward(x, tp, b.f32({0, E}), b.i32v({0, K}), b.f32({0, K}), {},
-                                                 b.f32({0, E}));
-                   }});
+  calls.push_back(
+      {"topk_gating_backward", [&b, tp](const Exec& x) {
+         return topk_gating_backward(x, tp, b.f32({0, E}), b.i32v({0, K}), b.f32({0, K}), {}, b.f32({0, E}));
+       }});
   // Expert choice: T >= C >= 1, so the empty case is E = 0.
   const ExpertChoiceParams ep{1, ScoreFunc::kSoftmax};
   calls.push_back({"expert_choice_forward", [&b, ep](const Exec& x) {
                      return expert_choice_forward(x, ep, b.f32({3, 0}), b.f32({3, 0}), b.i32v({0, 1}), b.i32v({3, 0}),
                                                   b.f32({3, 0}));
                    }});
-  calls.push_back({"expert_choice_backward", [&b, ep](const Exec& x) {
-                     return expert_choice_backward(x, ep, b.f32({3, 0}), b.i32v({3, 0}), b.f32({3, 0}), {},
-                                                   b.f32({3, 0}));
-                   }});
+  calls.push_back(
+      {"expert_choice_backward", [&b, ep](const Exec& x) {
+         return expert_choice_backward(x, ep, b.f32({3, 0}), b.i32v({3, 0}), b.f32({3, 0}), {}, b.f32({3, 0}));
+       }});
   calls.push_back({"load_balancing_loss_backward", [&b](const Exec& x) {
                      return load_balancing_loss_backward(x, b.f32({0, E}), b.i32v({0, K}), b.f32({}), b.f32({0, E}));
                    }});
   calls.push_back({"z_loss_backward", [&b](const Exec& x) {
                      return z_loss_backward(x, b.f32({0, E}), b.f32({}), b.f32({0, E}));
                    }});
-  calls.push_back({"balancing_bias_update", [&b](const Exec& x) {
-                     return balancing_bias_update(x, b.i32v({0}), b.f32({0}), 0.1f);
-                   }});
+  calls.push_back({"balancing_bias_update",
+                   [&b](const Exec& x) { return balancing_bias_update(x, b.i32v({0}), b.f32({0}), 0.1f); }});
   calls.push_back({"permute_forward", [&b](const Exec& x) {
                      return permute_forward(x, b.f32({2, H}), b.i32v({0}), b.f32({0, H}));
                    }});

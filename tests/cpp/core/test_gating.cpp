@@ -190,14 +190,13 @@ Gate<Acc<In>> run_topk(const std::vector<In>& logits_in, int64_t T, int64_t E, c
   out.experts.assign(size_t(T * K), -7);
   out.scores.assign(size_t(T * E), A(-7));
   out.status = topk_gating_forward(exec, p, view2d(logits, T, E, ld), b.empty() ? TensorView{} : view1d(b),
-                                   view2d(out.weights, T, K), view2d(out.experts, T, K),
-                                   view2d(out.scores, T, E));
+                                   view2d(out.weights, T, K), view2d(out.experts, T, K), view2d(out.scores, T, E));
   return out;
 }
 
 template <class A>
-std::vector<A> run_topk_backward(const Gate<A>& fw, int64_t T, int64_t E, const TopkGatingParams& p,
-                                 std::vector<A> gw, std::vector<A> gs, Status* st = nullptr) {
+std::vector<A> run_topk_backward(const Gate<A>& fw, int64_t T, int64_t E, const TopkGatingParams& p, std::vector<A> gw,
+                                 std::vector<A> gs, Status* st = nullptr) {
   std::vector<A> scores = fw.scores, gx(size_t(T * E), A(-7));
   std::vector<int32_t> experts = fw.experts;
   Status s = topk_gating_backward(Exec{}, p, view2d(scores, T, E), view2d(experts, T, p.top_k),
@@ -250,7 +249,7 @@ std::vector<Case> forward_cases() {
       cs.push_back({7, 7, make_params(7, f, renorm, 2.0f), true, true});  // K = E
       cs.push_back({4097, 8, make_params(2, f, renorm), false, false});
       cs.push_back({33, 300, make_params(8, f, renorm, 2.5f), true, false});
-      cs.push_back({9, 300, make_params(40, f, renorm), false, true});  // large-K selection path
+      cs.push_back({9, 300, make_params(40, f, renorm), false, true});   // large-K selection path
       cs.push_back({5, 300, make_params(300, f, renorm), true, false});  // K = E > 256
       cs.push_back({65, 64, make_params(6, f, renorm), true, true});
       cs.push_back({65, 64, make_params(6, f, renorm, 1.5f, 8, 3, GroupScore::kMax), true, true});
@@ -269,10 +268,10 @@ void check_forward_against_naive() {
   const DType acc = DTypeOf<A>::value;
   uint32_t seed = 1;
   for (const Case& c : forward_cases()) {
-    SCOPED_TRACE(::testing::Message() << "T=" << c.T << " E=" << c.E << " K=" << c.p.top_k << " func="
-                                      << int(c.p.score_func) << " renorm=" << c.p.renormalize
-                                      << " groups=" << c.p.n_groups << "/" << c.p.topk_groups
-                                      << " bias=" << c.bias << " " << dtype_name(DTypeOf<In>::value));
+    SCOPED_TRACE(::testing::Message() << "T=" << c.T << " E=" << c.E << " K=" << c.p.top_k
+                                      << " func=" << int(c.p.score_func) << " renorm=" << c.p.renormalize
+                                      << " groups=" << c.p.n_groups << "/" << c.p.topk_groups << " bias=" << c.bias
+                                      << " " << dtype_name(DTypeOf<In>::value));
     const size_t n = size_t(c.T * c.E);
     std::vector<In> logits = c.int_logits ? small_ints<In>(n, seed++) : uniform<In>(n, seed++, -4.f, 4.f);
     std::vector<float> bias = c.bias ? uniform<float>(size_t(c.E), seed++, -0.1f, 0.1f) : std::vector<float>{};
@@ -375,8 +374,7 @@ TEST(TopkGating, AllEqualLogitsPickTheFirstExperts) {
 TEST(TopkGating, GroupTiesGoToTheLowerGroup) {
   // 3 groups of 2 (sigmoid is monotonic, so logits order the scores). Group maxima: 0, 5, 5.
   std::vector<float> logits = {0.f, 0.f, 5.f, 1.f, 5.f, 3.f};
-  Gate<float> by_max =
-      run_topk(logits, 1, 6, make_params(1, ScoreFunc::kSigmoid, false, 1.0f, 3, 1, GroupScore::kMax));
+  Gate<float> by_max = run_topk(logits, 1, 6, make_params(1, ScoreFunc::kSigmoid, false, 1.0f, 3, 1, GroupScore::kMax));
   ASSERT_TRUE(by_max.status.ok());
   EXPECT_EQ(by_max.experts[0], 2);  // groups 1 and 2 tie on max: group 1 wins, its best is expert 2
   Gate<float> by_sum =
@@ -641,8 +639,7 @@ TEST(TopkGating, BackwardWithoutGradientsIsZero) {
 
 // Loss L(x) = <rw, weights(x)> + <rs, scores(x)>: the backward with (rw, rs) is dL/dx. Compared with
 // central differences in f64 (step 1e-6: truncation ~1e-12, rounding ~1e-10).
-void check_topk_gradient(const TopkGatingParams& p, int64_t T, int64_t E, bool with_bias, bool with_gs,
-                         uint32_t seed) {
+void check_topk_gradient(const TopkGatingParams& p, int64_t T, int64_t E, bool with_bias, bool with_gs, uint32_t seed) {
   SCOPED_TRACE(::testing::Message() << "T=" << T << " E=" << E << " K=" << p.top_k << " func=" << int(p.score_func)
                                     << " renorm=" << p.renormalize << " bias=" << with_bias
                                     << " grad_scores=" << with_gs << " groups=" << p.n_groups);
@@ -733,11 +730,10 @@ Choice<A> naive_expert_choice(const std::vector<A>& x, int64_t T, int64_t E, con
 }
 
 template <class A>
-std::vector<A> run_expert_choice_backward(Choice<A> fw, int64_t T, int64_t E, ExpertChoiceParams p,
-                                          std::vector<A> gw) {
+std::vector<A> run_expert_choice_backward(Choice<A> fw, int64_t T, int64_t E, ExpertChoiceParams p, std::vector<A> gw) {
   std::vector<A> gx(size_t(T * E), A(-7));
-  Status s = expert_choice_backward(Exec{}, p, view2d(fw.scores, T, E), view2d(fw.row_of, T, E),
-                                    view2d(gw, T, E), TensorView{}, view2d(gx, T, E));
+  Status s = expert_choice_backward(Exec{}, p, view2d(fw.scores, T, E), view2d(fw.row_of, T, E), view2d(gw, T, E),
+                                    TensorView{}, view2d(gx, T, E));
   EXPECT_TRUE(s.ok()) << s.message();
   return gx;
 }
@@ -753,11 +749,11 @@ void check_expert_choice_against_naive() {
   for (ScoreFunc f : {ScoreFunc::kSoftmax, ScoreFunc::kSigmoid}) {
     for (EC c : {EC{1, 1, 1}, EC{7, 7, 1}, EC{7, 7, 7}, EC{7, 3, 4, true}, EC{4097, 8, 1024}, EC{4097, 8, 5, true},
                  EC{100, 300, 17}, EC{33, 1, 33}}) {
-      SCOPED_TRACE(::testing::Message() << "T=" << c.T << " E=" << c.E << " C=" << c.C << " func=" << int(f)
-                                        << " " << dtype_name(DTypeOf<In>::value));
+      SCOPED_TRACE(::testing::Message() << "T=" << c.T << " E=" << c.E << " C=" << c.C << " func=" << int(f) << " "
+                                        << dtype_name(DTypeOf<In>::value));
       ExpertChoiceParams p{int32_t(c.C), f};
-      std::vector<In> x = c.ints ? small_ints<In>(size_t(c.T * c.E), seed++)
-                                 : uniform<In>(size_t(c.T * c.E), seed++, -3.f, 3.f);
+      std::vector<In> x =
+          c.ints ? small_ints<In>(size_t(c.T * c.E), seed++) : uniform<In>(size_t(c.T * c.E), seed++, -3.f, 3.f);
       Choice<A> got = run_expert_choice(x, c.T, c.E, p);
       ASSERT_TRUE(got.status.ok()) << got.status.message();
       Choice<A> want = naive_expert_choice(to_acc_vec(x), c.T, c.E, p);
@@ -892,8 +888,8 @@ TEST(LoadBalancingLoss, ForwardMatchesNaive) {
     Gate<float> g = run_topk(logits, T, E, p);
     ASSERT_TRUE(g.status.ok());
     float loss = -1.f;
-    Status st = load_balancing_loss_forward(Exec{}, view2d(g.scores, T, E), view2d(g.experts, T, K),
-                                            make_view(&loss, {1}));
+    Status st =
+        load_balancing_loss_forward(Exec{}, view2d(g.scores, T, E), view2d(g.experts, T, K), make_view(&loss, {1}));
     ASSERT_TRUE(st.ok()) << st.message();
     const double want = naive_lb_loss(g.scores, g.experts, T, E, K);
     EXPECT_NEAR(loss, want, 1e-5 * std::fabs(want) + 1e-6);
@@ -962,13 +958,12 @@ TEST(LoadBalancingLoss, BadArgumentsAreRejected) {
   EXPECT_TRUE(fails_naming(
       load_balancing_loss_forward(Exec{}, view2d(probs, T, E), view2d(ex, T, K), make_view(&loss64, {})), "loss"));
   EXPECT_TRUE(fails_naming(
-      load_balancing_loss_forward(Exec{}, view2d(probs, T, E), view2d(ex, T - 1, K), make_view(loss, {})),
-      "experts"));
+      load_balancing_loss_forward(Exec{}, view2d(probs, T, E), view2d(ex, T - 1, K), make_view(loss, {})), "experts"));
+  EXPECT_TRUE(fails_naming(load_balancing_loss_forward(Exec{}, view2d(ex, T, K), view2d(ex, T, K), make_view(loss, {})),
+                           "probs"));
   EXPECT_TRUE(fails_naming(
-      load_balancing_loss_forward(Exec{}, view2d(ex, T, K), view2d(ex, T, K), make_view(loss, {})), "probs"));
-  EXPECT_TRUE(fails_naming(load_balancing_loss_backward(Exec{}, view2d(probs, T, E), view2d(ex, T, K),
-                                                        TensorView{}, view2d(grad, T, E)),
-                           "grad_loss"));
+      load_balancing_loss_backward(Exec{}, view2d(probs, T, E), view2d(ex, T, K), TensorView{}, view2d(grad, T, E)),
+      "grad_loss"));
   EXPECT_TRUE(fails_naming(load_balancing_loss_backward(Exec{}, view2d(probs, T, E), view2d(ex, T, K),
                                                         make_view(&gl, {}), view2d(grad, T, E - 1)),
                            "grad_probs"));
@@ -1040,8 +1035,8 @@ TEST(ZLoss, BadArgumentsAndDeterminism) {
   ASSERT_TRUE(z_loss_forward(Exec{}, view2d(x, T, E), make_view(&loss2, {})).ok());
   cpu::set_num_threads(threads);
   EXPECT_EQ(std::memcmp(&loss1, &loss2, sizeof(float)), 0);
-  EXPECT_TRUE(fails_naming(z_loss_backward(Exec{}, view2d(x, T, E), make_view(&gl64, {}), view2d(grad, T, E)),
-                           "grad_loss"));
+  EXPECT_TRUE(
+      fails_naming(z_loss_backward(Exec{}, view2d(x, T, E), make_view(&gl64, {}), view2d(grad, T, E)), "grad_loss"));
   EXPECT_TRUE(fails_naming(z_loss_backward(Exec{}, view2d(x, T, E), make_view(&gl, {}), view2d(grad, T, E - 1)),
                            "grad_logits"));
   EXPECT_TRUE(fails_naming(z_loss_forward(Exec{}, view2d(x, T, E), TensorView{}), "loss"));
@@ -1078,8 +1073,8 @@ TEST(BalancingBiasUpdate, BadArgumentsAreRejected) {
 
 // grad_logits from a full Jacobian of the score function, written out in the test:
 // softmax  d s_i / d x_j = s_i (delta_ij - s_j);  sigmoid  d s_i / d x_j = delta_ij s_i (1 - s_i).
-std::vector<double> jacobian_backward(const std::vector<double>& s, const std::vector<double>& g, int64_t T,
-                                      int64_t E, ScoreFunc f) {
+std::vector<double> jacobian_backward(const std::vector<double>& s, const std::vector<double>& g, int64_t T, int64_t E,
+                                      ScoreFunc f) {
   std::vector<double> dx(size_t(T * E), 0.0);
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t j = 0; j < E; ++j) {
@@ -1141,18 +1136,18 @@ TEST(ExpertChoice, BackwardAddsGradScoresAndTakesEitherInputAbsent) {
   // grad_scores is checked like grad_weights.
   std::vector<float> s(size_t(T * E), 0.2f), gl(size_t(T * E)), bad(size_t(T * (E + 1)));
   std::vector<int32_t> ro(size_t(T * E), -1);
-  EXPECT_TRUE(fails_naming(expert_choice_backward(Exec{}, ExpertChoiceParams{int32_t(C), ScoreFunc::kSoftmax},
-                                                  view2d(s, T, E), view2d(ro, T, E), TensorView{},
-                                                  view2d(bad, T, E + 1), view2d(gl, T, E)),
-                           "grad_scores"));
+  EXPECT_TRUE(
+      fails_naming(expert_choice_backward(Exec{}, ExpertChoiceParams{int32_t(C), ScoreFunc::kSoftmax}, view2d(s, T, E),
+                                          view2d(ro, T, E), TensorView{}, view2d(bad, T, E + 1), view2d(gl, T, E)),
+                   "grad_scores"));
 }
 
 // ---- router-loss workspace queries (SPEC B) --------------------------------------------------------
 
 TEST(RouterLossWorkspace, QueriesFollowTheFormula) {
   auto align256 = [](int64_t b) { return (b + 255) / 256 * 256; };
-  for (int64_t T : {int64_t(0), int64_t(1), int64_t(255), int64_t(256), int64_t(65536), int64_t(65537),
-                    int64_t(1) << 20}) {
+  for (int64_t T :
+       {int64_t(0), int64_t(1), int64_t(255), int64_t(256), int64_t(65536), int64_t(65537), int64_t(1) << 20}) {
     for (int64_t E : {int64_t(0), int64_t(1), int64_t(8), int64_t(257)}) {
       const int64_t chunk = T <= 65536 ? 256 : (T + 255) / 256;
       const int64_t nb = T == 0 ? 0 : (T + chunk - 1) / chunk;
@@ -1179,10 +1174,9 @@ TEST(RouterLossWorkspace, CheckedWhenGivenAndIgnoredByTheCpu) {
   ASSERT_TRUE(z_loss_backward(Exec{}, pv, make_view(gl.data(), {1}), view2d(grad, T, E), wv).ok());
   // Given but too small, or not bytes: named.
   const TensorView small = make_view(static_cast<void*>(ws.data()), DType::kU8, {8});
-  EXPECT_TRUE(fails_naming(load_balancing_loss_forward(Exec{}, pv, ev, make_view(loss.data(), {1}), small),
-                           "workspace"));
-  EXPECT_TRUE(fails_naming(z_loss_forward(Exec{}, pv, make_view(loss.data(), {1}), view2d(probs, T, E)),
-                           "workspace"));
+  EXPECT_TRUE(
+      fails_naming(load_balancing_loss_forward(Exec{}, pv, ev, make_view(loss.data(), {1}), small), "workspace"));
+  EXPECT_TRUE(fails_naming(z_loss_forward(Exec{}, pv, make_view(loss.data(), {1}), view2d(probs, T, E)), "workspace"));
   // The emulated CUDA backend needs it: absent is an error there.
   Exec simt;
   simt.backend = Backend::kSimt;

@@ -47,7 +47,8 @@ std::vector<T> naive_wgrad(const std::vector<T>& a, const std::vector<T>& b, con
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) {
         double s = 0;
-        for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) s += double(to_acc(a[r * M + m])) * double(to_acc(b[r * N + n]));
+        for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r)
+          s += double(to_acc(a[r * M + m])) * double(to_acc(b[r * N + n]));
         c[(e * M + m) * N + n] = from_acc<T>(typename AccOf<T>::type(s));
       }
   return c;
@@ -56,10 +57,14 @@ std::vector<T> naive_wgrad(const std::vector<T>& a, const std::vector<T>& b, con
 double naive_act(Activation act, double g, double u) {
   const double gelu = 0.5 * g * (1.0 + std::erf(g / std::sqrt(2.0)));
   switch (act) {
-    case Activation::kSwiGLU: return g / (1.0 + std::exp(-g)) * u;
-    case Activation::kGeGLU: return gelu * u;
-    case Activation::kGELU: return gelu;
-    case Activation::kReLU: return g > 0 ? g : 0;
+    case Activation::kSwiGLU:
+      return g / (1.0 + std::exp(-g)) * u;
+    case Activation::kGeGLU:
+      return gelu * u;
+    case Activation::kGELU:
+      return gelu;
+    case Activation::kReLU:
+      return g > 0 ? g : 0;
   }
   return 0;
 }
@@ -70,10 +75,22 @@ void naive_act_grad(Activation act, double g, double u, double* dg, double* du) 
   const double cdf = 0.5 * (1.0 + std::erf(g / std::sqrt(2.0)));
   const double pdf = std::exp(-0.5 * g * g) / std::sqrt(2.0 * M_PI);
   switch (act) {
-    case Activation::kSwiGLU: *dg = u * (s + g * s * (1 - s)); *du = g * s; break;
-    case Activation::kGeGLU: *dg = u * (cdf + g * pdf); *du = g * cdf; break;
-    case Activation::kGELU: *dg = cdf + g * pdf; *du = 0; break;
-    case Activation::kReLU: *dg = g > 0 ? 1 : 0; *du = 0; break;
+    case Activation::kSwiGLU:
+      *dg = u * (s + g * s * (1 - s));
+      *du = g * s;
+      break;
+    case Activation::kGeGLU:
+      *dg = u * (cdf + g * pdf);
+      *du = g * cdf;
+      break;
+    case Activation::kGELU:
+      *dg = cdf + g * pdf;
+      *du = 0;
+      break;
+    case Activation::kReLU:
+      *dg = g > 0 ? 1 : 0;
+      *du = 0;
+      break;
   }
 }
 
@@ -106,11 +123,15 @@ std::vector<int64_t> make_counts(const std::string& kind, int64_t R, int64_t E) 
   return c;
 }
 
-template <class T> std::vector<T> nan_filled(size_t n) {
+template <class T>
+std::vector<T> nan_filled(size_t n) {
   return std::vector<T>(n, from_acc<T>(std::numeric_limits<typename AccOf<T>::type>::quiet_NaN()));
 }
 
-template <class T> bool is_nan(T v) { return std::isnan(double(to_acc(v))); }
+template <class T>
+bool is_nan(T v) {
+  return std::isnan(double(to_acc(v)));
+}
 
 // cpu::set_num_threads restarts the pool's workers, and a restarted worker re-runs the last job it
 // remembers (Pool::resize keeps generation_ but the new worker starts from seen = 0). A one-chunk job
@@ -120,7 +141,8 @@ void set_threads(int n) {
   cpu::set_num_threads(n);
 }
 
-template <class T> class GemmTyped : public ::testing::Test {};
+template <class T>
+class GemmTyped : public ::testing::Test {};
 using FloatTypes = ::testing::Types<float, double, bf16_t, f16_t>;
 TYPED_TEST_SUITE(GemmTyped, FloatTypes);
 
@@ -134,9 +156,9 @@ void check_grouped_gemm_against_naive() {
     const char* counts;
   };
   const Case cases[] = {
-      {0, 3, 5, 4, "even"},    {1, 1, 3, 5, "even"},     {7, 7, 9, 6, "even"},     {7, 3, 4, 5, "one"},
-      {4097, 7, 8, 12, "skewed"}, {4097, 1, 5, 3, "even"}, {600, 300, 3, 2, "gaps"}, {300, 300, 2, 3, "even"},
-      {65, 4, 0, 5, "even"},   // Kd = 0: c must be zeros
+      {0, 3, 5, 4, "even"},         {1, 1, 3, 5, "even"},       {7, 7, 9, 6, "even"},
+      {7, 3, 4, 5, "one"},          {4097, 7, 8, 12, "skewed"}, {4097, 1, 5, 3, "even"},
+      {600, 300, 3, 2, "gaps"},     {300, 300, 2, 3, "even"},   {65, 4, 0, 5, "even"},  // Kd = 0: c must be zeros
       {530, 3, 300, 150, "skewed"},  // several row tiles and a split of the columns
       {40, 2, 1100, 40, "even"},     // a reduction longer than one K block of the bf16 path
   };
@@ -154,8 +176,8 @@ void check_grouped_gemm_against_naive() {
       GroupedGemmParams p;
       p.trans_b = trans_b;
       const auto bv = trans_b ? make_view(b.data(), {cs.E, cs.N, cs.Kd}) : make_view(b.data(), {cs.E, cs.Kd, cs.N});
-      Status s = grouped_gemm(Exec{}, p, make_view(a.data(), {cs.R, cs.Kd}), bv,
-                              make_view(offsets.data(), {cs.E + 1}), make_view(c.data(), {cs.R, cs.N}));
+      Status s = grouped_gemm(Exec{}, p, make_view(a.data(), {cs.R, cs.Kd}), bv, make_view(offsets.data(), {cs.E + 1}),
+                              make_view(c.data(), {cs.R, cs.N}));
       ASSERT_TRUE(s.ok()) << s.message();
       EXPECT_TRUE(all_close(c, want, dt));
     }
@@ -174,7 +196,8 @@ TYPED_TEST(GemmTyped, GroupedGemmLeavesRowsPastSegmentsUntouched) {
   av.strides[0] = lda;
   TensorView cv = make_view(c.data(), {R, N});
   cv.strides[0] = ldc;
-  ASSERT_TRUE(grouped_gemm(Exec{}, {}, av, make_view(b.data(), {E, N, Kd}), make_view(offsets.data(), {E + 1}), cv).ok());
+  ASSERT_TRUE(
+      grouped_gemm(Exec{}, {}, av, make_view(b.data(), {E, N, Kd}), make_view(offsets.data(), {E + 1}), cv).ok());
   for (int64_t r = 0; r < R; ++r)
     for (int64_t n = 0; n < ldc; ++n) {
       const bool written = r < 10 && n < N;
@@ -199,7 +222,7 @@ void check_wgrad_against_naive() {
     const char* counts;
   };
   const Case cases[] = {
-      {0, 3, 4, 5, "even"},  {1, 1, 3, 2, "even"},   {7, 7, 5, 6, "gaps"},   {7, 4, 3, 3, "one"},
+      {0, 3, 4, 5, "even"},      {1, 1, 3, 2, "even"},     {7, 7, 5, 6, "gaps"},         {7, 4, 3, 3, "one"},
       {4097, 7, 5, 4, "skewed"}, {600, 300, 2, 3, "gaps"}, {900, 3, 300, 140, "skewed"},
   };
   for (const Case& cs : cases) {
@@ -279,7 +302,8 @@ TEST(GemmBlocked, MatchesNaiveForAllTransposes) {
       for (int64_t m = 0; m < M; ++m)
         for (int64_t n = 0; n < N; ++n) {
           double s = 0;
-          for (int64_t k = 0; k < K; ++k) s += double(ta ? a[k * M + m] : a[m * K + k]) * double(tb ? b[n * K + k] : b[k * N + n]);
+          for (int64_t k = 0; k < K; ++k)
+            s += double(ta ? a[k * M + m] : a[m * K + k]) * double(tb ? b[n * K + k] : b[k * N + n]);
           want[m * N + n] = float(s);
         }
       cpu::gemm_blocked<float>(ta, tb, M, N, K, a.data(), ta ? M : K, b.data(), tb ? K : N, c.data(), N);
@@ -324,7 +348,8 @@ std::vector<float> run_sgemm_avx512(const GemmForm& f, int64_t M, int64_t N, int
   std::vector<float> cp(size_t(M * ldc), std::nanf("")), c(size_t(M * N));
   cpu::sgemm_avx512(f.trans_a, f.trans_b, M, N, K, ap.data(), lda, bp.data(), ldb, cp.data(), ldc);
   for (int64_t m = 0; m < M; ++m) {
-    for (int64_t n = N; n < ldc; ++n) EXPECT_TRUE(std::isnan(cp[m * ldc + n])) << "padding written at " << m << "," << n;
+    for (int64_t n = N; n < ldc; ++n)
+      EXPECT_TRUE(std::isnan(cp[m * ldc + n])) << "padding written at " << m << "," << n;
     std::copy_n(cp.begin() + m * ldc, N, c.begin() + m * N);
   }
   return c;
@@ -343,7 +368,7 @@ std::vector<float> naive_gemm(const GemmForm& f, int64_t M, int64_t N, int64_t K
   return c;
 }
 
-#define SKIP_WITHOUT_AVX512F()                                                                  \
+#define SKIP_WITHOUT_AVX512F() \
   if (!cpu::sgemm_avx512_supported()) GTEST_SKIP() << "this CPU has no AVX-512F: OpenBLAS runs f32"
 
 TEST(GemmAvx512, SmallIntegersBitwiseOnAwkwardShapes) {
@@ -457,11 +482,14 @@ TEST(GemmAvx512, GroupedOpsBitwiseIdenticalAcrossThreadCounts) {
     std::vector<float> c(size_t(R * N)), d(size_t(R * Kd)), w(size_t(E * Kd * N));
     const auto O = make_view(offsets.data(), {E + 1});
     EXPECT_TRUE(grouped_gemm(Exec{}, {}, make_view(a.data(), {R, Kd}), make_view(b.data(), {E, N, Kd}), O,
-                             make_view(c.data(), {R, N})).ok());
+                             make_view(c.data(), {R, N}))
+                    .ok());
     EXPECT_TRUE(grouped_gemm(Exec{}, GroupedGemmParams{false}, make_view(c.data(), {R, N}),
-                             make_view(b.data(), {E, N, Kd}), O, make_view(d.data(), {R, Kd})).ok());
+                             make_view(b.data(), {E, N, Kd}), O, make_view(d.data(), {R, Kd}))
+                    .ok());
     EXPECT_TRUE(grouped_gemm_wgrad(Exec{}, make_view(a.data(), {R, Kd}), make_view(c.data(), {R, N}), O,
-                                   make_view(w.data(), {E, Kd, N})).ok());
+                                   make_view(w.data(), {E, Kd, N}))
+                    .ok());
     c.insert(c.end(), d.begin(), d.end());
     c.insert(c.end(), w.begin(), w.end());
     return c;
@@ -519,11 +547,12 @@ TEST(Activation, SwigluVectorLanesAndTailAgreeBitwise) {
   const int64_t F = 17;
   const float probe[] = {0.f, -0.f, 1e-3f, -2.5f, 3.75f, 20.f, -20.f, 90.f, -90.f, 1e30f, -1e30f, 0.3333f};
   for (float v : probe) {
-    std::vector<float> in(static_cast<size_t>(2 * F), 1.5f), out(static_cast<size_t>(F)), go(static_cast<size_t>(F), -0.75f), gi(static_cast<size_t>(2 * F));
+    std::vector<float> in(static_cast<size_t>(2 * F), 1.5f), out(static_cast<size_t>(F)),
+        go(static_cast<size_t>(F), -0.75f), gi(static_cast<size_t>(2 * F));
     in[0] = in[16] = v;  // lane 0 of the vector block and the tail element
-    ASSERT_TRUE(activation_forward(Exec{}, Activation::kSwiGLU, make_view(in.data(), {1, 2 * F}),
-                                   make_view(out.data(), {1, F}))
-                    .ok());
+    ASSERT_TRUE(
+        activation_forward(Exec{}, Activation::kSwiGLU, make_view(in.data(), {1, 2 * F}), make_view(out.data(), {1, F}))
+            .ok());
     ASSERT_TRUE(activation_backward(Exec{}, Activation::kSwiGLU, make_view(in.data(), {1, 2 * F}),
                                     make_view(go.data(), {1, F}), make_view(gi.data(), {1, 2 * F}))
                     .ok());
@@ -591,11 +620,14 @@ TEST(GemmErrors, GroupedGemmRejectsBadArguments) {
   nt.trans_b = false;
   expect_invalid(grouped_gemm(ex, nt, A, B, O, C), "argument 'b': expected size(1) == 4");
   std::vector<int64_t> dec = {0, 2, 1};
-  expect_invalid(grouped_gemm(ex, p, A, B, make_view(dec.data(), {3}), C), "argument 'offsets': expected non-decreasing");
+  expect_invalid(grouped_gemm(ex, p, A, B, make_view(dec.data(), {3}), C),
+                 "argument 'offsets': expected non-decreasing");
   std::vector<int64_t> big = {0, 1, 4};
-  expect_invalid(grouped_gemm(ex, p, A, B, make_view(big.data(), {3}), C), "argument 'offsets': expected offsets[E] <= R");
+  expect_invalid(grouped_gemm(ex, p, A, B, make_view(big.data(), {3}), C),
+                 "argument 'offsets': expected offsets[E] <= R");
   std::vector<int64_t> neg = {-1, 1, 3};
-  expect_invalid(grouped_gemm(ex, p, A, B, make_view(neg.data(), {3}), C), "argument 'offsets': expected offsets[0] >= 0");
+  expect_invalid(grouped_gemm(ex, p, A, B, make_view(neg.data(), {3}), C),
+                 "argument 'offsets': expected offsets[0] >= 0");
   TensorView strided = C;
   strided.strides[1] = 2;
   expect_invalid(grouped_gemm(ex, p, A, B, O, strided), "argument 'c': expected dense rows");
@@ -619,7 +651,8 @@ TEST(GemmErrors, WgradAndActivationRejectBadArguments) {
   EXPECT_TRUE(grouped_gemm_wgrad(ex, A, B, O, make_view(c.data(), {2, 4, 5})).ok());
   expect_invalid(grouped_gemm_wgrad(ex, A, make_view(b.data(), {5, 3}), O, make_view(c.data(), {2, 4, 5})),
                  "argument 'b': expected size(0) == 3");
-  expect_invalid(grouped_gemm_wgrad(ex, A, B, O, make_view(c.data(), {2, 5, 4})), "argument 'c': expected size(1) == 4");
+  expect_invalid(grouped_gemm_wgrad(ex, A, B, O, make_view(c.data(), {2, 5, 4})),
+                 "argument 'c': expected size(1) == 4");
   expect_invalid(grouped_gemm_wgrad(ex, A, B, O, make_view(c.data(), {40})), "argument 'c': expected 3-D");
   expect_invalid(grouped_gemm_wgrad(ex, A, B, make_view(off.data(), {2}), make_view(c.data(), {2, 4, 5})),
                  "argument 'c': expected size(0) == 1");
@@ -635,8 +668,9 @@ TEST(GemmErrors, WgradAndActivationRejectBadArguments) {
   expect_invalid(activation_backward(ex, Activation::kSwiGLU, IN, OUT, make_view(gi.data(), {3, 4})),
                  "argument 'grad_in': expected size(1) == 8");
   std::vector<double> od(12);
-  expect_invalid(activation_backward(ex, Activation::kSwiGLU, IN, make_view(od.data(), {3, 4}), make_view(gi.data(), {3, 8})),
-                 "argument 'grad_out': expected dtype f32");
+  expect_invalid(
+      activation_backward(ex, Activation::kSwiGLU, IN, make_view(od.data(), {3, 4}), make_view(gi.data(), {3, 8})),
+      "argument 'grad_out': expected dtype f32");
 }
 
 }  // namespace

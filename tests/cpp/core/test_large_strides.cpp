@@ -112,9 +112,9 @@ TEST(LargeStrides, CombineBackwardReadsTheRightGradientRows) {
                                  make_view(w.data(), {T, K}), make_view(row_of.data(), {T, K}),
                                  make_view(gys_want.data(), {R, H}), make_view(gw_want.data(), {T, K}))
                     .ok());
-    const Status s = combine_backward(x, m.view(), make_view(ys.data(), {R, H}), make_view(w.data(), {T, K}),
-                                      make_view(row_of.data(), {T, K}), make_view(gys.data(), {R, H}),
-                                      make_view(gw.data(), {T, K}));
+    const Status s =
+        combine_backward(x, m.view(), make_view(ys.data(), {R, H}), make_view(w.data(), {T, K}),
+                         make_view(row_of.data(), {T, K}), make_view(gys.data(), {R, H}), make_view(gw.data(), {T, K}));
     ASSERT_TRUE(s.ok()) << s.message();
     EXPECT_TRUE(testing::bitwise_equal(gys, gys_want)) << "backend " << int(b);
     EXPECT_TRUE(testing::bitwise_equal(gw, gw_want)) << "backend " << int(b);
@@ -150,7 +150,8 @@ TEST(LargeStrides, GatingReadsTheRightLogitRows) {
     const ExpertChoiceParams ep{1, ScoreFunc::kSigmoid};
     auto choose = [&](const TensorView& logits, std::vector<float>& sc, std::vector<int32_t>& tk,
                       std::vector<int32_t>& ro, std::vector<float>& wt) {
-      sc.assign(size_t(T * E), 0.f), tk.assign(size_t(E), -1), ro.assign(size_t(T * E), -2), wt.assign(size_t(T * E), 0.f);
+      sc.assign(size_t(T * E), 0.f), tk.assign(size_t(E), -1), ro.assign(size_t(T * E), -2),
+          wt.assign(size_t(T * E), 0.f);
       return expert_choice_forward(x, ep, logits, make_view(sc.data(), {T, E}), make_view(tk.data(), {E, 1}),
                                    make_view(ro.data(), {T, E}), make_view(wt.data(), {T, E}));
     };

@@ -52,16 +52,26 @@ Plan make_plan(int64_t T, int64_t K, int64_t E, bool drop_last = false, bool one
   return p;
 }
 
-template <class T> T rnd(double v) { return from_acc<T>(typename AccOf<T>::type(v)); }
-template <class T> double val(T v) { return double(to_acc(v)); }
+template <class T>
+T rnd(double v) {
+  return from_acc<T>(typename AccOf<T>::type(v));
+}
+template <class T>
+double val(T v) {
+  return double(to_acc(v));
+}
 
 double act_fn(Activation a, double g, double u) {
   const double gelu = 0.5 * g * (1.0 + std::erf(g / std::sqrt(2.0)));
   switch (a) {
-    case Activation::kSwiGLU: return g / (1.0 + std::exp(-g)) * u;
-    case Activation::kGeGLU: return gelu * u;
-    case Activation::kGELU: return gelu;
-    case Activation::kReLU: return g > 0 ? g : 0;
+    case Activation::kSwiGLU:
+      return g / (1.0 + std::exp(-g)) * u;
+    case Activation::kGeGLU:
+      return gelu * u;
+    case Activation::kGELU:
+      return gelu;
+    case Activation::kReLU:
+      return g > 0 ? g : 0;
   }
   return 0;
 }
@@ -83,7 +93,8 @@ void naive_row(Activation a, const T* xr, const T* w1e, const T* w2e, int64_t H,
   }
 }
 
-template <class T> std::vector<T> nans(size_t n) {
+template <class T>
+std::vector<T> nans(size_t n) {
   return std::vector<T>(n, rnd<T>(std::numeric_limits<double>::quiet_NaN()));
 }
 
@@ -131,13 +142,15 @@ struct MlpCase {
     return expert_mlp_backward(Exec{}, p, make_view(const_cast<T*>(g.data()), {R, H}), make_view(x.data(), {T_, H}),
                                make_view(plan.token_of_row.data(), {R}), make_view(plan.row_of.data(), {T_, plan.K}),
                                make_view(plan.offsets.data(), {E + 1}), make_view(w1.data(), {E, F1, H}),
-                               make_view(w2.data(), {E, H, F}), make_view(pre.data(), {R, F1}), make_view(act.data(), {R, F}),
-                               make_view(gx.data(), {T_, H}), make_view(gw1.data(), {E, F1, H}),
-                               make_view(gw2.data(), {E, H, F}), make_view(ws.data(), {int64_t(ws.size())}));
+                               make_view(w2.data(), {E, H, F}), make_view(pre.data(), {R, F1}),
+                               make_view(act.data(), {R, F}), make_view(gx.data(), {T_, H}),
+                               make_view(gw1.data(), {E, F1, H}), make_view(gw2.data(), {E, H, F}),
+                               make_view(ws.data(), {int64_t(ws.size())}));
   }
 };
 
-template <class T> class MlpTyped : public ::testing::Test {};
+template <class T>
+class MlpTyped : public ::testing::Test {};
 using FloatTypes = ::testing::Types<float, double, bf16_t, f16_t>;
 TYPED_TEST_SUITE(MlpTyped, FloatTypes);
 
@@ -148,8 +161,8 @@ TYPED_TEST(MlpTyped, ExpertMlpForwardMatchesNaive) {
     int64_t T, K, E;
     bool drop_last, one_expert;
   };
-  const Shape shapes[] = {{0, 2, 3, false, false},  {1, 1, 1, false, false},   {7, 2, 7, false, false},
-                          {7, 3, 7, true, false},   {4097, 2, 7, false, false}, {50, 2, 300, false, false},
+  const Shape shapes[] = {{0, 2, 3, false, false}, {1, 1, 1, false, false},    {7, 2, 7, false, false},
+                          {7, 3, 7, true, false},  {4097, 2, 7, false, false}, {50, 2, 300, false, false},
                           {33, 1, 5, false, true}};
   for (const Shape& s : shapes) {
     for (Activation a : {Activation::kSwiGLU, Activation::kGeGLU, Activation::kGELU, Activation::kReLU}) {
@@ -199,10 +212,20 @@ void naive_backward(const MlpCase<T>& c, const std::vector<T>& g, std::vector<T>
       const double pdf = std::exp(-0.5 * x * x) / std::sqrt(2 * M_PI);
       double dg = 0, du = 0;
       switch (c.a) {
-        case Activation::kSwiGLU: dg = u * s * (1 + x * (1 - s)); du = x * s; break;
-        case Activation::kGeGLU: dg = u * (cdf + x * pdf); du = x * cdf; break;
-        case Activation::kGELU: dg = cdf + x * pdf; break;
-        case Activation::kReLU: dg = x > 0; break;
+        case Activation::kSwiGLU:
+          dg = u * s * (1 + x * (1 - s));
+          du = x * s;
+          break;
+        case Activation::kGeGLU:
+          dg = u * (cdf + x * pdf);
+          du = x * cdf;
+          break;
+        case Activation::kGELU:
+          dg = cdf + x * pdf;
+          break;
+        case Activation::kReLU:
+          dg = x > 0;
+          break;
       }
       gpre[j] = val(rnd<T>(ga * dg));
       if (is_gated(c.a)) gpre[F + j] = val(rnd<T>(ga * du));
@@ -350,13 +373,12 @@ struct SharedCase {
     gw2 = nans<T>(size_t(H * F));
     ggw = nans<T>(size_t(H));
     std::vector<uint8_t> ws(size_t(shared_expert_workspace_bytes(params(), DTypeOf<T>::value, T_, H, F)), 0xff);
-    return shared_expert_backward(Exec{}, params(), make_view(const_cast<T*>(gy.data()), {T_, H}), make_view(x.data(), {T_, H}),
-                                  make_view(w1.data(), {F1, H}), make_view(w2.data(), {H, F}), gate_w(),
-                                  make_view(pre.data(), {T_, F1}), make_view(act.data(), {T_, F}),
-                                  make_view(out.data(), {T_, H}), make_view(gate.data(), {T_}),
-                                  make_view(gx.data(), {T_, H}), make_view(gw1.data(), {F1, H}),
-                                  make_view(gw2.data(), {H, F}), gated ? make_view(ggw.data(), {H}) : TensorView{},
-                                  make_view(ws.data(), {int64_t(ws.size())}));
+    return shared_expert_backward(
+        Exec{}, params(), make_view(const_cast<T*>(gy.data()), {T_, H}), make_view(x.data(), {T_, H}),
+        make_view(w1.data(), {F1, H}), make_view(w2.data(), {H, F}), gate_w(), make_view(pre.data(), {T_, F1}),
+        make_view(act.data(), {T_, F}), make_view(out.data(), {T_, H}), make_view(gate.data(), {T_}),
+        make_view(gx.data(), {T_, H}), make_view(gw1.data(), {F1, H}), make_view(gw2.data(), {H, F}),
+        gated ? make_view(ggw.data(), {H}) : TensorView{}, make_view(ws.data(), {int64_t(ws.size())}));
   }
 };
 
@@ -377,7 +399,8 @@ TYPED_TEST(MlpTyped, SharedExpertForwardMatchesNaive) {
         for (int64_t h = 0; h < c.H; ++h) z += val(c.x[t * c.H + h]) * val(c.gw[h]);
         const double gate = gated ? 1 / (1 + std::exp(-z)) : 1.0;
         EXPECT_NEAR(double(c.gate[t]), gate, tolerance_for(dt == DType::kF64 ? dt : DType::kF32).atol * 10);
-        for (int64_t h = 0; h < c.H; ++h) want[t * c.H + h] = rnd<T>(val(y0[t * c.H + h]) + gate * val(out[t * c.H + h]));
+        for (int64_t h = 0; h < c.H; ++h)
+          want[t * c.H + h] = rnd<T>(val(y0[t * c.H + h]) + gate * val(out[t * c.H + h]));
       }
       EXPECT_TRUE(all_close(c.out, out, dt));
       EXPECT_TRUE(all_close(c.y, want, dt));
@@ -473,15 +496,16 @@ TEST(MlpErrors, RejectBadArguments) {
 
   std::vector<float> g(size_t(R * H)), gx(size_t(T_ * H)), gw1(c.w1.size()), gw2(c.w2.size());
   std::vector<uint8_t> small(16);
-  expect_invalid(expert_mlp_backward(ex, p, make_view(g.data(), {R, H}), X, TOR,
-                                     make_view(c.plan.row_of.data(), {T_, 2}), O, W1, W2, PRE, ACT, make_view(gx.data(), {T_, H}), make_view(gw1.data(), {E, 2 * F, H}),
-                                     make_view(gw2.data(), {E, H, F}), make_view(small.data(), {16})),
-                 "argument 'workspace': expected at least");
-  expect_invalid(expert_mlp_backward(ex, p, make_view(g.data(), {R, H}), X, TOR,
-                                     make_view(c.plan.row_of.data(), {T_, 2}), O, W1, W2, PRE, ACT, make_view(gx.data(), {T_ - 1, H}),
-                                     make_view(gw1.data(), {E, 2 * F, H}), make_view(gw2.data(), {E, H, F}),
-                                     make_view(small.data(), {16})),
-                 "argument 'grad_x': expected size(0) == 7");
+  expect_invalid(
+      expert_mlp_backward(ex, p, make_view(g.data(), {R, H}), X, TOR, make_view(c.plan.row_of.data(), {T_, 2}), O, W1,
+                          W2, PRE, ACT, make_view(gx.data(), {T_, H}), make_view(gw1.data(), {E, 2 * F, H}),
+                          make_view(gw2.data(), {E, H, F}), make_view(small.data(), {16})),
+      "argument 'workspace': expected at least");
+  expect_invalid(
+      expert_mlp_backward(ex, p, make_view(g.data(), {R, H}), X, TOR, make_view(c.plan.row_of.data(), {T_, 2}), O, W1,
+                          W2, PRE, ACT, make_view(gx.data(), {T_ - 1, H}), make_view(gw1.data(), {E, 2 * F, H}),
+                          make_view(gw2.data(), {E, H, F}), make_view(small.data(), {16})),
+      "argument 'grad_x': expected size(0) == 7");
 
   SharedCase<float> s(Activation::kSwiGLU, 5, 4, 3, true, 92);
   std::vector<double> gate64(5);

@@ -15,7 +15,8 @@
 namespace smoe {
 namespace {
 
-template <class S> using Acc = typename AccOf<S>::type;
+template <class S>
+using Acc = typename AccOf<S>::type;
 
 // ---- layouts: which row each (t, k) went to ------------------------------------------------------
 
@@ -121,8 +122,7 @@ std::vector<S> ref_permute_backward(const std::vector<S>& gxs, const Layout& l, 
 }
 
 template <class S>
-std::vector<S> ref_combine_forward(const std::vector<S>& ys, const std::vector<Acc<S>>& w, const Layout& l,
-                                   int64_t H) {
+std::vector<S> ref_combine_forward(const std::vector<S>& ys, const std::vector<Acc<S>>& w, const Layout& l, int64_t H) {
   std::vector<S> y(l.T * H);
   for (int64_t t = 0; t < l.T; ++t) {
     for (int64_t h = 0; h < H; ++h) {
@@ -166,7 +166,8 @@ template <class S>
 std::vector<S> strided_matrix(int64_t rows, int64_t H, int64_t stride, uint32_t seed) {
   const auto dense = testing::uniform<S>(rows * H, seed);
   std::vector<S> m(std::max<int64_t>(rows * stride, 0), from_acc<S>(Acc<S>(std::numeric_limits<float>::quiet_NaN())));
-  for (int64_t i = 0; i < rows; ++i) std::copy(dense.begin() + i * H, dense.begin() + (i + 1) * H, m.begin() + i * stride);
+  for (int64_t i = 0; i < rows; ++i)
+    std::copy(dense.begin() + i * H, dense.begin() + (i + 1) * H, m.begin() + i * stride);
   return m;
 }
 
@@ -247,10 +248,9 @@ TYPED_TEST(PermuteTyped, CombineForwardMatchesReference) {
       const auto ys = testing::uniform<S>(l.R * H, 21);
       const auto w = testing::uniform<Acc<S>>(l.T * l.K, 22, 0.f, 1.f);
       std::vector<S> y(l.T * H, garbage<S>());
-      const Status s = combine_forward({}, make_view(const_cast<S*>(ys.data()), {l.R, H}),
-                                       make_view(const_cast<Acc<S>*>(w.data()), {l.T, l.K}),
-                                       make_view(const_cast<int32_t*>(l.row_of.data()), {l.T, l.K}),
-                                       make_view(y.data(), {l.T, H}));
+      const Status s = combine_forward(
+          {}, make_view(const_cast<S*>(ys.data()), {l.R, H}), make_view(const_cast<Acc<S>*>(w.data()), {l.T, l.K}),
+          make_view(const_cast<int32_t*>(l.row_of.data()), {l.T, l.K}), make_view(y.data(), {l.T, H}));
       ASSERT_TRUE(s.ok()) << s.message();
       EXPECT_TRUE(testing::all_close(y, ref_combine_forward(ys, w, l, H), dt)) << describe(l, H);
     }
@@ -346,7 +346,8 @@ TEST(CombineForward, SmallIntegersAreExact) {
   std::vector<float> y(l.T * H, 123.f);
   ASSERT_TRUE(combine_forward({}, make_view(const_cast<float*>(ys.data()), {l.R, H}),
                               make_view(const_cast<float*>(w.data()), {l.T, l.K}),
-                              make_view(const_cast<int32_t*>(l.row_of.data()), {l.T, l.K}), make_view(y.data(), {l.T, H}))
+                              make_view(const_cast<int32_t*>(l.row_of.data()), {l.T, l.K}),
+                              make_view(y.data(), {l.T, H}))
                   .ok());
   EXPECT_TRUE(testing::bitwise_equal(y, ref_combine_forward(ys, w, l, H)));
 }
@@ -382,7 +383,9 @@ void expect_every_pattern_rounds_like_from_acc() {
   std::iota(rof.begin(), rof.end(), 0);
   std::vector<float> ones(T, 1.f);
   std::vector<S> sum(T * H), scaled(T * H);
-  ASSERT_TRUE(permute_backward({}, make_view(x.data(), {T, H}), make_view(rof.data(), {T, 1}), make_view(sum.data(), {T, H})).ok());
+  ASSERT_TRUE(
+      permute_backward({}, make_view(x.data(), {T, H}), make_view(rof.data(), {T, 1}), make_view(sum.data(), {T, H}))
+          .ok());
   ASSERT_TRUE(combine_backward({}, make_view(x.data(), {T, H}), TensorView{}, make_view(ones.data(), {T, 1}),
                                make_view(rof.data(), {T, 1}), make_view(scaled.data(), {T, H}), TensorView{})
                   .ok());
@@ -420,19 +423,72 @@ TEST(PermuteForward, RejectsBadInputs) {
     Problem p;
     ASSERT_TRUE(permute_forward({}, p.x_v, p.tor_v, p.xs_v).ok());
   }
-  { Problem p; p.x_v = make_view(p.x.data(), {p.T * p.H}); expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'x': expected 2-D"); }
-  { Problem p; p.x_v.dtype = DType::kI32; expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'x': expected dtype f32, bf16, f16 or f64"); }
-  { Problem p; p.x_v.strides[1] = 2; expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'x': expected dense rows"); }
-  { Problem p; p.x_v.strides[0] = 2; expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'x': expected dense rows"); }
-  { Problem p; p.tor_v.dtype = DType::kI64; expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'token_of_row': expected dtype i32"); }
-  { Problem p; p.tor_v = make_view(p.tor.data(), {1, p.R}); expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'token_of_row': expected 1-D"); }
-  { Problem p; p.tor[3] = 3; expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'token_of_row': expected values in [-1, 3) (T = x.size(0)), got 3 at row 3"); }
-  { Problem p; p.tor[1] = -2; expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "got -2 at row 1"); }
-  { Problem p; p.xs_v.dtype = DType::kBF16; expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'xs': expected dtype f32"); }
-  { Problem p; p.xs_v = make_view(p.xs.data(), {p.R - 1, p.H}); expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'xs': expected size(0) == 5"); }
-  { Problem p; p.xs_v = make_view(p.xs.data(), {p.R, p.H - 1}); expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'xs': expected size(1) == 4"); }
-  { Problem p; p.xs_v.strides[0] = 5; expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'xs': expected a contiguous tensor"); }
-  { Problem p; p.xs_v.device = Device::kCUDA; expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'xs': expected a tensor on cpu"); }
+  {
+    Problem p;
+    p.x_v = make_view(p.x.data(), {p.T * p.H});
+    expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'x': expected 2-D");
+  }
+  {
+    Problem p;
+    p.x_v.dtype = DType::kI32;
+    expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'x': expected dtype f32, bf16, f16 or f64");
+  }
+  {
+    Problem p;
+    p.x_v.strides[1] = 2;
+    expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'x': expected dense rows");
+  }
+  {
+    Problem p;
+    p.x_v.strides[0] = 2;
+    expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'x': expected dense rows");
+  }
+  {
+    Problem p;
+    p.tor_v.dtype = DType::kI64;
+    expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'token_of_row': expected dtype i32");
+  }
+  {
+    Problem p;
+    p.tor_v = make_view(p.tor.data(), {1, p.R});
+    expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'token_of_row': expected 1-D");
+  }
+  {
+    Problem p;
+    p.tor[3] = 3;
+    expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v),
+                   "argument 'token_of_row': expected values in [-1, 3) (T = x.size(0)), got 3 at row 3");
+  }
+  {
+    Problem p;
+    p.tor[1] = -2;
+    expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "got -2 at row 1");
+  }
+  {
+    Problem p;
+    p.xs_v.dtype = DType::kBF16;
+    expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'xs': expected dtype f32");
+  }
+  {
+    Problem p;
+    p.xs_v = make_view(p.xs.data(), {p.R - 1, p.H});
+    expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'xs': expected size(0) == 5");
+  }
+  {
+    Problem p;
+    p.xs_v = make_view(p.xs.data(), {p.R, p.H - 1});
+    expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'xs': expected size(1) == 4");
+  }
+  {
+    Problem p;
+    p.xs_v.strides[0] = 5;
+    expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'xs': expected a contiguous tensor");
+  }
+  {
+    Problem p;
+    p.xs_v.device = Device::kCUDA;
+    expect_invalid(permute_forward({}, p.x_v, p.tor_v, p.xs_v), "argument 'xs': expected a tensor on cpu");
+  }
   {
     Problem p;
     Exec simt;
@@ -450,12 +506,38 @@ TEST(PermuteBackward, RejectsBadInputs) {
     Problem p;
     ASSERT_TRUE(permute_backward({}, p.xs_v, p.rof_v, p.x_v).ok());
   }
-  { Problem p; p.xs_v.strides[0] = 8; expect_invalid(permute_backward({}, p.xs_v, p.rof_v, p.x_v), "argument 'grad_xs': expected a contiguous tensor"); }
-  { Problem p; p.rof_v.dtype = DType::kF32; expect_invalid(permute_backward({}, p.xs_v, p.rof_v, p.x_v), "argument 'row_of': expected dtype i32"); }
-  { Problem p; p.rof[2] = 5; expect_invalid(permute_backward({}, p.xs_v, p.rof_v, p.x_v), "argument 'row_of': expected values in [-1, 5) (R = grad_xs.size(0)), got 5 at (t, k) = (1, 0)"); }
-  { Problem p; p.x_v = make_view(p.x.data(), {p.T, p.H - 1}); expect_invalid(permute_backward({}, p.xs_v, p.rof_v, p.x_v), "argument 'grad_x': expected size(1) == 4"); }
-  { Problem p; p.rof_v = make_view(p.rof.data(), {p.T - 1, p.K}); expect_invalid(permute_backward({}, p.xs_v, p.rof_v, p.x_v), "argument 'grad_x': expected size(0) == 2 (T = row_of.size(0))"); }
-  { Problem p; p.x_v.dtype = DType::kF16; expect_invalid(permute_backward({}, p.xs_v, p.rof_v, p.x_v), "argument 'grad_x': expected dtype f32"); }
+  {
+    Problem p;
+    p.xs_v.strides[0] = 8;
+    expect_invalid(permute_backward({}, p.xs_v, p.rof_v, p.x_v), "argument 'grad_xs': expected a contiguous tensor");
+  }
+  {
+    Problem p;
+    p.rof_v.dtype = DType::kF32;
+    expect_invalid(permute_backward({}, p.xs_v, p.rof_v, p.x_v), "argument 'row_of': expected dtype i32");
+  }
+  {
+    Problem p;
+    p.rof[2] = 5;
+    expect_invalid(permute_backward({}, p.xs_v, p.rof_v, p.x_v),
+                   "argument 'row_of': expected values in [-1, 5) (R = grad_xs.size(0)), got 5 at (t, k) = (1, 0)");
+  }
+  {
+    Problem p;
+    p.x_v = make_view(p.x.data(), {p.T, p.H - 1});
+    expect_invalid(permute_backward({}, p.xs_v, p.rof_v, p.x_v), "argument 'grad_x': expected size(1) == 4");
+  }
+  {
+    Problem p;
+    p.rof_v = make_view(p.rof.data(), {p.T - 1, p.K});
+    expect_invalid(permute_backward({}, p.xs_v, p.rof_v, p.x_v),
+                   "argument 'grad_x': expected size(0) == 2 (T = row_of.size(0))");
+  }
+  {
+    Problem p;
+    p.x_v.dtype = DType::kF16;
+    expect_invalid(permute_backward({}, p.xs_v, p.rof_v, p.x_v), "argument 'grad_x': expected dtype f32");
+  }
 }
 
 TEST(CombineForward, RejectsBadInputs) {
@@ -463,18 +545,51 @@ TEST(CombineForward, RejectsBadInputs) {
     Problem p;
     ASSERT_TRUE(combine_forward({}, p.xs_v, p.w_v, p.rof_v, p.y_v).ok());
   }
-  { Problem p; p.xs_v.dtype = DType::kU8; expect_invalid(combine_forward({}, p.xs_v, p.w_v, p.rof_v, p.y_v), "argument 'ys': expected dtype f32, bf16, f16 or f64"); }
-  { Problem p; p.w_v = make_view(p.wd.data(), {p.T, p.K}); expect_invalid(combine_forward({}, p.xs_v, p.w_v, p.rof_v, p.y_v), "argument 'weights': expected dtype f32"); }
-  { Problem p; p.w_v = make_view(p.w.data(), {p.K, p.T}); expect_invalid(combine_forward({}, p.xs_v, p.w_v, p.rof_v, p.y_v), "argument 'weights': expected size(0) == 3 (T = row_of.size(0))"); }
-  { Problem p; p.rof_v = make_view(p.rof.data(), {p.T * p.K}); expect_invalid(combine_forward({}, p.xs_v, p.w_v, p.rof_v, p.y_v), "argument 'row_of': expected 2-D"); }
-  { Problem p; p.rof[5] = -3; expect_invalid(combine_forward({}, p.xs_v, p.w_v, p.rof_v, p.y_v), "argument 'row_of': expected values in [-1, 5) (R = ys.size(0)), got -3 at (t, k) = (2, 1)"); }
-  { Problem p; p.y_v = make_view(p.y.data(), {p.T, 2}); expect_invalid(combine_forward({}, p.xs_v, p.w_v, p.rof_v, p.y_v), "argument 'y': expected size(1) == 4 (H = ys.size(1))"); }
-  { Problem p; p.y_v.strides[0] = 6; expect_invalid(combine_forward({}, p.xs_v, p.w_v, p.rof_v, p.y_v), "argument 'y': expected a contiguous tensor"); }
+  {
+    Problem p;
+    p.xs_v.dtype = DType::kU8;
+    expect_invalid(combine_forward({}, p.xs_v, p.w_v, p.rof_v, p.y_v),
+                   "argument 'ys': expected dtype f32, bf16, f16 or f64");
+  }
+  {
+    Problem p;
+    p.w_v = make_view(p.wd.data(), {p.T, p.K});
+    expect_invalid(combine_forward({}, p.xs_v, p.w_v, p.rof_v, p.y_v), "argument 'weights': expected dtype f32");
+  }
+  {
+    Problem p;
+    p.w_v = make_view(p.w.data(), {p.K, p.T});
+    expect_invalid(combine_forward({}, p.xs_v, p.w_v, p.rof_v, p.y_v),
+                   "argument 'weights': expected size(0) == 3 (T = row_of.size(0))");
+  }
+  {
+    Problem p;
+    p.rof_v = make_view(p.rof.data(), {p.T * p.K});
+    expect_invalid(combine_forward({}, p.xs_v, p.w_v, p.rof_v, p.y_v), "argument 'row_of': expected 2-D");
+  }
+  {
+    Problem p;
+    p.rof[5] = -3;
+    expect_invalid(combine_forward({}, p.xs_v, p.w_v, p.rof_v, p.y_v),
+                   "argument 'row_of': expected values in [-1, 5) (R = ys.size(0)), got -3 at (t, k) = (2, 1)");
+  }
+  {
+    Problem p;
+    p.y_v = make_view(p.y.data(), {p.T, 2});
+    expect_invalid(combine_forward({}, p.xs_v, p.w_v, p.rof_v, p.y_v),
+                   "argument 'y': expected size(1) == 4 (H = ys.size(1))");
+  }
+  {
+    Problem p;
+    p.y_v.strides[0] = 6;
+    expect_invalid(combine_forward({}, p.xs_v, p.w_v, p.rof_v, p.y_v), "argument 'y': expected a contiguous tensor");
+  }
   {  // f64 data takes f64 weights
     Problem p;
     std::vector<double> ys(p.R * p.H, 1.0), y(p.T * p.H);
-    expect_invalid(combine_forward({}, make_view(ys.data(), {p.R, p.H}), p.w_v, p.rof_v, make_view(y.data(), {p.T, p.H})),
-                   "argument 'weights': expected dtype f64");
+    expect_invalid(
+        combine_forward({}, make_view(ys.data(), {p.R, p.H}), p.w_v, p.rof_v, make_view(y.data(), {p.T, p.H})),
+        "argument 'weights': expected dtype f64");
     EXPECT_TRUE(combine_forward({}, make_view(ys.data(), {p.R, p.H}), make_view(p.wd.data(), {p.T, p.K}), p.rof_v,
                                 make_view(y.data(), {p.T, p.H}))
                     .ok());
@@ -488,26 +603,61 @@ TEST(CombineBackward, RejectsBadInputs) {
     std::vector<float> gys(p.R * p.H);
     ASSERT_TRUE(combine_backward({}, p.y_v, p.xs_v, p.w_v, p.rof_v, make_view(gys.data(), {p.R, p.H}), p.gw_v).ok());
   }
-  { Problem p; p.y_v.strides[1] = 3; expect_invalid(combine_backward({}, p.y_v, p.xs_v, p.w_v, p.rof_v, TensorView{}, p.gw_v), "argument 'grad_y': expected dense rows"); }
-  { Problem p; p.rof_v = make_view(p.rof.data(), {p.K, p.T}); expect_invalid(combine_backward({}, p.y_v, p.xs_v, p.w_v, p.rof_v, TensorView{}, p.gw_v), "argument 'row_of': expected size(0) == 3 (T = grad_y.size(0))"); }
-  { Problem p; expect_invalid(combine_backward({}, p.y_v, TensorView{}, p.w_v, p.rof_v, TensorView{}, p.gw_v), "argument 'ys': expected 2-D"); }
-  { Problem p; p.xs_v = make_view(p.xs.data(), {p.H, p.R}); expect_invalid(combine_backward({}, p.y_v, p.xs_v, p.w_v, p.rof_v, TensorView{}, p.gw_v), "argument 'ys': expected size(1) == 4 (H = grad_y.size(1))"); }
+  {
+    Problem p;
+    p.y_v.strides[1] = 3;
+    expect_invalid(combine_backward({}, p.y_v, p.xs_v, p.w_v, p.rof_v, TensorView{}, p.gw_v),
+                   "argument 'grad_y': expected dense rows");
+  }
+  {
+    Problem p;
+    p.rof_v = make_view(p.rof.data(), {p.K, p.T});
+    expect_invalid(combine_backward({}, p.y_v, p.xs_v, p.w_v, p.rof_v, TensorView{}, p.gw_v),
+                   "argument 'row_of': expected size(0) == 3 (T = grad_y.size(0))");
+  }
+  {
+    Problem p;
+    expect_invalid(combine_backward({}, p.y_v, TensorView{}, p.w_v, p.rof_v, TensorView{}, p.gw_v),
+                   "argument 'ys': expected 2-D");
+  }
+  {
+    Problem p;
+    p.xs_v = make_view(p.xs.data(), {p.H, p.R});
+    expect_invalid(combine_backward({}, p.y_v, p.xs_v, p.w_v, p.rof_v, TensorView{}, p.gw_v),
+                   "argument 'ys': expected size(1) == 4 (H = grad_y.size(1))");
+  }
   {
     Problem p;
     std::vector<float> gys(p.R * p.H);
     expect_invalid(combine_backward({}, p.y_v, p.xs_v, p.w_v, p.rof_v, make_view(gys.data(), {p.R - 1, p.H}), p.gw_v),
                    "argument 'grad_ys': expected size(0) == 5 (R = ys.size(0))");
   }
-  { Problem p; p.gw_v.dtype = DType::kF64; expect_invalid(combine_backward({}, p.y_v, p.xs_v, p.w_v, p.rof_v, TensorView{}, p.gw_v), "argument 'grad_weights': expected dtype f32"); }
-  { Problem p; p.w_v.dtype = DType::kBF16; expect_invalid(combine_backward({}, p.y_v, p.xs_v, p.w_v, p.rof_v, TensorView{}, p.gw_v), "argument 'weights': expected dtype f32"); }
+  {
+    Problem p;
+    p.gw_v.dtype = DType::kF64;
+    expect_invalid(combine_backward({}, p.y_v, p.xs_v, p.w_v, p.rof_v, TensorView{}, p.gw_v),
+                   "argument 'grad_weights': expected dtype f32");
+  }
+  {
+    Problem p;
+    p.w_v.dtype = DType::kBF16;
+    expect_invalid(combine_backward({}, p.y_v, p.xs_v, p.w_v, p.rof_v, TensorView{}, p.gw_v),
+                   "argument 'weights': expected dtype f32");
+  }
   {  // grad_ys[r] = w * grad_y[t] is ambiguous when two (t, k) share row r
     Problem p;
     p.rof[4] = 4;
     std::vector<float> gys(p.R * p.H);
     expect_invalid(combine_backward({}, p.y_v, p.xs_v, p.w_v, p.rof_v, make_view(gys.data(), {p.R, p.H}), TensorView{}),
-                   "argument 'row_of': expected each row referenced by at most one (t, k), got row 4 at (t, k) = (0, 1) and (2, 0)");
+                   "argument 'row_of': expected each row referenced by at most one (t, k), got row 4 at (t, k) = (0, "
+                   "1) and (2, 0)");
   }
-  { Problem p; p.rof[0] = 9; expect_invalid(combine_backward({}, p.y_v, p.xs_v, p.w_v, p.rof_v, TensorView{}, p.gw_v), "argument 'row_of': expected values in [-1, 5)"); }
+  {
+    Problem p;
+    p.rof[0] = 9;
+    expect_invalid(combine_backward({}, p.y_v, p.xs_v, p.w_v, p.rof_v, TensorView{}, p.gw_v),
+                   "argument 'row_of': expected values in [-1, 5)");
+  }
   {  // nothing asked for: nothing to do
     Problem p;
     EXPECT_TRUE(combine_backward({}, p.y_v, p.xs_v, p.w_v, p.rof_v, TensorView{}, TensorView{}).ok());

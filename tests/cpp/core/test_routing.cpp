@@ -117,7 +117,7 @@ struct PlanRun {
 
 // Calls routing_plan with outputs prefilled with garbage, so that every unwritten element shows.
 PlanRun run_plan(const std::vector<int32_t>& experts, const std::vector<float>& weights, int64_t T, int64_t K,
-             const RoutingPlanParams& p, Exec exec = {}) {
+                 const RoutingPlanParams& p, Exec exec = {}) {
   const int64_t R_max = routing_plan_max_rows(p, T, K);
   PlanRun run;
   run.plan.counts.assign(std::max<int64_t>(p.num_experts, 0), 77);
@@ -128,9 +128,9 @@ PlanRun run_plan(const std::vector<int32_t>& experts, const std::vector<float>& 
   auto& pl = run.plan;
   TensorView wv = weights.empty() && T * K > 0 ? TensorView{} : make_view(const_cast<float*>(weights.data()), {T, K});
   run.status = routing_plan(exec, p, make_view(const_cast<int32_t*>(experts.data()), {T, K}), wv,
-                            make_view(pl.counts.data(), {p.num_experts}), make_view(pl.offsets.data(), {p.num_experts + 1}),
-                            make_view(pl.row_of.data(), {T, K}), make_view(pl.token_of_row.data(), {R_max}),
-                            make_view(ws.data(), {int64_t(ws.size())}));
+                            make_view(pl.counts.data(), {p.num_experts}),
+                            make_view(pl.offsets.data(), {p.num_experts + 1}), make_view(pl.row_of.data(), {T, K}),
+                            make_view(pl.token_of_row.data(), {R_max}), make_view(ws.data(), {int64_t(ws.size())}));
   return run;
 }
 
@@ -229,7 +229,7 @@ TEST(RoutingPlan, MaxRowsAndWorkspaceBounds) {
   EXPECT_EQ(routing_plan_max_rows(p, 10, 2), 20 + 4 * 7);  // + E*(pad-1)
   p.capacity = 3;
   EXPECT_EQ(routing_plan_max_rows(p, 10, 2), 12 + 28);  // min(T*K, E*C) + E*(pad-1)
-  p.capacity = std::numeric_limits<int64_t>::max();  // E*C must not overflow
+  p.capacity = std::numeric_limits<int64_t>::max();     // E*C must not overflow
   EXPECT_EQ(routing_plan_max_rows(p, 10, 2), 20 + 28);
   p.capacity = 0;
   EXPECT_EQ(routing_plan_max_rows(p, 10, 2), 28);
@@ -319,14 +319,34 @@ TEST(RoutingPlan, ValidArgsBaselineSucceeds) {
 }
 
 TEST(RoutingPlan, RejectsBadParams) {
-  { Args a; a.p.num_experts = 0; expect_invalid(a, "argument 'params.num_experts'"); }
-  { Args a; a.p.pad_multiple = 0; expect_invalid(a, "argument 'params.pad_multiple'"); }
-  { Args a; a.p.drop_policy = static_cast<DropPolicy>(7); expect_invalid(a, "argument 'params.drop_policy'"); }
+  {
+    Args a;
+    a.p.num_experts = 0;
+    expect_invalid(a, "argument 'params.num_experts'");
+  }
+  {
+    Args a;
+    a.p.pad_multiple = 0;
+    expect_invalid(a, "argument 'params.pad_multiple'");
+  }
+  {
+    Args a;
+    a.p.drop_policy = static_cast<DropPolicy>(7);
+    expect_invalid(a, "argument 'params.drop_policy'");
+  }
 }
 
 TEST(RoutingPlan, RejectsBadExperts) {
-  { Args a; a.ex_v = make_view(a.experts.data(), {10}); expect_invalid(a, "argument 'experts': expected 2-D"); }
-  { Args a; a.ex_v.dtype = DType::kI64; expect_invalid(a, "argument 'experts': expected dtype i32"); }
+  {
+    Args a;
+    a.ex_v = make_view(a.experts.data(), {10});
+    expect_invalid(a, "argument 'experts': expected 2-D");
+  }
+  {
+    Args a;
+    a.ex_v.dtype = DType::kI64;
+    expect_invalid(a, "argument 'experts': expected dtype i32");
+  }
   {
     Args a;
     a.ex_v = make_view(a.experts.data(), {a.K, a.T});
@@ -334,16 +354,45 @@ TEST(RoutingPlan, RejectsBadExperts) {
     std::swap(a.ex_v.strides[0], a.ex_v.strides[1]);  // [T, K] viewed transposed: not contiguous
     expect_invalid(a, "argument 'experts': expected a contiguous tensor");
   }
-  { Args a; a.experts[5] = 3; expect_invalid(a, "argument 'experts': expected expert ids in [0, 3)"); }
-  { Args a; a.experts[5] = 3; expect_invalid(a, "3 at (t, k) = (2, 1)"); }
-  { Args a; a.experts[8] = -1; a.experts[9] = 9; expect_invalid(a, "-1 at (t, k) = (4, 0)"); }
-  { Args a; a.ex_v.device = Device::kCUDA; expect_invalid(a, "argument 'weights': expected a tensor on cuda:0"); }
+  {
+    Args a;
+    a.experts[5] = 3;
+    expect_invalid(a, "argument 'experts': expected expert ids in [0, 3)");
+  }
+  {
+    Args a;
+    a.experts[5] = 3;
+    expect_invalid(a, "3 at (t, k) = (2, 1)");
+  }
+  {
+    Args a;
+    a.experts[8] = -1;
+    a.experts[9] = 9;
+    expect_invalid(a, "-1 at (t, k) = (4, 0)");
+  }
+  {
+    Args a;
+    a.ex_v.device = Device::kCUDA;
+    expect_invalid(a, "argument 'weights': expected a tensor on cuda:0");
+  }
 }
 
 TEST(RoutingPlan, RejectsBadWeights) {
-  { Args a; a.w_v = TensorView{}; expect_invalid(a, "argument 'weights': expected a [T, K] f32 tensor"); }
-  { Args a; a.w_v.dtype = DType::kF64; expect_invalid(a, "argument 'weights': expected dtype f32"); }
-  { Args a; a.w_v = make_view(a.weights.data(), {a.K, a.T}); expect_invalid(a, "argument 'weights': expected size(0) == 5"); }
+  {
+    Args a;
+    a.w_v = TensorView{};
+    expect_invalid(a, "argument 'weights': expected a [T, K] f32 tensor");
+  }
+  {
+    Args a;
+    a.w_v.dtype = DType::kF64;
+    expect_invalid(a, "argument 'weights': expected dtype f32");
+  }
+  {
+    Args a;
+    a.w_v = make_view(a.weights.data(), {a.K, a.T});
+    expect_invalid(a, "argument 'weights': expected size(0) == 5");
+  }
   {
     Args a;
     a.weights[3] = std::numeric_limits<float>::quiet_NaN();
@@ -362,16 +411,56 @@ TEST(RoutingPlan, RejectsBadWeights) {
 }
 
 TEST(RoutingPlan, RejectsBadOutputsAndWorkspace) {
-  { Args a; a.counts_v.shape[0] = 2; expect_invalid(a, "argument 'counts': expected size(0) == 3"); }
-  { Args a; a.counts_v.dtype = DType::kI64; expect_invalid(a, "argument 'counts': expected dtype i32"); }
-  { Args a; a.offsets_v.shape[0] = 3; expect_invalid(a, "argument 'offsets': expected size(0) == 4"); }
-  { Args a; a.offsets_v.dtype = DType::kI32; expect_invalid(a, "argument 'offsets': expected dtype i64"); }
-  { Args a; a.row_of_v = make_view(a.row_of.data(), {a.T * a.K}); expect_invalid(a, "argument 'row_of': expected 2-D"); }
-  { Args a; a.row_of_v = make_view(a.row_of.data(), {a.T, 1}); expect_invalid(a, "argument 'row_of': expected size(1) == 2"); }
-  { Args a; a.tor_v.shape[0] -= 1; expect_invalid(a, "argument 'token_of_row': expected size(0) >= 6"); }
-  { Args a; a.ws_v.shape[0] -= 1; expect_invalid(a, "argument 'workspace': expected size(0) >= "); }
-  { Args a; a.ws_v = TensorView{}; expect_invalid(a, "argument 'workspace': expected 1-D"); }
-  { Args a; a.ws_v.dtype = DType::kI32; expect_invalid(a, "argument 'workspace': expected dtype u8"); }
+  {
+    Args a;
+    a.counts_v.shape[0] = 2;
+    expect_invalid(a, "argument 'counts': expected size(0) == 3");
+  }
+  {
+    Args a;
+    a.counts_v.dtype = DType::kI64;
+    expect_invalid(a, "argument 'counts': expected dtype i32");
+  }
+  {
+    Args a;
+    a.offsets_v.shape[0] = 3;
+    expect_invalid(a, "argument 'offsets': expected size(0) == 4");
+  }
+  {
+    Args a;
+    a.offsets_v.dtype = DType::kI32;
+    expect_invalid(a, "argument 'offsets': expected dtype i64");
+  }
+  {
+    Args a;
+    a.row_of_v = make_view(a.row_of.data(), {a.T * a.K});
+    expect_invalid(a, "argument 'row_of': expected 2-D");
+  }
+  {
+    Args a;
+    a.row_of_v = make_view(a.row_of.data(), {a.T, 1});
+    expect_invalid(a, "argument 'row_of': expected size(1) == 2");
+  }
+  {
+    Args a;
+    a.tor_v.shape[0] -= 1;
+    expect_invalid(a, "argument 'token_of_row': expected size(0) >= 6");
+  }
+  {
+    Args a;
+    a.ws_v.shape[0] -= 1;
+    expect_invalid(a, "argument 'workspace': expected size(0) >= ");
+  }
+  {
+    Args a;
+    a.ws_v = TensorView{};
+    expect_invalid(a, "argument 'workspace': expected 1-D");
+  }
+  {
+    Args a;
+    a.ws_v.dtype = DType::kI32;
+    expect_invalid(a, "argument 'workspace': expected dtype u8");
+  }
   {
     Args a;
     a.ws.push_back(0);

@@ -83,7 +83,7 @@ TEST(SizeQueries, SaturateInsteadOfOverflowing) {
   rp.capacity = 3;
   rp.drop_policy = DropPolicy::kByScore;
   EXPECT_EQ(routing_plan_workspace_bytes(rp, int64_t{1} << 62, 4), 0);  // routing_plan rejects that size
-  EXPECT_EQ(routing_plan_max_rows(rp, 100, 2), 8 * 3);  // min(T*K, E*C)
+  EXPECT_EQ(routing_plan_max_rows(rp, 100, 2), 8 * 3);                  // min(T*K, E*C)
 }
 
 TEST(TensorView, ResolveBackend) {

@@ -25,11 +25,16 @@ struct Tolerance {
 
 inline Tolerance tolerance_for(DType t) {
   switch (t) {
-    case DType::kF64: return {1e-10, 1e-10};
-    case DType::kF32: return {1e-5, 1e-5};
-    case DType::kF16: return {1e-3, 2e-3};
-    case DType::kBF16: return {1e-2, 1.6e-2};
-    default: return {0.0, 0.0};
+    case DType::kF64:
+      return {1e-10, 1e-10};
+    case DType::kF32:
+      return {1e-5, 1e-5};
+    case DType::kF16:
+      return {1e-3, 2e-3};
+    case DType::kBF16:
+      return {1e-2, 1.6e-2};
+    default:
+      return {0.0, 0.0};
   }
 }
 

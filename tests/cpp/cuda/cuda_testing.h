@@ -96,10 +96,10 @@ void append_bytes(std::vector<unsigned char>& out, const std::vector<T>& v) {
   out.insert(out.end(), p, p + v.size() * sizeof(T));
 }
 
-#define EXPECT_OK(expr)                                       \
-  do {                                                        \
-    const ::smoe::Status st_ = (expr);                        \
-    EXPECT_TRUE(st_.ok()) << #expr << ": " << st_.message();  \
+#define EXPECT_OK(expr)                                      \
+  do {                                                       \
+    const ::smoe::Status st_ = (expr);                       \
+    EXPECT_TRUE(st_.ok()) << #expr << ": " << st_.message(); \
   } while (0)
 
 }  // namespace smoe::testing

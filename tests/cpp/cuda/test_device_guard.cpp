@@ -58,9 +58,9 @@ TEST(SimtDeviceGuard, EntryPointsRunOnTheDeviceOfTheirTensors) {
   EXPECT_EQ(current, 0);
   std::vector<float> xs(size_t(R * H)), want(size_t(R * H));
   ASSERT_EQ(cudaMemcpy(xs.data(), dxs, xs.size() * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
-  ASSERT_TRUE(cpu::permute_forward(make_view(x.data(), {T, H}), make_view(tok.data(), {R}),
-                                   make_view(want.data(), {R, H}))
-                  .ok());
+  ASSERT_TRUE(
+      cpu::permute_forward(make_view(x.data(), {T, H}), make_view(tok.data(), {R}), make_view(want.data(), {R, H}))
+          .ok());
   EXPECT_TRUE(bitwise_equal(xs, want));
 
   // A guard for a device that does not exist reports it; nothing runs.

@@ -105,13 +105,13 @@ TopkGatingParams topk(int K, ScoreFunc f = ScoreFunc::kSoftmax) {
 TEST(SimtGating, TopkMatchesCpu) {
   std::vector<TopkCase> cases;
   cases.push_back({0, 8, topk(2), false, false, DType::kF32});
-  cases.push_back({1, 1, topk(1), false, false, DType::kF32});       // E = 1
-  cases.push_back({7, 5, topk(5), true, false, DType::kF32});        // K = E, odd E
-  cases.push_back({7, 8, topk(2), false, true, DType::kF32});        // exact ties: lower index wins
+  cases.push_back({1, 1, topk(1), false, false, DType::kF32});  // E = 1
+  cases.push_back({7, 5, topk(5), true, false, DType::kF32});   // K = E, odd E
+  cases.push_back({7, 8, topk(2), false, true, DType::kF32});   // exact ties: lower index wins
   cases.push_back({33, 8, topk(2, ScoreFunc::kSigmoid), true, true, DType::kF32});
   cases.push_back({300, 64, topk(8), false, false, DType::kBF16});
   cases.push_back({9, 300, topk(7, ScoreFunc::kSigmoid), true, false, DType::kF16});  // E > 256
-  cases.push_back({3, 512, topk(512), false, false, DType::kF32});   // E = K = 512: 16 items a lane
+  cases.push_back({3, 512, topk(512), false, false, DType::kF32});                    // E = K = 512: 16 items a lane
   TopkGatingParams renorm = topk(6, ScoreFunc::kSigmoid);
   renorm.renormalize = true;
   renorm.renorm_eps = 1e-20f;
@@ -134,7 +134,7 @@ TEST(SimtGating, TopkMatchesCpu) {
   // E > 512: the block-per-token kernels
   cases.push_back({5, 1000, topk(8), false, false, DType::kF32});
   cases.push_back({6, 1000, topk(6, ScoreFunc::kSigmoid), true, true, DType::kBF16});  // ties, bias
-  cases.push_back({2, 513, topk(513), false, false, DType::kF32});                    // K = E
+  cases.push_back({2, 513, topk(513), false, false, DType::kF32});                     // K = E
   TopkGatingParams big_grouped = renorm;
   big_grouped.top_k = 8;
   big_grouped.n_groups = 8;
@@ -153,9 +153,15 @@ TEST(SimtGating, TopkMatchesCpu) {
     for (const TopkCase& c : cases) {
       if (version == 0 && c.p.topk_groups < c.p.n_groups && c.p.n_groups > 64) continue;
       switch (c.dtype) {
-        case DType::kBF16: check_topk<bf16_t>(c); break;
-        case DType::kF16: check_topk<f16_t>(c); break;
-        default: check_topk<float>(c); break;
+        case DType::kBF16:
+          check_topk<bf16_t>(c);
+          break;
+        case DType::kF16:
+          check_topk<f16_t>(c);
+          break;
+        default:
+          check_topk<float>(c);
+          break;
       }
     }
   }
@@ -194,7 +200,7 @@ TEST(SimtGating, TopkNanLogitsGiveValidDistinctIndices) {
   const int64_t T = 4, E = 40, K = 5;
   std::vector<float> logits = make_logits<float>(T, E, E, 3, false);
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  for (int64_t e = 0; e < E; e += 3) logits[e] = nan;  // row 0: some NaN
+  for (int64_t e = 0; e < E; e += 3) logits[e] = nan;   // row 0: some NaN
   for (int64_t e = 0; e < E; ++e) logits[E + e] = nan;  // row 1: all NaN
   logits[2 * E + 39] = nan;
   std::vector<float> w(T * K), s(T * E);
@@ -218,14 +224,14 @@ TEST(SimtGating, TopkNanLogitsGiveValidDistinctIndices) {
 TEST(SimtGating, TopkLimitsAndF64AreUnsupported) {
   std::vector<float> x(2 * 8193), w(2), s(2 * 8193);
   std::vector<int32_t> e(2);
-  const Status big = sim::topk_gating_forward(topk(1), make_view(x.data(), {2, 8193}), TensorView{},
-                                              make_view(w.data(), {2, 1}), make_view(e.data(), {2, 1}),
-                                              make_view(s.data(), {2, 8193}), nullptr);
+  const Status big =
+      sim::topk_gating_forward(topk(1), make_view(x.data(), {2, 8193}), TensorView{}, make_view(w.data(), {2, 1}),
+                               make_view(e.data(), {2, 1}), make_view(s.data(), {2, 8193}), nullptr);
   EXPECT_EQ(big.code(), Code::kUnsupported) << big.message();
   std::vector<double> xd(8), wd(2), sd(8);
-  const Status f64 = sim::topk_gating_forward(topk(1), make_view(xd.data(), {2, 4}), TensorView{},
-                                              make_view(wd.data(), {2, 1}), make_view(e.data(), {2, 1}),
-                                              make_view(sd.data(), {2, 4}), nullptr);
+  const Status f64 =
+      sim::topk_gating_forward(topk(1), make_view(xd.data(), {2, 4}), TensorView{}, make_view(wd.data(), {2, 1}),
+                               make_view(e.data(), {2, 1}), make_view(sd.data(), {2, 4}), nullptr);
   EXPECT_EQ(f64.code(), Code::kUnsupported) << f64.message();
 }
 
@@ -243,8 +249,9 @@ void check_expert_choice(int64_t T, int64_t E, int32_t C, ScoreFunc f, bool ties
   const TensorView lv = make_view(logits.data(), dt, {T, E});
   std::vector<float> s_cpu(T * E), w_cpu(T * E), s(T * E), w(T * E);
   std::vector<int32_t> tk_cpu(E * C), ro_cpu(T * E), tk(E * C), ro(T * E);
-  ASSERT_TRUE(cpu::expert_choice_forward(p, lv, make_view(s_cpu.data(), {T, E}), make_view(tk_cpu.data(), {E, int64_t(C)}),
-                                         make_view(ro_cpu.data(), {T, E}), make_view(w_cpu.data(), {T, E}))
+  ASSERT_TRUE(cpu::expert_choice_forward(p, lv, make_view(s_cpu.data(), {T, E}),
+                                         make_view(tk_cpu.data(), {E, int64_t(C)}), make_view(ro_cpu.data(), {T, E}),
+                                         make_view(w_cpu.data(), {T, E}))
                   .ok());
   run_all_schedules([&] {
     poison(s), poison(w), poison(tk), poison(ro);
@@ -398,16 +405,16 @@ TEST(SimtGating, RouterLossWorkspaceFormulaAndShortWorkspace) {
   std::vector<int32_t> experts(T * K, 1);
   std::vector<uint8_t> ws(size_t(load_balancing_loss_workspace_bytes(T, E) - 1));
   float loss = 0, g = 1;
-  const Status st = sim::load_balancing_loss_forward(make_view(probs.data(), {T, E}), make_view(experts.data(), {T, K}),
-                                                     make_view(&loss, {1}), make_view(ws.data(), {int64_t(ws.size())}),
-                                                     nullptr);
+  const Status st =
+      sim::load_balancing_loss_forward(make_view(probs.data(), {T, E}), make_view(experts.data(), {T, K}),
+                                       make_view(&loss, {1}), make_view(ws.data(), {int64_t(ws.size())}), nullptr);
   EXPECT_EQ(st.code(), Code::kInvalidArgument) << st.message();
   EXPECT_NE(st.message().find("workspace"), std::string::npos) << st.message();
   const Status zst = sim::z_loss_forward(make_view(probs.data(), {T, E}), make_view(&loss, {1}), TensorView{}, nullptr);
   EXPECT_EQ(zst.code(), Code::kInvalidArgument) << zst.message();
-  const Status bst = sim::load_balancing_loss_backward(make_view(probs.data(), {T, E}),
-                                                       make_view(experts.data(), {T, K}), make_view(&g, {1}),
-                                                       make_view(grad.data(), {T, E}), TensorView{}, nullptr);
+  const Status bst =
+      sim::load_balancing_loss_backward(make_view(probs.data(), {T, E}), make_view(experts.data(), {T, K}),
+                                        make_view(&g, {1}), make_view(grad.data(), {T, E}), TensorView{}, nullptr);
   EXPECT_EQ(bst.code(), Code::kInvalidArgument) << bst.message();
 }
 

@@ -54,7 +54,8 @@ void check_gemm(DType dt, const std::vector<int64_t>& offsets, int64_t R, int64_
   // wgrad: a [R, Kd] x b2 [R, N] -> [E, Kd, N]
   std::vector<S> b2 = small_ints<S>(size_t(R * N), 3);
   std::vector<S> w_cpu(size_t(E * Kd * N)), w(w_cpu.size());
-  ASSERT_TRUE(cpu::grouped_gemm_wgrad(av, make_view(b2.data(), dt, {R, N}), ov, make_view(w_cpu.data(), dt, {E, Kd, N})).ok());
+  ASSERT_TRUE(
+      cpu::grouped_gemm_wgrad(av, make_view(b2.data(), dt, {R, N}), ov, make_view(w_cpu.data(), dt, {E, Kd, N})).ok());
   run_all_schedules([&] {
     std::fill(c.begin(), c.end(), from_acc<S>(-7.0f));  // rows outside every segment stay untouched
     poison(w);
@@ -70,11 +71,11 @@ void check_gemm(DType dt, const std::vector<int64_t>& offsets, int64_t R, int64_
 }
 
 TEST(SimtGroupedGemmNaive, MatchesCpu) {
-  check_gemm<float>(DType::kF32, {0, 5, 5, 12, 20}, 23, 9, 7, true);   // empty expert 1, rows 20..22 untouched
+  check_gemm<float>(DType::kF32, {0, 5, 5, 12, 20}, 23, 9, 7, true);  // empty expert 1, rows 20..22 untouched
   check_gemm<float>(DType::kF32, {0, 5, 5, 12, 20}, 20, 9, 7, false);
-  check_gemm<float>(DType::kF32, {0, 0, 0}, 4, 3, 5, true);            // every expert empty
+  check_gemm<float>(DType::kF32, {0, 0, 0}, 4, 3, 5, true);  // every expert empty
   check_gemm<bf16_t>(DType::kBF16, {0, 17, 17, 40}, 40, 16, 24, true);
-  check_gemm<f16_t>(DType::kF16, {0, 1}, 1, 1, 1, false);              // E = 1, one row
+  check_gemm<f16_t>(DType::kF16, {0, 1}, 1, 1, 1, false);  // E = 1, one row
 }
 
 }  // namespace

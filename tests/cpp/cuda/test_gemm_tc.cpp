@@ -69,8 +69,8 @@ void check_forward(const std::vector<int64_t>& off, int64_t R, int64_t N, int64_
   for (int64_t r = 0; r < R; ++r) w[size_t(r)] = 0.25f * float(r % 5) - 0.5f;  // exact, includes 0 and negatives
   std::vector<int64_t> o = off;
   const S fill = from_acc<S>(-7.0f);
-  const std::vector<S> want = reference_gemm(x, gather ? &tok : nullptr, b, off, weights ? &w : nullptr, R, N, Kd,
-                                             trans_b, fill);
+  const std::vector<S> want =
+      reference_gemm(x, gather ? &tok : nullptr, b, off, weights ? &w : nullptr, R, N, Kd, trans_b, fill);
   const TensorView xv = make_view(x.data(), dt, {T, Kd}), ov = make_view(o.data(), {E + 1});
   const TensorView bv = trans_b ? make_view(b.data(), dt, {E, N, Kd}) : make_view(b.data(), dt, {E, Kd, N});
   const TensorView tv = gather ? make_view(tok.data(), {R}) : TensorView{};
@@ -142,10 +142,10 @@ void check_activation_epilogue(Activation act, const std::vector<int64_t>& off, 
   std::vector<S> pre_cpu(size_t(R * F1)), act_cpu(size_t(R * F));
   GroupedGemmParams pc;
   pc.trans_b = trans_b;
-  ASSERT_TRUE(cpu::grouped_gemm(pc, make_view(xs.data(), dt, {R, Kd}), bv, ov, make_view(pre_cpu.data(), dt, {R, F1}))
-                  .ok());
-  ASSERT_TRUE(cpu::activation_forward(act, make_view(pre_cpu.data(), dt, {R, F1}), make_view(act_cpu.data(), dt, {R, F}))
-                  .ok());
+  ASSERT_TRUE(
+      cpu::grouped_gemm(pc, make_view(xs.data(), dt, {R, Kd}), bv, ov, make_view(pre_cpu.data(), dt, {R, F1})).ok());
+  ASSERT_TRUE(
+      cpu::activation_forward(act, make_view(pre_cpu.data(), dt, {R, F1}), make_view(act_cpu.data(), dt, {R, F})).ok());
   if (weights) {
     for (int64_t i = 0; i < R * F; ++i) act_cpu[size_t(i)] = from_acc<S>(w[size_t(i / F)] * to_acc(act_cpu[size_t(i)]));
   }
@@ -217,8 +217,8 @@ void check_wgrad(const std::vector<int64_t>& off, int64_t R, int64_t M, int64_t 
 // every warp has read it) shows up under the sweep's warps / cp.async=issue|random entries.
 TEST(SimtGroupedGemmTc, LongKWrapsTheRingSeveralTimes) {
   check_forward<bf16_t>({0, 70, 140}, 140, 64, 544, true, true, true);  // 17 k tiles: 4 wraps
-  check_forward<f16_t>({0, 140}, 140, 16, 520, false, false, false);     // 17 k tiles, the last partial
-  check_wgrad<bf16_t>({0, 600, 610}, 610, 16, 8);                        // 19 k tiles of segment rows
+  check_forward<f16_t>({0, 140}, 140, 16, 520, false, false, false);    // 17 k tiles, the last partial
+  check_wgrad<bf16_t>({0, 600, 610}, 610, 16, 8);                       // 19 k tiles of segment rows
 }
 
 TEST(SimtGroupedGemmTc, Wgrad) {
@@ -268,8 +268,8 @@ TEST(SimtGroupedGemmTc, RefusesWhatItDoesNotHandle) {
   GroupedGemmTcParams nn;
   nn.trans_b = false;  // f32 with b [E, Kd, N] takes no gated epilogue on the tensor cores
   nn.activation = Activation::kSwiGLU;
-  const Status f32 = sim::grouped_gemm_tc(nn, make_view(a.data(), {16, 8}), make_view(b.data(), {1, 8, 8}), ov, {},
-                                          {}, make_view(c.data(), {16, 4}), {}, nullptr);
+  const Status f32 = sim::grouped_gemm_tc(nn, make_view(a.data(), {16, 8}), make_view(b.data(), {1, 8, 8}), ov, {}, {},
+                                          make_view(c.data(), {16, 4}), {}, nullptr);
   EXPECT_EQ(f32.code(), Code::kUnsupported);
   EXPECT_NE(f32.message().find("grouped_gemm_naive"), std::string::npos) << f32.message();
 }
@@ -281,7 +281,7 @@ TEST(SimtGroupedGemmTc, RefusesWhatItDoesNotHandle) {
 // inputs, within the f32 tolerance for uniform ones.
 TEST(SimtGroupedGemmTc, F32WgradAs3xTf32) {
   check_wgrad<float>({0, 0, 170, 170, 180, 200}, 200, 72, 24);  // empty experts, 11 k tiles of 16 rows
-  check_wgrad<float>({0, 37, 37}, 37, 136, 13);                  // two m tiles, odd N
+  check_wgrad<float>({0, 37, 37}, 37, 136, 13);                 // two m tiles, odd N
   const int64_t R = 300, M = 40, N = 24, E = 2;
   std::vector<float> a = uniform<float>(size_t(R * M), 31), b = uniform<float>(size_t(R * N), 32);
   std::vector<int64_t> off = {0, 123, 300};
@@ -323,8 +323,8 @@ TEST(SimtGroupedGemmTc, F32As3xTf32) {
         for (int64_t k = 0; k < Kd; ++k) bt[size_t((e * Kd + k) * N + n)] = b[size_t((e * N + n) * Kd + k)];
     GroupedGemmTcParams nn;
     nn.trans_b = false;
-    EXPECT_OK(sim::grouped_gemm_tc(nn, av, make_view(bt.data(), {E, Kd, N}), ov, {}, {},
-                                   make_view(c_nn.data(), {R, N}), {}, nullptr));
+    EXPECT_OK(sim::grouped_gemm_tc(nn, av, make_view(bt.data(), {E, Kd, N}), ov, {}, {}, make_view(c_nn.data(), {R, N}),
+                                   {}, nullptr));
     EXPECT_TRUE(bitwise_equal(c_nn, c)) << "b [E, Kd, N] differs from b [E, N, Kd]";
     if (exact) {
       EXPECT_TRUE(bitwise_equal(c, want)) << all_close(c, want, dt).message();
@@ -341,8 +341,10 @@ TEST(SimtGroupedGemmTc, F32As3xTf32) {
           max_abs = std::max(max_abs, err);
           max_rel = std::max(max_rel, err / std::max(1e-30, std::fabs(ref)));
         }
-    std::printf("3xTF32 vs double, uniform [-1, 1], Kd = 200: max abs error %.3g (f32 CPU backend: same "
-                "check below)\n", max_abs);
+    std::printf(
+        "3xTF32 vs double, uniform [-1, 1], Kd = 200: max abs error %.3g (f32 CPU backend: same "
+        "check below)\n",
+        max_abs);
     double cpu_abs = 0;
     for (int64_t e = 0; e < E; ++e)
       for (int64_t r = off[size_t(e)]; r < off[size_t(e + 1)]; ++r)
@@ -361,11 +363,11 @@ TEST(SimtGroupedGemmTc, F32As3xTf32) {
 // 16-byte aligned (element loads instead of cp.async), odd column counts (unpaired stores), gated
 // F not a multiple of 8 — all on the tensor cores, predicated and zero-filled at the edges.
 TEST(SimtGroupedGemmTc, AnySizeRunsOnTheTensorCores) {
-  check_forward<bf16_t>({0, 20, 37}, 37, 13, 12, true, false, false);   // Kd = 12, N = 13
+  check_forward<bf16_t>({0, 20, 37}, 37, 13, 12, true, false, false);  // Kd = 12, N = 13
   check_forward<f16_t>({0, 20, 37}, 37, 13, 12, false, false, false);
-  check_forward<bf16_t>({0, 11, 11, 40, 61}, 61, 19, 37, true, true, true);  // gather + weights, odd sizes
+  check_forward<bf16_t>({0, 11, 11, 40, 61}, 61, 19, 37, true, true, true);     // gather + weights, odd sizes
   check_forward<f16_t>({0, 150, 150, 190}, 200, 130, 203, false, true, false);  // two column tiles, 7 k tiles
-  check_forward<bf16_t>({0, 1}, 1, 1, 1, true, false, false);  // 1 x 1 x 1
+  check_forward<bf16_t>({0, 1}, 1, 1, 1, true, false, false);                   // 1 x 1 x 1
   const std::vector<int64_t> off = {0, 9, 9, 37};
   check_activation_epilogue<bf16_t>(Activation::kSwiGLU, off, 37, 13, 20, true, false);  // F = 13
   check_activation_epilogue<f16_t>(Activation::kSwiGLU, off, 37, 13, 20, false, true);   // MN-major, up half at F

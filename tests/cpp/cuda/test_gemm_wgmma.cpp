@@ -19,7 +19,8 @@ namespace {
 template <class S>
 void check(const std::vector<int64_t>& off, int64_t N, int64_t Kd) {
   const DType dt = std::is_same_v<S, bf16_t> ? DType::kBF16 : DType::kF16;
-  std::string trace = std::string(dtype_name(dt)) + " N=" + std::to_string(N) + " Kd=" + std::to_string(Kd) + " offsets={";
+  std::string trace =
+      std::string(dtype_name(dt)) + " N=" + std::to_string(N) + " Kd=" + std::to_string(Kd) + " offsets={";
   for (int64_t o : off) trace += std::to_string(o) + ",";
   SCOPED_TRACE(trace + "}");
   const int64_t E = int64_t(off.size()) - 1, R = off.back() + 3;  // 3 rows past offsets[E] stay untouched
@@ -66,8 +67,8 @@ void check(const std::vector<int64_t>& off, int64_t N, int64_t Kd) {
 TEST(SimtGroupedGemmWgmma, ShapesThatHurt) {
   check<bf16_t>({0, 70, 70, 71, 200}, 136, 200);  // empty expert, one-row expert, ragged N, K % 64 != 0
   check<f16_t>({0, 64}, 128, 64);                 // E = 1, exact tiles
-  check<bf16_t>({0, 1}, 8, 8);                     // one row, K smaller than one k16 slice
-  check<f16_t>({0, 0, 5, 5}, 24, 328);             // empty first and last experts, 6 K tiles (ring wraps)
+  check<bf16_t>({0, 1}, 8, 8);                    // one row, K smaller than one k16 slice
+  check<f16_t>({0, 0, 5, 5}, 24, 328);            // empty first and last experts, 6 K tiles (ring wraps)
 }
 
 TEST(SimtGroupedGemmWgmma, ManyExperts) {
@@ -80,18 +81,18 @@ TEST(SimtGroupedGemmWgmma, ManyExperts) {
 TEST(SimtGroupedGemmWgmma, RefusesWhatItCannotRun) {
   std::vector<float> x(64), b(64), c(64);
   std::vector<int64_t> o = {0, 8};
-  const Status st = cuda_simt::grouped_gemm_wgmma(GroupedGemmTcParams{}, make_view(x.data(), {8, 8}),
-                                                  make_view(b.data(), {1, 8, 8}), make_view(o.data(), {2}), TensorView{},
-                                                  TensorView{}, make_view(c.data(), {8, 8}), TensorView{}, nullptr);
+  const Status st = cuda_simt::grouped_gemm_wgmma(
+      GroupedGemmTcParams{}, make_view(x.data(), {8, 8}), make_view(b.data(), {1, 8, 8}), make_view(o.data(), {2}),
+      TensorView{}, TensorView{}, make_view(c.data(), {8, 8}), TensorView{}, nullptr);
   EXPECT_EQ(st.code(), Code::kUnsupported);
   EXPECT_NE(st.message().find("bf16 or f16"), std::string::npos) << st.message();
   std::vector<bf16_t> xb(64), bb(64), cb(64);
   GroupedGemmTcParams mn;
   mn.trans_b = false;
   const Status st_mn = cuda_simt::grouped_gemm_wgmma(mn, make_view(xb.data(), DType::kBF16, {8, 8}),
-                                                     make_view(bb.data(), DType::kBF16, {1, 8, 8}), make_view(o.data(), {2}),
-                                                     TensorView{}, TensorView{}, make_view(cb.data(), DType::kBF16, {8, 8}),
-                                                     TensorView{}, nullptr);
+                                                     make_view(bb.data(), DType::kBF16, {1, 8, 8}),
+                                                     make_view(o.data(), {2}), TensorView{}, TensorView{},
+                                                     make_view(cb.data(), DType::kBF16, {8, 8}), TensorView{}, nullptr);
   EXPECT_EQ(st_mn.code(), Code::kUnsupported);
   EXPECT_NE(st_mn.message().find("[E, N, Kd]"), std::string::npos) << st_mn.message();
 }
@@ -141,7 +142,8 @@ void check_fused(std::optional<Activation> act, const std::vector<int64_t>& off,
     simt::Options few = simt::options();  // 3 emulated SMs: several tiles per persistent CTA
     few.sm_count = 3;
     simt::ScopedOptions scope(few);
-    EXPECT_TRUE(run_all_schedules([&] { return run(true); }) == tc) << "3 SMs: grouped_gemm_wgmma and grouped_gemm_tc differ";
+    EXPECT_TRUE(run_all_schedules([&] { return run(true); }) == tc)
+        << "3 SMs: grouped_gemm_wgmma and grouped_gemm_tc differ";
   }
   const std::vector<unsigned char> got = run_all_schedules([&] { return run(true); });
   EXPECT_TRUE(got == tc) << "grouped_gemm_wgmma and grouped_gemm_tc differ";
@@ -155,10 +157,12 @@ void check_fused(std::optional<Activation> act, const std::vector<int64_t>& off,
   std::vector<S> pre_cpu(size_t(R * F1), fill), out_cpu(size_t(R * F), fill);
   GroupedGemmParams pc;
   pc.trans_b = true;
-  ASSERT_TRUE(cpu::grouped_gemm(pc, make_view(xs.data(), dt, {R, Kd}), bv, ov, make_view(pre_cpu.data(), dt, {R, F1})).ok());
+  ASSERT_TRUE(
+      cpu::grouped_gemm(pc, make_view(xs.data(), dt, {R, Kd}), bv, ov, make_view(pre_cpu.data(), dt, {R, F1})).ok());
   if (has_act) {
-    ASSERT_TRUE(cpu::activation_forward(*act, make_view(pre_cpu.data(), dt, {R, F1}), make_view(out_cpu.data(), dt, {R, F}))
-                    .ok());
+    ASSERT_TRUE(
+        cpu::activation_forward(*act, make_view(pre_cpu.data(), dt, {R, F1}), make_view(out_cpu.data(), dt, {R, F}))
+            .ok());
     for (int64_t r = off.back(); r < R; ++r) std::fill_n(&out_cpu[size_t(r * F)], F, fill);  // rows past offsets[E]
     for (int64_t r = off.back(); r < R; ++r) std::fill_n(&pre_cpu[size_t(r * F1)], F1, fill);
   } else {
@@ -167,19 +171,22 @@ void check_fused(std::optional<Activation> act, const std::vector<int64_t>& off,
   }
   if (weights)
     for (int64_t r = 0; r < off.back(); ++r)
-      for (int64_t f = 0; f < F; ++f) out_cpu[size_t(r * F + f)] = from_acc<S>(w[size_t(r)] * to_acc(out_cpu[size_t(r * F + f)]));
+      for (int64_t f = 0; f < F; ++f)
+        out_cpu[size_t(r * F + f)] = from_acc<S>(w[size_t(r)] * to_acc(out_cpu[size_t(r * F + f)]));
   EXPECT_TRUE(bitwise_equal(pre, pre_cpu)) << all_close(pre, pre_cpu, dt).message();
-  if (has_act) EXPECT_TRUE(all_close(out, out_cpu, dt)) << all_close(out, out_cpu, dt).message();
-  else EXPECT_TRUE(bitwise_equal(out, out_cpu)) << all_close(out, out_cpu, dt).message();
+  if (has_act)
+    EXPECT_TRUE(all_close(out, out_cpu, dt)) << all_close(out, out_cpu, dt).message();
+  else
+    EXPECT_TRUE(bitwise_equal(out, out_cpu)) << all_close(out, out_cpu, dt).message();
 }
 
 TEST(SimtGroupedGemmWgmma, FusedEpilogues) {
   const std::vector<int64_t> off = {0, 70, 70, 71, 90};  // empty expert, one-row expert, ragged last tiles
-  check_fused<bf16_t>(std::nullopt, off, 136, 72, /*gather=*/true, /*weights=*/true);   // plain store, scaled
+  check_fused<bf16_t>(std::nullopt, off, 136, 72, /*gather=*/true, /*weights=*/true);  // plain store, scaled
   check_fused<bf16_t>(Activation::kSwiGLU, off, 72, 200, true, false);                 // gated, K % 64 != 0
-  check_fused<f16_t>(Activation::kGeGLU, {0, 1}, 8, 16, false, true);                   // one row, E = 1
-  check_fused<f16_t>(Activation::kGELU, {0, 0, 33, 33}, 24, 8, true, true);             // empty first/last experts
-  check_fused<bf16_t>(Activation::kReLU, {0, 65}, 128, 64, false, false);               // E = 1, exact N tile
+  check_fused<f16_t>(Activation::kGeGLU, {0, 1}, 8, 16, false, true);                  // one row, E = 1
+  check_fused<f16_t>(Activation::kGELU, {0, 0, 33, 33}, 24, 8, true, true);            // empty first/last experts
+  check_fused<bf16_t>(Activation::kReLU, {0, 65}, 128, 64, false, false);              // E = 1, exact N tile
 }
 
 TEST(SimtGroupedGemmWgmma, FusedManyExperts) {
@@ -242,8 +249,8 @@ TEST(SimtGroupedGemmWgmma, DispatchOnSm90a) {
     mp.activation = Activation::kSwiGLU;
     EXPECT_OK(sim::expert_mlp_forward(mp, make_view(xt.data(), dt, {T, H}), make_view(tok.data(), {R}), ov,
                                       make_view(w1.data(), dt, {E, 2 * F, H}), make_view(w2.data(), dt, {E, H, F}),
-                                      make_view(pre.data(), dt, {R, 2 * F}),
-                                      make_view(act.data(), dt, {R, F}), make_view(ys.data(), dt, {R, H}), nullptr));
+                                      make_view(pre.data(), dt, {R, 2 * F}), make_view(act.data(), dt, {R, F}),
+                                      make_view(ys.data(), dt, {R, H}), nullptr));
     return std::make_tuple(pre, act, ys);
   };
   const int64_t n2 = simt::wgmma_issued_total();
@@ -256,7 +263,6 @@ TEST(SimtGroupedGemmWgmma, DispatchOnSm90a) {
   EXPECT_TRUE(bitwise_equal(std::get<1>(on), std::get<1>(off80)));
   EXPECT_TRUE(bitwise_equal(std::get<2>(on), std::get<2>(off80)));
 }
-
 
 }  // namespace
 }  // namespace smoe::testing

@@ -79,7 +79,7 @@ void check_expert_mlp(DType dt, Activation act, int64_t T, int64_t E) {
     std::vector<S> pre, act, ys, gx, gw1, gw2;  // no xs: x is read through token_of_row both ways
   };
   auto alloc = [&] {
-    return Out{std::vector<S>(size_t(R * F1)), std::vector<S>(size_t(R * F)),     std::vector<S>(size_t(R * H)),
+    return Out{std::vector<S>(size_t(R * F1)), std::vector<S>(size_t(R * F)),      std::vector<S>(size_t(R * H)),
                std::vector<S>(size_t(T * H)),  std::vector<S>(size_t(E * F1 * H)), std::vector<S>(size_t(E * H * F))};
   };
   const int64_t ws_bytes = expert_mlp_workspace_bytes(params, dt, R, H, F);
@@ -87,8 +87,8 @@ void check_expert_mlp(DType dt, Activation act, int64_t T, int64_t E) {
   const TensorView wsv = make_view(ws.data(), DType::kU8, {ws_bytes});
 
   Out want = alloc();
-  ASSERT_TRUE(cpu::expert_mlp_forward(params, xv, tv, ov, w1v, w2v, make_view(want.pre.data(), dt, {R, F1}), make_view(want.act.data(), dt, {R, F}),
-                                      make_view(want.ys.data(), dt, {R, H}))
+  ASSERT_TRUE(cpu::expert_mlp_forward(params, xv, tv, ov, w1v, w2v, make_view(want.pre.data(), dt, {R, F1}),
+                                      make_view(want.act.data(), dt, {R, F}), make_view(want.ys.data(), dt, {R, H}))
                   .ok());
   ASSERT_TRUE(cpu::expert_mlp_backward(params, gv, xv, tv, rv, ov, w1v, w2v, make_view(want.pre.data(), dt, {R, F1}),
                                        make_view(want.act.data(), dt, {R, F}), make_view(want.gx.data(), dt, {T, H}),
@@ -127,9 +127,9 @@ void check_expert_mlp(DType dt, Activation act, int64_t T, int64_t E) {
     }
   }
   if (E > 1) {
-    EXPECT_TRUE(std::all_of(got.gw2.begin() + H * F, got.gw2.begin() + 2 * H * F,
-                            [&](S v) { return bitwise_equal(std::vector<S>{v}, std::vector<S>{zero}); }))
-        << "the empty expert's grad_w2 must be exact zeros";
+    EXPECT_TRUE(std::all_of(got.gw2.begin() + H * F, got.gw2.begin() + 2 * H * F, [&](S v) {
+      return bitwise_equal(std::vector<S>{v}, std::vector<S>{zero});
+    })) << "the empty expert's grad_w2 must be exact zeros";
   }
 }
 
@@ -164,8 +164,14 @@ void check_shared_expert(DType dt, Activation act, int64_t T, bool gated, bool s
     std::vector<float> gate;
   };
   auto alloc = [&] {
-    return Out{std::vector<S>(size_t(T * F1)), std::vector<S>(size_t(T * F)), std::vector<S>(size_t(T * H)), y0,
-               gx0, std::vector<S>(size_t(F1 * H)), std::vector<S>(size_t(H * F)), std::vector<S>(size_t(H)),
+    return Out{std::vector<S>(size_t(T * F1)),
+               std::vector<S>(size_t(T * F)),
+               std::vector<S>(size_t(T * H)),
+               y0,
+               gx0,
+               std::vector<S>(size_t(F1 * H)),
+               std::vector<S>(size_t(H * F)),
+               std::vector<S>(size_t(H)),
                std::vector<float>(size_t(T))};
   };
   auto views = [&](Out& o) {

@@ -29,7 +29,8 @@ Plan make_plan(int64_t T, int64_t K, int32_t E, int64_t capacity, int32_t pad) {
   plan.token_of_row.resize(size_t(plan.R));
   EXPECT_TRUE(cpu::routing_plan(p, make_view(ex.data(), {T, K}), TensorView{}, make_view(cnt.data(), {int64_t(E)}),
                                 make_view(off.data(), {int64_t(E) + 1}), make_view(plan.row_of.data(), {T, K}),
-                                make_view(plan.token_of_row.data(), {plan.R}), make_view(ws.data(), {int64_t(ws.size())}))
+                                make_view(plan.token_of_row.data(), {plan.R}),
+                                make_view(ws.data(), {int64_t(ws.size())}))
                   .ok());
   return plan;
 }
@@ -55,9 +56,10 @@ void check(DType dt, int64_t T, int64_t K, int64_t H, int32_t E, int64_t capacit
   std::vector<float> gw_cpu(size_t(T * K));
   ASSERT_TRUE(cpu::permute_forward(xv, torv, make_view(xs_cpu.data(), dt, {R, H})).ok());
   ASSERT_TRUE(cpu::permute_backward(make_view(gxs.data(), dt, {R, H}), rov, make_view(gx_cpu.data(), dt, {T, H})).ok());
-  ASSERT_TRUE(cpu::combine_forward(make_view(ys.data(), dt, {R, H}), wv, rov, make_view(y_cpu.data(), dt, {T, H})).ok());
-  ASSERT_TRUE(cpu::combine_backward(gyv, make_view(ys.data(), dt, {R, H}), wv, rov, make_view(gys_cpu.data(), dt, {R, H}),
-                                    make_view(gw_cpu.data(), {T, K}))
+  ASSERT_TRUE(
+      cpu::combine_forward(make_view(ys.data(), dt, {R, H}), wv, rov, make_view(y_cpu.data(), dt, {T, H})).ok());
+  ASSERT_TRUE(cpu::combine_backward(gyv, make_view(ys.data(), dt, {R, H}), wv, rov,
+                                    make_view(gys_cpu.data(), dt, {R, H}), make_view(gw_cpu.data(), {T, K}))
                   .ok());
 
   std::vector<S> xs(xs_cpu.size()), gx(gx_cpu.size()), y(y_cpu.size()), gys_buf(gys_cpu.size() + size_t(gys_shift));
@@ -67,11 +69,13 @@ void check(DType dt, int64_t T, int64_t K, int64_t H, int32_t E, int64_t capacit
     poison(xs), poison(gx), poison(y), poison(gys_buf), poison(gw);
     EXPECT_OK(sim::permute_forward(xv, torv, make_view(xs.data(), dt, {R, H}), nullptr));
     EXPECT_OK(sim::permute_backward(make_view(gxs.data(), dt, {R, H}), rov, make_view(gx.data(), dt, {T, H}), nullptr));
-    EXPECT_OK(sim::combine_forward(make_view(ys.data(), dt, {R, H}), wv, rov, make_view(y.data(), dt, {T, H}), nullptr));
+    EXPECT_OK(
+        sim::combine_forward(make_view(ys.data(), dt, {R, H}), wv, rov, make_view(y.data(), dt, {T, H}), nullptr));
     EXPECT_OK(sim::combine_backward(gyv, make_view(ys.data(), dt, {R, H}), wv, rov, make_view(gys_data, dt, {R, H}),
                                     make_view(gw.data(), {T, K}), nullptr));
     std::vector<unsigned char> out;
-    append_bytes(out, xs), append_bytes(out, gx), append_bytes(out, y), append_bytes(out, gys_buf), append_bytes(out, gw);
+    append_bytes(out, xs), append_bytes(out, gx), append_bytes(out, y), append_bytes(out, gys_buf),
+        append_bytes(out, gw);
     return out;
   });
   const std::vector<S> gys(gys_data, gys_data + gys_cpu.size());
@@ -92,10 +96,10 @@ void check_all_shapes() {
   check<f16_t>(DType::kF16, 19, 5, 40, 5, -1, 2);    // K = E
   // combine_backward's edge shapes: grad_ys rows that cannot hold the inverse map in place (under 4
   // bytes, or not 4-byte aligned) take the scanning kernel, which allocates nothing.
-  check<bf16_t>(DType::kBF16, 9, 2, 1, 3, 4, 2);     // 2-byte rows, drops and padding
-  check<f16_t>(DType::kF16, 6, 3, 1, 3, -1, 1);      // 2-byte rows
+  check<bf16_t>(DType::kBF16, 9, 2, 1, 3, 4, 2);       // 2-byte rows, drops and padding
+  check<f16_t>(DType::kF16, 6, 3, 1, 3, -1, 1);        // 2-byte rows
   check<bf16_t>(DType::kBF16, 11, 2, 2, 4, -1, 1, 1);  // 4-byte rows starting 2 bytes off alignment
-  check<float>(DType::kF32, 5, 2, 4, 3, -1, 3, 1);   // f32 rows are 4-byte aligned: in place, shifted
+  check<float>(DType::kF32, 5, 2, 4, 3, -1, 3, 1);     // f32 rows are 4-byte aligned: in place, shifted
 }
 
 TEST(SimtPermute, MatchesCpu) { check_all_shapes(); }

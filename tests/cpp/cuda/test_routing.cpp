@@ -35,9 +35,15 @@ std::vector<int32_t> make_experts(const RoutingCase& c, uint32_t seed) {
     for (int64_t k = 0; k < c.K; ++k) {
       int32_t e;
       switch (c.skew) {
-        case 1: e = (c.E - 1 - int32_t(k) + c.E) % c.E; break;  // distinct per token when K <= E
-        case 2: e = int32_t(2 * ((t + 3 * k) % ((c.E + 1) / 2))) % c.E; break;
-        default: e = int32_t(g() % uint32_t(c.E)); break;
+        case 1:
+          e = (c.E - 1 - int32_t(k) + c.E) % c.E;
+          break;  // distinct per token when K <= E
+        case 2:
+          e = int32_t(2 * ((t + 3 * k) % ((c.E + 1) / 2))) % c.E;
+          break;
+        default:
+          e = int32_t(g() % uint32_t(c.E));
+          break;
       }
       ex[size_t(t * c.K + k)] = e;
     }
@@ -47,9 +53,9 @@ std::vector<int32_t> make_experts(const RoutingCase& c, uint32_t seed) {
 
 void check(const RoutingCase& c, int64_t per_chunk = 0) {
   SCOPED_TRACE("T=" + std::to_string(c.T) + " K=" + std::to_string(c.K) + " E=" + std::to_string(c.E) +
-               " C=" + std::to_string(c.capacity) + " pad=" + std::to_string(c.pad) + " skew=" + std::to_string(c.skew) +
-               (c.policy == DropPolicy::kByScore ? " by score" : "") + (c.tied_weights ? " tied" : "") +
-               " per_chunk=" + std::to_string(per_chunk));
+               " C=" + std::to_string(c.capacity) + " pad=" + std::to_string(c.pad) +
+               " skew=" + std::to_string(c.skew) + (c.policy == DropPolicy::kByScore ? " by score" : "") +
+               (c.tied_weights ? " tied" : "") + " per_chunk=" + std::to_string(per_chunk));
   RoutingPlanParams p;
   p.num_experts = c.E;
   p.capacity = c.capacity;
@@ -95,18 +101,17 @@ void check(const RoutingCase& c, int64_t per_chunk = 0) {
 
 TEST(SimtRouting, PlanMatchesCpuExactly) {
   const RoutingCase cases[] = {
-      {0, 2, 4, -1, 1, 0},      // no tokens
-      {1, 1, 1, -1, 1, 0},      // E = 1
-      {7, 2, 5, -1, 1, 0},      // odd E
-      {7, 5, 5, -1, 4, 1},      // K = E, padding
-      {300, 4, 7, -1, 8, 0},
-      {300, 2, 300, -1, 1, 0},  // E > 256, many empty experts
-      {300, 2, 9, -1, 16, 2},   // half the experts empty, padded
-      {300, 1, 4, -1, 1, 1},    // every token on one expert
-      {300, 2, 6, 37, 1, 0},    // capacity: drops in token order
-      {300, 1, 4, 5, 8, 1},     // capacity on the only used expert, padding
-      {300, 2, 6, 0, 1, 0},     // capacity 0: everything dropped
-      {5000, 4, 13, -1, 1, 0},  // 3 chunks of the scatter
+      {0, 2, 4, -1, 1, 0},                                 // no tokens
+      {1, 1, 1, -1, 1, 0},                                 // E = 1
+      {7, 2, 5, -1, 1, 0},                                 // odd E
+      {7, 5, 5, -1, 4, 1},                                 // K = E, padding
+      {300, 4, 7, -1, 8, 0},     {300, 2, 300, -1, 1, 0},  // E > 256, many empty experts
+      {300, 2, 9, -1, 16, 2},                              // half the experts empty, padded
+      {300, 1, 4, -1, 1, 1},                               // every token on one expert
+      {300, 2, 6, 37, 1, 0},                               // capacity: drops in token order
+      {300, 1, 4, 5, 8, 1},                                // capacity on the only used expert, padding
+      {300, 2, 6, 0, 1, 0},                                // capacity 0: everything dropped
+      {5000, 4, 13, -1, 1, 0},                             // 3 chunks of the scatter
       {5000, 4, 13, 1000, 4, 0},
   };
   // v1 (csrc/cuda/routing.cu) and the naive v0 (csrc/cuda/naive/routing_v0.cu): the same exact plan.
@@ -134,19 +139,19 @@ TEST(SimtRouting, ResultDoesNotDependOnTheChunking) {
 TEST(SimtRouting, DropByScoreMatchesCpuExactly) {
   const DropPolicy S = DropPolicy::kByScore;
   const RoutingCase cases[] = {
-      {0, 2, 4, 3, 1, 0, S, false},        // no tokens
-      {1, 1, 1, 0, 1, 0, S, false},        // capacity 0 on E = 1
-      {7, 2, 5, 1, 1, 0, S, true},         // ties: the lower (t, k) wins
-      {7, 5, 5, 2, 4, 1, S, false},        // K = E, padding
-      {300, 4, 7, 100, 8, 0, S, true},     // some experts over capacity, some not
-      {300, 2, 300, 1, 1, 0, S, true},     // E > 256, many empty experts
-      {300, 2, 9, 20, 16, 2, S, false},    // half the experts empty, padded
-      {300, 1, 4, 37, 1, 1, S, true},      // every token on one expert, heavy ties
-      {300, 2, 6, 0, 1, 0, S, false},      // capacity 0: everything dropped
-      {300, 2, 6, 1000, 1, 0, S, false},   // capacity above every count: nothing dropped
-      {5000, 4, 13, 1000, 4, 0, S, false}, // several chunks; segments of ~1500 > one select tile
+      {0, 2, 4, 3, 1, 0, S, false},         // no tokens
+      {1, 1, 1, 0, 1, 0, S, false},         // capacity 0 on E = 1
+      {7, 2, 5, 1, 1, 0, S, true},          // ties: the lower (t, k) wins
+      {7, 5, 5, 2, 4, 1, S, false},         // K = E, padding
+      {300, 4, 7, 100, 8, 0, S, true},      // some experts over capacity, some not
+      {300, 2, 300, 1, 1, 0, S, true},      // E > 256, many empty experts
+      {300, 2, 9, 20, 16, 2, S, false},     // half the experts empty, padded
+      {300, 1, 4, 37, 1, 1, S, true},       // every token on one expert, heavy ties
+      {300, 2, 6, 0, 1, 0, S, false},       // capacity 0: everything dropped
+      {300, 2, 6, 1000, 1, 0, S, false},    // capacity above every count: nothing dropped
+      {5000, 4, 13, 1000, 4, 0, S, false},  // several chunks; segments of ~1500 > one select tile
       {5000, 4, 13, 777, 1, 0, S, true},
-      {4097, 2, 3, 2049, 1, 0, S, true},   // one radix digit holds most keys: all 8 passes matter
+      {4097, 2, 3, 2049, 1, 0, S, true},  // one radix digit holds most keys: all 8 passes matter
   };
   // v1 (csrc/cuda/routing.cu) and the naive v0 (csrc/cuda/naive/routing_v0.cu): the same exact plan.
   for (int version : {1, 0}) {
@@ -169,15 +174,15 @@ TEST(SimtRouting, DropByScoreRanksNanLowest) {
   std::vector<int64_t> off(2);
   std::vector<uint8_t> ws(size_t(sim::routing_plan_workspace_bytes(p, T, K)));
   for (int version : {1, 0}) {
-  KernelVersionScope scope(sim::KernelOp::kRoutingPlan, version);
-  SCOPED_TRACE(version_trace(sim::KernelOp::kRoutingPlan));
-  EXPECT_OK(sim::routing_plan(p, make_view(ex.data(), {T, K}), make_view(w.data(), {T, K}), make_view(cnt.data(), {1}),
-                              make_view(off.data(), {2}), make_view(rof.data(), {T, K}), make_view(tor.data(), {T}),
-                              make_view(ws.data(), {int64_t(ws.size())}), nullptr));
-  EXPECT_EQ(cnt, std::vector<int32_t>({3}));
-  EXPECT_EQ(off, std::vector<int64_t>({0, 3}));
-  EXPECT_EQ(rof, std::vector<int32_t>({-1, 0, -1, 1, 2, -1}));  // kept: 0.5, -1, 0.25 in token order
-  EXPECT_EQ(tor, std::vector<int32_t>({1, 3, 4, -1, -1, -1}));
+    KernelVersionScope scope(sim::KernelOp::kRoutingPlan, version);
+    SCOPED_TRACE(version_trace(sim::KernelOp::kRoutingPlan));
+    EXPECT_OK(sim::routing_plan(p, make_view(ex.data(), {T, K}), make_view(w.data(), {T, K}),
+                                make_view(cnt.data(), {1}), make_view(off.data(), {2}), make_view(rof.data(), {T, K}),
+                                make_view(tor.data(), {T}), make_view(ws.data(), {int64_t(ws.size())}), nullptr));
+    EXPECT_EQ(cnt, std::vector<int32_t>({3}));
+    EXPECT_EQ(off, std::vector<int64_t>({0, 3}));
+    EXPECT_EQ(rof, std::vector<int32_t>({-1, 0, -1, 1, 2, -1}));  // kept: 0.5, -1, 0.25 in token order
+    EXPECT_EQ(tor, std::vector<int32_t>({1, 3, 4, -1, -1, -1}));
   }
 }
 

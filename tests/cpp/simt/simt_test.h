@@ -12,26 +12,22 @@
 
 namespace smoe::simt::test {
 
-#define SIMT_CHECK(expr)                                                                       \
-  do {                                                                                         \
-    const cudaError_t simt_check_error_ = (expr);                                              \
-    ASSERT_EQ(simt_check_error_, cudaSuccess) << #expr << ": "                                 \
-                                              << cudaGetErrorString(simt_check_error_);        \
+#define SIMT_CHECK(expr)                                                                                 \
+  do {                                                                                                   \
+    const cudaError_t simt_check_error_ = (expr);                                                        \
+    ASSERT_EQ(simt_check_error_, cudaSuccess) << #expr << ": " << cudaGetErrorString(simt_check_error_); \
   } while (0)
 
 // EXPECT_CONTAINS(text, part): `text` (a string) contains `part`; prints `text` otherwise.
-#define EXPECT_CONTAINS(text, part)                                                            \
-  EXPECT_NE(std::string(text).find(part), std::string::npos)                                   \
-      << "expected to find: " << (part) << "\nin: " << (text)
+#define EXPECT_CONTAINS(text, part) \
+  EXPECT_NE(std::string(text).find(part), std::string::npos) << "expected to find: " << (part) << "\nin: " << (text)
 
 // Device buffer that starts as a copy of `host` (or poisoned, when given only a size).
 template <class T>
 struct DeviceBuffer {
   T* ptr = nullptr;
   size_t n = 0;
-  explicit DeviceBuffer(size_t count) : n(count) {
-    EXPECT_EQ(cudaMalloc(&ptr, count * sizeof(T)), cudaSuccess);
-  }
+  explicit DeviceBuffer(size_t count) : n(count) { EXPECT_EQ(cudaMalloc(&ptr, count * sizeof(T)), cudaSuccess); }
   explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size()) {
     EXPECT_EQ(cudaMemcpy(ptr, host.data(), n * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
   }

@@ -36,8 +36,7 @@ void run_shared_out_of_bounds() {
 
 TEST(SimtAsan, GlobalOutOfBoundsNamesKernelLine) {
   GTEST_FLAG_SET(death_test_style, "threadsafe");
-  EXPECT_DEATH(run_out_of_bounds(),
-               "heap-buffer-overflow.*test_asan.cu:" + std::to_string(kOutOfBoundsLine));
+  EXPECT_DEATH(run_out_of_bounds(), "heap-buffer-overflow.*test_asan.cu:" + std::to_string(kOutOfBoundsLine));
 }
 
 TEST(SimtAsan, DynamicSharedOutOfBounds) {

@@ -142,8 +142,7 @@ TEST(SimtBasics, StaticSharedIsPerBlockAndPoisoned) {
   std::vector<float> in(n * n);
   for (int i = 0; i < n * n; ++i) in[i] = static_cast<float>(i);
   DeviceBuffer<float> d_in(in), d_out(n * n), first(9 * 1024);
-  SIMT_CHECK(SMOE_LAUNCH(transpose_kernel, dim3(3, 3), dim3(32, 32), 0, nullptr, d_in.ptr,
-                         d_out.ptr, first.ptr, n));
+  SIMT_CHECK(SMOE_LAUNCH(transpose_kernel, dim3(3, 3), dim3(32, 32), 0, nullptr, d_in.ptr, d_out.ptr, first.ptr, n));
   const auto out = d_out.to_host();
   for (int y = 0; y < n; ++y)
     for (int x = 0; x < n; ++x) ASSERT_EQ(out[x * n + y], in[y * n + x]) << x << "," << y;
@@ -156,12 +155,11 @@ TEST(SimtBasics, DynamicSharedMemoryAndFreshAllocationsArePoisoned) {
   DeviceBuffer<int> out(threads * blocks);
   DeviceBuffer<float> untouched(blocks);
   for (float f : untouched.to_host()) EXPECT_TRUE(smoe::simt::test::is_poison(f));
-  SIMT_CHECK(SMOE_LAUNCH(dynamic_smem_kernel, blocks, threads, (threads + 4) * sizeof(int),
-                         nullptr, out.ptr, untouched.ptr));
+  SIMT_CHECK(
+      SMOE_LAUNCH(dynamic_smem_kernel, blocks, threads, (threads + 4) * sizeof(int), nullptr, out.ptr, untouched.ptr));
   const auto h = out.to_host();
   for (int b = 0; b < blocks; ++b)
-    for (int t = 0; t < threads; ++t)
-      EXPECT_EQ(h[b * threads + t], (t + 1) % threads + 1000 * b);
+    for (int t = 0; t < threads; ++t) EXPECT_EQ(h[b * threads + t], (t + 1) % threads + 1000 * b);
   for (float f : untouched.to_host()) EXPECT_TRUE(std::isnan(f));
 }
 

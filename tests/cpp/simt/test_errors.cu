@@ -107,12 +107,11 @@ TEST(SimtErrors, BarrierNotReachedByEveryThread) {
 }
 
 TEST(SimtErrors, BarrierAfterOtherThreadsExitedUnderEverySchedule) {
-  for (auto s : {smoe::simt::Schedule::kForward, smoe::simt::Schedule::kReverse,
-                 smoe::simt::Schedule::kRandom}) {
+  for (auto s : {smoe::simt::Schedule::kForward, smoe::simt::Schedule::kReverse, smoe::simt::Schedule::kRandom}) {
     smoe::simt::test::ScopedOptions opt(smoe::simt::test::with_schedule(s, 7));
     DeviceBuffer<int> out(64);
-    const std::string msg = expect_kernel_error(
-        [&] { return SMOE_LAUNCH(barrier_after_exit_kernel, 1, 64, 0, nullptr, out.ptr, 50); });
+    const std::string msg =
+        expect_kernel_error([&] { return SMOE_LAUNCH(barrier_after_exit_kernel, 1, 64, 0, nullptr, out.ptr, 50); });
     EXPECT_CONTAINS(msg, at(kBarrierAfterExitLine));
     EXPECT_CONTAINS(msg, "exit");
   }
@@ -150,8 +149,7 @@ TEST(SimtErrors, LaneWaitsAtDifferentCollective) {
 
 TEST(SimtErrors, DeadlockListsWhereEachThreadWaits) {
   DeviceBuffer<int> out(64);
-  const std::string msg =
-      expect_kernel_error([&] { return SMOE_LAUNCH(deadlock_kernel, 1, 64, 0, nullptr, out.ptr); });
+  const std::string msg = expect_kernel_error([&] { return SMOE_LAUNCH(deadlock_kernel, 1, 64, 0, nullptr, out.ptr); });
   EXPECT_CONTAINS(msg, "deadlock");
   EXPECT_CONTAINS(msg, "where the threads of the block are");
   EXPECT_CONTAINS(msg, "wait at __syncthreads at ");
@@ -161,8 +159,8 @@ TEST(SimtErrors, DeadlockListsWhereEachThreadWaits) {
 
 TEST(SimtErrors, ShuffleFromLaneOutsideMask) {
   DeviceBuffer<int> out(32);
-  const std::string msg = expect_kernel_error(
-      [&] { return SMOE_LAUNCH(shfl_outside_mask_kernel, 1, 32, 0, nullptr, out.ptr); });
+  const std::string msg =
+      expect_kernel_error([&] { return SMOE_LAUNCH(shfl_outside_mask_kernel, 1, 32, 0, nullptr, out.ptr); });
   EXPECT_CONTAINS(msg, "lane 15 reads lane 16");
 }
 
@@ -205,13 +203,11 @@ TEST(SimtErrors, LaunchConfigurationsTheDriverRejects) {
   EXPECT_EQ(launch(1, 32, 48 * 1024), cudaSuccess);
   EXPECT_EQ(launch(1, 32, 48 * 1024 + 4), cudaErrorInvalidValue);
   cudaGetLastError();
-  EXPECT_EQ(cudaFuncSetAttribute(big_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 100 * 1024),
+  EXPECT_EQ(cudaFuncSetAttribute(big_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 100 * 1024),
             cudaSuccess);
   EXPECT_EQ(launch(1, 32, 100 * 1024), cudaSuccess);
   EXPECT_EQ(launch(1, 32, 100 * 1024 + 4), cudaErrorInvalidValue);
-  EXPECT_EQ(cudaFuncSetAttribute(big_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 227 * 1024 + 1),
+  EXPECT_EQ(cudaFuncSetAttribute(big_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024 + 1),
             cudaErrorInvalidValue);
   cudaGetLastError();
 }

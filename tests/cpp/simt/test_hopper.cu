@@ -23,25 +23,31 @@ constexpr int kTileBytesA = 64 * 128;  // 64 rows x 64 bf16 (128 B per row)
 template <int N, bool kBf16>
 __device__ void wgmma_k16(float (&acc)[N / 2], uint64_t da, uint64_t db, int scale_d) {
   if constexpr (N == 64) {
-    if constexpr (kBf16) hop::wgmma_m64n64k16_bf16(acc, da, db, scale_d);
-    else hop::wgmma_m64n64k16_f16(acc, da, db, scale_d);
+    if constexpr (kBf16)
+      hop::wgmma_m64n64k16_bf16(acc, da, db, scale_d);
+    else
+      hop::wgmma_m64n64k16_f16(acc, da, db, scale_d);
   } else if constexpr (N == 128) {
-    if constexpr (kBf16) hop::wgmma_m64n128k16_bf16(acc, da, db, scale_d);
-    else hop::wgmma_m64n128k16_f16(acc, da, db, scale_d);
+    if constexpr (kBf16)
+      hop::wgmma_m64n128k16_bf16(acc, da, db, scale_d);
+    else
+      hop::wgmma_m64n128k16_f16(acc, da, db, scale_d);
   } else {
-    if constexpr (kBf16) hop::wgmma_m64n256k16_bf16(acc, da, db, scale_d);
-    else hop::wgmma_m64n256k16_f16(acc, da, db, scale_d);
+    if constexpr (kBf16)
+      hop::wgmma_m64n256k16_bf16(acc, da, db, scale_d);
+    else
+      hop::wgmma_m64n256k16_f16(acc, da, db, scale_d);
   }
 }
 
 template <bool kBf16, int N, int kGroups>
 __global__ void wgmma_tma_kernel(const __grid_constant__ hop::TensorMap map_a,
-                                 const __grid_constant__ hop::TensorMap map_b, int k_tiles,
-                                 float* d, int ldd, int m_valid, int n_valid) {
+                                 const __grid_constant__ hop::TensorMap map_b, int k_tiles, float* d, int ldd,
+                                 int m_valid, int n_valid) {
   SMOE_DYNAMIC_SMEM(unsigned char, raw);
   // 1024-byte aligned operands: the 128-byte swizzle is a function of the address.
-  unsigned char* smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  unsigned char* smem =
+      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~static_cast<uintptr_t>(1023));
   unsigned char* sa = smem;                          // kGroups A tiles
   unsigned char* sb = smem + kGroups * kTileBytesA;  // one B tile, N rows
   __shared__ __align__(8) uint64_t full;
@@ -78,11 +84,11 @@ __global__ void wgmma_tma_kernel(const __grid_constant__ hop::TensorMap map_a,
 
 // A written by ordinary (generic-proxy) stores, swizzled by hand, B by TMA; with_fence selects
 // whether fence.proxy.async separates the stores from the wgmma.
-__global__ void generic_store_kernel(const uint16_t* a, const __grid_constant__ hop::TensorMap map_b,
-                                     float* d, int with_fence) {
+__global__ void generic_store_kernel(const uint16_t* a, const __grid_constant__ hop::TensorMap map_b, float* d,
+                                     int with_fence) {
   SMOE_DYNAMIC_SMEM(unsigned char, raw);
-  unsigned char* smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  unsigned char* smem =
+      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~static_cast<uintptr_t>(1023));
   unsigned char* sa = smem;
   unsigned char* sb = smem + kTileBytesA;
   __shared__ __align__(8) uint64_t full;
@@ -93,8 +99,8 @@ __global__ void generic_store_kernel(const uint16_t* a, const __grid_constant__ 
   }
   for (int e = tid; e < 64 * 64; e += 128) {
     const int r = e / 64, k = e % 64;
-    const uintptr_t at = smoe::simt::sm90::swizzle128(reinterpret_cast<uintptr_t>(sa) +
-                                                      smoe::simt::sm90::kmajor_offset(r, k, 1024));
+    const uintptr_t at =
+        smoe::simt::sm90::swizzle128(reinterpret_cast<uintptr_t>(sa) + smoe::simt::sm90::kmajor_offset(r, k, 1024));
     *reinterpret_cast<uint16_t*>(at) = a[e];
   }
   if (with_fence) hop::fence_proxy_async();
@@ -107,8 +113,7 @@ __global__ void generic_store_kernel(const uint16_t* a, const __grid_constant__ 
   float acc[32];
   hop::wgmma_fence();
   for (int kk = 0; kk < 4; ++kk)
-    wgmma_k16<64, true>(acc, hop::wgmma_desc(sa, 16, 1024) + 2 * kk,
-                        hop::wgmma_desc(sb, 16, 1024) + 2 * kk, kk > 0);
+    wgmma_k16<64, true>(acc, hop::wgmma_desc(sa, 16, 1024) + 2 * kk, hop::wgmma_desc(sb, 16, 1024) + 2 * kk, kk > 0);
   hop::wgmma_commit_group();
   hop::wgmma_wait_group<0>();
   for (int i = 0; i < 32; ++i) d[acc_row(warp, lane, i) * 64 + acc_col(lane, i)] = acc[i];
@@ -117,8 +122,8 @@ __global__ void generic_store_kernel(const uint16_t* a, const __grid_constant__ 
 // wgmma issued by warps first_warp..first_warp+3 only (the others return at once).
 __global__ void misaligned_warpgroup_kernel(int first_warp) {
   SMOE_DYNAMIC_SMEM(unsigned char, raw);
-  unsigned char* smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  unsigned char* smem =
+      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~static_cast<uintptr_t>(1023));
   const int warp = static_cast<int>(threadIdx.x) / 32;
   if (warp < first_warp || warp >= first_warp + 4) return;
   float acc[32];
@@ -133,8 +138,8 @@ __global__ void misaligned_warpgroup_kernel(int first_warp) {
 // wgmma without wgmma_fence before it.
 __global__ void unfenced_wgmma_kernel() {
   SMOE_DYNAMIC_SMEM(unsigned char, raw);
-  unsigned char* smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  unsigned char* smem =
+      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(raw) + 1023) & ~static_cast<uintptr_t>(1023));
   float acc[32];
   wgmma_k16<64, true>(acc, hop::wgmma_desc(smem, 16, 1024), hop::wgmma_desc(smem, 16, 1024), 0);
 }
@@ -202,7 +207,10 @@ struct Problem {
 Problem make_problem(int m, int n, int k, bool bf16, uint32_t seed) {
   Problem p{m, n, k, {}, {}, {}};
   uint32_t s = seed;
-  auto next = [&] { s = s * 1664525u + 1013904223u; return static_cast<int>(s >> 28) - 8; };  // -8..7
+  auto next = [&] {
+    s = s * 1664525u + 1013904223u;
+    return static_cast<int>(s >> 28) - 8;
+  };  // -8..7
   std::vector<float> fa(static_cast<size_t>(m) * k), fb(static_cast<size_t>(n) * k);
   for (auto& v : fa) v = static_cast<float>(next());
   for (auto& v : fb) v = static_cast<float>(next());
@@ -233,8 +241,8 @@ std::vector<float> run_wgmma(const Problem& p) {
   auto kernel = wgmma_tma_kernel<kBf16, N, kGroups>;
   EXPECT_EQ(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
             cudaSuccess);
-  EXPECT_EQ(SMOE_LAUNCH(kernel, 1, 128 * kGroups, smem, nullptr, map_a, map_b, k_tiles, d.ptr, p.n,
-                        p.m, p.n), cudaSuccess);
+  EXPECT_EQ(SMOE_LAUNCH(kernel, 1, 128 * kGroups, smem, nullptr, map_a, map_b, k_tiles, d.ptr, p.n, p.m, p.n),
+            cudaSuccess);
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   return d.to_host();
 }
@@ -259,16 +267,16 @@ void check_wgmma(int m, int n, int k) {
 TEST(SimtHopper, DescriptorAndLayoutHelpersFollowPtxIsa) {
   using namespace smoe::simt::sm90;
   const uint64_t d = make_desc(0x12340, 16, 1024, Swizzle::k128B);
-  EXPECT_EQ(d & 0x3FFF, 0x1234u);           // bits 13..0: address >> 4
-  EXPECT_EQ((d >> 16) & 0x3FFF, 1u);        // bits 29..16: LBO >> 4
-  EXPECT_EQ((d >> 32) & 0x3FFF, 64u);       // bits 45..32: SBO >> 4
-  EXPECT_EQ(d >> 62, 1u);                   // bits 63..62: 1 = 128-byte swizzle
+  EXPECT_EQ(d & 0x3FFF, 0x1234u);      // bits 13..0: address >> 4
+  EXPECT_EQ((d >> 16) & 0x3FFF, 1u);   // bits 29..16: LBO >> 4
+  EXPECT_EQ((d >> 32) & 0x3FFF, 64u);  // bits 45..32: SBO >> 4
+  EXPECT_EQ(d >> 62, 1u);              // bits 63..62: 1 = 128-byte swizzle
   EXPECT_EQ(desc_addr(d), 0x12340u);
   EXPECT_EQ(desc_sbo(d), 1024u);
   // 128B swizzle: chunk (bits 6..4) ^= row in atom (bits 9..7).
   EXPECT_EQ(swizzle128(0x000), 0x000u);
-  EXPECT_EQ(swizzle128(0x080), 0x090u);     // row 1, chunk 0 -> chunk 1
-  EXPECT_EQ(swizzle128(0x3F0), 0x380u);     // row 7, chunk 7 -> chunk 0
+  EXPECT_EQ(swizzle128(0x080), 0x090u);  // row 1, chunk 0 -> chunk 1
+  EXPECT_EQ(swizzle128(0x3F0), 0x380u);  // row 7, chunk 7 -> chunk 0
   EXPECT_EQ(swizzle128(0x400 + 0x85), 0x495u);
   // Accumulator: each (row, col) of the 64 x N tile is owned by exactly one (thread, register).
   for (int n : {64, 128, 256}) {
@@ -308,12 +316,11 @@ TEST(SimtHopper, WgmmaOperandWrittenByStoresNeedsFenceProxyAsync) {
 TEST(SimtHopper, WarpgroupMustStartAtWarpDivisibleByFour) {
   const size_t smem = 1024 + 2 * kTileBytesA;
   // Warps 1..4 of a 5-warp block: warp 4's warpgroup (4..7) does not exist.
-  std::string err = expect_kernel_error(
-      [&] { return SMOE_LAUNCH(misaligned_warpgroup_kernel, 1, 160, smem, nullptr, 1); });
+  std::string err =
+      expect_kernel_error([&] { return SMOE_LAUNCH(misaligned_warpgroup_kernel, 1, 160, smem, nullptr, 1); });
   EXPECT_CONTAINS(err, "first warp index is divisible by 4");
   // Warps 2..5 of an 8-warp block: warps 0, 1, 6, 7 never issue.
-  err = expect_kernel_error(
-      [&] { return SMOE_LAUNCH(misaligned_warpgroup_kernel, 1, 256, smem, nullptr, 2); });
+  err = expect_kernel_error([&] { return SMOE_LAUNCH(misaligned_warpgroup_kernel, 1, 256, smem, nullptr, 2); });
   EXPECT_CONTAINS(err, "issued 0 of the 1 wgmma.mma_async");
   EXPECT_CONTAINS(err, "test_hopper.cu:");
   err = expect_kernel_error([&] { return SMOE_LAUNCH(unfenced_wgmma_kernel, 1, 128, smem, nullptr); });

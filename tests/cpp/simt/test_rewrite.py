@@ -8,9 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
-spec = importlib.util.spec_from_file_location(
-    "smoe_simt_runner", ROOT / "python" / "smoe" / "simt" / "__init__.py"
-)
+spec = importlib.util.spec_from_file_location("smoe_simt_runner", ROOT / "python" / "smoe" / "simt" / "__init__.py")
 simt = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(simt)
 rewrite = simt.rewrite_source

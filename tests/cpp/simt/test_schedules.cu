@@ -45,8 +45,7 @@ __global__ void producer_consumer_kernel(int* flag, int* data, int* out) {
       atomicExch(flag, 1);
     }
   } else if (threadIdx.x == 0) {
-    while (atomicAdd(flag, 0) == 0) {
-    }
+    while (atomicAdd(flag, 0) == 0) {}
     __threadfence();
     out[0] = data[0];
   }
@@ -80,8 +79,7 @@ template <bool kWithBarrier>
 std::vector<float> run_neighbour(Schedule s, uint64_t seed) {
   ScopedOptions opt(with_schedule(s, seed));
   DeviceBuffer<float> out(128);
-  EXPECT_EQ(SMOE_LAUNCH(neighbour_kernel<kWithBarrier>, 1, 128, 0, nullptr, out.ptr),
-            cudaSuccess);
+  EXPECT_EQ(SMOE_LAUNCH(neighbour_kernel<kWithBarrier>, 1, 128, 0, nullptr, out.ptr), cudaSuccess);
   return out.to_host();
 }
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
@@ -140,8 +138,7 @@ TEST(SimtSchedules, BlockReduction64x256IsFastAndExact) {
     ScopedOptions opt(with_schedule(s, 5));
     const auto t0 = std::chrono::steady_clock::now();
     SIMT_CHECK(SMOE_LAUNCH(block_sum_kernel, blocks, threads, 0, nullptr, d_in.ptr, d_out.ptr));
-    const double seconds =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const auto out = d_out.to_host();
     for (int b = 0; b < blocks; ++b) {
       float ref = 0;
@@ -170,9 +167,8 @@ TEST(SimtSchedules, SequentialModeReportsCrossBlockSpinAsLivelock) {
   o.spin_timeout_s = 0.2;
   ScopedOptions opt(o);
   DeviceBuffer<int> flag(std::vector<int>{0}), data(1), out(1);
-  const std::string msg = smoe::simt::test::expect_kernel_error([&] {
-    return SMOE_LAUNCH(producer_consumer_kernel, 2, 32, 0, nullptr, flag.ptr, data.ptr, out.ptr);
-  });
+  const std::string msg = smoe::simt::test::expect_kernel_error(
+      [&] { return SMOE_LAUNCH(producer_consumer_kernel, 2, 32, 0, nullptr, flag.ptr, data.ptr, out.ptr); });
   EXPECT_CONTAINS(msg, "SMOE_SIMT_PARALLEL=1");
 }
 

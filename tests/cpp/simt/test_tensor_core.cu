@@ -31,11 +31,11 @@ __global__ void mma_kernel(const T* a, const T* b, const float* c, float* d) {
   uint32_t fa[4], fb[2];
   float fc[4], fd[4];
   for (int r = 0; r < 4; ++r)
-    fa[r] = pack2(a[a_row(lane, 2 * r) * 16 + a_col(lane, 2 * r)],
-                  a[a_row(lane, 2 * r + 1) * 16 + a_col(lane, 2 * r + 1)]);
+    fa[r] =
+        pack2(a[a_row(lane, 2 * r) * 16 + a_col(lane, 2 * r)], a[a_row(lane, 2 * r + 1) * 16 + a_col(lane, 2 * r + 1)]);
   for (int r = 0; r < 2; ++r)
-    fb[r] = pack2(b[b_row(lane, 2 * r) * 8 + b_col(lane, 2 * r)],
-                  b[b_row(lane, 2 * r + 1) * 8 + b_col(lane, 2 * r + 1)]);
+    fb[r] =
+        pack2(b[b_row(lane, 2 * r) * 8 + b_col(lane, 2 * r)], b[b_row(lane, 2 * r + 1) * 8 + b_col(lane, 2 * r + 1)]);
   for (int i = 0; i < 4; ++i) fc[i] = c[c_row(lane, i) * 8 + c_col(lane, i)];
   if (kBf16)
     smoe::simt::mma_m16n8k16_bf16(fd, fa, fb, fc);
@@ -44,11 +44,9 @@ __global__ void mma_kernel(const T* a, const T* b, const float* c, float* d) {
   for (int i = 0; i < 4; ++i) d[c_row(lane, i) * 8 + c_col(lane, i)] = fd[i];
 }
 
-template __global__ void mma_kernel<__nv_bfloat16, true>(const __nv_bfloat16*,
-                                                          const __nv_bfloat16*, const float*,
-                                                          float*);
-template __global__ void mma_kernel<__half, false>(const __half*, const __half*, const float*,
-                                                   float*);
+template __global__ void mma_kernel<__nv_bfloat16, true>(const __nv_bfloat16*, const __nv_bfloat16*, const float*,
+                                                         float*);
+template __global__ void mma_kernel<__half, false>(const __half*, const __half*, const float*, float*);
 
 // The same product with operands staged in shared memory and loaded with ldmatrix: A with .x4
 // (lane l points at row l % 16, column block l / 16), B (stored K x N, row-major) with .x2.trans.
@@ -124,8 +122,7 @@ __global__ void mma_tf32_kernel(const float* a, const float* b, float* d) {
   const uint32_t bf[2] = {__float_as_uint(b[t * 8 + g]), __float_as_uint(b[(t + 4) * 8 + g])};
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   smoe::simt::mma_m16n8k8_tf32(acc, af, bf, acc);
-  for (int i = 0; i < 4; ++i)
-    d[smoe::simt::frag::c_row(lane, i) * 8 + smoe::simt::frag::c_col(lane, i)] = acc[i];
+  for (int i = 0; i < 4; ++i) d[smoe::simt::frag::c_row(lane, i) * 8 + smoe::simt::frag::c_col(lane, i)] = acc[i];
 }
 
 #if defined(SMOE_SIMT) && SMOE_SIMT
@@ -148,8 +145,8 @@ TEST(SimtTensorCore, FragmentLayoutsMatchPtxIsaTables) {
   };
   for (int lane = 0; lane < 32; ++lane) {
     const int g = lane / 4, t = lane % 4;
-    const RC a[8] = {{g, 2 * t},         {g, 2 * t + 1},     {g + 8, 2 * t},     {g + 8, 2 * t + 1},
-                     {g, 2 * t + 8},     {g, 2 * t + 9},     {g + 8, 2 * t + 8}, {g + 8, 2 * t + 9}};
+    const RC a[8] = {{g, 2 * t},     {g, 2 * t + 1}, {g + 8, 2 * t},     {g + 8, 2 * t + 1},
+                     {g, 2 * t + 8}, {g, 2 * t + 9}, {g + 8, 2 * t + 8}, {g + 8, 2 * t + 9}};
     for (int i = 0; i < 8; ++i) {
       EXPECT_EQ(a_row(lane, i), a[i].r) << "A lane " << lane << " a" << i;
       EXPECT_EQ(a_col(lane, i), a[i].c) << "A lane " << lane << " a" << i;
@@ -182,9 +179,13 @@ namespace {
 template <class T>
 T to16(float f);
 template <>
-__nv_bfloat16 to16<__nv_bfloat16>(float f) { return __float2bfloat16(f); }
+__nv_bfloat16 to16<__nv_bfloat16>(float f) {
+  return __float2bfloat16(f);
+}
 template <>
-__half to16<__half>(float f) { return __float2half(f); }
+__half to16<__half>(float f) {
+  return __float2half(f);
+}
 
 template <class T, bool kBf16>
 void check_mma(bool small_integers, uint32_t seed) {
@@ -271,8 +272,8 @@ TEST(SimtTensorCore, LdmatrixRegistersMatchPtxIsaLayout) {
     EXPECT_EQ(o[9], trans(1, lane));
     for (int j = 0; j < 4; ++j) EXPECT_EQ(o[10 + j], trans(j, lane)) << lane << " x4.trans " << j;
   }
-  EXPECT_EQ(out[5 * 14 + 0], 10u | 11u << 16);   // T5: row 1, cols 2-3
-  EXPECT_EQ(out[5 * 14 + 7], 17u | 25u << 16);   // T5 .trans: rows 2-3, col 1
+  EXPECT_EQ(out[5 * 14 + 0], 10u | 11u << 16);  // T5: row 1, cols 2-3
+  EXPECT_EQ(out[5 * 14 + 7], 17u | 25u << 16);  // T5 .trans: rows 2-3, col 1
 }
 
 TEST(SimtTensorCore, CpAsyncLandsOnlyAtTheWait) {
@@ -338,7 +339,11 @@ TEST(SimtTensorCore, CpAsyncLandingModes) {
 
 TEST(SimtTensorCore, Tf32RoundingAndMma) {
   using smoe::simt::cvt_rna_tf32;
-  auto f = [](uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; };
+  auto f = [](uint32_t u) {
+    float x;
+    std::memcpy(&x, &u, 4);
+    return x;
+  };
   // cvt.rna.tf32.f32: 10 mantissa bits kept, round to nearest, ties away from zero.
   EXPECT_EQ(cvt_rna_tf32(1.0f), 0x3f800000u);
   EXPECT_EQ(cvt_rna_tf32(f(0x3f800fffu)), 0x3f800000u);  // below half an ulp: down

@@ -7,8 +7,7 @@
 
 // out[0..31] idx, [32..63] up, [64..95] down, [96..127] xor.
 template <class T>
-__global__ void shuffle_kernel(const T* in, T* out, int width, int src_lane, unsigned delta,
-                               int lane_mask) {
+__global__ void shuffle_kernel(const T* in, T* out, int width, int src_lane, unsigned delta, int lane_mask) {
   const int lane = threadIdx.x;
   const T v = in[lane];
   out[lane] = __shfl_sync(0xffffffffu, v, src_lane + lane, width);
@@ -18,8 +17,7 @@ __global__ void shuffle_kernel(const T* in, T* out, int width, int src_lane, uns
 }
 
 // Explicit instantiations, so that nvcc compiles every shuffle type too (simt_nvcc_check).
-#define SMOE_SHUFFLE_INSTANCE(T) \
-  template __global__ void shuffle_kernel<T>(const T*, T*, int, int, unsigned, int);
+#define SMOE_SHUFFLE_INSTANCE(T) template __global__ void shuffle_kernel<T>(const T*, T*, int, int, unsigned, int);
 SMOE_SHUFFLE_INSTANCE(int)
 SMOE_SHUFFLE_INSTANCE(float)
 SMOE_SHUFFLE_INSTANCE(double)
@@ -83,15 +81,25 @@ namespace {
 template <class T>
 T value_for_lane(int lane);
 template <>
-int value_for_lane<int>(int lane) { return lane * 17 - 100; }
+int value_for_lane<int>(int lane) {
+  return lane * 17 - 100;
+}
 template <>
-float value_for_lane<float>(int lane) { return 0.5f * lane - 3.25f; }
+float value_for_lane<float>(int lane) {
+  return 0.5f * lane - 3.25f;
+}
 template <>
-double value_for_lane<double>(int lane) { return 1e300 / (lane + 1); }
+double value_for_lane<double>(int lane) {
+  return 1e300 / (lane + 1);
+}
 template <>
-long long value_for_lane<long long>(int lane) { return (1ll << 40) * lane + lane; }
+long long value_for_lane<long long>(int lane) {
+  return (1ll << 40) * lane + lane;
+}
 template <>
-__half2 value_for_lane<__half2>(int lane) { return __floats2half2_rn(lane, -lane * 0.5f); }
+__half2 value_for_lane<__half2>(int lane) {
+  return __floats2half2_rn(lane, -lane * 0.5f);
+}
 template <>
 __nv_bfloat162 value_for_lane<__nv_bfloat162>(int lane) {
   return __floats2bfloat162_rn(lane * 2.0f, 100.0f + lane);
@@ -102,8 +110,7 @@ void check_shuffles(int width, int src, unsigned delta, int lane_mask) {
   std::vector<T> in(32);
   for (int l = 0; l < 32; ++l) in[l] = value_for_lane<T>(l);
   DeviceBuffer<T> d_in(in), d_out(128);
-  SIMT_CHECK(SMOE_LAUNCH(shuffle_kernel<T>, 1, 32, 0, nullptr, d_in.ptr, d_out.ptr, width, src,
-                         delta, lane_mask));
+  SIMT_CHECK(SMOE_LAUNCH(shuffle_kernel<T>, 1, 32, 0, nullptr, d_in.ptr, d_out.ptr, width, src, delta, lane_mask));
   const auto out = d_out.to_host();
   for (int lane = 0; lane < 32; ++lane) {
     const int base = lane / width * width;

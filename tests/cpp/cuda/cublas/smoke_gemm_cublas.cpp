@@ -81,10 +81,9 @@ int main() {
     for (int64_t r = off[e]; r < off[e + 1]; ++r)
       for (int64_t m = 0; m < Kd; ++m)
         for (int64_t c = 0; c < N; ++c) want[(e * Kd + m) * N + c] += double(a[r * Kd + m]) * g[r * N + c];
-  const Status st = cuda::grouped_gemm_wgrad_cublas(make_view(da, {R, Kd}, Device::kCUDA),
-                                                    make_view(dg, {R, N}, Device::kCUDA),
-                                                    make_view(doff, {E + 1}, Device::kCUDA),
-                                                    make_view(dw, {E, Kd, N}, Device::kCUDA), nullptr);
+  const Status st = cuda::grouped_gemm_wgrad_cublas(
+      make_view(da, {R, Kd}, Device::kCUDA), make_view(dg, {R, N}, Device::kCUDA),
+      make_view(doff, {E + 1}, Device::kCUDA), make_view(dw, {E, Kd, N}, Device::kCUDA), nullptr);
   if (!st.ok()) {
     std::printf("FAIL grouped_gemm_wgrad_cublas: %s\n", st.message().c_str());
     return 1;

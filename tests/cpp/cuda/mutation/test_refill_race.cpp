@@ -19,12 +19,12 @@
 #include "smoe/simt/testing.h"
 
 namespace smoe::cuda_simt_mutant {
-cudaError_t race_gemm_bf16(const __nv_bfloat16* a, const __nv_bfloat16* b, const int64_t* offsets, int32_t E,
-                           int64_t R, int64_t N, int64_t Kd, __nv_bfloat16* c);
+cudaError_t race_gemm_bf16(const __nv_bfloat16* a, const __nv_bfloat16* b, const int64_t* offsets, int32_t E, int64_t R,
+                           int64_t N, int64_t Kd, __nv_bfloat16* c);
 }
 namespace smoe::cuda_simt_control {
-cudaError_t race_gemm_bf16(const __nv_bfloat16* a, const __nv_bfloat16* b, const int64_t* offsets, int32_t E,
-                           int64_t R, int64_t N, int64_t Kd, __nv_bfloat16* c);
+cudaError_t race_gemm_bf16(const __nv_bfloat16* a, const __nv_bfloat16* b, const int64_t* offsets, int32_t E, int64_t R,
+                           int64_t N, int64_t Kd, __nv_bfloat16* c);
 }
 
 namespace {

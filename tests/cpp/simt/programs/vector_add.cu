@@ -6,14 +6,13 @@
 #include <cstdlib>
 #include <vector>
 
-#define CHECK(expr)                                                                 \
-  do {                                                                              \
-    cudaError_t e_ = (expr);                                                        \
-    if (e_ != cudaSuccess) {                                                        \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr,            \
-                   cudaGetErrorString(e_));                                         \
-      return 1;                                                                     \
-    }                                                                               \
+#define CHECK(expr)                                                                               \
+  do {                                                                                            \
+    cudaError_t e_ = (expr);                                                                      \
+    if (e_ != cudaSuccess) {                                                                      \
+      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(e_)); \
+      return 1;                                                                                   \
+    }                                                                                             \
   } while (0)
 
 __global__ void add(const float* a, const float* b, float* c, int n) {
@@ -46,8 +45,7 @@ int main(int argc, char** argv) {
   CHECK(cudaMemcpy(db, b.data(), n * sizeof(float), cudaMemcpyHostToDevice));
   cudaStream_t stream;
   CHECK(cudaStreamCreate(&stream));
-  add<<<(n + 127) / 128, 128, 0, stream>>>(da, db, dc,
-                                           n);
+  add<<<(n + 127) / 128, 128, 0, stream>>>(da, db, dc, n);
   CHECK(cudaGetLastError());
   CHECK(cudaDeviceSynchronize());
   CHECK(cudaMemcpy(c.data(), dc, n * sizeof(float), cudaMemcpyDeviceToHost));
