@@ -42,10 +42,11 @@ done | xargs -P "$jobs" -n 2 bash -c 'compile "$0" "$1"' || status=1
 
 # The cuBLAS grouped-GEMM baseline: the loop above compiles gemm_cublas.cu without SMOE_HAVE_CUBLAS (an
 # empty unit); here it is compiled for real, with its GPU smoke test (tests/cpp/cuda/cublas), wherever
-# cublas_v2.h is found (the toolkit beside nvcc, SMOE_CUBLAS_ROOT, or the nvidia-cublas wheel). Compile
+# cublas_v2.h is found (the toolkit beside nvcc, SMOE_CUBLAS_ROOT, build/cublas from scripts/setup.sh, or the nvidia-cublas wheel). Compile
 # only: no GPU needed. No cuBLAS headers: a skip line, not a failure.
 cublas_inc=""
 for d in "${SMOE_CUBLAS_ROOT:+$SMOE_CUBLAS_ROOT/include}" "$(dirname "$(command -v "$nvcc_bin")")/../include" \
+         "$root/build/cublas/include" \
          $(python3 -c "import site; print(' '.join(p + '/nvidia/cu13/include' for p in site.getsitepackages()))" 2>/dev/null); do
   if [ -n "$d" ] && [ -f "$d/cublas_v2.h" ]; then cublas_inc="$d"; break; fi
 done

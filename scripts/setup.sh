@@ -48,6 +48,28 @@ if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
   fi
 fi
 
+# 2d. cuBLAS headers for the compile check of the cuBLAS grouped-GEMM baseline (scripts/nvcc_check.sh),
+#     only where nvcc exists and the toolkit has none: the headers of the nvidia-cublas wheel, in build/cublas.
+if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
+  nvcc_inc="$(dirname "$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)")/../include"
+  if [ ! -f "$nvcc_inc/cublas_v2.h" ] && [ ! -f build/cublas/include/cublas_v2.h ]; then
+    log "pip: nvidia-cublas (cu13) headers into build/cublas"
+    tmp=$(mktemp -d)
+    $PY -m pip download -q --disable-pip-version-check --no-deps -d "$tmp" "nvidia-cublas>=13,<14"
+    $PY - "$tmp" <<'PYEOF'
+import glob, os, sys, zipfile
+wheel = glob.glob(os.path.join(sys.argv[1], "nvidia_cublas-*.whl"))[0]
+os.makedirs("build/cublas/include", exist_ok=True)
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith("nvidia/cu13/include/") and name.endswith(".h"):
+            with open(os.path.join("build/cublas/include", os.path.basename(name)), "wb") as f:
+                f.write(z.read(name))
+PYEOF
+    rm -rf "$tmp"
+  fi
+fi
+
 # 3. The Python package (builds smoe._C with CMake; editable, so python/ is used in place).
 log "pip install -e . (builds smoe._C)"
 $PY -m pip install -q --disable-pip-version-check --no-build-isolation -e .
