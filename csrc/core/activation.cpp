@@ -15,17 +15,6 @@ namespace {
 using detail::ArgCheck;
 using detail::Checker;
 
-Status check_activation(const Checker& c, Activation act) {
-  switch (act) {
-    case Activation::kSwiGLU:
-    case Activation::kGeGLU:
-    case Activation::kGELU:
-    case Activation::kReLU:
-      return Status::Ok();
-  }
-  return c.invalid("act", "kSwiGLU (0), kGeGLU (1), kGELU (2) or kReLU (3)", std::to_string(static_cast<int32_t>(act)));
-}
-
 // A 2-D tensor with dense rows in the dtype and on the device of `in` (which may be any float dtype).
 ArgCheck rows(const Checker& c, const char* arg, const TensorView& v, const char* layout) {
   ArgCheck k = c.arg(arg, v);
@@ -43,7 +32,7 @@ ArgCheck rows(const Checker& c, const char* arg, const TensorView& v, const char
 
 Status activation_forward(const Exec& exec, Activation act, const TensorView& in, const TensorView& out) {
   const Checker c{"activation_forward", in, "in"};
-  SMOE_RETURN_IF_ERROR(check_activation(c, act));
+  SMOE_RETURN_IF_ERROR(detail::check_activation(c, "act", act));
   const bool gated = is_gated(act);
   SMOE_RETURN_IF_ERROR(rows(c, "in", in, gated ? "[R, 2F]" : "[R, F]"));
   SMOE_RETURN_IF_ERROR(rows(c, "out", out, "[R, F]"));
@@ -58,7 +47,7 @@ Status activation_forward(const Exec& exec, Activation act, const TensorView& in
 Status activation_backward(const Exec& exec, Activation act, const TensorView& in, const TensorView& grad_out,
                            const TensorView& grad_in) {
   const Checker c{"activation_backward", in, "in"};
-  SMOE_RETURN_IF_ERROR(check_activation(c, act));
+  SMOE_RETURN_IF_ERROR(detail::check_activation(c, "act", act));
   const bool gated = is_gated(act);
   SMOE_RETURN_IF_ERROR(rows(c, "in", in, gated ? "[R, 2F]" : "[R, F]"));
   SMOE_RETURN_IF_ERROR(rows(c, "grad_out", grad_out, "[R, F]"));

@@ -16,6 +16,7 @@
 #include <climits>
 #include <string>
 
+#include "smoe/ops/activation.h"  // Activation (check_activation)
 #include "smoe/tensor.h"
 
 namespace smoe::detail {
@@ -159,6 +160,18 @@ inline Status Checker::workspace(const TensorView& ws, int64_t bytes) const {
                    std::to_string(have) + " bytes");
   }
   return Status::Ok();
+}
+
+// An activation enum value the backends know; `arg` is how the op names it ("act", "params.activation").
+inline Status check_activation(const Checker& c, const char* arg, Activation act) {
+  switch (act) {
+    case Activation::kSwiGLU:
+    case Activation::kGeGLU:
+    case Activation::kGELU:
+    case Activation::kReLU:
+      return Status::Ok();
+  }
+  return c.invalid(arg, "kSwiGLU (0), kGeGLU (1), kGELU (2) or kReLU (3)", std::to_string(static_cast<int32_t>(act)));
 }
 
 }  // namespace smoe::detail

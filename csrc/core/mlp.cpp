@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <string>
 
+#include "core/check.h"
 #include "core/dispatch.h"
 #include "core/workspace.h"
 #include "cpu/mlp.h"
@@ -13,61 +14,37 @@
 namespace smoe {
 namespace {
 
-// Checks of one op; `ref` is the first float tensor (its dtype and device are everyone's).
-struct Checker {
-  const char* op;
-  const TensorView& ref;
-  const char* ref_name;
+// The op-scoped Checker of csrc/core/check.h (`ref`: the first float tensor, whose dtype and device
+// are everyone's), with the three argument shapes this family repeats.
+struct Checker : detail::Checker {
+  using detail::Checker::Checker;
 
-  Status float_tensor(const char* arg, const TensorView& v, int ndim, const char* layout, bool row_strided) const {
-    SMOE_RETURN_IF_ERROR(expect_dims(op, arg, v, ndim, layout));
+  // A float tensor in ref's dtype (ref itself: any float dtype), dense (rows only: row_strided) on ref's device.
+  Status float_tensor(const char* name, const TensorView& v, int ndim, const char* layout, bool row_strided) const {
+    detail::ArgCheck a = arg(name, v);
+    a.dims(ndim, layout);
     if (&v == &ref) {
-      SMOE_RETURN_IF_ERROR(expect_float_dtype(op, arg, v));
+      a.float_dtype();
     } else {
-      SMOE_RETURN_IF_ERROR(expect_same_dtype(op, arg, v, ref_name, ref));
+      a.same_dtype();
     }
-    SMOE_RETURN_IF_ERROR(row_strided ? expect_row_contiguous(op, arg, v) : expect_contiguous(op, arg, v));
-    return expect_device(op, arg, v, ref.device, ref.device_index);
+    return a.dense(row_strided).same_device();
   }
-  Status size(const char* arg, const TensorView& v, int dim, int64_t value, const char* meaning) const {
-    return expect_size(op, arg, v, dim, value, meaning);
+  Status size(const char* name, const TensorView& v, int dim, int64_t value, const char* meaning) const {
+    return arg(name, v).size(dim, value, meaning);
   }
-  Status index_tensor(const char* arg, const TensorView& v, int ndim, const char* layout, DType dt) const {
-    SMOE_RETURN_IF_ERROR(expect_dims(op, arg, v, ndim, layout));
-    SMOE_RETURN_IF_ERROR(expect_dtype(op, arg, v, dt));
-    SMOE_RETURN_IF_ERROR(expect_contiguous(op, arg, v));
-    return expect_device(op, arg, v, ref.device, ref.device_index);
-  }
-  Status workspace(const TensorView& ws, int64_t bytes) const {
-    SMOE_RETURN_IF_ERROR(expect_defined(op, "workspace", ws));
-    SMOE_RETURN_IF_ERROR(expect_contiguous(op, "workspace", ws));
-    SMOE_RETURN_IF_ERROR(expect_device(op, "workspace", ws, ref.device, ref.device_index));
-    const int64_t have = ws.numel() * dtype_size(ws.dtype);
-    if (have < bytes || (bytes > 0 && ws.data == nullptr)) {
-      return invalid_argument(op, "workspace", "at least " + std::to_string(bytes) + " bytes (see *_workspace_bytes)",
-                              std::to_string(have) + " bytes");
-    }
-    return Status::Ok();
+  Status index_tensor(const char* name, const TensorView& v, int ndim, const char* layout, DType dt) const {
+    return arg(name, v).dims(ndim, layout).dtype(dt).contiguous().same_device();
   }
 };
 
-Status expect_activation(const char* op, Activation act) {
-  switch (act) {
-    case Activation::kSwiGLU:
-    case Activation::kGeGLU:
-    case Activation::kGELU:
-    case Activation::kReLU:
-      return Status::Ok();
-  }
-  return invalid_argument(op, "params.activation", "kSwiGLU (0), kGeGLU (1), kGELU (2) or kReLU (3)",
-                          std::to_string(static_cast<int32_t>(act)));
+Status expect_activation(const Checker& c, Activation act) {
+  return detail::check_activation(c, "params.activation", act);
 }
 
 const char* f1_meaning(const ExpertMlpParams& p) {
   return is_gated(p.activation) ? "F1 = 2F (gated activation, F = w2's last size)" : "F1 = F (= w2's last size)";
 }
-
-DType gate_dtype(DType x) { return x == DType::kF64 ? DType::kF64 : DType::kF32; }
 
 int64_t nonneg(int64_t v) { return v < 0 ? 0 : v; }
 
@@ -85,8 +62,7 @@ namespace {
 Status check_expert_tensors(const Checker& c, const ExpertMlpParams& params, const TensorView& offsets,
                             const TensorView& w1, const TensorView& w2, const TensorView& pre, const TensorView& act,
                             int64_t R, const char* r_meaning, int64_t H, const char* h_meaning, int64_t* F_out) {
-  SMOE_RETURN_IF_ERROR(c.index_tensor("offsets", offsets, 1, "[E+1]", DType::kI64));
-  if (offsets.size(0) < 1) return invalid_argument(c.op, "offsets", "E+1 >= 1 entries", shape_string(offsets));
+  SMOE_RETURN_IF_ERROR(c.offsets(offsets));
   const int64_t E = offsets.size(0) - 1;
   SMOE_RETURN_IF_ERROR(c.float_tensor("w2", w2, 3, "[E, H, F]", false));
   SMOE_RETURN_IF_ERROR(c.size("w2", w2, 0, E, "E (= offsets.size(0) - 1)"));
@@ -112,7 +88,7 @@ Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const
                           const TensorView& token_of_row, const TensorView& offsets, const TensorView& w1,
                           const TensorView& w2, const TensorView& pre, const TensorView& act, const TensorView& ys) {
   const Checker c{"expert_mlp_forward", x, "x"};
-  SMOE_RETURN_IF_ERROR(expect_activation(c.op, params.activation));
+  SMOE_RETURN_IF_ERROR(expect_activation(c, params.activation));
   SMOE_RETURN_IF_ERROR(c.float_tensor("x", x, 2, "[T, H]", true));
   const int64_t H = x.size(1);
   SMOE_RETURN_IF_ERROR(c.index_tensor("token_of_row", token_of_row, 1, "[R]", DType::kI32));
@@ -151,7 +127,7 @@ Status expert_mlp_backward(const Exec& exec, const ExpertMlpParams& params, cons
                            const TensorView& act, const TensorView& grad_x, const TensorView& grad_w1,
                            const TensorView& grad_w2, const TensorView& workspace) {
   const Checker c{"expert_mlp_backward", grad_ys, "grad_ys"};
-  SMOE_RETURN_IF_ERROR(expect_activation(c.op, params.activation));
+  SMOE_RETURN_IF_ERROR(expect_activation(c, params.activation));
   SMOE_RETURN_IF_ERROR(c.float_tensor("grad_ys", grad_ys, 2, "[R, H]", true));
   const int64_t R = grad_ys.size(0), H = grad_ys.size(1);
   SMOE_RETURN_IF_ERROR(c.index_tensor("row_of", row_of, 2, "[T, K]", DType::kI32));
@@ -186,7 +162,7 @@ namespace {
 Status check_shared(const Checker& c, const ExpertMlpParams& params, const TensorView& x, const TensorView& w1,
                     const TensorView& w2, const TensorView& gate_w, const TensorView& pre, const TensorView& act,
                     const TensorView& out, const TensorView& gate, bool out_optional) {
-  SMOE_RETURN_IF_ERROR(expect_activation(c.op, params.activation));
+  SMOE_RETURN_IF_ERROR(expect_activation(c, params.activation));
   SMOE_RETURN_IF_ERROR(c.float_tensor("x", x, 2, "[T, H]", true));
   const int64_t T = x.size(0), H = x.size(1);
   SMOE_RETURN_IF_ERROR(c.float_tensor("w2", w2, 2, "[H, F]", false));
@@ -213,7 +189,7 @@ Status check_shared(const Checker& c, const ExpertMlpParams& params, const Tenso
   // gate: required with gate_w; optional without it (then it is filled with ones).
   if (gate_w.defined() || gate.defined()) {
     SMOE_RETURN_IF_ERROR(expect_dims(c.op, "gate", gate, 1, "[T] (f32; f64 for f64 x)"));
-    SMOE_RETURN_IF_ERROR(expect_dtype(c.op, "gate", gate, gate_dtype(x.dtype)));
+    SMOE_RETURN_IF_ERROR(expect_dtype(c.op, "gate", gate, acc_dtype(x.dtype)));
     SMOE_RETURN_IF_ERROR(expect_contiguous(c.op, "gate", gate));
     SMOE_RETURN_IF_ERROR(expect_device(c.op, "gate", gate, x.device, x.device_index));
     SMOE_RETURN_IF_ERROR(c.size("gate", gate, 0, T, "T (= x.size(0))"));
@@ -252,7 +228,7 @@ int64_t shared_expert_workspace_bytes(const ExpertMlpParams& params, DType dtype
   // grad_out [T, H], grad_act [T, F], grad_pre [T, F1], grad_xs [T, H], dlogit [T] (f32, f64 for f64).
   const int64_t th = sat_mul(sat_mul(T, H), es);
   const int64_t bytes = total(
-      {th, th, sat_mul(sat_mul(T, F), es), sat_mul(sat_mul(T, F1), es), sat_mul(T, dtype_size(gate_dtype(dtype)))});
+      {th, th, sat_mul(sat_mul(T, F), es), sat_mul(sat_mul(T, F1), es), sat_mul(T, dtype_size(acc_dtype(dtype)))});
   // The device backends carve their gate partials after those pieces (one size serves every backend).
   int64_t extra = 0;
 #if defined(SMOE_HAVE_CUDA) && SMOE_HAVE_CUDA

@@ -46,27 +46,20 @@ namespace smoe::SMOE_CUDA_NS {
 
 inline constexpr unsigned kFullMask = 0xffffffffu;
 
-template <class T>
-struct Tag {
-  using type = T;
+// The one float dispatch (smoe::dtypes::dispatch_float, include/smoe/dtype.h) with the device storage
+// types: the 16-bit types are CUDA's (same bits as smoe::bf16_t/f16_t); f64 has no kernel here
+// (f64_unsupported). Runs f(Tag<S>{}) for f32, bf16, f16.
+struct DeviceFloatTypes {
+  using f32 = float;
+  using f64 = NoKernel;
+  using bf16 = __nv_bfloat16;
+  using f16 = __half;
+  static Status no_kernel(const char* op, DType) { return f64_unsupported(op); }
 };
 
-// Device storage type of a smoe dtype: the 16-bit types are CUDA's (same bits as smoe::bf16_t/f16_t).
-// Runs f(Tag<S>{}) for f32, bf16, f16; f64 is refused (see f64_unsupported).
 template <class F>
 Status dispatch_float(DType dtype, const char* op, F&& f) {
-  switch (dtype) {
-    case DType::kF32:
-      return f(Tag<float>{});
-    case DType::kBF16:
-      return f(Tag<__nv_bfloat16>{});
-    case DType::kF16:
-      return f(Tag<__half>{});
-    case DType::kF64:
-      return f64_unsupported(op);
-    default:
-      return Status(Code::kInternal, std::string(op) + ": dtype passed validation but has no kernel");
-  }
+  return dtypes::dispatch_float<DeviceFloatTypes>(dtype, op, f);
 }
 
 __device__ __forceinline__ float to_float(float v) { return v; }

@@ -34,8 +34,11 @@ inline cudaError_t take_launch_error(cudaError_t launched) {
 
 #include <cstdint>
 
+// clang-format 14 splits the launch chevrons of a macro body into "< < <": keep it as written.
+// clang-format off
 #define SMOE_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  ((kernel) < < < (grid), (block), (smem), (stream) >>> (__VA_ARGS__), cudaGetLastError())
+  ((kernel)<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__), cudaGetLastError())
+// clang-format on
 #define SMOE_DYNAMIC_SMEM(T, name) extern __shared__ __align__(16) T name[]
 #endif
 
