@@ -43,6 +43,26 @@ void bind_mlp(py::module_& m) {
       py::arg("w1"), py::arg("w2"), py::arg("pre"), py::arg("act_out"), py::arg("ys"));
 
   m.def(
+      "expert_mlp_combine_top1_workspace_bytes",
+      [](int act, int dtype, int64_t R, int64_t H, int64_t F) {
+        return expert_mlp_combine_top1_workspace_bytes(mlp_params(act), static_cast<DType>(dtype), R, H, F);
+      },
+      py::arg("act"), py::arg("dtype"), py::arg("R"), py::arg("H"), py::arg("F"));
+
+  m.def(
+      "expert_mlp_combine_top1_forward",
+      [](int backend, uintptr_t stream, int act, py::handle x, py::handle token_of_row, py::handle offsets,
+         py::handle w1, py::handle w2, py::handle weights, py::handle y, py::handle workspace) {
+        const Exec exec = to_exec(backend, stream);
+        const ExpertMlpParams p = mlp_params(act);
+        const TensorView vx = SMOE_VIEW(x), vt = SMOE_VIEW(token_of_row), vo = SMOE_VIEW(offsets), vw1 = SMOE_VIEW(w1),
+                         vw2 = SMOE_VIEW(w2), vw = SMOE_VIEW(weights), vy = SMOE_VIEW(y), vws = SMOE_VIEW(workspace);
+        call_core([&] { return expert_mlp_combine_top1_forward(exec, p, vx, vt, vo, vw1, vw2, vw, vy, vws); });
+      },
+      py::arg("backend"), py::arg("stream"), py::arg("act"), py::arg("x"), py::arg("token_of_row"), py::arg("offsets"),
+      py::arg("w1"), py::arg("w2"), py::arg("weights"), py::arg("y"), py::arg("workspace"));
+
+  m.def(
       "expert_mlp_backward",
       [](int backend, uintptr_t stream, int act, py::handle grad_ys, py::handle x, py::handle token_of_row,
          py::handle row_of, py::handle offsets, py::handle w1, py::handle w2, py::handle pre, py::handle act_out,

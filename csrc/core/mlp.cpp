@@ -113,6 +113,50 @@ Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const
       });
 }
 
+int64_t expert_mlp_combine_top1_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t R, int64_t H,
+                                                int64_t F) {
+  R = nonneg(R), H = nonneg(H), F = nonneg(F);
+  const int64_t F1 = is_gated(params.activation) ? sat_mul(2, F) : F;
+  const int64_t es = dtype_size(dtype);
+  // pre [R, F1], act [R, F], rows [R, H] (the CPU backend's gathered x / second GEMM output).
+  return total({sat_mul(sat_mul(R, F1), es), sat_mul(sat_mul(R, F), es), sat_mul(sat_mul(R, H), es)});
+}
+
+Status expert_mlp_combine_top1_forward(const Exec& exec, const ExpertMlpParams& params, const TensorView& x,
+                                       const TensorView& token_of_row, const TensorView& offsets,
+                                       const TensorView& w1, const TensorView& w2, const TensorView& weights,
+                                       const TensorView& y, const TensorView& workspace) {
+  const Checker c{"expert_mlp_combine_top1_forward", x, "x"};
+  SMOE_RETURN_IF_ERROR(expect_activation(c, params.activation));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("x", x, 2, "[T, H]", true));
+  const int64_t T = x.size(0), H = x.size(1);
+  SMOE_RETURN_IF_ERROR(c.index_tensor("token_of_row", token_of_row, 1, "[R]", DType::kI32));
+  const int64_t R = token_of_row.size(0);
+  SMOE_RETURN_IF_ERROR(c.offsets(offsets));
+  const int64_t E = offsets.size(0) - 1;
+  SMOE_RETURN_IF_ERROR(c.float_tensor("w2", w2, 3, "[E, H, F]", false));
+  SMOE_RETURN_IF_ERROR(c.size("w2", w2, 0, E, "E (= offsets.size(0) - 1)"));
+  SMOE_RETURN_IF_ERROR(c.size("w2", w2, 1, H, "H (= x.size(1))"));
+  const int64_t F = w2.size(2), F1 = is_gated(params.activation) ? 2 * F : F;
+  SMOE_RETURN_IF_ERROR(c.float_tensor("w1", w1, 3, "[E, F1, H]", false));
+  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 0, E, "E (= offsets.size(0) - 1)"));
+  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 1, F1, f1_meaning(params)));
+  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 2, H, "H (= x.size(1))"));
+  SMOE_RETURN_IF_ERROR(expect_dims(c.op, "weights", weights, 2, "[T, 1] (f32; f64 for f64 x)"));
+  SMOE_RETURN_IF_ERROR(expect_dtype(c.op, "weights", weights, acc_dtype(x.dtype)));
+  SMOE_RETURN_IF_ERROR(expect_contiguous(c.op, "weights", weights));
+  SMOE_RETURN_IF_ERROR(expect_device(c.op, "weights", weights, x.device, x.device_index));
+  SMOE_RETURN_IF_ERROR(c.size("weights", weights, 0, T, "T (= x.size(0))"));
+  SMOE_RETURN_IF_ERROR(c.size("weights", weights, 1, 1, "1 (top-1 routing)"));
+  SMOE_RETURN_IF_ERROR(c.float_tensor("y", y, 2, "[T, H]", true));
+  SMOE_RETURN_IF_ERROR(c.size("y", y, 0, T, "T (= x.size(0))"));
+  SMOE_RETURN_IF_ERROR(c.size("y", y, 1, H, "H (= x.size(1))"));
+  SMOE_RETURN_IF_ERROR(c.workspace(workspace, expert_mlp_combine_top1_workspace_bytes(params, x.dtype, R, H, F)));
+  // No early return for R == 0: y must still become zeros.
+  return SMOE_DISPATCH(c.op, exec, x, expert_mlp_combine_top1_forward, params, x, token_of_row, offsets, w1, w2,
+                       weights, y, workspace);
+}
+
 int64_t expert_mlp_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t R, int64_t H, int64_t F) {
   R = nonneg(R), H = nonneg(H), F = nonneg(F);
   const int64_t F1 = is_gated(params.activation) ? sat_mul(2, F) : F;

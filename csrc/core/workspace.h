@@ -49,7 +49,10 @@ inline int64_t z_loss_bytes(int64_t T, int64_t E) {
 // shared_expert_backward's:  grad_out [T, H], grad_act [T, F], grad_pre [T, F1], grad_xs [T, H],
 // dlogit [T] (f32; f64 for f64), then what the device backends carve after them (the gate
 // reduction's partials, shared_expert_workspace_extra_bytes in csrc/cuda/backend_api.inc).
-// The forward needs no workspace: the gather of x rows happens inside the first GEMM (CUDA) or into
+// expert_mlp_combine_top1_forward's: pre [R, F1], act [R, F], rows [R, H] (x's dtype; the CPU backend
+// gathers x into rows and writes the second GEMM there, the device backends take rows only where the
+// tensor-core epilogue is refused); python/smoe/ops/mlp.py computes the same size.
+// expert_mlp_forward needs no workspace: the gather of x rows happens inside the first GEMM (CUDA) or into
 // ys before the second GEMM overwrites it (CPU), so no [R, H] copy of x exists.
 namespace smoe::mlp_workspace {
 

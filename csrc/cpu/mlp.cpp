@@ -168,6 +168,46 @@ Status expert_mlp_forward(const ExpertMlpParams& params, const TensorView& x, co
   return Status::Ok();
 }
 
+Status expert_mlp_combine_top1_forward(const ExpertMlpParams& params, const TensorView& x,
+                                       const TensorView& token_of_row, const TensorView& offsets,
+                                       const TensorView& w1, const TensorView& w2, const TensorView& weights,
+                                       const TensorView& y, const TensorView& workspace) {
+  const int64_t R = token_of_row.size(0), T_ = x.size(0), H = x.size(1), F = w2.size(2), F1 = w1.size(1);
+  SMOE_RETURN_IF_ERROR(check_offsets("expert_mlp_combine_top1_forward", offsets, R));  // the one scan of offsets
+  const int64_t E = offsets.size(0) - 1;
+  const int64_t o0 = offsets.data_as<const int64_t>()[0], oE = offsets.data_as<const int64_t>()[E];
+  zero_rows(y, 0, T_);  // tokens with no row stay zero
+  if (R == 0 || oE == o0) return Status::Ok();
+  WorkspaceCarver ws(workspace);  // layout: csrc/core/workspace.h
+  const TensorView pre = ws.take(x.dtype, R, F1);
+  const TensorView act = ws.take(x.dtype, R, F);
+  const TensorView out = ws.take(x.dtype, R, H);  // the gathered rows, then the second GEMM's output
+  const GroupedGemmParams nt{true};
+  SMOE_RETURN_IF_ERROR(permute_forward(x, token_of_row, out));
+  SMOE_RETURN_IF_ERROR(grouped_gemm_prechecked(nt, out, w1, offsets, pre));
+  SMOE_RETURN_IF_ERROR(activation_forward(params.activation, rows(pre, o0, oE), rows(act, o0, oE)));
+  SMOE_RETURN_IF_ERROR(grouped_gemm_prechecked(nt, act, w2, offsets, out));
+  // y[token_of_row[r]] = weights[token_of_row[r]] * out[r]: one row per token (top-1), so plain stores.
+  const int32_t* tok = token_of_row.data_as<const int32_t>();
+  dispatch(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const Acc<T>* pw = weights.data_as<const Acc<T>>();
+    const T* po = out.data_as<const T>();
+    T* py = y.data_as<T>();
+    parallel_for(oE - o0, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)), [&](int64_t i0, int64_t i1) {
+      for (int64_t r = o0 + i0; r < o0 + i1; ++r) {
+        const int64_t t = tok[r];
+        if (t < 0 || t >= T_) continue;  // padding row
+        const T* s = po + r * out.stride(0);
+        T* d = py + t * y.stride(0);
+        const Acc<T> w = pw[t];
+        for (int64_t h = 0; h < H; ++h) d[h] = from_acc<T>(w * to_acc(s[h]));
+      }
+    });
+  });
+  return Status::Ok();
+}
+
 Status expert_mlp_backward(const ExpertMlpParams& params, const TensorView& grad_ys, const TensorView& x,
                            const TensorView& token_of_row, const TensorView& row_of, const TensorView& offsets,
                            const TensorView& w1, const TensorView& w2, const TensorView& pre, const TensorView& act,

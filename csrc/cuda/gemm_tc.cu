@@ -72,7 +72,7 @@ Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, c
                                   : " (the tensor cores take bf16, f16, or f32 as 3xTF32)")));
   if (pre.defined() && !has_act) return invalid_argument(op, "pre", "absent without an activation", "given");
   if (R == 0 || N == 0 || E < 1) return Status::Ok();
-  if (wgmma_selected()) {  // sm_90a kernel (gemm_wgmma.h); what it refuses (before any launch) runs below
+  if (wgmma_selected() && !params.store_row.defined()) {  // sm_90a kernel (gemm_wgmma.h); what it refuses (before any launch) runs below
     const Status st = grouped_gemm_wgmma(params, a, b, offsets, token_of_row, row_weights, c, pre, stream);
     if (st.code() != Code::kUnsupported) return st;
   }
@@ -102,6 +102,8 @@ Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, c
       args.pre = pre.defined() ? pre.data_as<S>() : nullptr;
       args.ldpre = pre.defined() ? pre.stride(0) : 0;
       args.row_weights = row_weights.defined() ? row_weights.data_as<const float>() : nullptr;
+      args.store_row = params.store_row.defined() ? params.store_row.data_as<const int32_t>() : nullptr;
+      args.c_rows = c.size(0);
       args.act = has_act ? static_cast<int32_t>(*params.activation) : 0;
       args.vec_a = rows_16b_aligned(a);
       // MN-major gated: the up half starts F columns after the gate half

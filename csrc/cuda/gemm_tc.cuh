@@ -399,7 +399,9 @@ struct ForwardArgs {
   int64_t ldc;
   S* pre;  // [R, N] or nullptr
   int64_t ldpre;
-  const float* row_weights;  // [R] or nullptr
+  const float* row_weights;  // [rows of c] or nullptr: indexed by the stored row
+  const int32_t* store_row;  // [R] or nullptr: row r is stored to c[store_row[r]] (outside [0, c_rows): skipped)
+  int64_t c_rows;
   int32_t act;
   bool vec_a, vec_b;      // 16-byte aligned rows of a / of b's columns (cp.async), else element loads
   bool pair_c, pair_pre;  // 4-byte aligned column pairs of c / pre (paired stores)
@@ -532,7 +534,9 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_tc_kernel(const Forward
     for (int h = 0; h < 2; ++h) {
       const int64_t r = m0 + warp_m * kWM + mi * 16 + (lane >> 2) + h * 8;
       if (r >= seg_end) continue;
-      const float w = p.row_weights != nullptr ? p.row_weights[r] : 1.0f;
+      const int64_t cr = p.store_row != nullptr ? p.store_row[r] : r;  // the row of c it is stored to
+      if (cr < 0 || cr >= p.c_rows) continue;
+      const float w = p.row_weights != nullptr ? p.row_weights[cr] : 1.0f;
       if constexpr (kGated) {
 #pragma unroll
         for (int ni = 0; ni < kNI / 2; ++ni) {
@@ -545,7 +549,7 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_tc_kernel(const Forward
             store_two(p.pre + r * p.ldpre, f, p.F, p.pair_pre, g0, g1);
             store_two(p.pre + r * p.ldpre + p.F, f, p.F, p.pair_pre, u0, u1);
           }
-          store_two(p.c + r * p.ldc, f, p.F, p.pair_c, w * apply_activation(p.act, g0, u0),
+          store_two(p.c + cr * p.ldc, f, p.F, p.pair_c, w * apply_activation(p.act, g0, u0),
                     w * apply_activation(p.act, g1, u1));
         }
       } else {
@@ -561,7 +565,7 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_tc_kernel(const Forward
             v0 = apply_activation(p.act, v0, 1.0f);
             v1 = apply_activation(p.act, v1, 1.0f);
           }
-          store_two(p.c + r * p.ldc, n, p.N, p.pair_c, w * v0, w * v1);
+          store_two(p.c + cr * p.ldc, n, p.N, p.pair_c, w * v0, w * v1);
         }
       }
     }

@@ -26,6 +26,10 @@ struct GroupedGemmTcParams {
   // Epilogue activation (absent: plain store). For a gated activation the GEMM's N is 2F with
   // b's output rows ordered [gate | up] (the layout of w1 in include/smoe/ops/mlp.h); c is [R, F].
   std::optional<Activation> activation;
+  // Store-row mapping [R] i32 or absent: row r's result goes to c[store_row[r]] (negative or past c's
+  // rows: not stored) and row_weights is indexed by that stored row. The top-1 combine in the epilogue
+  // (expert_mlp_combine_top1_forward): each stored row is named by at most one r, so plain stores.
+  TensorView store_row;
 };
 
 }  // namespace smoe

@@ -202,6 +202,34 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- the top-1 combine (expert_mlp_combine_top1_forward) -------------------------------------------
+
+// y [T, H] (row stride ldy) becomes +0.0, one warp per row.
+template <class S>
+__global__ void __launch_bounds__(kRowThreads) zero_matrix_kernel(S* y, int64_t ldy, int64_t T, int64_t H) {
+  for (int64_t t = first_row(); t < T; t += row_step()) {
+    for (int64_t h = lane_id(); h < H; h += 32) y[t * ldy + h] = from_float<S>(0.0f);
+  }
+}
+
+// The fallback where the tensor-core epilogue is refused: y[token_of_row[r]] = weights[that token] * out[r]
+// for the rows r inside the (clamped) segments with a token in [0, T); one warp per row.
+template <class S>
+__global__ void __launch_bounds__(kRowThreads)
+    scale_scatter_rows_kernel(const S* out, int64_t ldo, const int64_t* offsets, int32_t E, int64_t R,
+                              const int32_t* token_of_row, const float* weights, int64_t T, int64_t H, S* y,
+                              int64_t ldy) {
+  const int64_t lo = max(int64_t{0}, min(offsets[0], R));
+  const int64_t hi = max(lo, min(offsets[E], R));
+  for (int64_t r = first_row(); r < R; r += row_step()) {
+    if (r < lo || r >= hi) continue;
+    const int64_t t = token_of_row[r];
+    if (t < 0 || t >= T) continue;
+    const float w = weights[t];
+    for (int64_t h = lane_id(); h < H; h += 32) y[t * ldy + h] = from_float<S>(w * to_float(out[r * ldo + h]));
+  }
+}
+
 // ---- the MLP over expert segments --------------------------------------------------------------------
 
 // pre = x[rows] @ w1[e]^T, act = act(pre), out = act @ w2[e]^T over the segments of `offsets` (device),
@@ -266,6 +294,59 @@ Status expert_mlp_forward(const ExpertMlpParams& params, const TensorView& x, co
   if (x.dtype == DType::kF64) return f64_unsupported("expert_mlp_forward");
   if (ys.size(0) == 0) return Status::Ok();
   return mlp_forward(params, x, token_of_row, offsets, w1, w2, pre, act, ys, as_stream(stream));
+}
+
+Status expert_mlp_combine_top1_forward(const ExpertMlpParams& params, const TensorView& x,
+                                       const TensorView& token_of_row, const TensorView& offsets,
+                                       const TensorView& w1, const TensorView& w2, const TensorView& weights,
+                                       const TensorView& y, const TensorView& workspace, void* stream) {
+  constexpr const char* op = "expert_mlp_combine_top1_forward";
+  if (x.dtype == DType::kF64) return f64_unsupported(op);
+  const int64_t R = token_of_row.size(0), T = x.size(0), H = x.size(1), F = w2.size(2), F1 = w1.size(1);
+  if (T == 0 || H == 0) return Status::Ok();
+  const cudaStream_t s = as_stream(stream);
+  SMOE_RETURN_IF_ERROR(dispatch_float(x.dtype, op, [&](auto tag) -> Status {  // tokens with no row stay zero
+    using S = typename decltype(tag)::type;
+    SMOE_CUDA_CHECK(SMOE_LAUNCH(&zero_matrix_kernel<S>, dim3(grid_for(T, kRowWarps, 4096)), dim3(kRowThreads), 0, s,
+                                y.data_as<S>(), y.stride(0), T, H));
+    return Status::Ok();
+  }));
+  if (R == 0) return Status::Ok();
+  WorkspaceCarver ws(workspace);  // layout: csrc/core/workspace.h
+  const TensorView pre = ws.take(x.dtype, R, F1);
+  const TensorView act = ws.take(x.dtype, R, F);
+  // First GEMM (gather + activation epilogue), as the unfused forward.
+  GroupedGemmTcParams tc1;
+  tc1.trans_b = true;
+  tc1.activation = params.activation;
+  Status st = grouped_gemm_tc(tc1, x, w1, offsets, token_of_row, TensorView{}, act, pre, s);
+  if (st.code() == Code::kUnsupported) {
+    SMOE_RETURN_IF_ERROR(grouped_gemm_naive_gathered(GroupedGemmParams{true}, x, w1, offsets, token_of_row, pre, s));
+    SMOE_RETURN_IF_ERROR(zero_rows_outside(offsets, R, s, pre));
+    SMOE_RETURN_IF_ERROR(activation_forward(params.activation, pre, act, s));
+  } else {
+    SMOE_RETURN_IF_ERROR(st);
+  }
+  // Second GEMM: the epilogue scales row r by weights[token_of_row[r]] and stores it to y[token_of_row[r]]
+  // (rows outside the segments and padding rows store nothing).
+  GroupedGemmTcParams tc2;
+  tc2.trans_b = true;
+  tc2.store_row = token_of_row;
+  TensorView w_rows = weights;  // [T, 1] f32 read as the per-stored-row weights [T]
+  w_rows.ndim = 1;
+  st = grouped_gemm_tc(tc2, act, w2, offsets, TensorView{}, w_rows, y, TensorView{}, s);
+  if (st.code() != Code::kUnsupported) return st;
+  // Refused (grid limits): v0 into the workspace's [R, H] piece, then a scale-and-scatter pass.
+  const TensorView out = ws.take(x.dtype, R, H);
+  SMOE_RETURN_IF_ERROR(grouped_gemm(GroupedGemmParams{true}, act, w2, offsets, out, s));
+  return dispatch_float(x.dtype, op, [&](auto tag) -> Status {
+    using S = typename decltype(tag)::type;
+    SMOE_CUDA_CHECK(SMOE_LAUNCH(&scale_scatter_rows_kernel<S>, dim3(grid_for(R, kRowWarps, 4096)), dim3(kRowThreads),
+                                0, s, out.data_as<const S>(), out.stride(0), offsets.data_as<const int64_t>(),
+                                static_cast<int32_t>(offsets.size(0) - 1), R, token_of_row.data_as<const int32_t>(),
+                                weights.data_as<const float>(), T, H, y.data_as<S>(), y.stride(0)));
+    return Status::Ok();
+  });
 }
 
 Status expert_mlp_backward(const ExpertMlpParams& params, const TensorView& grad_ys, const TensorView& x,

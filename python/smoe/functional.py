@@ -27,6 +27,7 @@ from smoe.ops import (  # noqa: F401  (the public functions)
     combine,
     expert_choice,
     expert_mlp,
+    expert_mlp_combine_top1,
     grouped_gemm,
     load_balancing_loss,
     permute,

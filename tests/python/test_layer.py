@@ -265,3 +265,25 @@ def test_bad_input():
         layer(torch.randn(3, H + 1))
     with pytest.raises(ValueError, match="dtype"):
         layer(torch.randn(3, H, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "simt"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kwargs", [dict(), dict(capacity_factor=0.5), dict(capacity_factor=0.75, drop_policy="score")])
+def test_top1_inference_fused_matches_training_path(backend, dtype, kwargs):
+    """Top-1 under no_grad takes expert_mlp_combine_top1 (the combine in the second GEMM's epilogue);
+    it equals the same layer's output with gradients enabled (expert_mlp + combine) within the table."""
+    import smoe
+
+    if backend not in smoe.BACKENDS:
+        pytest.skip(backend)
+    torch.manual_seed(5)
+    layer = MoE(hidden_size=H, ffn_size=F, num_experts=E, top_k=1, dtype=dtype, backend=backend, **kwargs)
+    x = torch.randn(37, H).to(dtype)
+    y_train = layer(x.clone().requires_grad_(True)).detach()
+    with torch.no_grad():
+        y_infer = layer(x)
+    assert y_infer.dtype == dtype and y_infer.shape == x.shape
+    assert_close(y_infer, y_train, msg="top-1 inference vs training path")
+    if kwargs:
+        assert int(layer.last_stats["dropped"]) > 0  # dropped tokens reach the fused path (zeros there)

@@ -57,3 +57,26 @@ def test_topk_layer_step_crossings(monkeypatch):
         "expert_mlp_backward": 1,
         "topk_gating_backward": 1,
     }
+
+
+def test_top1_inference_crossings(monkeypatch):
+    """Top-1 without a gradient: the expert MLP and the combine are one op (the weights applied in the
+    second GEMM's epilogue), one crossing fewer than expert_mlp_forward + combine_forward."""
+    torch.manual_seed(0)
+    layer = smoe.nn.MoE(32, 48, num_experts=8, top_k=1, backend="cpu")
+    x = torch.randn(64, 32)
+    calls = _count(monkeypatch)
+    with torch.no_grad():
+        layer(x)
+    assert dict(calls) == {
+        "topk_gating_forward": 1,
+        "routing_plan": 1,
+        "expert_mlp_combine_top1_forward": 1,
+        "load_balancing_loss_forward": 1,
+        "z_loss_forward": 1,
+    }
+    # with a gradient wanted the unfused pair runs (the weights' gradient needs the unweighted ys)
+    calls.clear()
+    layer(x.requires_grad_(True))
+    assert calls["expert_mlp_forward"] == 1 and calls["combine_forward"] == 1
+    assert "expert_mlp_combine_top1_forward" not in calls

@@ -288,3 +288,67 @@ def test_gating_backward_from_weights_only_or_scores_only():
         out[pick].square().sum().backward()
         out_ref[pick].square().sum().backward()
         assert_close(lg.grad, lr.grad)
+
+
+# ---- top-1 inference: the combine in the second GEMM's epilogue (issue 13) ---------------------------
+
+
+@pytest.mark.parametrize("backend", ["cpu", "simt"])
+@pytest.mark.parametrize("T,E,capacity,pad,skew", [(0, 4, None, 1, False), (1, 1, None, 1, False),
+                                                   (9, 7, None, 4, False), (33, 5, 4, 2, True),
+                                                   (20, 40, None, 1, False)])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_expert_mlp_combine_top1_matches_unfused(backend, T, E, capacity, pad, skew, dtype):
+    import smoe
+
+    if backend not in smoe.BACKENDS or (backend == "simt" and dtype == torch.float64):
+        pytest.skip(f"{backend} {dtype}")
+    H, Fd = 16, 24
+    plan = plan_for(T, E, 1, capacity, pad, skew)
+    x = torch.randn(T, H).to(dtype)
+    w1, w2 = weights_for(E, H, Fd, "swiglu", dtype)
+    wacc = torch.float64 if dtype == torch.float64 else torch.float32
+    weights = torch.rand(T, 1, dtype=wacc) + 0.25
+    want = F.combine(F.expert_mlp(x, w1, w2, plan, backend=backend), weights, plan, backend=backend).to(dtype)
+    got = smoe.ops.expert_mlp_combine_top1(x, w1, w2, weights, plan, backend=backend)
+    assert got.shape == x.shape and got.dtype == dtype
+    # not bitwise on the device backends in bf16/f16: ys is not rounded before it is weighted
+    assert_close(got, want)
+    dropped = (plan.row_of[:, 0] < 0).nonzero().flatten()
+    assert torch.count_nonzero(got[dropped]) == 0  # dropped tokens: zeros
+    if skew:
+        assert dropped.numel() > 0
+
+
+def test_expert_mlp_combine_top1_workspace_size_matches_core():
+    from smoe import _core
+    from smoe.ops.mlp import _combine_top1_workspace_bytes
+
+    for act in ("swiglu", "gelu"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            for R, H, Fd in ((0, 0, 0), (1, 3, 5), (37, 16, 24)):
+                core = _core.lib().expert_mlp_combine_top1_workspace_bytes(
+                    act=smoe_activation_code(act), dtype=_core.DTYPE_CODES[dtype], R=R, H=H, F=Fd
+                )
+                assert _combine_top1_workspace_bytes(act, dtype, R, H, Fd) == core
+
+
+def smoe_activation_code(act):
+    from smoe.ops._common import ACTIVATIONS
+
+    return ACTIVATIONS[act]
+
+
+def test_expert_mlp_combine_top1_refuses_gradients_and_top2():
+    import smoe
+
+    plan1, plan2 = plan_for(8, 4, 1), plan_for(8, 4, 2)
+    x = torch.randn(8, 8, requires_grad=True)
+    w1, w2 = weights_for(4, 8, 6, "swiglu")
+    with pytest.raises(ValueError, match="computes no gradient"):
+        smoe.ops.expert_mlp_combine_top1(x, w1, w2, torch.ones(8, 1), plan1, backend="cpu")
+    with pytest.raises(ValueError, match=r"argument 'plan.row_of': expected \[T, 1\]"):
+        smoe.ops.expert_mlp_combine_top1(x.detach(), w1, w2, torch.ones(8, 1), plan2, backend="cpu")
+    with pytest.raises(ValueError, match="argument 'weights'"):
+        smoe.ops.expert_mlp_combine_top1(x.detach(), w1, w2, torch.ones(8, 1, dtype=torch.float64), plan1,
+                                         backend="cpu")

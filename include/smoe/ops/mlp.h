@@ -19,6 +19,23 @@ Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const
                           const TensorView& token_of_row, const TensorView& offsets, const TensorView& w1,
                           const TensorView& w2, const TensorView& pre, const TensorView& act, const TensorView& ys);
 
+// Inference-only top-1 forward with the combine fused into the second GEMM's epilogue (no ys [R, H],
+// no combine pass): y[t] = weights[t, 0] * (act(x[t] @ w1[e]^T) @ w2[e]^T) for the one row r of
+// expert e with token_of_row[r] == t, and y[t] = 0 for a token with no row (dropped by capacity).
+// Precondition (top-1 plans): each token is named by at most one row in [offsets[0], offsets[E]);
+// rows with token -1 (padding) or outside the segments are skipped. Same x, token_of_row, offsets,
+// w1, w2 as expert_mlp_forward; weights [T, 1] (f32; f64 for f64 x); y [T, H] fully written.
+// Nothing is saved for a backward. workspace: bytes from expert_mlp_combine_top1_workspace_bytes
+// (pre [R, F1], act [R, F], and [R, H] rows on the CPU backend). The result is the unfused
+// expert_mlp_forward + combine_forward's up to one rounding (ys is not rounded before weighting
+// on the device backends).
+int64_t expert_mlp_combine_top1_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t R, int64_t H,
+                                                int64_t F);
+Status expert_mlp_combine_top1_forward(const Exec& exec, const ExpertMlpParams& params, const TensorView& x,
+                                       const TensorView& token_of_row, const TensorView& offsets,
+                                       const TensorView& w1, const TensorView& w2, const TensorView& weights,
+                                       const TensorView& y, const TensorView& workspace);
+
 // grad_ys [R, H]; x [T, H] and token_of_row [R] of the forward (grad_w1 = sum over the rows r of
 // expert e of grad_pre[r]^T x[token_of_row[r]], x read through token_of_row again); row_of [T, K] i32;
 // the saved pre, act; outputs grad_x [T, H], grad_w1 [E, F1, H], grad_w2 [E, H, F].

@@ -46,7 +46,9 @@ class RoutedExperts(nn.Module):
     shards are named so). No parameters of its own.
 
     `experts.plan(experts_idx, weights)` is the token-choice routing plan with the layer's capacity;
-    `experts(x, weights, plan, w1, w2)` is y [T, H] = combine(expert_mlp(x, w1, w2, plan), weights, plan).
+    `experts(x, weights, plan, w1, w2)` is y [T, H] = combine(expert_mlp(x, w1, w2, plan), weights, plan);
+    for top-1 routing without a gradient (inference) that is one op, expert_mlp_combine_top1 (see
+    uses_fused_top1).
     `experts.init_weights(w1, w2)` draws nn.Linear's default initialisation into them."""
 
     def __init__(self, args: MoEArgs):
@@ -88,12 +90,28 @@ class RoutedExperts(nn.Module):
             backend=a.backend,
         )
 
+    def uses_fused_top1(
+        self, x: torch.Tensor, weights: torch.Tensor, plan: F.RoutingPlan, w1: torch.Tensor, w2: torch.Tensor
+    ) -> bool:
+        """Whether forward takes smoe.ops.expert_mlp_combine_top1 (one op, no ys [R, H], no combine):
+        top-1 (plan.row_of [T, 1]), no gradient wanted (grad mode off or nothing requires grad), and a
+        backend other than "reference"."""
+        if self.args.backend == "reference" or plan.row_of.dim() != 2 or plan.row_of.shape[1] != 1:
+            return False
+        return not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w1, w2)))
+
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, plan: F.RoutingPlan, w1: torch.Tensor, w2: torch.Tensor
     ) -> torch.Tensor:
         """x [T, H], weights [T, K] (the plan's row_of is [T, K]; expert choice: [T, E]), w1 / w2 in x's
         dtype -> y [T, H] in x's dtype."""
         backend = self.args.backend
+        if self.uses_fused_top1(x, weights, plan, w1, w2):
+            # top-1 inference: weighting and scatter in the second GEMM's epilogue, no ys, no combine
+            return F.expert_mlp_combine_top1(
+                x, w1, w2, weights.to(_acc_dtype(x.dtype)).contiguous(), plan, activation=self.args.activation,
+                backend=backend,
+            )
         ys = F.expert_mlp(x, w1, w2, plan, activation=self.args.activation, backend=backend)  # [R,H]
         return F.combine(ys, weights.to(_acc_dtype(x.dtype)), plan, backend=backend).to(x.dtype)
 

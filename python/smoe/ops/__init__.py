@@ -40,6 +40,8 @@ from smoe.ops.gemm import grouped_gemm, grouped_gemm_op, grouped_gemm_wgrad  # n
 from smoe.ops.mlp import (  # noqa: F401
     expert_mlp,
     expert_mlp_backward,
+    expert_mlp_combine_top1,
+    expert_mlp_combine_top1_op,
     expert_mlp_op,
     shared_expert,
     shared_expert_backward,

@@ -16,7 +16,15 @@ from torch import Tensor
 
 from smoe import _core
 from smoe import reference as _ref
-from smoe.ops._common import ACTIVATIONS, GATED_ACTIVATIONS, _scratch, _scratch_views, acc_dtype, check_backend
+from smoe.ops._common import (
+    _SCRATCH_ALIGN,
+    ACTIVATIONS,
+    GATED_ACTIVATIONS,
+    _scratch,
+    _scratch_views,
+    acc_dtype,
+    check_backend,
+)
 from smoe.ops._common import code as _code
 from smoe.ops._common import dims as _dims
 from smoe.ops._common import exec_args as _exec
@@ -24,7 +32,7 @@ from smoe.ops._common import v as _v
 from smoe.ops.routing import as_plan
 from smoe.reference.ops import RoutingPlan
 
-__all__ = ["expert_mlp", "shared_expert"]
+__all__ = ["expert_mlp", "expert_mlp_combine_top1", "shared_expert"]
 
 
 # ---- expert MLP (fused entry point) and shared expert --------------------------------------------
@@ -191,6 +199,57 @@ def _expert_mlp_backward(ctx, grad_ys, _g_pre, _g_act):
 expert_mlp_op.register_autograd(_expert_mlp_backward, setup_context=_expert_mlp_setup)
 
 
+def _combine_top1_workspace_bytes(activation: str, dtype: torch.dtype, R: int, H: int, F: int) -> int:
+    """expert_mlp_combine_top1_workspace_bytes computed here (no crossing into smoe._C): csrc/core/workspace.h's
+    total() of pre [R, F1], act [R, F], rows [R, H] -- 64 bytes to align the base, each piece padded to 64."""
+    F1 = 2 * F if activation in GATED_ACTIVATIONS else F
+    elem = torch.empty((), dtype=dtype).element_size()
+    return _SCRATCH_ALIGN + sum(-(-(n * elem) // _SCRATCH_ALIGN) * _SCRATCH_ALIGN for n in (R * F1, R * F, R * H))
+
+
+def _combine_top1_dims(x, token_of_row, w2, weights):
+    return _expert_mlp_dims(x, token_of_row, w2) + [("weights", weights, 2, "[T, 1]")]
+
+
+@torch.library.custom_op("smoe::expert_mlp_combine_top1", mutates_args=())
+def expert_mlp_combine_top1_op(
+    x: Tensor,
+    token_of_row: Tensor,
+    offsets: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    weights: Tensor,
+    activation: str,
+    backend: str,
+) -> Tensor:
+    """Inference only (no autograd): y [T, H] = combine(expert_mlp(x, ...), weights) for a top-1 plan,
+    the weighting and the scatter into token order done by the second GEMM's epilogue (no ys [R, H],
+    no combine pass). Tokens without a row get zeros. pre / act live in scratch for the call."""
+    _check_mlp("expert_mlp_combine_top1", activation, _combine_top1_dims(x, token_of_row, w2, weights))
+    y = x.new_empty(x.shape)
+    ws_bytes = _combine_top1_workspace_bytes(activation, x.dtype, token_of_row.shape[0], x.shape[1], w2.shape[2])
+    workspace = _scratch(ws_bytes, x.device)
+    _core.lib().expert_mlp_combine_top1_forward(
+        **_exec(backend, x),
+        act=ACTIVATIONS[activation],
+        x=_v(x, "x"),
+        token_of_row=_v(token_of_row, "token_of_row"),
+        offsets=_v(offsets, "offsets"),
+        w1=_v(w1, "w1"),
+        w2=_v(w2, "w2"),
+        weights=_v(weights, "weights"),
+        y=_v(y, "y"),
+        workspace=_v(workspace, "workspace"),
+    )
+    return y
+
+
+@expert_mlp_combine_top1_op.register_fake
+def _(x, token_of_row, offsets, w1, w2, weights, activation, backend):
+    _check_mlp("expert_mlp_combine_top1", activation, _combine_top1_dims(x, token_of_row, w2, weights))
+    return x.new_empty(x.shape)
+
+
 @torch.library.custom_op("smoe::shared_expert", mutates_args=())
 def shared_expert_op(
     x: Tensor, w1: Tensor, w2: Tensor, gate_w: Optional[Tensor], activation: str, backend: str
@@ -342,6 +401,40 @@ def expert_mlp(
     # Without a gradient to compute, the intermediates the backward would need are not kept.
     need_saved = torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad or w2.requires_grad)
     return expert_mlp_op(x, plan.token_of_row, plan.offsets, plan.row_of, w1, w2, activation, backend, need_saved)[0]
+
+
+def expert_mlp_combine_top1(
+    x: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    weights: Tensor,
+    plan: RoutingPlan,
+    *,
+    activation: str = "swiglu",
+    backend: str = "auto",
+) -> Tensor:
+    """combine(expert_mlp(x, w1, w2, plan), weights, plan) for top-1 routing (plan.row_of [T, 1]) when
+    no gradient is wanted, in one op: the second GEMM's epilogue multiplies row r by its token's weight
+    and stores it straight into y[token_of_row[r]] (csrc/cuda/gemm_tc.cuh), so neither ys [R, H] nor the
+    combine pass exists. weights [T, 1] (f32; f64 for f64 x) -> y [T, H] in x's dtype; dropped tokens
+    get zeros. Equal to the unfused pair within the per-dtype tolerance (not bitwise on the device
+    backends in bf16/f16: ys is not rounded before it is weighted). Not differentiable: raises when a
+    gradient would be needed (use expert_mlp + combine)."""
+    op = "expert_mlp_combine_top1"
+    plan = as_plan(op, plan)
+    backend = check_backend(
+        op,
+        backend,
+        [("x", x), ("w1", w1), ("w2", w2), ("weights", weights), ("plan.offsets", plan.offsets)],
+    )
+    if plan.row_of.dim() != 2 or plan.row_of.shape[1] != 1:
+        raise ValueError(f"{op}: argument 'plan.row_of': expected [T, 1] (top-1 routing), got {list(plan.row_of.shape)}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w2, weights)):
+        raise ValueError(f"{op}: computes no gradient; x, w1, w2 and weights must not require grad (or use no_grad)")
+    if backend == "reference":
+        _check_mlp(op, activation, _combine_top1_dims(x, plan.token_of_row, w2, weights))
+        return _ref.expert_mlp_combine_top1(x, w1, w2, weights, plan, activation=activation)
+    return expert_mlp_combine_top1_op(x, plan.token_of_row, plan.offsets, w1, w2, weights, activation, backend)
 
 
 def shared_expert(

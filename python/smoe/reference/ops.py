@@ -33,6 +33,7 @@ __all__ = [
     "grouped_gemm",
     "activation",
     "expert_mlp",
+    "expert_mlp_combine_top1",
     "shared_expert",
 ]
 
@@ -332,6 +333,20 @@ def expert_mlp(
     pre = grouped_gemm(xs, w1, plan.offsets)  # [R, F1]
     act = _apply_activation(pre, kind=activation)  # [R, F]
     return grouped_gemm(act, w2, plan.offsets)  # [R, H]
+
+
+def expert_mlp_combine_top1(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    weights: torch.Tensor,
+    plan: RoutingPlan,
+    *,
+    activation: str = "swiglu",
+) -> torch.Tensor:
+    """combine(expert_mlp(x, w1, w2, plan), weights, plan) in x's dtype, for top-1 plans (row_of [T, 1]):
+    what the fused op computes in one pass (the weighting and the scatter in the second GEMM's epilogue)."""
+    return combine(expert_mlp(x, w1, w2, plan, activation=activation), weights, plan).to(x.dtype)
 
 
 def shared_expert(

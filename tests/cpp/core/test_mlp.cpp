@@ -528,5 +528,88 @@ TEST(MlpErrors, RejectBadArguments) {
                  "argument 'gate': expected size(0) == 5");
 }
 
+// ---- top-1 forward with the combine in the second GEMM's epilogue ---------------------------------
+
+// y of expert_mlp_combine_top1_forward vs the unfused expert_mlp_forward + combine_forward (K = 1), both
+// through the public API; y is prefilled with NaN so every element must be written.
+template <class T>
+void expect_top1_matches_unfused(const Plan& plan, Activation a, uint32_t seed) {
+  const DType dt = DTypeOf<T>::value;
+  MlpCase<T> c(plan, a, 6, 5, seed);
+  ASSERT_TRUE(c.forward().ok());
+  const int64_t T_ = plan.T, R = plan.R, E = plan.E, H = c.H, F = c.F, F1 = c.F1;
+  using W = typename AccOf<T>::type;
+  std::vector<W> w(static_cast<size_t>(T_));
+  for (int64_t t = 0; t < T_; ++t) w[t] = W(0.25 + 0.5 * double(t % 5) / 4.0);
+  std::vector<T> y_ref = nans<T>(size_t(T_ * H)), y = nans<T>(size_t(T_ * H));
+  std::vector<int32_t> row_of(static_cast<size_t>(T_), -1);
+  for (int64_t r = plan.offsets[0]; r < plan.offsets[E]; ++r)
+    if (plan.token_of_row[r] >= 0) row_of[plan.token_of_row[r]] = int32_t(r);
+  ASSERT_TRUE(combine_forward(Exec{}, make_view(c.ys.data(), {R, H}), make_view(w.data(), {T_, 1}),
+                              make_view(row_of.data(), {T_, 1}), make_view(y_ref.data(), {T_, H}))
+                  .ok());
+  ExpertMlpParams p;
+  p.activation = a;
+  std::vector<uint8_t> ws(size_t(expert_mlp_combine_top1_workspace_bytes(p, dt, R, H, F)), 0xff);
+  const Status st = expert_mlp_combine_top1_forward(
+      Exec{}, p, make_view(c.x.data(), {T_, H}), make_view(const_cast<int32_t*>(plan.token_of_row.data()), {R}),
+      make_view(const_cast<int64_t*>(plan.offsets.data()), {E + 1}), make_view(c.w1.data(), {E, F1, H}),
+      make_view(c.w2.data(), {E, H, F}), make_view(w.data(), {T_, 1}), make_view(y.data(), {T_, H}),
+      make_view(ws.data(), {int64_t(ws.size())}));
+  ASSERT_TRUE(st.ok()) << st.message();
+  EXPECT_TRUE(all_close(y, y_ref, dt));
+  for (int64_t t = 0; t < T_; ++t)
+    if (row_of[t] < 0)
+      for (int64_t h = 0; h < H; ++h) ASSERT_EQ(val(y[t * H + h]), 0.0) << "token " << t << " has no row";
+}
+
+// A plan with padding rows inside the segments (token -1) and a token no row names (dropped).
+Plan padded_plan() {
+  Plan p{4, 1, 2, 6, {0, -1, 2, 3, -1, -1}, {0, -1, 2, 3}, {0, 2, 6}, {0, 0, 1, 1, 1, 1}};
+  return p;
+}
+
+TYPED_TEST(MlpTyped, CombineTop1MatchesUnfused) {
+  using T = TypeParam;
+  struct Shape {
+    int64_t T, E;
+    bool drop_last, one_expert;
+  };
+  const Shape shapes[] = {{0, 3, false, false}, {1, 1, false, false}, {9, 7, false, false},
+                          {9, 3, true, false},  {33, 5, false, true}, {20, 40, false, false}};
+  for (const Shape& s : shapes) {
+    for (Activation a : {Activation::kSwiGLU, Activation::kGELU}) {
+      SCOPED_TRACE("T=" + std::to_string(s.T) + " E=" + std::to_string(s.E) + " act=" + std::to_string(int(a)) +
+                   (s.drop_last ? " drop" : "") + (s.one_expert ? " one" : ""));
+      expect_top1_matches_unfused<T>(make_plan(s.T, 1, s.E, s.drop_last, s.one_expert), a, 31);
+    }
+  }
+  SCOPED_TRACE("padding rows");
+  expect_top1_matches_unfused<T>(padded_plan(), Activation::kSwiGLU, 32);
+}
+
+TEST(MlpErrors, CombineTop1RejectsBadArguments) {
+  MlpCase<float> c(make_plan(7, 1, 3), Activation::kSwiGLU, 4, 3, 93);
+  const int64_t T_ = 7, R = 7, E = 3, H = 4, F = 3;
+  ExpertMlpParams p;
+  std::vector<float> w(size_t(T_ * 2)), y(size_t(T_ * H));
+  std::vector<double> w64(static_cast<size_t>(T_));
+  std::vector<uint8_t> ws(size_t(expert_mlp_combine_top1_workspace_bytes(p, DType::kF32, R, H, F)));
+  auto run = [&](const TensorView& wv, const TensorView& yv, const TensorView& wsv) {
+    return expert_mlp_combine_top1_forward(Exec{}, p, make_view(c.x.data(), {T_, H}),
+                                           make_view(c.plan.token_of_row.data(), {R}),
+                                           make_view(c.plan.offsets.data(), {E + 1}), make_view(c.w1.data(), {E, 2 * F, H}),
+                                           make_view(c.w2.data(), {E, H, F}), wv, yv, wsv);
+  };
+  const TensorView Y = make_view(y.data(), {T_, H}), WS = make_view(ws.data(), {int64_t(ws.size())});
+  expect_invalid(run(make_view(w.data(), {T_, 2}), Y, WS), "argument 'weights': expected size(1) == 1");
+  expect_invalid(run(make_view(w64.data(), {T_, 1}), Y, WS), "argument 'weights': expected dtype f32");
+  expect_invalid(run(make_view(w.data(), {T_, 1}), make_view(y.data(), {T_ - 1, H}), WS),
+                 "argument 'y': expected size(0) == 7");
+  expect_invalid(run(make_view(w.data(), {T_, 1}), Y, make_view(ws.data(), {8})),
+                 "argument 'workspace': expected at least");
+  EXPECT_TRUE(run(make_view(w.data(), {T_, 1}), Y, WS).ok());
+}
+
 }  // namespace
 }  // namespace smoe

@@ -292,6 +292,71 @@ TEST(SimtExpertMlp, GatheredOperandsMatchPermutedCopies) {
 }
 
 // The public entry points dispatch 'simt' to these launchers, and refuse f64 on the device.
+// expert_mlp_combine_top1_forward: the device op (the second GEMM's epilogue scales and scatters into
+// y) against the CPU backend's, with K = 1: the lead row (token 0, before offsets[0]) and the padding
+// rows must store nothing, the empty expert 1 nothing, and with `drop` the first segment row becomes
+// padding (token -1) so its token has no row and must come out as exact zeros.
+template <class S>
+void check_combine_top1(DType dt, Activation act, int64_t T, int64_t E, bool drop) {
+  SCOPED_TRACE(trace("combine_top1", dt, act, T, E) + (drop ? " drop" : ""));
+  constexpr int64_t H = 16, F = 24;
+  const int64_t F1 = is_gated(act) ? 2 * F : F;
+  Plan plan = make_plan(T, 1, E);
+  int32_t dropped = -1;
+  if (drop && T > 0) {
+    dropped = plan.token_of_row[size_t(plan.offsets[0])];
+    plan.token_of_row[size_t(plan.offsets[0])] = -1;
+  }
+  const int64_t R = plan.R;
+  ExpertMlpParams params;
+  params.activation = act;
+  std::vector<S> x = eighths<S>(size_t(T * H), 1), w1 = eighths<S>(size_t(E * F1 * H), 2),
+                 w2 = eighths<S>(size_t(E * H * F), 3);
+  std::vector<float> w(size_t(T));
+  for (int64_t t = 0; t < T; ++t) w[size_t(t)] = 0.25f + 0.125f * float(t % 5);
+  std::vector<int32_t> tok = plan.token_of_row;
+  std::vector<int64_t> off = plan.offsets;
+  const TensorView xv = make_view(x.data(), dt, {T, H}), tv = make_view(tok.data(), {R}),
+                   ov = make_view(off.data(), {E + 1}), w1v = make_view(w1.data(), dt, {E, F1, H}),
+                   w2v = make_view(w2.data(), dt, {E, H, F}), wv = make_view(w.data(), {T, 1});
+  const int64_t ws_bytes = expert_mlp_combine_top1_workspace_bytes(params, dt, R, H, F);
+  std::vector<unsigned char> ws = workspace_for(ws_bytes);
+  const TensorView wsv = make_view(ws.data(), DType::kU8, {ws_bytes});
+  std::vector<S> want(size_t(T * H)), got(size_t(T * H));
+  poison(want);
+  ASSERT_TRUE(
+      cpu::expert_mlp_combine_top1_forward(params, xv, tv, ov, w1v, w2v, wv, make_view(want.data(), dt, {T, H}), wsv)
+          .ok());
+  run_all_schedules([&] {
+    poison(got), poison(ws);
+    EXPECT_OK(sim::expert_mlp_combine_top1_forward(params, xv, tv, ov, w1v, w2v, wv, make_view(got.data(), dt, {T, H}),
+                                                   wsv, nullptr));
+    std::vector<unsigned char> o;
+    append_bytes(o, got);
+    return o;
+  });
+  EXPECT_TRUE(all_close(got, want, dt));
+  if (dropped >= 0) {
+    const S zero = from_acc<S>(0.0f);
+    for (int64_t h = 0; h < H; ++h) {
+      EXPECT_TRUE(bitwise_equal(std::vector<S>{got[size_t(dropped * H + h)]}, std::vector<S>{zero}))
+          << "dropped token " << dropped;
+    }
+  }
+}
+
+TEST(SimtExpertMlp, CombineTop1MatchesCpu) {
+  for (int64_t T : {0, 1, 13}) {
+    for (int64_t E : {1, 3}) {
+      for (bool drop : {false, true}) {
+        check_combine_top1<bf16_t>(DType::kBF16, Activation::kSwiGLU, T, E, drop);
+        check_combine_top1<float>(DType::kF32, Activation::kSwiGLU, T, E, drop);
+      }
+    }
+  }
+  check_combine_top1<f16_t>(DType::kF16, Activation::kGELU, 13, 3, true);
+}
+
 TEST(SimtExpertMlp, EntryPointDispatch) {
   constexpr int64_t T = 3, H = 8, F = 8, K = 1, E = 1;
   const Plan plan = make_plan(T, K, E);
