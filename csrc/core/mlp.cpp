@@ -123,9 +123,9 @@ int64_t expert_mlp_combine_top1_workspace_bytes(const ExpertMlpParams& params, D
 }
 
 Status expert_mlp_combine_top1_forward(const Exec& exec, const ExpertMlpParams& params, const TensorView& x,
-                                       const TensorView& token_of_row, const TensorView& offsets,
-                                       const TensorView& w1, const TensorView& w2, const TensorView& weights,
-                                       const TensorView& y, const TensorView& workspace) {
+                                       const TensorView& token_of_row, const TensorView& offsets, const TensorView& w1,
+                                       const TensorView& w2, const TensorView& weights, const TensorView& y,
+                                       const TensorView& workspace) {
   const Checker c{"expert_mlp_combine_top1_forward", x, "x"};
   SMOE_RETURN_IF_ERROR(expect_activation(c, params.activation));
   SMOE_RETURN_IF_ERROR(c.float_tensor("x", x, 2, "[T, H]", true));

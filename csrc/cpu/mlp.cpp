@@ -169,9 +169,9 @@ Status expert_mlp_forward(const ExpertMlpParams& params, const TensorView& x, co
 }
 
 Status expert_mlp_combine_top1_forward(const ExpertMlpParams& params, const TensorView& x,
-                                       const TensorView& token_of_row, const TensorView& offsets,
-                                       const TensorView& w1, const TensorView& w2, const TensorView& weights,
-                                       const TensorView& y, const TensorView& workspace) {
+                                       const TensorView& token_of_row, const TensorView& offsets, const TensorView& w1,
+                                       const TensorView& w2, const TensorView& weights, const TensorView& y,
+                                       const TensorView& workspace) {
   const int64_t R = token_of_row.size(0), T_ = x.size(0), H = x.size(1), F = w2.size(2), F1 = w1.size(1);
   SMOE_RETURN_IF_ERROR(check_offsets("expert_mlp_combine_top1_forward", offsets, R));  // the one scan of offsets
   const int64_t E = offsets.size(0) - 1;

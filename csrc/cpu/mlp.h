@@ -15,9 +15,9 @@ Status expert_mlp_forward(const ExpertMlpParams& params, const TensorView& x, co
                           const TensorView& act, const TensorView& ys);
 
 Status expert_mlp_combine_top1_forward(const ExpertMlpParams& params, const TensorView& x,
-                                       const TensorView& token_of_row, const TensorView& offsets,
-                                       const TensorView& w1, const TensorView& w2, const TensorView& weights,
-                                       const TensorView& y, const TensorView& workspace);
+                                       const TensorView& token_of_row, const TensorView& offsets, const TensorView& w1,
+                                       const TensorView& w2, const TensorView& weights, const TensorView& y,
+                                       const TensorView& workspace);
 
 Status expert_mlp_backward(const ExpertMlpParams& params, const TensorView& grad_ys, const TensorView& x,
                            const TensorView& token_of_row, const TensorView& row_of, const TensorView& offsets,

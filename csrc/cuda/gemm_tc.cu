@@ -72,7 +72,8 @@ Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, c
                                   : " (the tensor cores take bf16, f16, or f32 as 3xTF32)")));
   if (pre.defined() && !has_act) return invalid_argument(op, "pre", "absent without an activation", "given");
   if (R == 0 || N == 0 || E < 1) return Status::Ok();
-  if (wgmma_selected() && !params.store_row.defined()) {  // sm_90a kernel (gemm_wgmma.h); what it refuses (before any launch) runs below
+  if (wgmma_selected() &&
+      !params.store_row.defined()) {  // sm_90a kernel (gemm_wgmma.h); what it refuses (before any launch) runs below
     const Status st = grouped_gemm_wgmma(params, a, b, offsets, token_of_row, row_weights, c, pre, stream);
     if (st.code() != Code::kUnsupported) return st;
   }

@@ -297,9 +297,9 @@ Status expert_mlp_forward(const ExpertMlpParams& params, const TensorView& x, co
 }
 
 Status expert_mlp_combine_top1_forward(const ExpertMlpParams& params, const TensorView& x,
-                                       const TensorView& token_of_row, const TensorView& offsets,
-                                       const TensorView& w1, const TensorView& w2, const TensorView& weights,
-                                       const TensorView& y, const TensorView& workspace, void* stream) {
+                                       const TensorView& token_of_row, const TensorView& offsets, const TensorView& w1,
+                                       const TensorView& w2, const TensorView& weights, const TensorView& y,
+                                       const TensorView& workspace, void* stream) {
   constexpr const char* op = "expert_mlp_combine_top1_forward";
   if (x.dtype == DType::kF64) return f64_unsupported(op);
   const int64_t R = token_of_row.size(0), T = x.size(0), H = x.size(1), F = w2.size(2), F1 = w1.size(1);
@@ -341,8 +341,8 @@ Status expert_mlp_combine_top1_forward(const ExpertMlpParams& params, const Tens
   SMOE_RETURN_IF_ERROR(grouped_gemm(GroupedGemmParams{true}, act, w2, offsets, out, s));
   return dispatch_float(x.dtype, op, [&](auto tag) -> Status {
     using S = typename decltype(tag)::type;
-    SMOE_CUDA_CHECK(SMOE_LAUNCH(&scale_scatter_rows_kernel<S>, dim3(grid_for(R, kRowWarps, 4096)), dim3(kRowThreads),
-                                0, s, out.data_as<const S>(), out.stride(0), offsets.data_as<const int64_t>(),
+    SMOE_CUDA_CHECK(SMOE_LAUNCH(&scale_scatter_rows_kernel<S>, dim3(grid_for(R, kRowWarps, 4096)), dim3(kRowThreads), 0,
+                                s, out.data_as<const S>(), out.stride(0), offsets.data_as<const int64_t>(),
                                 static_cast<int32_t>(offsets.size(0) - 1), R, token_of_row.data_as<const int32_t>(),
                                 weights.data_as<const float>(), T, H, y.data_as<S>(), y.stride(0)));
     return Status::Ok();

@@ -294,9 +294,16 @@ def test_gating_backward_from_weights_only_or_scores_only():
 
 
 @pytest.mark.parametrize("backend", ["cpu", "simt"])
-@pytest.mark.parametrize("T,E,capacity,pad,skew", [(0, 4, None, 1, False), (1, 1, None, 1, False),
-                                                   (9, 7, None, 4, False), (33, 5, 4, 2, True),
-                                                   (20, 40, None, 1, False)])
+@pytest.mark.parametrize(
+    "T,E,capacity,pad,skew",
+    [
+        (0, 4, None, 1, False),
+        (1, 1, None, 1, False),
+        (9, 7, None, 4, False),
+        (33, 5, 4, 2, True),
+        (20, 40, None, 1, False),
+    ],
+)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_expert_mlp_combine_top1_matches_unfused(backend, T, E, capacity, pad, skew, dtype):
     import smoe
@@ -350,5 +357,6 @@ def test_expert_mlp_combine_top1_refuses_gradients_and_top2():
     with pytest.raises(ValueError, match=r"argument 'plan.row_of': expected \[T, 1\]"):
         smoe.ops.expert_mlp_combine_top1(x.detach(), w1, w2, torch.ones(8, 1), plan2, backend="cpu")
     with pytest.raises(ValueError, match="argument 'weights'"):
-        smoe.ops.expert_mlp_combine_top1(x.detach(), w1, w2, torch.ones(8, 1, dtype=torch.float64), plan1,
-                                         backend="cpu")
+        smoe.ops.expert_mlp_combine_top1(
+            x.detach(), w1, w2, torch.ones(8, 1, dtype=torch.float64), plan1, backend="cpu"
+        )

@@ -32,9 +32,9 @@ Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const
 int64_t expert_mlp_combine_top1_workspace_bytes(const ExpertMlpParams& params, DType dtype, int64_t R, int64_t H,
                                                 int64_t F);
 Status expert_mlp_combine_top1_forward(const Exec& exec, const ExpertMlpParams& params, const TensorView& x,
-                                       const TensorView& token_of_row, const TensorView& offsets,
-                                       const TensorView& w1, const TensorView& w2, const TensorView& weights,
-                                       const TensorView& y, const TensorView& workspace);
+                                       const TensorView& token_of_row, const TensorView& offsets, const TensorView& w1,
+                                       const TensorView& w2, const TensorView& weights, const TensorView& y,
+                                       const TensorView& workspace);
 
 // grad_ys [R, H]; x [T, H] and token_of_row [R] of the forward (grad_w1 = sum over the rows r of
 // expert e of grad_pre[r]^T x[token_of_row[r]], x read through token_of_row again); row_of [T, K] i32;

@@ -109,7 +109,12 @@ class RoutedExperts(nn.Module):
         if self.uses_fused_top1(x, weights, plan, w1, w2):
             # top-1 inference: weighting and scatter in the second GEMM's epilogue, no ys, no combine
             return F.expert_mlp_combine_top1(
-                x, w1, w2, weights.to(_acc_dtype(x.dtype)).contiguous(), plan, activation=self.args.activation,
+                x,
+                w1,
+                w2,
+                weights.to(_acc_dtype(x.dtype)).contiguous(),
+                plan,
+                activation=self.args.activation,
                 backend=backend,
             )
         ys = F.expert_mlp(x, w1, w2, plan, activation=self.args.activation, backend=backend)  # [R,H]

@@ -428,7 +428,9 @@ def expert_mlp_combine_top1(
         [("x", x), ("w1", w1), ("w2", w2), ("weights", weights), ("plan.offsets", plan.offsets)],
     )
     if plan.row_of.dim() != 2 or plan.row_of.shape[1] != 1:
-        raise ValueError(f"{op}: argument 'plan.row_of': expected [T, 1] (top-1 routing), got {list(plan.row_of.shape)}")
+        raise ValueError(
+            f"{op}: argument 'plan.row_of': expected [T, 1] (top-1 routing), got {list(plan.row_of.shape)}"
+        )
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w2, weights)):
         raise ValueError(f"{op}: computes no gradient; x, w1, w2 and weights must not require grad (or use no_grad)")
     if backend == "reference":

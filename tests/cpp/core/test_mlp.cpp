@@ -596,10 +596,10 @@ TEST(MlpErrors, CombineTop1RejectsBadArguments) {
   std::vector<double> w64(static_cast<size_t>(T_));
   std::vector<uint8_t> ws(size_t(expert_mlp_combine_top1_workspace_bytes(p, DType::kF32, R, H, F)));
   auto run = [&](const TensorView& wv, const TensorView& yv, const TensorView& wsv) {
-    return expert_mlp_combine_top1_forward(Exec{}, p, make_view(c.x.data(), {T_, H}),
-                                           make_view(c.plan.token_of_row.data(), {R}),
-                                           make_view(c.plan.offsets.data(), {E + 1}), make_view(c.w1.data(), {E, 2 * F, H}),
-                                           make_view(c.w2.data(), {E, H, F}), wv, yv, wsv);
+    return expert_mlp_combine_top1_forward(
+        Exec{}, p, make_view(c.x.data(), {T_, H}), make_view(c.plan.token_of_row.data(), {R}),
+        make_view(c.plan.offsets.data(), {E + 1}), make_view(c.w1.data(), {E, 2 * F, H}),
+        make_view(c.w2.data(), {E, H, F}), wv, yv, wsv);
   };
   const TensorView Y = make_view(y.data(), {T_, H}), WS = make_view(ws.data(), {int64_t(ws.size())});
   expect_invalid(run(make_view(w.data(), {T_, 2}), Y, WS), "argument 'weights': expected size(1) == 1");

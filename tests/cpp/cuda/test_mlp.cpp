@@ -312,7 +312,7 @@ void check_combine_top1(DType dt, Activation act, int64_t T, int64_t E, bool dro
   params.activation = act;
   std::vector<S> x = eighths<S>(size_t(T * H), 1), w1 = eighths<S>(size_t(E * F1 * H), 2),
                  w2 = eighths<S>(size_t(E * H * F), 3);
-  std::vector<float> w(size_t(T));
+  std::vector<float> w(static_cast<size_t>(T));
   for (int64_t t = 0; t < T; ++t) w[size_t(t)] = 0.25f + 0.125f * float(t % 5);
   std::vector<int32_t> tok = plan.token_of_row;
   std::vector<int64_t> off = plan.offsets;
