@@ -401,7 +401,7 @@ struct ForwardArgs {
   int64_t ldpre;
   const float* row_weights;  // [rows of c] or nullptr: indexed by the stored row
   const int32_t* store_row;  // [R] or nullptr: row r is stored to c[store_row[r]] (outside [0, c_rows): skipped)
-  int64_t c_rows;
+  int64_t c_rows;            // rows of c (read only with store_row)
   int32_t act;
   bool vec_a, vec_b;      // 16-byte aligned rows of a / of b's columns (cp.async), else element loads
   bool pair_c, pair_pre;  // 4-byte aligned column pairs of c / pre (paired stores)
@@ -535,7 +535,7 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_tc_kernel(const Forward
       const int64_t r = m0 + warp_m * kWM + mi * 16 + (lane >> 2) + h * 8;
       if (r >= seg_end) continue;
       const int64_t cr = p.store_row != nullptr ? p.store_row[r] : r;  // the row of c it is stored to
-      if (cr < 0 || cr >= p.c_rows) continue;
+      if (p.store_row != nullptr && (cr < 0 || cr >= p.c_rows)) continue;
       const float w = p.row_weights != nullptr ? p.row_weights[cr] : 1.0f;
       if constexpr (kGated) {
 #pragma unroll
