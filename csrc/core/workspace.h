@@ -10,9 +10,16 @@
 
 namespace smoe::workspace {
 
-// Pieces of a workspace start at multiples of 256 bytes (CUDA's allocation alignment).
+// `bytes` (>= 0) rounded up to a multiple of `align`; saturates at kSizeOverflow like every size
+// query (no `bytes + align - 1` past INT64_MAX). Both sections below pad with it.
+inline int64_t align_up(int64_t bytes, int64_t align) {
+  if (bytes >= kSizeOverflow - align) return kSizeOverflow;
+  return (bytes + align - 1) / align * align;
+}
+
+// Pieces of a router-loss workspace start at multiples of 256 bytes (CUDA's allocation alignment).
 inline constexpr int64_t kAlign = 256;
-inline int64_t align256(int64_t bytes) { return sat_mul((bytes + kAlign - 1) / kAlign, kAlign); }
+inline int64_t align256(int64_t bytes) { return align_up(bytes, kAlign); }
 
 // ==== router losses (smoe/ops/router_losses.h) =====================================================
 //
@@ -44,7 +51,7 @@ inline int64_t z_loss_bytes(int64_t T, int64_t E) {
 }  // namespace smoe::workspace
 
 // ==== expert MLP / shared expert (include/smoe/ops/mlp.h) ===========================================
-// expert_mlp_backward's workspace, in order, each piece on a kMlpWorkspaceAlign boundary after an
+// expert_mlp_backward's workspace, in order, each piece on a kAlign (64-byte) boundary after an
 // aligned base:  grad_act [R, F], grad_pre [R, F1], grad_xs [R, H]   (the dtype of grad_ys).
 // shared_expert_backward's:  grad_out [T, H], grad_act [T, F], grad_pre [T, F1], grad_xs [T, H],
 // dlogit [T] (f32; f64 for f64), then what the device backends carve after them (the gate
@@ -59,10 +66,7 @@ namespace smoe::mlp_workspace {
 inline constexpr int64_t kAlign = 64;  // bytes; a cache line, and 16-byte aligned for cp.async
 
 // Bytes one piece takes, padded to kAlign; saturates at kSizeOverflow like every size query.
-inline int64_t piece(int64_t bytes) {
-  if (bytes >= kSizeOverflow - kAlign) return kSizeOverflow;
-  return (bytes + kAlign - 1) / kAlign * kAlign;
-}
+inline int64_t piece(int64_t bytes) { return workspace::align_up(bytes, kAlign); }
 
 // kAlign (room to align the base pointer) + the padded pieces, saturated.
 inline int64_t total(std::initializer_list<int64_t> piece_bytes) {

@@ -4,6 +4,7 @@
 // Jacobians, triple loops); the backward ops are also checked against central finite differences
 // in f64. Integers (expert and token indices, rows) are compared exactly.
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -1157,6 +1158,14 @@ TEST(RouterLossWorkspace, QueriesFollowTheFormula) {
     }
   }
   EXPECT_EQ(load_balancing_loss_workspace_bytes(-1, 4), 0);
+}
+
+// A size past INT64_MAX saturates at kSizeOverflow (4E overflowing used to reach align256's
+// `bytes + 255` and wrap to a finite, wrong size), and so do the sizes just below it.
+TEST(RouterLossWorkspace, HugeSizesSaturate) {
+  EXPECT_EQ(load_balancing_loss_workspace_bytes(1, INT64_MAX / 2), kSizeOverflow);
+  EXPECT_EQ(load_balancing_loss_workspace_bytes(1, INT64_MAX / 4 - 10), kSizeOverflow);
+  EXPECT_EQ(z_loss_workspace_bytes(INT64_MAX / 4, 1), kSizeOverflow);
 }
 
 TEST(RouterLossWorkspace, CheckedWhenGivenAndIgnoredByTheCpu) {
