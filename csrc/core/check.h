@@ -33,6 +33,7 @@ class ArgCheck {
   ArgCheck& float_dtype();                            // f32, bf16, f16 or f64
   ArgCheck& dtype_if(bool ok, const char* expected);  // a custom dtype rule, e.g. "dtype f32 (f64 for ...)"
   ArgCheck& same_dtype();                             // the reference tensor's dtype
+  ArgCheck& ref_dtype();  // the reference tensor itself: float_dtype(); any other: same_dtype()
   ArgCheck& size(int dim, int64_t value, const char* meaning);
   ArgCheck& size_if_known(int dim, int64_t value, const char* meaning) {  // value < 0: any size
     return value < 0 ? *this : size(dim, value, meaning);
@@ -65,6 +66,12 @@ class Checker {
   const char* const ref_name;
 
   ArgCheck arg(const char* name, const TensorView& v) const { return ArgCheck(*this, name, v); }
+  // A 2-D BLAS operand: `layout`, ref_dtype(), dense rows, on the reference device, BLAS-sized.
+  ArgCheck matrix(const char* name, const TensorView& v, const char* layout) const {
+    ArgCheck a = arg(name, v);
+    a.dims(2, layout).ref_dtype().row_contiguous().same_device().blas_sized();
+    return a;
+  }
 
   // "op: argument 'arg': expected <expected>, got <got>".
   Status invalid(const char* arg, const std::string& expected, const std::string& got) const {
@@ -104,6 +111,7 @@ inline ArgCheck& ArgCheck::same_dtype() {
   if (st_.ok()) st_ = expect_same_dtype(c_.op, name_, v_, c_.ref_name, c_.ref);
   return *this;
 }
+inline ArgCheck& ArgCheck::ref_dtype() { return &v_ == &c_.ref ? float_dtype() : same_dtype(); }
 inline ArgCheck& ArgCheck::size(int dim, int64_t value, const char* meaning) {
   if (st_.ok()) st_ = expect_size(c_.op, name_, v_, dim, value, meaning);
   return *this;

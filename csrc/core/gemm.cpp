@@ -10,31 +10,13 @@
 #include "cpu/gemm.h"
 
 namespace smoe {
-namespace {
 
-using detail::ArgCheck;
 using detail::Checker;
-
-// A 2-D operand with dense rows in the dtype and on the device of `a`, BLAS-sized. `a` itself may
-// be any float dtype.
-ArgCheck float_matrix(const Checker& c, const char* arg, const TensorView& v, const char* layout) {
-  ArgCheck k = c.arg(arg, v);
-  k.dims(2, layout);
-  if (&v == &c.ref) {
-    k.float_dtype();
-  } else {
-    k.same_dtype();
-  }
-  k.row_contiguous().same_device().blas_sized();
-  return k;
-}
-
-}  // namespace
 
 Status grouped_gemm(const Exec& exec, const GroupedGemmParams& params, const TensorView& a, const TensorView& b,
                     const TensorView& offsets, const TensorView& c_out) {
   const Checker c{"grouped_gemm", a, "a"};
-  SMOE_RETURN_IF_ERROR(float_matrix(c, "a", a, "[R, Kd]"));
+  SMOE_RETURN_IF_ERROR(c.matrix("a", a, "[R, Kd]"));
   const char* b_layout = params.trans_b ? "[E, N, Kd] (trans_b = true)" : "[E, Kd, N] (trans_b = false)";
   SMOE_RETURN_IF_ERROR(c.arg("b", b).dims(3, b_layout).same_dtype().contiguous().same_device().blas_sized());
   SMOE_RETURN_IF_ERROR(c.offsets(offsets));
@@ -42,7 +24,7 @@ Status grouped_gemm(const Exec& exec, const GroupedGemmParams& params, const Ten
   SMOE_RETURN_IF_ERROR(
       c.arg("b", b).size(0, E, "E (= offsets.size(0) - 1)").size(params.trans_b ? 2 : 1, Kd, "Kd (= a.size(1))"));
   const int64_t N = b.size(params.trans_b ? 1 : 2);
-  SMOE_RETURN_IF_ERROR(float_matrix(c, "c", c_out, "[R, N]")
+  SMOE_RETURN_IF_ERROR(c.matrix("c", c_out, "[R, N]")
                            .size(0, R, "R (= a.size(0))")
                            .size(1, N, params.trans_b ? "N (= b.size(1))" : "N (= b.size(2))"));
   return SMOE_DISPATCH_WORK(c.op, exec, a, R > 0 && N > 0, grouped_gemm, params, a, b, offsets, c_out);
@@ -51,8 +33,8 @@ Status grouped_gemm(const Exec& exec, const GroupedGemmParams& params, const Ten
 Status grouped_gemm_wgrad(const Exec& exec, const TensorView& a, const TensorView& b, const TensorView& offsets,
                           const TensorView& c_out) {
   const Checker c{"grouped_gemm_wgrad", a, "a"};
-  SMOE_RETURN_IF_ERROR(float_matrix(c, "a", a, "[R, M]"));
-  SMOE_RETURN_IF_ERROR(float_matrix(c, "b", b, "[R, N]"));
+  SMOE_RETURN_IF_ERROR(c.matrix("a", a, "[R, M]"));
+  SMOE_RETURN_IF_ERROR(c.matrix("b", b, "[R, N]"));
   const int64_t R = a.size(0), M = a.size(1), N = b.size(1);
   SMOE_RETURN_IF_ERROR(c.arg("b", b).size(0, R, "R (= a.size(0))"));
   SMOE_RETURN_IF_ERROR(c.offsets(offsets));

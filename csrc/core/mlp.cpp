@@ -21,14 +21,7 @@ struct Checker : detail::Checker {
 
   // A float tensor in ref's dtype (ref itself: any float dtype), dense (rows only: row_strided) on ref's device.
   Status float_tensor(const char* name, const TensorView& v, int ndim, const char* layout, bool row_strided) const {
-    detail::ArgCheck a = arg(name, v);
-    a.dims(ndim, layout);
-    if (&v == &ref) {
-      a.float_dtype();
-    } else {
-      a.same_dtype();
-    }
-    return a.dense(row_strided).same_device();
+    return arg(name, v).dims(ndim, layout).ref_dtype().dense(row_strided).same_device();
   }
   Status size(const char* name, const TensorView& v, int dim, int64_t value, const char* meaning) const {
     return arg(name, v).size(dim, value, meaning);
@@ -56,12 +49,11 @@ using mlp_workspace::total;  // the one layout contract: csrc/core/workspace.h
 
 namespace {
 
-// The tensors the expert MLP's forward and backward share: offsets [E+1], w1 [E, F1, H], w2 [E, H, F]
-// and the saved pre [R, F1], act [R, F]. `r_meaning` / `h_meaning` name where R and H come from in
-// the calling op; F is returned.
-Status check_expert_tensors(const Checker& c, const ExpertMlpParams& params, const TensorView& offsets,
-                            const TensorView& w1, const TensorView& w2, const TensorView& pre, const TensorView& act,
-                            int64_t R, const char* r_meaning, int64_t H, const char* h_meaning, int64_t* F_out) {
+// The expert weights every expert-MLP op takes: offsets [E+1], w2 [E, H, F], w1 [E, F1, H].
+// `h_meaning` names where H comes from in the calling op; F is returned.
+Status check_expert_weights(const Checker& c, const ExpertMlpParams& params, const TensorView& offsets,
+                            const TensorView& w1, const TensorView& w2, int64_t H, const char* h_meaning,
+                            int64_t* F_out) {
   SMOE_RETURN_IF_ERROR(c.offsets(offsets));
   const int64_t E = offsets.size(0) - 1;
   SMOE_RETURN_IF_ERROR(c.float_tensor("w2", w2, 3, "[E, H, F]", false));
@@ -72,6 +64,19 @@ Status check_expert_tensors(const Checker& c, const ExpertMlpParams& params, con
   SMOE_RETURN_IF_ERROR(c.size("w1", w1, 0, E, "E (= offsets.size(0) - 1)"));
   SMOE_RETURN_IF_ERROR(c.size("w1", w1, 1, F1, f1_meaning(params)));
   SMOE_RETURN_IF_ERROR(c.size("w1", w1, 2, H, h_meaning));
+  *F_out = F;
+  return Status::Ok();
+}
+
+// The tensors the expert MLP's forward and backward share: the expert weights (check_expert_weights)
+// and the saved pre [R, F1], act [R, F]. `r_meaning` / `h_meaning` name where R and H come from in
+// the calling op; F is returned.
+Status check_expert_tensors(const Checker& c, const ExpertMlpParams& params, const TensorView& offsets,
+                            const TensorView& w1, const TensorView& w2, const TensorView& pre, const TensorView& act,
+                            int64_t R, const char* r_meaning, int64_t H, const char* h_meaning, int64_t* F_out) {
+  int64_t F = 0;
+  SMOE_RETURN_IF_ERROR(check_expert_weights(c, params, offsets, w1, w2, H, h_meaning, &F));
+  const int64_t F1 = is_gated(params.activation) ? 2 * F : F;
   SMOE_RETURN_IF_ERROR(c.float_tensor("pre", pre, 2, "[R, F1]", true));
   SMOE_RETURN_IF_ERROR(c.size("pre", pre, 0, R, r_meaning));
   SMOE_RETURN_IF_ERROR(c.size("pre", pre, 1, F1, f1_meaning(params)));
@@ -132,22 +137,15 @@ Status expert_mlp_combine_top1_forward(const Exec& exec, const ExpertMlpParams& 
   const int64_t T = x.size(0), H = x.size(1);
   SMOE_RETURN_IF_ERROR(c.index_tensor("token_of_row", token_of_row, 1, "[R]", DType::kI32));
   const int64_t R = token_of_row.size(0);
-  SMOE_RETURN_IF_ERROR(c.offsets(offsets));
-  const int64_t E = offsets.size(0) - 1;
-  SMOE_RETURN_IF_ERROR(c.float_tensor("w2", w2, 3, "[E, H, F]", false));
-  SMOE_RETURN_IF_ERROR(c.size("w2", w2, 0, E, "E (= offsets.size(0) - 1)"));
-  SMOE_RETURN_IF_ERROR(c.size("w2", w2, 1, H, "H (= x.size(1))"));
-  const int64_t F = w2.size(2), F1 = is_gated(params.activation) ? 2 * F : F;
-  SMOE_RETURN_IF_ERROR(c.float_tensor("w1", w1, 3, "[E, F1, H]", false));
-  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 0, E, "E (= offsets.size(0) - 1)"));
-  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 1, F1, f1_meaning(params)));
-  SMOE_RETURN_IF_ERROR(c.size("w1", w1, 2, H, "H (= x.size(1))"));
-  SMOE_RETURN_IF_ERROR(expect_dims(c.op, "weights", weights, 2, "[T, 1] (f32; f64 for f64 x)"));
-  SMOE_RETURN_IF_ERROR(expect_dtype(c.op, "weights", weights, acc_dtype(x.dtype)));
-  SMOE_RETURN_IF_ERROR(expect_contiguous(c.op, "weights", weights));
-  SMOE_RETURN_IF_ERROR(expect_device(c.op, "weights", weights, x.device, x.device_index));
-  SMOE_RETURN_IF_ERROR(c.size("weights", weights, 0, T, "T (= x.size(0))"));
-  SMOE_RETURN_IF_ERROR(c.size("weights", weights, 1, 1, "1 (top-1 routing)"));
+  int64_t F = 0;
+  SMOE_RETURN_IF_ERROR(check_expert_weights(c, params, offsets, w1, w2, H, "H (= x.size(1))", &F));
+  SMOE_RETURN_IF_ERROR(c.arg("weights", weights)
+                           .dims(2, "[T, 1] (f32; f64 for f64 x)")
+                           .dtype(acc_dtype(x.dtype))
+                           .contiguous()
+                           .same_device()
+                           .size(0, T, "T (= x.size(0))")
+                           .size(1, 1, "1 (top-1 routing)"));
   SMOE_RETURN_IF_ERROR(c.float_tensor("y", y, 2, "[T, H]", true));
   SMOE_RETURN_IF_ERROR(c.size("y", y, 0, T, "T (= x.size(0))"));
   SMOE_RETURN_IF_ERROR(c.size("y", y, 1, H, "H (= x.size(1))"));
@@ -232,11 +230,12 @@ Status check_shared(const Checker& c, const ExpertMlpParams& params, const Tenso
   }
   // gate: required with gate_w; optional without it (then it is filled with ones).
   if (gate_w.defined() || gate.defined()) {
-    SMOE_RETURN_IF_ERROR(expect_dims(c.op, "gate", gate, 1, "[T] (f32; f64 for f64 x)"));
-    SMOE_RETURN_IF_ERROR(expect_dtype(c.op, "gate", gate, acc_dtype(x.dtype)));
-    SMOE_RETURN_IF_ERROR(expect_contiguous(c.op, "gate", gate));
-    SMOE_RETURN_IF_ERROR(expect_device(c.op, "gate", gate, x.device, x.device_index));
-    SMOE_RETURN_IF_ERROR(c.size("gate", gate, 0, T, "T (= x.size(0))"));
+    SMOE_RETURN_IF_ERROR(c.arg("gate", gate)
+                             .dims(1, "[T] (f32; f64 for f64 x)")
+                             .dtype(acc_dtype(x.dtype))
+                             .contiguous()
+                             .same_device()
+                             .size(0, T, "T (= x.size(0))"));
   }
   return Status::Ok();
 }
