@@ -14,7 +14,9 @@
 //   return SMOE_DISPATCH_WORK(op, exec, logits, /*has_work=*/T > 0, topk_gating_forward, params, logits, ...);
 //
 // SMOE_DISPATCH(op, exec, ref, fn, ...) is the same with has_work = true (ops that always write
-// something, e.g. a loss of zero tokens).
+// something, e.g. a loss of zero tokens). An op whose backends treat empty work differently calls
+// detail::dispatch with its own two callables (csrc/core/mlp.cpp: the CPU returns early on zero
+// rows, the device launchers decide themselves, so an f64 refusal is still reported).
 #pragma once
 
 #include <string>
@@ -53,12 +55,6 @@ Status dispatch(const char* op, const Exec& exec, const TensorView& ref, bool ha
     return cpu_fn();
   }
   return device_fn(b);
-}
-
-// The form without an empty-work step (the op always has work).
-template <class CpuFn, class DeviceFn>
-Status dispatch(const char* op, const Exec& exec, const TensorView& ref, CpuFn&& cpu_fn, DeviceFn&& device_fn) {
-  return dispatch(op, exec, ref, true, std::forward<CpuFn>(cpu_fn), std::forward<DeviceFn>(device_fn));
 }
 
 }  // namespace smoe::detail

@@ -107,7 +107,7 @@ Status expert_mlp_forward(const Exec& exec, const ExpertMlpParams& params, const
   // Zero rows: nothing to compute on the CPU; the device launchers return early themselves (and an
   // unbuilt device backend still says so).
   return detail::dispatch(
-      c.op, exec, x,
+      c.op, exec, x, /*has_work=*/true,
       [&] {
         if (R == 0) return Status::Ok();
         return cpu::expert_mlp_forward(params, x, token_of_row, offsets, w1, w2, pre, act, ys);
@@ -253,7 +253,7 @@ Status shared_expert_forward(const Exec& exec, const ExpertMlpParams& params, co
   SMOE_RETURN_IF_ERROR(c.size("y", y, 1, x.size(1), "H (= x.size(1))"));
   // Zero tokens: as in expert_mlp_forward.
   return detail::dispatch(
-      c.op, exec, x,
+      c.op, exec, x, /*has_work=*/true,
       [&] {
         if (x.size(0) == 0) return Status::Ok();
         return cpu::shared_expert_forward(params, x, w1, w2, gate_w, pre, act, out, gate, y);
