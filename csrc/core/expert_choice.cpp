@@ -62,16 +62,8 @@ Status expert_choice_backward(const Exec& exec, const ExpertChoiceParams& params
   SMOE_RETURN_IF_ERROR(check_capacity(c, params, "scores", T, E));
   SMOE_RETURN_IF_ERROR(detail::router_matrix(c, "row_of", row_of, "[T, E]", DType::kI32, T, "T = scores.size(0)", E,
                                              "E = scores.size(1)"));
-  if (grad_weights.defined()) {
-    SMOE_RETURN_IF_ERROR(detail::router_matrix(c, "grad_weights", grad_weights, "[T, E]", scores.dtype, T,
-                                               "T = scores.size(0)", E, "E = scores.size(1)"));
-  }
-  if (grad_scores.defined()) {
-    SMOE_RETURN_IF_ERROR(detail::router_matrix(c, "grad_scores", grad_scores, "[T, E]", scores.dtype, T,
-                                               "T = scores.size(0)", E, "E = scores.size(1)"));
-  }
-  SMOE_RETURN_IF_ERROR(detail::router_matrix(c, "grad_logits", grad_logits, "[T, E]", scores.dtype, T,
-                                             "T = scores.size(0)", E, "E = scores.size(1)"));
+  SMOE_RETURN_IF_ERROR(
+      detail::check_router_grads(c, scores, grad_weights, "[T, E]", E, "E = scores.size(1)", grad_scores, grad_logits));
   return SMOE_DISPATCH_WORK(c.op, exec, scores, E > 0, expert_choice_backward, params, scores, row_of, grad_weights,
                             grad_scores, grad_logits);
 }

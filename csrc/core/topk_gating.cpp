@@ -87,16 +87,8 @@ Status topk_gating_backward(const Exec& exec, const TopkGatingParams& params, co
   const int64_t K = params.top_k;
   SMOE_RETURN_IF_ERROR(detail::router_matrix(c, "experts", experts, "[T, K]", DType::kI32, T, "T = scores.size(0)", K,
                                              "K = params.top_k"));
-  if (grad_weights.defined()) {
-    SMOE_RETURN_IF_ERROR(detail::router_matrix(c, "grad_weights", grad_weights, "[T, K]", scores.dtype, T,
-                                               "T = scores.size(0)", K, "K = params.top_k"));
-  }
-  if (grad_scores.defined()) {
-    SMOE_RETURN_IF_ERROR(detail::router_matrix(c, "grad_scores", grad_scores, "[T, E]", scores.dtype, T,
-                                               "T = scores.size(0)", E, "E = scores.size(1)"));
-  }
-  SMOE_RETURN_IF_ERROR(detail::router_matrix(c, "grad_logits", grad_logits, "[T, E]", scores.dtype, T,
-                                             "T = scores.size(0)", E, "E = scores.size(1)"));
+  SMOE_RETURN_IF_ERROR(
+      detail::check_router_grads(c, scores, grad_weights, "[T, K]", K, "K = params.top_k", grad_scores, grad_logits));
   return SMOE_DISPATCH_WORK(c.op, exec, scores, T > 0, topk_gating_backward, params, scores, experts, grad_weights,
                             grad_scores, grad_logits);
 }
