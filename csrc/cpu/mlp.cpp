@@ -46,28 +46,25 @@ void zero_outside(const TensorView& v, int64_t o0, int64_t oE) {
   zero_rows(v, oE, v.size(0));
 }
 
-template <class T>
-using Acc = typename AccOf<T>::type;
-
 // gate[t] = sigmoid(<x[t], gate_w>), in the accumulation type (f32; f64 for f64).
 template <class T>
 void gate_forward(const TensorView& x, const TensorView& gate_w, const TensorView& gate) {
   const int64_t T_ = x.size(0), H = x.size(1);
   const T* px = x.data_as<const T>();
   const T* pw = gate_w.data_as<const T>();
-  Acc<T>* pg = gate.data_as<Acc<T>>();
+  acc_t<T>* pg = gate.data_as<acc_t<T>>();
   parallel_for(T_, 256, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      Acc<T> s = 0;
+      acc_t<T> s = 0;
       for (int64_t h = 0; h < H; ++h) s += to_acc(px[t * x.stride(0) + h]) * to_acc(pw[h]);
-      pg[t] = Acc<T>(1) / (Acc<T>(1) + std::exp(-s));
+      pg[t] = acc_t<T>(1) / (acc_t<T>(1) + std::exp(-s));
     }
   });
 }
 
 // dst[t] += scale[t] * src[t] + coef[t] * vec   (scale, coef, vec optional), rounded once.
 template <class T>
-void accumulate_rows(const TensorView& dst, const TensorView& src, const Acc<T>* scale, const Acc<T>* coef,
+void accumulate_rows(const TensorView& dst, const TensorView& src, const acc_t<T>* scale, const acc_t<T>* coef,
                      const T* vec) {
   const int64_t T_ = dst.size(0), H = dst.size(1);
   T* pd = dst.data_as<T>();
@@ -76,10 +73,10 @@ void accumulate_rows(const TensorView& dst, const TensorView& src, const Acc<T>*
     for (int64_t t = t0; t < t1; ++t) {
       T* d = pd + t * dst.stride(0);
       const T* s = ps + t * src.stride(0);
-      const Acc<T> g = scale ? scale[t] : Acc<T>(1);
-      const Acc<T> c = coef ? coef[t] : Acc<T>(0);
+      const acc_t<T> g = scale ? scale[t] : acc_t<T>(1);
+      const acc_t<T> c = coef ? coef[t] : acc_t<T>(0);
       for (int64_t h = 0; h < H; ++h) {
-        Acc<T> v = to_acc(d[h]) + g * to_acc(s[h]);
+        acc_t<T> v = to_acc(d[h]) + g * to_acc(s[h]);
         if (vec) v += c * to_acc(vec[h]);
         d[h] = from_acc<T>(v);
       }
@@ -91,23 +88,23 @@ void accumulate_rows(const TensorView& dst, const TensorView& src, const Acc<T>*
 // dlogit[t] = <grad_y[t], out[t]> * gate[t] * (1 - gate[t]);  grad_gate_w[h] = sum_t dlogit[t] x[t, h].
 template <class T>
 void gate_backward(const TensorView& grad_y, const TensorView& out, const TensorView& gate, const TensorView& x,
-                   const TensorView& grad_out, Acc<T>* dlogit, const TensorView& grad_gate_w) {
+                   const TensorView& grad_out, acc_t<T>* dlogit, const TensorView& grad_gate_w) {
   const int64_t T_ = grad_y.size(0), H = grad_y.size(1);
   const T* pgy = grad_y.data_as<const T>();
   const T* po = out.data_as<const T>();
-  const Acc<T>* pg = gate.data_as<const Acc<T>>();
+  const acc_t<T>* pg = gate.data_as<const acc_t<T>>();
   T* pgo = grad_out.data_as<T>();
   parallel_for(T_, 256, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const T* gy = pgy + t * grad_y.stride(0);
       const T* o = po + t * out.stride(0);
       T* go = pgo + t * grad_out.stride(0);
-      Acc<T> dot = 0;
+      acc_t<T> dot = 0;
       for (int64_t h = 0; h < H; ++h) {
         dot += to_acc(gy[h]) * to_acc(o[h]);
         go[h] = from_acc<T>(pg[t] * to_acc(gy[h]));
       }
-      dlogit[t] = dot * pg[t] * (Acc<T>(1) - pg[t]);
+      dlogit[t] = dot * pg[t] * (acc_t<T>(1) - pg[t]);
     }
   });
   // Columns in parallel, tokens in order: the sum order is fixed.
@@ -117,7 +114,7 @@ void gate_backward(const TensorView& grad_y, const TensorView& out, const Tensor
   parallel_for((H + kCols - 1) / kCols, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t h0 = b * kCols, h1 = std::min(H, h0 + kCols);
-      Acc<T> acc[kCols] = {};
+      acc_t<T> acc[kCols] = {};
       for (int64_t t = 0; t < T_; ++t) {
         const T* xr = px + t * x.stride(0);
         for (int64_t h = h0; h < h1; ++h) acc[h - h0] += dlogit[t] * to_acc(xr[h]);
@@ -125,26 +122,6 @@ void gate_backward(const TensorView& grad_y, const TensorView& out, const Tensor
       for (int64_t h = h0; h < h1; ++h) pgw[h] = from_acc<T>(acc[h - h0]);
     }
   });
-}
-
-template <class Fn>
-void dispatch(DType dt, Fn&& fn) {
-  switch (dt) {
-    case DType::kF32:
-      fn(float{});
-      break;
-    case DType::kF64:
-      fn(double{});
-      break;
-    case DType::kBF16:
-      fn(bf16_t{});
-      break;
-    case DType::kF16:
-      fn(f16_t{});
-      break;
-    default:
-      break;  // rejected by validation
-  }
 }
 
 }  // namespace
@@ -189,9 +166,9 @@ Status expert_mlp_combine_top1_forward(const ExpertMlpParams& params, const Tens
   SMOE_RETURN_IF_ERROR(grouped_gemm_prechecked(nt, act, w2, offsets, out));
   // y[token_of_row[r]] = weights[token_of_row[r]] * out[r]: one row per token (top-1), so plain stores.
   const int32_t* tok = token_of_row.data_as<const int32_t>();
-  dispatch(x.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const Acc<T>* pw = weights.data_as<const Acc<T>>();
+  return dtypes::dispatch_float(x.dtype, "expert_mlp_combine_top1_forward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const acc_t<T>* pw = weights.data_as<const acc_t<T>>();
     const T* po = out.data_as<const T>();
     T* py = y.data_as<T>();
     parallel_for(oE - o0, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)), [&](int64_t i0, int64_t i1) {
@@ -200,12 +177,12 @@ Status expert_mlp_combine_top1_forward(const ExpertMlpParams& params, const Tens
         if (t < 0 || t >= T_) continue;  // padding row
         const T* s = po + r * out.stride(0);
         T* d = py + t * y.stride(0);
-        const Acc<T> w = pw[t];
+        const acc_t<T> w = pw[t];
         for (int64_t h = 0; h < H; ++h) d[h] = from_acc<T>(w * to_acc(s[h]));
       }
     });
+    return Status::Ok();
   });
-  return Status::Ok();
 }
 
 Status expert_mlp_backward(const ExpertMlpParams& params, const TensorView& grad_ys, const TensorView& x,
@@ -243,18 +220,18 @@ Status shared_expert_forward(const ExpertMlpParams& params, const TensorView& x,
   SMOE_RETURN_IF_ERROR(grouped_gemm_prechecked(GroupedGemmParams{true}, x, as_one_expert(w1), offsets, pre));
   SMOE_RETURN_IF_ERROR(activation_forward(params.activation, pre, act));
   SMOE_RETURN_IF_ERROR(grouped_gemm_prechecked(GroupedGemmParams{true}, act, as_one_expert(w2), offsets, out));
-  dispatch(x.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    const Acc<T>* scale = nullptr;
+  return dtypes::dispatch_float(x.dtype, "shared_expert_forward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const acc_t<T>* scale = nullptr;
     if (gate_w.defined()) {
       gate_forward<T>(x, gate_w, gate);
-      scale = gate.data_as<const Acc<T>>();
+      scale = gate.data_as<const acc_t<T>>();
     } else if (gate.defined()) {
-      std::fill(gate.data_as<Acc<T>>(), gate.data_as<Acc<T>>() + T_, Acc<T>(1));
+      std::fill(gate.data_as<acc_t<T>>(), gate.data_as<acc_t<T>>() + T_, acc_t<T>(1));
     }
     accumulate_rows<T>(y, out, scale, nullptr, nullptr);
+    return Status::Ok();
   });
-  return Status::Ok();
 }
 
 Status shared_expert_backward(const ExpertMlpParams& params, const TensorView& grad_y, const TensorView& x,
@@ -267,18 +244,19 @@ Status shared_expert_backward(const ExpertMlpParams& params, const TensorView& g
   int64_t seg[2] = {0, T_};
   const TensorView offsets = make_view(seg, {2});
   WorkspaceCarver ws(workspace);
-  const TensorView grad_out = ws.take(dt, T_, H);                                           // [T, H] gate * grad_y
-  const TensorView grad_act = ws.take(dt, T_, F);                                           // [T, F]
-  const TensorView grad_pre = ws.take(dt, T_, F1);                                          // [T, F1]
-  const TensorView grad_xs = ws.take(dt, T_, H);                                            // [T, H]
-  const TensorView dlogit = ws.take(dt == DType::kF64 ? DType::kF64 : DType::kF32, T_, 1);  // [T]
+  const TensorView grad_out = ws.take(dt, T_, H);           // [T, H] gate * grad_y
+  const TensorView grad_act = ws.take(dt, T_, F);           // [T, F]
+  const TensorView grad_pre = ws.take(dt, T_, F1);          // [T, F1]
+  const TensorView grad_xs = ws.take(dt, T_, H);            // [T, H]
+  const TensorView dlogit = ws.take(acc_dtype(dt), T_, 1);  // [T]
 
   const bool gated = gate_w.defined();
   if (gated) {
-    dispatch(dt, [&](auto tag) {
-      using T = decltype(tag);
-      gate_backward<T>(grad_y, out, gate, x, grad_out, dlogit.data_as<Acc<T>>(), grad_gate_w);
-    });
+    SMOE_RETURN_IF_ERROR(dtypes::dispatch_float(dt, "shared_expert_backward", [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      gate_backward<T>(grad_y, out, gate, x, grad_out, dlogit.data_as<acc_t<T>>(), grad_gate_w);
+      return Status::Ok();
+    }));
   }
   const TensorView& g_out = gated ? grad_out : grad_y;
   const GroupedGemmParams nn{false};
@@ -288,12 +266,12 @@ Status shared_expert_backward(const ExpertMlpParams& params, const TensorView& g
   SMOE_RETURN_IF_ERROR(activation_backward(params.activation, pre, grad_act, grad_pre));
   SMOE_RETURN_IF_ERROR(grouped_gemm_wgrad_prechecked(grad_pre, x, offsets, gw1));
   SMOE_RETURN_IF_ERROR(grouped_gemm_prechecked(nn, grad_pre, as_one_expert(w1), offsets, grad_xs));
-  dispatch(dt, [&](auto tag) {
-    using T = decltype(tag);
-    accumulate_rows<T>(grad_x, grad_xs, nullptr, gated ? dlogit.data_as<const Acc<T>>() : nullptr,
+  return dtypes::dispatch_float(dt, "shared_expert_backward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    accumulate_rows<T>(grad_x, grad_xs, nullptr, gated ? dlogit.data_as<const acc_t<T>>() : nullptr,
                        gated ? gate_w.data_as<const T>() : nullptr);
+    return Status::Ok();
   });
-  return Status::Ok();
 }
 
 }  // namespace smoe::cpu
