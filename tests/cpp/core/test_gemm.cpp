@@ -54,46 +54,6 @@ std::vector<T> naive_wgrad(const std::vector<T>& a, const std::vector<T>& b, con
   return c;
 }
 
-double naive_act(Activation act, double g, double u) {
-  const double gelu = 0.5 * g * (1.0 + std::erf(g / std::sqrt(2.0)));
-  switch (act) {
-    case Activation::kSwiGLU:
-      return g / (1.0 + std::exp(-g)) * u;
-    case Activation::kGeGLU:
-      return gelu * u;
-    case Activation::kGELU:
-      return gelu;
-    case Activation::kReLU:
-      return g > 0 ? g : 0;
-  }
-  return 0;
-}
-
-// Analytic derivatives, written independently of the CPU code: d/dg and d/du.
-void naive_act_grad(Activation act, double g, double u, double* dg, double* du) {
-  const double s = 1.0 / (1.0 + std::exp(-g));
-  const double cdf = 0.5 * (1.0 + std::erf(g / std::sqrt(2.0)));
-  const double pdf = std::exp(-0.5 * g * g) / std::sqrt(2.0 * M_PI);
-  switch (act) {
-    case Activation::kSwiGLU:
-      *dg = u * (s + g * s * (1 - s));
-      *du = g * s;
-      break;
-    case Activation::kGeGLU:
-      *dg = u * (cdf + g * pdf);
-      *du = g * cdf;
-      break;
-    case Activation::kGELU:
-      *dg = cdf + g * pdf;
-      *du = 0;
-      break;
-    case Activation::kReLU:
-      *dg = g > 0 ? 1 : 0;
-      *du = 0;
-      break;
-  }
-}
-
 std::vector<int64_t> offsets_of(const std::vector<int64_t>& counts) {
   std::vector<int64_t> o(counts.size() + 1, 0);
   for (size_t e = 0; e < counts.size(); ++e) o[e + 1] = o[e] + counts[e];
@@ -525,9 +485,9 @@ TYPED_TEST(GemmTyped, ActivationsMatchNaive) {
           const double g = to_acc(in[r * F1 + j]);
           const double u = is_gated(act) ? double(to_acc(in[r * F1 + F + j])) : 1.0;
           const double d = to_acc(go[r * F + j]);
-          want_out[r * F + j] = from_acc<T>(typename AccOf<T>::type(naive_act(act, g, u)));
+          want_out[r * F + j] = from_acc<T>(typename AccOf<T>::type(testing::reference_act(act, g, u)));
           double dg, du;
-          naive_act_grad(act, g, u, &dg, &du);
+          testing::reference_act_grad(act, g, u, &dg, &du);
           want_gi[r * F1 + j] = from_acc<T>(typename AccOf<T>::type(d * dg));
           if (is_gated(act)) want_gi[r * F1 + F + j] = from_acc<T>(typename AccOf<T>::type(d * du));
         }

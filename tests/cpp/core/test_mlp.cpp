@@ -61,21 +61,6 @@ double val(T v) {
   return double(to_acc(v));
 }
 
-double act_fn(Activation a, double g, double u) {
-  const double gelu = 0.5 * g * (1.0 + std::erf(g / std::sqrt(2.0)));
-  switch (a) {
-    case Activation::kSwiGLU:
-      return g / (1.0 + std::exp(-g)) * u;
-    case Activation::kGeGLU:
-      return gelu * u;
-    case Activation::kGELU:
-      return gelu;
-    case Activation::kReLU:
-      return g > 0 ? g : 0;
-  }
-  return 0;
-}
-
 // Forward of one row through expert weights w1e [F1, H], w2e [H, F], rounding pre and act to T.
 template <class T>
 void naive_row(Activation a, const T* xr, const T* w1e, const T* w2e, int64_t H, int64_t F, T* pre, T* act, T* y) {
@@ -85,7 +70,8 @@ void naive_row(Activation a, const T* xr, const T* w1e, const T* w2e, int64_t H,
     for (int64_t h = 0; h < H; ++h) s += val(xr[h]) * val(w1e[j * H + h]);
     pre[j] = rnd<T>(s);
   }
-  for (int64_t j = 0; j < F; ++j) act[j] = rnd<T>(act_fn(a, val(pre[j]), is_gated(a) ? val(pre[F + j]) : 1.0));
+  for (int64_t j = 0; j < F; ++j)
+    act[j] = rnd<T>(testing::reference_act(a, val(pre[j]), is_gated(a) ? val(pre[F + j]) : 1.0));
   for (int64_t h = 0; h < H; ++h) {
     double s = 0;
     for (int64_t j = 0; j < F; ++j) s += val(act[j]) * val(w2e[h * F + j]);
@@ -208,25 +194,8 @@ void naive_backward(const MlpCase<T>& c, const std::vector<T>& g, std::vector<T>
       ga = val(rnd<T>(ga));  // the kernel stores grad_act in T
       const double x = val(c.pre[r * F1 + j]);
       const double u = is_gated(c.a) ? val(c.pre[r * F1 + F + j]) : 1.0;
-      const double s = 1 / (1 + std::exp(-x)), cdf = 0.5 * (1 + std::erf(x / std::sqrt(2.0)));
-      const double pdf = std::exp(-0.5 * x * x) / std::sqrt(2 * M_PI);
       double dg = 0, du = 0;
-      switch (c.a) {
-        case Activation::kSwiGLU:
-          dg = u * s * (1 + x * (1 - s));
-          du = x * s;
-          break;
-        case Activation::kGeGLU:
-          dg = u * (cdf + x * pdf);
-          du = x * cdf;
-          break;
-        case Activation::kGELU:
-          dg = cdf + x * pdf;
-          break;
-        case Activation::kReLU:
-          dg = x > 0;
-          break;
-      }
+      testing::reference_act_grad(c.a, x, u, &dg, &du);
       gpre[j] = val(rnd<T>(ga * dg));
       if (is_gated(c.a)) gpre[F + j] = val(rnd<T>(ga * du));
     }

@@ -38,6 +38,48 @@ inline Tolerance tolerance_for(DType t) {
   }
 }
 
+// The activations in double, written independently of the CPU code: g is the gate input, u the up
+// input of a gated activation (1 for the ungated ones).
+inline double reference_act(Activation act, double g, double u) {
+  const double gelu = 0.5 * g * (1.0 + std::erf(g / std::sqrt(2.0)));
+  switch (act) {
+    case Activation::kSwiGLU:
+      return g / (1.0 + std::exp(-g)) * u;
+    case Activation::kGeGLU:
+      return gelu * u;
+    case Activation::kGELU:
+      return gelu;
+    case Activation::kReLU:
+      return g > 0 ? g : 0;
+  }
+  return 0;
+}
+
+// Their analytic derivatives d/dg and d/du (du = 0 for the ungated ones).
+inline void reference_act_grad(Activation act, double g, double u, double* dg, double* du) {
+  const double s = 1.0 / (1.0 + std::exp(-g));
+  const double cdf = 0.5 * (1.0 + std::erf(g / std::sqrt(2.0)));
+  const double pdf = std::exp(-0.5 * g * g) / std::sqrt(2.0 * M_PI);
+  switch (act) {
+    case Activation::kSwiGLU:
+      *dg = u * (s + g * s * (1 - s));
+      *du = g * s;
+      break;
+    case Activation::kGeGLU:
+      *dg = u * (cdf + g * pdf);
+      *du = g * cdf;
+      break;
+    case Activation::kGELU:
+      *dg = cdf + g * pdf;
+      *du = 0;
+      break;
+    case Activation::kReLU:
+      *dg = g > 0 ? 1 : 0;
+      *du = 0;
+      break;
+  }
+}
+
 // Element-wise |a - b| <= atol + rtol * |b|, reporting the first few mismatches.
 template <class T>
 ::testing::AssertionResult all_close(const std::vector<T>& got, const std::vector<T>& want, DType dtype) {
