@@ -18,14 +18,10 @@ import torch.nn as nn
 
 import smoe.functional as F
 from smoe.nn.args import MoEArgs
+from smoe.ops import acc_dtype
 from smoe.reference.layer import expert_ffn
 
 __all__ = ["RoutedExperts", "SharedExpert"]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The routing weights combine takes for outputs of `dtype`: f32, f64 for f64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _init_uniform(w: Optional[torch.Tensor], fan_in: int) -> None:
@@ -112,19 +108,15 @@ class RoutedExperts(nn.Module):
         """x [T, H], weights [T, K] (the plan's row_of is [T, K]; expert choice: [T, E]), w1 / w2 in x's
         dtype -> y [T, H] in x's dtype."""
         backend = self.args.backend
-        if self.uses_fused_top1(x, weights, plan, w1, w2):
+        fused = self.uses_fused_top1(x, weights, plan, w1, w2)
+        weights = weights.to(acc_dtype(x.dtype))  # what combine takes: f32, f64 for f64 outputs
+        if fused:
             # top-1 inference: weighting and scatter in the second GEMM's epilogue, no ys, no combine
             return F.expert_mlp_combine_top1(
-                x,
-                w1,
-                w2,
-                weights.to(_acc_dtype(x.dtype)).contiguous(),
-                plan,
-                activation=self.args.activation,
-                backend=backend,
+                x, w1, w2, weights.contiguous(), plan, activation=self.args.activation, backend=backend
             )
         ys = F.expert_mlp(x, w1, w2, plan, activation=self.args.activation, backend=backend)  # [R,H]
-        return F.combine(ys, weights.to(_acc_dtype(x.dtype)), plan, backend=backend).to(x.dtype)
+        return F.combine(ys, weights, plan, backend=backend).to(x.dtype)
 
 
 class SharedExpert(nn.Module):
