@@ -271,8 +271,8 @@ def test_bad_input():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kwargs", [dict(), dict(capacity_factor=0.5), dict(capacity_factor=0.75, drop_policy="score")])
 def test_top1_inference_fused_matches_training_path(backend, dtype, kwargs):
-    """Top-1 under no_grad takes expert_mlp_combine_top1 (the combine in the second GEMM's epilogue);
-    it equals the same layer's output with gradients enabled (expert_mlp + combine) within the table."""
+    """Top-1 under no_grad in eval mode takes expert_mlp_combine_top1 (the combine in the second GEMM's
+    epilogue); it equals the same layer's output with gradients enabled (expert_mlp + combine) within the table."""
     import smoe
 
     if backend not in smoe.BACKENDS:

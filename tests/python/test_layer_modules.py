@@ -261,6 +261,26 @@ def test_flat_state_dict_loads_nested():
         model.load_state_dict(sd, strict=True)
 
 
+def test_flat_state_dict_loads_with_assign():
+    """assign=True (the meta-device load path) takes the checkpoint's tensors as the parameters under the new names."""
+    sd = _flat_state()
+    layer = MoE(H, FF, E, K, num_shared_experts=1, shared_gate=True, bias_balancing=True)
+    layer.load_state_dict(sd, strict=True, assign=True)
+    assert layer.shared_expert.w1 is layer.shared_w1 and isinstance(layer.shared_expert.w1, torch.nn.Parameter)
+    assert torch.equal(layer.shared_expert.w1, sd["shared_w1"])
+    assert torch.equal(layer.router.expert_bias, sd["expert_bias"]) and layer.expert_bias is layer.router.expert_bias
+    assert list(sd) == list(_flat_state())  # the caller's dict is not renamed in place
+
+
+def test_flat_state_dict_key_the_layer_lacks_is_reported_as_written():
+    """A flat key for a tensor the layer does not have (expert_bias without bias_balancing, shared_* without
+    shared experts) is left as it is: strict loading names the checkpoint's key, not a renamed one."""
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"expert_bias\""):
+        MoE(H, FF, E, K, num_shared_experts=1, shared_gate=True).load_state_dict(_flat_state(), strict=True)
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"shared_w1\""):
+        MoE(H, FF, E, K, bias_balancing=True).load_state_dict(_flat_state(), strict=True)
+
+
 def test_new_state_dict_round_trip():
     torch.manual_seed(4)
     a = MoE(H, FF, E, K, num_shared_experts=1, bias_balancing=True)

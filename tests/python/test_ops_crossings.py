@@ -50,7 +50,7 @@ def test_topk_layer_step_crossings(monkeypatch):
         "load_balancing_loss_forward": 1,
         "z_loss_forward": 1,
     }
-    # expert_mlp_workspace_bytes: the expert MLP's workspace query (its layout is being reworked, issue 13)
+    # expert_mlp_workspace_bytes: the expert MLP backward's workspace query (the one size still asked of the core)
     assert backward == {
         "combine_backward": 1,
         "expert_mlp_workspace_bytes": 1,
@@ -60,10 +60,10 @@ def test_topk_layer_step_crossings(monkeypatch):
 
 
 def test_top1_inference_crossings(monkeypatch):
-    """Top-1 without a gradient: the expert MLP and the combine are one op (the weights applied in the
-    second GEMM's epilogue), one crossing fewer than expert_mlp_forward + combine_forward."""
+    """Top-1 without a gradient in eval mode: the expert MLP and the combine are one op (the weights applied
+    in the second GEMM's epilogue), one crossing fewer than expert_mlp_forward + combine_forward."""
     torch.manual_seed(0)
-    layer = smoe.nn.MoE(32, 48, num_experts=8, top_k=1, backend="cpu")
+    layer = smoe.nn.MoE(32, 48, num_experts=8, top_k=1, backend="cpu").eval()
     x = torch.randn(64, 32)
     calls = _count(monkeypatch)
     with torch.no_grad():
@@ -78,5 +78,12 @@ def test_top1_inference_crossings(monkeypatch):
     # with a gradient wanted the unfused pair runs (the weights' gradient needs the unweighted ys)
     calls.clear()
     layer(x.requires_grad_(True))
+    assert calls["expert_mlp_forward"] == 1 and calls["combine_forward"] == 1
+    assert "expert_mlp_combine_top1_forward" not in calls
+    # in training mode a forward without gradients too (the first pass of a reentrant checkpoint, which the
+    # recompute must reproduce)
+    calls.clear()
+    with torch.no_grad():
+        layer.train()(x)
     assert calls["expert_mlp_forward"] == 1 and calls["combine_forward"] == 1
     assert "expert_mlp_combine_top1_forward" not in calls

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 from conftest import subprocess_env  # noqa: E402
 from smoe.nn import AuxLossUnusedWarning, MoE
+from smoe.nn.experts import RoutedExperts
 from smoe.reference import moe_layer
 from smoe.testing import assert_close
 from torch.utils.checkpoint import checkpoint
@@ -28,9 +29,9 @@ AUX, ZC = 0.1, 0.01
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _layer(backend, seed=0, **kw):
+def _layer(backend, seed=0, top_k=K, **kw):
     torch.manual_seed(seed)
-    return MoE(H, F, E, K, backend=backend, **kw)
+    return MoE(H, F, E, top_k, backend=backend, **kw)
 
 
 # ------------------------------------------------------------------ oracle aux losses (written from the papers)
@@ -53,7 +54,7 @@ def _task(y, g):
 SCALINGS = ["c*loss", "accumulate4", "gradscaler-fp16", "gradscaler-bf16"]
 
 
-def _router_grad_case(case, backend, mode="loss", steps=1, ckpt=None):
+def _router_grad_case(case, backend, mode="loss", steps=1, ckpt=None, top_k=K):
     """Train one copy with the layer's aux loss (mode "loss": added to the loss; "attach": the scale hook) and
     one oracle copy (coefficients 0, the oracle's aux added to its loss before scaling) through `steps`
     optimizer steps of `case`; returns (ours, oracle) router gradients of the last step and router weights."""
@@ -62,8 +63,10 @@ def _router_grad_case(case, backend, mode="loss", steps=1, ckpt=None):
     xs = [torch.randn(10, H) for _ in range(N)]
     gs = [torch.randn(10, H) for _ in range(N)]
     # mode "legacy" (the table only): attach without setting the scale, i.e. the former inject-1 design
-    ours = _layer(backend, aux_loss_coef=AUX, z_loss_coef=ZC, aux_loss_mode="attach" if mode == "legacy" else mode)
-    oracle = _layer(backend)
+    ours = _layer(
+        backend, top_k=top_k, aux_loss_coef=AUX, z_loss_coef=ZC, aux_loss_mode="attach" if mode == "legacy" else mode
+    )
+    oracle = _layer(backend, top_k=top_k)
     oracle.load_state_dict(ours.state_dict())
     opt_o = torch.optim.SGD(ours.parameters(), lr=0.5)
     opt_r = torch.optim.SGD(oracle.parameters(), lr=0.5)
@@ -81,7 +84,7 @@ def _router_grad_case(case, backend, mode="loss", steps=1, ckpt=None):
                     y = checkpoint(layer, x.clone().requires_grad_(True), use_reentrant=ckpt == "reentrant")
             loss = _task(y, g)
             if add_oracle:
-                bal, z = _oracle_aux(x, layer.router.weight)
+                bal, z = _oracle_aux(x, layer.router.weight, top_k)
                 loss = loss + AUX * bal + ZC * z
             elif mode == "loss":
                 loss = loss + smoe.nn.aux_loss(layer)
@@ -192,7 +195,7 @@ def test_aux_loss_helper_sums_layers_and_attach_mode_detaches():
 
 # ------------------------------------------------------------------ bias balancing, once per step
 class _Block(nn.Module):
-    def __init__(self, backend, ckpt=None, **kw):
+    def __init__(self, backend, ckpt=None, top_k=K, **kw):
         super().__init__()
         torch.manual_seed(0)
         self.inp = nn.Linear(H, H)
@@ -200,7 +203,7 @@ class _Block(nn.Module):
             H,
             F,
             E,
-            K,
+            top_k,
             backend=backend,
             score_func="sigmoid",
             bias_balancing=True,
@@ -592,6 +595,119 @@ def test_bad_forward_and_helper_arguments():
         smoe.nn.end_step_after(object(), layer)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         smoe.nn.aux_loss(None)
+
+
+# ------------------------------------------------------------------ top-1 layers (the fused inference op)
+def _fused_top1_spy(monkeypatch):
+    """The answers of RoutedExperts.uses_fused_top1, one per routed-experts call (True: expert_mlp_combine_top1)."""
+    taken = []
+    real = RoutedExperts.uses_fused_top1
+
+    def spy(self, *args):
+        answer = real(self, *args)
+        taken.append(answer)
+        return answer
+
+    monkeypatch.setattr(RoutedExperts, "uses_fused_top1", spy)
+    return taken
+
+
+@pytest.mark.parametrize("backend", ["cpu", "simt"])
+@pytest.mark.parametrize("amp", [None, torch.bfloat16])
+@pytest.mark.parametrize("ckpt", ["reentrant", "non-reentrant"])
+def test_top1_checkpoint_bitwise_equal_and_training_never_fuses(backend, amp, ckpt, monkeypatch):
+    """A top-1 layer under both checkpoint variants (with accumulation, aux loss, bias balancing, autocast): the
+    reentrant first pass runs without gradients in training mode, and must not take the fused op, whose
+    recompute (with gradients) would be the unfused pair (bf16 on simt: ys rounded there, not in the fused op).
+    In eval mode without gradients the fused op runs and equals the unfused path within the table."""
+    kw = dict(aux_loss_coef=AUX, z_loss_coef=ZC)
+    torch.manual_seed(3)
+    batches = [torch.randn(2, 5, H) for _ in range(4)]
+    plain = _Block(backend, top_k=1, **kw)
+    ck = _Block(backend, ckpt=ckpt, top_k=1, **kw)
+    taken = _fused_top1_spy(monkeypatch)
+
+    def autocast():
+        return torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None)
+
+    with warnings.catch_warnings(), autocast():
+        warnings.simplefilter("error", AuxLossUnusedWarning)  # every aux loss reached the gradients
+        b0, y0, g0, _ = _train(plain, batches)
+        b1, y1, g1, _ = _train(ck, batches)
+    assert torch.equal(y0, y1)
+    for n in g0:
+        assert torch.equal(g0[n], g1[n]), n
+    for a, b in zip(b0, b1):
+        assert torch.equal(a, b)
+    assert len(taken) == 3 * len(batches)  # plain, checkpointed forward, its recompute
+    assert not any(taken)  # no training-mode forward fused, the reentrant first pass included
+    plain.eval()
+    taken.clear()
+    with autocast():
+        with torch.no_grad():
+            fused = plain(batches[0])
+        assert taken == [True]
+        unfused = plain(batches[0])  # the block's Linear wants gradients: unfused
+    assert taken == [True, False]
+    assert_close(fused, unfused.detach(), msg="top-1 eval: fused vs unfused")
+    with torch.inference_mode():  # inference mode fuses in training mode too: no recompute can follow
+        plain.train()
+        plain(batches[0])
+    assert taken == [True, False, True]
+
+
+@pytest.mark.parametrize("ckpt", [None, "reentrant", "non-reentrant"])
+@pytest.mark.parametrize("case", SCALINGS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top1_router_gradient_matches_add_to_loss_oracle(backend, case, ckpt):
+    """The router-gradient oracle of the top-k layer (c * loss, accumulation, GradScaler fp16 / bf16) for top_k=1."""
+    g_o, g_r, w_o, w_r = _router_grad_case(case, backend, "loss", steps=2, ckpt=ckpt, top_k=1)
+    assert g_r.abs().max() > 0
+    dtype = {"gradscaler-fp16": torch.float16, "gradscaler-bf16": torch.bfloat16}.get(case, torch.float32)
+    assert_close(g_o, g_r, dtype=dtype, msg=f"top-1 router grad {case} ckpt={ckpt}")
+    assert_close(w_o, w_r, dtype=dtype, msg=f"top-1 router weight after the optimizer steps {case} ckpt={ckpt}")
+
+
+@pytest.mark.parametrize("case", SCALINGS)
+@pytest.mark.parametrize("backend", ["cpu", "simt"])
+def test_top1_training_step_matches_reference_backend(backend, case):
+    """Every gradient of a top-1 layer with capacity (drops) and a shared expert, through one optimizer step of
+    `case` (loss * c, 4 accumulated micro-batches, GradScaler under fp16 / bf16 autocast), equals the
+    backend="reference" layer's (readable PyTorch) within the table."""
+    torch.manual_seed(7)
+    N = 4 if case == "accumulate4" else 1
+    xs = [torch.randn(12, H) for _ in range(N)]
+    gs = [torch.randn(12, H) for _ in range(N)]
+    amp = {"gradscaler-fp16": torch.float16, "gradscaler-bf16": torch.bfloat16}.get(case)
+    c = 0.5 if case == "c*loss" else 1.0
+    kw = dict(top_k=1, capacity_factor=1.0, num_shared_experts=1, aux_loss_coef=AUX, z_loss_coef=ZC)
+
+    def step(layer):
+        opt = torch.optim.SGD(layer.parameters(), lr=0.5)  # for GradScaler.unscale_
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16) if amp is not None else None
+        dropped = 0
+        for x, g in zip(xs, gs):
+            with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+                y = layer(x)
+            dropped += int(layer.last_stats["dropped"])
+            loss = c * (_task(y, g) + smoe.nn.aux_loss(layer)) / N
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is not None:
+            scaler.unscale_(opt)
+        grads = {n: p.grad.clone() / c for n, p in layer.named_parameters()}
+        return grads, dropped
+
+    ours = _layer(backend, **kw)
+    ref = _layer("reference", **kw)
+    ref.load_state_dict(ours.state_dict())
+    g_o, dropped = step(ours)
+    g_r, dropped_r = step(ref)
+    assert dropped == dropped_r and dropped > 0  # capacity dropped tokens in both
+    dtype = amp or torch.float32
+    assert set(g_o) == set(g_r)
+    for n in g_o:
+        assert g_r[n].abs().max() > 0, n
+        assert_close(g_o[n], g_r[n], dtype=dtype, msg=f"top-1 {case}: grad of {n}")
 
 
 # ------------------------------------------------------------------ the example

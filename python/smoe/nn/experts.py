@@ -18,14 +18,10 @@ import torch.nn as nn
 
 import smoe.functional as F
 from smoe.nn.args import MoEArgs
+from smoe.ops import acc_dtype
 from smoe.reference.layer import expert_ffn
 
 __all__ = ["RoutedExperts", "SharedExpert"]
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The routing weights combine takes for outputs of `dtype`: f32, f64 for f64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _init_uniform(w: Optional[torch.Tensor], fan_in: int) -> None:
@@ -47,8 +43,8 @@ class RoutedExperts(nn.Module):
 
     `experts.plan(experts_idx, weights)` is the token-choice routing plan with the layer's capacity;
     `experts(x, weights, plan, w1, w2)` is y [T, H] = combine(expert_mlp(x, w1, w2, plan), weights, plan);
-    for top-1 routing without a gradient (inference) that is one op, expert_mlp_combine_top1 (see
-    uses_fused_top1).
+    for top-1 routing without a gradient in eval (or inference) mode that is one op,
+    expert_mlp_combine_top1 (see uses_fused_top1).
     `experts.init_weights(w1, w2)` draws nn.Linear's default initialisation into them."""
 
     def __init__(self, args: MoEArgs):
@@ -94,11 +90,17 @@ class RoutedExperts(nn.Module):
         self, x: torch.Tensor, weights: torch.Tensor, plan: F.RoutingPlan, w1: torch.Tensor, w2: torch.Tensor
     ) -> bool:
         """Whether forward takes smoe.ops.expert_mlp_combine_top1 (one op, no ys [R, H], no combine):
-        top-1 (plan.row_of [T, 1]), no gradient wanted (grad mode off or nothing requires grad), and a
-        backend other than "reference"."""
+        top-1 (plan.row_of [T, 1]), no gradient wanted (grad mode off or nothing requires grad), eval
+        mode or inference mode, and a backend other than "reference".
+
+        A training-mode forward without gradients is taken for the first pass of a reentrant
+        torch.utils.checkpoint (as MoE.aux_loss does): its recompute runs with gradients, so unfused, and
+        both passes must compute the same y (the fused op does not round ys before weighting)."""
         if self.args.backend == "reference" or plan.row_of.dim() != 2 or plan.row_of.shape[1] != 1:
             return False
-        return not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w1, w2)))
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, w1, w2)):
+            return False
+        return not self.training or torch.is_inference_mode_enabled()
 
     def forward(
         self, x: torch.Tensor, weights: torch.Tensor, plan: F.RoutingPlan, w1: torch.Tensor, w2: torch.Tensor
@@ -106,19 +108,15 @@ class RoutedExperts(nn.Module):
         """x [T, H], weights [T, K] (the plan's row_of is [T, K]; expert choice: [T, E]), w1 / w2 in x's
         dtype -> y [T, H] in x's dtype."""
         backend = self.args.backend
-        if self.uses_fused_top1(x, weights, plan, w1, w2):
+        fused = self.uses_fused_top1(x, weights, plan, w1, w2)
+        weights = weights.to(acc_dtype(x.dtype))  # what combine takes: f32, f64 for f64 outputs
+        if fused:
             # top-1 inference: weighting and scatter in the second GEMM's epilogue, no ys, no combine
             return F.expert_mlp_combine_top1(
-                x,
-                w1,
-                w2,
-                weights.to(_acc_dtype(x.dtype)).contiguous(),
-                plan,
-                activation=self.args.activation,
-                backend=backend,
+                x, w1, w2, weights.contiguous(), plan, activation=self.args.activation, backend=backend
             )
         ys = F.expert_mlp(x, w1, w2, plan, activation=self.args.activation, backend=backend)  # [R,H]
-        return F.combine(ys, weights.to(_acc_dtype(x.dtype)), plan, backend=backend).to(x.dtype)
+        return F.combine(ys, weights, plan, backend=backend).to(x.dtype)
 
 
 class SharedExpert(nn.Module):

@@ -670,8 +670,13 @@ _FLAT_KEYS = {
 
 
 def _load_flat_keys(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-    """load_state_dict pre-hook: a checkpoint written before the split keeps loading (flat keys renamed)."""
+    """load_state_dict pre-hook: a checkpoint written before the split keeps loading (flat keys renamed).
+    A flat key the layer has no tensor for stays as it is, so strict loading names it as the checkpoint does."""
     for old, new in _FLAT_KEYS.items():
+        owner, _, attr = new.partition(".")
+        sub = getattr(module, owner)
+        if sub is None or getattr(sub, attr) is None:
+            continue  # no such tensor here: strict loading reports the flat key as unexpected
         if prefix + old in state_dict and prefix + new not in state_dict:
             state_dict[prefix + new] = state_dict.pop(prefix + old)
 

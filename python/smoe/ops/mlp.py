@@ -2,10 +2,9 @@
 smoe.ops.expert_mlp, shared_expert, torch.ops.smoe.expert_mlp(_backward), shared_expert(_backward).
 C++: include/smoe/ops/mlp.h, binding csrc/bindings/mlp.cpp.
 
-Moved unchanged from python/smoe/ops.py (issue 8): the op bodies below are the old file's MLP section
-byte for byte; the short aliases keep its names (_code, _dims, _exec, _v), so a change to the old
-section ports onto this file as is. The public functions come from the old smoe.functional, with the
-checks of the package's pattern (smoe/ops/_common.py)."""
+The public functions follow the package's pattern (smoe/ops/_common.py); the ops allocate their
+outputs from _mlp_shapes (ys, pre, act) rather than an `_<op>_shapes` list, as the saved pre / act
+may live in scratch."""
 
 from __future__ import annotations
 
@@ -24,11 +23,11 @@ from smoe.ops._common import (
     _scratch_views,
     acc_dtype,
     check_backend,
+    code,
+    dims,
+    exec_args,
+    v,
 )
-from smoe.ops._common import code as _code
-from smoe.ops._common import dims as _dims
-from smoe.ops._common import exec_args as _exec
-from smoe.ops._common import v as _v
 from smoe.ops.routing import as_plan
 from smoe.reference.ops import RoutingPlan
 
@@ -39,8 +38,8 @@ __all__ = ["expert_mlp", "expert_mlp_combine_top1", "shared_expert"]
 
 
 def _check_mlp(op: str, kind: str, named) -> None:
-    _code(op, "activation", ACTIVATIONS, kind)
-    _dims(op, named)
+    code(op, "activation", ACTIVATIONS, kind)
+    dims(op, named)
 
 
 def _mlp_shapes(x: Tensor, R: int, w2_F: int, kind: str):
@@ -75,16 +74,16 @@ def expert_mlp_op(
     else:
         pre, act = _scratch_views(x.device, x.dtype, (ps, as_))
     _core.lib().expert_mlp_forward(
-        **_exec(backend, x),
+        **exec_args(backend, x),
         act=ACTIVATIONS[activation],
-        x=_v(x, "x"),
-        token_of_row=_v(token_of_row, "token_of_row"),
-        offsets=_v(offsets, "offsets"),
-        w1=_v(w1, "w1"),
-        w2=_v(w2, "w2"),
-        pre=_v(pre, "pre"),
-        act_out=_v(act, "act"),
-        ys=_v(ys, "ys"),
+        x=v(x, "x"),
+        token_of_row=v(token_of_row, "token_of_row"),
+        offsets=v(offsets, "offsets"),
+        w1=v(w1, "w1"),
+        w2=v(w2, "w2"),
+        pre=v(pre, "pre"),
+        act_out=v(act, "act"),
+        ys=v(ys, "ys"),
     )
     if not need_saved:
         pre, act = x.new_empty((0,)), x.new_empty((0,))
@@ -129,21 +128,21 @@ def expert_mlp_backward(
     )
     workspace = _scratch(ws_bytes, grad_ys.device)
     lib.expert_mlp_backward(
-        **_exec(backend, grad_ys),
+        **exec_args(backend, grad_ys),
         act=ACTIVATIONS[activation],
-        grad_ys=_v(grad_ys, "grad_ys"),
-        x=_v(x, "x"),
-        token_of_row=_v(token_of_row, "token_of_row"),
-        row_of=_v(row_of, "row_of"),
-        offsets=_v(offsets, "offsets"),
-        w1=_v(w1, "w1"),
-        w2=_v(w2, "w2"),
-        pre=_v(pre, "pre"),
-        act_out=_v(act, "act"),
-        grad_x=_v(grad_x, "grad_x"),
-        grad_w1=_v(grad_w1, "grad_w1"),
-        grad_w2=_v(grad_w2, "grad_w2"),
-        workspace=_v(workspace, "workspace"),
+        grad_ys=v(grad_ys, "grad_ys"),
+        x=v(x, "x"),
+        token_of_row=v(token_of_row, "token_of_row"),
+        row_of=v(row_of, "row_of"),
+        offsets=v(offsets, "offsets"),
+        w1=v(w1, "w1"),
+        w2=v(w2, "w2"),
+        pre=v(pre, "pre"),
+        act_out=v(act, "act"),
+        grad_x=v(grad_x, "grad_x"),
+        grad_w1=v(grad_w1, "grad_w1"),
+        grad_w2=v(grad_w2, "grad_w2"),
+        workspace=v(workspace, "workspace"),
     )
     return grad_x, grad_w1, grad_w2
 
@@ -230,16 +229,16 @@ def expert_mlp_combine_top1_op(
     ws_bytes = _combine_top1_workspace_bytes(activation, x.dtype, token_of_row.shape[0], x.shape[1], w2.shape[2])
     workspace = _scratch(ws_bytes, x.device)
     _core.lib().expert_mlp_combine_top1_forward(
-        **_exec(backend, x),
+        **exec_args(backend, x),
         act=ACTIVATIONS[activation],
-        x=_v(x, "x"),
-        token_of_row=_v(token_of_row, "token_of_row"),
-        offsets=_v(offsets, "offsets"),
-        w1=_v(w1, "w1"),
-        w2=_v(w2, "w2"),
-        weights=_v(weights, "weights"),
-        y=_v(y, "y"),
-        workspace=_v(workspace, "workspace"),
+        x=v(x, "x"),
+        token_of_row=v(token_of_row, "token_of_row"),
+        offsets=v(offsets, "offsets"),
+        w1=v(w1, "w1"),
+        w2=v(w2, "w2"),
+        weights=v(weights, "weights"),
+        y=v(y, "y"),
+        workspace=v(workspace, "workspace"),
     )
     return y
 
@@ -265,17 +264,17 @@ def shared_expert_op(
     gate = x.new_empty((T,) if gate_w is not None else (0,), dtype=acc_dtype(x.dtype))
     y = torch.zeros_like(x, memory_format=torch.contiguous_format)  # the core accumulates into y
     _core.lib().shared_expert_forward(
-        **_exec(backend, x),
+        **exec_args(backend, x),
         act=ACTIVATIONS[activation],
-        x=_v(x, "x"),
-        w1=_v(w1, "w1"),
-        w2=_v(w2, "w2"),
-        gate_w=_v(gate_w, "gate_w"),
-        pre=_v(pre, "pre"),
-        act_out=_v(act, "act"),
-        out=_v(out, "out"),
-        gate=_v(gate, "gate") if gate_w is not None else None,
-        y=_v(y, "y"),
+        x=v(x, "x"),
+        w1=v(w1, "w1"),
+        w2=v(w2, "w2"),
+        gate_w=v(gate_w, "gate_w"),
+        pre=v(pre, "pre"),
+        act_out=v(act, "act"),
+        out=v(out, "out"),
+        gate=v(gate, "gate") if gate_w is not None else None,
+        y=v(y, "y"),
     )
     if gate_w is None:
         out = x.new_empty((0,))
@@ -319,22 +318,22 @@ def shared_expert_backward(
     )
     workspace = _scratch(ws_bytes, x.device)
     lib.shared_expert_backward(
-        **_exec(backend, x),
+        **exec_args(backend, x),
         act=ACTIVATIONS[activation],
-        grad_y=_v(grad_y, "grad_y"),
-        x=_v(x, "x"),
-        w1=_v(w1, "w1"),
-        w2=_v(w2, "w2"),
-        gate_w=_v(gate_w, "gate_w"),
-        pre=_v(pre, "pre"),
-        act_out=_v(act, "act"),
-        out=_v(out, "out") if gate_w is not None else None,
-        gate=_v(gate, "gate") if gate_w is not None else None,
-        grad_x=_v(grad_x, "grad_x"),
-        grad_w1=_v(grad_w1, "grad_w1"),
-        grad_w2=_v(grad_w2, "grad_w2"),
-        grad_gate_w=_v(grad_gate_w, "grad_gate_w") if gate_w is not None else None,
-        workspace=_v(workspace, "workspace"),
+        grad_y=v(grad_y, "grad_y"),
+        x=v(x, "x"),
+        w1=v(w1, "w1"),
+        w2=v(w2, "w2"),
+        gate_w=v(gate_w, "gate_w"),
+        pre=v(pre, "pre"),
+        act_out=v(act, "act"),
+        out=v(out, "out") if gate_w is not None else None,
+        gate=v(gate, "gate") if gate_w is not None else None,
+        grad_x=v(grad_x, "grad_x"),
+        grad_w1=v(grad_w1, "grad_w1"),
+        grad_w2=v(grad_w2, "grad_w2"),
+        grad_gate_w=v(grad_gate_w, "grad_gate_w") if gate_w is not None else None,
+        workspace=v(workspace, "workspace"),
     )
     return grad_x, grad_w1, grad_w2, grad_gate_w
 
