@@ -6,6 +6,7 @@
 # Compiles every csrc/cuda/*.cu and csrc/cuda/naive/*.cu for each architecture (default: 80 90) with -Xptxas -v and writes
 #   OUT_DIR/ptxas_<file>_sm<arch>.log   the raw ptxas output
 #   OUT_DIR/ptxas_report.txt            one line per kernel: arch, registers, spill bytes, smem, name
+# Also compiles bench/cpp/bench_ladder.cpp's GPU path (SMOE_BENCH_CUDA=1) with nvcc as the host driver.
 # Exits non-zero if a file fails to compile. No GPU is needed. OUT_DIR defaults to build-nvcc-check.
 # NVCC_JOBS (default 2) files compile in parallel; NVCC (default nvcc) picks the compiler.
 set -euo pipefail
@@ -63,6 +64,21 @@ if [ -n "$cublas_inc" ]; then
   fi
 else
   echo "skip cuBLAS baseline: cublas_v2.h not found (toolkit, SMOE_CUBLAS_ROOT, nvidia-cublas wheel)"
+fi
+
+# bench/cpp/bench_ladder.cpp's GPU path (SMOE_BENCH_CUDA=1: device buffers, smoe::cuda launchers) builds
+# only in a CUDA build; compile it here as such a build would (nvcc driving the host compiler, which
+# puts the CUDA headers on the path), wherever Google Benchmark's headers are found. Compile only.
+if echo '#include <benchmark/benchmark.h>' | "$nvcc_bin" -std=c++20 -x c++ -E - >/dev/null 2>&1; then
+  if "$nvcc_bin" -std=c++20 -O1 -DSMOE_BENCH_CUDA=1 -I"$root/include" -I"$root/csrc" \
+      -c "$root/bench/cpp/bench_ladder.cpp" -o "$out/bench_ladder_cuda.o" >"$out/bench_ladder.log" 2>&1; then
+    echo "ok   bench_ladder.cpp with SMOE_BENCH_CUDA=1"
+  else
+    echo "FAIL bench_ladder.cpp with SMOE_BENCH_CUDA=1 (see $out/bench_ladder.log)"
+    status=1
+  fi
+else
+  echo "skip bench_ladder.cpp with SMOE_BENCH_CUDA=1: benchmark/benchmark.h not found"
 fi
 
 # ptxas prints "Compiling entry function '<mangled>' for 'sm_XX'", then "N bytes stack frame, N bytes

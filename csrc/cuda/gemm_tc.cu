@@ -37,6 +37,12 @@ Status require(bool ok, const char* op, const std::string& what) {
   return ok ? Status::Ok() : unsupported(op, what + "; " + kNaiveHint);
 }
 
+// kernel_version(kGroupedGemm) == 0 (backend_api.inc): refuse, so the caller runs its v0 fallback.
+Status require_v1(const char* op) {
+  return require(kernel_version(KernelOp::kGroupedGemm) != 0, op,
+                 "grouped_gemm kernel version 0 selected (set_kernel_version / SMOE_CUDA_KERNEL_VERSION)");
+}
+
 template <class S, bool kTransB, Epilogue kEpi>
 Status launch_forward(const gemm_tc::ForwardArgs<S>& args, int64_t slots, int64_t n_tiles, cudaStream_t stream) {
   auto* kernel = &gemm_tc::grouped_gemm_tc_kernel<S, kTransB, kEpi>;
@@ -56,6 +62,7 @@ Status grouped_gemm_tc(const GroupedGemmTcParams& params, const TensorView& a, c
                        const TensorView& offsets, const TensorView& token_of_row, const TensorView& row_weights,
                        const TensorView& c, const TensorView& pre, void* stream) {
   constexpr const char* op = "grouped_gemm_tc";
+  SMOE_RETURN_IF_ERROR(require_v1(op));
   const bool gather = token_of_row.defined();
   const int64_t R = gather ? token_of_row.size(0) : a.size(0);
   const int64_t Kd = a.size(1);
@@ -136,6 +143,7 @@ Status grouped_gemm_wgrad_tc(const TensorView& a, const TensorView& b, const Ten
 Status grouped_gemm_wgrad_gathered_tc(const TensorView& a, const TensorView& b, const TensorView& b_token_of_row,
                                       const TensorView& offsets, const TensorView& c, void* stream) {
   constexpr const char* op = "grouped_gemm_wgrad_tc";
+  SMOE_RETURN_IF_ERROR(require_v1(op));
   const int64_t R = a.size(0), M = a.size(1), N = b.size(1);
   const bool gather = b_token_of_row.defined();
   const int64_t E = offsets.size(0) - 1;

@@ -11,8 +11,10 @@
 // Supported: bf16 and f16 (mma.m16n8k16 with f32 accumulation), and f32 as 3xTF32 (mma.m16n8k8.tf32).
 // Anything else (f32 with b [E, Kd, N] and a gated activation, f64) returns
 // kUnsupported naming the fallback: grouped_gemm_naive / grouped_gemm_wgrad_naive (f32), the CPU
-// backend (f64). Any size and stride: 16-byte aligned rows load with cp.async (a partial last chunk
-// through src-size), other rows element by element; edges are predicated and zero-filled.
+// backend (f64). So do grouped_gemm_tc and grouped_gemm_wgrad_gathered_tc while the grouped_gemm
+// kernel version is 0 (backend_api.inc), which is how the tests run the callers' v0 fallbacks.
+// Any size and stride: 16-byte aligned rows load with cp.async (a partial last chunk through
+// src-size), other rows element by element; edges are predicated and zero-filled.
 #pragma once
 
 #include <optional>

@@ -232,27 +232,34 @@ __global__ void __launch_bounds__(kRowThreads)
 
 // ---- the MLP over expert segments --------------------------------------------------------------------
 
-// pre = x[rows] @ w1[e]^T, act = act(pre), out = act @ w2[e]^T over the segments of `offsets` (device),
-// rows outside them zeros. Row r reads x[token_of_row[r]] when token_of_row is given (-1: zeros), else
-// x[r] (the shared expert).
-Status mlp_forward(const ExpertMlpParams& params, const TensorView& x, const TensorView& token_of_row,
-                   const TensorView& offsets, const TensorView& w1, const TensorView& w2, const TensorView& pre,
-                   const TensorView& act, const TensorView& out, cudaStream_t stream) {
+// The first GEMM: pre = x[rows] @ w1[e]^T, act = act(pre) over the segments of `offsets` (device). Row
+// r reads x[token_of_row[r]] when token_of_row is given (-1: zeros), else x[r] (the shared expert).
+// The tensor cores fuse the gather and the activation; where they refuse, the gathered v0 GEMM, zeros
+// outside, then the activation kernel over all R rows (act(0) = 0, so act is zero outside too). With
+// `zero_outside` the rows outside the segments of pre and act are zeros on either path.
+Status first_gemm(const ExpertMlpParams& params, const TensorView& x, const TensorView& token_of_row,
+                  const TensorView& offsets, const TensorView& w1, const TensorView& pre, const TensorView& act,
+                  bool zero_outside, cudaStream_t stream) {
   const int64_t R = pre.size(0);
   GroupedGemmTcParams tc;
   tc.trans_b = true;
   tc.activation = params.activation;
-  Status st = grouped_gemm_tc(tc, x, w1, offsets, token_of_row, TensorView{}, act, pre, stream);
-  if (st.code() == Code::kUnsupported) {
-    // refused by the tensor-core launcher: the gathered v0 GEMM, then the activation kernel.
-    SMOE_RETURN_IF_ERROR(
-        grouped_gemm_naive_gathered(GroupedGemmParams{true}, x, w1, offsets, token_of_row, pre, stream));
-    SMOE_RETURN_IF_ERROR(zero_rows_outside(offsets, R, stream, pre));
-    SMOE_RETURN_IF_ERROR(activation_forward(params.activation, pre, act, stream));
-  } else {
+  const Status st = grouped_gemm_tc(tc, x, w1, offsets, token_of_row, TensorView{}, act, pre, stream);
+  if (st.code() != Code::kUnsupported) {
     SMOE_RETURN_IF_ERROR(st);
-    SMOE_RETURN_IF_ERROR(zero_rows_outside(offsets, R, stream, pre, act));
+    return zero_outside ? zero_rows_outside(offsets, R, stream, pre, act) : Status::Ok();
   }
+  SMOE_RETURN_IF_ERROR(grouped_gemm_naive_gathered(GroupedGemmParams{true}, x, w1, offsets, token_of_row, pre, stream));
+  SMOE_RETURN_IF_ERROR(zero_rows_outside(offsets, R, stream, pre));
+  return activation_forward(params.activation, pre, act, stream);
+}
+
+// pre, act as first_gemm, out = act @ w2[e]^T over the segments, rows outside them zeros.
+Status mlp_forward(const ExpertMlpParams& params, const TensorView& x, const TensorView& token_of_row,
+                   const TensorView& offsets, const TensorView& w1, const TensorView& w2, const TensorView& pre,
+                   const TensorView& act, const TensorView& out, cudaStream_t stream) {
+  const int64_t R = pre.size(0);
+  SMOE_RETURN_IF_ERROR(first_gemm(params, x, token_of_row, offsets, w1, pre, act, true, stream));
   SMOE_RETURN_IF_ERROR(grouped_gemm(GroupedGemmParams{true}, act, w2, offsets, out, stream));
   return zero_rows_outside(offsets, R, stream, out);
 }
@@ -315,18 +322,9 @@ Status expert_mlp_combine_top1_forward(const ExpertMlpParams& params, const Tens
   WorkspaceCarver ws(workspace);  // layout: csrc/core/workspace.h
   const TensorView pre = ws.take(x.dtype, R, F1);
   const TensorView act = ws.take(x.dtype, R, F);
-  // First GEMM (gather + activation epilogue), as the unfused forward.
-  GroupedGemmTcParams tc1;
-  tc1.trans_b = true;
-  tc1.activation = params.activation;
-  Status st = grouped_gemm_tc(tc1, x, w1, offsets, token_of_row, TensorView{}, act, pre, s);
-  if (st.code() == Code::kUnsupported) {
-    SMOE_RETURN_IF_ERROR(grouped_gemm_naive_gathered(GroupedGemmParams{true}, x, w1, offsets, token_of_row, pre, s));
-    SMOE_RETURN_IF_ERROR(zero_rows_outside(offsets, R, s, pre));
-    SMOE_RETURN_IF_ERROR(activation_forward(params.activation, pre, act, s));
-  } else {
-    SMOE_RETURN_IF_ERROR(st);
-  }
+  // First GEMM (gather + activation epilogue), as the unfused forward; the rows outside the segments
+  // are never read below, so the tensor-core path leaves them as they are.
+  SMOE_RETURN_IF_ERROR(first_gemm(params, x, token_of_row, offsets, w1, pre, act, false, s));
   // Second GEMM: the epilogue scales row r by weights[token_of_row[r]] and stores it to y[token_of_row[r]]
   // (rows outside the segments and padding rows store nothing).
   GroupedGemmTcParams tc2;
@@ -334,7 +332,7 @@ Status expert_mlp_combine_top1_forward(const ExpertMlpParams& params, const Tens
   tc2.store_row = token_of_row;
   TensorView w_rows = weights;  // [T, 1] f32 read as the per-stored-row weights [T]
   w_rows.ndim = 1;
-  st = grouped_gemm_tc(tc2, act, w2, offsets, TensorView{}, w_rows, y, TensorView{}, s);
+  const Status st = grouped_gemm_tc(tc2, act, w2, offsets, TensorView{}, w_rows, y, TensorView{}, s);
   if (st.code() != Code::kUnsupported) return st;
   // Refused (grid limits): v0 into the workspace's [R, H] piece, then a scale-and-scatter pass.
   const TensorView out = ws.take(x.dtype, R, H);

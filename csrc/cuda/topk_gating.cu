@@ -31,24 +31,6 @@ constexpr int kMaxBlockExperts = 8192;  // 12 B an expert of smem: 96 KiB (+ gro
 
 // ---- topk_gating forward --------------------------------------------------------------------------
 
-struct TopkForwardArgs {
-  const void* logits;  // [T, E] In, row stride logits_stride
-  int64_t logits_stride;
-  const float* bias;  // [E] or null
-  float* weights;     // [T, K]
-  int64_t weights_stride;
-  int32_t* experts;  // [T, K]
-  int64_t experts_stride;
-  float* scores;  // [T, E]
-  int64_t scores_stride;
-  int64_t T;
-  int32_t E, K;
-  int32_t n_groups, topk_groups, group_size;
-  int32_t smem_floats_per_warp;  // grouped routing: E keys + n_groups group keys + n_groups kept flags
-  bool softmax, grouped, top2sum, renormalize;
-  float renorm_eps, routed_scaling;
-};
-
 // one warp per token; lane l holds experts e = 32 i + l (coalesced loads), i < kItems.
 template <class In, int kItems>
 __global__ void __launch_bounds__(kRowThreads) topk_gating_forward_kernel(TopkForwardArgs a) {
@@ -116,28 +98,7 @@ __global__ void __launch_bounds__(kRowThreads) topk_gating_forward_kernel(TopkFo
     const int G = a.group_size;
     for (int g = lane; g < a.n_groups; g += 32) {
       const float* k = kw + static_cast<int64_t>(g) * G;
-      float score;
-      if (!a.top2sum) {
-        score = k[0];
-        for (int j = 1; j < G; ++j) score = k[j] > score ? k[j] : score;
-      } else {  // sum of the two best; a group of one expert scores that expert alone
-        float b1 = -INFINITY, b2 = -INFINITY;
-        for (int j = 0; j < G; ++j) {
-          if (k[j] > b1) {
-            b2 = b1;
-            b1 = k[j];
-          } else if (k[j] > b2) {
-            b2 = k[j];
-          }
-        }
-        if (G >= 2) {
-          score = b1 + b2;
-          score = score == score ? score : -INFINITY;
-        } else {
-          score = b1;
-        }
-      }
-      gk[g] = score;
+      gk[g] = group_score([&](int j) { return k[j]; }, G, a.top2sum);
       kept[g] = 0.0f;
     }
     // Group g is read and marked only by lane g % 32 until the __syncwarp below.
@@ -286,29 +247,13 @@ __global__ void __launch_bounds__(kRowBlockThreads) topk_gating_forward_block_ke
   if (a.grouped) {  // as the warp kernel: DeepSeek-V2 section 2.1.3, V3 section 2.1.2
     const int G = a.group_size;
     for (int g = tid; g < a.n_groups; g += kRowBlockThreads) {
-      float b1 = -INFINITY, b2 = -INFINITY, mx = -INFINITY;
-      for (int j = 0; j < G; ++j) {
-        const int e = g * G + j;
-        float v = a.bias ? s[e] + a.bias[e] : s[e];
-        v = v == v ? v : -INFINITY;
-        if (j == 0 || v > mx) mx = v;
-        if (v > b1) {
-          b2 = b1;
-          b1 = v;
-        } else if (v > b2) {
-          b2 = v;
-        }
-      }
-      float score = mx;
-      if (a.top2sum) {
-        if (G >= 2) {
-          score = b1 + b2;
-          score = score == score ? score : -INFINITY;
-        } else {
-          score = b1;
-        }
-      }
-      gk[g] = score;
+      gk[g] = group_score(
+          [&](int j) {
+            const int e = g * G + j;
+            const float v = a.bias ? s[e] + a.bias[e] : s[e];
+            return v == v ? v : -INFINITY;
+          },
+          G, a.top2sum);
       kept[g] = 0.0f;
     }
     // group g is read and marked only by thread g % kRowBlockThreads between the barriers
@@ -543,29 +488,7 @@ Status topk_gating_forward(const TopkGatingParams& p, const TensorView& logits, 
   const int64_t T = logits.size(0), E = logits.size(1);
   if (E > kMaxBlockExperts) return too_many_experts(op, E);
   if (T == 0) return Status::Ok();
-  TopkForwardArgs a{};
-  a.logits = logits.data;
-  a.logits_stride = logits.stride(0);
-  a.bias = bias.defined() ? bias.data_as<const float>() : nullptr;
-  a.weights = weights.data_as<float>();
-  a.weights_stride = weights.stride(0);
-  a.experts = experts.data_as<int32_t>();
-  a.experts_stride = experts.stride(0);
-  a.scores = scores.data_as<float>();
-  a.scores_stride = scores.stride(0);
-  a.T = T;
-  a.E = static_cast<int32_t>(E);
-  a.K = p.top_k;
-  a.n_groups = p.n_groups;
-  a.topk_groups = p.topk_groups;
-  a.group_size = static_cast<int32_t>(E / p.n_groups);
-  a.grouped = p.topk_groups < p.n_groups;  // else every group is kept: plain top-k
-  a.smem_floats_per_warp = a.grouped ? static_cast<int32_t>(E + 2 * p.n_groups) : 0;
-  a.softmax = p.score_func == ScoreFunc::kSoftmax;
-  a.top2sum = p.group_score == GroupScore::kTop2Sum;
-  a.renormalize = p.renormalize;
-  a.renorm_eps = p.renorm_eps;
-  a.routed_scaling = p.routed_scaling;
+  const TopkForwardArgs a = topk_forward_args(p, logits, bias, weights, experts, scores);
   const size_t smem = sizeof(float) * static_cast<size_t>(a.smem_floats_per_warp) * kWarpsPerBlock;  // <= 24 KiB
   const cudaStream_t s = as_stream(stream);
   return dispatch_float(logits.dtype, op, [&](auto tag) -> Status {

@@ -6,6 +6,7 @@
 // expert, as in every other backend). Group-limited routing first picks topk_groups groups the same
 // way and masks the experts of the others. O(K * E) reads of the scores row per token.
 #include "../common.cuh"
+#include "../gating_common.cuh"
 #include "naive.h"
 
 namespace smoe::SMOE_CUDA_NS {
@@ -14,29 +15,13 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kMaxGroups = 64;  // the kept groups are one 64-bit mask per thread
 
-struct TopkV0Args {
-  const void* logits;
-  int64_t logits_stride;
-  const float* bias;  // [E] or null
-  float* weights;
-  int64_t weights_stride;
-  int32_t* experts;
-  int64_t experts_stride;
-  float* scores;
-  int64_t scores_stride;
-  int64_t T;
-  int32_t E, K, n_groups, topk_groups;
-  bool softmax, grouped, top2sum, renormalize;
-  float renorm_eps, routed_scaling;
-};
-
 // Selection value of expert e: the score plus the balancing bias (the bias steers the choice only).
-__device__ __forceinline__ float selection(const TopkV0Args& a, const float* s, int e) {
+__device__ __forceinline__ float selection(const TopkForwardArgs& a, const float* s, int e) {
   return a.bias ? s[e] + a.bias[e] : s[e];
 }
 
 template <class In>
-__global__ void __launch_bounds__(kThreads) topk_gating_forward_v0_kernel(TopkV0Args a) {
+__global__ void __launch_bounds__(kThreads) topk_gating_forward_v0_kernel(TopkForwardArgs a) {
   // TEACH: one thread per token means neighbouring threads read rows E elements apart: every load of
   // a warp touches 32 different cache lines. v1 gives a row to a warp instead, so the 32 lanes read
   // 32 consecutive logits (one or two cache lines) and the reductions become warp shuffles.
@@ -61,29 +46,19 @@ __global__ void __launch_bounds__(kThreads) topk_gating_forward_v0_kernel(TopkV0
   // TEACH: the scores row is re-read from global memory (L1 at best) on every pass below. v1 keeps
   // the row in registers (E / 32 values a lane) and never reads it back.
   unsigned long long kept = ~0ull;
-  const int G = E / a.n_groups;
+  const int G = a.grouped ? a.group_size : E;  // ungrouped: one group of all E experts
   if (a.grouped) {
     kept = 0;
     unsigned long long prev = ~0ull;
     for (int r = 0; r < a.topk_groups; ++r) {
       unsigned long long best = kExcludedKey;
       for (int g = 0; g < a.n_groups; ++g) {
-        float b1 = -INFINITY, b2 = -INFINITY;  // the group's best and second best selection values
-        for (int j = 0; j < G; ++j) {
-          float v = selection(a, s, g * G + j);
-          v = v == v ? v : -INFINITY;  // NaN ranks lowest
-          if (v > b1) {
-            b2 = b1;
-            b1 = v;
-          } else if (v > b2) {
-            b2 = v;
-          }
-        }
-        float score = b1;
-        if (a.top2sum && G >= 2) {
-          score = b1 + b2;
-          score = score == score ? score : -INFINITY;
-        }
+        const float score = group_score(
+            [&](int j) {
+              const float v = selection(a, s, g * G + j);
+              return v == v ? v : -INFINITY;  // NaN ranks lowest
+            },
+            G, a.top2sum);
         const unsigned long long key = pack_key(score, static_cast<uint32_t>(g));
         if (key < prev && key > best) best = key;
       }
@@ -125,35 +100,14 @@ Status topk_gating_forward_v0(const TopkGatingParams& p, const TensorView& logit
                               const TensorView& weights, const TensorView& experts, const TensorView& scores,
                               void* stream) {
   const char* op = "topk_gating_forward";
-  const int64_t T = logits.size(0), E = logits.size(1);
-  const bool grouped = p.topk_groups < p.n_groups;
-  if (grouped && p.n_groups > kMaxGroups) {
+  const int64_t T = logits.size(0);
+  if (p.topk_groups < p.n_groups && p.n_groups > kMaxGroups) {
     return unsupported(op, "n_groups = " + std::to_string(p.n_groups) +
                                " with the naive v0 kernel, which keeps "
                                "the groups in a 64-bit mask (n_groups <= 64); use kernel version 1");
   }
   if (T == 0) return Status::Ok();
-  TopkV0Args a{};
-  a.logits = logits.data;
-  a.logits_stride = logits.stride(0);
-  a.bias = bias.defined() ? bias.data_as<const float>() : nullptr;
-  a.weights = weights.data_as<float>();
-  a.weights_stride = weights.stride(0);
-  a.experts = experts.data_as<int32_t>();
-  a.experts_stride = experts.stride(0);
-  a.scores = scores.data_as<float>();
-  a.scores_stride = scores.stride(0);
-  a.T = T;
-  a.E = static_cast<int32_t>(E);
-  a.K = p.top_k;
-  a.n_groups = grouped ? p.n_groups : 1;
-  a.topk_groups = p.topk_groups;
-  a.grouped = grouped;
-  a.softmax = p.score_func == ScoreFunc::kSoftmax;
-  a.top2sum = p.group_score == GroupScore::kTop2Sum;
-  a.renormalize = p.renormalize;
-  a.renorm_eps = p.renorm_eps;
-  a.routed_scaling = p.routed_scaling;
+  const TopkForwardArgs a = topk_forward_args(p, logits, bias, weights, experts, scores);
   const cudaStream_t s = as_stream(stream);
   return dispatch_float(logits.dtype, op, [&](auto tag) -> Status {
     auto* kernel = &topk_gating_forward_v0_kernel<typename decltype(tag)::type>;

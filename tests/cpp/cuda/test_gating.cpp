@@ -1,7 +1,9 @@
 // Gating kernels of the CUDA backend (csrc/cuda/gating.cu) through the SIMT emulator, against the
 // CPU backend: indices exactly, floats with tolerance_for(f32).
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -194,6 +196,59 @@ TEST(SimtGating, KernelVersionSwitchChecksItsArguments) {
     EXPECT_EQ(sim::kernel_version(sim::KernelOp::kPermute), permute0) << "one family at a time";
   }
   EXPECT_EQ(sim::kernel_version(sim::KernelOp::kCombine), combine0);
+}
+
+// SMOE_CUDA_KERNEL_VERSION's parser: every valid form, and every invalid one refused naming its item
+// with the output left as it was (the environment path then warns and keeps v1: the ctest entries
+// SimtKernelVersionEnv* below run KernelVersionEnvironmentIsApplied with the variable set).
+TEST(SimtGating, KernelVersionParser) {
+  using Versions = std::array<int, sim::kNumKernelOps>;
+  auto parse = [](const char* spec, Versions* got) {
+    int v[sim::kNumKernelOps];
+    for (int& x : v) x = 7;
+    const Status st = sim::parse_kernel_versions(spec, v);
+    std::copy(std::begin(v), std::end(v), got->begin());
+    return st;
+  };
+  const Versions ones{1, 1, 1, 1, 1}, zeros{0, 0, 0, 0, 0}, untouched{7, 7, 7, 7, 7};
+  Versions got{};
+  for (const char* spec : {static_cast<const char*>(nullptr), "", "1", ",", "permute=1"}) {
+    EXPECT_OK(parse(spec, &got));
+    EXPECT_EQ(got, ones) << (spec ? spec : "(null)");
+  }
+  EXPECT_OK(parse("0", &got));
+  EXPECT_EQ(got, zeros);
+  EXPECT_OK(parse("permute=0,grouped_gemm=0,", &got));
+  EXPECT_EQ(got, (Versions{1, 1, 0, 1, 0}));
+  EXPECT_OK(parse("topk_gating=0,routing_plan=0,combine=0,topk_gating=1", &got));
+  EXPECT_EQ(got, (Versions{1, 0, 1, 0, 1})) << "the last item of a name wins";
+  for (const char* spec : {"2", "yes", "permute", "permute=", "permute=2", "permute=01", "gating=0", "permute=0,perm=0",
+                           " permute=0", "PERMUTE=0"}) {
+    const Status st = parse(spec, &got);
+    EXPECT_EQ(st.code(), Code::kInvalidArgument) << spec;
+    EXPECT_NE(st.message().find("SMOE_CUDA_KERNEL_VERSION"), std::string::npos) << st.message();
+    EXPECT_EQ(got, untouched) << spec << ": nothing applied";
+  }
+  const Status st = parse("permute=0,combine=9", &got);
+  EXPECT_NE(st.message().find("'combine=9'"), std::string::npos) << st.message();
+  for (int i = 0; i < sim::kNumKernelOps; ++i) {
+    const std::string name = sim::kernel_op_name(static_cast<sim::KernelOp>(i));
+    EXPECT_OK(parse((name + "=0").c_str(), &got));
+    EXPECT_EQ(got[size_t(i)], 0) << name;
+  }
+}
+
+// Run by ctest with SMOE_CUDA_KERNEL_VERSION set and SMOE_TEST_EXPECT_KERNEL_VERSIONS the versions it
+// must give ("1,1,0,1,0"; tests/cpp/cuda/CMakeLists.txt); skipped otherwise.
+TEST(SimtGating, KernelVersionEnvironmentIsApplied) {
+  const char* want = std::getenv("SMOE_TEST_EXPECT_KERNEL_VERSIONS");
+  if (want == nullptr) GTEST_SKIP() << "run by the SimtKernelVersionEnv* ctest entries";
+  std::string got;
+  for (int i = 0; i < sim::kNumKernelOps; ++i) {
+    got += (i ? "," : "") + std::to_string(sim::kernel_version(static_cast<sim::KernelOp>(i)));
+  }
+  const char* env = std::getenv("SMOE_CUDA_KERNEL_VERSION");
+  EXPECT_EQ(got, want) << "SMOE_CUDA_KERNEL_VERSION=" << (env ? env : "(unset)");
 }
 
 TEST(SimtGating, TopkNanLogitsGiveValidDistinctIndices) {

@@ -5,12 +5,14 @@
 // Inputs are multiples of 1/8 in [-1/2, 1/2]: exact in bf16, with the first GEMM's products and sums
 // exact in f32 whatever the order, so `pre` must match the CPU bit for bit. Everything
 // downstream of an activation goes through expf/erff and sums in a different order: tolerance_for(dtype).
-// bf16 with H = 16, F = 24 takes the tensor-core path (gather and activation fused); f32 takes v0.
+// bf16 and f32 (3xTF32) take the tensor-core path (gather and activation fused); the v0 fallbacks run
+// under the grouped_gemm kernel version 0 (NaiveGemmFallbacksMatchCpu).
 #include <algorithm>
 
 #include "cpu/mlp.h"
 #include "cuda/gemm_tc.h"
 #include "cuda_testing.h"
+#include "kernel_version.h"
 
 namespace smoe::testing {
 namespace {
@@ -355,6 +357,51 @@ TEST(SimtExpertMlp, CombineTop1MatchesCpu) {
     }
   }
   check_combine_top1<f16_t>(DType::kF16, Activation::kGELU, 13, 3, true);
+}
+
+// The v0 fallbacks of every MLP launcher, reached on real hardware only past CUDA's grid limits: with
+// grouped_gemm at kernel version 0 the tensor-core launchers refuse, so the first GEMM is the gathered
+// v0 + the activation kernel, grad_w1 the gathered v0 wgrad, and the top-1 combine's second GEMM the v0
+// GEMM into the workspace + scale_scatter_rows_kernel. Same checks against the CPU as above.
+TEST(SimtExpertMlp, NaiveGemmFallbacksMatchCpu) {
+  KernelVersionScope scope(sim::KernelOp::kGroupedGemm, 0);
+  SCOPED_TRACE(version_trace(sim::KernelOp::kGroupedGemm));
+  for (int64_t T : {0, 1, 13}) {
+    for (int64_t E : {1, 3}) {
+      for (bool drop : {false, true}) {
+        check_combine_top1<bf16_t>(DType::kBF16, Activation::kSwiGLU, T, E, drop);
+        check_combine_top1<float>(DType::kF32, Activation::kSwiGLU, T, E, drop);
+      }
+    }
+  }
+  check_combine_top1<f16_t>(DType::kF16, Activation::kGELU, 13, 3, true);
+  check_expert_mlp<bf16_t>(DType::kBF16, Activation::kSwiGLU, 13, 3);
+  check_expert_mlp<float>(DType::kF32, Activation::kReLU, 13, 3);
+  check_shared_expert<bf16_t>(DType::kBF16, Activation::kSwiGLU, 13, true, true);
+}
+
+// The switch makes the tensor-core launchers refuse (kUnsupported), and only while it is 0.
+TEST(SimtExpertMlp, GroupedGemmVersionZeroRefusesTensorCores) {
+  constexpr int64_t R = 8, Kd = 16, N = 16;
+  std::vector<bf16_t> a = eighths<bf16_t>(size_t(R * Kd), 1), b = eighths<bf16_t>(size_t(N * Kd), 2), c(size_t(R * N)),
+                      w(size_t(Kd * N));
+  std::vector<int64_t> off = {0, R};
+  const TensorView av = make_view(a.data(), DType::kBF16, {R, Kd}), bv = make_view(b.data(), DType::kBF16, {1, N, Kd}),
+                   cv = make_view(c.data(), DType::kBF16, {R, N}), ov = make_view(off.data(), {2}),
+                   gv = make_view(c.data(), DType::kBF16, {R, N}), wv = make_view(w.data(), DType::kBF16, {1, N, Kd});
+  GroupedGemmTcParams tc;
+  tc.trans_b = true;
+  {
+    KernelVersionScope scope(sim::KernelOp::kGroupedGemm, 0);
+    const Status st = sim::grouped_gemm_tc(tc, av, bv, ov, TensorView{}, TensorView{}, cv, TensorView{}, nullptr);
+    EXPECT_EQ(st.code(), Code::kUnsupported) << st.message();
+    EXPECT_NE(st.message().find("kernel version 0"), std::string::npos) << st.message();
+    EXPECT_EQ(sim::grouped_gemm_wgrad_gathered_tc(gv, av, TensorView{}, ov, wv, nullptr).code(), Code::kUnsupported);
+    EXPECT_OK(sim::grouped_gemm(GroupedGemmParams{true}, av, bv, ov, cv, nullptr));  // the v0 fallback
+  }
+  if (sim::kernel_version(sim::KernelOp::kGroupedGemm) == 1) {
+    EXPECT_OK(sim::grouped_gemm_tc(tc, av, bv, ov, TensorView{}, TensorView{}, cv, TensorView{}, nullptr));
+  }
 }
 
 TEST(SimtExpertMlp, EntryPointDispatch) {
