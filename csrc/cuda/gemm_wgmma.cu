@@ -113,6 +113,8 @@ Status grouped_gemm_wgmma(const GroupedGemmTcParams& params, const TensorView& a
       b.stride(0) != N * b.stride(1))
     return refuse("a and b need 16-byte aligned rows and b's experts stacked as one [E*N, Kd] matrix");
   if (E * N > INT32_MAX) return refuse("E * N beyond the tensor map's int32 row coordinate");
+  int dev = 0;
+  SMOE_CUDA_CHECK(cudaGetDevice(&dev));
 #if !SMOE_SIMT
 #if defined(SMOE_HAVE_SM90A) && SMOE_HAVE_SM90A
   constexpr bool kHaveSm90a = true;
@@ -120,8 +122,7 @@ Status grouped_gemm_wgmma(const GroupedGemmTcParams& params, const TensorView& a
   constexpr bool kHaveSm90a = false;
 #endif
   if (!kHaveSm90a) return refuse("this build has no sm_90a code (build with 90 among CMAKE_CUDA_ARCHITECTURES)");
-  int dev = 0, major = 0, minor = 0;
-  SMOE_CUDA_CHECK(cudaGetDevice(&dev));
+  int major = 0, minor = 0;
   SMOE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
   SMOE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
   if (major != 9 || minor != 0) return refuse("the device is not compute capability 9.0 (sm_90a code runs only there)");
@@ -132,9 +133,8 @@ Status grouped_gemm_wgmma(const GroupedGemmTcParams& params, const TensorView& a
   const int64_t slots = ceil_div(R, gemm_wgmma::kBM) + E - 1;
   const int64_t n_tiles = gated ? ceil_div(F, gemm_wgmma::kGatedBF) : ceil_div(N, gemm_wgmma::kBN);
   const int64_t tiles = ceil_div(slots, gemm_wgmma::kBand) * gemm_wgmma::kBand * n_tiles;
-  int dev_now = 0, sms = 0;
-  SMOE_CUDA_CHECK(cudaGetDevice(&dev_now));
-  SMOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev_now));
+  int sms = 0;
+  SMOE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
   const int64_t ctas = std::min<int64_t>(std::max(sms, 1), tiles);
   simt::TensorMap map{};
   SMOE_RETURN_IF_ERROR(make_b_map(b, E * N, Kd, &map));

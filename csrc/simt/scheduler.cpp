@@ -31,6 +31,7 @@
 #include <atomic>
 #include <cmath>
 #include <chrono>
+#include <climits>
 #include <condition_variable>
 #include <cstdarg>
 #include <cstdio>
@@ -116,6 +117,17 @@ std::mutex g_options_mutex;
 bool g_options_loaded = false;
 Options g_options;
 
+// A whole decimal number in [lo, hi] (strtol's syntax, nothing after it); false for anything else
+// (junk, empty, out of range), which the caller reports, keeping its default.
+bool parse_whole(const char* s, long lo, long hi, long* out) {
+  char* end = nullptr;
+  errno = 0;
+  const long v = std::strtol(s, &end, 10);
+  if (end == s || *end != '\0' || errno != 0 || v < lo || v > hi) return false;
+  *out = v;
+  return true;
+}
+
 Options options_from_env() {
   Options o;
   if (const char* s = std::getenv("SMOE_SIMT_SCHEDULE")) {
@@ -147,8 +159,21 @@ Options options_from_env() {
     }
   }
   if (const char* s = std::getenv("SMOE_SIMT_DEVICES")) o.devices = std::max(1, std::atoi(s));
-  if (const char* s = std::getenv("SMOE_SIMT_SM90A")) o.sm90a = std::atoi(s) != 0;
-  if (const char* s = std::getenv("SMOE_SIMT_SMS")) o.sm_count = std::max(1, std::atoi(s));
+  if (const char* s = std::getenv("SMOE_SIMT_SM90A")) {
+    long v = 0;
+    if (parse_whole(s, 0, 1, &v))
+      o.sm90a = v != 0;
+    else
+      std::fprintf(stderr, "smoe-simt: SMOE_SIMT_SM90A=%s is not 0 or 1; using 0\n", s);
+  }
+  if (const char* s = std::getenv("SMOE_SIMT_SMS")) {
+    long v = 0;
+    if (parse_whole(s, 1, INT_MAX, &v))
+      o.sm_count = static_cast<int>(v);
+    else
+      std::fprintf(stderr, "smoe-simt: SMOE_SIMT_SMS=%s is not a whole number of multiprocessors >= 1; using %d\n", s,
+                   o.sm_count);
+  }
   if (const char* s = std::getenv("SMOE_SIMT_CP_ASYNC")) {
     if (!parse_cp_async_landing(s, &o.cp_async_landing, &o.cp_async_seed)) {
       std::fprintf(stderr,

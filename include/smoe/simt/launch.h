@@ -44,6 +44,10 @@ enum class CpAsyncLanding { kWait, kIssue, kRandom };
 //                                    device fails (cudaErrorInvalidResourceHandle), and a launch whose
 //                                    arguments hold a pointer into another device's allocation is an
 //                                    illegal address (sticky), as on GPUs without peer access
+//   SMOE_SIMT_SM90A    = 0 | 1       1: the emulated build carries sm_90a code (Options::sm90a)
+//   SMOE_SIMT_SMS      = N           multiprocessors the device reports (Options::sm_count, default 132)
+// SMOE_SIMT_SPIN_TIMEOUT, SMOE_SIMT_SM90A and SMOE_SIMT_SMS take exactly the values above: any other
+// (junk, empty, out of range) is reported on stderr and the default kept.
 struct Options {
   Schedule schedule = Schedule::kForward;
   uint64_t seed = 0;

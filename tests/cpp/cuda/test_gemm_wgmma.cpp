@@ -69,6 +69,7 @@ TEST(SimtGroupedGemmWgmma, ShapesThatHurt) {
   check<f16_t>({0, 64}, 128, 64);                 // E = 1, exact tiles
   check<bf16_t>({0, 1}, 8, 8);                    // one row, K smaller than one k16 slice
   check<f16_t>({0, 0, 5, 5}, 24, 328);            // empty first and last experts, 6 K tiles (ring wraps)
+  check<bf16_t>({0, 0, 0}, 16, 16);               // every expert empty: no tile found, c untouched
 }
 
 TEST(SimtGroupedGemmWgmma, ManyExperts) {
